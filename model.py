@@ -1,0 +1,425 @@
+"""
+The language model both CoARS agents run on (PAPER.md section 5).
+
+What is here:
+  - Tokenizer: a `tiktoken.Encoding` built in code (no download): the 256 byte tokens, the control
+    tokens of the agents' message format, and one special token per item.
+  - GPT: a small decoder-only transformer in plain PyTorch (the built-in backbone [ours]).
+  - LoRA: two named adapters, "rec" (RecAgent) and "user" (UserAgent), on one frozen base. Each
+    agent is the base plus its own adapter; with no adapter active the model is the base.
+  - generate(): batched sampling with a static KV cache, left-padded prompts, temperature and stop
+    tokens. Its plain reference is generate_nocache() (the test checks they agree token for token).
+  - token_logprobs(): per-token log-probs of given completion tokens, the quantity every loss in
+    CoARS needs (Eq. 10-12). The output head runs only on the scored positions and the
+    log-sum-exp is taken in row chunks with a hand-written backward, so no float32
+    (batch, time, vocab) log-softmax is ever built. Its plain reference is
+    token_logprobs_reference() (log_softmax + gather in float64).
+
+Shapes in comments: B batch, T time, C channels, H heads, D head dim, V vocab, N scored tokens.
+"""
+
+import math
+from dataclasses import dataclass
+
+import tiktoken
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# --------------------------------------------------------------------------------------------------
+# Tokenizer
+
+# Control tokens of the message format (env.py renders prompts with them). Order fixes their ids.
+CONTROL_TOKENS = [
+    "<|pad|>", "<|end|>",
+    "<|rec|>", "<|user|>",            # whose prompt this is
+    "<|hist|>", "<|cands|>", "<|prior|>", "<|mem|>", "<|turn|>", "<|msg|>", "<|peers|>", "<|ans|>",
+    "<|why|>",                        # rationale (RecAgent) / justification (UserAgent)
+    "<|click|>", "<|star|>", "<|skip|>", "<|dislike|>",   # the four user actions
+    "<|hind|>", "<|/hind|>", "<|target|>", "<|right|>", "<|wrong|>", "<|invalid|>",  # hindsight ref
+    "<|seq|>", "<|title|>",           # stage-1 pretraining documents
+]
+ACTIONS = ["click", "star", "skip", "dislike"]
+
+
+class Tokenizer:
+    """Byte-level tokenizer plus special tokens, as a tiktoken.Encoding built in code.
+
+    Prompts are assembled from ids directly (`sp`, `item`, `text`): tiktoken's special-token regex
+    over thousands of item tokens makes `encode(allowed_special=...)` ~1 ms per prompt, too slow for
+    rollouts, while `encode_ordinary` on plain text is fast. `decode` shows any id sequence.
+    """
+
+    def __init__(self, n_items):
+        self.n_items = n_items
+        specials = CONTROL_TOKENS + [f"<|item_{i}|>" for i in range(n_items)]
+        self.special_ids = {s: 256 + j for j, s in enumerate(specials)}
+        # Split text into runs of non-'<' characters so that no byte merges ever apply (there are
+        # none: the ranks are the 256 single bytes).
+        self.enc = tiktoken.Encoding(
+            name=f"coars-bytes-{n_items}",
+            pat_str=r"[^<]+|<",
+            mergeable_ranks={bytes([b]): b for b in range(256)},
+            special_tokens=self.special_ids,
+        )
+        self.item0 = self.special_ids["<|item_0|>"] if n_items else 256 + len(CONTROL_TOKENS)
+        self.vocab_size = 256 + len(specials)
+        self.pad_id = self.special_ids["<|pad|>"]
+        self.end_id = self.special_ids["<|end|>"]
+        self.action_ids = {a: self.special_ids[f"<|{a}|>"] for a in ACTIONS}
+
+    def sp(self, name):
+        """Id of a control token, e.g. sp('hist') -> id of <|hist|>."""
+        return self.special_ids[f"<|{name}|>"]
+
+    def item(self, i):
+        """Id of the token for item index i (0..n_items-1)."""
+        return self.item0 + int(i)
+
+    def is_item(self, tid):
+        return self.item0 <= tid < self.item0 + self.n_items
+
+    def item_of(self, tid):
+        return tid - self.item0
+
+    def text(self, s):
+        """Ids of plain text (bytes)."""
+        return self.enc.encode_ordinary(s)
+
+    def decode(self, ids):
+        return self.enc.decode([int(t) for t in ids if int(t) != self.pad_id])
+
+
+# --------------------------------------------------------------------------------------------------
+# LoRA
+
+
+class LoRALinear(nn.Module):
+    """nn.Linear with any number of named low-rank adapters; at most one active at a time.
+
+    y = x W^T + b + (alpha / r) * (x A^T) B^T for the active adapter. B starts at zero, so a fresh
+    adapter leaves the base unchanged (a test checks it).
+    """
+
+    def __init__(self, base: nn.Linear):
+        super().__init__()
+        self.base = base
+        self.adapters = nn.ModuleDict()
+        self.scale = {}
+        self.active = None
+
+    def add_adapter(self, name, r, alpha):
+        a = nn.Linear(self.base.in_features, r, bias=False)
+        b = nn.Linear(r, self.base.out_features, bias=False)
+        nn.init.kaiming_uniform_(a.weight, a=math.sqrt(5))
+        nn.init.zeros_(b.weight)
+        a.to(self.base.weight.device)
+        b.to(self.base.weight.device)
+        self.adapters[name] = nn.Sequential(a, b)
+        self.scale[name] = alpha / r
+
+    def forward(self, x):
+        y = self.base(x)
+        if self.active is not None:
+            y = y + self.scale[self.active] * self.adapters[self.active](x)
+        return y
+
+
+# --------------------------------------------------------------------------------------------------
+# GPT
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int
+    block_size: int = 384
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    dropout: float = 0.0
+
+
+class Block(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.n_head = cfg.n_head
+        self.ln1 = nn.LayerNorm(cfg.n_embd)
+        self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd)
+        self.proj = nn.Linear(cfg.n_embd, cfg.n_embd)
+        self.ln2 = nn.LayerNorm(cfg.n_embd)
+        self.fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd)
+        self.fc2 = nn.Linear(4 * cfg.n_embd, cfg.n_embd)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, mask, cache=None, start=0):
+        """x (B,T,C); mask (B,1,T,Tk) bool, True = may attend; cache: (k, v) buffers (B,H,Tmax,D)
+        written at [start, start+T) and attended over [0, start+T)."""
+        B, T, C = x.shape
+        q, k, v = self.qkv(self.ln1(x)).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        if cache is not None:
+            ck, cv = cache
+            ck[:, :, start:start + T] = k
+            cv[:, :, start:start + T] = v
+            k, v = ck[:, :, :start + T], cv[:, :, :start + T]     # (B,H,Tk,D)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B,H,T,D)
+        y = y.transpose(1, 2).reshape(B, T, C)
+        x = x + self.drop(self.proj(y))
+        x = x + self.drop(self.fc2(F.gelu(self.fc(self.ln2(x)))))
+        return x
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
+        self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)])
+        self.ln_f = nn.LayerNorm(cfg.n_embd)
+        # The output head is tied to the token embedding (fewer parameters; items get one vector).
+        self.apply(self._init)
+        for name, p in self.named_parameters():
+            if name.endswith("proj.weight") or name.endswith("fc2.weight"):
+                nn.init.normal_(p, 0.0, 0.02 / math.sqrt(2 * cfg.n_layer))
+
+    @staticmethod
+    def _init(m):
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, 0.0, 0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, 0.0, 0.02)
+
+    @property
+    def head_weight(self):
+        return self.wte.weight  # (V,C)
+
+    # ---- LoRA ----
+    def add_lora(self, names=("rec", "user"), r=8, alpha=16, targets=("qkv", "proj", "fc", "fc2")):
+        """Wrap the named linear layers of every block with LoRA and add one adapter per name."""
+        for blk in self.blocks:
+            for t in targets:
+                lin = getattr(blk, t)
+                if not isinstance(lin, LoRALinear):
+                    lin = LoRALinear(lin)
+                    setattr(blk, t, lin)
+                for n in names:
+                    lin.add_adapter(n, r, alpha)
+
+    def lora_modules(self):
+        return [m for m in self.modules() if isinstance(m, LoRALinear)]
+
+    def set_adapter(self, name):
+        """Activate adapter `name` ("rec" / "user") or None for the bare base model."""
+        for m in self.lora_modules():
+            m.active = name
+
+    def adapter_parameters(self, name):
+        return [p for m in self.lora_modules() for p in m.adapters[name].parameters()]
+
+    def base_parameters(self):
+        return [p for n, p in self.named_parameters() if ".adapters." not in n]
+
+    # ---- forward ----
+    def forward(self, idx, pos, mask, cache=None, start=0):
+        """Hidden states (B,T,C) for token ids idx (B,T) at positions pos (B,T).
+        mask (B,1,T,Tk) bool: which keys each query may see (causal and padding, built by callers)."""
+        x = self.wte(idx) + self.wpe(pos)
+        for i, blk in enumerate(self.blocks):
+            x = blk(x, mask, None if cache is None else cache[i], start)
+        return self.ln_f(x)
+
+
+def causal_mask(valid):
+    """valid (B,T) bool (False at padding) -> (B,1,T,T) attention mask: causal, padding keys hidden.
+    Every query may also see itself, so padded rows never have an all-False row (which would make
+    scaled_dot_product_attention return NaN); padded positions are never read as outputs."""
+    B, T = valid.shape
+    tri = torch.ones(T, T, dtype=torch.bool, device=valid.device).tril()
+    eye = torch.eye(T, dtype=torch.bool, device=valid.device)
+    return ((tri & valid[:, None, :]) | eye)[:, None]
+
+
+def positions(valid):
+    """Position ids that start at 0 at each row's first real token (left or right padding)."""
+    return (valid.long().cumsum(1) - 1).clamp(min=0)
+
+
+# --------------------------------------------------------------------------------------------------
+# Per-token log-probs (Eq. 10-12 all need log pi(y_n | x, y_<n))
+
+
+def _acc(dtype):
+    """Accumulation dtype: float32 for bf16/fp16/fp32 inputs, float64 stays float64."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+class _ChunkedTokenLogprob(torch.autograd.Function):
+    """logp[n] = h[n] . W[y[n]] - logsumexp_v(h[n] . W[v]), row chunk by row chunk.
+
+    Forward keeps only (N,) results; backward recomputes each chunk's logits, so peak extra memory is
+    one (chunk, V) float32 block instead of (N, V)."""
+
+    @staticmethod
+    def forward(ctx, h, w, y, chunk):
+        out = torch.empty(h.shape[0], dtype=_acc(h.dtype), device=h.device)
+        for s in range(0, h.shape[0], chunk):
+            z = (h[s:s + chunk] @ w.t()).to(out.dtype)                   # (n,V)
+            out[s:s + chunk] = z.gather(1, y[s:s + chunk, None])[:, 0] - torch.logsumexp(z, dim=1)
+        ctx.save_for_backward(h, w, y)
+        ctx.chunk = chunk
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        h, w, y = ctx.saved_tensors
+        gh = torch.zeros_like(h) if ctx.needs_input_grad[0] else None
+        acc = _acc(h.dtype)
+        gw = torch.zeros(w.shape, dtype=acc, device=w.device) if ctx.needs_input_grad[1] else None
+        for s in range(0, h.shape[0], ctx.chunk):
+            hc = h[s:s + ctx.chunk]
+            z = (hc @ w.t()).to(acc)                                     # (n,V) recomputed
+            dz = -torch.softmax(z, dim=1)                                # d logp / dz = onehot - softmax
+            dz.scatter_add_(1, y[s:s + ctx.chunk, None], torch.ones_like(dz[:, :1]))
+            dz = dz * g[s:s + ctx.chunk, None]                           # (n,V)
+            if gh is not None:
+                gh[s:s + ctx.chunk] = (dz.to(w.dtype) @ w).to(h.dtype)
+            if gw is not None:
+                gw += dz.t() @ hc.to(acc)
+        return gh, (gw.to(w.dtype) if gw is not None else None), None, None
+
+
+def logprobs_of(hidden, weight, targets, chunk=1024):
+    """log-softmax(hidden @ weight^T)[targets] per row: hidden (N,C), weight (V,C), targets (N,) -> (N,)."""
+    return _ChunkedTokenLogprob.apply(hidden, weight, targets, chunk)
+
+
+def pack(prompts, completions, pad_id):
+    """Right-pad prompt+completion pairs into one batch.
+    Returns idx (B,T), valid (B,T) bool, and score (B,T) bool marking the positions whose NEXT token is
+    a completion token (the positions whose output predicts y_n)."""
+    seqs = [list(p) + list(c) for p, c in zip(prompts, completions)]
+    T = max(len(s) for s in seqs)
+    idx = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    valid = torch.zeros(len(seqs), T, dtype=torch.bool)
+    score = torch.zeros(len(seqs), T, dtype=torch.bool)
+    for b, (p, s) in enumerate(zip(prompts, seqs)):
+        idx[b, :len(s)] = torch.tensor(s)
+        valid[b, :len(s)] = True
+        score[b, len(p) - 1:len(s) - 1] = True
+    return idx, valid, score
+
+
+def token_logprobs(model, prompts, completions, pad_id, device="cpu", chunk=1024):
+    """log pi(y_n | x, y_<n) for every completion token, fast path.
+
+    prompts, completions: lists of id lists. Returns a list of 1-D tensors (one per pair, length
+    len(completion)), differentiable w.r.t. the model's trainable parameters. The head runs only on
+    the N scored positions (not on every prompt position): (N,C) @ (C,V) in chunks."""
+    idx, valid, score = (t.to(device) for t in pack(prompts, completions, pad_id))
+    h = model(idx, positions(valid), causal_mask(valid))                 # (B,T,C)
+    tgt = idx[:, 1:][score[:, :-1]]                                      # (N,) the y_n, row-major
+    lp = logprobs_of(h[score], model.head_weight, tgt, chunk)             # (N,)
+    return list(lp.split([len(c) for c in completions]))
+
+
+def token_logprobs_reference(model, prompts, completions, pad_id, device="cpu"):
+    """Plain reference for token_logprobs: each pair alone, full float64 log_softmax, gather."""
+    out = []
+    for p, c in zip(prompts, completions):
+        s = torch.tensor([list(p) + list(c)], device=device)
+        valid = torch.ones_like(s, dtype=torch.bool)
+        h = model(s, positions(valid), causal_mask(valid))[0]           # (T,C)
+        logits = h.double() @ model.head_weight.double().t()             # (T,V)
+        lp = torch.log_softmax(logits, dim=-1)[len(p) - 1:-1]             # rows predicting y_n
+        out.append(lp.gather(1, torch.tensor(c, device=device)[:, None])[:, 0])
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Generation
+
+
+@torch.no_grad()
+def generate(model, prompts, max_new, pad_id, stop_ids=(), temperature=1.0, generator=None,
+             device="cpu", allowed=None):
+    """Sample completions for a batch of prompts with a static KV cache.
+
+    prompts: list of id lists (any lengths: they are left-padded so every row's next token is at
+    the same column). temperature 0 = greedy. A row stops after emitting a stop id (kept in its
+    output) or after max_new tokens. allowed: optional (V,) bool mask of tokens that may be sampled.
+    Returns a list of id lists."""
+    B = len(prompts)
+    P = max(len(p) for p in prompts)
+    Tmax = P + max_new
+    cfg = model.cfg
+    assert Tmax <= cfg.block_size, f"prompt+completion {Tmax} exceeds block_size {cfg.block_size}"
+    idx = torch.full((B, P), pad_id, dtype=torch.long, device=device)
+    valid = torch.zeros(B, Tmax, dtype=torch.bool, device=device)
+    for b, p in enumerate(prompts):
+        idx[b, P - len(p):] = torch.tensor(p, device=device)
+        valid[b, P - len(p):P] = True
+    D = cfg.n_embd // cfg.n_head
+    dtype = model.wte.weight.dtype
+    cache = [(torch.zeros(B, cfg.n_head, Tmax, D, device=device, dtype=dtype),
+              torch.zeros(B, cfg.n_head, Tmax, D, device=device, dtype=dtype)) for _ in range(cfg.n_layer)]
+    pos_all = positions(valid[:, :P])
+    # prefill: all prompt tokens at once
+    h = model(idx, pos_all, causal_mask(valid[:, :P]), cache, 0)        # (B,P,C)
+    next_pos = pos_all[:, -1] + 1                                        # (B,)
+    out = [[] for _ in range(B)]
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    stop = torch.tensor(list(stop_ids) or [-1], device=device)
+    last = h[:, -1]                                                      # (B,C)
+    for t in range(max_new):
+        logits = (last @ model.head_weight.t()).float()                  # (B,V) head on last only
+        if allowed is not None:
+            logits = logits.masked_fill(~allowed, float("-inf"))
+        if temperature == 0:
+            tok = logits.argmax(-1)
+        else:
+            probs = torch.softmax(logits / temperature, dim=-1)
+            tok = torch.multinomial(probs, 1, generator=generator)[:, 0]
+        tok = torch.where(done, torch.full_like(tok, pad_id), tok)
+        for b in torch.nonzero(~done).flatten().tolist():
+            out[b].append(int(tok[b]))
+        done = done | torch.isin(tok, stop)
+        if bool(done.all()) or t == max_new - 1:
+            break
+        col = P + t
+        valid[:, col] = True  # finished rows keep feeding pad tokens: harmless, their output is unused
+        mask = valid[:, None, None, :col + 1]                            # (B,1,1,Tk)
+        h = model(tok[:, None], next_pos[:, None], mask, cache, col)       # (B,1,C)
+        last = h[:, -1]
+        next_pos = next_pos + 1
+    return out
+
+
+@torch.no_grad()
+def generate_nocache(model, prompts, max_new, pad_id, stop_ids=(), temperature=1.0, generator=None,
+                     device="cpu", allowed=None):
+    """Plain reference for generate(): one prompt at a time, full forward at every step, no cache.
+    With temperature 0 it must give exactly generate()'s tokens."""
+    out = []
+    for p in prompts:
+        seq = list(p)
+        res = []
+        for _ in range(max_new):
+            s = torch.tensor([seq], device=device)
+            valid = torch.ones_like(s, dtype=torch.bool)
+            h = model(s, positions(valid), causal_mask(valid))[0, -1]
+            logits = (h @ model.head_weight.t()).float()
+            if allowed is not None:
+                logits = logits.masked_fill(~allowed, float("-inf"))
+            if temperature == 0:
+                tok = int(logits.argmax())
+            else:
+                tok = int(torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=generator))
+            res.append(tok)
+            seq.append(tok)
+            if tok in stop_ids:
+                break
+        out.append(res)
+    return out
