@@ -1,0 +1,110 @@
+"""
+Self-distilled credit assignment of CoARS (PAPER.md section 4, Eq. 10-12).
+
+Teacher and student are the SAME agent (same base, same adapter, same weights). The student sees
+the normal prompt x_t; the teacher sees x_t plus a hindsight reference d, an earlier trajectory of
+the same training sample rewritten with what is known afterwards:
+
+    <|hind|><|target|>i*  then for each of its turns  <|turn|> ITEM <|right|>|<|wrong|> ACTION  <|/hind|>
+
+(the true next item, and a templated diagnosis: which recommendation was right or wrong and how
+the user reacted). [ours] d comes from the latest earlier trajectory of this sample (a buffer
+keyed by sample); with none yet, from the current trajectory. d is used only in training.
+
+    Eq. 10   A_{t,n} = clip(log pi_T(y_n | x_t, d, y_<n) - log pi_S(y_n | x_t, y_<n), -1, 1)   (constant)
+    Eq. 11/12  J = E[ sum_t (1/|y_t|) sum_n (R_t + lambda * A_{t,n}) * log pi_S(y_{t,n} | x_t, y_{t,<n}) ]
+
+This is REINFORCE with a per-token advantage R_t + lambda * A_{t,n}: no PPO ratio, no group
+normalisation, no KL penalty, as in the paper. [ours, extension, off by default] a batch-mean
+baseline subtracted from R_t (--baseline mean).
+"""
+
+import torch
+
+from env import render_rec, render_user
+from model import token_logprobs
+from reward import turn_rewards
+
+
+def hindsight_reference(tok, ref):
+    """Token ids of the hindsight reference d built from trajectory `ref` (template [ours])."""
+    ids = [tok.sp("hind"), tok.sp("target"), tok.item(ref.target)]
+    for tr in ref.turns:
+        ids.append(tok.sp("turn"))
+        if tr.rec_valid:
+            ids += [tok.item(tr.item), tok.sp("right" if tr.hit else "wrong")]
+        else:
+            ids.append(tok.sp("invalid"))
+        if tr.user_out is not None:
+            ids.append(tok.action_ids[tr.action] if tr.user_valid else tok.sp("invalid"))
+    return ids + [tok.sp("/hind")]
+
+
+class ReferenceBuffer:
+    """The latest finished trajectory of each training sample, the source of its next reference."""
+
+    def __init__(self):
+        self.last = {}
+
+    def reference_for(self, traj):
+        return self.last.get((traj.split, traj.row), traj)
+
+    def add(self, trajs):
+        for tr in trajs:
+            self.last[(tr.split, tr.row)] = tr
+
+    def state(self):
+        return self.last
+
+
+def token_credit(teacher_lp, student_lp, clip=1.0):
+    """Eq. 10: per-token credit, clipped to [-clip, clip], with no gradient through it."""
+    return (teacher_lp.detach() - student_lp.detach()).clamp(-clip, clip)
+
+
+def agent_objective(student_lp, rewards, credits, lam=0.1, n_episodes=None, baseline=0.0):
+    """Eq. 11 / 12 as a loss to minimise (= -J).
+
+    student_lp: list of (|y_t|,) tensors with gradient; rewards: list of floats R_t; credits: list of
+    (|y_t|,) tensors A_{t,n}. The expectation is over episodes: the per-message terms are summed and
+    divided by n_episodes (default: the number of messages)."""
+    if not student_lp:
+        return torch.zeros(())
+    total = 0.0
+    for lp, r, a in zip(student_lp, rewards, credits):
+        total = total + ((r - baseline + lam * a) * lp).sum() / len(lp)   # (1/|y_t|) sum_n (...) log pi_S
+    return -total / (n_episodes or len(student_lp))
+
+
+def collect_messages(tok, trajs, buffer, agent, reward_cfg):
+    """Gather one agent's trainable messages: (student prompt, teacher prompt, tokens, R_t)."""
+    out = []
+    for traj in trajs:
+        rewards = turn_rewards(traj, **reward_cfg)
+        ref = hindsight_reference(tok, buffer.reference_for(traj))
+        for t, (tr, (r_rec, r_user)) in enumerate(zip(traj.turns, rewards)):
+            if agent == "rec" and r_rec is not None:
+                out.append((tr.rec_prompt, render_rec(tok, traj, t, ref), tr.rec_out, r_rec))
+            if agent == "user" and r_user is not None:
+                out.append((tr.user_prompt, render_user(tok, traj, t, ref), tr.user_out, r_user))
+    return out
+
+
+def coars_loss(model, tok, trajs, buffer, agent, reward_cfg, lam=0.1, baseline="none", device="cpu"):
+    """The loss of one agent on a batch of finished trajectories, and its statistics.
+
+    The agent's adapter must be active. The teacher pass (reference in the prompt) runs without
+    gradient; the student pass carries the gradient of Eq. 11 / 12."""
+    msgs = collect_messages(tok, trajs, buffer, agent, reward_cfg)
+    if not msgs:
+        return torch.zeros((), device=device), dict(messages=0)
+    student_p, teacher_p, ys, rs = zip(*msgs)
+    with torch.no_grad():
+        t_lp = token_logprobs(model, teacher_p, ys, tok.pad_id, device) if lam else None
+    s_lp = token_logprobs(model, student_p, ys, tok.pad_id, device)
+    credits = [token_credit(t, s) for t, s in zip(t_lp, s_lp)] if lam else [torch.zeros_like(s) for s in s_lp]
+    b = sum(rs) / len(rs) if baseline == "mean" else 0.0
+    loss = agent_objective(s_lp, list(rs), credits, lam, n_episodes=len(trajs), baseline=b)
+    flat = torch.cat(credits)
+    return loss, dict(messages=len(msgs), reward=sum(rs) / len(rs), credit=float(flat.mean()),
+                      credit_abs=float(flat.abs().mean()))

@@ -1,0 +1,298 @@
+"""
+The multi-turn environment of CoARS (PAPER.md section 2): what each agent sees, what it must write,
+and the batched loop in which a RecAgent and a UserAgent talk.
+
+Message formats of the built-in model (token level; `tok.decode` shows them as text):
+
+  RecAgent prompt   <|rec|><|hist|>h1..h10<|cands|>c1..c20[<|prior|>p]<|mem|>MEMORY[REFERENCE]<|ans|>
+  RecAgent message  ITEM <|why|> RATIONALE <|end|>          e.g. <|item_17|><|why|><|item_3|><|end|>
+  UserAgent prompt  <|user|><|hist|>h1..h10<|mem|>MEMORY<|msg|>REC MESSAGE<|peers|>3/5 4.2[REFERENCE]<|ans|>
+  UserAgent message ACTION SCORE <|why|> JUSTIFICATION <|end|>   e.g. <|skip|>0.31<|why|><|item_5|><|end|>
+  MEMORY            for each earlier turn: <|turn|> rec message <|msg|> user message (without <|end|>)
+  REFERENCE         the hindsight reference d (distill.py), teacher prompts only
+
+The SASRec prior appears in turn 1 only. The UserAgent never sees the candidates or the target.
+Validity [ours]: a RecAgent message is valid when it is ITEM <|why|> ... <|end|> with ITEM among
+the candidates; a UserAgent message when it is ACTION d.dd <|why|> ... <|end|> with the score in
+[0, 1] and inside the action's interval (dislike [0,.25), skip [.25,.5), star [.5,.75),
+click [.75,1]). After an invalid RecAgent message the user has nothing to answer: that turn has no
+user message. The episode ends at the first click or after t_max turns; the final recommendation
+is the last turn's item (None, a miss, if that message was invalid).
+
+The scripted agents at the bottom write the stage-1 pretraining dialogues (train.py): they are how
+the built-in base learns the format, never a part of CoARS itself.
+"""
+
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from model import generate
+
+ACTION_RANGE = {"dislike": (0.0, 0.25), "skip": (0.25, 0.5), "star": (0.5, 0.75), "click": (0.75, 1.0)}
+POSITIVE = ("click", "star")
+REC_MAX_NEW = 8
+USER_MAX_NEW = 12
+_SCORE = re.compile(r"^(0\.\d\d|1\.00)$")
+
+
+def action_of_score(s):
+    """The action whose interval holds score s (PAPER.md section 2, [ours])."""
+    for a in ("dislike", "skip", "star"):
+        if s < ACTION_RANGE[a][1]:
+            return a
+    return "click"
+
+
+@dataclass
+class Turn:
+    rec_out: list                 # RecAgent's tokens, as written
+    item: int = None              # recommended item (None when the message is invalid)
+    rec_valid: bool = False
+    user_out: list = None         # UserAgent's tokens (None when there was nothing to answer)
+    action: str = None
+    score: float = None
+    user_valid: bool = False
+    hit: int = 0
+    q: float = 0.0                # peer signal q_t in [-1, 1] (PAPER.md section 2)
+    peer_text: str = ""
+    rec_prompt: list = None       # the student prompts the messages were written from
+    user_prompt: list = None
+
+
+@dataclass
+class Trajectory:
+    split: str
+    row: int                      # sample index within the split
+    user: int
+    hist: list
+    target: int
+    cands: list
+    prior: int
+    turns: list = field(default_factory=list)
+    done: bool = False
+
+    @property
+    def final_item(self):
+        return self.turns[-1].item if self.turns else None
+
+    @property
+    def hit(self):
+        return int(self.final_item is not None and self.final_item == self.target)
+
+
+def new_trajectory(data, split, row):
+    return Trajectory(split, int(row), int(getattr(data, f"{split}_user")[row]), data.history(split, row),
+                      int(getattr(data, f"{split}_target")[row]), getattr(data, f"{split}_cands")[row].tolist(),
+                      int(getattr(data, f"{split}_prior")[row]))
+
+
+# --------------------------------------------------------------------------------------------------
+# Prompts
+
+
+def _strip_end(tok, ids):
+    return [t for t in ids if t != tok.end_id]
+
+
+def render_memory(tok, turns):
+    """M_{t-1}: every earlier (m_rec, m_user), in order."""
+    ids = []
+    for tr in turns:
+        ids += [tok.sp("turn")] + (_strip_end(tok, tr.rec_out) if tr.rec_valid else [tok.sp("invalid")])
+        if tr.user_out is not None:
+            ids += [tok.sp("msg")] + (_strip_end(tok, tr.user_out) if tr.user_valid else [tok.sp("invalid")])
+    return ids
+
+
+def render_rec(tok, traj, t, reference=()):
+    """RecAgent prompt x_t for turn t (0-based) of traj; reference = hindsight tokens (teacher only)."""
+    ids = [tok.sp("rec"), tok.sp("hist")] + [tok.item(i) for i in traj.hist]
+    ids += [tok.sp("cands")] + [tok.item(i) for i in traj.cands]
+    if t == 0:
+        ids += [tok.sp("prior"), tok.item(traj.prior)]
+    ids += [tok.sp("mem")] + render_memory(tok, traj.turns[:t])
+    return ids + list(reference) + [tok.sp("ans")]
+
+
+def render_user(tok, traj, t, reference=()):
+    """UserAgent prompt for turn t: history, memory, the RecAgent's message and peer opinions."""
+    tr = traj.turns[t]
+    ids = [tok.sp("user"), tok.sp("hist")] + [tok.item(i) for i in traj.hist]
+    ids += [tok.sp("mem")] + render_memory(tok, traj.turns[:t])
+    ids += [tok.sp("msg")] + _strip_end(tok, tr.rec_out) + [tok.sp("peers")] + tok.text(tr.peer_text)
+    return ids + list(reference) + [tok.sp("ans")]
+
+
+def peer_opinion(data, user, item):
+    """(text, q_t): how many of the user's peers interacted with the item (and their mean rating),
+    and q_t = sum_j w_j * (+1 if peer j interacted else -1) (PAPER.md section 2, [ours])."""
+    sets = data.train_sets()
+    peers, w = data.peers[user], data.peer_w[user]
+    hits = [item in sets[p] for p in peers]
+    q = float(sum(wj * (1 if h else -1) for wj, h in zip(w, hits)))
+    text = f"{sum(hits)}/{len(peers)}"
+    if data.has_ratings and any(hits):
+        text += f" {np.mean([sets[p][item] for p, h in zip(peers, hits) if h]):.1f}"
+    return text, q
+
+
+# --------------------------------------------------------------------------------------------------
+# Parsing
+
+
+def parse_rec(tok, out, cands):
+    """-> item index or None (invalid)."""
+    if len(out) < 3 or out[-1] != tok.end_id or out[1] != tok.sp("why") or not tok.is_item(out[0]):
+        return None
+    item = tok.item_of(out[0])
+    return item if item in cands else None
+
+
+def parse_user(tok, out):
+    """-> (action, score) or None (invalid)."""
+    if len(out) < 3 or out[-1] != tok.end_id or tok.sp("why") not in out:
+        return None
+    inv = {v: k for k, v in tok.action_ids.items()}
+    if out[0] not in inv:
+        return None
+    w = out.index(tok.sp("why"))
+    if any(t >= 256 for t in out[1:w]):
+        return None
+    text = bytes(out[1:w]).decode("latin-1")
+    if not _SCORE.match(text):
+        return None
+    score = float(text)
+    lo, hi = ACTION_RANGE[inv[out[0]]]
+    if not (lo <= score < hi or (inv[out[0]] == "click" and score == 1.0)):
+        return None
+    return inv[out[0]], score
+
+
+def rec_message(tok, item, rationale):
+    return [tok.item(item), tok.sp("why"), tok.item(rationale), tok.end_id]
+
+
+def user_message(tok, action, score, justification):
+    return [tok.action_ids[action]] + tok.text(f"{score:.2f}") + [tok.sp("why"), tok.item(justification), tok.end_id]
+
+
+# --------------------------------------------------------------------------------------------------
+# The batched multi-turn loop
+
+
+def record_user(data, traj, tr):
+    """Fill the peer opinion of a turn whose RecAgent message is valid."""
+    tr.peer_text, tr.q = peer_opinion(data, traj.user, tr.item)
+
+
+def finish_turn(traj, tr, t_max):
+    tr.hit = int(tr.item is not None and tr.item == traj.target)
+    if (tr.user_valid and tr.action == "click") or len(traj.turns) >= t_max:
+        traj.done = True
+
+
+@torch.no_grad()
+def rollout(model, tok, data, trajs, t_max=5, temperature=1.0, generator=None, device="cpu",
+            rec_adapter="rec", user_adapter="user", batch=256):
+    """Play every trajectory in trajs to its end. All live episodes take each turn together (one
+    batched generate per agent per turn); finished ones drop out. Trajectories are filled in place
+    and returned."""
+    for _ in range(t_max):
+        live = [tr for tr in trajs if not tr.done]
+        if not live:
+            break
+        # RecAgent writes m_rec for every live episode
+        prompts = [render_rec(tok, tr, len(tr.turns)) for tr in live]
+        model.set_adapter(rec_adapter)
+        outs = _generate(model, prompts, REC_MAX_NEW, tok, temperature, generator, device, batch)
+        for tr, p, o in zip(live, prompts, outs):
+            item = parse_rec(tok, o, tr.cands)
+            tr.turns.append(Turn(rec_out=o, item=item, rec_valid=item is not None, rec_prompt=p))
+        # UserAgent answers every valid recommendation
+        answer = [tr for tr in live if tr.turns[-1].rec_valid]
+        for tr in answer:
+            record_user(data, tr, tr.turns[-1])
+        prompts = [render_user(tok, tr, len(tr.turns) - 1) for tr in answer]
+        model.set_adapter(user_adapter)
+        outs = _generate(model, prompts, USER_MAX_NEW, tok, temperature, generator, device, batch) if prompts else []
+        for tr, p, o in zip(answer, prompts, outs):
+            turn = tr.turns[-1]
+            turn.user_out, turn.user_prompt = o, p
+            parsed = parse_user(tok, o)
+            if parsed:
+                turn.action, turn.score = parsed
+                turn.user_valid = True
+        for tr in live:
+            finish_turn(tr, tr.turns[-1], t_max)
+    model.set_adapter(None)
+    return trajs
+
+
+def _generate(model, prompts, max_new, tok, temperature, generator, device, batch):
+    out = []
+    for s in range(0, len(prompts), batch):
+        out += generate(model, prompts[s:s + batch], max_new, tok.pad_id, stop_ids=(tok.end_id,),
+                        temperature=temperature, generator=generator, device=device)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Scripted agents for stage-1 pretraining dialogues [ours]
+
+
+def closest_history_item(data, hist, item):
+    """The history item most similar to `item` by SASRec item embeddings: the built-in model's
+    rationale ("because you watched X") and justification."""
+    v = data.item_vec
+    return hist[int(np.argmax(v[hist] @ v[item]))]
+
+
+def scripted_rec_choice(traj, rng, p_target, p_prior, reference=False, p_ref=0.9):
+    """The scripted RecAgent's pick for the next turn: never an item already recommended. Without a
+    reference: the target with prob p_target, the prior with p_prior, else a uniform candidate;
+    with a hindsight reference (teacher prompts): the target with prob p_ref."""
+    used = {tr.item for tr in traj.turns}
+    fresh = [c for c in traj.cands if c not in used] or traj.cands
+    u = rng.random()
+    if traj.target in fresh and u < (p_ref if reference else p_target):
+        return traj.target
+    if not reference and traj.prior in fresh and u < p_target + p_prior:
+        return traj.prior
+    return fresh[int(rng.integers(len(fresh)))]
+
+
+def scripted_user_reaction(data, traj, item, q, rng, future, reference=False):
+    """The scripted UserAgent: likes the true next item, and items of its own near future, more than
+    others; peers nudge it (q); with a hindsight reference it knows which item is right."""
+    if reference:
+        p_pos = 0.9 if item == traj.target else 0.1
+    else:
+        p_pos = 0.7 if item == traj.target else 0.4 if item in future else 0.1
+        p_pos = min(1.0, max(0.0, p_pos * (1 + 0.5 * q)))
+    if rng.random() < p_pos:
+        action = "click" if rng.random() < 0.5 else "star"
+    else:
+        action = "skip" if rng.random() < 0.6 else "dislike"
+    lo, hi = ACTION_RANGE[action]
+    score = min(hi - 0.01, lo + float(rng.random()) * (hi - lo))
+    return action, round(score, 2)
+
+
+def scripted_episode(data, tok, traj, rng, t_max, p_target, p_prior, future=()):
+    """Play a whole episode with the scripted agents (no reference): the behaviour whose turns fill
+    the memory of the pretraining dialogues."""
+    while not traj.done:
+        item = scripted_rec_choice(traj, rng, p_target, p_prior)
+        tr = Turn(rec_out=rec_message(tok, item, closest_history_item(data, traj.hist, item)),
+                  item=item, rec_valid=True)
+        traj.turns.append(tr)
+        record_user(data, traj, tr)
+        a, s = scripted_user_reaction(data, traj, item, tr.q, rng, future)
+        tr.user_out = user_message(tok, a, s, closest_history_item(data, traj.hist, item))
+        tr.action, tr.score, tr.user_valid = a, s, True
+        finish_turn(traj, tr, t_max)
+    return traj
+

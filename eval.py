@@ -1,0 +1,277 @@
+"""
+Evaluation of CoARS and its baselines (PAPER.md section 6).
+
+    python eval.py --run out/ml-latest-small            # evaluate a finished training run
+    python eval.py --run out/ml-latest-small --split valid
+
+Metrics, each with a 95% bootstrap interval over test samples (one sample per user):
+  - Hit@1: the final recommended item is the target, over ALL samples (invalid = miss).
+  - valid ratio of RecAgent and UserAgent messages; Hit@1 of turn 1; mean number of turns.
+  - [ours] HR@k / NDCG@k from ranking the 20 candidates by the RecAgent's log-probability of
+    naming each one as its turn-1 answer (one forward pass per sample).
+  - UserAgent alignment [ours, after AFL]: the UserAgent judges real future items (positives) and
+    as many never-touched items (negatives) one at a time; accept = click or star; micro
+    precision / recall / F1, bootstrap over users.
+Baselines: Random (a seeded uniform candidate), Pop (most popular candidate in the training
+split), SASRec top-1 (the prior), and the memory-based (Reflexion-style) ARS: the same loop with
+the agents before CoARS (the pretrained base, no adapters), learning only through in-episode
+memory. Evaluation decodes greedily (temperature 0), so a checkpoint always scores the same.
+Paired bootstrap intervals compare CoARS with each baseline on the same samples.
+"""
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from env import (POSITIVE, USER_MAX_NEW, Trajectory, Turn, _generate, closest_history_item, new_trajectory,
+                 parse_user, rec_message, record_user, render_rec, render_user, rollout)
+from model import causal_mask, positions
+
+# --------------------------------------------------------------------------------------------------
+# Uncertainty
+
+
+def bootstrap(stat, n_units, n=1000, seed=0):
+    """95% percentile interval of stat(indices) over n bootstrap resamples of n_units units."""
+    rng = np.random.default_rng(seed)
+    vals = np.array([stat(rng.integers(0, n_units, n_units)) for _ in range(n)])
+    return float(np.percentile(vals, 2.5)), float(np.percentile(vals, 97.5))
+
+
+def mean_ci(x, n=1000, seed=0):
+    """(mean, lo, hi) of per-sample values x."""
+    x = np.asarray(x, dtype=float)
+    lo, hi = bootstrap(lambda i: x[i].mean(), len(x), n, seed)
+    return float(x.mean()), lo, hi
+
+
+def paired_diff_ci(a, b, n=1000, seed=0):
+    """(mean(a - b), lo, hi): paired bootstrap of a difference measured on the same samples."""
+    return mean_ci(np.asarray(a, float) - np.asarray(b, float), n, seed)
+
+
+def prf(pred, label):
+    """Micro precision, recall and F1 of binary predictions (accept = 1)."""
+    pred, label = np.asarray(pred, bool), np.asarray(label, bool)
+    tp = float((pred & label).sum())
+    p = tp / max(pred.sum(), 1)
+    r = tp / max(label.sum(), 1)
+    return p, r, (2 * p * r / (p + r) if p + r else 0.0)
+
+
+def f1_ci(pred, label, groups, n=1000, seed=0):
+    """F1 with a bootstrap interval that resamples users (groups), not single judgements."""
+    pred, label, groups = np.asarray(pred, bool), np.asarray(label, bool), np.asarray(groups)
+    users, inv = np.unique(groups, return_inverse=True)
+    members = [np.flatnonzero(inv == k) for k in range(len(users))]
+
+    def stat(idx):
+        rows = np.concatenate([members[k] for k in idx])
+        return prf(pred[rows], label[rows])[2]
+    return bootstrap(stat, len(users), n, seed)
+
+
+def f1_diff_ci(pred_a, pred_b, label, groups, n=1000, seed=0):
+    """Paired bootstrap (over users) of F1(a) - F1(b)."""
+    pa, pb, label, groups = (np.asarray(x) for x in (pred_a, pred_b, label, groups))
+    users, inv = np.unique(groups, return_inverse=True)
+    members = [np.flatnonzero(inv == k) for k in range(len(users))]
+
+    def stat(idx):
+        rows = np.concatenate([members[k] for k in idx])
+        return prf(pa[rows], label[rows])[2] - prf(pb[rows], label[rows])[2]
+    lo, hi = bootstrap(stat, len(users), n, seed)
+    return prf(pa, label)[2] - prf(pb, label)[2], lo, hi
+
+
+# --------------------------------------------------------------------------------------------------
+# Methods
+
+
+def baseline_hits(data, split, seed=0):
+    """Per-sample Hit@1 of Random, Pop and SASRec top-1 on a split's fixed candidate lists."""
+    cands, target = getattr(data, f"{split}_cands"), getattr(data, f"{split}_target")
+    rng = np.random.default_rng(seed)
+    pick_random = cands[np.arange(len(cands)), rng.integers(0, cands.shape[1], len(cands))]
+    pick_pop = cands[np.arange(len(cands)), data.item_pop[cands].argmax(1)]
+    return {"Random": (pick_random == target).astype(float),
+            "Pop": (pick_pop == target).astype(float),
+            "SASRec top-1": (getattr(data, f"{split}_prior") == target).astype(float)}
+
+
+def run_ars(model, tok, data, split, rows, adapters, t_max, device, batch=256):
+    """Greedy episodes of the agent pair on the given samples -> per-sample metric arrays."""
+    trajs = [new_trajectory(data, split, r) for r in rows]
+    rollout(model, tok, data, trajs, t_max=t_max, temperature=0.0, device=device,
+            rec_adapter=adapters[0], user_adapter=adapters[1], batch=batch)
+    rec_n = np.array([len(tr.turns) for tr in trajs], float)
+    rec_ok = np.array([sum(t.rec_valid for t in tr.turns) for tr in trajs], float)
+    user_n = np.array([sum(t.user_out is not None for t in tr.turns) for tr in trajs], float)
+    user_ok = np.array([sum(t.user_valid for t in tr.turns) for tr in trajs], float)
+    return trajs, dict(hit=np.array([tr.hit for tr in trajs], float),
+                       hit_turn1=np.array([tr.turns[0].hit for tr in trajs], float),
+                       turns=rec_n, rec_valid=rec_ok / rec_n,
+                       user_valid=np.where(user_n > 0, user_ok / np.maximum(user_n, 1), np.nan))
+
+
+@torch.no_grad()
+def rank_metrics(model, tok, data, split, rows, adapter, device, ks=(1, 5, 10), batch=256):
+    """HR@k and NDCG@k of the candidates ranked by the RecAgent's turn-1 log-probability of naming
+    each one (its first answer token is the item)."""
+    model.set_adapter(adapter)
+    out = {f"{m}@{k}": [] for k in ks for m in ("HR", "NDCG")}
+    for s in range(0, len(rows), batch):
+        trajs = [new_trajectory(data, split, r) for r in rows[s:s + batch]]
+        prompts = [render_rec(tok, tr, 0) for tr in trajs]
+        T = max(len(p) for p in prompts)
+        idx = torch.full((len(prompts), T), tok.pad_id, dtype=torch.long)
+        valid = torch.zeros(len(prompts), T, dtype=torch.bool)
+        for b, p in enumerate(prompts):  # left-pad so every row's last position is its <|ans|>
+            idx[b, T - len(p):] = torch.tensor(p)
+            valid[b, T - len(p):] = True
+        idx, valid = idx.to(device), valid.to(device)
+        h = model(idx, positions(valid), causal_mask(valid))[:, -1]       # (B,C)
+        cand_ids = torch.tensor([[tok.item(c) for c in tr.cands] for tr in trajs], device=device)
+        scores = h[:, None, :].mul(model.head_weight[cand_ids]).sum(-1)   # (B,20) logits of each candidate
+        tpos = torch.tensor([tr.cands.index(tr.target) for tr in trajs], device=device)
+        rank = (scores > scores.gather(1, tpos[:, None])).sum(1).cpu().numpy()  # 0 = first
+        for k in ks:
+            out[f"HR@{k}"] += (rank < k).astype(float).tolist()
+            out[f"NDCG@{k}"] += np.where(rank < k, 1 / np.log2(rank + 2), 0.0).tolist()
+    model.set_adapter(None)
+    return {k: np.array(v) for k, v in out.items()}
+
+
+@torch.no_grad()
+def user_judgements(model, tok, data, adapter, device, batch=256):
+    """The UserAgent judges each item of the F1 set alone (empty memory, a templated RecAgent
+    message naming the item). Returns accept (bool array), valid (bool array)."""
+    trajs = []
+    for r in range(len(data.f1_item)):
+        h = data.f1_hist[r]
+        h = h[h >= 0].tolist()
+        item = int(data.f1_item[r])
+        tr = Trajectory("f1", r, int(data.f1_user[r]), h, -1, [item], item)
+        turn = Turn(rec_out=rec_message(tok, item, closest_history_item(data, h, item)), item=item, rec_valid=True)
+        tr.turns.append(turn)
+        record_user(data, tr, turn)
+        trajs.append(tr)
+    prompts = [render_user(tok, tr, 0) for tr in trajs]
+    model.set_adapter(adapter)
+    outs = _generate(model, prompts, USER_MAX_NEW, tok, 0.0, None, device, batch)
+    model.set_adapter(None)
+    parsed = [parse_user(tok, o) for o in outs]
+    return (np.array([p is not None and p[0] in POSITIVE for p in parsed]),
+            np.array([p is not None for p in parsed]))
+
+
+# --------------------------------------------------------------------------------------------------
+# The whole evaluation
+
+
+def evaluate(model, tok, data, split="test", t_max=5, device="cpu", n_boot=1000, seed=0,
+             agents=(("Memory-based ARS", (None, None)), ("CoARS", ("rec", "user"))), log=print):
+    """Evaluate the baselines and each agent pair in `agents` on a split. Returns a results dict
+    (JSON-ready) with per-method metrics and intervals, and paired comparisons to the last pair."""
+    t0 = time.time()
+    rows = np.arange(len(getattr(data, f"{split}_user")))
+    per = {}      # method -> dict of per-sample arrays
+    res = {"split": split, "n_samples": int(len(rows)), "methods": {}}
+    for name, hits in baseline_hits(data, split, seed).items():
+        per[name] = {"hit": hits}
+    f1_preds = {}
+    for name, adapters in agents:
+        log(f"evaluating {name} on {len(rows)} {split} samples")
+        _, m = run_ars(model, tok, data, split, rows, adapters, t_max, device)
+        m.update(rank_metrics(model, tok, data, split, rows, adapters[0], device))
+        per[name] = m
+        f1_preds[name] = user_judgements(model, tok, data, adapters[1], device)
+    for name, m in per.items():
+        r = {}
+        for k, v in m.items():
+            v = np.asarray(v, float)
+            v = v[np.isfinite(v)]
+            if len(v):
+                mu, lo, hi = mean_ci(v, n_boot, seed)
+                r[k] = {"mean": mu, "lo": lo, "hi": hi}
+        if name in f1_preds:
+            acc, ok = f1_preds[name]
+            p, rc, f = prf(acc, data.f1_label)
+            lo, hi = f1_ci(acc, data.f1_label, data.f1_user, n_boot, seed)
+            r["user_precision"], r["user_recall"] = {"mean": p}, {"mean": rc}
+            r["user_f1"] = {"mean": f, "lo": lo, "hi": hi}
+            r["f1_valid"] = {"mean": float(ok.mean())}
+        res["methods"][name] = r
+    main = agents[-1][0]
+    res["paired"] = {}
+    for name in per:
+        if name != main:
+            mu, lo, hi = paired_diff_ci(per[main]["hit"], per[name]["hit"], n_boot, seed)
+            res["paired"][f"{main} - {name} (Hit@1)"] = {"mean": mu, "lo": lo, "hi": hi}
+    for name in f1_preds:
+        if name != main:
+            mu, lo, hi = f1_diff_ci(f1_preds[main][0], f1_preds[name][0], data.f1_label, data.f1_user, n_boot, seed)
+            res["paired"][f"{main} - {name} (UserAgent F1)"] = {"mean": mu, "lo": lo, "hi": hi}
+    res["seconds"] = round(time.time() - t0, 1)
+    return res
+
+
+def _fmt(d, key, pct=False):
+    if key not in d:
+        return "-"
+    v = d[key]
+    if "lo" in v:
+        return f"{v['mean']:.4f} [{v['lo']:.4f}, {v['hi']:.4f}]"
+    return f"{v['mean']:.3f}"
+
+
+def results_table(res):
+    """Markdown table of a results dict from evaluate()."""
+    cols = [("Hit@1 [95% CI]", "hit"), ("turn-1 Hit@1", "hit_turn1"), ("turns", "turns"),
+            ("Rec valid", "rec_valid"), ("User valid", "user_valid"), ("HR@5", "HR@5"), ("NDCG@5", "NDCG@5"),
+            ("User P", "user_precision"), ("User R", "user_recall"), ("User F1 [95% CI]", "user_f1")]
+    lines = ["| method | " + " | ".join(c for c, _ in cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for name, m in res["methods"].items():
+        cells = []
+        for _, k in cols:
+            if k in m and "lo" in m[k] and k not in ("hit", "user_f1"):
+                cells.append(f"{m[k]['mean']:.3f}")
+            else:
+                cells.append(_fmt(m, k))
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", f"{res['split']} split, {res['n_samples']} samples (one per user); intervals: 95% bootstrap.",
+              "", "| paired difference | mean | 95% CI |", "|---|---|---|"]
+    for k, v in res["paired"].items():
+        lines.append(f"| {k} | {v['mean']:+.4f} | [{v['lo']:+.4f}, {v['hi']:+.4f}] |")
+    return "\n".join(lines)
+
+
+def write_results(res, folder):
+    folder = Path(folder)
+    (folder / "results.json").write_text(json.dumps(res, indent=1))
+    (folder / "results.md").write_text(results_table(res) + "\n")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Evaluate a CoARS training run (see the module docstring).")
+    p.add_argument("--run", required=True, help="the run folder written by train.py (holds coars.pt)")
+    p.add_argument("--split", default="test", choices=["valid", "test"])
+    p.add_argument("--device", default="auto")
+    a = p.parse_args(argv)
+    import train
+    try:
+        cfg, model, tok, data = train.load_run(Path(a.run), a.device)
+    except train.UserError as e:
+        sys.exit(f"error: {e}")
+    res = evaluate(model, tok, data, a.split, cfg.t_max, train.pick_device(a.device), cfg.n_boot, cfg.seed)
+    write_results(res, a.run)
+    print(results_table(res))
+
+
+if __name__ == "__main__":
+    main()

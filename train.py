@@ -1,0 +1,463 @@
+"""
+Train CoARS end to end (PAPER.md section 5) and print the results table.
+
+    python train.py --dataset ml-latest-small --data-url file:///path/to/ml-latest-small.zip
+    python train.py --dataset ml-1m                       # downloads ml-1m from GroupLens
+    python train.py --help                                # every option, with its default
+
+Stages:
+  0. data/prepare.py builds (or loads from its cache) the splits, SASRec candidates, prior, peers.
+  1. Pretrain the built-in base GPT on the training split only [ours]: item sequences, item titles
+     and scripted dialogues in both agents' message formats, half of them with a hindsight
+     reference in the prompt, so the base can read every part of the format the agents and the
+     teacher will meet. The base is then frozen. It is cached in out/<run>/base.pt and reused
+     when the data and the stage-1 options are the same.
+  2. CoARS: two LoRA adapters (RecAgent, UserAgent) on the frozen base, trained together from the
+     same batched multi-turn rollouts with the interaction reward (reward.py, Eq. 7-8) plus the
+     self-distilled token credit (distill.py, Eq. 10-12).
+  3. Evaluate on the test split (eval.py) against Random, Pop, SASRec top-1 and the memory-based
+     ARS (the same agents before stage 2) and write results.json / results.md.
+
+This is the REINFORCE-style objective of the paper (no PPO ratio, no KL, no group normalisation);
+see distill.py for the one optional extension.
+"""
+
+import argparse
+import ast
+import dataclasses
+import inspect
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from data.prepare import DataConfig, DataError, SOURCES, prepare
+from data.sasrec import SASRecConfig
+from distill import ReferenceBuffer, coars_loss, hindsight_reference
+from env import (closest_history_item, new_trajectory, rec_message, render_rec, render_user, rollout,
+                 scripted_episode, scripted_rec_choice, scripted_user_reaction, user_message)
+from eval import evaluate, results_table, run_ars, write_results
+from model import GPT, GPTConfig, Tokenizer, causal_mask, logprobs_of, positions
+
+
+class UserError(Exception):
+    """A wrong option or unusable input; the message is one sentence for the user."""
+
+
+@dataclass
+class Config:
+    # ---- data ----
+    dataset: str = "ml-latest-small"
+    """dataset name (data/prepare.py SOURCES)"""
+    data_dir: str = str(Path(__file__).resolve().parent / "data")
+    """folder for downloads and processed caches"""
+    data_url: str = ""
+    """address of the raw dataset zip ('' = official; file:// works)"""
+    data_sha256: str = ""
+    """expected sha256 of the raw zip ('' = the official file's, 'none' = skip the check)"""
+    candidates: str = "sasrec"
+    """candidate lists: 'sasrec' (PAPER.md default) or 'random' (AFL / LLaRA protocol)"""
+    sasrec_epochs: int = 20
+    """SASRec training epochs"""
+    # ---- run ----
+    out_dir: str = "out"
+    """runs are written to out_dir/run_name"""
+    run_name: str = ""
+    """run folder name ('' = the dataset name)"""
+    device: str = "auto"
+    """'cpu', 'cuda' or 'auto' (cuda when available)"""
+    seed: int = 0
+    """seed for data, initialisation, sampling and bootstrap"""
+    # ---- built-in model ----
+    n_layer: int = 4
+    """transformer blocks of the built-in GPT"""
+    n_head: int = 4
+    """attention heads"""
+    n_embd: int = 128
+    """width"""
+    # ---- stage 1: pretraining the base [ours] ----
+    pretrain_steps: int = 1800
+    """optimiser steps of stage 1 (0 = skip: only sensible with a base from an earlier run)"""
+    pretrain_batch: int = 48
+    """documents per stage-1 step"""
+    pretrain_lr: float = 3e-3
+    """peak learning rate of stage 1 (cosine decay to 10%)"""
+    p_target: float = 0.34
+    """scripted RecAgent without a reference: prob. of naming the true next item"""
+    p_prior: float = 0.33
+    """scripted RecAgent without a reference: prob. of naming the SASRec prior (else uniform)"""
+    p_reference: float = 0.5
+    """fraction of scripted dialogues whose prompt carries a hindsight reference"""
+    # ---- stage 2: CoARS ----
+    steps: int = 120
+    """CoARS optimiser steps"""
+    batch: int = 48
+    """episodes per CoARS step"""
+    lr: float = 2e-3
+    """adapter learning rate (Adam)"""
+    lora_r: int = 8
+    """LoRA rank"""
+    lora_alpha: float = 16.0
+    """LoRA scale numerator (scale = alpha / r)"""
+    t_max: int = 5
+    """turn limit T_max [ours: 5]"""
+    temperature: float = 1.0
+    """sampling temperature of training rollouts (evaluation is greedy)"""
+    lam: float = 0.1
+    """lambda, weight of the token credit (Eq. 11-12; 0 = no self-distillation)"""
+    alpha: float = 0.1
+    """alpha, weight of the peer signal in Eq. 8"""
+    stage_gamma: float = -1.0
+    """D_t = stage_gamma^(t-1) in Eq. 7; negative = D_t = 1 [ours]"""
+    use_filter: bool = True
+    """leave out turns with a wrong item that the user met positively"""
+    reward_mode: str = "interaction"
+    """'interaction' (Eq. 7-8) or 'outcome' (final hit only, the ablation/baseline)"""
+    train_rec: bool = True
+    """train the RecAgent adapter"""
+    train_user: bool = True
+    """train the UserAgent adapter (off = 'without user co-evolution')"""
+    baseline: str = "none"
+    """'none' (paper) or 'mean': subtract the batch-mean reward [ours, extension]"""
+    grad_clip: float = 1.0
+    """clip the adapters' gradient norm"""
+    # ---- evaluation ----
+    eval_every: int = 40
+    """validation Hit@1 every this many CoARS steps (0 = never)"""
+    eval_valid_n: int = 200
+    """validation samples used for those checks"""
+    n_boot: int = 1000
+    """bootstrap resamples for the intervals"""
+    skip_eval: bool = False
+    """do not run the final test evaluation"""
+
+    def data_config(self):
+        return DataConfig(dataset=self.dataset, data_dir=self.data_dir, data_url=self.data_url,
+                          data_sha256=self.data_sha256, candidates=self.candidates, seed=self.seed,
+                          sasrec=SASRecConfig(epochs=self.sasrec_epochs))
+
+    def run_dir(self):
+        return Path(self.out_dir) / (self.run_name or self.dataset)
+
+
+def field_docs(cls):
+    """The docstring under each dataclass field, for --help (one source of truth for the defaults)."""
+    body = ast.parse(inspect.getsource(cls)).body[0].body
+    return {a.target.id: b.value.value for a, b in zip(body, body[1:])
+            if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant)}
+
+
+def parse_args(argv=None) -> Config:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    docs = field_docs(Config)
+    for f in dataclasses.fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type is bool or f.type == "bool":
+            p.add_argument(flag, default=f.default, action=argparse.BooleanOptionalAction, help=docs.get(f.name))
+        else:
+            p.add_argument(flag, default=f.default, type=type(f.default), help=f"{docs.get(f.name)} (default: %(default)s)")
+    return Config(**vars(p.parse_args(argv)))
+
+
+def validate(cfg: Config):
+    """Refuse impossible options before any work starts, one sentence each."""
+    checks = [
+        (cfg.dataset in SOURCES, f"unknown dataset {cfg.dataset!r}: choose one of {', '.join(sorted(SOURCES))}."),
+        (cfg.candidates in ("sasrec", "random"), "--candidates must be 'sasrec' or 'random'."),
+        (cfg.reward_mode in ("interaction", "outcome"), "--reward-mode must be 'interaction' or 'outcome'."),
+        (cfg.baseline in ("none", "mean"), "--baseline must be 'none' or 'mean'."),
+        (cfg.device in ("auto", "cpu", "cuda") or cfg.device.startswith("cuda:"), "--device must be auto, cpu or cuda."),
+        (not cfg.device.startswith("cuda") or torch.cuda.is_available(), "--device cuda was asked for but no GPU is visible; use --device cpu."),
+        (cfg.t_max >= 1, "--t-max must be at least 1."),
+        (cfg.steps >= 0 and cfg.pretrain_steps >= 0, "--steps and --pretrain-steps cannot be negative."),
+        (cfg.batch >= 1 and cfg.pretrain_batch >= 1, "--batch and --pretrain-batch must be at least 1."),
+        (cfg.lam >= 0, "--lam must be >= 0."),
+        (0 <= cfg.alpha <= 1, "--alpha must be in [0, 1] (Eq. 8)."),
+        (cfg.temperature > 0, "--temperature must be positive (evaluation is greedy anyway)."),
+        (cfg.n_embd % cfg.n_head == 0, "--n-embd must be a multiple of --n-head."),
+        (0 <= cfg.p_target + cfg.p_prior <= 1, "--p-target + --p-prior must be within [0, 1]."),
+        (cfg.lora_r >= 1, "--lora-r must be at least 1."),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise UserError(msg)
+
+
+def pick_device(name):
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def log_jsonl(path, rec):
+    with open(path, "a") as f:
+        f.write(json.dumps(rec) + "\n")
+
+
+# --------------------------------------------------------------------------------------------------
+# Stage 1: pretraining documents [ours]
+
+
+def user_future(data, traj, k=10):
+    """The k items after the sample's target in the user's training part (for the scripted user)."""
+    items = data.train_items(traj.user)
+    j = np.flatnonzero(items == traj.target)
+    return set(items[j[0]:j[0] + k].tolist()) if len(j) else {traj.target}
+
+
+def dialogue_doc(data, tok, rng, cfg, agent):
+    """One scripted dialogue turn: (prompt + answer ids, index where the answer starts)."""
+    row = int(rng.integers(len(data.train_user)))
+    traj = new_trajectory(data, "train", row)
+    future = user_future(data, traj)
+    scripted_episode(data, tok, traj, rng, cfg.t_max, cfg.p_target, cfg.p_prior, future)
+    t = int(rng.integers(len(traj.turns)))
+    ref = ()
+    if rng.random() < cfg.p_reference:
+        # an earlier trajectory of the same sample (or, as in stage 2 when none exists, this one)
+        other = traj if rng.random() < 0.3 else scripted_episode(
+            data, tok, new_trajectory(data, "train", row), rng, cfg.t_max, cfg.p_target, cfg.p_prior, future)
+        ref = hindsight_reference(tok, other)
+    tr = traj.turns[t]
+    if agent == "rec":
+        prompt = render_rec(tok, traj, t, ref)
+        if ref:
+            prefix = dataclasses.replace(traj, turns=traj.turns[:t])
+            item = scripted_rec_choice(prefix, rng, cfg.p_target, cfg.p_prior, reference=True)
+            answer = rec_message(tok, item, closest_history_item(data, traj.hist, item))
+        else:
+            answer = tr.rec_out
+    else:
+        prompt = render_user(tok, traj, t, ref)
+        if ref:
+            a, s = scripted_user_reaction(data, traj, tr.item, tr.q, rng, future, reference=True)
+            answer = user_message(tok, a, s, closest_history_item(data, traj.hist, tr.item))
+        else:
+            answer = tr.user_out
+    return prompt + answer, len(prompt)
+
+
+def pretrain_doc(data, tok, rng, cfg):
+    """A random stage-1 document: (ids, first position whose token is in the loss)."""
+    u = rng.random()
+    if u < 0.4:
+        return dialogue_doc(data, tok, rng, cfg, "rec")
+    if u < 0.8:
+        return dialogue_doc(data, tok, rng, cfg, "user")
+    if u < 0.95:  # an item sequence from one user's training part
+        user = int(rng.integers(data.n_users))
+        items = data.train_items(user)
+        s = int(rng.integers(max(1, len(items) - 24)))
+        return [tok.sp("seq")] + [tok.item(i) for i in items[s:s + 24]], 1
+    item = int(rng.integers(data.n_items))  # an item and its title
+    title = data.titles[item].encode("utf-8")[:32].decode("utf-8", "ignore")
+    return [tok.sp("title"), tok.item(item)] + tok.text(title) + [tok.end_id], 2
+
+
+def lm_loss(model, docs, tok, device):
+    """Mean next-token loss over each document's scored part (head only on those positions)."""
+    T = max(len(d) for d, _ in docs)
+    idx = torch.full((len(docs), T), tok.pad_id, dtype=torch.long)
+    valid = torch.zeros(len(docs), T, dtype=torch.bool)
+    score = torch.zeros(len(docs), T, dtype=torch.bool)
+    for b, (d, start) in enumerate(docs):
+        idx[b, :len(d)] = torch.tensor(d)
+        valid[b, :len(d)] = True
+        score[b, start - 1:len(d) - 1] = True
+    idx, valid, score = idx.to(device), valid.to(device), score.to(device)
+    with autocast(device):
+        h = model(idx, positions(valid), causal_mask(valid))
+    return -logprobs_of(h[score].float(), model.head_weight, idx[:, 1:][score[:, :-1]]).mean()
+
+
+def autocast(device):
+    """bf16 autocast for training passes: ~1.4x faster on CPU, standard on GPU."""
+    return torch.autocast("cuda" if str(device).startswith("cuda") else "cpu", dtype=torch.bfloat16)
+
+
+def stage1_key(cfg, data):
+    return dict(raw_sha256=data.meta["raw_sha256"], data_options=data.meta["options"],
+                model=[cfg.n_layer, cfg.n_head, cfg.n_embd],
+                pretrain=[cfg.pretrain_steps, cfg.pretrain_batch, cfg.pretrain_lr, cfg.p_target, cfg.p_prior,
+                          cfg.p_reference, cfg.t_max, cfg.seed])
+
+
+def build_model(cfg, tok, device):
+    torch.manual_seed(cfg.seed)
+    return GPT(GPTConfig(vocab_size=tok.vocab_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
+                         n_embd=cfg.n_embd)).to(device)
+
+
+def stage1(cfg, data, tok, device, run_dir, log):
+    """Pretrain (or load) the base; returns it frozen."""
+    path = run_dir / "base.pt"
+    key = stage1_key(cfg, data)
+    model = build_model(cfg, tok, device)
+    if path.exists():
+        ck = torch.load(path, map_location=device, weights_only=True)
+        if ck.get("key") == json.dumps(key, sort_keys=True):
+            model.load_state_dict(ck["model"])
+            log(f"stage 1: reusing the pretrained base in {path}")
+            return freeze(model)
+        log(f"stage 1: {path} was pretrained with other data or options: pretraining again")
+    rng = np.random.default_rng(cfg.seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.pretrain_lr, weight_decay=0.01, betas=(0.9, 0.98))
+    warm = max(1, cfg.pretrain_steps // 20)
+    t0 = time.time()
+    bar = tqdm(range(cfg.pretrain_steps), desc="stage 1 pretrain", dynamic_ncols=True, disable=None)
+    for step in bar:
+        lr = cfg.pretrain_lr * min((step + 1) / warm, 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / cfg.pretrain_steps)))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        docs = [pretrain_doc(data, tok, rng, cfg) for _ in range(cfg.pretrain_batch)]
+        loss = lm_loss(model, docs, tok, device)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if step % 20 == 0 or step == cfg.pretrain_steps - 1:
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+            log_jsonl(run_dir / "metrics.jsonl", dict(stage=1, step=step, loss=loss.item(), lr=lr,
+                                                      seconds=round(time.time() - t0, 1)))
+    if cfg.pretrain_steps:
+        tmp = path.with_suffix(".tmp")
+        torch.save({"model": model.state_dict(), "key": json.dumps(key, sort_keys=True)}, tmp)
+        tmp.replace(path)
+        log(f"stage 1: {cfg.pretrain_steps} steps in {time.time() - t0:.0f} s, final loss {loss.item():.3f}")
+    return freeze(model)
+
+
+def freeze(model):
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+# --------------------------------------------------------------------------------------------------
+# Stage 2: CoARS
+
+
+def stage2(cfg, model, tok, data, device, run_dir, log):
+    """Train both adapters with CoARS from the same rollouts (PAPER.md section 5)."""
+    model.add_lora(("rec", "user"), r=cfg.lora_r, alpha=cfg.lora_alpha)
+    agents = [a for a, on in (("rec", cfg.train_rec), ("user", cfg.train_user)) if on]
+    params = [p for a in agents for p in model.adapter_parameters(a)]
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(params, lr=cfg.lr) if params else None
+    rng = np.random.default_rng(cfg.seed + 1)
+    gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
+    buffer = ReferenceBuffer()
+    reward_cfg = dict(mode=cfg.reward_mode, alpha=cfg.alpha, use_filter=cfg.use_filter,
+                      stage_gamma=cfg.stage_gamma if cfg.stage_gamma >= 0 else None)
+    valid_rows = np.random.default_rng(cfg.seed).permutation(len(data.valid_user))[:cfg.eval_valid_n]
+    bar = tqdm(range(1, cfg.steps + 1), desc="stage 2 CoARS", dynamic_ncols=True, disable=None)
+    for step in bar:
+        t0 = time.time()
+        rows = rng.integers(0, len(data.train_user), cfg.batch)
+        trajs = [new_trajectory(data, "train", r) for r in rows]
+        rollout(model, tok, data, trajs, t_max=cfg.t_max, temperature=cfg.temperature, generator=gen, device=device)
+        t1 = time.time()
+        rec = dict(stage=2, step=step)
+        for agent in agents:
+            model.set_adapter(agent)
+            with autocast(device):
+                loss, st = coars_loss(model, tok, trajs, buffer, agent, reward_cfg, cfg.lam, cfg.baseline, device)
+            if st["messages"]:
+                loss.backward()
+            rec.update({f"{agent}_{k}": v for k, v in st.items()}, **{f"{agent}_loss": float(loss)})
+        model.set_adapter(None)
+        t2 = time.time()
+        if opt:
+            gn = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            rec["grad_norm"] = float(gn)
+        buffer.add(trajs)
+        n_tok = sum(len(t.rec_out) + len(t.user_out or []) for tr in trajs for t in tr.turns)
+        turns = [t for tr in trajs for t in tr.turns]
+        rec.update(train_hit=float(np.mean([tr.hit for tr in trajs])),
+                   rec_valid=float(np.mean([t.rec_valid for t in turns])),
+                   user_valid=float(np.mean([t.user_valid for t in turns if t.user_out is not None] or [0])),
+                   turns=len(turns) / len(trajs), rollout_s=round(t1 - t0, 3), loss_s=round(t2 - t1, 3),
+                   step_s=round(time.time() - t0, 3), gen_tokens_per_s=round(n_tok / max(t1 - t0, 1e-9)))
+        if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
+            _, m = run_ars(model, tok, data, "valid", valid_rows, ("rec", "user"), cfg.t_max, device)
+            rec["valid_hit"] = float(m["hit"].mean())
+            log(f"step {step}: validation Hit@1 {rec['valid_hit']:.4f} on {len(valid_rows)} samples")
+        bar.set_postfix(hit=f"{rec['train_hit']:.2f}", R_rec=f"{rec.get('rec_reward', 0):+.2f}",
+                        A=f"{rec.get('rec_credit', 0):+.2f}", s=f"{rec['step_s']:.1f}")
+        log_jsonl(run_dir / "metrics.jsonl", rec)
+    save_adapters(model, cfg, run_dir / "coars.pt")
+    return model
+
+
+def save_adapters(model, cfg, path):
+    state = {k: v for k, v in model.state_dict().items() if ".adapters." in k}
+    tmp = path.with_suffix(".tmp")
+    torch.save({"adapters": state, "config": dataclasses.asdict(cfg)}, tmp)
+    tmp.replace(path)
+
+
+def load_run(run_dir: Path, device="auto"):
+    """(cfg, model with both adapters, tokenizer, data) of a finished run, for eval.py."""
+    path = run_dir / "coars.pt"
+    if not path.exists():
+        raise UserError(f"{path} does not exist: point --run at a folder written by train.py.")
+    ck = torch.load(path, map_location="cpu", weights_only=True)
+    cfg = Config(**ck["config"])
+    device = pick_device(device)
+    try:
+        data = prepare(cfg.data_config(), log=lambda *a: None)
+    except DataError as e:
+        raise UserError(str(e))
+    tok = Tokenizer(data.n_items)
+    model = build_model(cfg, tok, device)
+    model.load_state_dict(torch.load(run_dir / "base.pt", map_location=device, weights_only=True)["model"])
+    model.add_lora(("rec", "user"), r=cfg.lora_r, alpha=cfg.lora_alpha)
+    model.load_state_dict(ck["adapters"], strict=False)
+    return cfg, freeze(model), tok, data
+
+
+def main(argv=None):
+    cfg = parse_args(argv)
+    try:
+        validate(cfg)
+        run_dir = cfg.run_dir()
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+            (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
+        except OSError as e:
+            raise UserError(f"cannot write to the run folder {run_dir} ({e.strerror}): choose another --out-dir.")
+        t_start = time.time()
+        data = prepare(cfg.data_config(), log=print)
+    except (UserError, DataError) as e:
+        sys.exit(f"error: {e}")
+    device = pick_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    tok = Tokenizer(data.n_items)
+    print(f"run folder {run_dir}; device {device}; {data.n_items} items, {len(data.train_user)} training samples")
+    model = stage1(cfg, data, tok, device, run_dir, print)
+    t_s1 = time.time()
+    model = stage2(cfg, model, tok, data, device, run_dir, print)
+    t_s2 = time.time()
+    if cfg.skip_eval:
+        return
+    res = evaluate(model, tok, data, "test", cfg.t_max, device, cfg.n_boot, cfg.seed)
+    res["timing_s"] = dict(data_and_stage1=round(t_s1 - t_start, 1), stage2=round(t_s2 - t_s1, 1),
+                           eval=res["seconds"], total=round(time.time() - t_start, 1))
+    res["device"] = device
+    write_results(res, run_dir)
+    print(results_table(res))
+    print(f"\ntimes (s): {res['timing_s']}; results in {run_dir}/results.md and results.json")
+
+
+if __name__ == "__main__":
+    main()
