@@ -4,16 +4,22 @@ and the batched loop in which a RecAgent and a UserAgent talk.
 
 Message formats of the built-in model (token level; `tok.decode` shows them as text):
 
-  RecAgent prompt   <|rec|><|hist|>h1..h10<|cands|>c1..c20[<|prior|>p]<|mem|>MEMORY[REFERENCE]<|ans|>
-  RecAgent message  ITEM <|why|> RATIONALE <|end|>          e.g. <|item_17|><|why|><|item_3|><|end|>
+  RecAgent prompt   <|rec|><|hist|>h1..h10<|cands|><|c0|>c0<|c1|>c1..<|c19|>c19[<|prior|><|ck|>]<|mem|>MEMORY[REFERENCE]<|ans|>
+  RecAgent message  SLOT <|why|> RATIONALE <|end|>          e.g. <|c7|><|why|><|item_3|><|end|>
   UserAgent prompt  <|user|><|hist|>h1..h10<|mem|>MEMORY<|msg|>REC MESSAGE<|peers|>3/5 4.2[REFERENCE]<|ans|>
   UserAgent message ACTION SCORE <|why|> JUSTIFICATION <|end|>   e.g. <|skip|>0.31<|why|><|item_5|><|end|>
   MEMORY            for each earlier turn: <|turn|> rec message <|msg|> user message (without <|end|>)
   REFERENCE         the hindsight reference d (distill.py), teacher prompts only
 
+[ours] The RecAgent names its item by its slot in the candidate list (<|c7|> = the 8th candidate),
+as a language model answers "option 7". Measured reason: when the built-in 4-layer model had to
+write the item token itself, after 1,800 stage-1 steps it put only 5-45% of its probability on
+the 20 candidates (the rest on popular items it had seen often) and half its greedy answers on
+validation were invalid. A slot is resolved by the environment to the item i_t; the UserAgent,
+who never sees the list, reads the RecAgent's message with the slot replaced by the item token.
 The SASRec prior appears in turn 1 only. The UserAgent never sees the candidates or the target.
-Validity [ours]: a RecAgent message is valid when it is ITEM <|why|> ... <|end|> with ITEM among
-the candidates; a UserAgent message when it is ACTION d.dd <|why|> ... <|end|> with the score in
+Validity [ours]: a RecAgent message is valid when it is SLOT <|why|> ... <|end|> with SLOT inside
+the list; a UserAgent message when it is ACTION d.dd <|why|> ... <|end|> with the score in
 [0, 1] and inside the action's interval (dislike [0,.25), skip [.25,.5), star [.5,.75),
 click [.75,1]). After an invalid RecAgent message the user has nothing to answer: that turn has no
 user message. The episode ends at the first click or after t_max turns; the final recommendation
@@ -97,11 +103,20 @@ def _strip_end(tok, ids):
     return [t for t in ids if t != tok.end_id]
 
 
-def render_memory(tok, turns):
+def rec_message_seen_by_user(tok, tr):
+    """The RecAgent's message as the UserAgent reads it: the slot replaced by the item it names."""
+    return [tok.item(tr.item)] + _strip_end(tok, tr.rec_out[1:])
+
+
+def render_memory(tok, turns, for_user=False):
     """M_{t-1}: every earlier (m_rec, m_user), in order."""
     ids = []
     for tr in turns:
-        ids += [tok.sp("turn")] + (_strip_end(tok, tr.rec_out) if tr.rec_valid else [tok.sp("invalid")])
+        if not tr.rec_valid:
+            rec = [tok.sp("invalid")]
+        else:
+            rec = rec_message_seen_by_user(tok, tr) if for_user else _strip_end(tok, tr.rec_out)
+        ids += [tok.sp("turn")] + rec
         if tr.user_out is not None:
             ids += [tok.sp("msg")] + (_strip_end(tok, tr.user_out) if tr.user_valid else [tok.sp("invalid")])
     return ids
@@ -110,9 +125,11 @@ def render_memory(tok, turns):
 def render_rec(tok, traj, t, reference=()):
     """RecAgent prompt x_t for turn t (0-based) of traj; reference = hindsight tokens (teacher only)."""
     ids = [tok.sp("rec"), tok.sp("hist")] + [tok.item(i) for i in traj.hist]
-    ids += [tok.sp("cands")] + [tok.item(i) for i in traj.cands]
+    ids += [tok.sp("cands")]
+    for k, i in enumerate(traj.cands):
+        ids += [tok.slot(k), tok.item(i)]
     if t == 0:
-        ids += [tok.sp("prior"), tok.item(traj.prior)]
+        ids += [tok.sp("prior"), tok.slot(traj.cands.index(traj.prior))]
     ids += [tok.sp("mem")] + render_memory(tok, traj.turns[:t])
     return ids + list(reference) + [tok.sp("ans")]
 
@@ -121,8 +138,8 @@ def render_user(tok, traj, t, reference=()):
     """UserAgent prompt for turn t: history, memory, the RecAgent's message and peer opinions."""
     tr = traj.turns[t]
     ids = [tok.sp("user"), tok.sp("hist")] + [tok.item(i) for i in traj.hist]
-    ids += [tok.sp("mem")] + render_memory(tok, traj.turns[:t])
-    ids += [tok.sp("msg")] + _strip_end(tok, tr.rec_out) + [tok.sp("peers")] + tok.text(tr.peer_text)
+    ids += [tok.sp("mem")] + render_memory(tok, traj.turns[:t], for_user=True)
+    ids += [tok.sp("msg")] + rec_message_seen_by_user(tok, tr) + [tok.sp("peers")] + tok.text(tr.peer_text)
     return ids + list(reference) + [tok.sp("ans")]
 
 
@@ -144,11 +161,11 @@ def peer_opinion(data, user, item):
 
 
 def parse_rec(tok, out, cands):
-    """-> item index or None (invalid)."""
-    if len(out) < 3 or out[-1] != tok.end_id or out[1] != tok.sp("why") or not tok.is_item(out[0]):
+    """-> item index (cands[slot]) or None (invalid)."""
+    if len(out) < 3 or out[-1] != tok.end_id or out[1] != tok.sp("why"):
         return None
-    item = tok.item_of(out[0])
-    return item if item in cands else None
+    k = tok.slot_of(out[0])
+    return cands[k] if k is not None and k < len(cands) else None
 
 
 def parse_user(tok, out):
@@ -171,8 +188,9 @@ def parse_user(tok, out):
     return inv[out[0]], score
 
 
-def rec_message(tok, item, rationale):
-    return [tok.item(item), tok.sp("why"), tok.item(rationale), tok.end_id]
+def rec_message(tok, slot, rationale):
+    """RecAgent message naming candidate number `slot`, with a history item as its rationale."""
+    return [tok.slot(slot), tok.sp("why"), tok.item(rationale), tok.end_id]
 
 
 def user_message(tok, action, score, justification):
@@ -286,7 +304,7 @@ def scripted_episode(data, tok, traj, rng, t_max, p_target, p_prior, future=()):
     the memory of the pretraining dialogues."""
     while not traj.done:
         item = scripted_rec_choice(traj, rng, p_target, p_prior)
-        tr = Turn(rec_out=rec_message(tok, item, closest_history_item(data, traj.hist, item)),
+        tr = Turn(rec_out=rec_message(tok, traj.cands.index(item), closest_history_item(data, traj.hist, item)),
                   item=item, rec_valid=True)
         traj.turns.append(tr)
         record_user(data, traj, tr)

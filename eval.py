@@ -122,7 +122,7 @@ def run_ars(model, tok, data, split, rows, adapters, t_max, device, batch=256):
 @torch.no_grad()
 def rank_metrics(model, tok, data, split, rows, adapter, device, ks=(1, 5, 10), batch=256):
     """HR@k and NDCG@k of the candidates ranked by the RecAgent's turn-1 log-probability of naming
-    each one (its first answer token is the item)."""
+    each one (its first answer token is the candidate's slot)."""
     model.set_adapter(adapter)
     out = {f"{m}@{k}": [] for k in ks for m in ("HR", "NDCG")}
     for s in range(0, len(rows), batch):
@@ -136,7 +136,7 @@ def rank_metrics(model, tok, data, split, rows, adapter, device, ks=(1, 5, 10), 
             valid[b, T - len(p):] = True
         idx, valid = idx.to(device), valid.to(device)
         h = model(idx, positions(valid), causal_mask(valid))[:, -1]       # (B,C)
-        cand_ids = torch.tensor([[tok.item(c) for c in tr.cands] for tr in trajs], device=device)
+        cand_ids = torch.tensor([[tok.slot(k) for k in range(len(tr.cands))] for tr in trajs], device=device)
         scores = h[:, None, :].mul(model.head_weight[cand_ids]).sum(-1)   # (B,20) logits of each candidate
         tpos = torch.tensor([tr.cands.index(tr.target) for tr in trajs], device=device)
         rank = (scores > scores.gather(1, tpos[:, None])).sum(1).cpu().numpy()  # 0 = first
@@ -157,7 +157,7 @@ def user_judgements(model, tok, data, adapter, device, batch=256):
         h = h[h >= 0].tolist()
         item = int(data.f1_item[r])
         tr = Trajectory("f1", r, int(data.f1_user[r]), h, -1, [item], item)
-        turn = Turn(rec_out=rec_message(tok, item, closest_history_item(data, h, item)), item=item, rec_valid=True)
+        turn = Turn(rec_out=rec_message(tok, 0, closest_history_item(data, h, item)), item=item, rec_valid=True)
         tr.turns.append(turn)
         record_user(data, tr, turn)
         trajs.append(tr)

@@ -38,7 +38,8 @@ CONTROL_TOKENS = [
     "<|click|>", "<|star|>", "<|skip|>", "<|dislike|>",   # the four user actions
     "<|hind|>", "<|/hind|>", "<|target|>", "<|right|>", "<|wrong|>", "<|invalid|>",  # hindsight ref
     "<|seq|>", "<|title|>",           # stage-1 pretraining documents
-]
+] + [f"<|c{k}|>" for k in range(32)]  # candidate slots: the RecAgent names the k-th candidate
+MAX_SLOTS = 32
 ACTIONS = ["click", "star", "skip", "dislike"]
 
 
@@ -71,6 +72,15 @@ class Tokenizer:
     def sp(self, name):
         """Id of a control token, e.g. sp('hist') -> id of <|hist|>."""
         return self.special_ids[f"<|{name}|>"]
+
+    def slot(self, k):
+        """Id of the token that names the k-th candidate of the list (<|c0|>, <|c1|>, ...)."""
+        return self.special_ids[f"<|c{k}|>"]
+
+    def slot_of(self, tid):
+        """k if tid is a slot token, else None."""
+        k = tid - self.special_ids["<|c0|>"]
+        return k if 0 <= k < MAX_SLOTS else None
 
     def item(self, i):
         """Id of the token for item index i (0..n_items-1)."""
@@ -194,7 +204,13 @@ class GPT(nn.Module):
 
     @property
     def head_weight(self):
-        return self.wte.weight  # (V,C)
+        """(V,C) output head: the token embeddings, each scaled to unit length [ours].
+
+        Tied but normalised: with plain tied embeddings the ~10k item tokens get norms that grow
+        with their popularity, and the model then names popular items it has seen often instead of
+        copying the (often rarer) candidates in its prompt. Unit rows make every item equally easy
+        to name; ln_f's gain sets the logit scale."""
+        return F.normalize(self.wte.weight, dim=-1)
 
     # ---- LoRA ----
     def add_lora(self, names=("rec", "user"), r=8, alpha=16, targets=("qkv", "proj", "fc", "fc2")):

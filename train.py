@@ -230,7 +230,7 @@ def dialogue_doc(data, tok, rng, cfg, agent):
         if ref:
             prefix = dataclasses.replace(traj, turns=traj.turns[:t])
             item = scripted_rec_choice(prefix, rng, cfg.p_target, cfg.p_prior, reference=True)
-            answer = rec_message(tok, item, closest_history_item(data, traj.hist, item))
+            answer = rec_message(tok, traj.cands.index(item), closest_history_item(data, traj.hist, item))
         else:
             answer = tr.rec_out
     else:
@@ -246,15 +246,18 @@ def dialogue_doc(data, tok, rng, cfg, agent):
 def pretrain_doc(data, tok, rng, cfg):
     """A random stage-1 document: (ids, first position whose token is in the loss)."""
     u = rng.random()
-    if u < 0.4:
+    # Mix [ours]: dialogues dominate. Sequence documents teach item co-occurrence, but each scores
+    # ~12 next-item predictions; with a larger share they drown the single item of a RecAgent
+    # answer and the base learns to name items it expects next instead of a candidate.
+    if u < 0.6:
         return dialogue_doc(data, tok, rng, cfg, "rec")
-    if u < 0.8:
+    if u < 0.9:
         return dialogue_doc(data, tok, rng, cfg, "user")
     if u < 0.95:  # an item sequence from one user's training part
         user = int(rng.integers(data.n_users))
         items = data.train_items(user)
-        s = int(rng.integers(max(1, len(items) - 24)))
-        return [tok.sp("seq")] + [tok.item(i) for i in items[s:s + 24]], 1
+        s = int(rng.integers(max(1, len(items) - 12)))
+        return [tok.sp("seq")] + [tok.item(i) for i in items[s:s + 12]], 1
     item = int(rng.integers(data.n_items))  # an item and its title
     title = data.titles[item].encode("utf-8")[:32].decode("utf-8", "ignore")
     return [tok.sp("title"), tok.item(item)] + tok.text(title) + [tok.end_id], 2
@@ -307,7 +310,10 @@ def stage1(cfg, data, tok, device, run_dir, log):
             return freeze(model)
         log(f"stage 1: {path} was pretrained with other data or options: pretraining again")
     rng = np.random.default_rng(cfg.seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.pretrain_lr, weight_decay=0.01, betas=(0.9, 0.98))
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and not n.startswith(("wte", "wpe"))]
+    rest = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and not n.startswith(("wte", "wpe")))]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": rest, "weight_decay": 0.0}],
+                            lr=cfg.pretrain_lr, betas=(0.9, 0.98))
     warm = max(1, cfg.pretrain_steps // 20)
     t0 = time.time()
     bar = tqdm(range(cfg.pretrain_steps), desc="stage 1 pretrain", dynamic_ncols=True, disable=None)

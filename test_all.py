@@ -1,0 +1,481 @@
+"""
+The tests, read as a specification of the paper: one test per equation and rule with small
+hand-checkable numbers, every fast path against its plain reference, and end-to-end runs of the
+real commands on small synthetic data in ml-1m's exact file format.
+
+    python -m pytest -q test_all.py
+
+Nothing here touches the network: datasets are generated, zipped and served through file:// URLs;
+HF_HUB_OFFLINE=1 is set for any Hugging Face code.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT))
+
+import distill  # noqa: E402
+import env  # noqa: E402
+import eval as ev  # noqa: E402
+import reward  # noqa: E402
+from data.prepare import DataConfig, DataError, prepare  # noqa: E402
+from data.sasrec import SASRecConfig  # noqa: E402
+from data.synthetic import make_ml1m_zip  # noqa: E402
+from model import (GPT, GPTConfig, Tokenizer, generate, generate_nocache, logprobs_of,  # noqa: E402
+                   token_logprobs, token_logprobs_reference)
+
+
+# --------------------------------------------------------------------------------------------------
+# fixtures
+
+
+@pytest.fixture(scope="session")
+def synth(tmp_path_factory):
+    """A small dataset in ml-1m's format, zipped, with its sha256 and a file:// URL."""
+    d = tmp_path_factory.mktemp("synth")
+    z = d / "ml-1m.zip"
+    sha = make_ml1m_zip(z, users=60, items=300, ratings=4000, seed=1)
+    return dict(zip=z, sha=sha, url=z.as_uri(), dir=d)
+
+
+@pytest.fixture(scope="session")
+def data(synth, tmp_path_factory):
+    cfg = DataConfig(dataset="ml-1m", data_dir=str(tmp_path_factory.mktemp("dd")), data_url=synth["url"],
+                     data_sha256=synth["sha"], sasrec=SASRecConfig(epochs=2))
+    return prepare(cfg, log=lambda *a: None)
+
+
+def tiny_model(vocab, seed=0, scale=0.3):
+    torch.manual_seed(seed)
+    m = GPT(GPTConfig(vocab_size=vocab, n_layer=2, n_head=2, n_embd=32, block_size=256))
+    with torch.no_grad():  # larger random weights than the init, so that outputs vary by input
+        for p in m.parameters():
+            p.normal_(0, scale)
+    return m
+
+
+def make_traj(turns, target=7, cands=tuple(range(20))):
+    tr = env.Trajectory("train", 0, 0, [1, 2, 3], target, list(cands), cands[0])
+    for item, action, score, q in turns:
+        t = env.Turn(rec_out=[0], item=item, rec_valid=item is not None)
+        if item is not None and action is not None:
+            t.user_out, t.action, t.score, t.user_valid, t.q = [0], action, score, action != "invalid", q
+            if action == "invalid":
+                t.action, t.score = None, None
+        elif item is not None:
+            t.user_out = None
+        t.hit = int(item == target)
+        tr.turns.append(t)
+    return tr
+
+
+# --------------------------------------------------------------------------------------------------
+# Eq. 7 and 8: the interaction reward
+
+
+def test_eq7_rec_reward_hand_values():
+    assert reward.rec_reward(1, 0.8, 1) == pytest.approx(0.9)            # +1 * (0.5 + 0.4)
+    assert reward.rec_reward(0, 0.8, 1) == pytest.approx(-0.9)           # sign from the miss
+    assert reward.rec_reward(1, 0.0, 1) == pytest.approx(0.5)
+    assert reward.rec_reward(0, 0.2, 3, stage_gamma=0.5) == pytest.approx(-0.6 * 0.25)  # D_3 = 0.5^2
+
+
+def test_eq8_user_reward_hand_values():
+    # hit, s = 0.9 -> 2s-1 = 0.8; q = 0.5, alpha = 0.1 -> 0.8 * (1 - 0.1*0.5*0.8) = 0.768
+    assert reward.user_reward(1, 0.9, 0.5, 0.1) == pytest.approx(0.768)
+    assert reward.user_reward(0, 0.9, 0.5, 0.1) == pytest.approx(-0.768)
+    # peers against the item (q = -1): 0.8 * (1 + 0.08) = 0.864
+    assert reward.user_reward(1, 0.9, -1.0, 0.1) == pytest.approx(0.864)
+    # a miss that the user scored low is rewarded: sigma = -1, 2s-1 = -0.8 -> 0.8 * (1 - 0.1*0*...) = 0.8
+    assert reward.user_reward(0, 0.1, 0.0, 0.1) == pytest.approx(0.8)
+    assert reward.user_reward(1, 0.9, 0.5, 0.0) == pytest.approx(0.8)    # alpha = 0: no peer term
+
+
+def test_filter_leaves_out_wrong_item_with_positive_reaction():
+    tr = make_traj([(3, "star", 0.6, 0.0), (4, "skip", 0.3, 0.0), (7, "click", 0.9, 0.2)])
+    r = reward.turn_rewards(tr)
+    assert r[0] == (None, None)                                           # wrong + star: filtered
+    assert r[1][0] == pytest.approx(-0.65) and r[1][1] == pytest.approx(reward.user_reward(0, 0.3, 0.0))
+    assert r[2][0] == pytest.approx(0.95)
+    r_nofilter = reward.turn_rewards(tr, use_filter=False)
+    assert r_nofilter[0][0] == pytest.approx(-0.8)
+
+
+def test_invalid_messages_get_minus_one():
+    tr = make_traj([(None, None, None, 0.0), (5, "invalid", None, 0.0), (7, "click", 1.0, 0.0)])
+    r = reward.turn_rewards(tr)
+    assert r[0] == (-1.0, None)                    # invalid RecAgent message: -1, no user turn
+    assert r[1] == (pytest.approx(-0.5), -1.0)     # invalid user: s = 0 for Eq. 7, user gets -1
+    assert r[2] == (pytest.approx(1.0), pytest.approx(1.0 * (1 - 0.0)))
+
+
+def test_outcome_reward_is_final_hit_for_every_message():
+    tr = make_traj([(4, "skip", 0.3, 0.0), (7, "click", 0.9, 0.0)])
+    assert reward.turn_rewards(tr, mode="outcome") == [(1.0, 1.0), (1.0, 1.0)]
+    tr = make_traj([(4, "skip", 0.3, 0.0), (5, "dislike", 0.1, 0.0)])
+    assert reward.turn_rewards(tr, mode="outcome") == [(-1.0, -1.0), (-1.0, -1.0)]
+
+
+# --------------------------------------------------------------------------------------------------
+# Eq. 10-12: self-distilled credit assignment
+
+
+def test_eq10_token_credit_is_clipped_difference_without_gradient():
+    t = torch.tensor([0.0, -5.0, -1.0, -1.3])
+    s = torch.tensor([-2.0, -1.0, -1.0, -1.0], requires_grad=True)
+    a = distill.token_credit(t, s)
+    assert torch.allclose(a, torch.tensor([1.0, -1.0, 0.0, -0.3]))
+    assert not a.requires_grad
+
+
+def test_eq11_objective_hand_value_and_gradient():
+    lp = torch.tensor([-1.0, -2.0], requires_grad=True)
+    a = torch.tensor([1.0, -1.0])
+    # weights (R + lambda A) = 0.5 + 0.1*[1, -1] = [0.6, 0.4]; J = (0.6*-1 + 0.4*-2)/2 = -0.7
+    loss = distill.agent_objective([lp], [0.5], [a], lam=0.1, n_episodes=1)
+    assert loss.item() == pytest.approx(0.7)
+    loss.backward()
+    assert torch.allclose(lp.grad, torch.tensor([-0.3, -0.2]))
+    # lambda = 0 leaves plain REINFORCE on R; episodes average the summed message terms
+    l0 = distill.agent_objective([torch.tensor([-1.0, -2.0]), torch.tensor([-4.0])], [0.5, -1.0],
+                                 [a, torch.zeros(1)], lam=0.0, n_episodes=2)
+    assert l0.item() == pytest.approx(-(0.5 * -1.5 + -1.0 * -4.0) / 2)
+
+
+def test_hindsight_reference_template_and_buffer():
+    tok = Tokenizer(20)
+    tr = make_traj([(3, "skip", 0.3, 0.0), (None, None, None, 0.0), (7, "click", 0.9, 0.0)])
+    ids = distill.hindsight_reference(tok, tr)
+    assert tok.decode(ids) == ("<|hind|><|target|><|c7|><|item_7|><|turn|><|item_3|><|wrong|><|skip|>"
+                               "<|turn|><|invalid|><|turn|><|item_7|><|right|><|click|><|/hind|>")
+    buf = distill.ReferenceBuffer()
+    assert buf.reference_for(tr) is tr                 # none yet: the current trajectory
+    buf.add([tr])
+    tr2 = make_traj([(4, "skip", 0.3, 0.0)])
+    assert buf.reference_for(tr2) is tr                # same sample: the earlier trajectory
+
+
+def test_teacher_prompt_differs_from_student_only_by_reference(data):
+    tok = Tokenizer(data.n_items)
+    tr = env.new_trajectory(data, "train", 0)
+    rng = np.random.default_rng(0)
+    env.scripted_episode(data, tok, tr, rng, 5, 0.3, 0.3)
+    for t in range(len(tr.turns)):
+        tr.turns[t].rec_prompt = env.render_rec(tok, tr, t)
+        tr.turns[t].user_prompt = env.render_user(tok, tr, t)
+    buf = distill.ReferenceBuffer()
+    ref = distill.hindsight_reference(tok, tr)
+    for agent in ("rec", "user"):
+        msgs = distill.collect_messages(tok, [tr], buf, agent, dict(use_filter=False))
+        assert msgs
+        for student, teacher, _, _ in msgs:
+            assert teacher == student[:-1] + ref + [tok.sp("ans")]
+
+
+# --------------------------------------------------------------------------------------------------
+# Messages, peers, the loop
+
+
+def test_action_intervals_and_parsing():
+    tok = Tokenizer(30)
+    assert [env.action_of_score(s) for s in (0.0, 0.24, 0.25, 0.49, 0.5, 0.74, 0.75, 1.0)] == \
+        ["dislike", "dislike", "skip", "skip", "star", "star", "click", "click"]
+    assert env.parse_user(tok, env.user_message(tok, "click", 0.8, 3)) == ("click", 0.8)
+    assert env.parse_user(tok, env.user_message(tok, "click", 1.0, 3)) == ("click", 1.0)
+    assert env.parse_user(tok, env.user_message(tok, "click", 0.4, 3)) is None   # contradicts its score
+    assert env.parse_user(tok, env.user_message(tok, "skip", 0.3, 3)[:-1]) is None  # no <|end|>
+    assert env.parse_rec(tok, env.rec_message(tok, 1, 2), [1, 5, 9]) == 5         # slot 1 -> item 5
+    assert env.parse_rec(tok, env.rec_message(tok, 3, 2), [1, 5, 9]) is None      # no such slot
+    assert env.parse_rec(tok, [tok.item(5), tok.sp("why"), tok.end_id], [5]) is None  # an item, not a slot
+    assert env.parse_rec(tok, [tok.slot(0), tok.end_id], [5]) is None            # no rationale marker
+
+
+class _PeerData:
+    has_ratings = True
+    peers = np.array([[1, 2, 3]])
+    peer_w = np.array([[0.5, 0.3, 0.2]])
+
+    def train_sets(self):
+        return [{}, {7: 4.0}, {8: 1.0}, {7: 2.0}]
+
+
+def test_peer_signal_q():
+    text, q = env.peer_opinion(_PeerData(), 0, 7)
+    assert text == "2/3 3.0"
+    assert q == pytest.approx(0.5 - 0.3 + 0.2)
+    text, q = env.peer_opinion(_PeerData(), 0, 9)
+    assert text == "0/3" and q == pytest.approx(-1.0)
+
+
+def _scripted_generate(rec_item_index, action, score):
+    """A stand-in for model.generate that writes fixed valid messages (to test the loop alone)."""
+    def fake(model, prompts, max_new, pad_id, stop_ids=(), temperature=1.0, generator=None, device="cpu", allowed=None):
+        tok = fake.tok
+        outs = []
+        for p in prompts:
+            if p[0] == tok.sp("rec"):
+                outs.append([tok.slot(rec_item_index), tok.sp("why"), p[2], tok.end_id])
+            else:
+                outs.append(env.user_message(tok, action, score, 0))
+        return outs
+    return fake
+
+
+def test_rollout_ends_at_click_or_turn_limit(data, monkeypatch):
+    tok = Tokenizer(data.n_items)
+    m = tiny_model(tok.vocab_size)
+    m.add_lora()
+    for action, score, turns in (("click", 0.9, 1), ("skip", 0.3, 3)):
+        fake = _scripted_generate(2, action, score)
+        fake.tok = tok
+        monkeypatch.setattr(env, "generate", fake)
+        trajs = [env.new_trajectory(data, "test", r) for r in range(5)]
+        env.rollout(m, tok, data, trajs, t_max=3)
+        for tr in trajs:
+            assert tr.done and len(tr.turns) == turns
+            assert all(t.item == tr.cands[2] and t.rec_valid and t.user_valid for t in tr.turns)
+            assert tr.hit == int(tr.cands[2] == tr.target)
+        # memory: turn 2's RecAgent prompt holds turn 1's messages, and no prior after turn 1;
+        # the UserAgent reads the recommended item itself, never the slot
+        if turns > 1:
+            tr = trajs[0]
+            p = tr.turns[1].rec_prompt
+            assert tok.sp("prior") not in p and p.count(tok.sp("turn")) == 1 and tok.slot(2) in p[p.index(tok.sp("mem")):]
+            u = tr.turns[1].user_prompt
+            assert tok.item(tr.cands[2]) in u[u.index(tok.sp("mem")):] and tok.slot(2) not in u
+
+
+# --------------------------------------------------------------------------------------------------
+# model.py: fast paths against references, LoRA
+
+
+def test_tokenizer_roundtrip():
+    tok = Tokenizer(50)
+    ids = [tok.sp("rec"), tok.item(49)] + tok.text("0.75 caf\u00e9")
+    assert tok.decode(ids) == "<|rec|><|item_49|>0.75 caf\u00e9"
+    assert tok.is_item(tok.item(0)) and not tok.is_item(tok.sp("end"))
+    assert tok.vocab_size == tok.item(49) + 1
+
+
+def test_kv_cache_generation_matches_no_cache_reference():
+    tok = Tokenizer(40)
+    m = tiny_model(tok.vocab_size).eval()
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(0, tok.vocab_size, n).tolist() for n in (3, 17, 9, 1)]
+    a = generate(m, prompts, 12, tok.pad_id, stop_ids=(tok.end_id,), temperature=0)
+    b = generate_nocache(m, prompts, 12, tok.pad_id, stop_ids=(tok.end_id,), temperature=0)
+    assert a == b
+    assert len({tuple(x) for x in a}) > 1          # the outputs depend on the prompt
+    # each row alone gives the same tokens as in the batch (left padding is invisible)
+    assert [generate(m, [p], 12, tok.pad_id, stop_ids=(tok.end_id,), temperature=0)[0] for p in prompts] == a
+
+
+def test_generation_stops_at_stop_token():
+    tok = Tokenizer(10)
+    m = tiny_model(tok.vocab_size)
+    with torch.no_grad():  # every hidden state becomes e_0, and only <|end|> has a weight along e_0
+        m.ln_f.weight.zero_()
+        m.ln_f.bias.zero_()
+        m.ln_f.bias[0] = 1.0
+        m.wte.weight[:, 0] = 0.0
+        m.wte.weight[tok.end_id, 0] = 10.0
+    out = generate(m, [[1, 2, 3], [4]], 10, tok.pad_id, stop_ids=(tok.end_id,), temperature=0)
+    assert out == [[tok.end_id], [tok.end_id]]
+    out = generate(m, [[1, 2, 3]], 4, tok.pad_id, stop_ids=(), temperature=0)
+    assert out == [[tok.end_id] * 4]                   # without stop ids it runs to max_new
+
+
+def test_token_logprobs_match_float64_reference():
+    tok = Tokenizer(40)
+    m = tiny_model(tok.vocab_size)
+    rng = np.random.default_rng(1)
+    prompts = [rng.integers(0, tok.vocab_size, n).tolist() for n in (5, 11, 2)]
+    comps = [rng.integers(0, tok.vocab_size, n).tolist() for n in (3, 1, 6)]
+    fast = token_logprobs(m, prompts, comps, tok.pad_id, chunk=4)
+    ref = token_logprobs_reference(m, prompts, comps, tok.pad_id)
+    for f, r in zip(fast, ref):
+        assert f.shape == r.shape
+        assert torch.allclose(f.double(), r, atol=1e-4)
+
+
+def test_chunked_logprob_backward_matches_autograd():
+    torch.manual_seed(0)
+    h = torch.randn(7, 8, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(13, 8, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, 13, (7,))
+    assert torch.autograd.gradcheck(lambda h, w: logprobs_of(h, w, y, 3), (h, w))
+    plain = torch.log_softmax(h @ w.t(), -1).gather(1, y[:, None])[:, 0]
+    assert torch.allclose(logprobs_of(h, w, y, 3), plain)
+
+
+def test_lora_zero_b_equals_base_and_adapters_are_separate():
+    tok = Tokenizer(20)
+    m = tiny_model(tok.vocab_size)
+    prompts, comps = [[1, 2, 3, 4]], [[5, 6]]
+    base = token_logprobs(m, prompts, comps, tok.pad_id)[0]
+    m.add_lora(("rec", "user"), r=4, alpha=8)
+    for name in (None, "rec", "user"):
+        m.set_adapter(name)
+        assert torch.allclose(token_logprobs(m, prompts, comps, tok.pad_id)[0], base, atol=1e-6)
+    with torch.no_grad():
+        for p in m.adapter_parameters("rec"):
+            p.normal_(0, 0.5)
+    m.set_adapter("rec")
+    assert not torch.allclose(token_logprobs(m, prompts, comps, tok.pad_id)[0], base, atol=1e-3)
+    m.set_adapter("user")
+    assert torch.allclose(token_logprobs(m, prompts, comps, tok.pad_id)[0], base, atol=1e-6)
+    m.set_adapter(None)
+    assert torch.allclose(token_logprobs(m, prompts, comps, tok.pad_id)[0], base, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------------
+# data
+
+
+def test_split_candidates_prior_and_peers(data):
+    assert len(data.test_user) == len(set(data.test_user.tolist()))          # one test sample per user
+    for split in ("train", "valid", "test"):
+        cands, tgt, prior = (getattr(data, f"{split}_{k}") for k in ("cands", "target", "prior"))
+        assert cands.shape[1] == 20
+        for r in range(len(tgt)):
+            h = set(data.history(split, r))
+            assert tgt[r] in cands[r] and prior[r] in cands[r]
+            assert len(set(cands[r].tolist())) == 20 and not (h & (set(cands[r].tolist()) - {tgt[r]}))
+            assert 3 <= len(h) <= 10
+    # leave-one-out: a user's test target is the item after its validation target, after the training part
+    u = int(data.test_user[0])
+    items = data.train_items(u).tolist()
+    v = int(np.flatnonzero(data.valid_user == u)[0])
+    assert data.history("valid", v) == items[-10:]
+    assert data.history("test", 0) == (items + [int(data.valid_target[v])])[-10:]
+    assert int(data.test_target[0]) not in items
+    # the target is not always in the same slot (lists are shuffled)
+    assert len({int(np.flatnonzero(c == t)[0]) for c, t in zip(data.test_cands, data.test_target)}) > 3
+    assert data.peers.shape == (data.n_users, 5) and np.allclose(data.peer_w.sum(1), 1)
+    assert all(u not in row for u, row in enumerate(data.peers))
+    assert set(np.unique(data.f1_label)) == {0, 1}
+
+
+def test_cache_reused_and_rebuilt_when_options_change(synth, tmp_path):
+    cfg = DataConfig(dataset="ml-1m", data_dir=str(tmp_path), data_url=synth["url"], data_sha256=synth["sha"],
+                     sasrec=SASRecConfig(epochs=1))
+    logs = []
+    prepare(cfg, log=logs.append)
+    assert any("training SASRec" in m for m in logs)
+    logs.clear()
+    d = prepare(cfg, log=logs.append)
+    assert not any("training SASRec" in m for m in logs)                # loaded from the cache
+    meta = json.loads((tmp_path / "ml-1m" / "processed.json").read_text())
+    assert meta["options"]["candidates"] == "sasrec"
+    cfg.candidates = "random"
+    d2 = prepare(cfg, log=logs.append)
+    assert any("rebuilding" in m for m in logs)
+    assert not np.array_equal(d.test_cands, d2.test_cands)
+
+
+def test_checksum_mismatch_and_corrupt_zip_are_clear_errors(synth, tmp_path):
+    cfg = DataConfig(dataset="ml-1m", data_dir=str(tmp_path), data_url=synth["url"], sasrec=SASRecConfig(epochs=1))
+    with pytest.raises(DataError, match="sha256 .* expected a6898adb"):   # default: the official checksum
+        prepare(cfg, log=lambda *a: None)
+    assert not (tmp_path / "ml-1m" / "ml-1m.zip").exists()                 # nothing half-trusted left
+    bad = tmp_path / "bad.zip"
+    bad.write_bytes(synth["zip"].read_bytes()[:500])
+    cfg = DataConfig(dataset="ml-1m", data_dir=str(tmp_path / "b"), data_url=bad.as_uri(), data_sha256="none")
+    with pytest.raises(DataError, match="not a readable zip"):
+        prepare(cfg, log=lambda *a: None)
+    assert not (tmp_path / "b" / "ml-1m" / "processed.json").exists()
+    with pytest.raises(DataError, match="unknown dataset 'ml-2m'"):
+        prepare(DataConfig(dataset="ml-2m"), log=lambda *a: None)
+
+
+def test_malformed_row_names_file_and_line(tmp_path):
+    z = tmp_path / "m.zip"
+    with zipfile.ZipFile(z, "w") as f:
+        f.writestr("ml-1m/ratings.dat", "1::2::5::978300760\n1::x::4::978300761\n")
+        f.writestr("ml-1m/movies.dat", "2::A (2000)::Drama\n")
+    cfg = DataConfig(dataset="ml-1m", data_dir=str(tmp_path), data_url=z.as_uri(), data_sha256="none")
+    with pytest.raises(DataError, match=r"ratings.dat line 2: expected a whole number, found 'x'"):
+        prepare(cfg, log=lambda *a: None)
+
+
+# --------------------------------------------------------------------------------------------------
+# eval.py: uncertainty and metrics
+
+
+def test_bootstrap_interval_known_data():
+    mu, lo, hi = ev.mean_ci(np.ones(50))
+    assert (mu, lo, hi) == (1.0, 1.0, 1.0)
+    x = np.array([0, 1] * 200)                      # mean 0.5, standard error 0.025
+    mu, lo, hi = ev.mean_ci(x, n=2000)
+    assert mu == 0.5 and 0.44 < lo < 0.47 and 0.53 < hi < 0.56
+    d, lo, hi = ev.paired_diff_ci(np.ones(100), np.zeros(100))
+    assert (d, lo, hi) == (1.0, 1.0, 1.0)
+
+
+def test_precision_recall_f1_hand_values():
+    p, r, f = ev.prf([1, 1, 0, 0, 1], [1, 0, 1, 0, 1])
+    assert (p, r) == (pytest.approx(2 / 3), pytest.approx(2 / 3)) and f == pytest.approx(2 / 3)
+    assert ev.prf([0, 0], [1, 0]) == (0.0, 0.0, 0.0)
+
+
+def test_baseline_hits(data):
+    b = ev.baseline_hits(data, "test")
+    assert np.array_equal(b["SASRec top-1"], (data.test_prior == data.test_target).astype(float))
+    assert set(b) == {"Random", "Pop", "SASRec top-1"}
+
+
+# --------------------------------------------------------------------------------------------------
+# End to end: the real commands in a subprocess
+
+
+def run(args, cwd=ROOT, timeout=600):
+    env_ = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    return subprocess.run([sys.executable] + args, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env_)
+
+
+def test_train_and_eval_end_to_end_on_synthetic_ml1m(synth, tmp_path):
+    args = ["train.py", "--dataset", "ml-1m", "--data-url", synth["url"], "--data-sha256", synth["sha"],
+            "--data-dir", str(tmp_path / "data"), "--out-dir", str(tmp_path / "out"), "--sasrec-epochs", "2",
+            "--pretrain-steps", "20", "--pretrain-batch", "8", "--steps", "3", "--batch", "4",
+            "--eval-every", "2", "--eval-valid-n", "8", "--n-boot", "50"]
+    r = run(args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "| CoARS |" in r.stdout and "| Memory-based ARS |" in r.stdout and "| SASRec top-1 |" in r.stdout
+    run_dir = tmp_path / "out" / "ml-1m"
+    res = json.loads((run_dir / "results.json").read_text())
+    assert res["n_samples"] == 60 and set(res["methods"]) >= {"CoARS", "Memory-based ARS", "Random", "Pop"}
+    steps = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in steps if s["stage"] == 2] == [1, 2, 3]
+    assert "valid_hit" in steps[-1] and "rec_credit" in steps[-1]
+    # the base is reused on a second run with the same data and stage-1 options
+    r2 = run(args + ["--steps", "1", "--skip-eval"])
+    assert r2.returncode == 0 and "reusing the pretrained base" in r2.stdout
+    # eval.py on the finished run reproduces the stored numbers (greedy decoding is deterministic)
+    r3 = run(["eval.py", "--run", str(run_dir)])
+    assert r3.returncode == 0, r3.stderr[-3000:]
+    res3 = json.loads((run_dir / "results.json").read_text())
+    assert res3["methods"]["Memory-based ARS"]["hit"] == res["methods"]["Memory-based ARS"]["hit"]
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--dataset", "ml-2m"], "unknown dataset 'ml-2m'"),
+    (["--t-max", "0"], "--t-max must be at least 1"),
+    (["--reward-mode", "best"], "--reward-mode must be"),
+    (["--device", "cuda"] if not torch.cuda.is_available() else ["--alpha", "2"], "cuda was asked for|alpha must be"),
+])
+def test_bad_options_give_one_clear_sentence(args, msg, tmp_path):
+    r = run(["train.py", "--out-dir", str(tmp_path)] + args)
+    assert r.returncode != 0
+    assert "Traceback" not in r.stderr
+    import re
+    assert re.search(msg, r.stderr), r.stderr
