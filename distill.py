@@ -5,7 +5,7 @@ Teacher and student are the SAME agent (same base, same adapter, same weights). 
 the normal prompt x_t; the teacher sees x_t plus a hindsight reference d, an earlier trajectory of
 the same training sample rewritten with what is known afterwards:
 
-    <|hind|><|target|> SLOT i*  then for each of its turns  <|turn|> ITEM <|right|>|<|wrong|> ACTION  <|/hind|>
+    <|hind|>  for each of its turns  <|turn|> ITEM <|right|>|<|wrong|> ACTION  then  <|target|> SLOT i* <|/hind|>
 
 (the true next item, and a templated diagnosis: which recommendation was right or wrong and how
 the user reacted). [ours] d comes from the latest earlier trajectory of this sample (a buffer
@@ -28,7 +28,7 @@ from reward import turn_rewards
 
 def hindsight_reference(tok, ref):
     """Token ids of the hindsight reference d built from trajectory `ref` (template [ours])."""
-    ids = [tok.sp("hind"), tok.sp("target"), tok.slot(ref.cands.index(ref.target)), tok.item(ref.target)]
+    ids = [tok.sp("hind")]
     for tr in ref.turns:
         ids.append(tok.sp("turn"))
         if tr.rec_valid:
@@ -37,7 +37,8 @@ def hindsight_reference(tok, ref):
             ids.append(tok.sp("invalid"))
         if tr.user_out is not None:
             ids.append(tok.action_ids[tr.action] if tr.user_valid else tok.sp("invalid"))
-    return ids + [tok.sp("/hind")]
+    # the answer last: it then stands at a fixed distance before the prompt's <|ans|>
+    return ids + [tok.sp("target"), tok.slot(ref.cands.index(ref.target)), tok.item(ref.target), tok.sp("/hind")]
 
 
 class ReferenceBuffer:

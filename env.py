@@ -269,13 +269,17 @@ def closest_history_item(data, hist, item):
 
 
 def scripted_rec_choice(traj, rng, p_target, p_prior, reference=False, p_ref=0.9):
-    """The scripted RecAgent's pick for the next turn: never an item already recommended. Without a
-    reference: the target with prob p_target, the prior with p_prior, else a uniform candidate;
-    with a hindsight reference (teacher prompts): the target with prob p_ref."""
+    """The scripted RecAgent's pick for the next turn. With a hindsight reference (teacher prompts):
+    the target with prob p_ref, even when it was recommended before (naming it again is still a
+    hit; a teacher that knew the answer but could not give it would teach nothing). Without one,
+    never an item already recommended: the target with prob p_target, the prior with p_prior,
+    else a uniform unused candidate."""
     used = {tr.item for tr in traj.turns}
     fresh = [c for c in traj.cands if c not in used] or traj.cands
     u = rng.random()
-    if traj.target in fresh and u < (p_ref if reference else p_target):
+    if reference and u < p_ref:
+        return traj.target
+    if not reference and traj.target in fresh and u < p_target:
         return traj.target
     if not reference and traj.prior in fresh and u < p_target + p_prior:
         return traj.prior

@@ -161,12 +161,13 @@ class Block(nn.Module):
         self.fc2 = nn.Linear(4 * cfg.n_embd, cfg.n_embd)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, mask, cache=None, start=0):
-        """x (B,T,C); mask (B,1,T,Tk) bool, True = may attend; cache: (k, v) buffers (B,H,Tmax,D)
-        written at [start, start+T) and attended over [0, start+T)."""
+    def forward(self, x, rot, mask, cache=None, start=0):
+        """x (B,T,C); rot: (cos, sin) each (B,1,T,D/2); mask (B,1,T,Tk) bool, True = may attend;
+        cache: (k, v) buffers (B,H,Tmax,D) written at [start, start+T), attended over [0, start+T)."""
         B, T, C = x.shape
         q, k, v = self.qkv(self.ln1(x)).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        q, k = rotate(q, *rot), rotate(k, *rot)                            # (B,H,T,D)
         if cache is not None:
             ck, cv = cache
             ck[:, :, start:start + T] = k
@@ -184,7 +185,12 @@ class GPT(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
-        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
+        # Rotary positions (RoPE) [ours]: attention can then find "the token k places back" with
+        # one learned pattern for every position, which the agents' copy-like reads need (the
+        # slot after <|prior|>, the target in the reference); with learned absolute position
+        # embeddings the base had not learned them after 2,400 stage-1 steps.
+        D = cfg.n_embd // cfg.n_head
+        self.register_buffer("inv_freq", 1.0 / 10000 ** (torch.arange(0, D, 2).float() / D), persistent=False)
         self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)])
         self.ln_f = nn.LayerNorm(cfg.n_embd)
         # The output head is tied to the token embedding (fewer parameters; items get one vector).
@@ -242,10 +248,18 @@ class GPT(nn.Module):
     def forward(self, idx, pos, mask, cache=None, start=0):
         """Hidden states (B,T,C) for token ids idx (B,T) at positions pos (B,T).
         mask (B,1,T,Tk) bool: which keys each query may see (causal and padding, built by callers)."""
-        x = self.wte(idx) + self.wpe(pos)
+        x = self.wte(idx)
+        ang = pos[:, None, :, None].float() * self.inv_freq                # (B,1,T,D/2)
+        rot = (ang.cos(), ang.sin())
         for i, blk in enumerate(self.blocks):
-            x = blk(x, mask, None if cache is None else cache[i], start)
+            x = blk(x, rot, mask, None if cache is None else cache[i], start)
         return self.ln_f(x)
+
+
+def rotate(x, cos, sin):
+    """RoPE: rotate the two halves of each head's channels by position-dependent angles."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
 
 
 def causal_mask(valid):

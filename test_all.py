@@ -156,8 +156,8 @@ def test_hindsight_reference_template_and_buffer():
     tok = Tokenizer(20)
     tr = make_traj([(3, "skip", 0.3, 0.0), (None, None, None, 0.0), (7, "click", 0.9, 0.0)])
     ids = distill.hindsight_reference(tok, tr)
-    assert tok.decode(ids) == ("<|hind|><|target|><|c7|><|item_7|><|turn|><|item_3|><|wrong|><|skip|>"
-                               "<|turn|><|invalid|><|turn|><|item_7|><|right|><|click|><|/hind|>")
+    assert tok.decode(ids) == ("<|hind|><|turn|><|item_3|><|wrong|><|skip|><|turn|><|invalid|>"
+                               "<|turn|><|item_7|><|right|><|click|><|target|><|c7|><|item_7|><|/hind|>")
     buf = distill.ReferenceBuffer()
     assert buf.reference_for(tr) is tr                 # none yet: the current trajectory
     buf.add([tr])

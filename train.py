@@ -82,7 +82,7 @@ class Config:
     n_embd: int = 128
     """width"""
     # ---- stage 1: pretraining the base [ours] ----
-    pretrain_steps: int = 1800
+    pretrain_steps: int = 2400
     """optimiser steps of stage 1 (0 = skip: only sensible with a base from an earlier run)"""
     pretrain_batch: int = 48
     """documents per stage-1 step"""
@@ -95,11 +95,11 @@ class Config:
     p_reference: float = 0.5
     """fraction of scripted dialogues whose prompt carries a hindsight reference"""
     # ---- stage 2: CoARS ----
-    steps: int = 120
+    steps: int = 150
     """CoARS optimiser steps"""
     batch: int = 48
     """episodes per CoARS step"""
-    lr: float = 2e-3
+    lr: float = 5e-4
     """adapter learning rate (Adam)"""
     lora_r: int = 8
     """LoRA rank"""
@@ -377,7 +377,7 @@ def stage2(cfg, model, tok, data, device, run_dir, log):
                 loss, st = coars_loss(model, tok, trajs, buffer, agent, reward_cfg, cfg.lam, cfg.baseline, device)
             if st["messages"]:
                 loss.backward()
-            rec.update({f"{agent}_{k}": v for k, v in st.items()}, **{f"{agent}_loss": float(loss)})
+            rec.update({f"{agent}_{k}": v for k, v in st.items()}, **{f"{agent}_loss": loss.item()})
         model.set_adapter(None)
         t2 = time.time()
         if opt:
