@@ -9,7 +9,7 @@ suite and users (to size a run before downloading) need it.
 
 The data has structure a recommender can learn: items belong to genres with Zipf popularity; each
 user prefers two genres, and each next item comes from the genre of the previous one with
-probability 0.5, from the user's genres with 0.3, else from the whole catalogue. Every user gets at
+probability 0.5, from one of the user's genres with 0.3, else from any genre. Every user gets at
 least 20 ratings (as in ML-1M). One title carries non-ASCII latin-1 characters.
 """
 
@@ -38,31 +38,44 @@ def make_ml1m_zip(path, users=6040, items=3706, ratings=1_000_209, seed=0, min_p
     extra = rng.pareto(1.5, users) + 1e-3
     extra = np.floor(extra / extra.sum() * max(0, ratings - users * min_per_user)).astype(int)
     counts = np.minimum(min_per_user + extra, items // 2)
-    counts[: max(0, ratings - counts.sum())] += 1
+    for _ in range(50):  # hand what the cap cut off to users below it, until the total is right
+        short = ratings - counts.sum()
+        room = np.flatnonzero(counts < items // 2)
+        if short <= 0 or not len(room):
+            break
+        counts[room] += np.minimum(items // 2 - counts[room], max(1, short // len(room)))
+    counts[np.flatnonzero(counts < items // 2)[:max(0, ratings - counts.sum())]] += 1
     lines = []
     t0 = 956703932
+    gsize = np.bincount(genre, minlength=len(GENRES)) / items
+    cdf = [np.cumsum(p) for p in gp]
     for u in range(users):
+        # the genre chain: stay (0.5), one of the user's two genres (0.3), any genre (0.2)
+        n = int(counts[u]) * 2 + 10
         likes = rng.choice(len(GENRES), 2, replace=False)
-        seen, seq = set(), []
-        prev_g = likes[0]
-        draws = rng.random((counts[u] * 3, 2))
-        k = 0
-        while len(seq) < counts[u]:
-            a, b = draws[k % len(draws)]
-            k += 1
-            g = prev_g if a < 0.5 else likes[int(b * 2) % 2] if a < 0.8 else None
-            i = int(rng.choice(by_genre[g], p=gp[g])) if g is not None and len(by_genre[g]) else int(rng.choice(items, p=allp))
-            if i in seen:
-                if k > counts[u] * 30:      # a small genre is exhausted: take any unseen item
-                    i = int(rng.choice(np.setdiff1d(np.arange(items), list(seen))))
-                else:
-                    continue
-            seen.add(i)
-            seq.append(i)
-            prev_g = genre[i]
+        a, b = rng.random(n), rng.integers(0, 2, n)
+        anyg = rng.choice(len(GENRES), n, p=gsize)
+        g = np.empty(n, np.int64)
+        prev = likes[0]
+        for k in range(n):
+            prev = prev if a[k] < 0.5 else likes[b[k]] if a[k] < 0.8 else anyg[k]
+            g[k] = prev
+        # one item per step from its genre (Zipf popularity), first occurrences only
+        seq = np.empty(n, np.int64)
+        for gg in np.unique(g):
+            at = np.flatnonzero(g == gg)
+            if len(by_genre[gg]):
+                seq[at] = by_genre[gg][np.minimum(np.searchsorted(cdf[gg], rng.random(len(at))), len(by_genre[gg]) - 1)]
+            else:
+                seq[at] = rng.choice(items, len(at), p=allp)
+        _, first = np.unique(seq, return_index=True)
+        seq = seq[np.sort(first)][:counts[u]]
+        if len(seq) < counts[u]:  # small genres ran dry: top up with unseen items
+            rest = np.setdiff1d(np.arange(items), seq)
+            seq = np.concatenate([seq, rng.choice(rest, counts[u] - len(seq), replace=False)])
         ts = t0 + np.cumsum(rng.integers(1, 4000, len(seq)))
         rate = np.clip(np.round(3 + rng.normal(0, 1.1, len(seq))), 1, 5).astype(int)
-        lines += [f"{u + 1}::{i + 1}::{r}::{t}" for i, r, t in zip(seq, rate, ts)]
+        lines += [f"{u + 1}::{i + 1}::{r}::{t}" for i, r, t in zip(seq.tolist(), rate.tolist(), ts.tolist())]
     movies = []
     for i in range(items):
         title = "Am\u00e9lie (2001)" if i == 0 else f"Synthetic Movie {i + 1} ({1950 + i % 50})"
