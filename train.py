@@ -82,7 +82,7 @@ class Config:
     n_embd: int = 128
     """width"""
     # ---- stage 1: pretraining the base [ours] ----
-    pretrain_steps: int = 2400
+    pretrain_steps: int = 2000
     """optimiser steps of stage 1 (0 = skip: only sensible with a base from an earlier run)"""
     pretrain_batch: int = 48
     """documents per stage-1 step"""
@@ -95,7 +95,7 @@ class Config:
     p_reference: float = 0.5
     """fraction of scripted dialogues whose prompt carries a hindsight reference"""
     # ---- stage 2: CoARS ----
-    steps: int = 150
+    steps: int = 100
     """CoARS optimiser steps"""
     batch: int = 48
     """episodes per CoARS step"""
