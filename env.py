@@ -225,7 +225,7 @@ def rollout(model, tok, data, trajs, t_max=5, temperature=1.0, generator=None, d
         # RecAgent writes m_rec for every live episode
         prompts = [render_rec(tok, tr, len(tr.turns)) for tr in live]
         model.set_adapter(rec_adapter)
-        outs = _generate(model, prompts, REC_MAX_NEW, tok, temperature, generator, device, batch)
+        outs = generate_all(model, prompts, REC_MAX_NEW, tok, temperature, generator, device, batch)
         for tr, p, o in zip(live, prompts, outs):
             item = parse_rec(tok, o, tr.cands)
             tr.turns.append(Turn(rec_out=o, item=item, rec_valid=item is not None, rec_prompt=p))
@@ -235,7 +235,7 @@ def rollout(model, tok, data, trajs, t_max=5, temperature=1.0, generator=None, d
             record_user(data, tr, tr.turns[-1])
         prompts = [render_user(tok, tr, len(tr.turns) - 1) for tr in answer]
         model.set_adapter(user_adapter)
-        outs = _generate(model, prompts, USER_MAX_NEW, tok, temperature, generator, device, batch) if prompts else []
+        outs = generate_all(model, prompts, USER_MAX_NEW, tok, temperature, generator, device, batch) if prompts else []
         for tr, p, o in zip(answer, prompts, outs):
             turn = tr.turns[-1]
             turn.user_out, turn.user_prompt = o, p
@@ -249,7 +249,8 @@ def rollout(model, tok, data, trajs, t_max=5, temperature=1.0, generator=None, d
     return trajs
 
 
-def _generate(model, prompts, max_new, tok, temperature, generator, device, batch):
+def generate_all(model, prompts, max_new, tok, temperature, generator, device, batch):
+    """generate() over any number of prompts, `batch` at a time, stopping at <|end|>."""
     out = []
     for s in range(0, len(prompts), batch):
         out += generate(model, prompts[s:s + batch], max_new, tok.pad_id, stop_ids=(tok.end_id,),

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from env import (POSITIVE, USER_MAX_NEW, Trajectory, Turn, _generate, closest_history_item, new_trajectory,
+from env import (POSITIVE, USER_MAX_NEW, Trajectory, Turn, generate_all, closest_history_item, new_trajectory,
                  parse_user, rec_message, record_user, render_rec, render_user, rollout)
 from model import causal_mask, positions
 
@@ -64,28 +64,32 @@ def prf(pred, label):
     return p, r, (2 * p * r / (p + r) if p + r else 0.0)
 
 
+def _user_rows(groups):
+    """Row indices of each user's judgements, for bootstraps that resample users."""
+    _, inv = np.unique(np.asarray(groups), return_inverse=True)
+    return [np.flatnonzero(inv == k) for k in range(inv.max() + 1)]
+
+
 def f1_ci(pred, label, groups, n=1000, seed=0):
     """F1 with a bootstrap interval that resamples users (groups), not single judgements."""
-    pred, label, groups = np.asarray(pred, bool), np.asarray(label, bool), np.asarray(groups)
-    users, inv = np.unique(groups, return_inverse=True)
-    members = [np.flatnonzero(inv == k) for k in range(len(users))]
+    pred, label = np.asarray(pred, bool), np.asarray(label, bool)
+    members = _user_rows(groups)
 
     def stat(idx):
         rows = np.concatenate([members[k] for k in idx])
         return prf(pred[rows], label[rows])[2]
-    return bootstrap(stat, len(users), n, seed)
+    return bootstrap(stat, len(members), n, seed)
 
 
 def f1_diff_ci(pred_a, pred_b, label, groups, n=1000, seed=0):
     """Paired bootstrap (over users) of F1(a) - F1(b)."""
-    pa, pb, label, groups = (np.asarray(x) for x in (pred_a, pred_b, label, groups))
-    users, inv = np.unique(groups, return_inverse=True)
-    members = [np.flatnonzero(inv == k) for k in range(len(users))]
+    pa, pb, label = (np.asarray(x, bool) for x in (pred_a, pred_b, label))
+    members = _user_rows(groups)
 
     def stat(idx):
         rows = np.concatenate([members[k] for k in idx])
         return prf(pa[rows], label[rows])[2] - prf(pb[rows], label[rows])[2]
-    lo, hi = bootstrap(stat, len(users), n, seed)
+    lo, hi = bootstrap(stat, len(members), n, seed)
     return prf(pa, label)[2] - prf(pb, label)[2], lo, hi
 
 
@@ -163,7 +167,7 @@ def user_judgements(model, tok, data, adapter, device, batch=256):
         trajs.append(tr)
     prompts = [render_user(tok, tr, 0) for tr in trajs]
     model.set_adapter(adapter)
-    outs = _generate(model, prompts, USER_MAX_NEW, tok, 0.0, None, device, batch)
+    outs = generate_all(model, prompts, USER_MAX_NEW, tok, 0.0, None, device, batch)
     model.set_adapter(None)
     parsed = [parse_user(tok, o) for o in outs]
     return (np.array([p is not None and p[0] in POSITIVE for p in parsed]),
@@ -221,7 +225,7 @@ def evaluate(model, tok, data, split="test", t_max=5, device="cpu", n_boot=1000,
     return res
 
 
-def _fmt(d, key, pct=False):
+def _fmt(d, key):
     if key not in d:
         return "-"
     v = d[key]

@@ -428,6 +428,17 @@ def test_precision_recall_f1_hand_values():
     assert ev.prf([0, 0], [1, 0]) == (0.0, 0.0, 0.0)
 
 
+def test_f1_bootstrap_resamples_users():
+    label = np.array([1, 0, 1, 0, 1, 0])
+    users = np.array([0, 0, 1, 1, 2, 2])
+    assert ev.f1_ci(label, label, users, n=200) == (1.0, 1.0)            # perfect judge: no spread
+    d, lo, hi = ev.f1_diff_ci(label, np.zeros(6), label, users, n=200)
+    assert (d, lo, hi) == (1.0, 1.0, 1.0)                                 # always-reject judge: F1 0
+    pred = np.array([1, 1, 0, 0, 1, 0])                                   # user 1 wrong, others right
+    lo, hi = ev.f1_ci(pred, label, users, n=500)
+    assert lo < ev.prf(pred, label)[2] < hi and hi == 1.0
+
+
 def test_baseline_hits(data):
     b = ev.baseline_hits(data, "test")
     assert np.array_equal(b["SASRec top-1"], (data.test_prior == data.test_target).astype(float))
