@@ -33,7 +33,6 @@ The protocol ([ours] where PAPER.md marks it so):
 import argparse
 import csv
 import hashlib
-import io
 import json
 import os
 import sys
