@@ -43,7 +43,7 @@ from distill import ReferenceBuffer, coars_loss, hindsight_reference
 from env import (closest_history_item, new_trajectory, rec_message, render_rec, render_user, rollout,
                  scripted_episode, scripted_rec_choice, scripted_user_reaction, user_message)
 from eval import evaluate, results_table, run_ars, write_results
-from model import GPT, GPTConfig, Tokenizer, causal_mask, logprobs_of, positions
+from model import GPT, GPTConfig, Tokenizer, causal_mask, logprobs_of, pack, positions
 
 
 class UserError(Exception):
@@ -265,14 +265,7 @@ def pretrain_doc(data, tok, rng, cfg):
 
 def lm_loss(model, docs, tok, device):
     """Mean next-token loss over each document's scored part (head only on those positions)."""
-    T = max(len(d) for d, _ in docs)
-    idx = torch.full((len(docs), T), tok.pad_id, dtype=torch.long)
-    valid = torch.zeros(len(docs), T, dtype=torch.bool)
-    score = torch.zeros(len(docs), T, dtype=torch.bool)
-    for b, (d, start) in enumerate(docs):
-        idx[b, :len(d)] = torch.tensor(d)
-        valid[b, :len(d)] = True
-        score[b, start - 1:len(d) - 1] = True
+    idx, valid, score = pack([d[:s] for d, s in docs], [d[s:] for d, s in docs], tok.pad_id)
     idx, valid, score = idx.to(device), valid.to(device), score.to(device)
     with autocast(device):
         h = model(idx, positions(valid), causal_mask(valid))
