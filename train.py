@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from data.prepare import DataConfig, DataError, SOURCES, prepare
+from data.prepare import DataConfig, DataError, SOURCES, is_custom, prepare
 from data.sasrec import SASRecConfig
 from distill import ReferenceBuffer, coars_loss, hindsight_reference
 from env import (closest_history_item, new_trajectory, rec_message, render_rec, render_user, rollout,
@@ -54,13 +54,13 @@ class UserError(Exception):
 class Config:
     # ---- data ----
     dataset: str = "ml-latest-small"
-    """dataset name (data/prepare.py SOURCES)"""
+    """ml-1m, ml-100k, ml-latest-small, lastfm, instruments, or the path of a folder in the custom format (README)"""
     data_dir: str = str(Path(__file__).resolve().parent / "data")
     """folder for downloads and processed caches"""
     data_url: str = ""
-    """address of the raw dataset zip ('' = official; file:// works)"""
+    """address of the raw dataset file ('' = official; file:// works; a local folder of extracted files is read in place)"""
     data_sha256: str = ""
-    """expected sha256 of the raw zip ('' = the official file's, 'none' = skip the check)"""
+    """expected sha256 of the raw file ('' = the official file's where published, 'none' = skip the check)"""
     candidates: str = "sasrec"
     """candidate lists: 'sasrec' (PAPER.md default) or 'random' (AFL / LLaRA protocol)"""
     sasrec_epochs: int = 20
@@ -168,7 +168,8 @@ def parse_args(argv=None) -> Config:
 def validate(cfg: Config):
     """Refuse impossible options before any work starts, one sentence each."""
     checks = [
-        (cfg.dataset in SOURCES, f"unknown dataset {cfg.dataset!r}: choose one of {', '.join(sorted(SOURCES))}."),
+        (cfg.dataset in SOURCES or is_custom(cfg.dataset), f"unknown dataset {cfg.dataset!r}: choose one of "
+                                                         f"{', '.join(sorted(SOURCES))}, or a folder path."),
         (cfg.candidates in ("sasrec", "random"), "--candidates must be 'sasrec' or 'random'."),
         (cfg.reward_mode in ("interaction", "outcome"), "--reward-mode must be 'interaction' or 'outcome'."),
         (cfg.baseline in ("none", "mean"), "--baseline must be 'none' or 'mean'."),
