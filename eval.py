@@ -179,15 +179,18 @@ def user_judgements(model, tok, data, adapter, device, batch=256):
 
 
 def evaluate(model, tok, data, split="test", t_max=5, device="cpu", n_boot=1000, seed=0,
-             agents=(("Memory-based ARS", (None, None)), ("CoARS", ("rec", "user"))), log=print):
+             agents=(("Memory-based ARS", (None, None)), ("CoARS", ("rec", "user"))), log=print, max_samples=0):
     """Evaluate the baselines and each agent pair in `agents` on a split. Returns a results dict
-    (JSON-ready) with per-method metrics and intervals, and paired comparisons to the last pair."""
+    (JSON-ready) with per-method metrics and intervals, and paired comparisons to the last pair.
+    max_samples > 0 evaluates a fixed random subset of the split (the same for every method)."""
     t0 = time.time()
     rows = np.arange(len(getattr(data, f"{split}_user")))
+    if 0 < max_samples < len(rows):
+        rows = np.sort(np.random.default_rng(seed).permutation(len(rows))[:max_samples])
     per = {}      # method -> dict of per-sample arrays
     res = {"split": split, "n_samples": int(len(rows)), "methods": {}}
     for name, hits in baseline_hits(data, split, seed).items():
-        per[name] = {"hit": hits}
+        per[name] = {"hit": hits[rows]}
     f1_preds = {}
     for name, adapters in agents:
         log(f"evaluating {name} on {len(rows)} {split} samples")
@@ -266,13 +269,15 @@ def main(argv=None):
     p.add_argument("--run", required=True, help="the run folder written by train.py (holds coars.pt)")
     p.add_argument("--split", default="test", choices=["valid", "test"])
     p.add_argument("--device", default="auto")
+    p.add_argument("--max-samples", type=int, default=0, help="evaluate a fixed random subset of this size (0 = all)")
     a = p.parse_args(argv)
     import train
     try:
         cfg, model, tok, data = train.load_run(Path(a.run), a.device)
     except train.UserError as e:
         sys.exit(f"error: {e}")
-    res = evaluate(model, tok, data, a.split, cfg.t_max, train.pick_device(a.device), cfg.n_boot, cfg.seed)
+    res = evaluate(model, tok, data, a.split, cfg.t_max, train.pick_device(a.device), cfg.n_boot, cfg.seed,
+                   max_samples=a.max_samples)
     write_results(res, a.run)
     print(results_table(res))
 

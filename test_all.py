@@ -9,6 +9,7 @@ Nothing here touches the network: datasets are generated, zipped and served thro
 HF_HUB_OFFLINE=1 is set for any Hugging Face code.
 """
 
+import datetime
 import json
 import os
 import subprocess
@@ -409,6 +410,214 @@ def test_malformed_row_names_file_and_line(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------------
+# data: every source, and data that fights back
+
+SHARED = ROOT.parent / "shared" / "data"
+LASTFM = SHARED / "hetrec2011-lastfm-2k"
+quiet = lambda *a: None  # noqa: E731
+
+
+def custom_folder(path, n_users=30, n_items=60, dup=2, short_user=True, seed=0):
+    """A dataset in the custom format: string ids, ISO dates, repeated events, a too-short user,
+    an item without a title, a title with a comma, quotes and non-ASCII characters."""
+    from data.synthetic import events
+    rows, _ = events(n_users, n_items, n_users * 12, seed=seed, min_per_user=8)
+    path.mkdir(parents=True, exist_ok=True)
+    lines = ["user,item,timestamp,rating"]
+    for u, i, r, t in rows:
+        lines.append(f"u{u},it-{i},{t},{r}")
+    lines += [lines[1], lines[2]][:dup]                                     # repeated (user, item) events
+    if short_user:
+        lines += ["loner,it-1,2020-01-01,4", "loner,it-2,2020-01-02T10:00:00,3"]   # ISO dates, too few events
+    (path / "interactions.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    items = ["item,title,genres", '"it-0","Crème Brûlée, ""the"" film",Drama|Comedy']
+    items += [f"it-{i},Item {i},Genre{i % 4}" for i in range(1, n_items - 1)]   # it-<last> has no title
+    (path / "items.csv").write_text("\n".join(items) + "\n", encoding="utf-8")
+    return path
+
+
+def dcfg(dataset, tmp_path, **kw):
+    kw.setdefault("sasrec", SASRecConfig(epochs=1))
+    return DataConfig(dataset=dataset, data_dir=str(tmp_path / "dd"), **kw)
+
+
+def test_custom_folder_format_with_counted_repairs(tmp_path):
+    folder = custom_folder(tmp_path / "mine")
+    logs = []
+    d = prepare(dcfg(str(folder), tmp_path), log=logs.append)
+    assert any(m == "dropped 2 repeated (user, item) events (kept the first of each)" for m in logs)
+    assert any(m.startswith("1 items have no title") for m in logs)
+    assert any(m.startswith("1 users have fewer than 4 interactions") for m in logs)
+    assert d.meta["n_duplicates"] == 2 and d.meta["n_untitled"] == 1 and d.meta["n_users_without_test"] == 1
+    names = d.item_raw.tolist()
+    assert d.titles[names.index("it-0")] == 'Crème Brûlée, "the" film'      # comma, quotes, non-ASCII intact
+    assert d.genres[names.index("it-0")] == "Drama|Comedy"
+    assert d.titles[names.index(f"it-{59}")] == "item it-59"
+    assert "loner" in d.user_raw.tolist() and len(d.test_user) == 30
+    # the cache is keyed by the folder and reused
+    logs.clear()
+    prepare(dcfg(str(folder), tmp_path), log=logs.append)
+    assert not any("training SASRec" in m for m in logs)
+
+
+@pytest.mark.parametrize("edit,msg", [
+    (lambda f: f.write_text("user;item;timestamp\nu1;i1;5\n"), r"interactions.csv line 1: expected a header naming the columns user,item,timestamp"),
+    (lambda f: f.write_text("user,item,timestamp\nu1,i1,5\nu1,i2\n"), r"interactions.csv line 3: expected 3 comma-separated fields"),
+    (lambda f: f.write_text("user,item,timestamp\nu1,i1,yesterday\n"), r"interactions.csv line 2: timestamp 'yesterday' is neither a number nor an ISO date"),
+    (lambda f: f.write_text("user,item,timestamp,rating\nu1,i1,5,good\n"), r"interactions.csv line 2: expected a number, found 'good'"),
+    (lambda f: f.write_bytes("user,item,timestamp\nu1,caf\xe9,5\n".encode("latin-1")), r"interactions.csv is not valid utf-8-sig text"),
+    (lambda f: f.write_text("user,item,timestamp\n" + "".join(f"u{k},i{k},{k}\n" for k in range(40))), r"is empty after filtering"),
+    (lambda f: f.unlink(), r"interactions.csv is missing"),
+])
+def test_custom_folder_bad_input(tmp_path, edit, msg):
+    folder = custom_folder(tmp_path / "mine")
+    edit(folder / "interactions.csv")
+    with pytest.raises(DataError, match=msg):
+        prepare(dcfg(str(folder), tmp_path), log=quiet)
+    assert not list((tmp_path / "dd").rglob("processed.json"))              # nothing a later run would trust
+
+
+def test_unknown_dataset_and_folder(tmp_path):
+    with pytest.raises(DataError, match="unknown dataset 'ml-2m': choose one of .*instruments.*lastfm.*ml-100k"):
+        prepare(dcfg("ml-2m", tmp_path), log=quiet)
+    with pytest.raises(DataError, match="--dataset ./nowhere: no such folder"):
+        prepare(dcfg("./nowhere", tmp_path), log=quiet)
+
+
+def test_wrong_encoding_and_separator_name_the_file(tmp_path):
+    z = tmp_path / "mls.zip"
+    with zipfile.ZipFile(z, "w") as f:
+        f.writestr("ml-latest-small/ratings.csv", "userId,movieId,rating,timestamp\n1,1,4.0,964982703\n")
+        f.writestr("ml-latest-small/movies.csv", "movieId,title,genres\n1,Am\xe9lie (2001),Comedy\n".encode("latin-1"))
+    with pytest.raises(DataError, match=r"ml-latest-small.zip:ml-latest-small/movies.csv is not valid utf-8 text .* on line 2\)"):
+        prepare(dcfg("ml-latest-small", tmp_path, data_url=z.as_uri(), data_sha256="none"), log=quiet)
+    z2 = tmp_path / "m1.zip"
+    with zipfile.ZipFile(z2, "w") as f:
+        f.writestr("ml-1m/ratings.dat", "1\t2\t5\t978300760\n")
+        f.writestr("ml-1m/movies.dat", "2::A (2000)::Drama\n")
+    with pytest.raises(DataError, match=r"ratings.dat line 1: expected 4 fields separated by '::', found 1"):
+        prepare(dcfg("ml-1m", tmp_path / "x", data_url=z2.as_uri(), data_sha256="none"), log=quiet)
+
+
+def test_unwritable_or_full_data_folder(synth, tmp_path, monkeypatch):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    cfg = DataConfig(dataset="ml-1m", data_dir=str(blocker / "sub"), data_url=synth["url"], data_sha256=synth["sha"])
+    with pytest.raises(DataError, match="cannot write to the data folder .*choose another --data-dir"):
+        prepare(cfg, log=quiet)
+
+    def full(*a, **k):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(np, "savez", full)
+    cfg = dcfg("ml-1m", tmp_path, data_url=synth["url"], data_sha256=synth["sha"])
+    with pytest.raises(DataError, match=r"cannot write the processed data .*No space left on device.*free some space"):
+        prepare(cfg, log=quiet)
+    left = sorted(p.name for p in (tmp_path / "dd" / "ml-1m").iterdir())
+    assert left == ["ml-1m.zip"]                                            # no cache, no temporary file
+
+
+def test_stale_or_half_written_cache_is_rebuilt(synth, tmp_path):
+    cfg = dcfg("ml-1m", tmp_path, data_url=synth["url"], data_sha256=synth["sha"])
+    d = prepare(cfg, log=quiet)
+    folder = tmp_path / "dd" / "ml-1m"
+    npz = folder / "processed.npz"
+    npz.write_bytes(npz.read_bytes()[:1000])                               # truncated arrays
+    logs = []
+    d2 = prepare(cfg, log=logs.append)
+    assert any("unreadable" in m and "rebuilding" in m for m in logs)
+    assert np.array_equal(d.test_cands, d2.test_cands)
+    (folder / "processed.json").unlink()                                   # crash between the two writes
+    logs.clear()
+    prepare(cfg, log=logs.append)
+    assert any("training SASRec" in m for m in logs)
+
+
+def test_instruments_amazon_format(tmp_path):
+    from data.synthetic import make_instruments_files
+    amz = make_instruments_files(tmp_path / "amz", users=40, items=80, ratings=600, untitled=(5, 6))
+    logs = []
+    d = prepare(dcfg("instruments", tmp_path, data_url=amz.as_uri()), log=logs.append)
+    assert any(m.startswith("2 items have no title") for m in logs)
+    names = d.item_raw.tolist()
+    assert names[0] == "B000000000" and d.titles[0] == 'Ibáñez Guitar Strings, 0.010"'
+    assert d.titles[1].startswith("Synthetic Instrument 1 |")               # the Python-literal line
+    assert d.has_ratings and d.user_raw[0].startswith("A")
+    bad = make_instruments_files(tmp_path / "bad", users=40, items=80, ratings=600, bad_line=6)
+    with pytest.raises(DataError, match=r"Musical_Instruments_5.json.gz line 7: not a JSON record"):
+        prepare(dcfg("instruments", tmp_path / "b", data_url=bad.as_uri()), log=quiet)
+    gz = bad / "Musical_Instruments_5.json.gz"
+    gz.write_bytes(gz.read_bytes()[:200])
+    with pytest.raises(DataError, match=r"Musical_Instruments_5.json.gz is not a readable gzip file"):
+        prepare(dcfg("instruments", tmp_path / "c", data_url=bad.as_uri()), log=quiet)
+    with pytest.raises(DataError, match="--data-sha256 takes one checksum, but instruments has 2 raw files"):
+        prepare(dcfg("instruments", tmp_path / "c", data_url=bad.as_uri(), data_sha256="ab"), log=quiet)
+
+
+@pytest.mark.skipif(not LASTFM.is_dir(), reason="needs ../shared/data/hetrec2011-lastfm-2k")
+def test_lastfm_real_files_folder_and_zip(tmp_path):
+    from data.prepare import SOURCES, Raw, parse_lastfm, sequences
+    p = parse_lastfm(Raw([LASTFM], SOURCES["lastfm"]["member_sha256"]))
+    seqs, _, users, items, n_dup = sequences(p, "lastfm", quiet)
+    assert len(users) == 1892 and n_dup == 0 and sum(map(len, seqs)) == 71064
+    assert p.titles[1] == "MALICE MIZER"
+    # dated by the first tag: user 2 tagged artist 52 first on 1.4.2009 (several tags, one event)
+    k = [(u, a) for u, a in zip(p.user, p.item)].index((2, 52))
+    assert p.ts[k] == datetime.date(2009, 4, 1).toordinal()
+    # the official zip's layout (files at its top level) reads the same
+    z = tmp_path / "hetrec2011-lastfm-2k.zip"
+    with zipfile.ZipFile(z, "w", zipfile.ZIP_DEFLATED) as f:
+        for name in ("user_taggedartists.dat", "artists.dat"):
+            f.write(LASTFM / name, name)
+    p2 = parse_lastfm(Raw([z], SOURCES["lastfm"]["member_sha256"]))
+    assert p2.item == p.item and p2.ts == p.ts
+    # a changed file is caught by the published member checksum, unless the user says to trust it
+    alt = tmp_path / "alt"
+    alt.mkdir()
+    (alt / "user_taggedartists.dat").write_bytes((LASTFM / "user_taggedartists.dat").read_bytes())
+    (alt / "artists.dat").write_bytes((LASTFM / "artists.dat").read_bytes().replace(b"MALICE", b"Malice"))
+    with pytest.raises(DataError, match="artists.dat has sha256 .* expected c1738813"):
+        prepare(dcfg("lastfm", tmp_path, data_url=str(alt)), log=quiet)
+    assert parse_lastfm(Raw([alt])).titles[1] == "Malice MIZER"
+    assert not (tmp_path / "dd" / "lastfm" / "processed.json").exists()
+
+
+def ml100k_zip(tmp_path):
+    pytest.importorskip("recbole", reason="the real ML-100K files come from pip install --no-deps recbole==1.2.1")
+    from data.synthetic import recbole_ml100k_zip
+    z = tmp_path / "ml-100k.zip"
+    return z, recbole_ml100k_zip(z)
+
+
+def test_ml100k_real_files(tmp_path):
+    z, sha = ml100k_zip(tmp_path)
+    with pytest.raises(DataError, match="has md5 .* expected 0e33842e"):       # not the official zip's bytes
+        prepare(dcfg("ml-100k", tmp_path, data_url=z.as_uri()), log=quiet)
+    from data.prepare import Raw, parse_ml100k, sequences
+    p = parse_ml100k(Raw([z]))
+    seqs, _, users, items, n_dup = sequences(p, "ml-100k", quiet)
+    assert (len(users), len(items), sum(map(len, seqs)), n_dup) == (943, 1682, 100000, 0)
+    assert p.titles[1] == "Toy Story (1995)" and p.genres[1] == "Animation|Children's|Comedy"
+    # the whole pipeline on it: test_train_end_to_end_on_every_source
+
+
+def test_sasrec_protocol_metrics_and_cli(synth, tmp_path):
+    from data.sasrec import hits_at
+    hr, ndcg = hits_at([0, 3, 9, 10, 100])
+    assert hr.tolist() == [1, 1, 1, 0, 0]
+    assert np.allclose(ndcg, [1, 1 / np.log2(5), 1 / np.log2(11), 0, 0])
+    out = tmp_path / "sr.json"
+    r = run(["data/sasrec.py", "--dataset", "ml-1m", "--data-url", synth["url"], "--data-sha256", synth["sha"],
+             "--data-dir", str(tmp_path), "--epochs", "3", "--out", str(out)])
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(out.read_text())
+    assert res["users"] == 60 and res["negatives"] == 100 and res["config"]["maxlen"] == 200
+    for split in ("valid", "test"):
+        m, lo, hi = res[split]["HR@10"]
+        assert 0 <= lo <= m <= hi <= 1 and res[split]["NDCG@10"][0] <= m
+    assert "SASRec paper, ML-1M test: HR@10 0.8245" in r.stdout
+
+
+# --------------------------------------------------------------------------------------------------
 # eval.py: uncertainty and metrics
 
 
@@ -476,6 +685,31 @@ def test_train_and_eval_end_to_end_on_synthetic_ml1m(synth, tmp_path):
     assert r3.returncode == 0, r3.stderr[-3000:]
     res3 = json.loads((run_dir / "results.json").read_text())
     assert res3["methods"]["Memory-based ARS"]["hit"] == res["methods"]["Memory-based ARS"]["hit"]
+
+
+@pytest.mark.parametrize("source", ["ml-100k", "lastfm", "instruments", "custom"])
+def test_train_end_to_end_on_every_source(source, tmp_path):
+    """train.py from the raw files to the results table, on each source (ml-1m: the test above)."""
+    extra = []
+    if source == "ml-100k":
+        z, sha = ml100k_zip(tmp_path)
+        extra = ["--data-url", z.as_uri(), "--data-sha256", sha]
+    elif source == "lastfm":
+        if not LASTFM.is_dir():
+            pytest.skip("needs ../shared/data/hetrec2011-lastfm-2k")
+        extra = ["--data-url", str(LASTFM)]
+    elif source == "instruments":
+        from data.synthetic import make_instruments_files
+        extra = ["--data-url", make_instruments_files(tmp_path / "amz", users=60, items=120, ratings=900).as_uri()]
+    else:
+        source = str(custom_folder(tmp_path / "mine"))
+    r = run(["train.py", "--dataset", source, "--data-dir", str(tmp_path / "data"), "--out-dir", str(tmp_path / "out"),
+             "--run-name", "r", "--sasrec-epochs", "1", "--pretrain-steps", "4", "--pretrain-batch", "4",
+             "--steps", "2", "--batch", "4", "--eval-every", "0", "--eval-test-n", "12", "--n-boot", "20"] + extra)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads((tmp_path / "out" / "r" / "results.json").read_text())
+    assert res["n_samples"] == 12 and "| CoARS |" in r.stdout
+    assert 0 <= res["methods"]["CoARS"]["hit"]["mean"] <= 1
 
 
 @pytest.mark.parametrize("args,msg", [

@@ -131,7 +131,9 @@ class Config:
     eval_every: int = 40
     """validation Hit@1 every this many CoARS steps (0 = never)"""
     eval_valid_n: int = 200
-    """validation samples used for those checks"""
+    """validation samples for the Hit@1 curve during stage 2"""
+    eval_test_n: int = 0
+    """final evaluation on this many test samples, a fixed random subset (0 = all)"""
     n_boot: int = 1000
     """bootstrap resamples for the intervals"""
     skip_eval: bool = False
@@ -184,6 +186,7 @@ def validate(cfg: Config):
         (cfg.n_embd % cfg.n_head == 0, "--n-embd must be a multiple of --n-head."),
         (0 <= cfg.p_target + cfg.p_prior <= 1, "--p-target + --p-prior must be within [0, 1]."),
         (cfg.lora_r >= 1, "--lora-r must be at least 1."),
+        (cfg.eval_test_n >= 0 and cfg.eval_valid_n >= 0, "--eval-test-n and --eval-valid-n cannot be negative."),
     ]
     for ok, msg in checks:
         if not ok:
@@ -450,7 +453,7 @@ def main(argv=None):
     t_s2 = time.time()
     if cfg.skip_eval:
         return
-    res = evaluate(model, tok, data, "test", cfg.t_max, device, cfg.n_boot, cfg.seed)
+    res = evaluate(model, tok, data, "test", cfg.t_max, device, cfg.n_boot, cfg.seed, max_samples=cfg.eval_test_n)
     res["timing_s"] = dict(data_and_stage1=round(t_s1 - t_start, 1), stage2=round(t_s2 - t_s1, 1),
                            eval=res["seconds"], total=round(time.time() - t_start, 1))
     res["device"] = device

@@ -49,12 +49,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 
 if __package__ in (None, ""):  # run as a script: make `data.sasrec` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from data.sasrec import SASRecConfig, last_hidden, score_all, train_sasrec  # noqa: E402
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 DATA_DIR = Path(__file__).resolve().parent
 
 
@@ -116,7 +117,8 @@ class Raw:
         try:
             text = raw.decode(encoding)
         except UnicodeDecodeError as e:
-            raise DataError(f"{where} is not valid {encoding} text ({e.reason} at byte {e.start}): is it the "
+            line = raw[:e.start].count(b"\n") + 1
+            raise DataError(f"{where} is not valid {encoding} text ({e.reason} on line {line}): is it the "
                             f"original file?")
         return where, [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
 
@@ -781,7 +783,8 @@ def _candidates(model, hists, targets, n_items, cfg, rng, cands_out, prior_out, 
             excluded[r, h] = True
         excluded[np.arange(b), tb] = True
         if cfg.candidates == "sasrec":
-            neg = np.argpartition(np.where(excluded, -np.inf, scores), -(K - 1), axis=1)[:, -(K - 1):]
+            masked = torch.from_numpy(np.where(excluded, -np.inf, scores))
+            neg = torch.topk(masked, K - 1, dim=1, sorted=False).indices.numpy()   # the K-1 highest
         else:
             neg = np.zeros((b, K - 1), np.int64)
             for r in range(b):
