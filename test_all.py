@@ -724,3 +724,246 @@ def test_bad_options_give_one_clear_sentence(args, msg, tmp_path):
     assert "Traceback" not in r.stderr
     import re
     assert re.search(msg, r.stderr), r.stderr
+
+
+# --------------------------------------------------------------------------------------------------
+# Runs that survive: checkpoints, resume, determinism, faults
+
+import signal  # noqa: E402
+import time  # noqa: E402
+
+import train  # noqa: E402
+
+TIMING = {"seconds", "rollout_s", "loss_s", "step_s", "gen_tokens_per_s"}
+
+
+@pytest.fixture(scope="session")
+def small_run(synth, tmp_path_factory):
+    """Arguments of a small, complete run (its data cache shared by the tests that use it)."""
+    dd = tmp_path_factory.mktemp("run_data")
+    return ["--dataset", "ml-1m", "--data-url", synth["url"], "--data-sha256", synth["sha"], "--data-dir", str(dd),
+            "--sasrec-epochs", "1", "--pretrain-steps", "40", "--pretrain-batch", "6", "--steps", "6", "--batch", "4",
+            "--eval-every", "3", "--eval-valid-n", "6", "--eval-test-n", "16", "--n-boot", "20", "--ckpt-every", "2"]
+
+
+def run_metrics(run_dir):
+    """metrics.jsonl without the wall-clock fields, and the results without timings."""
+    lines = [{k: v for k, v in json.loads(l).items() if k not in TIMING}
+             for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    res = json.loads((run_dir / "results.json").read_text())
+    return lines, json.dumps(res["methods"], sort_keys=True), json.dumps(res["paired"], sort_keys=True)
+
+
+def start(args, out, name):
+    env_ = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    return subprocess.Popen([sys.executable, "train.py"] + args + ["--out-dir", str(out), "--run-name", name],
+                            cwd=ROOT, env=env_, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(cond, proc, timeout=300):
+    t = time.time()
+    while not cond():
+        assert proc.poll() is None, proc.communicate()[1][-2000:]
+        assert time.time() - t < timeout
+        time.sleep(0.02)
+
+
+def stage2_steps(run_dir):
+    p = run_dir / "metrics.jsonl"
+    if not p.exists():
+        return []
+    return [json.loads(l)["step"] for l in p.read_text().splitlines() if '"stage": 2' in l]
+
+
+def test_killed_and_resumed_runs_end_with_identical_metrics(small_run, tmp_path):
+    out = tmp_path / "out"
+    a = start(small_run, out, "whole")
+    assert a.wait(600) == 0, a.communicate()[1][-2000:]
+    whole = run_metrics(out / "whole")
+    # the same seed gives the same run, bit for bit
+    a2 = start(small_run, out, "again")
+    assert a2.wait(600) == 0
+    assert run_metrics(out / "again") == whole
+    # SIGKILL in stage 1 (as soon as its first checkpoint exists), then --resume
+    b = start(small_run, out, "k1")
+    wait_for(lambda: (out / "k1" / "ckpt.pt").exists(), b)
+    b.kill()
+    b.wait()
+    assert not (out / "k1" / "coars.pt").exists()
+    # SIGKILL in stage 2, between two checkpoints
+    c = start(small_run, out, "k2")
+    wait_for(lambda: 3 in stage2_steps(out / "k2"), c)
+    c.kill()
+    c.wait()
+    # SIGTERM: a checkpoint is written before exiting
+    d = start(small_run, out, "term")
+    wait_for(lambda: 1 in stage2_steps(out / "term"), d)
+    d.send_signal(signal.SIGTERM)
+    _, err = d.communicate(timeout=300)
+    assert d.returncode == 128 + signal.SIGTERM
+    for name, where in (("k1", "stage 1: resuming after step"), ("k2", "stage 2: resuming after step 2"),
+                        ("term", "stage 2: resuming after step")):
+        r = run(["train.py"] + small_run + ["--out-dir", str(out), "--run-name", name, "--resume"])
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert where in r.stdout, (name, r.stdout[-2000:])
+        assert run_metrics(out / name) == whole, name
+
+
+def test_truncated_checkpoint_is_refused_and_the_previous_one_used(tmp_path):
+    train.save_checkpoint(tmp_path, {"stage": 2, "step": 4, "x": torch.ones(3)})
+    train.save_checkpoint(tmp_path, {"stage": 2, "step": 6, "x": torch.ones(3)})
+    assert {p.name for p in tmp_path.iterdir()} == {"ckpt.pt", "ckpt.prev.pt"}   # no temporary file left
+    ck = tmp_path / "ckpt.pt"
+    ck.write_bytes(ck.read_bytes()[:200])
+    logs = []
+    got = train.load_checkpoint(tmp_path, logs.append)
+    assert got["step"] == 4 and "ckpt.pt is damaged or incomplete" in logs[0]
+    (tmp_path / "ckpt.prev.pt").write_bytes(b"")
+    assert train.load_checkpoint(tmp_path, logs.append) is None
+
+
+def test_resume_refuses_other_options_or_data(small_run, tmp_path):
+    out = tmp_path / "out"
+    r = run(["train.py"] + small_run + ["--out-dir", str(out), "--run-name", "r", "--steps", "2", "--skip-eval"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = run(["train.py"] + small_run + ["--out-dir", str(out), "--run-name", "r", "--steps", "2", "--lam", "0.3",
+                                        "--resume"])
+    assert r.returncode != 0
+    assert "error: --resume: the run was started with --lam 0.1, not 0.3; resume with the same options" in r.stderr
+    r = run(["train.py"] + small_run + ["--out-dir", str(out), "--run-name", "r", "--steps", "2", "--resume",
+                                        "--candidates", "random"])
+    assert "--candidates 'sasrec', not 'random'" in r.stderr
+    r = run(["train.py"] + small_run + ["--out-dir", str(out), "--run-name", "none", "--resume"])
+    assert "error: --resume: there is no checkpoint in" in r.stderr
+    # the same options but other data: the fingerprint differs
+    ck = train.load_checkpoint(out / "r")
+    data = prepare(DataConfig(dataset="ml-1m", data_dir=small_run[small_run.index("--data-dir") + 1],
+                              data_url=small_run[3], data_sha256=small_run[5], sasrec=SASRecConfig(epochs=1)), log=quiet)
+    data.meta = dict(data.meta, raw_sha256="0" * 64)
+    cfg = train.Config(**ck["config"])
+    with pytest.raises(train.UserError, match="--resume: the data differs from the data the run was started with"):
+        train.check_resumable(ck, cfg, data)
+
+
+def in_process(args, capsys):
+    """train.main in this process (so a test can inject faults); returns (exit code, stdout, stderr)."""
+    try:
+        train.main(args)
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    o = capsys.readouterr()
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    return code, o.out, o.err
+
+
+def test_nan_steps_are_skipped_counted_and_repeated_ones_stop(small_run, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "out"
+    base = small_run + ["--out-dir", str(out), "--skip-eval"]
+    monkeypatch.setattr(train.FAULTS, "nan_at", {(1, 5), (2, 2)})
+    code, so, _ = in_process(base + ["--run-name", "one"], capsys)
+    assert code == 0
+    lines = [json.loads(l) for l in (out / "one" / "metrics.jsonl").read_text().splitlines()]
+    s1 = [l for l in lines if l["stage"] == 1]
+    assert any(l["step"] == 4 and l["skipped"] == 1 for l in s1)            # stage 1 step 5 (0-based 4)
+    s2 = {l["step"]: l for l in lines if l["stage"] == 2}
+    assert s2[1]["skipped"] == 0 and s2[2]["skipped"] == 1 and s2[6]["skipped"] == 1
+    assert "stage 2 step 2: non-finite loss or gradient, update skipped (1 in a row)" in so
+    # three in a row stop the run, with the last good state (after step 1) checkpointed
+    monkeypatch.setattr(train.FAULTS, "nan_at", set())
+    code, _, _ = in_process(base + ["--run-name", "good", "--steps", "1"], capsys)
+    good = torch.load(out / "good" / "coars.pt", weights_only=True)["adapters"]
+    monkeypatch.setattr(train.FAULTS, "nan_at", {(2, 2), (2, 3), (2, 4)})
+    code, _, err = in_process(base + ["--run-name", "bad"], capsys)
+    assert code.startswith("error: stage 2 step 4: 3 non-finite losses or gradients in a row, so the run stopped")
+    ck = train.load_checkpoint(out / "bad")
+    assert ck["step"] == 4 and ck["n_bad"] == 3
+    assert all(torch.equal(ck["adapters"][k], v) for k, v in good.items())
+
+
+def test_out_of_memory_in_rollout_halves_the_micro_batch(small_run, tmp_path, capsys, monkeypatch):
+    real = train.rollout
+
+    def small_memory(*a, batch=256, **k):
+        if batch > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(*a, batch=batch, **k)
+    monkeypatch.setattr(train, "rollout", small_memory)
+    code, so, _ = in_process(small_run + ["--out-dir", str(tmp_path), "--run-name", "oom", "--steps", "2",
+                                          "--skip-eval", "--batch", "8"], capsys)
+    assert code == 0
+    assert "rollout micro-batch halved to 4" in so and "rollout micro-batch halved to 2" in so
+    last = json.loads((tmp_path / "oom" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["rollout_batch"] == 2 and last["step"] == 2
+
+
+VALIDATION_RULES = [
+    (dict(dataset="ml-2m"), "unknown dataset 'ml-2m'"),
+    (dict(candidates="best"), "--candidates must be 'sasrec' or 'random'"),
+    (dict(reward_mode="best"), "--reward-mode must be 'interaction' or 'outcome'"),
+    (dict(baseline="median"), "--baseline must be 'none' or 'mean'"),
+    (dict(device="tpu"), "--device must be auto, cpu or cuda"),
+    (dict(device="cuda"), "--device cuda was asked for but no GPU is visible"),
+    (dict(t_max=0), "--t-max must be at least 1"),
+    (dict(steps=-1), "--steps and --pretrain-steps cannot be negative"),
+    (dict(pretrain_steps=-1), "--steps and --pretrain-steps cannot be negative"),
+    (dict(batch=0), "--batch and --pretrain-batch must be at least 1"),
+    (dict(lam=-0.1), "--lam must be >= 0"),
+    (dict(alpha=1.5), r"--alpha must be in \[0, 1\]"),
+    (dict(temperature=0), "--temperature must be positive"),
+    (dict(n_embd=130), "--n-embd must be a multiple of --n-head"),
+    (dict(p_target=0.8, p_prior=0.5), r"--p-target \+ --p-prior must be within \[0, 1\]"),
+    (dict(lora_r=0), "--lora-r must be at least 1"),
+    (dict(eval_test_n=-1), "--eval-test-n and --eval-valid-n cannot be negative"),
+    (dict(eval_every=-1), "--eval-every cannot be negative"),
+    (dict(lr=0), "--lr and --pretrain-lr must be positive"),
+    (dict(grad_clip=0), "--grad-clip must be positive"),
+    (dict(n_boot=0), "--n-boot must be at least 1"),
+    (dict(ckpt_every=-1), "--ckpt-every cannot be negative"),
+    (dict(max_bad_steps=0), "--max-bad-steps must be at least 1"),
+    (dict(rollout_batch=-2), "--rollout-batch cannot be negative"),
+    (dict(train_rec=False, train_user=False), "--no-train-rec with --no-train-user leaves nothing to train"),
+    (dict(n_layer=0), "--n-layer, --n-head and --n-embd must be at least 1"),
+    (dict(p_reference=2), r"--p-reference must be within \[0, 1\]"),
+]
+
+
+@pytest.mark.parametrize("kw,msg", VALIDATION_RULES)
+def test_every_config_validation_rule(kw, msg):
+    if kw.get("device") == "cuda" and torch.cuda.is_available():
+        pytest.skip("a GPU is visible")
+    with pytest.raises(train.UserError, match=msg):
+        train.validate(train.Config(**kw))
+
+
+def test_every_validation_rule_has_a_test():
+    import inspect as _inspect
+    n_rules = _inspect.getsource(train.validate).count("\n        (")
+    assert n_rules == len({m for _, m in VALIDATION_RULES}) + 0
+
+
+def test_run_folder_must_be_writable(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(train.UserError, match="cannot write to the run folder .*choose another --out-dir"):
+        train.check_run_dir(train.Config(out_dir=str(blocker), run_name="r"))
+
+
+def test_reference_buffer_survives_a_checkpoint(data, tmp_path):
+    tok = Tokenizer(data.n_items)
+    rng = np.random.default_rng(0)
+    trajs = []
+    for r in (0, 5):
+        tr = env.new_trajectory(data, "train", r)
+        env.scripted_episode(data, tok, tr, rng, 3, 0.3, 0.3, {tr.target})
+        trajs.append(tr)
+    buf = distill.ReferenceBuffer()
+    buf.add(trajs)
+    train.save_checkpoint(tmp_path, {"buffer": train.buffer_state(buf)})
+    back = distill.ReferenceBuffer()
+    train.set_buffer_state(back, train.load_checkpoint(tmp_path)["buffer"])
+    assert back.last.keys() == buf.last.keys()
+    for k in buf.last:
+        assert back.last[k] == buf.last[k]
+        assert distill.hindsight_reference(tok, back.last[k]) == distill.hindsight_reference(tok, buf.last[k])

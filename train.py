@@ -28,6 +28,8 @@ import dataclasses
 import inspect
 import json
 import math
+import os
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -40,7 +42,7 @@ from tqdm import tqdm
 from data.prepare import DataConfig, DataError, SOURCES, is_custom, prepare
 from data.sasrec import SASRecConfig
 from distill import ReferenceBuffer, coars_loss, hindsight_reference
-from env import (closest_history_item, new_trajectory, rec_message, render_rec, render_user, rollout,
+from env import (Trajectory, Turn, closest_history_item, new_trajectory, rec_message, render_rec, render_user, rollout,
                  scripted_episode, scripted_rec_choice, scripted_user_reaction, user_message)
 from eval import evaluate, results_table, run_ars, write_results
 from model import GPT, GPTConfig, Tokenizer, causal_mask, logprobs_of, pack, positions
@@ -138,6 +140,15 @@ class Config:
     """bootstrap resamples for the intervals"""
     skip_eval: bool = False
     """do not run the final test evaluation"""
+    # ---- surviving long runs ----
+    resume: bool = False
+    """continue the run in out_dir/run_name from its last checkpoint"""
+    ckpt_every: int = 50
+    """write a checkpoint every this many steps of either stage (0 = only at the end and on a stop)"""
+    max_bad_steps: int = 3
+    """stop after this many non-finite losses or gradients in a row (each one is skipped)"""
+    rollout_batch: int = 0
+    """rollout micro-batch (0 = the whole batch); halved on a GPU out-of-memory error"""
 
     def data_config(self):
         return DataConfig(dataset=self.dataset, data_dir=self.data_dir, data_url=self.data_url,
@@ -145,7 +156,7 @@ class Config:
                           sasrec=SASRecConfig(epochs=self.sasrec_epochs))
 
     def run_dir(self):
-        return Path(self.out_dir) / (self.run_name or self.dataset)
+        return Path(self.out_dir) / (self.run_name or Path(self.dataset).name)
 
 
 def field_docs(cls):
@@ -187,10 +198,37 @@ def validate(cfg: Config):
         (0 <= cfg.p_target + cfg.p_prior <= 1, "--p-target + --p-prior must be within [0, 1]."),
         (cfg.lora_r >= 1, "--lora-r must be at least 1."),
         (cfg.eval_test_n >= 0 and cfg.eval_valid_n >= 0, "--eval-test-n and --eval-valid-n cannot be negative."),
+        (cfg.eval_every >= 0, "--eval-every cannot be negative (0 = never)."),
+        (cfg.lr > 0 and cfg.pretrain_lr > 0, "--lr and --pretrain-lr must be positive."),
+        (cfg.grad_clip > 0, "--grad-clip must be positive."),
+        (cfg.n_boot >= 1, "--n-boot must be at least 1."),
+        (cfg.ckpt_every >= 0, "--ckpt-every cannot be negative (0 = only at the end and on a stop)."),
+        (cfg.max_bad_steps >= 1, "--max-bad-steps must be at least 1."),
+        (cfg.rollout_batch >= 0, "--rollout-batch cannot be negative (0 = the whole batch)."),
+        (cfg.train_rec or cfg.train_user or cfg.steps == 0,
+         "--no-train-rec with --no-train-user leaves nothing to train: drop one, or use --steps 0."),
+        (cfg.n_layer >= 1 and cfg.n_head >= 1 and cfg.n_embd >= 1, "--n-layer, --n-head and --n-embd must be at least 1."),
+        (0 <= cfg.p_reference <= 1, "--p-reference must be within [0, 1]."),
     ]
     for ok, msg in checks:
         if not ok:
             raise UserError(msg)
+
+
+def check_run_dir(cfg):
+    """The run folder must be writable; --resume needs a checkpoint in it."""
+    run_dir = cfg.run_dir()
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write-test"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"cannot write to the run folder {run_dir} ({e.strerror or e}): choose another --out-dir "
+                        f"or --run-name.")
+    if cfg.resume and not any((run_dir / n).exists() for n in CKPT_NAMES):
+        raise UserError(f"--resume: there is no checkpoint in {run_dir}; start the run without --resume.")
+    return run_dir
 
 
 def pick_device(name):
@@ -202,6 +240,131 @@ def pick_device(name):
 def log_jsonl(path, rec):
     with open(path, "a") as f:
         f.write(json.dumps(rec) + "\n")
+
+
+# --------------------------------------------------------------------------------------------------
+# Checkpoints, stops and faults. A checkpoint holds everything a run needs to continue bit for bit:
+# the trained weights (the whole base in stage 1, the adapters in stage 2, whose base is base.pt),
+# the optimiser, the step, every random generator, the hindsight-reference buffer, the config, the
+# data fingerprint and how many lines of metrics.jsonl belong to it. It is written to a temporary
+# file and renamed; the one before it is kept as ckpt.prev.pt, used when ckpt.pt is damaged.
+
+CKPT_NAMES = ("ckpt.pt", "ckpt.prev.pt")
+CKPT_FORMAT = 1
+# options that may change between a run and its resumption (they do not change what is computed)
+RESUMABLE = {"resume", "ckpt_every", "skip_eval", "device", "n_boot", "eval_test_n", "max_bad_steps", "rollout_batch"}
+
+
+class Stopped(Exception):
+    """A stop was asked for (SIGTERM, Ctrl-C) and a checkpoint was written."""
+
+
+class StopFlag:
+    """SIGTERM and Ctrl-C set a flag; the training loops check it after each step, write a
+    checkpoint and stop. A second Ctrl-C stops at once."""
+
+    def __init__(self):
+        self.signum = None
+
+    def install(self):
+        def handler(signum, frame):
+            self.signum = signum
+            if signum == signal.SIGINT:
+                signal.signal(signal.SIGINT, signal.default_int_handler)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, handler)
+        return self
+
+    @property
+    def name(self):
+        return signal.Signals(self.signum).name if self.signum else ""
+
+
+STOP = StopFlag()
+
+
+def save_checkpoint(run_dir: Path, state: dict):
+    tmp = run_dir / "ckpt.tmp"
+    torch.save(dict(state, format=CKPT_FORMAT), tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    cur = run_dir / "ckpt.pt"
+    if cur.exists():
+        os.replace(cur, run_dir / "ckpt.prev.pt")
+    os.replace(tmp, cur)
+
+
+def load_checkpoint(run_dir: Path, log=print):
+    """The newest readable checkpoint, or None. A damaged one is reported and skipped."""
+    for name in CKPT_NAMES:
+        path = run_dir / name
+        if not path.exists():
+            continue
+        try:
+            ck = torch.load(path, map_location="cpu", weights_only=True)
+            if not isinstance(ck, dict) or ck.get("format") != CKPT_FORMAT:
+                raise ValueError("not a checkpoint of this version")
+            return ck
+        except Exception as e:  # noqa: BLE001 - any failure to read means "damaged"
+            why = (str(e).splitlines() or [type(e).__name__])[0][:120]
+            log(f"warning: {path} is damaged or incomplete ({why}); "
+                f"trying the previous checkpoint")
+    return None
+
+
+def check_resumable(ck, cfg, data):
+    """Refuse to resume with other options or other data, naming the first difference."""
+    old, new = ck["config"], dataclasses.asdict(cfg)
+    for k in new:
+        if k not in RESUMABLE and old.get(k) != new[k]:
+            raise UserError(f"--resume: the run was started with --{k.replace('_', '-')} {old.get(k)!r}, not "
+                            f"{new[k]!r}; resume with the same options or choose another --run-name.")
+    if ck["data"] != data_fingerprint(data):
+        raise UserError("--resume: the data differs from the data the run was started with (other raw files or "
+                        "data options); resume with the same data or choose another --run-name.")
+
+
+def data_fingerprint(data):
+    return dict(raw_sha256=data.meta["raw_sha256"], options=data.meta["options"])
+
+
+def rng_state(rng):
+    return json.dumps(rng.bit_generator.state)
+
+
+def set_rng_state(rng, text):
+    rng.bit_generator.state = json.loads(text)
+
+
+def buffer_state(buffer):
+    return json.dumps([[list(k), dataclasses.asdict(tr)] for k, tr in buffer.last.items()], default=_plain)
+
+
+def set_buffer_state(buffer, text):
+    for k, tr in json.loads(text):
+        turns = [Turn(**t) for t in tr.pop("turns")]
+        buffer.last[tuple(k)] = Trajectory(**tr, turns=turns)
+
+
+def _plain(x):
+    return x.item() if hasattr(x, "item") else str(x)
+
+
+def metrics_lines(run_dir):
+    path = run_dir / "metrics.jsonl"
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def truncate_metrics(run_dir, n):
+    """Keep the first n lines of metrics.jsonl: the steps after the checkpoint are redone."""
+    path = run_dir / "metrics.jsonl"
+    if path.exists():
+        lines = path.read_text().splitlines(keepends=True)[:n]
+        path.write_text("".join(lines))
+
+
+def finite(*xs):
+    return all(bool(torch.isfinite(torch.as_tensor(x)).all()) for x in xs)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -294,12 +457,12 @@ def build_model(cfg, tok, device):
                          n_embd=cfg.n_embd)).to(device)
 
 
-def stage1(cfg, data, tok, device, run_dir, log):
-    """Pretrain (or load) the base; returns it frozen."""
+def stage1(cfg, data, tok, device, run_dir, log, ck=None):
+    """Pretrain (or load) the base; returns it frozen. ck: a stage-1 checkpoint to continue from."""
     path = run_dir / "base.pt"
     key = stage1_key(cfg, data)
     model = build_model(cfg, tok, device)
-    if path.exists():
+    if path.exists() and not (ck and ck["stage"] == 1):
         ck = torch.load(path, map_location=device, weights_only=True)
         if ck.get("key") == json.dumps(key, sort_keys=True):
             model.load_state_dict(ck["model"])
@@ -313,22 +476,50 @@ def stage1(cfg, data, tok, device, run_dir, log):
                             lr=cfg.pretrain_lr, betas=(0.9, 0.98))
     warm = max(1, cfg.pretrain_steps // 20)
     t0 = time.time()
-    bar = tqdm(range(cfg.pretrain_steps), desc="stage 1 pretrain", dynamic_ncols=True, disable=None)
+    start, n_bad, streak = 0, 0, 0
+
+    def checkpoint(step):
+        save_checkpoint(run_dir, dict(stage=1, step=step, model=model.state_dict(), opt=opt.state_dict(),
+                                      rng=rng_state(rng), torch_rng=torch.get_rng_state(), n_bad=n_bad,
+                                      config=dataclasses.asdict(cfg), data=data_fingerprint(data),
+                                      metrics_lines=metrics_lines(run_dir)))
+
+    if ck and ck["stage"] == 1:
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["opt"])
+        set_rng_state(rng, ck["rng"])
+        torch.set_rng_state(ck["torch_rng"])
+        start, n_bad = ck["step"], ck["n_bad"]
+        log(f"stage 1: resuming after step {start}")
+    loss = torch.tensor(float("nan"))
+    bar = tqdm(range(start, cfg.pretrain_steps), desc="stage 1 pretrain", dynamic_ncols=True, disable=None,
+               initial=start, total=cfg.pretrain_steps)
     for step in bar:
         lr = cfg.pretrain_lr * min((step + 1) / warm, 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / cfg.pretrain_steps)))
         for g in opt.param_groups:
             g["lr"] = lr
         docs = [pretrain_doc(data, tok, rng, cfg) for _ in range(cfg.pretrain_batch)]
-        loss = lm_loss(model, docs, tok, device)
+        loss = FAULTS.loss(lm_loss(model, docs, tok, device), 1, step + 1)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        if step % 20 == 0 or step == cfg.pretrain_steps - 1:
+        ok = finite(loss)
+        if ok:
+            loss.backward()
+            ok = finite(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0))
+        if ok:
+            opt.step()
+            streak = 0
+        else:
+            n_bad, streak = n_bad + 1, streak + 1
+            check_bad_streak(cfg, streak, 1, step + 1, run_dir, log, lambda: checkpoint(step))
+        if step % 20 == 0 or step == cfg.pretrain_steps - 1 or not ok:
             bar.set_postfix(loss=f"{loss.item():.3f}")
-            log_jsonl(run_dir / "metrics.jsonl", dict(stage=1, step=step, loss=loss.item(), lr=lr,
+            log_jsonl(run_dir / "metrics.jsonl", dict(stage=1, step=step, loss=loss.item(), lr=lr, skipped=n_bad,
                                                       seconds=round(time.time() - t0, 1)))
-    if cfg.pretrain_steps:
+        if STOP.signum or (cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0):
+            checkpoint(step + 1)
+            if STOP.signum:
+                raise Stopped(f"stage 1 step {step + 1}")
+    if cfg.pretrain_steps and start < cfg.pretrain_steps or (ck and ck["stage"] == 1):
         tmp = path.with_suffix(".tmp")
         torch.save({"model": model.state_dict(), "key": json.dumps(key, sort_keys=True)}, tmp)
         tmp.replace(path)
@@ -346,8 +537,9 @@ def freeze(model):
 # Stage 2: CoARS
 
 
-def stage2(cfg, model, tok, data, device, run_dir, log):
-    """Train both adapters with CoARS from the same rollouts (PAPER.md section 5)."""
+def stage2(cfg, model, tok, data, device, run_dir, log, ck=None):
+    """Train both adapters with CoARS from the same rollouts (PAPER.md section 5).
+    ck: a stage-2 checkpoint to continue from."""
     model.add_lora(("rec", "user"), r=cfg.lora_r, alpha=cfg.lora_alpha)
     agents = [a for a, on in (("rec", cfg.train_rec), ("user", cfg.train_user)) if on]
     params = [p for a in agents for p in model.adapter_parameters(a)]
@@ -360,28 +552,61 @@ def stage2(cfg, model, tok, data, device, run_dir, log):
     reward_cfg = dict(mode=cfg.reward_mode, alpha=cfg.alpha, use_filter=cfg.use_filter,
                       stage_gamma=cfg.stage_gamma if cfg.stage_gamma >= 0 else None)
     valid_rows = np.random.default_rng(cfg.seed).permutation(len(data.valid_user))[:cfg.eval_valid_n]
-    bar = tqdm(range(1, cfg.steps + 1), desc="stage 2 CoARS", dynamic_ncols=True, disable=None)
+    start, n_bad, streak = 0, 0, 0
+    micro = cfg.rollout_batch or cfg.batch
+
+    def checkpoint(step):
+        save_checkpoint(run_dir, dict(stage=2, step=step, adapters=adapter_state(model),
+                                      opt=opt.state_dict() if opt else {}, rng=rng_state(rng),
+                                      gen=gen.get_state(), torch_rng=torch.get_rng_state(), buffer=buffer_state(buffer),
+                                      n_bad=n_bad, config=dataclasses.asdict(cfg), data=data_fingerprint(data),
+                                      metrics_lines=metrics_lines(run_dir)))
+
+    if ck and ck["stage"] == 2:
+        model.load_state_dict(ck["adapters"], strict=False)
+        if opt:
+            opt.load_state_dict(ck["opt"])
+        set_rng_state(rng, ck["rng"])
+        gen.set_state(ck["gen"])
+        torch.set_rng_state(ck["torch_rng"])
+        set_buffer_state(buffer, ck["buffer"])
+        start, n_bad = ck["step"], ck["n_bad"]
+        log(f"stage 2: resuming after step {start}")
+    else:
+        checkpoint(0)                 # stage 1 is done: a resume starts from here, not from stage 1
+    bar = tqdm(range(start + 1, cfg.steps + 1), desc="stage 2 CoARS", dynamic_ncols=True, disable=None,
+               initial=start, total=cfg.steps)
     for step in bar:
         t0 = time.time()
         rows = rng.integers(0, len(data.train_user), cfg.batch)
-        trajs = [new_trajectory(data, "train", r) for r in rows]
-        rollout(model, tok, data, trajs, t_max=cfg.t_max, temperature=cfg.temperature, generator=gen, device=device)
+        trajs, micro = rollout_with_retry(model, tok, data, rows, cfg, gen, device, micro, log)
         t1 = time.time()
         rec = dict(stage=2, step=step)
+        ok = True
         for agent in agents:
             model.set_adapter(agent)
             with autocast(device):
                 loss, st = coars_loss(model, tok, trajs, buffer, agent, reward_cfg, cfg.lam, cfg.baseline, device)
-            if st["messages"]:
+            loss = FAULTS.loss(loss, 2, step)
+            ok = ok and finite(loss)
+            if st["messages"] and ok:
                 loss.backward()
             rec.update({f"{agent}_{k}": v for k, v in st.items()}, **{f"{agent}_loss": loss.item()})
         model.set_adapter(None)
         t2 = time.time()
         if opt:
-            gn = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            opt.step()
+            gn = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip) if ok else torch.tensor(float("nan"))
+            ok = ok and finite(gn)
+            if ok:
+                opt.step()
             opt.zero_grad(set_to_none=True)
             rec["grad_norm"] = float(gn)
+        if ok:
+            streak = 0
+        else:  # skip the update: the adapters and the optimiser stay as they were
+            n_bad, streak = n_bad + 1, streak + 1
+            log(f"warning: stage 2 step {step}: non-finite loss or gradient, update skipped ({streak} in a row)")
+        rec.update(skipped=n_bad, rollout_batch=micro)
         buffer.add(trajs)
         n_tok = sum(len(t.rec_out) + len(t.user_out or []) for tr in trajs for t in tr.turns)
         turns = [t for tr in trajs for t in tr.turns]
@@ -397,15 +622,68 @@ def stage2(cfg, model, tok, data, device, run_dir, log):
         bar.set_postfix(hit=f"{rec['train_hit']:.2f}", R_rec=f"{rec.get('rec_reward', 0):+.2f}",
                         A=f"{rec.get('rec_credit', 0):+.2f}", s=f"{rec['step_s']:.1f}")
         log_jsonl(run_dir / "metrics.jsonl", rec)
+        if not ok:
+            check_bad_streak(cfg, streak, 2, step, run_dir, log, lambda: checkpoint(step))
+        if STOP.signum or step == cfg.steps or (cfg.ckpt_every and step % cfg.ckpt_every == 0):
+            checkpoint(step)
+            if STOP.signum and step < cfg.steps:
+                raise Stopped(f"stage 2 step {step}")
     save_adapters(model, cfg, run_dir / "coars.pt")
     return model
 
 
+def adapter_state(model):
+    return {k: v for k, v in model.state_dict().items() if ".adapters." in k}
+
+
 def save_adapters(model, cfg, path):
-    state = {k: v for k, v in model.state_dict().items() if ".adapters." in k}
     tmp = path.with_suffix(".tmp")
-    torch.save({"adapters": state, "config": dataclasses.asdict(cfg)}, tmp)
+    torch.save({"adapters": adapter_state(model), "config": dataclasses.asdict(cfg)}, tmp)
     tmp.replace(path)
+
+
+class BadSteps(Exception):
+    """Too many non-finite steps in a row; the message says where the last good state is."""
+
+
+def check_bad_streak(cfg, streak, stage, step, run_dir, log, checkpoint):
+    if streak >= cfg.max_bad_steps:
+        checkpoint()
+        raise BadSteps(f"stage {stage} step {step}: {streak} non-finite losses or gradients in a row, so the run "
+                       f"stopped; the last good state is checkpointed in {run_dir} (lower --lr or "
+                       f"--pretrain-lr, then --resume).")
+
+
+class Faults:
+    """Testing aid: loss(x, stage, step) returns x, or NaN at the (stage, step) pairs in `nan_at`
+    (set by the tests; empty in real runs)."""
+
+    def __init__(self):
+        self.nan_at = set()
+
+    def loss(self, x, stage, step):
+        return x * float("nan") if (stage, step) in self.nan_at else x
+
+
+FAULTS = Faults()
+
+
+def rollout_with_retry(model, tok, data, rows, cfg, gen, device, micro, log):
+    """Roll out the batch in micro-batches; on a GPU out-of-memory error, halve the micro-batch,
+    start the batch's episodes again and go on with the smaller size. Returns (trajs, micro)."""
+    while True:
+        trajs = [new_trajectory(data, "train", r) for r in rows]
+        try:
+            rollout(model, tok, data, trajs, t_max=cfg.t_max, temperature=cfg.temperature, generator=gen,
+                    device=device, batch=micro)
+            return trajs, micro
+        except torch.OutOfMemoryError:
+            if micro == 1:
+                raise
+            micro = max(1, micro // 2)
+            if str(device).startswith("cuda"):
+                torch.cuda.empty_cache()
+            log(f"warning: out of memory during the rollout; rollout micro-batch halved to {micro}")
 
 
 def load_run(run_dir: Path, device="auto"):
@@ -432,24 +710,40 @@ def main(argv=None):
     cfg = parse_args(argv)
     try:
         validate(cfg)
-        run_dir = cfg.run_dir()
-        try:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "metrics.jsonl").unlink(missing_ok=True)
-            (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
-        except OSError as e:
-            raise UserError(f"cannot write to the run folder {run_dir} ({e.strerror}): choose another --out-dir.")
+        run_dir = check_run_dir(cfg)
+        ck = None
+        if cfg.resume:
+            ck = load_checkpoint(run_dir)
+            if ck is None:
+                raise UserError(f"--resume: every checkpoint in {run_dir} is damaged; start the run again without "
+                                f"--resume.")
+        else:
+            for name in CKPT_NAMES + ("metrics.jsonl",):
+                (run_dir / name).unlink(missing_ok=True)
         t_start = time.time()
         data = prepare(cfg.data_config(), log=print)
+        if ck:
+            check_resumable(ck, cfg, data)
+            truncate_metrics(run_dir, ck["metrics_lines"])
+            print(f"resuming {run_dir} from its stage-{ck['stage']} checkpoint at step {ck['step']}")
+        (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
     except (UserError, DataError) as e:
         sys.exit(f"error: {e}")
     device = pick_device(cfg.device)
     torch.manual_seed(cfg.seed)
     tok = Tokenizer(data.n_items)
     print(f"run folder {run_dir}; device {device}; {data.n_items} items, {len(data.train_user)} training samples")
-    model = stage1(cfg, data, tok, device, run_dir, print)
-    t_s1 = time.time()
-    model = stage2(cfg, model, tok, data, device, run_dir, print)
+    STOP.install()
+    try:
+        model = stage1(cfg, data, tok, device, run_dir, print, ck)
+        t_s1 = time.time()
+        model = stage2(cfg, model, tok, data, device, run_dir, print, ck)
+    except Stopped as e:
+        print(f"stopped by {STOP.name} after {e}; checkpoint written in {run_dir}; continue with the same "
+              f"command and --resume")
+        sys.exit(128 + STOP.signum)
+    except BadSteps as e:
+        sys.exit(f"error: {e}")
     t_s2 = time.time()
     if cfg.skip_eval:
         return
