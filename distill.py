@@ -19,6 +19,8 @@ normalisation, no KL penalty, as in the paper. [ours, extension, off by default]
 baseline subtracted from R_t (--baseline mean).
 """
 
+import time
+
 import torch
 
 from env import render_rec, render_user
@@ -91,18 +93,23 @@ def collect_messages(tok, trajs, buffer, agent, reward_cfg):
     return out
 
 
-def coars_loss(model, tok, trajs, buffer, agent, reward_cfg, lam=0.1, baseline="none", device="cpu"):
+def coars_loss(model, tok, trajs, buffer, agent, reward_cfg, lam=0.1, baseline="none", device="cpu", timing=None):
     """The loss of one agent on a batch of finished trajectories, and its statistics.
 
     The agent's adapter must be active. The teacher pass (reference in the prompt) runs without
-    gradient; the student pass carries the gradient of Eq. 11 / 12."""
+    gradient; the student pass carries the gradient of Eq. 11 / 12. timing: an optional dict that
+    receives teacher_s and student_s (forward only; the caller times the backward)."""
     msgs = collect_messages(tok, trajs, buffer, agent, reward_cfg)
     if not msgs:
         return torch.zeros((), device=device), dict(messages=0)
     student_p, teacher_p, ys, rs = zip(*msgs)
+    t0 = time.perf_counter()
     with torch.no_grad():
         t_lp = token_logprobs(model, teacher_p, ys, tok.pad_id, device) if lam else None
+    t1 = time.perf_counter()
     s_lp = token_logprobs(model, student_p, ys, tok.pad_id, device)
+    if timing is not None:
+        timing.update(teacher_s=t1 - t0, student_s=time.perf_counter() - t1)
     credits = [token_credit(t, s) for t, s in zip(t_lp, s_lp)] if lam else [torch.zeros_like(s) for s in s_lp]
     b = sum(rs) / len(rs) if baseline == "mean" else 0.0
     loss = agent_objective(s_lp, list(rs), credits, lam, n_episodes=len(trajs), baseline=b)

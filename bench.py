@@ -1,0 +1,348 @@
+"""
+Benchmarks of the two places where RL for language models spends its time: sampling rollouts and
+per-token log-probs (teacher and student passes). A file of its own because it is not part of the
+method: it measures model.py's fast paths against what people would use instead, in one process,
+and prints ratios.
+
+    python bench.py                    # everything (about 10 min on 2 CPU cores)
+    python bench.py --only gen         # one part: gen, logprob, iter
+    python bench.py --quick            # small sizes, for a smoke test
+
+1. Generation: model.generate (static KV cache, left padding, head on the last position only)
+   against Hugging Face `generate` on the same weights. The built-in GPT is exactly a GPT-NeoX
+   (sequential residual, full rotary, exact GELU, biases) whose output head is the normalised token
+   embedding, so `to_gpt_neox` copies its weights into transformers' GPTNeoXForCausalLM; the test
+   suite checks that both give the same logits. Greedy outputs must be identical.
+2. Per-token log-probs of given tokens, forward and backward: model.logprobs_of (head only on the
+   scored rows, chunked log-sum-exp, hand-written backward) against the plain
+   `(h @ W.T).float().log_softmax(-1).gather(...)`, each in a fresh subprocess so that its peak
+   memory (max RSS above the process's idle size; on GPU the allocator's peak) is its own. The
+   maximum absolute error of both is taken against a float64 reference.
+3. One CoARS iteration on the built-in model and synthetic data, split into rollout, teacher pass,
+   student pass (forward and backward) and update.
+
+Every number is printed with the machine it came from.
+"""
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT))
+
+from model import GPT, GPTConfig, generate, logprobs_of  # noqa: E402
+
+
+def machine():
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), {gpu}"
+
+
+def timeit(fn, device, repeat=3, warmup=1):
+    """Best wall time of `repeat` calls after `warmup` calls (seconds)."""
+    for _ in range(warmup):
+        fn()
+    best = float("inf")
+    for _ in range(repeat):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+# --------------------------------------------------------------------------------------------------
+# 1. Generation
+
+
+def to_gpt_neox(model: GPT):
+    """A transformers GPTNeoXForCausalLM computing exactly what the built-in GPT computes."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+    c = model.cfg
+    hc = GPTNeoXConfig(vocab_size=c.vocab_size, hidden_size=c.n_embd, num_hidden_layers=c.n_layer,
+                       num_attention_heads=c.n_head, intermediate_size=4 * c.n_embd, hidden_act="gelu",
+                       max_position_embeddings=c.block_size, layer_norm_eps=1e-5, use_parallel_residual=False,
+                       rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 1.0},
+                       attention_bias=True, tie_word_embeddings=False, bos_token_id=None, eos_token_id=None,
+                       pad_token_id=0)
+    hf = GPTNeoXForCausalLM(hc)
+    H, C = c.n_head, c.n_embd
+    D = C // H
+    sd = {"gpt_neox.embed_in.weight": model.wte.weight, "embed_out.weight": model.head_weight,
+          "gpt_neox.final_layer_norm.weight": model.ln_f.weight, "gpt_neox.final_layer_norm.bias": model.ln_f.bias}
+    for i, b in enumerate(model.blocks):
+        p = f"gpt_neox.layers.{i}."
+        # ours: [q of all heads | k | v]; GPT-NeoX: per head [q_h | k_h | v_h]
+        w = b.qkv.weight.view(3, H, D, C).transpose(0, 1).reshape(3 * C, C)
+        bias = b.qkv.bias.view(3, H, D).transpose(0, 1).reshape(3 * C)
+        sd.update({p + "input_layernorm.weight": b.ln1.weight, p + "input_layernorm.bias": b.ln1.bias,
+                   p + "post_attention_layernorm.weight": b.ln2.weight, p + "post_attention_layernorm.bias": b.ln2.bias,
+                   p + "attention.query_key_value.weight": w, p + "attention.query_key_value.bias": bias,
+                   p + "attention.dense.weight": b.proj.weight, p + "attention.dense.bias": b.proj.bias,
+                   p + "mlp.dense_h_to_4h.weight": b.fc.weight, p + "mlp.dense_h_to_4h.bias": b.fc.bias,
+                   p + "mlp.dense_4h_to_h.weight": b.fc2.weight, p + "mlp.dense_4h_to_h.bias": b.fc2.bias})
+    missing, unexpected = hf.load_state_dict({k: v.detach().clone() for k, v in sd.items()}, strict=False)
+    assert not unexpected and all("rotary" in k or "inv_freq" in k for k in missing), (missing, unexpected)
+    return hf.to(model.wte.weight.device, model.wte.weight.dtype).eval()
+
+
+def bench_generation(sizes, batches, prompt_lens, new=32, device="cpu", dtype=torch.float32, repeat=2):
+    rows = []
+    for name, (L, H, C) in sizes.items():
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(vocab_size=4096, n_layer=L, n_head=H, n_embd=C, block_size=1024)).to(device, dtype).eval()
+        hf = to_gpt_neox(model)
+        for P in prompt_lens:
+            for B in batches:
+                g = torch.Generator().manual_seed(B * 1000 + P)
+                prompts = torch.randint(10, 4096, (B, P), generator=g)
+                ours = lambda: generate(model, prompts.tolist(), new, pad_id=0, temperature=0.0, device=device)  # noqa: E731
+                theirs = lambda: hf.generate(prompts.to(device), attention_mask=torch.ones_like(prompts).to(device),  # noqa: E731
+                                             max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
+                with torch.no_grad():
+                    same = ours() == theirs()[:, P:].tolist()
+                    t_ours, t_hf = timeit(ours, device, repeat), timeit(theirs, device, repeat)
+                    floor = matmul_floor(model, B, device, dtype) * new
+                rows.append(dict(model=name, batch=B, prompt=P, new=new, ours_s=t_ours, hf_s=t_hf,
+                                 speedup=t_hf / t_ours, ours_tok_s=B * new / t_ours, hf_tok_s=B * new / t_hf,
+                                 ours_step_ms=1e3 * t_ours / new, matmul_ms=1e3 * floor / new, greedy_identical=same))
+                print(fmt_gen(rows[-1]), flush=True)
+    return rows
+
+
+@torch.no_grad()
+def matmul_floor(model, B, device, dtype):
+    """Time of one decode step's matrix products alone (every linear layer and the head at batch B):
+    what a step costs when nothing else (attention over the cache, launches, Python) does."""
+    x = torch.randn(B, model.cfg.n_embd, device=device, dtype=dtype)
+    ws = [m.weight for b in model.blocks for m in (b.qkv, b.proj, b.fc)] + [model.head_weight]
+    w2 = [b.fc2.weight for b in model.blocks]
+    xf = torch.randn(B, 4 * model.cfg.n_embd, device=device, dtype=dtype)
+
+    def step():
+        for w in ws:
+            x @ w.t()
+        for w in w2:
+            xf @ w.t()
+    return timeit(step, device, repeat=5)
+
+
+def fmt_gen(r):
+    return (f"  gen {r['model']:<10} B={r['batch']:<3} P={r['prompt']:<4} ours {r['ours_tok_s']:8.0f} tok/s  "
+            f"HF {r['hf_tok_s']:8.0f} tok/s  x{r['speedup']:.2f}  step {r['ours_step_ms']:.2f} ms "
+            f"(matmuls {r['matmul_ms']:.2f} ms)  greedy identical: {r['greedy_identical']}")
+
+
+# --------------------------------------------------------------------------------------------------
+# 2. Per-token log-probs
+
+
+def plain_logprobs(h, w, y):
+    """What most RL code does: full logits, float32 log-softmax, gather."""
+    return (h @ w.t()).float().log_softmax(-1).gather(-1, y[:, None])[:, 0]
+
+
+@torch.no_grad()
+def reference_logprobs(h, w, y, rows=256):
+    """float64, a few rows at a time (only to bound memory; every value is exact float64)."""
+    out = []
+    for s in range(0, len(h), rows):
+        z = h[s:s + rows].double() @ w.double().t()
+        out.append(z.gather(-1, y[s:s + rows, None])[:, 0] - z.logsumexp(-1))
+    return torch.cat(out)
+
+
+def logprob_case(impl, V, T, B, C, device, dtype, seed=0):
+    """Run one case (forward + backward) and return time, peak memory and max abs error."""
+    g = torch.Generator().manual_seed(seed)
+    N = B * T
+    h0 = (torch.randn(N, C, generator=g) * 0.5).to(device, dtype)
+    w0 = (torch.randn(V, C, generator=g) / C ** 0.5 * 4).to(device, dtype)
+    y = torch.randint(0, V, (N,), generator=g).to(device)
+    ref = reference_logprobs(h0, w0, y)
+    fn = plain_logprobs if impl == "plain" else logprobs_of
+
+    def run():
+        h, w = h0.detach().requires_grad_(), w0.detach().requires_grad_()
+        lp = fn(h, w, y)
+        lp.sum().backward()
+        return lp
+    lp = run()
+    err = float((lp.double() - ref).abs().max())
+    del lp
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    t = timeit(run, device, repeat=3, warmup=0)
+    peak = (torch.cuda.max_memory_allocated() - base) if device == "cuda" else None
+    return dict(seconds=t, peak_bytes=peak, max_abs_err=err)
+
+
+def logprob_subprocess(impl, V, T, B, C, device, dtype):
+    """logprob_case in a fresh Python process; on CPU its peak memory is the rise of max RSS."""
+    code = (f"import bench,json,resource,torch;torch.manual_seed(0);"
+            f"r0=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss;"
+            f"r=bench.logprob_case({impl!r},{V},{T},{B},{C},{device!r},torch.{str(dtype).split('.')[1]});"
+            f"r['rss_rise']=(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss-r0)*1024;print(json.dumps(r))")
+    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    if p.returncode != 0:
+        return dict(error=(p.stderr.strip().splitlines() or ["killed (out of memory?)"])[-1][:200])
+    r = json.loads(p.stdout.strip().splitlines()[-1])
+    if r["peak_bytes"] is None:
+        r["peak_bytes"] = r["rss_rise"]
+    return r
+
+
+def bench_logprobs(vocabs, seqs, B=8, C=896, device="cpu", dtype=torch.bfloat16, mem_limit_gb=12.0):
+    rows = []
+    for V in vocabs:
+        for T in seqs:
+            # plain needs logits (bf16) + float32 log-softmax + their gradients: ~14 bytes per entry
+            plain_gb = B * T * V * 14 / 2 ** 30
+            ours = logprob_subprocess("ours", V, T, B, C, device, dtype)
+            plain = (logprob_subprocess("plain", V, T, B, C, device, dtype) if device == "cuda" or plain_gb < mem_limit_gb
+                     else dict(error=f"skipped: needs ~{plain_gb:.0f} GiB, more than this machine's budget"))
+            r = dict(vocab=V, seq=T, batch=B, hidden=C, dtype=str(dtype), ours=ours, plain=plain)
+            if "error" not in ours and "error" not in plain:
+                r["speedup"] = plain["seconds"] / ours["seconds"]
+                r["memory_ratio"] = ours["peak_bytes"] / max(plain["peak_bytes"], 1)
+            rows.append(r)
+            print(fmt_lp(r), flush=True)
+    return rows
+
+
+def fmt_lp(r):
+    def one(x):
+        if "error" in x:
+            return x["error"]
+        return f"{1e3 * x['seconds']:8.1f} ms {x['peak_bytes'] / 2 ** 30:6.2f} GiB err {x['max_abs_err']:.1e}"
+    tail = f"  x{r['speedup']:.2f} time, memory {r['memory_ratio']:.3f} of plain" if "speedup" in r else ""
+    return f"  logprob V={r['vocab']:<6} T={r['seq']:<5} ours {one(r['ours'])} | plain {one(r['plain'])}{tail}"
+
+
+# --------------------------------------------------------------------------------------------------
+# 3. One CoARS iteration, split
+
+
+def bench_iteration(batch=48, steps=3, device="cpu"):
+    import tempfile
+
+    from data.prepare import DataConfig, prepare
+    from data.sasrec import SASRecConfig
+    from data.synthetic import make_ml1m_zip
+    import train
+    from distill import ReferenceBuffer, coars_loss
+    from env import new_trajectory, rollout
+    from model import Tokenizer
+
+    tmp = Path(tempfile.mkdtemp())
+    sha = make_ml1m_zip(tmp / "ml-1m.zip", users=300, items=1000, ratings=20000, seed=0)
+    data = prepare(DataConfig(dataset="ml-1m", data_dir=str(tmp), data_url=(tmp / "ml-1m.zip").as_uri(),
+                              data_sha256=sha, sasrec=SASRecConfig(epochs=2)), log=lambda *a: None)
+    cfg = train.Config()
+    tok = Tokenizer(data.n_items)
+    model = train.build_model(cfg, tok, device)              # the default built-in size, untrained
+    train.freeze(model)
+    model.add_lora(("rec", "user"), r=cfg.lora_r, alpha=cfg.lora_alpha)
+    params = [p for a in ("rec", "user") for p in model.adapter_parameters(a)]
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(params, lr=cfg.lr)
+    rng, gen = np.random.default_rng(0), torch.Generator().manual_seed(0)
+    buffer = ReferenceBuffer()
+    reward_cfg = dict(mode="interaction", alpha=cfg.alpha, use_filter=True, stage_gamma=None)
+    rows = []
+    for step in range(steps):
+        t0 = time.perf_counter()
+        trajs = [new_trajectory(data, "train", r) for r in rng.integers(0, len(data.train_user), batch)]
+        rollout(model, tok, data, trajs, t_max=cfg.t_max, temperature=1.0, generator=gen, device=device)
+        split = dict(rollout=time.perf_counter() - t0, teacher=0.0, student=0.0)
+        for agent in ("rec", "user"):
+            model.set_adapter(agent)
+            timing = {}
+            with train.autocast(device):
+                loss, st = coars_loss(model, tok, trajs, buffer, agent, reward_cfg, cfg.lam, "none", device,
+                                      timing=timing)
+            t = time.perf_counter()
+            if st["messages"]:
+                loss.backward()
+            split["teacher"] += timing.get("teacher_s", 0.0)
+            split["student"] += timing.get("student_s", 0.0) + time.perf_counter() - t
+        model.set_adapter(None)
+        t = time.perf_counter()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        split["update"] = time.perf_counter() - t
+        buffer.add(trajs)
+        split["total"] = time.perf_counter() - t0
+        rows.append(split)
+        print("  iteration " + "  ".join(f"{k} {v:.2f} s" for k, v in split.items())
+              + f"  (rollout {split['rollout'] / split['total']:.0%})", flush=True)
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Benchmarks of generation, log-probs and one CoARS iteration.")
+    p.add_argument("--only", choices=["gen", "logprob", "iter"], action="append",
+                   help="run only these parts (repeatable)")
+    p.add_argument("--quick", action="store_true", help="small sizes (a smoke test)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", default="", help="also write every number to this JSON file")
+    a = p.parse_args(argv)
+    parts = a.only or ["gen", "logprob", "iter"]
+    dev = a.device
+    print(f"machine: {machine()}; device {dev}")
+    res = dict(machine=machine(), device=dev)
+    if "gen" in parts:
+        print("1. generation: ours (static KV cache) vs Hugging Face generate, greedy, same weights")
+        if a.quick:
+            res["generation"] = bench_generation({"tiny": (2, 2, 64)}, [1, 4], [16], new=8, device=dev, repeat=1)
+        elif dev == "cuda":
+            res["generation"] = bench_generation({"built-in": (4, 4, 128), "gpt2-6x384": (6, 6, 384)},
+                                                 [1, 16, 64], [64, 512], device=dev, dtype=torch.bfloat16)
+        else:
+            res["generation"] = bench_generation({"built-in": (4, 4, 128), "gpt2-6x384": (6, 6, 384)},
+                                                 [1, 16, 64], [64, 512], device=dev)
+    if "logprob" in parts:
+        print("2. per-token log-probs, forward + backward, bf16 inputs: ours (chunked) vs plain float32 "
+              "log_softmax + gather")
+        if a.quick:
+            res["logprobs"] = bench_logprobs([4096], [64], B=2, C=64, device=dev)
+        else:
+            res["logprobs"] = bench_logprobs([4096, 50257, 151936], [512, 2048], device=dev)
+    if "iter" in parts:
+        print("3. one CoARS iteration on the built-in model (default size, batch 48, T_max 5)")
+        res["iteration"] = bench_iteration(batch=8 if a.quick else 48, steps=1 if a.quick else 3, device=dev)
+    if a.out:
+        Path(a.out).write_text(json.dumps(res, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()
