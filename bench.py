@@ -90,7 +90,7 @@ def to_gpt_neox(model: GPT):
     hf = GPTNeoXForCausalLM(hc)
     H, C = c.n_head, c.n_embd
     D = C // H
-    sd = {"gpt_neox.embed_in.weight": model.wte.weight, "embed_out.weight": model.head_weight,
+    sd = {"gpt_neox.embed_in.weight": model.wte.weight, "lm_head.weight": model.head_weight,
           "gpt_neox.final_layer_norm.weight": model.ln_f.weight, "gpt_neox.final_layer_norm.bias": model.ln_f.bias}
     for i, b in enumerate(model.blocks):
         p = f"gpt_neox.layers.{i}."

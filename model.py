@@ -294,10 +294,16 @@ class _ChunkedTokenLogprob(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, w, y, chunk):
-        out = torch.empty(h.shape[0], dtype=_acc(h.dtype), device=h.device)
-        for s in range(0, h.shape[0], chunk):
-            z = (h[s:s + chunk] @ w.t()).to(out.dtype)                   # (n,V)
-            out[s:s + chunk] = z.gather(1, y[s:s + chunk, None])[:, 0] - torch.logsumexp(z, dim=1)
+        acc = _acc(h.dtype)
+        out = torch.empty(h.shape[0], dtype=acc, device=h.device)
+        # The logits are computed in float32 (float64 for float64 inputs) even for bf16 inputs and
+        # under autocast: bf16 logits of size ~10 are off by ~0.03, which is the size of the
+        # differences the token credit (Eq. 10) is made of.
+        with torch.autocast(h.device.type, enabled=False):
+            wa = w.to(acc)
+            for s in range(0, h.shape[0], chunk):
+                z = h[s:s + chunk].to(acc) @ wa.t()                      # (n,V)
+                out[s:s + chunk] = z.gather(1, y[s:s + chunk, None])[:, 0] - torch.logsumexp(z, dim=1)
         ctx.save_for_backward(h, w, y)
         ctx.chunk = chunk
         return out
@@ -305,19 +311,21 @@ class _ChunkedTokenLogprob(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         h, w, y = ctx.saved_tensors
-        gh = torch.zeros_like(h) if ctx.needs_input_grad[0] else None
         acc = _acc(h.dtype)
+        gh = torch.zeros_like(h) if ctx.needs_input_grad[0] else None
         gw = torch.zeros(w.shape, dtype=acc, device=w.device) if ctx.needs_input_grad[1] else None
-        for s in range(0, h.shape[0], ctx.chunk):
-            hc = h[s:s + ctx.chunk]
-            z = (hc @ w.t()).to(acc)                                     # (n,V) recomputed
-            dz = -torch.softmax(z, dim=1)                                # d logp / dz = onehot - softmax
-            dz.scatter_add_(1, y[s:s + ctx.chunk, None], torch.ones_like(dz[:, :1]))
-            dz = dz * g[s:s + ctx.chunk, None]                           # (n,V)
-            if gh is not None:
-                gh[s:s + ctx.chunk] = (dz.to(w.dtype) @ w).to(h.dtype)
-            if gw is not None:
-                gw += dz.t() @ hc.to(acc)
+        with torch.autocast(h.device.type, enabled=False):
+            wa = w.to(acc)
+            for s in range(0, h.shape[0], ctx.chunk):
+                hc = h[s:s + ctx.chunk].to(acc)
+                z = hc @ wa.t()                                          # (n,V) recomputed
+                dz = -torch.softmax(z, dim=1)                            # d logp / dz = onehot - softmax
+                dz.scatter_add_(1, y[s:s + ctx.chunk, None], torch.ones_like(dz[:, :1]))
+                dz = dz * g[s:s + ctx.chunk, None].to(acc)               # (n,V)
+                if gh is not None:
+                    gh[s:s + ctx.chunk] = (dz @ wa).to(h.dtype)
+                if gw is not None:
+                    gw += dz.t() @ hc
         return gh, (gw.to(w.dtype) if gw is not None else None), None, None
 
 

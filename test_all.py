@@ -967,3 +967,18 @@ def test_reference_buffer_survives_a_checkpoint(data, tmp_path):
     for k in buf.last:
         assert back.last[k] == buf.last[k]
         assert distill.hindsight_reference(tok, back.last[k]) == distill.hindsight_reference(tok, buf.last[k])
+
+
+def test_logprobs_of_bf16_inputs_and_autocast_match_float64():
+    g = torch.Generator().manual_seed(0)
+    h = (torch.randn(64, 32, generator=g) * 2).bfloat16()
+    w = torch.randn(500, 32, generator=g).bfloat16()
+    y = torch.randint(0, 500, (64,), generator=g)
+    z = h.double() @ w.double().t()
+    ref = z.gather(1, y[:, None])[:, 0] - z.logsumexp(1)
+    plain = (h @ w.t()).float().log_softmax(-1).gather(-1, y[:, None])[:, 0]
+    assert (plain.double() - ref).abs().max() > 1e-3            # bf16 logits are visibly off
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = logprobs_of(h.float(), w.float(), y, 16)         # autocast must not push it to bf16
+    assert ours.dtype == torch.float32 and (ours.double() - ref).abs().max() < 1e-4
+    assert (logprobs_of(h, w, y, 16).double() - ref).abs().max() < 1e-4
