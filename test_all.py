@@ -677,6 +677,7 @@ def test_train_and_eval_end_to_end_on_synthetic_ml1m(synth, tmp_path):
     steps = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [s["step"] for s in steps if s["stage"] == 2] == [1, 2, 3]
     assert "valid_hit" in steps[-1] and "rec_credit" in steps[-1]
+    assert {"rollout_s", "teacher_s", "student_s", "update_s", "tokens_per_s"} <= set(steps[-1])
     # the base is reused on a second run with the same data and stage-1 options
     r2 = run(args + ["--steps", "1", "--skip-eval"])
     assert r2.returncode == 0 and "reusing the pretrained base" in r2.stdout
@@ -734,7 +735,8 @@ import time  # noqa: E402
 
 import train  # noqa: E402
 
-TIMING = {"seconds", "rollout_s", "loss_s", "step_s", "gen_tokens_per_s"}
+TIMING = {"seconds", "rollout_s", "loss_s", "step_s", "gen_tokens_per_s", "tokens_per_s", "teacher_s", "student_s",
+          "update_s"}
 
 
 @pytest.fixture(scope="session")
@@ -982,3 +984,24 @@ def test_logprobs_of_bf16_inputs_and_autocast_match_float64():
         ours = logprobs_of(h.float(), w.float(), y, 16)         # autocast must not push it to bf16
     assert ours.dtype == torch.float32 and (ours.double() - ref).abs().max() < 1e-4
     assert (logprobs_of(h, w, y, 16).double() - ref).abs().max() < 1e-4
+
+
+def test_bench_gpt_neox_copy_matches_the_builtin_gpt():
+    """bench.py compares our sampler with Hugging Face generate on the same weights: the copy must
+    compute the same logits, and greedy outputs must agree."""
+    import bench
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(vocab_size=300, n_layer=2, n_head=4, n_embd=32, block_size=128)).eval()
+    for p in m.parameters():                     # break the symmetry of the zero biases / unit gains
+        p.data += 0.05 * torch.randn_like(p)
+    hf = bench.to_gpt_neox(m)
+    idx = torch.randint(0, 300, (3, 20))
+    valid = torch.ones_like(idx, dtype=torch.bool)
+    with torch.no_grad():
+        ours = m(idx, torch.arange(20).expand(3, 20), torch.ones(3, 1, 20, 20, dtype=torch.bool).tril()) @ m.head_weight.t()
+        theirs = hf(idx).logits
+        assert torch.allclose(ours, theirs, atol=1e-4), (ours - theirs).abs().max()
+        out = generate(m, idx.tolist(), 8, pad_id=0, temperature=0.0)
+        ref = hf.generate(idx, attention_mask=valid.long(), max_new_tokens=8, min_new_tokens=8, do_sample=False,
+                          pad_token_id=0)
+    assert out == ref[:, 20:].tolist()

@@ -583,14 +583,20 @@ def stage2(cfg, model, tok, data, device, run_dir, log, ck=None):
         t1 = time.time()
         rec = dict(stage=2, step=step)
         ok = True
+        split = dict(teacher_s=0.0, student_s=0.0)
         for agent in agents:
             model.set_adapter(agent)
+            timing = {}
             with autocast(device):
-                loss, st = coars_loss(model, tok, trajs, buffer, agent, reward_cfg, cfg.lam, cfg.baseline, device)
+                loss, st = coars_loss(model, tok, trajs, buffer, agent, reward_cfg, cfg.lam, cfg.baseline, device,
+                                      timing=timing)
             loss = FAULTS.loss(loss, 2, step)
             ok = ok and finite(loss)
+            tb = time.time()
             if st["messages"] and ok:
                 loss.backward()
+            split["teacher_s"] += timing.get("teacher_s", 0.0)
+            split["student_s"] += timing.get("student_s", 0.0) + time.time() - tb
             rec.update({f"{agent}_{k}": v for k, v in st.items()}, **{f"{agent}_loss": loss.item()})
         model.set_adapter(None)
         t2 = time.time()
@@ -606,7 +612,8 @@ def stage2(cfg, model, tok, data, device, run_dir, log, ck=None):
         else:  # skip the update: the adapters and the optimiser stay as they were
             n_bad, streak = n_bad + 1, streak + 1
             log(f"warning: stage 2 step {step}: non-finite loss or gradient, update skipped ({streak} in a row)")
-        rec.update(skipped=n_bad, rollout_batch=micro)
+        rec.update(skipped=n_bad, rollout_batch=micro, update_s=round(time.time() - t2, 3),
+                   **{k: round(v, 3) for k, v in split.items()})
         buffer.add(trajs)
         n_tok = sum(len(t.rec_out) + len(t.user_out or []) for tr in trajs for t in tr.turns)
         turns = [t for tr in trajs for t in tr.turns]
@@ -614,13 +621,15 @@ def stage2(cfg, model, tok, data, device, run_dir, log, ck=None):
                    rec_valid=float(np.mean([t.rec_valid for t in turns])),
                    user_valid=float(np.mean([t.user_valid for t in turns if t.user_out is not None] or [0])),
                    turns=len(turns) / len(trajs), rollout_s=round(t1 - t0, 3), loss_s=round(t2 - t1, 3),
-                   step_s=round(time.time() - t0, 3), gen_tokens_per_s=round(n_tok / max(t1 - t0, 1e-9)))
+                   step_s=round(time.time() - t0, 3), gen_tokens_per_s=round(n_tok / max(t1 - t0, 1e-9)),
+                   tokens_per_s=round(n_tok / max(time.time() - t0, 1e-9)))
         if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
             _, m = run_ars(model, tok, data, "valid", valid_rows, ("rec", "user"), cfg.t_max, device)
             rec["valid_hit"] = float(m["hit"].mean())
             log(f"step {step}: validation Hit@1 {rec['valid_hit']:.4f} on {len(valid_rows)} samples")
         bar.set_postfix(hit=f"{rec['train_hit']:.2f}", R_rec=f"{rec.get('rec_reward', 0):+.2f}",
-                        A=f"{rec.get('rec_credit', 0):+.2f}", s=f"{rec['step_s']:.1f}")
+                        A=f"{rec.get('rec_credit', 0):+.2f}", s=f"{rec['step_s']:.1f}", tok_s=rec["tokens_per_s"],
+                        split=f"roll {rec['rollout_s']:.1f}/teach {rec['teacher_s']:.1f}/stud {rec['student_s']:.1f}")
         log_jsonl(run_dir / "metrics.jsonl", rec)
         if not ok:
             check_bad_streak(cfg, streak, 2, step, run_dir, log, lambda: checkpoint(step))
