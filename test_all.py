@@ -1005,3 +1005,77 @@ def test_bench_gpt_neox_copy_matches_the_builtin_gpt():
         ref = hf.generate(idx, attention_mask=valid.long(), max_new_tokens=8, min_new_tokens=8, do_sample=False,
                           pad_token_id=0)
     assert out == ref[:, 20:].tolist()
+
+
+# --------------------------------------------------------------------------------------------------
+# The experiment suite, and looking at conversations
+
+
+def test_suite_table_writer():
+    import suite
+    s = dict(n_samples=4, seeds=2, methods={
+        "Random": {"hit": {"mean": 0.25, "lo": 0.0, "hi": 0.75, "seed_sd": 0.0}, "hit_per_seed": [0.25]},
+        "CoARS": {"hit": {"mean": 0.5, "lo": 0.125, "hi": 0.875, "seed_sd": 0.05}, "hit_per_seed": [0.45, 0.55],
+                  "turns": 2.5, "rec_valid": 1.0, "user_f1": 0.4, "train_seconds": 12.0}},
+        paired={"CoARS - Random": {"mean": 0.25, "lo": -0.25, "hi": 0.75}})
+    t = suite.suite_table(s)
+    assert "| CoARS | 0.5000 [0.1250, 0.8750] | 0.0500 | - | 2.50 | 1.000 | - | - | - | 0.400 | 12 |" in t
+    assert "| Random | 0.2500 [0.0000, 0.7500] | 0.0000 | - |" in t
+    assert "| CoARS - Random | +0.2500 | [-0.2500, +0.7500] |" in t and "2 seed(s)" in t
+
+
+def test_suite_orchestration_on_tiny_data(synth, tmp_path, monkeypatch):
+    import suite
+    monkeypatch.setitem(suite.SUITES, "tiny", [("No distill", dict(lam=0.0)), ("CoARS", dict())])
+    cfg = train.Config(dataset="ml-1m", data_url=synth["url"], data_sha256=synth["sha"], data_dir=str(tmp_path / "d"),
+                       sasrec_epochs=1, pretrain_steps=6, pretrain_batch=4, steps=2, batch=3, eval_every=1,
+                       eval_valid_n=4, eval_test_n=12, n_boot=50, ckpt_every=0)
+    logs = []
+    s = suite.run_suite(cfg, "tiny", 2, tmp_path / "s", logs.append)
+    assert list(s["methods"]) == ["Random", "Pop", "SASRec top-1", "Memory-based ARS", "No distill", "CoARS"]
+    assert s["n_samples"] == 12 and s["seeds"] == 2
+    for name in ("No distill", "CoARS"):
+        m = s["methods"][name]
+        assert len(m["hit_per_seed"]) == 2 and abs(np.mean(m["hit_per_seed"]) - m["hit"]["mean"]) < 1e-12
+        assert m["hit"]["lo"] <= m["hit"]["mean"] <= m["hit"]["hi"]
+    assert set(s["paired"]) == {f"CoARS - {n}" for n in s["methods"] if n != "CoARS"}
+    for d in ("no-distill-seed0", "no-distill-seed1", "coars-seed0", "coars-seed1"):
+        assert (tmp_path / "s" / d / "results.json").exists()
+    r0 = json.loads((tmp_path / "s" / "coars-seed0" / "results.json").read_text())
+    assert r0["config"]["stage2_seed"] == 0 and r0["config"]["lam"] == 0.1
+    assert json.loads((tmp_path / "s" / "no-distill-seed1" / "results.json").read_text())["config"]["lam"] == 0.0
+    assert (tmp_path / "s" / "suite.md").read_text().startswith("| method | Hit@1")
+    try:
+        import matplotlib  # noqa: F401
+        assert (tmp_path / "s" / "methods.png").exists() and (tmp_path / "s" / "training_curves.png").exists()
+    except ImportError:
+        assert any("plots skipped: matplotlib is not installed" in m for m in logs)
+    # an interrupted suite continues: finished runs are reused, the numbers are the same
+    logs.clear()
+    s2 = suite.run_suite(cfg, "tiny", 2, tmp_path / "s", logs.append)
+    assert sum("done before" in m for m in logs) == 4 and s2["methods"] == s["methods"]
+
+
+def test_show_and_interactive_on_a_run(synth, tmp_path, capsys, monkeypatch):
+    args = ["--dataset", "ml-1m", "--data-url", synth["url"], "--data-sha256", synth["sha"], "--data-dir",
+            str(tmp_path / "d"), "--out-dir", str(tmp_path / "o"), "--run-name", "r", "--sasrec-epochs", "1",
+            "--pretrain-steps", "30", "--pretrain-batch", "8", "--steps", "1", "--batch", "2", "--skip-eval"]
+    code, _, _ = in_process(args, capsys)
+    assert code == 0
+    lines = []
+    trajs = ev.show(tmp_path / "o" / "r", 2, out=lines.append)
+    text = "\n".join(lines)
+    assert text.count("=== conversation") == 2 and "history: " in text and "(TARGET)" in text
+    assert sum(len(t.turns) for t in trajs) == text.count("RecAgent:") and "rewards: Rec" in text
+    # the RecAgent of so short a run writes invalid messages: let it name candidate 3, so that the
+    # person is asked (the dialogue logic is what is tested here)
+    import model as model_module
+    _, _, tok, _ = train.load_run(tmp_path / "o" / "r")
+    monkeypatch.setattr(model_module, "generate", lambda m, prompts, *a, **k: [
+        [tok.slot(3), tok.sp("why"), tok.item(0), tok.end_id] for _ in prompts])
+    answers = iter(["maybe", "click", "2", "0.9", "1"] * 10)
+    said = []
+    tr = ev.interactive(tmp_path / "o" / "r", ask=lambda q: next(answers), out=said.append, seed=0)
+    assert "please type one of" in "\n".join(said) and "a number in the action's interval" in "\n".join(said)
+    assert len(tr.turns) == 1 and tr.turns[0].action == "click" and tr.turns[0].score == 0.9   # a click ends it
+    assert tr.turns[0].item == tr.cands[3] and tr.done and "conversation over" in said[-1]

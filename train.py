@@ -76,6 +76,9 @@ class Config:
     """'cpu', 'cuda' or 'auto' (cuda when available)"""
     seed: int = 0
     """seed for data, initialisation, sampling and bootstrap"""
+    stage2_seed: int = -1
+    """seed of stage 2 alone (adapter initialisation, training samples, rollouts; -1 = --seed): seeds
+    over a fixed dataset and base"""
     # ---- built-in model ----
     n_layer: int = 4
     """transformer blocks of the built-in GPT"""
@@ -166,16 +169,27 @@ def field_docs(cls):
             if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant)}
 
 
-def parse_args(argv=None) -> Config:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_config_args(p: argparse.ArgumentParser, defaults=None):
+    """One flag per Config field, documented by the field's docstring (defaults may be overridden)."""
     docs = field_docs(Config)
     for f in dataclasses.fields(Config):
         flag = "--" + f.name.replace("_", "-")
+        default = (defaults or {}).get(f.name, f.default)
         if f.type is bool or f.type == "bool":
-            p.add_argument(flag, default=f.default, action=argparse.BooleanOptionalAction, help=docs.get(f.name))
+            p.add_argument(flag, default=default, action=argparse.BooleanOptionalAction, help=docs.get(f.name))
         else:
-            p.add_argument(flag, default=f.default, type=type(f.default), help=f"{docs.get(f.name)} (default: %(default)s)")
-    return Config(**vars(p.parse_args(argv)))
+            p.add_argument(flag, default=default, type=type(f.default), help=f"{docs.get(f.name)} (default: %(default)s)")
+
+
+def config_from(ns) -> Config:
+    names = {f.name for f in dataclasses.fields(Config)}
+    return Config(**{k: v for k, v in vars(ns).items() if k in names})
+
+
+def parse_args(argv=None) -> Config:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_args(p)
+    return config_from(p.parse_args(argv))
 
 
 def validate(cfg: Config):
@@ -540,14 +554,16 @@ def freeze(model):
 def stage2(cfg, model, tok, data, device, run_dir, log, ck=None):
     """Train both adapters with CoARS from the same rollouts (PAPER.md section 5).
     ck: a stage-2 checkpoint to continue from."""
+    seed = cfg.stage2_seed if cfg.stage2_seed >= 0 else cfg.seed
+    torch.manual_seed(seed)
     model.add_lora(("rec", "user"), r=cfg.lora_r, alpha=cfg.lora_alpha)
     agents = [a for a, on in (("rec", cfg.train_rec), ("user", cfg.train_user)) if on]
     params = [p for a in agents for p in model.adapter_parameters(a)]
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.Adam(params, lr=cfg.lr) if params else None
-    rng = np.random.default_rng(cfg.seed + 1)
-    gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
+    rng = np.random.default_rng(seed + 1)
+    gen = torch.Generator(device=device).manual_seed(seed + 1)
     buffer = ReferenceBuffer()
     reward_cfg = dict(mode=cfg.reward_mode, alpha=cfg.alpha, use_filter=cfg.use_filter,
                       stage_gamma=cfg.stage_gamma if cfg.stage_gamma >= 0 else None)

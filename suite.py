@@ -1,0 +1,278 @@
+"""
+The paper's experiment in one command: baselines, ablations, seeds, intervals, plots
+(PAPER.md section 6). A file of its own because it orchestrates many training runs; eval.py
+dispatches to it:
+
+    python eval.py --suite paper --dataset ml-latest-small --data-url file:///path/ml-latest-small.zip
+    python eval.py --suite lambda --dataset lastfm --seeds 1          # sensitivity to lambda
+    python eval.py --suite paper --seeds 3 --steps 30                 # any train.py option
+
+Every method is evaluated on the same fixed test candidates. The base is pretrained once (stage 1,
+`--seed`) and shared: the seeds (0 .. --seeds - 1, as --stage2-seed) vary stage 2 only, that is
+the adapters' initialisation, the training samples and the sampled rollouts. Methods:
+  Random, Pop, SASRec top-1         on the candidate lists (eval.baseline_hits)
+  Memory-based ARS                  the shared base without adapters (in-episode memory only)
+  Outcome-reward RL                 REINFORCE on the final hit, RecAgent only, UserAgent frozen
+  CoARS w/o interaction reward      outcome reward for both agents (with self-distillation)
+  CoARS w/o self-distillation       lambda = 0
+  CoARS w/o user co-evolution       UserAgent frozen
+  CoARS w/o filter                  the filter off
+  CoARS                             the full method
+Sensitivity suites: lambda (0, 0.05, 0.1, 0.2, 0.5), alpha (0, 0.1, 0.3), tmax (1, 3, 5).
+
+Results: Hit@1 with a 95% bootstrap interval over test samples of the per-sample hit averaged
+over seeds, the spread (standard deviation) of the per-seed Hit@1, valid ratios, turn-1 Hit@1,
+mean turns, UserAgent P / R / F1, training time; a paired bootstrap of CoARS (the suite's last
+method) against every other method on the same samples. Written to <suite dir>/suite.json and
+suite.md, with training curves and a bar chart as PNG when matplotlib is installed. Each finished
+run keeps its results, so an interrupted suite continues where it stopped.
+"""
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import train
+from data.prepare import DataError, prepare
+from eval import (baseline_hits, evaluate, mean_ci, paired_diff_ci, prf)
+from model import Tokenizer
+
+PAPER = [
+    ("Outcome-reward RL", dict(reward_mode="outcome", lam=0.0, train_user=False)),
+    ("CoARS w/o interaction reward", dict(reward_mode="outcome")),
+    ("CoARS w/o self-distillation", dict(lam=0.0)),
+    ("CoARS w/o user co-evolution", dict(train_user=False)),
+    ("CoARS w/o filter", dict(use_filter=False)),
+    ("CoARS", dict()),
+]
+SUITES = {
+    "paper": PAPER,
+    "lambda": [(f"lambda={v}", dict(lam=v)) for v in (0.0, 0.05, 0.2, 0.5)] + [("CoARS", dict(lam=0.1))],
+    "alpha": [(f"alpha={v}", dict(alpha=v)) for v in (0.0, 0.3)] + [("CoARS", dict(alpha=0.1))],
+    "tmax": [(f"T_max={v}", dict(t_max=v)) for v in (1, 3)] + [("CoARS", dict(t_max=5))],
+}
+# What a suite changes by default on a 2-core CPU (any flag overrides it): fewer CoARS steps than a
+# single run, and validation curves every 10 steps on 100 samples.
+SUITE_DEFAULTS = dict(steps=30, eval_every=10, eval_valid_n=100)
+CURVES = [("valid_hit", "validation Hit@1"), ("rec_reward", "RecAgent mean reward"),
+          ("user_reward", "UserAgent mean reward"), ("rec_credit", "RecAgent mean token credit"),
+          ("rec_valid", "RecAgent valid ratio")]
+
+
+def run_variant(cfg, name, base_state, data, tok, device, folder, log):
+    """Stage 2 from the shared base, then the test evaluation of this one agent pair. Returns the
+    results dict with per-sample arrays (cached in folder: a finished run is not redone)."""
+    done = folder / "results.json"
+    if done.exists():
+        res = json.loads(done.read_text())
+        if res.get("config") == dataclasses.asdict(cfg):
+            log(f"  {folder.name}: done before, reusing its results")
+            return dict(res, folder=str(folder))
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "metrics.jsonl").unlink(missing_ok=True)
+    model = train.build_model(cfg, tok, device)
+    model.load_state_dict(base_state)
+    train.freeze(model)
+    t0 = time.time()
+    model = train.stage2(cfg, model, tok, data, device, folder, log)
+    seconds = time.time() - t0
+    res = evaluate(model, tok, data, "test", cfg.t_max, device, cfg.n_boot, cfg.seed, agents=((name, ("rec", "user")),),
+                   log=log, max_samples=cfg.eval_test_n, per_sample=True)
+    res.update(config=dataclasses.asdict(cfg), train_seconds=round(seconds, 1), folder=str(folder))
+    tmp = folder / "results.tmp"
+    tmp.write_text(json.dumps(res))
+    tmp.replace(done)
+    return res
+
+
+def run_suite(cfg, suite, seeds, suite_dir, log=print):
+    """Train and evaluate every method of the suite for every seed; returns the summary dict."""
+    if suite not in SUITES:
+        raise train.UserError(f"unknown suite {suite!r}: choose one of {', '.join(SUITES)}.")
+    if seeds < 1:
+        raise train.UserError("--seeds must be at least 1.")
+    train.validate(cfg)
+    suite_dir.mkdir(parents=True, exist_ok=True)
+    data = prepare(cfg.data_config(), log=log)
+    device = train.pick_device(cfg.device)
+    tok = Tokenizer(data.n_items)
+    torch.manual_seed(cfg.seed)
+    t_base = time.time()
+    base = train.stage1(cfg, data, tok, device, suite_dir, log)          # cached in suite_dir/base.pt
+    base_seconds = time.time() - t_base
+    base_state = {k: v.clone() for k, v in base.state_dict().items()}
+    # the memory-based ARS (the base without adapters) is deterministic: evaluated once
+    mem_file = suite_dir / "memory_ars.json"
+    if mem_file.exists() and json.loads(mem_file.read_text()).get("config") == dataclasses.asdict(cfg):
+        mem = json.loads(mem_file.read_text())
+    else:
+        mem = evaluate(base, tok, data, "test", cfg.t_max, device, cfg.n_boot, cfg.seed,
+                       agents=(("Memory-based ARS", (None, None)),), log=log, max_samples=cfg.eval_test_n,
+                       per_sample=True)
+        mem["config"] = dataclasses.asdict(cfg)
+        mem_file.write_text(json.dumps(mem))
+    runs = {}
+    for name, over in SUITES[suite]:
+        for s in range(seeds):
+            vcfg = dataclasses.replace(cfg, stage2_seed=s, **over)
+            train.validate(vcfg)
+            folder = suite_dir / f"{slug(name)}-seed{s}"
+            log(f"{name}, seed {s} -> {folder}")
+            runs.setdefault(name, []).append(run_variant(vcfg, name, base_state, data, tok, device, folder, log))
+    summary = summarise(data, mem, runs, cfg, seeds, suite)
+    summary.update(suite=suite, dataset=cfg.dataset, base_seconds=round(base_seconds, 1), device=device,
+                   machine=machine(), options={k: v for k, v in dataclasses.asdict(cfg).items()})
+    (suite_dir / "suite.json").write_text(json.dumps(summary, indent=1))
+    (suite_dir / "suite.md").write_text(suite_table(summary) + "\n")
+    plot(summary, runs, suite_dir, log)
+    return summary
+
+
+def slug(name):
+    return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-").replace("--", "-")
+
+
+def machine():
+    import bench
+    return bench.machine()
+
+
+def summarise(data, mem, runs, cfg, seeds, suite):
+    """One row per method: seed-averaged per-sample hits with a bootstrap interval over samples,
+    the spread over seeds, the other metrics averaged over seeds, and paired differences."""
+    rows = np.array(mem["rows"])
+    hits = {k: v[rows] for k, v in baseline_hits(data, "test", cfg.seed).items()}
+    methods = {k: {"hit_per_seed": [float(v.mean())]} for k, v in hits.items()}
+    per_sample = dict(hits)
+    per_sample["Memory-based ARS"] = np.array(mem["per_sample"]["Memory-based ARS"]["hit"])
+    methods["Memory-based ARS"] = _other_metrics([mem], "Memory-based ARS")
+    methods["Memory-based ARS"]["hit_per_seed"] = [float(per_sample["Memory-based ARS"].mean())]
+    for name, rs in runs.items():
+        per_sample[name] = np.mean([np.array(r["per_sample"][name]["hit"]) for r in rs], axis=0)
+        methods[name] = _other_metrics(rs, name)
+        methods[name]["hit_per_seed"] = [float(np.mean(r["per_sample"][name]["hit"])) for r in rs]
+        methods[name]["train_seconds"] = float(np.mean([r["train_seconds"] for r in rs]))
+    for name, m in methods.items():
+        mu, lo, hi = mean_ci(per_sample[name], cfg.n_boot, cfg.seed)
+        m["hit"] = {"mean": mu, "lo": lo, "hi": hi, "seed_sd": float(np.std(m["hit_per_seed"]))}
+    main = list(runs)[-1]
+    paired = {}
+    for name in per_sample:
+        if name != main:
+            mu, lo, hi = paired_diff_ci(per_sample[main], per_sample[name], cfg.n_boot, cfg.seed)
+            paired[f"{main} - {name}"] = {"mean": mu, "lo": lo, "hi": hi}
+    return dict(methods=methods, paired=paired, n_samples=int(len(rows)), seeds=seeds)
+
+
+def _other_metrics(results, name):
+    out = {}
+    for key in ("hit_turn1", "turns", "rec_valid", "user_valid"):
+        vals = [r["methods"][name][key]["mean"] for r in results if key in r["methods"][name]]
+        if vals:
+            out[key] = float(np.mean(vals))
+    p, rc, f = [], [], []
+    for r in results:
+        ps = r["per_sample"][name]
+        if "f1_accept" in ps:
+            a, b, c = prf(np.array(ps["f1_accept"], bool), np.array(ps["f1_label"]))
+            p.append(a), rc.append(b), f.append(c)
+    if f:
+        out.update(user_precision=float(np.mean(p)), user_recall=float(np.mean(rc)), user_f1=float(np.mean(f)),
+                   user_f1_seed_sd=float(np.std(f)))
+    return out
+
+
+def suite_table(s):
+    """Markdown table and paired differences of a suite summary."""
+    head = ("| method | Hit@1 [95% CI] | seed sd | turn-1 Hit@1 | turns | Rec valid | User valid | User P | "
+            "User R | User F1 | train s |")
+    lines = [head, "|---" * 11 + "|"]
+    for name, m in s["methods"].items():
+        h = m["hit"]
+
+        def f(k, fmt="{:.3f}"):
+            return fmt.format(m[k]) if k in m else "-"
+        lines.append(f"| {name} | {h['mean']:.4f} [{h['lo']:.4f}, {h['hi']:.4f}] | "
+                     f"{h['seed_sd']:.4f} | {f('hit_turn1')} | {f('turns', '{:.2f}')} | {f('rec_valid')} | "
+                     f"{f('user_valid')} | {f('user_precision')} | {f('user_recall')} | {f('user_f1')} | "
+                     f"{f('train_seconds', '{:.0f}')} |")
+    lines += ["", f"test split, {s['n_samples']} samples; {s['seeds']} seed(s) of stage 2 over one shared base; "
+              "Hit@1 interval: 95% bootstrap over samples of the seed-averaged hit; seed sd: standard deviation "
+              "of the per-seed Hit@1.", "", "| paired difference (Hit@1) | mean | 95% CI |", "|---|---|---|"]
+    for k, v in s["paired"].items():
+        lines.append(f"| {k} | {v['mean']:+.4f} | [{v['lo']:+.4f}, {v['hi']:+.4f}] |")
+    return "\n".join(lines)
+
+
+def plot(summary, runs, folder, log=print):
+    """training_curves.png and methods.png; without matplotlib, say how to get them."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log("plots skipped: matplotlib is not installed (pip install matplotlib, then run the suite again: "
+            "finished runs are reused)")
+        return
+    fig, axes = plt.subplots(1, len(CURVES), figsize=(4 * len(CURVES), 3.2))
+    for name, rs in runs.items():
+        for ax, (key, title) in zip(axes, CURVES):
+            series = []
+            for r in rs:
+                lines = [json.loads(l) for l in (Path(r["folder"]) / "metrics.jsonl").read_text().splitlines()]
+                pts = [(l["step"], l[key]) for l in lines if l.get("stage") == 2 and key in l]
+                if pts:
+                    series.append(pts)
+            if series:
+                steps = [p[0] for p in series[0]]
+                vals = np.mean([[p[1] for p in s_[:len(steps)]] for s_ in series if len(s_) >= len(steps)], axis=0)
+                if key != "valid_hit" and len(vals) >= 5:     # per-step values are noisy: moving mean of 5
+                    vals = np.convolve(vals, np.ones(5) / 5, mode="valid")
+                    steps = steps[4:]
+                ax.plot(steps, vals, label=name, marker="." if key == "valid_hit" else None)
+            ax.set_title(title, fontsize=9)
+            ax.set_xlabel("CoARS step", fontsize=8)
+    axes[0].legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(folder / "training_curves.png", dpi=110)
+    plt.close(fig)
+    names = list(summary["methods"])
+    h = [summary["methods"][n]["hit"] for n in names]
+    fig, ax = plt.subplots(figsize=(8, 3.6))
+    ax.bar(range(len(names)), [x["mean"] for x in h],
+           yerr=[[x["mean"] - x["lo"] for x in h], [x["hi"] - x["mean"] for x in h]], capsize=3, color="#4878a8")
+    ax.set_xticks(range(len(names)))
+    ax.set_xticklabels(names, rotation=35, ha="right", fontsize=7)
+    ax.set_ylabel("test Hit@1 (95% CI)")
+    fig.tight_layout()
+    fig.savefig(folder / "methods.png", dpi=110)
+    plt.close(fig)
+    log(f"plots: {folder / 'training_curves.png'}, {folder / 'methods.png'}")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--suite", required=True, help=f"one of {', '.join(SUITES)}")
+    p.add_argument("--seeds", type=int, default=3, help="stage-2 seeds per trained method")
+    p.add_argument("--suite-dir", default="", help="output folder (default: out/<dataset>-<suite>)")
+    train.add_config_args(p, SUITE_DEFAULTS)
+    a = p.parse_args(argv)
+    cfg = train.config_from(a)
+    suite_dir = Path(a.suite_dir or Path(cfg.out_dir) / f"{Path(cfg.dataset).name}-{a.suite}")
+    t0 = time.time()
+    try:
+        s = run_suite(cfg, a.suite, a.seeds, suite_dir)
+    except (train.UserError, DataError) as e:
+        sys.exit(f"error: {e}")
+    print(suite_table(s))
+    print(f"\nsuite {a.suite} on {cfg.dataset}: {time.time() - t0:.0f} s; results in {suite_dir}/suite.md, suite.json")
+
+
+if __name__ == "__main__":
+    main()
