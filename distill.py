@@ -93,26 +93,45 @@ def collect_messages(tok, trajs, buffer, agent, reward_cfg):
     return out
 
 
-def coars_loss(model, tok, trajs, buffer, agent, reward_cfg, lam=0.1, baseline="none", device="cpu", timing=None):
+def coars_loss(model, tok, trajs, buffer, agent, reward_cfg, lam=0.1, baseline="none", device="cpu", timing=None,
+               micro=0, backward=False):
     """The loss of one agent on a batch of finished trajectories, and its statistics.
 
     The agent's adapter must be active. The teacher pass (reference in the prompt) runs without
     gradient; the student pass carries the gradient of Eq. 11 / 12. timing: an optional dict that
-    receives teacher_s and student_s (forward only; the caller times the backward)."""
+    receives teacher_s and student_s (with backward=True the student time includes its backward).
+
+    micro > 0 with backward=True: the messages go through teacher and student passes `micro` at a
+    time and each group's part of the loss is back-propagated at once, so only one group's
+    activations are alive. Eq. 11 / 12 is a sum over messages divided by the number of episodes,
+    so the gradient is that of the whole batch (up to the order of floating-point sums); the
+    returned loss is then detached."""
     msgs = collect_messages(tok, trajs, buffer, agent, reward_cfg)
     if not msgs:
         return torch.zeros((), device=device), dict(messages=0)
-    student_p, teacher_p, ys, rs = zip(*msgs)
-    t0 = time.perf_counter()
-    with torch.no_grad():
-        t_lp = token_logprobs(model, teacher_p, ys, tok.pad_id, device) if lam else None
-    t1 = time.perf_counter()
-    s_lp = token_logprobs(model, student_p, ys, tok.pad_id, device)
+    rs_all = [m[3] for m in msgs]
+    b = sum(rs_all) / len(rs_all) if baseline == "mean" else 0.0
+    step = micro if (micro and backward) else len(msgs)
+    total, credits, t_teacher, t_student = 0.0, [], 0.0, 0.0
+    for s in range(0, len(msgs), step):
+        student_p, teacher_p, ys, rs = zip(*msgs[s:s + step])
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            t_lp = token_logprobs(model, teacher_p, ys, tok.pad_id, device) if lam else None
+        t1 = time.perf_counter()
+        s_lp = token_logprobs(model, student_p, ys, tok.pad_id, device)
+        cr = [token_credit(t, s_) for t, s_ in zip(t_lp, s_lp)] if lam else [torch.zeros_like(x) for x in s_lp]
+        # agent_objective divides by n_episodes, so the groups' losses add up to the whole loss
+        loss = agent_objective(s_lp, list(rs), cr, lam, n_episodes=len(trajs), baseline=b)
+        if backward:
+            loss.backward()
+            loss = loss.detach()
+        total = total + loss
+        credits += cr
+        t_teacher += t1 - t0
+        t_student += time.perf_counter() - t1
     if timing is not None:
-        timing.update(teacher_s=t1 - t0, student_s=time.perf_counter() - t1)
-    credits = [token_credit(t, s) for t, s in zip(t_lp, s_lp)] if lam else [torch.zeros_like(s) for s in s_lp]
-    b = sum(rs) / len(rs) if baseline == "mean" else 0.0
-    loss = agent_objective(s_lp, list(rs), credits, lam, n_episodes=len(trajs), baseline=b)
+        timing.update(teacher_s=t_teacher, student_s=t_student)
     flat = torch.cat(credits)
-    return loss, dict(messages=len(msgs), reward=sum(rs) / len(rs), credit=float(flat.mean()),
-                      credit_abs=float(flat.abs().mean()))
+    return total, dict(messages=len(msgs), reward=sum(rs_all) / len(rs_all), credit=float(flat.mean()),
+                       credit_abs=float(flat.abs().mean()))

@@ -925,6 +925,7 @@ VALIDATION_RULES = [
     (dict(ckpt_every=-1), "--ckpt-every cannot be negative"),
     (dict(max_bad_steps=0), "--max-bad-steps must be at least 1"),
     (dict(rollout_batch=-2), "--rollout-batch cannot be negative"),
+    (dict(loss_batch=-1), "--loss-batch cannot be negative"),
     (dict(train_rec=False, train_user=False), "--no-train-rec with --no-train-user leaves nothing to train"),
     (dict(n_layer=0), "--n-layer, --n-head and --n-embd must be at least 1"),
     (dict(p_reference=2), r"--p-reference must be within \[0, 1\]"),
@@ -1079,3 +1080,32 @@ def test_show_and_interactive_on_a_run(synth, tmp_path, capsys, monkeypatch):
     assert "please type one of" in "\n".join(said) and "a number in the action's interval" in "\n".join(said)
     assert len(tr.turns) == 1 and tr.turns[0].action == "click" and tr.turns[0].score == 0.9   # a click ends it
     assert tr.turns[0].item == tr.cands[3] and tr.done and "conversation over" in said[-1]
+
+
+def test_coars_loss_in_groups_gives_the_whole_batch_gradient(data):
+    """coars_loss with micro-batches back-propagated one by one = the whole batch at once."""
+    tok = Tokenizer(data.n_items)
+    m = tiny_model(tok.vocab_size, scale=0.1)
+    m.add_lora(("rec", "user"), r=2, alpha=4)
+    for p in m.adapter_parameters("rec"):
+        p.data.normal_(0, 0.05)
+    rng = np.random.default_rng(0)
+    trajs = []
+    for r in range(6):
+        tr = env.new_trajectory(data, "train", r)
+        env.scripted_episode(data, tok, tr, rng, 3, 0.3, 0.3, {tr.target})
+        for t, turn in enumerate(tr.turns):      # the student prompts, as the rollout records them
+            turn.rec_prompt = env.render_rec(tok, tr, t)
+        trajs.append(tr)
+    rcfg = dict(mode="interaction", alpha=0.1, use_filter=True, stage_gamma=None)
+    m.set_adapter("rec")
+    params = m.adapter_parameters("rec")
+    whole, st = distill.coars_loss(m, tok, trajs, distill.ReferenceBuffer(), "rec", rcfg, 0.1, "mean")
+    g_whole = torch.autograd.grad(whole, params)
+    parts, st2 = distill.coars_loss(m, tok, trajs, distill.ReferenceBuffer(), "rec", rcfg, 0.1, "mean",
+                                    micro=4, backward=True)
+    assert st["messages"] == st2["messages"] > 4 and abs(st["credit"] - st2["credit"]) < 1e-6
+    assert torch.allclose(parts, whole.detach(), atol=1e-6)
+    assert sum(float(g.abs().sum()) for g in g_whole) > 1e-3                # a gradient worth comparing
+    for g, p in zip(g_whole, params):
+        assert torch.allclose(p.grad, g, atol=1e-6)

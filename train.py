@@ -106,6 +106,8 @@ class Config:
     """episodes per CoARS step"""
     lr: float = 5e-4
     """adapter learning rate (Adam)"""
+    loss_batch: int = 32
+    """messages per teacher / student pass, back-propagated group by group to bound memory (0 = all at once)"""
     lora_r: int = 8
     """LoRA rank"""
     lora_alpha: float = 16.0
@@ -219,6 +221,7 @@ def validate(cfg: Config):
         (cfg.ckpt_every >= 0, "--ckpt-every cannot be negative (0 = only at the end and on a stop)."),
         (cfg.max_bad_steps >= 1, "--max-bad-steps must be at least 1."),
         (cfg.rollout_batch >= 0, "--rollout-batch cannot be negative (0 = the whole batch)."),
+        (cfg.loss_batch >= 0, "--loss-batch cannot be negative (0 = all messages at once)."),
         (cfg.train_rec or cfg.train_user or cfg.steps == 0,
          "--no-train-rec with --no-train-user leaves nothing to train: drop one, or use --steps 0."),
         (cfg.n_layer >= 1 and cfg.n_head >= 1 and cfg.n_embd >= 1, "--n-layer, --n-head and --n-embd must be at least 1."),
@@ -266,7 +269,8 @@ def log_jsonl(path, rec):
 CKPT_NAMES = ("ckpt.pt", "ckpt.prev.pt")
 CKPT_FORMAT = 1
 # options that may change between a run and its resumption (they do not change what is computed)
-RESUMABLE = {"resume", "ckpt_every", "skip_eval", "device", "n_boot", "eval_test_n", "max_bad_steps", "rollout_batch"}
+RESUMABLE = {"resume", "ckpt_every", "skip_eval", "device", "n_boot", "eval_test_n", "max_bad_steps", "rollout_batch",
+             "loss_batch"}
 
 
 class Stopped(Exception):
@@ -603,16 +607,13 @@ def stage2(cfg, model, tok, data, device, run_dir, log, ck=None):
         for agent in agents:
             model.set_adapter(agent)
             timing = {}
-            with autocast(device):
+            with autocast(device):                 # back-propagates loss_batch messages at a time
                 loss, st = coars_loss(model, tok, trajs, buffer, agent, reward_cfg, cfg.lam, cfg.baseline, device,
-                                      timing=timing)
+                                      timing=timing, micro=cfg.loss_batch, backward=True)
             loss = FAULTS.loss(loss, 2, step)
             ok = ok and finite(loss)
-            tb = time.time()
-            if st["messages"] and ok:
-                loss.backward()
             split["teacher_s"] += timing.get("teacher_s", 0.0)
-            split["student_s"] += timing.get("student_s", 0.0) + time.time() - tb
+            split["student_s"] += timing.get("student_s", 0.0)
             rec.update({f"{agent}_{k}": v for k, v in st.items()}, **{f"{agent}_loss": loss.item()})
         model.set_adapter(None)
         t2 = time.time()
