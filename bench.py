@@ -15,9 +15,10 @@ and prints ratios.
    suite checks that both give the same logits. Greedy outputs must be identical.
 2. Per-token log-probs of given tokens, forward and backward: model.logprobs_of (head only on the
    scored rows, chunked log-sum-exp, hand-written backward) against the plain
-   `(h @ W.T).float().log_softmax(-1).gather(...)`, each in a fresh subprocess so that its peak
-   memory (max RSS above the process's idle size; on GPU the allocator's peak) is its own. The
-   maximum absolute error of both is taken against a float64 reference.
+   `(h @ W.T).float().log_softmax(-1).gather(...)`, each in a fresh subprocess. Peak memory is
+   what one forward + backward needs beyond its inputs: the rise of the resident set's high-water
+   mark (VmHWM, reset just before) on CPU, the allocator's peak on GPU. The maximum absolute error
+   of both is taken against a float64 reference on the same (bf16) inputs.
 3. One CoARS iteration on the built-in model and synthetic data, split into rollout, teacher pass,
    student pass (forward and backward) and update.
 
@@ -28,7 +29,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import time
@@ -189,31 +189,48 @@ def logprob_case(impl, V, T, B, C, device, dtype, seed=0):
         lp = fn(h, w, y)
         lp.sum().backward()
         return lp
-    lp = run()
-    err = float((lp.double() - ref).abs().max())
-    del lp
     if device == "cuda":
+        lp = run()                                  # warm-up, outside the memory count
+        del lp
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-    t = timeit(run, device, repeat=3 if device == "cuda" else 1, warmup=0)   # the error run above warmed up
-    peak = (torch.cuda.max_memory_allocated() - base) if device == "cuda" else None
+    else:
+        reset_peak()
+        base = rss_kib("VmRSS") * 1024
+    lp = run()          # its extra memory: everything beyond the inputs and the reference
+    peak = (torch.cuda.max_memory_allocated() if device == "cuda" else rss_kib("VmHWM") * 1024) - base
+    err = float((lp.detach().double() - ref).abs().max())
+    del lp
+    t = timeit(run, device, repeat=3 if device == "cuda" else 1, warmup=0)   # the run above warmed up
     return dict(seconds=t, peak_bytes=peak, max_abs_err=err)
 
 
+def rss_kib(field):
+    """VmRSS or VmHWM (peak) of this process in KiB, from /proc (Linux). Not getrusage's ru_maxrss:
+    Linux carries that across fork and exec, so a child of a big process starts with its peak."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise OSError(f"no {field} in /proc/self/status")
+
+
+def reset_peak():
+    with open("/proc/self/clear_refs", "w") as f:      # "5" resets VmHWM to the current VmRSS
+        f.write("5")
+
+
 def logprob_subprocess(impl, V, T, B, C, device, dtype):
-    """logprob_case in a fresh Python process; on CPU its peak memory is the rise of max RSS."""
-    code = (f"import bench,json,resource,torch;torch.manual_seed(0);"
-            f"r0=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss;"
+    """logprob_case in a fresh Python process; on CPU its peak memory is the rise of VmHWM over
+    the resident size just before the case (after the imports)."""
+    code = (f"import bench,json,torch;torch.manual_seed(0);"
             f"r=bench.logprob_case({impl!r},{V},{T},{B},{C},{device!r},torch.{str(dtype).split('.')[1]});"
-            f"r['rss_rise']=(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss-r0)*1024;print(json.dumps(r))")
+            f"print(json.dumps(r))")
     p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     if p.returncode != 0:
         return dict(error=(p.stderr.strip().splitlines() or ["killed (out of memory?)"])[-1][:200])
-    r = json.loads(p.stdout.strip().splitlines()[-1])
-    if r["peak_bytes"] is None:
-        r["peak_bytes"] = r["rss_rise"]
-    return r
+    return json.loads(p.stdout.strip().splitlines()[-1])
 
 
 def bench_logprobs(vocabs, seqs, B=8, C=896, device="cpu", dtype=torch.bfloat16, mem_limit_gb=12.0):
