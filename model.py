@@ -286,6 +286,9 @@ def _acc(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+LOGIT_BUDGET = 1 << 25      # elements of one chunk of logits (128 MB in float32)
+
+
 class _ChunkedTokenLogprob(torch.autograd.Function):
     """logp[n] = h[n] . W[y[n]] - logsumexp_v(h[n] . W[v]), row chunk by row chunk.
 
@@ -295,6 +298,7 @@ class _ChunkedTokenLogprob(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, w, y, chunk):
         acc = _acc(h.dtype)
+        chunk = max(1, min(chunk, LOGIT_BUDGET // w.shape[0]))     # a (chunk, V) block stays ~128 MB
         out = torch.empty(h.shape[0], dtype=acc, device=h.device)
         # The logits are computed in float32 (float64 for float64 inputs) even for bf16 inputs and
         # under autocast: bf16 logits of size ~10 are off by ~0.03, which is the size of the
@@ -325,7 +329,7 @@ class _ChunkedTokenLogprob(torch.autograd.Function):
                 if gh is not None:
                     gh[s:s + ctx.chunk] = (dz @ wa).to(h.dtype)
                 if gw is not None:
-                    gw += dz.t() @ hc
+                    gw.addmm_(dz.t(), hc)                                # in place: no (V,C) temporary
         return gh, (gw.to(w.dtype) if gw is not None else None), None, None
 
 
