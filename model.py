@@ -415,8 +415,9 @@ def generate(model, prompts, max_new, pad_id, stop_ids=(), temperature=1.0, gene
     done = torch.zeros(B, dtype=torch.bool, device=device)
     stop = torch.tensor(list(stop_ids) or [-1], device=device)
     last = h[:, -1]                                                      # (B,C)
+    head_t = model.head_weight.t()                                       # normalised once, not per step
     for t in range(max_new):
-        logits = (last @ model.head_weight.t()).float()                  # (B,V) head on last only
+        logits = (last @ head_t).float()                                 # (B,V) head on last only
         if allowed is not None:
             logits = logits.masked_fill(~allowed, float("-inf"))
         if temperature == 0:
