@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from data.prepare import DataConfig, DataError, SOURCES, is_custom, prepare
+from data.prepare import DataConfig, DataError, SOURCES, is_custom, prepare, probe_writable
 from data.sasrec import SASRecConfig
 from distill import ReferenceBuffer, coars_loss, hindsight_reference
 from env import (Trajectory, Turn, closest_history_item, new_trajectory, rec_message, render_rec, render_user, rollout,
@@ -236,10 +236,7 @@ def check_run_dir(cfg):
     """The run folder must be writable; --resume needs a checkpoint in it."""
     run_dir = cfg.run_dir()
     try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write-test"
-        probe.write_bytes(b"ok")
-        probe.unlink()
+        probe_writable(run_dir)
     except OSError as e:
         raise UserError(f"cannot write to the run folder {run_dir} ({e.strerror or e}): choose another --out-dir "
                         f"or --run-name.")

@@ -162,16 +162,22 @@ class Parsed:
 # One parser per source. Each reads the files in their official format, nothing else.
 
 
+def _rating_rows(raw, name, sep):
+    """`user<sep>item<sep>rating<sep>timestamp` lines (latin-1, no header) of the GroupLens .dat files."""
+    p = Parsed([], [], [], [], {}, {})
+    where_, lines = raw.lines(name, "latin-1")
+    for n, line in lines:
+        where = f"{where_} line {n}"
+        f = _fields(line, sep, 4, where)
+        p.user.append(_int(f[0], where)), p.item.append(_int(f[1], where))
+        p.rating.append(_float(f[2], where)), p.ts.append(_int(f[3], where))
+    return p
+
+
 def parse_ml1m(raw):
     """ml-1m: ratings.dat `UserID::MovieID::Rating::Timestamp`, movies.dat `MovieID::Title::Genres`,
     both latin-1."""
-    p = Parsed([], [], [], [], {}, {})
-    name, lines = raw.lines("ratings.dat", "latin-1")
-    for n, line in lines:
-        where = f"{name} line {n}"
-        f = _fields(line, "::", 4, where)
-        p.user.append(_int(f[0], where)), p.item.append(_int(f[1], where))
-        p.rating.append(_float(f[2], where)), p.ts.append(_int(f[3], where))
+    p = _rating_rows(raw, "ratings.dat", "::")
     name, lines = raw.lines("movies.dat", "latin-1")
     for n, line in lines:
         f = _fields(line, "::", 3, f"{name} line {n}")
@@ -208,13 +214,7 @@ ML100K_GENRES = ["unknown", "Action", "Adventure", "Animation", "Children's", "C
 def parse_ml100k(raw):
     """ml-100k: u.data `user \\t item \\t rating \\t timestamp`; u.item (latin-1, '|'-separated)
     `id|title|release date|video release date|IMDb URL|` then 19 genre flags (order of u.genre)."""
-    p = Parsed([], [], [], [], {}, {})
-    name, lines = raw.lines("u.data", "latin-1")
-    for n, line in lines:
-        where = f"{name} line {n}"
-        f = _fields(line, "\t", 4, where)
-        p.user.append(_int(f[0], where)), p.item.append(_int(f[1], where))
-        p.rating.append(_float(f[2], where)), p.ts.append(_int(f[3], where))
+    p = _rating_rows(raw, "u.data", "\t")
     name, lines = raw.lines("u.item", "latin-1")
     for n, line in lines:
         where = f"{name} line {n}"
@@ -503,12 +503,17 @@ def locate(cfg, log=print):
     return src, Raw(paths, None if no_check else members), cache, _files_sha256(paths)
 
 
+def probe_writable(folder: Path):
+    """Create folder and write and remove a small file in it; raises OSError if that fails."""
+    folder.mkdir(parents=True, exist_ok=True)
+    probe = folder / ".write-test"
+    probe.write_bytes(b"ok")
+    probe.unlink()
+
+
 def _check_writable(folder: Path):
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / ".write-test"
-        probe.write_bytes(b"ok")
-        probe.unlink()
+        probe_writable(folder)
     except OSError as e:
         raise DataError(f"cannot write to the data folder {folder} ({e.strerror or e}): choose another --data-dir.")
 
