@@ -5,7 +5,7 @@ dispatches to it:
 
     python eval.py --suite paper --dataset ml-latest-small --data-url file:///path/ml-latest-small.zip
     python eval.py --suite lambda --dataset lastfm --seeds 1          # sensitivity to lambda
-    python eval.py --suite paper --seeds 3 --steps 30                 # any train.py option
+    python eval.py --suite paper --seeds 3 --steps 50                 # any train.py option
 
 Every method is evaluated on the same fixed test candidates. The base is pretrained once (stage 1,
 `--seed`) and shared: the seeds (0 .. --seeds - 1, as --stage2-seed) vary stage 2 only, that is
@@ -59,7 +59,7 @@ SUITES = {
 }
 # What a suite changes by default on a 2-core CPU (any flag overrides it): fewer CoARS steps than a
 # single run, and validation curves every 10 steps on 100 samples.
-SUITE_DEFAULTS = dict(steps=30, eval_every=10, eval_valid_n=100)
+SUITE_DEFAULTS = dict(steps=20, eval_every=5, eval_valid_n=100)
 CURVES = [("valid_hit", "validation Hit@1"), ("rec_reward", "RecAgent mean reward"),
           ("user_reward", "UserAgent mean reward"), ("rec_credit", "RecAgent mean token credit"),
           ("rec_valid", "RecAgent valid ratio")]
