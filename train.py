@@ -478,9 +478,9 @@ def stage1(cfg, data, tok, device, run_dir, log, ck=None):
     key = stage1_key(cfg, data)
     model = build_model(cfg, tok, device)
     if path.exists() and not (ck and ck["stage"] == 1):
-        ck = torch.load(path, map_location=device, weights_only=True)
-        if ck.get("key") == json.dumps(key, sort_keys=True):
-            model.load_state_dict(ck["model"])
+        saved = torch.load(path, map_location=device, weights_only=True)
+        if saved.get("key") == json.dumps(key, sort_keys=True):
+            model.load_state_dict(saved["model"])
             log(f"stage 1: reusing the pretrained base in {path}")
             return freeze(model)
         log(f"stage 1: {path} was pretrained with other data or options: pretraining again")
