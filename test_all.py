@@ -1109,3 +1109,15 @@ def test_coars_loss_in_groups_gives_the_whole_batch_gradient(data):
     assert sum(float(g.abs().sum()) for g in g_whole) > 1e-3                # a gradient worth comparing
     for g, p in zip(g_whole, params):
         assert torch.allclose(p.grad, g, atol=1e-6)
+
+
+def test_base_pretrained_with_other_options_is_pretrained_again(data, tmp_path):
+    tok = Tokenizer(data.n_items)
+    cfg = train.Config(pretrain_steps=2, pretrain_batch=2, n_layer=1, n_head=2, n_embd=32, ckpt_every=0)
+    torch.save({"model": {}, "key": "another key"}, tmp_path / "base.pt")
+    logs = []
+    train.stage1(cfg, data, tok, "cpu", tmp_path, logs.append)
+    assert any("pretrained with other data or options: pretraining again" in m for m in logs)
+    logs.clear()
+    train.stage1(cfg, data, tok, "cpu", tmp_path, logs.append)
+    assert any("reusing the pretrained base" in m for m in logs)
