@@ -487,7 +487,7 @@ def locate(cfg, log=print):
     local = _local_dir(cfg.data_url)
     if local is not None:                                   # an extracted copy: read it in place
         raw = Raw([local], None if no_check else members)
-        names = [n for n in (members or {}) if n] or None
+        names = set(members) or None                       # only the checked files, if any are named
         log(f"reading {cfg.dataset} from the folder {local}")
         paths = sorted(p for p in local.rglob("*") if p.is_file() and (names is None or p.name in names))
         return src, raw, cache, _files_sha256(paths)
