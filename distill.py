@@ -30,6 +30,8 @@ from reward import turn_rewards
 
 def hindsight_reference(tok, ref):
     """Token ids of the hindsight reference d built from trajectory `ref` (template [ours])."""
+    if tok.chat:                  # a Hugging Face model: the same content in words (chat.py)
+        return tok.hindsight_reference(ref)
     ids = [tok.sp("hind")]
     for tr in ref.turns:
         ids.append(tok.sp("turn"))
@@ -94,7 +96,7 @@ def collect_messages(tok, trajs, buffer, agent, reward_cfg):
 
 
 def coars_loss(model, tok, trajs, buffer, agent, reward_cfg, lam=0.1, baseline="none", device="cpu", timing=None,
-               micro=0, backward=False):
+               micro=0, backward=False, n_episodes=None):
     """The loss of one agent on a batch of finished trajectories, and its statistics.
 
     The agent's adapter must be active. The teacher pass (reference in the prompt) runs without
@@ -105,7 +107,8 @@ def coars_loss(model, tok, trajs, buffer, agent, reward_cfg, lam=0.1, baseline="
     time and each group's part of the loss is back-propagated at once, so only one group's
     activations are alive. Eq. 11 / 12 is a sum over messages divided by the number of episodes,
     so the gradient is that of the whole batch (up to the order of floating-point sums); the
-    returned loss is then detached."""
+    returned loss is then detached. n_episodes: the episodes the expectation is over (default
+    len(trajs); under torchrun the whole batch, of which trajs is this rank's share)."""
     msgs = collect_messages(tok, trajs, buffer, agent, reward_cfg)
     if not msgs:
         return torch.zeros((), device=device), dict(messages=0)
@@ -122,7 +125,7 @@ def coars_loss(model, tok, trajs, buffer, agent, reward_cfg, lam=0.1, baseline="
         s_lp = token_logprobs(model, student_p, ys, tok.pad_id, device)
         cr = [token_credit(t, s_) for t, s_ in zip(t_lp, s_lp)] if lam else [torch.zeros_like(x) for x in s_lp]
         # agent_objective divides by n_episodes, so the groups' losses add up to the whole loss
-        loss = agent_objective(s_lp, list(rs), cr, lam, n_episodes=len(trajs), baseline=b)
+        loss = agent_objective(s_lp, list(rs), cr, lam, n_episodes=n_episodes or len(trajs), baseline=b)
         if backward:
             loss.backward()
             loss = loss.detach()

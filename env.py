@@ -35,12 +35,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from model import generate
+from model import generate, hash32
 
 ACTION_RANGE = {"dislike": (0.0, 0.25), "skip": (0.25, 0.5), "star": (0.5, 0.75), "click": (0.75, 1.0)}
 POSITIVE = ("click", "star")
-REC_MAX_NEW = 8
-USER_MAX_NEW = 12
 _SCORE = re.compile(r"^(0\.\d\d|1\.00)$")
 
 
@@ -79,6 +77,7 @@ class Trajectory:
     prior: int
     turns: list = field(default_factory=list)
     done: bool = False
+    key: int = 0                  # sampling key of the episode (model.sample_next): its draws depend on it alone
 
     @property
     def final_item(self):
@@ -124,6 +123,8 @@ def render_memory(tok, turns, for_user=False):
 
 def render_rec(tok, traj, t, reference=()):
     """RecAgent prompt x_t for turn t (0-based) of traj; reference = hindsight tokens (teacher only)."""
+    if tok.chat:                  # a Hugging Face model: the natural-language prompt of chat.py
+        return tok.render_rec(traj, t, reference)
     ids = [tok.sp("rec"), tok.sp("hist")] + [tok.item(i) for i in traj.hist]
     ids += [tok.sp("cands")]
     for k, i in enumerate(traj.cands):
@@ -136,6 +137,8 @@ def render_rec(tok, traj, t, reference=()):
 
 def render_user(tok, traj, t, reference=()):
     """UserAgent prompt for turn t: history, memory, the RecAgent's message and peer opinions."""
+    if tok.chat:
+        return tok.render_user(traj, t, reference)
     tr = traj.turns[t]
     ids = [tok.sp("user"), tok.sp("hist")] + [tok.item(i) for i in traj.hist]
     ids += [tok.sp("mem")] + render_memory(tok, traj.turns[:t], for_user=True)
@@ -162,6 +165,8 @@ def peer_opinion(data, user, item):
 
 def parse_rec(tok, out, cands):
     """-> item index (cands[slot]) or None (invalid)."""
+    if tok.chat:                  # the title is matched to the candidates (chat.match_title)
+        return tok.parse_rec(out, cands)
     if len(out) < 3 or out[-1] != tok.end_id or out[1] != tok.sp("why"):
         return None
     k = tok.slot_of(out[0])
@@ -170,6 +175,8 @@ def parse_rec(tok, out, cands):
 
 def parse_user(tok, out):
     """-> (action, score) or None (invalid)."""
+    if tok.chat:
+        return tok.parse_user(out)
     if len(out) < 3 or out[-1] != tok.end_id or tok.sp("why") not in out:
         return None
     inv = {v: k for k, v in tok.action_ids.items()}
@@ -188,12 +195,17 @@ def parse_user(tok, out):
     return inv[out[0]], score
 
 
-def rec_message(tok, slot, rationale):
-    """RecAgent message naming candidate number `slot`, with a history item as its rationale."""
-    return [tok.slot(slot), tok.sp("why"), tok.item(rationale), tok.end_id]
+def rec_message(tok, cands, item, rationale):
+    """RecAgent message naming `item` (one of cands), with a history item as its rationale."""
+    if tok.chat:
+        return tok.rec_message(item, rationale)
+    return [tok.slot(cands.index(item)), tok.sp("why"), tok.item(rationale), tok.end_id]
 
 
 def user_message(tok, action, score, justification):
+    """UserAgent message: an action, its score, and a history item as the justification."""
+    if tok.chat:
+        return tok.user_message(action, score, justification)
     return [tok.action_ids[action]] + tok.text(f"{score:.2f}") + [tok.sp("why"), tok.item(justification), tok.end_id]
 
 
@@ -217,7 +229,8 @@ def rollout(model, tok, data, trajs, t_max=5, temperature=1.0, generator=None, d
             rec_adapter="rec", user_adapter="user", batch=256):
     """Play every trajectory in trajs to its end. All live episodes take each turn together (one
     batched generate per agent per turn); finished ones drop out. Trajectories are filled in place
-    and returned."""
+    and returned. Sampling is keyed by each trajectory's `key` (so an episode is the same in any
+    batch); a torch `generator` instead draws for the whole batch at once."""
     for _ in range(t_max):
         live = [tr for tr in trajs if not tr.done]
         if not live:
@@ -225,7 +238,8 @@ def rollout(model, tok, data, trajs, t_max=5, temperature=1.0, generator=None, d
         # RecAgent writes m_rec for every live episode
         prompts = [render_rec(tok, tr, len(tr.turns)) for tr in live]
         model.set_adapter(rec_adapter)
-        outs = generate_all(model, prompts, REC_MAX_NEW, tok, temperature, generator, device, batch)
+        keys = [message_key(tr, 0) for tr in live] if generator is None else None
+        outs = generate_all(model, prompts, tok.rec_max_new, tok, temperature, generator, device, batch, keys)
         for tr, p, o in zip(live, prompts, outs):
             item = parse_rec(tok, o, tr.cands)
             tr.turns.append(Turn(rec_out=o, item=item, rec_valid=item is not None, rec_prompt=p))
@@ -235,7 +249,9 @@ def rollout(model, tok, data, trajs, t_max=5, temperature=1.0, generator=None, d
             record_user(data, tr, tr.turns[-1])
         prompts = [render_user(tok, tr, len(tr.turns) - 1) for tr in answer]
         model.set_adapter(user_adapter)
-        outs = generate_all(model, prompts, USER_MAX_NEW, tok, temperature, generator, device, batch) if prompts else []
+        keys = [message_key(tr, 1) for tr in answer] if generator is None else None
+        outs = generate_all(model, prompts, tok.user_max_new, tok, temperature, generator, device, batch,
+                            keys) if prompts else []
         for tr, p, o in zip(answer, prompts, outs):
             turn = tr.turns[-1]
             turn.user_out, turn.user_prompt = o, p
@@ -249,12 +265,19 @@ def rollout(model, tok, data, trajs, t_max=5, temperature=1.0, generator=None, d
     return trajs
 
 
-def generate_all(model, prompts, max_new, tok, temperature, generator, device, batch):
-    """generate() over any number of prompts, `batch` at a time, stopping at <|end|>."""
+def message_key(traj, agent):
+    """Sampling key of the message agent (0 rec, 1 user) writes next in traj: a hash of the
+    episode's key and the turn, so each message's random draws are its own."""
+    return hash32(hash32(traj.key) + 2 * len(traj.turns) + agent)
+
+
+def generate_all(model, prompts, max_new, tok, temperature, generator, device, batch, keys=None):
+    """generate() over any number of prompts, `batch` at a time, stopping at the end-of-message token."""
     out = []
     for s in range(0, len(prompts), batch):
-        out += generate(model, prompts[s:s + batch], max_new, tok.pad_id, stop_ids=(tok.end_id,),
-                        temperature=temperature, generator=generator, device=device)
+        out += generate(model, prompts[s:s + batch], max_new, tok.pad_id, stop_ids=tok.stop_ids,
+                        temperature=temperature, generator=generator, device=device,
+                        keys=None if keys is None else keys[s:s + batch])
     return out
 
 
@@ -309,7 +332,7 @@ def scripted_episode(data, tok, traj, rng, t_max, p_target, p_prior, future=()):
     the memory of the pretraining dialogues."""
     while not traj.done:
         item = scripted_rec_choice(traj, rng, p_target, p_prior)
-        tr = Turn(rec_out=rec_message(tok, traj.cands.index(item), closest_history_item(data, traj.hist, item)),
+        tr = Turn(rec_out=rec_message(tok, traj.cands, item, closest_history_item(data, traj.hist, item)),
                   item=item, rec_valid=True)
         traj.turns.append(tr)
         record_user(data, traj, tr)

@@ -28,9 +28,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from env import (POSITIVE, USER_MAX_NEW, Trajectory, Turn, generate_all, closest_history_item, new_trajectory,
+from env import (POSITIVE, Trajectory, Turn, generate_all, closest_history_item, new_trajectory,
                  parse_user, rec_message, record_user, render_rec, render_user, rollout)
-from model import causal_mask, positions
+from model import causal_mask, positions, token_logprobs
 
 # --------------------------------------------------------------------------------------------------
 # Uncertainty
@@ -126,29 +126,45 @@ def run_ars(model, tok, data, split, rows, adapters, t_max, device, batch=256):
 @torch.no_grad()
 def rank_metrics(model, tok, data, split, rows, adapter, device, ks=(1, 5, 10), batch=256):
     """HR@k and NDCG@k of the candidates ranked by the RecAgent's turn-1 log-probability of naming
-    each one (its first answer token is the candidate's slot)."""
+    each one (built-in model: its first answer token is the candidate's slot, one forward pass per
+    sample; a chat model: the summed log-prob of "Recommendation: <title>", one pass per candidate)."""
     model.set_adapter(adapter)
     out = {f"{m}@{k}": [] for k in ks for m in ("HR", "NDCG")}
     for s in range(0, len(rows), batch):
         trajs = [new_trajectory(data, split, r) for r in rows[s:s + batch]]
         prompts = [render_rec(tok, tr, 0) for tr in trajs]
-        T = max(len(p) for p in prompts)
-        idx = torch.full((len(prompts), T), tok.pad_id, dtype=torch.long)
-        valid = torch.zeros(len(prompts), T, dtype=torch.bool)
-        for b, p in enumerate(prompts):  # left-pad so every row's last position is its <|ans|>
-            idx[b, T - len(p):] = torch.tensor(p)
-            valid[b, T - len(p):] = True
-        idx, valid = idx.to(device), valid.to(device)
-        h = model(idx, positions(valid), causal_mask(valid))[:, -1]       # (B,C)
-        cand_ids = torch.tensor([[tok.slot(k) for k in range(len(tr.cands))] for tr in trajs], device=device)
-        scores = h[:, None, :].mul(model.head_weight[cand_ids]).sum(-1)   # (B,20) logits of each candidate
-        tpos = torch.tensor([tr.cands.index(tr.target) for tr in trajs], device=device)
+        scores = (chat_candidate_scores if tok.chat else slot_scores)(model, tok, trajs, prompts, device)  # (B,20)
+        tpos = torch.tensor([tr.cands.index(tr.target) for tr in trajs], device=scores.device)
         rank = (scores > scores.gather(1, tpos[:, None])).sum(1).cpu().numpy()  # 0 = first
         for k in ks:
             out[f"HR@{k}"] += (rank < k).astype(float).tolist()
             out[f"NDCG@{k}"] += np.where(rank < k, 1 / np.log2(rank + 2), 0.0).tolist()
     model.set_adapter(None)
     return {k: np.array(v) for k, v in out.items()}
+
+
+def slot_scores(model, tok, trajs, prompts, device):
+    """(B,20) logits of each candidate's slot token at the answer position."""
+    T = max(len(p) for p in prompts)
+    idx = torch.full((len(prompts), T), tok.pad_id, dtype=torch.long)
+    valid = torch.zeros(len(prompts), T, dtype=torch.bool)
+    for b, p in enumerate(prompts):  # left-pad so every row's last position is its <|ans|>
+        idx[b, T - len(p):] = torch.tensor(p)
+        valid[b, T - len(p):] = True
+    idx, valid = idx.to(device), valid.to(device)
+    h = model(idx, positions(valid), causal_mask(valid))[:, -1]       # (B,C)
+    cand_ids = torch.tensor([[tok.slot(k) for k in range(len(tr.cands))] for tr in trajs], device=device)
+    return h[:, None, :].mul(model.head_weight[cand_ids]).sum(-1)   # (B,20)
+
+
+def chat_candidate_scores(model, tok, trajs, prompts, device, group=20):
+    """(B,20) summed log-probs of the answer naming each candidate's title, `group` sequences a pass."""
+    pairs = [(p, tok.answer_ids(i)) for p, tr in zip(prompts, trajs) for i in tr.cands]
+    lp = []
+    for s in range(0, len(pairs), group):
+        ps, cs = zip(*pairs[s:s + group])
+        lp += [x.sum() for x in token_logprobs(model, ps, cs, tok.pad_id, device)]
+    return torch.stack(lp).view(len(trajs), -1).float()
 
 
 @torch.no_grad()
@@ -161,13 +177,13 @@ def user_judgements(model, tok, data, adapter, device, batch=256):
         h = h[h >= 0].tolist()
         item = int(data.f1_item[r])
         tr = Trajectory("f1", r, int(data.f1_user[r]), h, -1, [item], item)
-        turn = Turn(rec_out=rec_message(tok, 0, closest_history_item(data, h, item)), item=item, rec_valid=True)
+        turn = Turn(rec_out=rec_message(tok, [item], item, closest_history_item(data, h, item)), item=item, rec_valid=True)
         tr.turns.append(turn)
         record_user(data, tr, turn)
         trajs.append(tr)
     prompts = [render_user(tok, tr, 0) for tr in trajs]
     model.set_adapter(adapter)
-    outs = generate_all(model, prompts, USER_MAX_NEW, tok, 0.0, None, device, batch)
+    outs = generate_all(model, prompts, tok.user_max_new, tok, 0.0, None, device, batch)
     model.set_adapter(None)
     parsed = [parse_user(tok, o) for o in outs]
     return (np.array([p is not None and p[0] in POSITIVE for p in parsed]),
@@ -277,7 +293,9 @@ def write_results(res, folder):
 
 def readable(tok, data, ids, cands=None):
     """Token ids as text: item tokens as their titles, slots as 'candidate k (title)', other control
-    tokens by name, bytes decoded."""
+    tokens by name, bytes decoded. A Hugging Face model's messages are text already."""
+    if tok.chat:
+        return tok.decode(ids).strip()
     out, buf = [], []
     for t in map(int, ids):
         if t < 256:
@@ -363,7 +381,8 @@ def interactive(run_dir, device="auto", ask=input, out=print, seed=None):
     while not tr.done:
         prompt = render_rec(tok, tr, len(tr.turns))
         model.set_adapter("rec")
-        o = generate(model, [prompt], 8, tok.pad_id, stop_ids=(tok.end_id,), temperature=0.0, device=device)[0]
+        o = generate(model, [prompt], tok.rec_max_new, tok.pad_id, stop_ids=tok.stop_ids, temperature=0.0,
+                     device=device)[0]
         model.set_adapter(None)
         item = parse_rec(tok, o, tr.cands)
         turn = Turn(rec_out=o, item=item, rec_valid=item is not None, rec_prompt=prompt)

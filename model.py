@@ -51,6 +51,10 @@ class Tokenizer:
     rollouts, while `encode_ordinary` on plain text is fast. `decode` shows any id sequence.
     """
 
+    chat = False          # the token-level message format of env.py (chat.ChatTokenizer: natural language)
+    rec_max_new = 8       # longest RecAgent message: SLOT <|why|> RATIONALE <|end|>, with room to spare
+    user_max_new = 12     # longest UserAgent message: ACTION d.dd <|why|> JUSTIFICATION <|end|>
+
     def __init__(self, n_items):
         self.n_items = n_items
         specials = CONTROL_TOKENS + [f"<|item_{i}|>" for i in range(n_items)]
@@ -67,6 +71,7 @@ class Tokenizer:
         self.vocab_size = 256 + len(specials)
         self.pad_id = self.special_ids["<|pad|>"]
         self.end_id = self.special_ids["<|end|>"]
+        self.stop_ids = (self.end_id,)
         self.action_ids = {a: self.special_ids[f"<|{a}|>"] for a in ACTIONS}
 
     def sp(self, name):
@@ -180,7 +185,44 @@ class Block(nn.Module):
         return x
 
 
-class GPT(nn.Module):
+class Adapters:
+    """LoRA adapter handling shared by the built-in GPT and the Hugging Face wrapper (hf.py)."""
+
+    def add_lora(self, names=("rec", "user"), r=8, alpha=16, targets=None):
+        """Wrap every nn.Linear whose own name is in `targets` (default: self.lora_targets) with
+        LoRA and add one adapter per name. The wrapped layer keeps its place, so the base weights'
+        state-dict keys only gain a '.base'."""
+        targets = set(targets or self.lora_targets)
+        found = [(n, m) for n, m in self.named_modules() if n.split(".")[-1] in targets
+                 and isinstance(m, (nn.Linear, LoRALinear))]
+        if not found:
+            raise ValueError(f"no linear layer is named any of {sorted(targets)}")
+        for name, lin in found:
+            if not isinstance(lin, LoRALinear):
+                parent = self.get_submodule(name.rpartition(".")[0]) if "." in name else self
+                lin = LoRALinear(lin)
+                setattr(parent, name.split(".")[-1], lin)
+            for n in names:
+                lin.add_adapter(n, r, alpha)
+
+    def lora_modules(self):
+        return [m for m in self.modules() if isinstance(m, LoRALinear)]
+
+    def set_adapter(self, name):
+        """Activate adapter `name` ("rec" / "user") or None for the bare base model."""
+        for m in self.lora_modules():
+            m.active = name
+
+    def adapter_parameters(self, name):
+        return [p for m in self.lora_modules() for p in m.adapters[name].parameters()]
+
+    def base_parameters(self):
+        return [p for n, p in self.named_parameters() if ".adapters." not in n]
+
+
+class GPT(Adapters, nn.Module):
+    lora_targets = ("qkv", "proj", "fc", "fc2")
+
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         self.cfg = cfg
@@ -218,33 +260,17 @@ class GPT(nn.Module):
         to name; ln_f's gain sets the logit scale."""
         return F.normalize(self.wte.weight, dim=-1)
 
-    # ---- LoRA ----
-    def add_lora(self, names=("rec", "user"), r=8, alpha=16, targets=("qkv", "proj", "fc", "fc2")):
-        """Wrap the named linear layers of every block with LoRA and add one adapter per name."""
-        for blk in self.blocks:
-            for t in targets:
-                lin = getattr(blk, t)
-                if not isinstance(lin, LoRALinear):
-                    lin = LoRALinear(lin)
-                    setattr(blk, t, lin)
-                for n in names:
-                    lin.add_adapter(n, r, alpha)
+    @property
+    def max_len(self):
+        return self.cfg.block_size
 
-    def lora_modules(self):
-        return [m for m in self.modules() if isinstance(m, LoRALinear)]
+    def new_cache(self, B, Tmax, device):
+        """Static KV cache for generate(): one (k, v) pair of (B,H,Tmax,D) buffers per block."""
+        cfg, dtype = self.cfg, self.wte.weight.dtype
+        D = cfg.n_embd // cfg.n_head
+        return [(torch.zeros(B, cfg.n_head, Tmax, D, device=device, dtype=dtype),
+                 torch.zeros(B, cfg.n_head, Tmax, D, device=device, dtype=dtype)) for _ in range(cfg.n_layer)]
 
-    def set_adapter(self, name):
-        """Activate adapter `name` ("rec" / "user") or None for the bare base model."""
-        for m in self.lora_modules():
-            m.active = name
-
-    def adapter_parameters(self, name):
-        return [p for m in self.lora_modules() for p in m.adapters[name].parameters()]
-
-    def base_parameters(self):
-        return [p for n, p in self.named_parameters() if ".adapters." not in n]
-
-    # ---- forward ----
     def forward(self, idx, pos, mask, cache=None, start=0):
         """Hidden states (B,T,C) for token ids idx (B,T) at positions pos (B,T).
         mask (B,1,T,Tk) bool: which keys each query may see (causal and padding, built by callers)."""
@@ -384,29 +410,65 @@ def token_logprobs_reference(model, prompts, completions, pad_id, device="cpu"):
 # Generation
 
 
+# Keyed sampling [ours]. An episode's random draws depend only on its own key and the token's step,
+# never on which other episodes share its batch, micro-batch or GPU: sampling is the Gumbel-max trick
+# argmax(logits / T + g) with g = -log(-log(u)) and u a hash of (key, step, token id). So a batch
+# rolled out whole, in halves after an out-of-memory error, or split over torchrun ranks gives the
+# same episodes. The hash is a 32-bit integer mix (odd multipliers below 2^31, so int64 products
+# never overflow); it works on Python ints and on integer tensors alike.
+
+_M32 = 0xFFFFFFFF
+
+
+def hash32(x):
+    """A bijective 32-bit integer hash (xor-shift / multiply rounds)."""
+    x = x & _M32
+    x = ((x ^ (x >> 16)) * 0x45D9F3B) & _M32
+    x = ((x ^ (x >> 16)) * 0x45D9F3B) & _M32
+    return x ^ (x >> 16)
+
+
+def keyed_uniform(keys, step, V):
+    """(B,V) uniforms in (0,1), a fixed function of (keys[b], step, v). keys: (B,) int64."""
+    row = hash32(hash32(keys) ^ hash32(step + 0x9E3779B))                   # (B,)
+    x = hash32(row[:, None] ^ torch.arange(V, device=keys.device))          # (B,V)
+    return ((x >> 8).float() + 0.5) / float(1 << 24)                        # 24 bits: exact in float32
+
+
+def sample_next(logits, temperature, generator=None, keys=None, step=0):
+    """One token per row of logits (B,V): greedy at temperature 0; keyed Gumbel-max when keys are
+    given; else torch.multinomial with `generator`."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    if keys is not None:
+        g = -torch.log(-torch.log(keyed_uniform(keys, step, logits.shape[-1])))
+        return (logits.float() / temperature + g).argmax(-1)
+    probs = torch.softmax(logits / temperature, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
 @torch.no_grad()
 def generate(model, prompts, max_new, pad_id, stop_ids=(), temperature=1.0, generator=None,
-             device="cpu", allowed=None):
-    """Sample completions for a batch of prompts with a static KV cache.
+             device="cpu", allowed=None, keys=None):
+    """Sample completions for a batch of prompts with a KV cache (the built-in GPT's is static,
+    model.new_cache; a Hugging Face model's is its own cache object).
 
     prompts: list of id lists (any lengths: they are left-padded so every row's next token is at
     the same column). temperature 0 = greedy. A row stops after emitting a stop id (kept in its
     output) or after max_new tokens. allowed: optional (V,) bool mask of tokens that may be sampled.
+    keys: optional list of per-row ints for keyed sampling (see sample_next).
     Returns a list of id lists."""
     B = len(prompts)
     P = max(len(p) for p in prompts)
     Tmax = P + max_new
-    cfg = model.cfg
-    assert Tmax <= cfg.block_size, f"prompt+completion {Tmax} exceeds block_size {cfg.block_size}"
+    assert Tmax <= model.max_len, f"prompt+completion {Tmax} exceeds the model's length {model.max_len}"
     idx = torch.full((B, P), pad_id, dtype=torch.long, device=device)
     valid = torch.zeros(B, Tmax, dtype=torch.bool, device=device)
     for b, p in enumerate(prompts):
         idx[b, P - len(p):] = torch.tensor(p, device=device)
         valid[b, P - len(p):P] = True
-    D = cfg.n_embd // cfg.n_head
-    dtype = model.wte.weight.dtype
-    cache = [(torch.zeros(B, cfg.n_head, Tmax, D, device=device, dtype=dtype),
-              torch.zeros(B, cfg.n_head, Tmax, D, device=device, dtype=dtype)) for _ in range(cfg.n_layer)]
+    keys = None if keys is None else torch.tensor([int(k) for k in keys], dtype=torch.long, device=device)
+    cache = model.new_cache(B, Tmax, device)
     pos_all = positions(valid[:, :P])
     # prefill: all prompt tokens at once
     h = model(idx, pos_all, causal_mask(valid[:, :P]), cache, 0)        # (B,P,C)
@@ -420,11 +482,7 @@ def generate(model, prompts, max_new, pad_id, stop_ids=(), temperature=1.0, gene
         logits = (last @ head_t).float()                                 # (B,V) head on last only
         if allowed is not None:
             logits = logits.masked_fill(~allowed, float("-inf"))
-        if temperature == 0:
-            tok = logits.argmax(-1)
-        else:
-            probs = torch.softmax(logits / temperature, dim=-1)
-            tok = torch.multinomial(probs, 1, generator=generator)[:, 0]
+        tok = sample_next(logits, temperature, generator, keys, t)
         tok = torch.where(done, torch.full_like(tok, pad_id), tok)
         for b in torch.nonzero(~done).flatten().tolist():
             out[b].append(int(tok[b]))
@@ -442,24 +500,22 @@ def generate(model, prompts, max_new, pad_id, stop_ids=(), temperature=1.0, gene
 
 @torch.no_grad()
 def generate_nocache(model, prompts, max_new, pad_id, stop_ids=(), temperature=1.0, generator=None,
-                     device="cpu", allowed=None):
+                     device="cpu", allowed=None, keys=None):
     """Plain reference for generate(): one prompt at a time, full forward at every step, no cache.
-    With temperature 0 it must give exactly generate()'s tokens."""
+    With temperature 0, or with keys, it must give exactly generate()'s tokens."""
     out = []
-    for p in prompts:
+    for b, p in enumerate(prompts):
         seq = list(p)
         res = []
-        for _ in range(max_new):
+        key = None if keys is None else torch.tensor([int(keys[b])], device=device)
+        for n in range(max_new):
             s = torch.tensor([seq], device=device)
             valid = torch.ones_like(s, dtype=torch.bool)
             h = model(s, positions(valid), causal_mask(valid))[0, -1]
-            logits = (h @ model.head_weight.t()).float()
+            logits = (h @ model.head_weight.t()).float()[None]
             if allowed is not None:
                 logits = logits.masked_fill(~allowed, float("-inf"))
-            if temperature == 0:
-                tok = int(logits.argmax())
-            else:
-                tok = int(torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=generator))
+            tok = int(sample_next(logits, temperature, generator, key, n)[0])
             res.append(tok)
             seq.append(tok)
             if tok in stop_ids:

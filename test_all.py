@@ -195,8 +195,9 @@ def test_action_intervals_and_parsing():
     assert env.parse_user(tok, env.user_message(tok, "click", 1.0, 3)) == ("click", 1.0)
     assert env.parse_user(tok, env.user_message(tok, "click", 0.4, 3)) is None   # contradicts its score
     assert env.parse_user(tok, env.user_message(tok, "skip", 0.3, 3)[:-1]) is None  # no <|end|>
-    assert env.parse_rec(tok, env.rec_message(tok, 1, 2), [1, 5, 9]) == 5         # slot 1 -> item 5
-    assert env.parse_rec(tok, env.rec_message(tok, 3, 2), [1, 5, 9]) is None      # no such slot
+    assert env.rec_message(tok, [1, 5, 9], 5, 2)[0] == tok.slot(1)                 # item 5 is candidate 1
+    assert env.parse_rec(tok, env.rec_message(tok, [1, 5, 9], 5, 2), [1, 5, 9]) == 5
+    assert env.parse_rec(tok, [tok.slot(3), tok.sp("why"), tok.item(2), tok.end_id], [1, 5, 9]) is None  # no slot 3
     assert env.parse_rec(tok, [tok.item(5), tok.sp("why"), tok.end_id], [5]) is None  # an item, not a slot
     assert env.parse_rec(tok, [tok.slot(0), tok.end_id], [5]) is None            # no rationale marker
 
@@ -220,7 +221,8 @@ def test_peer_signal_q():
 
 def _scripted_generate(rec_item_index, action, score):
     """A stand-in for model.generate that writes fixed valid messages (to test the loop alone)."""
-    def fake(model, prompts, max_new, pad_id, stop_ids=(), temperature=1.0, generator=None, device="cpu", allowed=None):
+    def fake(model, prompts, max_new, pad_id, stop_ids=(), temperature=1.0, generator=None, device="cpu", allowed=None,
+             keys=None):
         tok = fake.tok
         outs = []
         for p in prompts:
@@ -929,6 +931,9 @@ VALIDATION_RULES = [
     (dict(train_rec=False, train_user=False), "--no-train-rec with --no-train-user leaves nothing to train"),
     (dict(n_layer=0), "--n-layer, --n-head and --n-embd must be at least 1"),
     (dict(p_reference=2), r"--p-reference must be within \[0, 1\]"),
+    (dict(warmup_steps=-1), "--warmup-steps cannot be negative"),
+    (dict(grad_checkpointing=True), "--grad-checkpointing applies to a Hugging Face --model only"),
+    (dict(lora_targets="q_proj,,v_proj"), "--lora-targets must be comma-separated layer names"),
 ]
 
 

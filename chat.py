@@ -1,0 +1,228 @@
+"""
+The agents' messages in natural language, for Hugging Face chat models (hf.py). env.py holds the
+built-in model's token-level format and the loop; its format functions hand over to this file's
+ChatTokenizer when `tok.chat` is true. Same content, same rules (PAPER.md section 2), in words:
+
+  RecAgent   system: its role.  user: the history (titles, oldest first), the 20 candidates
+             (numbered titles), in turn 1 the sequential recommender's suggestion, the conversation
+             so far, [REFERENCE], and the answer form. It answers
+                 Recommendation: <the exact title of one candidate>
+                 Reason: <one sentence>
+  UserAgent  system: its role (a user who does not know what it will pick).  user: its history,
+             the conversation so far, the recommender's new message (the matched title and the
+             reason), the peers' opinion, [REFERENCE], and the answer form. It answers
+                 Action: click | star | skip | dislike
+                 Score: <0.00 to 1.00, inside the action's interval>
+                 Reason: <one sentence>
+  REFERENCE  the hindsight reference d (teacher prompts only): the earlier trajectory's turns with
+             "right" / "wrong" and the user's reaction, then the true next item's title.
+
+Prompts are the model's own chat template applied to these two messages. The reference is spliced
+in as token ids at one fixed point of the user message: the template is rendered once with a marker
+line, split there, and both halves encoded, so a teacher prompt is exactly its student prompt with
+the reference's tokens inserted (the test checks this against the template; other
+self-distillation code has differed in more than the reference, e.g. through re-tokenised
+boundaries or per-call system text).
+
+Title matching [ours]: the RecAgent's title is matched to the candidates first exactly, then after
+normalising both sides (match_title): lower case; a trailing "(1995)" year dropped; a trailing
+", The" / ", A" / ", An" (MovieLens style) and a leading "The" / "A" / "An" dropped; punctuation,
+quotes and markdown asterisks dropped; white space collapsed. An answer that matches no candidate,
+or several, is invalid. A message must also end with the end-of-turn token (not cut off at the
+length limit) and hold every field of its form.
+"""
+
+import re
+
+from env import ACTION_RANGE
+
+REF_MARK = "@@REFERENCE@@"
+REC_SYSTEM = ("You are a recommender agent. From the candidate list you recommend the one item the user will "
+              "most likely choose next, and you say why in one sentence.")
+USER_SYSTEM = ("You play a user of a recommender system, acting as the history shows. You do not know which item "
+               "you will really choose next; you react to each recommendation with an action, a score and a "
+               "reason.")
+REC_FORM = ["Answer in exactly this form:", "Recommendation: <the exact title of one candidate>",
+            "Reason: <one sentence>"]
+USER_FORM = ["Answer in exactly this form:", "Action: <click, star, skip or dislike>",
+             "Score: <a number from 0.00 to 1.00: dislike below 0.25, skip below 0.50, star below 0.75, "
+             "click from 0.75>", "Reason: <one sentence>"]
+_ARTICLES = ("the", "a", "an")
+# end-of-turn tokens of common chat templates: any of them present in the vocabulary stops a message
+_END_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "</s>")
+
+
+def normalise_title(t):
+    """The documented normalised form of a title (see the module docstring)."""
+    t = t.strip().lower()
+    t = re.sub(r"\(\s*\d{4}\s*\)\s*$", "", t).strip()               # "(1995)"
+    t = re.sub(r",\s*(the|a|an)\s*$", "", t)                          # "Usual Suspects, The"
+    t = re.sub(r"[^\w\s]", " ", t)                                    # punctuation, quotes, asterisks
+    words = t.split()
+    if len(words) > 1 and words[0] in _ARTICLES:
+        words = words[1:]
+    return " ".join(words)
+
+
+def match_title(text, cands, titles):
+    """The candidate item whose title `text` names, or None (no candidate, or several)."""
+    text = text.strip().strip("*\"'`").strip()
+    exact = [i for i in cands if titles[i].strip() == text]
+    if len(set(exact)) == 1:
+        return exact[0]
+    if exact:
+        return None
+    n = normalise_title(text)
+    near = {i for i in cands if normalise_title(titles[i]) == n} if n else set()
+    return near.pop() if len(near) == 1 else None
+
+
+def _field(text, name):
+    """The value of the first line 'Name: value' (markdown bold around the name allowed), or None."""
+    m = re.search(rf"(?im)^[\s*#-]*{name}[\s*]*:[\s*]*(.+?)\s*$", text)
+    return m.group(1).strip() if m else None
+
+
+class ChatTokenizer:
+    """A Hugging Face tokenizer with the agents' natural-language message format (the counterpart of
+    model.Tokenizer plus env.py's format functions). Every method returns or takes token ids."""
+
+    chat = True
+    rec_max_new = 64      # a title and a one-sentence reason
+    user_max_new = 64
+
+    def __init__(self, hf_tokenizer, titles, item_word="item"):
+        self.hf = hf_tokenizer
+        self.titles = list(titles)
+        self.item_word = item_word
+        self.end_id = hf_tokenizer.eos_token_id
+        vocab = hf_tokenizer.get_vocab()
+        self.stop_ids = tuple(sorted({self.end_id} | {vocab[t] for t in _END_TOKENS if t in vocab}))
+        self.pad_id = hf_tokenizer.pad_token_id if hf_tokenizer.pad_token_id is not None else self.end_id
+        self.vocab_size = len(hf_tokenizer)
+
+    # ---- text <-> ids ----
+    def text(self, s):
+        return self.hf.encode(s, add_special_tokens=False)
+
+    def decode(self, ids):
+        return self.hf.decode([int(t) for t in ids], skip_special_tokens=True)
+
+    def chat_ids(self, system, user_lines, reference=()):
+        """The chat template applied to (system, user) with the generation prompt; the reference ids
+        go where the REF_MARK line is (see the module docstring)."""
+        msgs = [{"role": "system", "content": system}, {"role": "user", "content": "\n".join(user_lines)}]
+        text = self.hf.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        pre, post = text.split(REF_MARK + "\n")
+        return self.text(pre) + list(reference) + self.text(post)
+
+    # ---- pieces ----
+    def _rec_fields(self, tr):
+        t = self.decode(tr.rec_out)
+        return self.titles[tr.item], _field(t, "Reason") or ""
+
+    def _user_fields(self, tr):
+        return _field(self.decode(tr.user_out), "Reason") or ""
+
+    def memory(self, turns, for_user):
+        """M_{t-1} as lines, one per earlier turn."""
+        lines = []
+        for k, tr in enumerate(turns, 1):
+            who = "The recommender" if for_user else "You"
+            if not tr.rec_valid:
+                line = f"Turn {k}: {who} gave an invalid recommendation."
+            else:
+                title, why = self._rec_fields(tr)
+                line = f"Turn {k}: {who} recommended \"{title}\" ({why})."
+            if tr.user_out is not None:
+                user = "You" if for_user else "The user"
+                line += (f" {user} answered: {tr.action}, score {tr.score:.2f} ({self._user_fields(tr)})."
+                         if tr.user_valid else f" {user} gave an invalid answer.")
+            lines.append(line)
+        return lines
+
+    def _history(self, traj):
+        return [f"- {self.titles[i]}" for i in traj.hist]
+
+    # ---- the format (env.py hands over to these) ----
+    def render_rec(self, traj, t, reference=()):
+        lines = ["The user's history, oldest first:"] + self._history(traj)
+        lines += ["", f"Candidates ({len(traj.cands)}):"] + [f"{k + 1}. {self.titles[i]}" for k, i in enumerate(traj.cands)]
+        if t == 0:
+            lines += ["", f"A sequential recommender suggests: {self.titles[traj.prior]}"]
+        mem = self.memory(traj.turns[:t], for_user=False)
+        if mem:
+            lines += ["", "Conversation so far:"] + mem
+        return self.chat_ids(REC_SYSTEM, lines + ["", REF_MARK] + REC_FORM, reference)
+
+    def render_user(self, traj, t, reference=()):
+        tr = traj.turns[t]
+        lines = ["Your history, oldest first:"] + self._history(traj)
+        mem = self.memory(traj.turns[:t], for_user=True)
+        if mem:
+            lines += ["", "Conversation so far:"] + mem
+        title, why = self._rec_fields(tr)
+        lines += ["", "The recommender now says:", f"Recommendation: {title}", f"Reason: {why}", "",
+                  self.peer_line(tr.peer_text)]
+        return self.chat_ids(USER_SYSTEM, lines + ["", REF_MARK] + USER_FORM, reference)
+
+    @staticmethod
+    def peer_line(peer_text):
+        """env.peer_opinion's "k/n [mean rating]" in words."""
+        parts = peer_text.split()
+        k, n = parts[0].split("/")
+        line = f"Peers: {k} of your {n} most similar users chose it"
+        return line + (f" (their mean rating {parts[1]})." if len(parts) > 1 else ".")
+
+    def parse_rec(self, out, cands):
+        if not out or out[-1] not in self.stop_ids:
+            return None
+        text = self.decode(out)
+        title, why = _field(text, "Recommendation"), _field(text, "Reason")
+        if not title or not why:
+            return None
+        return match_title(title, cands, self.titles)
+
+    def parse_user(self, out):
+        if not out or out[-1] not in self.stop_ids:
+            return None
+        text = self.decode(out)
+        action, score, why = _field(text, "Action"), _field(text, "Score"), _field(text, "Reason")
+        if not action or not score or not why:
+            return None
+        action = action.strip("*.\"' ").lower()
+        m = re.fullmatch(r"(0(\.\d+)?|1(\.0+)?|\.\d+)", score.strip("*. "))
+        if action not in ACTION_RANGE or not m:
+            return None
+        s = round(float(m.group(1)), 2)
+        lo, hi = ACTION_RANGE[action]
+        if not (lo <= s < hi or (action == "click" and s == 1.0)):
+            return None
+        return action, s
+
+    def rec_message(self, item, rationale):
+        """A scripted RecAgent message (warm-up dialogues, F1 judgements)."""
+        return self.text(f"Recommendation: {self.titles[item]}\nReason: it is close to {self.titles[rationale]}, "
+                         f"which the user chose before.") + [self.end_id]
+
+    def user_message(self, action, score, justification):
+        return self.text(f"Action: {action}\nScore: {score:.2f}\nReason: it reminds me of "
+                         f"{self.titles[justification]}.") + [self.end_id]
+
+    def hindsight_reference(self, ref):
+        """The hindsight reference d built from trajectory `ref` (template [ours]), as token ids."""
+        lines = ["Hindsight (known only after the conversation; the other side never sees it):"]
+        for k, tr in enumerate(ref.turns, 1):
+            if not tr.rec_valid:
+                line = f"Turn {k}: an invalid recommendation."
+            else:
+                line = f"Turn {k}: \"{self.titles[tr.item]}\" was {'right' if tr.hit else 'wrong'}."
+            if tr.user_out is not None:
+                line += f" The user answered {tr.action}." if tr.user_valid else " The user's answer was invalid."
+            lines.append(line)
+        lines.append(f"The user's true next {self.item_word}: \"{self.titles[ref.target]}\".")
+        return self.text("\n".join(lines) + "\n\n")
+
+    def answer_ids(self, item):
+        """The start of a RecAgent answer naming `item`, for ranking candidates by log-prob (eval.py)."""
+        return self.text(f"Recommendation: {self.titles[item]}\n")

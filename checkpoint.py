@@ -1,0 +1,155 @@
+"""
+Surviving long runs (train.py): checkpoints, stops, non-finite steps and the run folder's metrics log.
+Its own file because none of it is the method: it is what lets a run of hours be killed, resumed and
+end with exactly the numbers of an uninterrupted run (the test checks that).
+
+A checkpoint holds everything a run needs to continue bit for bit: the trained weights (the whole
+base in stage 1, the adapters in stage 2, whose base is base.pt), the optimiser, the step, every
+random generator, the hindsight-reference buffer, the config, the data fingerprint and how many
+lines of metrics.jsonl belong to it. It is written to a temporary file and renamed; the one before
+it is kept as ckpt.prev.pt, used when ckpt.pt is damaged.
+"""
+
+import dataclasses
+import json
+import os
+import signal
+from pathlib import Path
+
+import torch
+
+from env import Trajectory, Turn
+
+CKPT_NAMES = ("ckpt.pt", "ckpt.prev.pt")
+CKPT_FORMAT = 2           # 2: sampling is keyed per episode (model.sample_next); no torch generator state
+
+
+class Stopped(Exception):
+    """A stop was asked for (SIGTERM, Ctrl-C) and a checkpoint was written."""
+
+
+class StopFlag:
+    """SIGTERM and Ctrl-C set a flag; the training loops check it after each step, write a
+    checkpoint and stop. A second Ctrl-C stops at once."""
+
+    def __init__(self):
+        self.signum = None
+
+    def install(self):
+        def handler(signum, frame):
+            self.signum = signum
+            if signum == signal.SIGINT:
+                signal.signal(signal.SIGINT, signal.default_int_handler)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, handler)
+        return self
+
+    @property
+    def name(self):
+        return signal.Signals(self.signum).name if self.signum else ""
+
+
+STOP = StopFlag()
+
+
+def save_checkpoint(run_dir: Path, state: dict):
+    tmp = run_dir / "ckpt.tmp"
+    torch.save(dict(state, format=CKPT_FORMAT), tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    cur = run_dir / "ckpt.pt"
+    if cur.exists():
+        os.replace(cur, run_dir / "ckpt.prev.pt")
+    os.replace(tmp, cur)
+
+
+def load_checkpoint(run_dir: Path, log=print):
+    """The newest readable checkpoint, or None. A damaged one is reported and skipped."""
+    for name in CKPT_NAMES:
+        path = run_dir / name
+        if not path.exists():
+            continue
+        try:
+            ck = torch.load(path, map_location="cpu", weights_only=True)
+            if not isinstance(ck, dict) or ck.get("format") != CKPT_FORMAT:
+                raise ValueError("not a checkpoint of this version")
+            return ck
+        except Exception as e:  # noqa: BLE001 - any failure to read means "damaged"
+            why = (str(e).splitlines() or [type(e).__name__])[0][:120]
+            log(f"warning: {path} is damaged or incomplete ({why}); "
+                f"trying the previous checkpoint")
+    return None
+
+
+def data_fingerprint(data):
+    return dict(raw_sha256=data.meta["raw_sha256"], options=data.meta["options"])
+
+
+def rng_state(rng):
+    return json.dumps(rng.bit_generator.state)
+
+
+def set_rng_state(rng, text):
+    rng.bit_generator.state = json.loads(text)
+
+
+def buffer_state(buffer):
+    return json.dumps([[list(k), dataclasses.asdict(tr)] for k, tr in buffer.last.items()], default=_plain)
+
+
+def set_buffer_state(buffer, text):
+    for k, tr in json.loads(text):
+        turns = [Turn(**t) for t in tr.pop("turns")]
+        buffer.last[tuple(k)] = Trajectory(**tr, turns=turns)
+
+
+def _plain(x):
+    return x.item() if hasattr(x, "item") else str(x)
+
+
+def metrics_lines(run_dir):
+    path = run_dir / "metrics.jsonl"
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def truncate_metrics(run_dir, n):
+    """Keep the first n lines of metrics.jsonl: the steps after the checkpoint are redone."""
+    path = run_dir / "metrics.jsonl"
+    if path.exists():
+        lines = path.read_text().splitlines(keepends=True)[:n]
+        path.write_text("".join(lines))
+
+
+def finite(*xs):
+    return all(bool(torch.isfinite(torch.as_tensor(x)).all()) for x in xs)
+
+
+def log_jsonl(path, rec):
+    with open(path, "a") as f:
+        f.write(json.dumps(rec) + "\n")
+
+
+class BadSteps(Exception):
+    """Too many non-finite steps in a row; the message says where the last good state is."""
+
+
+def check_bad_streak(cfg, streak, stage, step, run_dir, log, checkpoint):
+    if streak >= cfg.max_bad_steps:
+        checkpoint()
+        raise BadSteps(f"stage {stage} step {step}: {streak} non-finite losses or gradients in a row, so the run "
+                       f"stopped; the last good state is checkpointed in {run_dir} (lower --lr or "
+                       f"--pretrain-lr, then --resume).")
+
+
+class Faults:
+    """Testing aid: loss(x, stage, step) returns x, or NaN at the (stage, step) pairs in `nan_at`
+    (set by the tests; empty in real runs)."""
+
+    def __init__(self):
+        self.nan_at = set()
+
+    def loss(self, x, stage, step):
+        return x * float("nan") if (stage, step) in self.nan_at else x
+
+
+FAULTS = Faults()

