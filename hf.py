@@ -68,13 +68,21 @@ def resolve(name):
     return name, None
 
 
+def check(name):
+    """Cheap checks before any work starts: the shortcut's package, a local file or folder exists.
+    (A hub id can only be checked by loading it.)"""
+    where, gguf = resolve(name)
+    looks_local = name.startswith(("/", ".", "~")) or name.count("/") > 1
+    if gguf is None and looks_local and not Path(name).expanduser().is_dir():
+        raise ModelLoadError(f"--model {name}: no such folder (give a hub id like Qwen/Qwen2.5-0.5B-Instruct, a "
+                             f"local folder or a .gguf file).")
+    return where, gguf
+
+
 def load(name, device="cpu", lora_targets=LORA_TARGETS, grad_checkpointing=False):
     """(HFBackbone, Hugging Face tokenizer) for --model `name`, base weights frozen."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    where, gguf = resolve(name)
-    if gguf is None and os.sep in name and not Path(name).exists():
-        raise ModelLoadError(f"--model {name}: no such folder (give a hub id like Qwen/Qwen2.5-0.5B-Instruct, a "
-                             f"local folder or a .gguf file).")
+    where, gguf = check(name)
     dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
     kw = dict(gguf_file=gguf) if gguf else {}
     try:
@@ -128,7 +136,7 @@ class HFBackbone(Adapters, nn.Module):
     def forward(self, idx, pos, mask, cache=None, start=0):
         """Hidden states (B,T,C) after the final norm. mask (B,1,T,Tk) bool, True = may attend;
         with a cache, Tk = start + T (the cache holds the first `start` positions)."""
-        out = self.body(input_ids=idx, position_ids=pos, attention_mask=mask, past_key_values=cache,
+        out = self.body(input_ids=idx, position_ids=pos, attention_mask=mask, cache=cache,
                         use_cache=cache is not None)
         return out.last_hidden_state
 

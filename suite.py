@@ -29,6 +29,7 @@ run keeps its results, so an interrupted suite continues where it stopped.
 """
 
 import argparse
+import copy
 import dataclasses
 import json
 import sys
@@ -41,7 +42,6 @@ import torch
 import train
 from data.prepare import DataError, prepare
 from eval import (baseline_hits, evaluate, mean_ci, paired_diff_ci, prf)
-from model import Tokenizer
 
 PAPER = [
     ("Outcome-reward RL", dict(reward_mode="outcome", lam=0.0, train_user=False)),
@@ -65,7 +65,7 @@ CURVES = [("valid_hit", "validation Hit@1"), ("rec_reward", "RecAgent mean rewar
           ("rec_valid", "RecAgent valid ratio")]
 
 
-def run_variant(cfg, name, base_state, data, tok, device, folder, log):
+def run_variant(cfg, name, base, data, tok, device, folder, log):
     """Stage 2 from the shared base, then the test evaluation of this one agent pair. Returns the
     results dict with per-sample arrays (cached in folder: a finished run is not redone)."""
     done = folder / "results.json"
@@ -76,9 +76,7 @@ def run_variant(cfg, name, base_state, data, tok, device, folder, log):
             return dict(res, folder=str(folder))
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "metrics.jsonl").unlink(missing_ok=True)
-    model = train.build_model(cfg, tok, device)
-    model.load_state_dict(base_state)
-    train.freeze(model)
+    model = copy.deepcopy(base)               # the shared frozen base; this run adds its own adapters
     t0 = time.time()
     model = train.stage2(cfg, model, tok, data, device, folder, log)
     seconds = time.time() - t0
@@ -101,12 +99,10 @@ def run_suite(cfg, suite, seeds, suite_dir, log=print):
     suite_dir.mkdir(parents=True, exist_ok=True)
     data = prepare(cfg.data_config(), log=log)
     device = train.pick_device(cfg.device)
-    tok = Tokenizer(data.n_items)
     torch.manual_seed(cfg.seed)
     t_base = time.time()
-    base = train.stage1(cfg, data, tok, device, suite_dir, log)          # cached in suite_dir/base.pt
+    base, tok = train.backbone(cfg, data, device, suite_dir, log)      # built-in: cached in suite_dir/base.pt
     base_seconds = time.time() - t_base
-    base_state = {k: v.clone() for k, v in base.state_dict().items()}
     # the memory-based ARS (the base without adapters) is deterministic: evaluated once
     mem_file = suite_dir / "memory_ars.json"
     if mem_file.exists() and json.loads(mem_file.read_text()).get("config") == dataclasses.asdict(cfg):
@@ -124,7 +120,7 @@ def run_suite(cfg, suite, seeds, suite_dir, log=print):
             train.validate(vcfg)
             folder = suite_dir / f"{slug(name)}-seed{s}"
             log(f"{name}, seed {s} -> {folder}")
-            runs.setdefault(name, []).append(run_variant(vcfg, name, base_state, data, tok, device, folder, log))
+            runs.setdefault(name, []).append(run_variant(vcfg, name, base, data, tok, device, folder, log))
     summary = summarise(data, mem, runs, cfg, seeds, suite)
     summary.update(suite=suite, dataset=cfg.dataset, base_seconds=round(base_seconds, 1), device=device,
                    machine=machine(), options={k: v for k, v in dataclasses.asdict(cfg).items()})

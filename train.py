@@ -566,6 +566,12 @@ def main(argv=None):
     cfg = parse_args(argv)
     try:
         validate(cfg)
+        if cfg.model:
+            import hf
+            try:
+                hf.check(cfg.model)
+            except hf.ModelLoadError as e:
+                raise UserError(str(e))
         device = init_distributed(cfg)
         rank, world = dist_info()
         lead = rank == 0
