@@ -1337,3 +1337,43 @@ def test_hf_model_that_will_not_load_is_one_sentence(synth, tmp_path, tiny_hf):
     r = run(["train.py"] + _hf_args(synth, tmp_path, "org/not-a-model-here") + ["--steps", "1"])
     assert r.returncode == 1 and "could not load --model org/not-a-model-here (HF_HUB_OFFLINE is set" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+# --------------------------------------------------------------------------------------------------
+# Several processes: torchrun with gloo on CPU
+
+
+def test_torchrun_two_processes_match_one(small_run, tmp_path):
+    """Same seed, same global batch: 2 ranks (each rolls out half the episodes) give the single
+    process's rollouts, losses, gradient norms and updated adapters (up to bf16 round-off)."""
+    args = small_run + ["--out-dir", str(tmp_path), "--steps", "3", "--batch", "6", "--eval-every", "0", "--skip-eval",
+                        "--ckpt-every", "0"]
+    r = run(["train.py"] + args + ["--run-name", "one"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    for name in ("two", "other-seed"):      # the same pretrained base (stage 1 is not what is compared)
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "base.pt").write_bytes((tmp_path / "one" / "base.pt").read_bytes())
+    r = run(["-m", "torch.distributed.run", "--nproc_per_node=2", "train.py"] + args + ["--run-name", "two"])
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[:3000]
+    assert "x 2 processes" in r.stdout and r.stdout.count("reusing the pretrained base") == 1   # rank 0 logs
+    r = run(["train.py"] + args + ["--run-name", "other-seed", "--stage2-seed", "5"])
+    assert r.returncode == 0, r.stderr[-3000:]
+
+    def stage2(name):
+        return [json.loads(l) for l in (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+                if json.loads(l)["stage"] == 2]
+    one, two = stage2("one"), stage2("two")
+    assert [s["step"] for s in two] == [1, 2, 3]
+    for a, b in zip(one, two):
+        for k in ("train_hit", "rec_valid", "user_valid", "turns", "rec_messages", "user_messages"):
+            assert a[k] == b[k], k                                   # the very same episodes
+        for k in ("rec_loss", "user_loss", "rec_reward", "user_reward"):
+            assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), k
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=3e-3)
+
+    def lora_b(name):   # the LoRA B matrices start at zero: their values are the whole update
+        ad = torch.load(tmp_path / name / "coars.pt", weights_only=True)["adapters"]
+        return torch.cat([v.flatten() for k, v in sorted(ad.items()) if k.endswith(".1.weight")])
+    b1, b2, b3 = lora_b("one"), lora_b("two"), lora_b("other-seed")
+    assert float((b1 - b2).abs().mean() / b1.abs().mean()) < 0.02
+    assert float((b1 - b3).abs().mean() / b1.abs().mean()) > 0.3     # the check can tell runs apart

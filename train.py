@@ -575,7 +575,7 @@ def main(argv=None):
         device = init_distributed(cfg)
         rank, world = dist_info()
         lead = rank == 0
-        run_dir = check_run_dir(cfg)
+        run_dir = check_run_dir(cfg) if lead else cfg.run_dir()    # one writability probe, not one per rank
         ck = None
         if cfg.resume:
             ck = load_checkpoint(run_dir, print if lead else (lambda *a: None))
