@@ -30,7 +30,7 @@ import torch
 
 from env import (POSITIVE, Trajectory, Turn, generate_all, closest_history_item, new_trajectory,
                  parse_user, rec_message, record_user, render_rec, render_user, rollout)
-from model import causal_mask, positions, token_logprobs
+from model import causal_mask, logprobs_of, positions, token_logprobs
 
 # --------------------------------------------------------------------------------------------------
 # Uncertainty
@@ -157,22 +157,46 @@ def slot_scores(model, tok, trajs, prompts, device):
     return h[:, None, :].mul(model.head_weight[cand_ids]).sum(-1)   # (B,20)
 
 
-def chat_candidate_scores(model, tok, trajs, prompts, device, group=20):
-    """(B,20) summed log-probs of the answer naming each candidate's title, `group` sequences a pass."""
+def chat_candidate_scores(model, tok, trajs, prompts, device):
+    """(B,20) summed log-probs of the answer naming each candidate's title. Fast path: each prompt
+    runs once and its KV cache is repeated for the 20 answers (the plain reference,
+    chat_candidate_scores_reference, scores each whole sequence; the tests compare them)."""
+    out = []
+    for p, tr in zip(prompts, trajs):
+        comps = [tok.answer_ids(i) for i in tr.cands]
+        n, P, L = len(comps), len(p), max(len(c) for c in comps)
+        cache = model.new_cache(1, P + L, device)
+        ids = torch.tensor([p], device=device)
+        ones = torch.ones_like(ids, dtype=torch.bool)
+        h0 = model(ids, positions(ones), causal_mask(ones), cache, 0)[:, -1:]        # (1,1,C) predicts y_0
+        cache.batch_repeat_interleave(n)
+        y = torch.full((n, L), tok.pad_id, dtype=torch.long, device=device)
+        cv = torch.zeros(n, L, dtype=torch.bool, device=device)
+        for k, c in enumerate(comps):
+            y[k, :len(c)] = torch.tensor(c, device=device)
+            cv[k, :len(c)] = True
+        mask = torch.ones(n, 1, L, P + L, dtype=torch.bool, device=device)          # the prompt: all visible
+        mask[:, :, :, P:] = causal_mask(cv)
+        h = model(y, (P + torch.arange(L, device=device)).expand(n, L), mask, cache, P)  # (n,L,C)
+        hs = torch.cat([h0.expand(n, 1, -1), h[:, :-1]], 1)                         # row n predicts y_n
+        lp = logprobs_of(hs[cv], model.head_weight, y[cv])                          # (N,)
+        out.append(torch.stack([x.sum() for x in lp.split([len(c) for c in comps])]))
+    return torch.stack(out).float()
+
+
+def chat_candidate_scores_reference(model, tok, trajs, prompts, device):
+    """Plain reference of chat_candidate_scores: token_logprobs of each whole prompt + answer."""
     pairs = [(p, tok.answer_ids(i)) for p, tr in zip(prompts, trajs) for i in tr.cands]
-    lp = []
-    for s in range(0, len(pairs), group):
-        ps, cs = zip(*pairs[s:s + group])
-        lp += [x.sum() for x in token_logprobs(model, ps, cs, tok.pad_id, device)]
+    lp = [x.sum() for x in token_logprobs(model, *zip(*pairs), tok.pad_id, device)]
     return torch.stack(lp).view(len(trajs), -1).float()
 
 
 @torch.no_grad()
-def user_judgements(model, tok, data, adapter, device, batch=256):
-    """The UserAgent judges each item of the F1 set alone (empty memory, a templated RecAgent
-    message naming the item). Returns accept (bool array), valid (bool array)."""
+def user_judgements(model, tok, data, adapter, device, batch=256, f1_rows=None):
+    """The UserAgent judges each item of the F1 set (or its rows f1_rows) alone (empty memory, a
+    templated RecAgent message naming the item). Returns accept (bool array), valid (bool array)."""
     trajs = []
-    for r in range(len(data.f1_item)):
+    for r in (range(len(data.f1_item)) if f1_rows is None else f1_rows):
         h = data.f1_hist[r]
         h = h[h >= 0].tolist()
         item = int(data.f1_item[r])
@@ -204,8 +228,12 @@ def evaluate(model, tok, data, split="test", t_max=5, device="cpu", n_boot=1000,
     judgements (for suite.py's pooling over seeds)."""
     t0 = time.time()
     rows = np.arange(len(getattr(data, f"{split}_user")))
+    f1_rows = np.arange(len(data.f1_item))
     if 0 < max_samples < len(rows):
         rows = np.sort(np.random.default_rng(seed).permutation(len(rows))[:max_samples])
+        # the UserAgent is judged on the F1 items of the evaluated samples' users only
+        f1_rows = np.flatnonzero(np.isin(data.f1_user, getattr(data, f"{split}_user")[rows]))
+    f1_label, f1_user = data.f1_label[f1_rows], data.f1_user[f1_rows]
     per = {}      # method -> dict of per-sample arrays
     res = {"split": split, "n_samples": int(len(rows)), "methods": {}}
     for name, hits in baseline_hits(data, split, seed).items():
@@ -216,7 +244,7 @@ def evaluate(model, tok, data, split="test", t_max=5, device="cpu", n_boot=1000,
         _, m = run_ars(model, tok, data, split, rows, adapters, t_max, device)
         m.update(rank_metrics(model, tok, data, split, rows, adapters[0], device))
         per[name] = m
-        f1_preds[name] = user_judgements(model, tok, data, adapters[1], device)
+        f1_preds[name] = user_judgements(model, tok, data, adapters[1], device, f1_rows=f1_rows)
     for name, m in per.items():
         r = {}
         for k, v in m.items():
@@ -227,8 +255,8 @@ def evaluate(model, tok, data, split="test", t_max=5, device="cpu", n_boot=1000,
                 r[k] = {"mean": mu, "lo": lo, "hi": hi}
         if name in f1_preds:
             acc, ok = f1_preds[name]
-            p, rc, f = prf(acc, data.f1_label)
-            lo, hi = f1_ci(acc, data.f1_label, data.f1_user, n_boot, seed)
+            p, rc, f = prf(acc, f1_label)
+            lo, hi = f1_ci(acc, f1_label, f1_user, n_boot, seed)
             r["user_precision"], r["user_recall"] = {"mean": p}, {"mean": rc}
             r["user_f1"] = {"mean": f, "lo": lo, "hi": hi}
             r["f1_valid"] = {"mean": float(ok.mean())}
@@ -241,12 +269,12 @@ def evaluate(model, tok, data, split="test", t_max=5, device="cpu", n_boot=1000,
             res["paired"][f"{main} - {name} (Hit@1)"] = {"mean": mu, "lo": lo, "hi": hi}
     for name in f1_preds:
         if name != main:
-            mu, lo, hi = f1_diff_ci(f1_preds[main][0], f1_preds[name][0], data.f1_label, data.f1_user, n_boot, seed)
+            mu, lo, hi = f1_diff_ci(f1_preds[main][0], f1_preds[name][0], f1_label, f1_user, n_boot, seed)
             res["paired"][f"{main} - {name} (UserAgent F1)"] = {"mean": mu, "lo": lo, "hi": hi}
     if per_sample:
         res["rows"] = rows.tolist()
         res["per_sample"] = {name: dict(hit=per[name]["hit"].tolist(), f1_accept=f1_preds[name][0].tolist(),
-                                        f1_label=data.f1_label.tolist()) for name, _ in agents}
+                                        f1_label=f1_label.tolist()) for name, _ in agents}
     res["seconds"] = round(time.time() - t0, 1)
     return res
 

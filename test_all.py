@@ -1377,3 +1377,36 @@ def test_torchrun_two_processes_match_one(small_run, tmp_path):
     b1, b2, b3 = lora_b("one"), lora_b("two"), lora_b("other-seed")
     assert float((b1 - b2).abs().mean() / b1.abs().mean()) < 0.02
     assert float((b1 - b3).abs().mean() / b1.abs().mean()) > 0.3     # the check can tell runs apart
+
+
+def test_chat_candidate_ranking_fast_path_matches_reference(data, tiny_hf):
+    m, t = hf.load(tiny_hf["llama"])
+    tok = chat.ChatTokenizer(t, data.titles)
+    trajs = [env.new_trajectory(data, "test", r) for r in (0, 3)]
+    prompts = [env.render_rec(tok, tr, 0) for tr in trajs]
+    with torch.no_grad():
+        fast = ev.chat_candidate_scores(m, tok, trajs, prompts, "cpu")
+        slow = ev.chat_candidate_scores_reference(m, tok, trajs, prompts, "cpu")
+    assert fast.shape == (2, 20) and torch.allclose(fast, slow, atol=1e-4)
+    assert fast.std() > 0.01                                   # the candidates get different scores
+
+
+def test_grad_checkpointing_gives_the_same_gradient(tiny_hf):
+    grads = []
+    for gc in (False, True):
+        m, t = hf.load(tiny_hf["qwen2"], grad_checkpointing=gc)
+        torch.manual_seed(0)
+        m.add_lora(("rec",), r=2, alpha=4)
+        with torch.no_grad():
+            for p in m.adapter_parameters("rec"):
+                p.normal_(0, 0.05)
+        ps = m.adapter_parameters("rec")
+        for p in ps:
+            p.requires_grad_(True)
+        m.set_adapter("rec")
+        lp = token_logprobs(m, [t.encode("Candidates: Synthetic Movie 1")] * 2, [t.encode(" Reason: why")] * 2,
+                            t.pad_token_id)
+        grads.append(torch.autograd.grad(sum(x.sum() for x in lp), ps))
+        assert m.lm.is_gradient_checkpointing == gc
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))
+    assert sum(float(g.abs().sum()) for g in grads[0]) > 1e-4
