@@ -100,7 +100,7 @@ def load(name, device="cpu", lora_targets=LORA_TARGETS, grad_checkpointing=False
     if grad_checkpointing:
         # recompute each layer's activations in the backward pass instead of keeping them; HF applies
         # it only in training mode (these models' dropout is 0, so training mode changes nothing else)
-        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         lm.train()
     else:
         lm.eval()

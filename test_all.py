@@ -1407,6 +1407,6 @@ def test_grad_checkpointing_gives_the_same_gradient(tiny_hf):
         lp = token_logprobs(m, [t.encode("Candidates: Synthetic Movie 1")] * 2, [t.encode(" Reason: why")] * 2,
                             t.pad_token_id)
         grads.append(torch.autograd.grad(sum(x.sum() for x in lp), ps))
-        assert m.lm.is_gradient_checkpointing == gc
+        assert m.lm.is_activation_checkpointing == gc
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))
     assert sum(float(g.abs().sum()) for g in grads[0]) > 1e-4
