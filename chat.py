@@ -17,7 +17,10 @@ ChatTokenizer when `tok.chat` is true. Same content, same rules (PAPER.md sectio
   REFERENCE  the hindsight reference d (teacher prompts only): the earlier trajectory's turns with
              "right" / "wrong" and the user's reaction, then the true next item's title.
 
-Prompts are the model's own chat template applied to these two messages. The reference is spliced
+Prompts are the model's own chat template applied to these two messages, followed by the answer's
+first field name ("Recommendation:" / "Action:") as the start of the assistant's turn [ours]: the
+message the agent writes is the rest. Measured reason: SmolLM2-135M-Instruct, greedy, without this
+primer repeated the prompt's history in every one of its messages (valid ratio 0). The reference is spliced
 in as token ids at one fixed point of the user message: the template is rendered once with a marker
 line, split there, and both halves encoded, so a teacher prompt is exactly its student prompt with
 the reference's tokens inserted (the test checks this against the template; other
@@ -37,6 +40,8 @@ import re
 from env import ACTION_RANGE
 
 REF_MARK = "@@REFERENCE@@"
+REC_PRIMER = "Recommendation:"     # the assistant's turn starts with the first field (module docstring)
+USER_PRIMER = "Action:"
 REC_SYSTEM = ("You are a recommender agent. From the candidate list you recommend the one item the user will "
               "most likely choose next, and you say why in one sentence.")
 USER_SYSTEM = ("You play a user of a recommender system, acting as the history shows. You do not know which item "
@@ -90,6 +95,7 @@ class ChatTokenizer:
     chat = True
     rec_max_new = 64      # a title and a one-sentence reason
     user_max_new = 64
+    eval_batch = 16       # long prompts: 256 SmolLM2-135M prompts of ~760 tokens hold ~9 GB of float32 KV cache
 
     def __init__(self, hf_tokenizer, titles, item_word="item"):
         self.hf = hf_tokenizer
@@ -108,21 +114,27 @@ class ChatTokenizer:
     def decode(self, ids):
         return self.hf.decode([int(t) for t in ids], skip_special_tokens=True)
 
-    def chat_ids(self, system, user_lines, reference=()):
-        """The chat template applied to (system, user) with the generation prompt; the reference ids
-        go where the REF_MARK line is (see the module docstring)."""
+    def chat_ids(self, system, user_lines, primer, reference=()):
+        """The chat template applied to (system, user) with the generation prompt, then the primer;
+        the reference ids go where the REF_MARK line is (see the module docstring)."""
         msgs = [{"role": "system", "content": system}, {"role": "user", "content": "\n".join(user_lines)}]
         text = self.hf.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
         pre, post = text.split(REF_MARK + "\n")
-        return self.text(pre) + list(reference) + self.text(post)
+        return self.text(pre) + list(reference) + self.text(post + primer)
+
+    def rec_text(self, out):
+        """A RecAgent message as text, its primer included."""
+        return REC_PRIMER + self.decode(out)
+
+    def user_text(self, out):
+        return USER_PRIMER + self.decode(out)
 
     # ---- pieces ----
     def _rec_fields(self, tr):
-        t = self.decode(tr.rec_out)
-        return self.titles[tr.item], _field(t, "Reason") or ""
+        return self.titles[tr.item], _field(self.rec_text(tr.rec_out), "Reason") or ""
 
     def _user_fields(self, tr):
-        return _field(self.decode(tr.user_out), "Reason") or ""
+        return _field(self.user_text(tr.user_out), "Reason") or ""
 
     def memory(self, turns, for_user):
         """M_{t-1} as lines, one per earlier turn."""
@@ -153,7 +165,7 @@ class ChatTokenizer:
         mem = self.memory(traj.turns[:t], for_user=False)
         if mem:
             lines += ["", "Conversation so far:"] + mem
-        return self.chat_ids(REC_SYSTEM, lines + ["", REF_MARK] + REC_FORM, reference)
+        return self.chat_ids(REC_SYSTEM, lines + ["", REF_MARK] + REC_FORM, REC_PRIMER, reference)
 
     def render_user(self, traj, t, reference=()):
         tr = traj.turns[t]
@@ -164,7 +176,7 @@ class ChatTokenizer:
         title, why = self._rec_fields(tr)
         lines += ["", "The recommender now says:", f"Recommendation: {title}", f"Reason: {why}", "",
                   self.peer_line(tr.peer_text)]
-        return self.chat_ids(USER_SYSTEM, lines + ["", REF_MARK] + USER_FORM, reference)
+        return self.chat_ids(USER_SYSTEM, lines + ["", REF_MARK] + USER_FORM, USER_PRIMER, reference)
 
     @staticmethod
     def peer_line(peer_text):
@@ -177,7 +189,7 @@ class ChatTokenizer:
     def parse_rec(self, out, cands):
         if not out or out[-1] not in self.stop_ids:
             return None
-        text = self.decode(out)
+        text = self.rec_text(out)
         title, why = _field(text, "Recommendation"), _field(text, "Reason")
         if not title or not why:
             return None
@@ -186,7 +198,7 @@ class ChatTokenizer:
     def parse_user(self, out):
         if not out or out[-1] not in self.stop_ids:
             return None
-        text = self.decode(out)
+        text = self.user_text(out)
         action, score, why = _field(text, "Action"), _field(text, "Score"), _field(text, "Reason")
         if not action or not score or not why:
             return None
@@ -201,12 +213,12 @@ class ChatTokenizer:
         return action, s
 
     def rec_message(self, item, rationale):
-        """A scripted RecAgent message (warm-up dialogues, F1 judgements)."""
-        return self.text(f"Recommendation: {self.titles[item]}\nReason: it is close to {self.titles[rationale]}, "
+        """A scripted RecAgent message (warm-up dialogues, F1 judgements): what follows the primer."""
+        return self.text(f" {self.titles[item]}\nReason: it is close to {self.titles[rationale]}, "
                          f"which the user chose before.") + [self.end_id]
 
     def user_message(self, action, score, justification):
-        return self.text(f"Action: {action}\nScore: {score:.2f}\nReason: it reminds me of "
+        return self.text(f" {action}\nScore: {score:.2f}\nReason: it reminds me of "
                          f"{self.titles[justification]}.") + [self.end_id]
 
     def hindsight_reference(self, ref):
@@ -225,4 +237,4 @@ class ChatTokenizer:
 
     def answer_ids(self, item):
         """The start of a RecAgent answer naming `item`, for ranking candidates by log-prob (eval.py)."""
-        return self.text(f"Recommendation: {self.titles[item]}\n")
+        return self.text(f" {self.titles[item]}\n")

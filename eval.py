@@ -241,10 +241,10 @@ def evaluate(model, tok, data, split="test", t_max=5, device="cpu", n_boot=1000,
     f1_preds = {}
     for name, adapters in agents:
         log(f"evaluating {name} on {len(rows)} {split} samples")
-        _, m = run_ars(model, tok, data, split, rows, adapters, t_max, device)
-        m.update(rank_metrics(model, tok, data, split, rows, adapters[0], device))
+        _, m = run_ars(model, tok, data, split, rows, adapters, t_max, device, batch=tok.eval_batch)
+        m.update(rank_metrics(model, tok, data, split, rows, adapters[0], device, batch=tok.eval_batch))
         per[name] = m
-        f1_preds[name] = user_judgements(model, tok, data, adapters[1], device, f1_rows=f1_rows)
+        f1_preds[name] = user_judgements(model, tok, data, adapters[1], device, batch=tok.eval_batch, f1_rows=f1_rows)
     for name, m in per.items():
         r = {}
         for k, v in m.items():

@@ -54,6 +54,7 @@ class Tokenizer:
     chat = False          # the token-level message format of env.py (chat.ChatTokenizer: natural language)
     rec_max_new = 8       # longest RecAgent message: SLOT <|why|> RATIONALE <|end|>, with room to spare
     user_max_new = 12     # longest UserAgent message: ACTION d.dd <|why|> JUSTIFICATION <|end|>
+    eval_batch = 256      # episodes per batched generation in evaluation (short prompts, small model)
 
     def __init__(self, n_items):
         self.n_items = n_items

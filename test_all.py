@@ -1236,8 +1236,8 @@ def test_chat_teacher_and_student_prompts_differ_only_by_the_reference(data, tin
         traj = _played_trajectory(data, tok)
         ref = distill.hindsight_reference(tok, traj)
         assert "true next item" in tok.decode(ref) and data.titles[traj.target] in tok.decode(ref)
-        for student, teacher in ((env.render_rec(tok, traj, 1), env.render_rec(tok, traj, 1, ref)),
-                                 (env.render_user(tok, traj, 1), env.render_user(tok, traj, 1, ref))):
+        for student, teacher, primer in ((env.render_rec(tok, traj, 1), env.render_rec(tok, traj, 1, ref), "Recommendation:"),
+                                         (env.render_user(tok, traj, 1), env.render_user(tok, traj, 1, ref), "Action:")):
             i = next(k for k in range(len(student)) if student[k] != teacher[k])
             assert teacher[:i] == student[:i], name
             assert teacher[i:i + len(ref)] == ref, name                           # the reference, whole
@@ -1245,7 +1245,7 @@ def test_chat_teacher_and_student_prompts_differ_only_by_the_reference(data, tin
             # the student prompt is the model's own chat template applied to the two messages
             text = hft.decode(student)
             assert text.endswith(hft.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False,
-                                                         add_generation_prompt=True).split("x")[-1]), name
+                                                         add_generation_prompt=True).split("x")[-1] + primer), name
             assert "Conversation so far:" in text and data.titles[traj.turns[0].item] in text
         # the user never sees the candidates or the target; the RecAgent sees the candidates
         assert data.titles[traj.cands[0]] in tok.decode(env.render_rec(tok, traj, 0))
@@ -1274,12 +1274,14 @@ def test_chat_message_parsing(data, tiny_hf):
     assert env.parse_rec(tok, env.rec_message(tok, cands, 7, 2), [1, 2]) is None       # not a candidate
     assert env.parse_rec(tok, env.rec_message(tok, cands, 7, 2)[:-1], cands) is None   # cut off: no end token
     end = [tok.end_id]
-    assert env.parse_rec(tok, tok.text(f"Recommendation: {data.titles[7]}") + end, cands) is None  # no reason
+    # the prompt ends with the primer "Recommendation:" / "Action:": a message is what follows it
+    assert env.parse_rec(tok, tok.text(f" {data.titles[7]}") + end, cands) is None              # no reason
+    assert env.parse_rec(tok, tok.text(f" **{data.titles[7]}**\nReason: x") + end, cands) == 7
     assert env.parse_user(tok, env.user_message(tok, "star", 0.6, 3)) == ("star", 0.6)
-    assert env.parse_user(tok, tok.text("**Action:** click\nScore: 1\nReason: yes") + end) == ("click", 1.0)
-    assert env.parse_user(tok, tok.text("Action: click\nScore: 0.4\nReason: no") + end) is None  # contradiction
-    assert env.parse_user(tok, tok.text("Action: maybe\nScore: 0.4\nReason: no") + end) is None
-    assert env.parse_user(tok, tok.text("Action: skip\nScore: 1.7\nReason: no") + end) is None
+    assert env.parse_user(tok, tok.text(" **click**\n**Score:** 1\nReason: yes") + end) == ("click", 1.0)
+    assert env.parse_user(tok, tok.text(" click\nScore: 0.4\nReason: no") + end) is None      # contradiction
+    assert env.parse_user(tok, tok.text(" maybe\nScore: 0.4\nReason: no") + end) is None
+    assert env.parse_user(tok, tok.text(" skip\nScore: 1.7\nReason: no") + end) is None
 
 
 def _hf_args(synth, tmp_path, folder):
@@ -1310,7 +1312,7 @@ def test_hf_model_runs_the_whole_pipeline(synth, tmp_path, tiny_hf, capsys, monk
             text = tok.hf.decode(p)
             if "Candidates (" in text:               # a RecAgent prompt: name one of the first 3 candidates
                 line = text.split("Candidates (")[1].splitlines()[1 + k % 3]
-                outs.append(tok.text(f"Recommendation: {line.split('. ', 1)[1]}\nReason: why not.") + [tok.end_id])
+                outs.append(tok.text(f" {line.split('. ', 1)[1]}\nReason: why not.") + [tok.end_id])
             else:
                 outs.append(tok.user_message(["skip", "star", "click"][k % 3], [0.3, 0.6, 0.9][k % 3], 0))
         return outs

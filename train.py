@@ -21,21 +21,15 @@ Stages:
 This is the REINFORCE-style objective of the paper (no PPO ratio, no KL, no group normalisation);
 see distill.py for the one optional extension.
 
-Several processes (torchrun): every rank draws the same batch of samples and sampling keys, rolls
-out its contiguous share of it, and back-propagates its share of the loss, normalised by the whole
-batch; the adapters' gradients are then summed over ranks (all_reduce), which is what DDP does,
-written out because one step makes several forward passes through two adapters. Each episode's
-sampling depends only on its key (model.sample_next), so the rollouts, the loss and the update
-equal a single-process run's (the test checks it). All ranks gather the finished trajectories, so
-the hindsight-reference buffer and the logged statistics are the whole batch's. Rank 0 alone
-prepares the data first, pretrains the base, logs, evaluates and writes checkpoints. Checkpoints,
-resumption and stops are in checkpoint.py.
+Several processes (torchrun, distributed.py): each rank rolls out its share of the batch and the
+adapters' gradients are summed over ranks; with keyed sampling (model.sample_next) the run equals
+a single-process one (the test checks it). Rank 0 alone prepares the data first, pretrains the
+base, logs, evaluates and writes checkpoints. Checkpoints, resumption and stops: checkpoint.py.
 """
 
 import argparse
 import ast
 import dataclasses
-import datetime
 import inspect
 import json
 import os
@@ -54,6 +48,7 @@ from checkpoint import (CKPT_NAMES, FAULTS, STOP, BadSteps, Stopped, buffer_stat
                         data_fingerprint, finite, load_checkpoint, log_jsonl, metrics_lines, rng_state,
                         save_checkpoint, set_buffer_state, set_rng_state, truncate_metrics)
 from distill import ReferenceBuffer, coars_loss
+from distributed import all_gather, device_of, all_reduce_grads, barrier, dist_info, init_distributed, merge_stats
 from env import new_trajectory, rollout
 from eval import evaluate, results_table, run_ars, write_results
 from model import Tokenizer
@@ -289,78 +284,7 @@ def check_resumable(ck, cfg, data):
 
 
 def pick_device(name):
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
-
-
-# --------------------------------------------------------------------------------------------------
-# Several processes (torchrun)
-
-
-def dist_info():
-    """(rank, world size): (0, 1) without torchrun."""
-    import torch.distributed as dist
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def init_distributed(cfg):
-    """Under torchrun (WORLD_SIZE > 1): join the process group (NCCL on GPUs, gloo on CPU) and
-    return this rank's device; else return the device of --device."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    device = pick_device(cfg.device)
-    if world == 1:
-        return device
-    import torch.distributed as dist
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    if device.startswith("cuda"):
-        device = f"cuda:{local}"
-        torch.cuda.set_device(device)
-    else:  # share the cores: each rank's threads would otherwise compete for all of them
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-    # stage 1 runs on rank 0 while the others wait at a barrier: allow hours, not the default 30 min
-    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo", timeout=datetime.timedelta(hours=12))
-    return device
-
-
-def barrier():
-    if dist_info()[1] > 1:
-        import torch.distributed as dist
-        dist.barrier()
-
-
-def all_gather(obj):
-    """[obj of rank 0, obj of rank 1, ...] (just [obj] in one process)."""
-    rank, world = dist_info()
-    if world == 1:
-        return [obj]
-    import torch.distributed as dist
-    out = [None] * world
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def all_reduce_grads(params):
-    """Sum the gradients over ranks (each rank's loss is already divided by the whole batch)."""
-    if dist_info()[1] == 1:
-        return
-    import torch.distributed as dist
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-        dist.all_reduce(p.grad)
-
-
-def merge_stats(stats):
-    """One agent's coars_loss statistics from every rank -> those of the whole batch."""
-    n = sum(st["messages"] for st in stats)
-    out = dict(messages=n)
-    for k in ("reward", "credit", "credit_abs"):
-        if n:
-            out[k] = sum(st.get(k, 0.0) * st["messages"] for st in stats) / n
-    return out
+    return device_of(name)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -466,7 +390,7 @@ def stage2(cfg, model, tok, data, device, run_dir, log, ck=None):
                    step_s=round(time.time() - t0, 3), gen_tokens_per_s=round(n_tok / max(t1 - t0, 1e-9)),
                    tokens_per_s=round(n_tok / max(time.time() - t0, 1e-9)))
         if lead and cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
-            _, m = run_ars(model, tok, data, "valid", valid_rows, ("rec", "user"), cfg.t_max, device)
+            _, m = run_ars(model, tok, data, "valid", valid_rows, ("rec", "user"), cfg.t_max, device, batch=tok.eval_batch)
             rec["valid_hit"] = float(m["hit"].mean())
             log(f"step {step}: validation Hit@1 {rec['valid_hit']:.4f} on {len(valid_rows)} samples")
         bar.set_postfix(hit=f"{rec['train_hit']:.2f}", R_rec=f"{rec.get('rec_reward', 0):+.2f}",
