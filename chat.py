@@ -28,11 +28,14 @@ self-distillation code has differed in more than the reference, e.g. through re-
 boundaries or per-call system text).
 
 Title matching [ours]: the RecAgent's title is matched to the candidates first exactly, then after
-normalising both sides (match_title): lower case; a trailing "(1995)" year dropped; a trailing
+dropping an echoed list number ("3. ") and normalising both sides (match_title): lower case; a trailing "(1995)" year dropped; a trailing
 ", The" / ", A" / ", An" (MovieLens style) and a leading "The" / "A" / "An" dropped; punctuation,
 quotes and markdown asterisks dropped; white space collapsed. An answer that matches no candidate,
 or several, is invalid. A message must also end with the end-of-turn token (not cut off at the
-length limit) and hold every field of its form.
+length limit). The Reason lines are optional [ours]: the RecAgent's message is valid when it names
+exactly one candidate, the UserAgent's when its action and score agree. Measured reason:
+SmolLM2-135M-Instruct, greedy, named a real candidate and stopped without a reason in most of its
+first messages; the item and the reaction are what the environment and the rewards use.
 """
 
 import re
@@ -77,6 +80,7 @@ def match_title(text, cands, titles):
         return exact[0]
     if exact:
         return None
+    text = re.sub(r"^\d{1,2}[.)]\s+", "", text)          # "3. Heat (1995)": the list's numbering echoed
     n = normalise_title(text)
     near = {i for i in cands if normalise_title(titles[i]) == n} if n else set()
     return near.pop() if len(near) == 1 else None
@@ -145,10 +149,11 @@ class ChatTokenizer:
                 line = f"Turn {k}: {who} gave an invalid recommendation."
             else:
                 title, why = self._rec_fields(tr)
-                line = f"Turn {k}: {who} recommended \"{title}\" ({why})."
+                line = f"Turn {k}: {who} recommended \"{title}\"" + (f" ({why})." if why else ".")
             if tr.user_out is not None:
                 user = "You" if for_user else "The user"
-                line += (f" {user} answered: {tr.action}, score {tr.score:.2f} ({self._user_fields(tr)})."
+                why = self._user_fields(tr)
+                line += (f" {user} answered: {tr.action}, score {tr.score:.2f}" + (f" ({why})." if why else ".")
                          if tr.user_valid else f" {user} gave an invalid answer.")
             lines.append(line)
         return lines
@@ -174,8 +179,8 @@ class ChatTokenizer:
         if mem:
             lines += ["", "Conversation so far:"] + mem
         title, why = self._rec_fields(tr)
-        lines += ["", "The recommender now says:", f"Recommendation: {title}", f"Reason: {why}", "",
-                  self.peer_line(tr.peer_text)]
+        lines += ["", "The recommender now says:", f"Recommendation: {title}"] + ([f"Reason: {why}"] if why else [])
+        lines += ["", self.peer_line(tr.peer_text)]
         return self.chat_ids(USER_SYSTEM, lines + ["", REF_MARK] + USER_FORM, USER_PRIMER, reference)
 
     @staticmethod
@@ -189,9 +194,8 @@ class ChatTokenizer:
     def parse_rec(self, out, cands):
         if not out or out[-1] not in self.stop_ids:
             return None
-        text = self.rec_text(out)
-        title, why = _field(text, "Recommendation"), _field(text, "Reason")
-        if not title or not why:
+        title = _field(self.rec_text(out), "Recommendation")
+        if not title:
             return None
         return match_title(title, cands, self.titles)
 
@@ -199,8 +203,8 @@ class ChatTokenizer:
         if not out or out[-1] not in self.stop_ids:
             return None
         text = self.user_text(out)
-        action, score, why = _field(text, "Action"), _field(text, "Score"), _field(text, "Reason")
-        if not action or not score or not why:
+        action, score = _field(text, "Action"), _field(text, "Score")
+        if not action or not score:
             return None
         action = action.strip("*.\"' ").lower()
         m = re.fullmatch(r"(0(\.\d+)?|1(\.0+)?|\.\d+)", score.strip("*. "))

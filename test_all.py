@@ -1264,6 +1264,7 @@ def test_title_matching_rules():
     assert m("Heat", [1, 2]) is None                                   # two Heats: ambiguous, invalid
     assert m("Heat (2013)", [1, 2]) == 2                               # the exact title still decides
     assert m("Jumanji") is None and m("") is None
+    assert m("4. Toy Story") == 3 and m("2. Jumanji") is None
 
 
 def test_chat_message_parsing(data, tiny_hf):
@@ -1275,7 +1276,9 @@ def test_chat_message_parsing(data, tiny_hf):
     assert env.parse_rec(tok, env.rec_message(tok, cands, 7, 2)[:-1], cands) is None   # cut off: no end token
     end = [tok.end_id]
     # the prompt ends with the primer "Recommendation:" / "Action:": a message is what follows it
-    assert env.parse_rec(tok, tok.text(f" {data.titles[7]}") + end, cands) is None              # no reason
+    assert env.parse_rec(tok, tok.text(f" {data.titles[7]}") + end, cands) == 7                 # reason optional
+    assert env.parse_rec(tok, tok.text(f" 8. {data.titles[7]}") + end, cands) == 7              # echoed numbering
+    assert env.parse_rec(tok, tok.text(" Reason: none") + end, cands) is None                    # no item
     assert env.parse_rec(tok, tok.text(f" **{data.titles[7]}**\nReason: x") + end, cands) == 7
     assert env.parse_user(tok, env.user_message(tok, "star", 0.6, 3)) == ("star", 0.6)
     assert env.parse_user(tok, tok.text(" **click**\n**Score:** 1\nReason: yes") + end) == ("click", 1.0)
