@@ -302,7 +302,7 @@ def bench_iteration(batch=48, steps=3, device="cpu"):
             timing = {}
             with train.autocast(device):           # as train.py: groups of loss_batch messages
                 coars_loss(model, tok, trajs, buffer, agent, reward_cfg, cfg.lam, "none", device, timing=timing,
-                           micro=cfg.loss_batch, backward=True)
+                           micro=train.loss_group(cfg), backward=True)
             split["teacher"] += timing.get("teacher_s", 0.0)
             split["student"] += timing.get("student_s", 0.0)          # forward and backward
         model.set_adapter(None)

@@ -121,8 +121,13 @@ class ChatTokenizer:
     def chat_ids(self, system, user_lines, primer, reference=()):
         """The chat template applied to (system, user) with the generation prompt, then the primer;
         the reference ids go where the REF_MARK line is (see the module docstring)."""
-        msgs = [{"role": "system", "content": system}, {"role": "user", "content": "\n".join(user_lines)}]
-        text = self.hf.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        user = "\n".join(user_lines)
+        try:
+            text = self.hf.apply_chat_template([{"role": "system", "content": system}, {"role": "user", "content": user}],
+                                               tokenize=False, add_generation_prompt=True)
+        except Exception:  # noqa: BLE001 - templates without a system role (e.g. Gemma's) raise their own errors
+            text = self.hf.apply_chat_template([{"role": "user", "content": system + "\n\n" + user}],
+                                               tokenize=False, add_generation_prompt=True)
         pre, post = text.split(REF_MARK + "\n")
         return self.text(pre) + list(reference) + self.text(post + primer)
 
