@@ -288,14 +288,16 @@ def bench_iteration(batch=48, steps=3, device="cpu"):
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.Adam(params, lr=cfg.lr)
-    rng, gen = np.random.default_rng(0), torch.Generator().manual_seed(0)
+    rng = np.random.default_rng(0)
     buffer = ReferenceBuffer()
     reward_cfg = dict(mode="interaction", alpha=cfg.alpha, use_filter=True, stage_gamma=None)
     rows = []
     for step in range(steps):
         t0 = time.perf_counter()
         trajs = [new_trajectory(data, "train", r) for r in rng.integers(0, len(data.train_user), batch)]
-        rollout(model, tok, data, trajs, t_max=cfg.t_max, temperature=1.0, generator=gen, device=device)
+        for tr in trajs:
+            tr.key = int(rng.integers(1 << 31))          # keyed sampling, as train.py
+        rollout(model, tok, data, trajs, t_max=cfg.t_max, temperature=1.0, device=device)
         split = dict(rollout=time.perf_counter() - t0, teacher=0.0, student=0.0)
         for agent in ("rec", "user"):
             model.set_adapter(agent)

@@ -412,11 +412,12 @@ def token_logprobs_reference(model, prompts, completions, pad_id, device="cpu"):
 
 
 # Keyed sampling [ours]. An episode's random draws depend only on its own key and the token's step,
-# never on which other episodes share its batch, micro-batch or GPU: sampling is the Gumbel-max trick
-# argmax(logits / T + g) with g = -log(-log(u)) and u a hash of (key, step, token id). So a batch
-# rolled out whole, in halves after an out-of-memory error, or split over torchrun ranks gives the
-# same episodes. The hash is a 32-bit integer mix (odd multipliers below 2^31, so int64 products
-# never overflow); it works on Python ints and on integer tensors alike.
+# never on which other episodes share its batch, micro-batch or GPU: each row draws one uniform u, a
+# hash of (key, step), and takes the token where the cumulative softmax passes u (inverse-CDF
+# sampling, exact in distribution). So a batch rolled out whole, in halves after an out-of-memory
+# error, or split over torchrun ranks gives the same episodes. The hash is a 32-bit integer mix (odd
+# multipliers below 2^31, so int64 products never overflow); it works on Python ints and on integer
+# tensors alike.
 
 _M32 = 0xFFFFFFFF
 
@@ -429,22 +430,21 @@ def hash32(x):
     return x ^ (x >> 16)
 
 
-def keyed_uniform(keys, step, V):
-    """(B,V) uniforms in (0,1), a fixed function of (keys[b], step, v). keys: (B,) int64."""
-    row = hash32(hash32(keys) ^ hash32(step + 0x9E3779B))                   # (B,)
-    x = hash32(row[:, None] ^ torch.arange(V, device=keys.device))          # (B,V)
-    return ((x >> 8).float() + 0.5) / float(1 << 24)                        # 24 bits: exact in float32
+def keyed_uniform(keys, step):
+    """(B,) float64 uniforms in (0,1), a fixed function of (keys[b], step). keys: (B,) int64."""
+    return (hash32(hash32(keys) ^ hash32(step + 0x9E3779B)).double() + 0.5) / float(1 << 32)
 
 
 def sample_next(logits, temperature, generator=None, keys=None, step=0):
-    """One token per row of logits (B,V): greedy at temperature 0; keyed Gumbel-max when keys are
-    given; else torch.multinomial with `generator`."""
+    """One token per row of logits (B,V): greedy at temperature 0; keyed inverse-CDF sampling when
+    keys are given; else torch.multinomial with `generator`."""
     if temperature == 0:
         return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)            # (B,V)
     if keys is not None:
-        g = -torch.log(-torch.log(keyed_uniform(keys, step, logits.shape[-1])))
-        return (logits.float() / temperature + g).argmax(-1)
-    probs = torch.softmax(logits / temperature, dim=-1)
+        cdf = probs.double().cumsum(-1)                                     # float64: exact enough at 150k tokens
+        u = keyed_uniform(keys, step) * cdf[:, -1]
+        return torch.searchsorted(cdf, u[:, None])[:, 0].clamp(max=logits.shape[-1] - 1)
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
 

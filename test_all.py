@@ -1140,8 +1140,11 @@ def test_keyed_sampling_follows_softmax_and_ignores_the_batch():
     t = model_mod.sample_next(logits, 1.0, keys=torch.arange(40000), step=3)
     freq = torch.bincount(t, minlength=4).float() / len(t)
     assert torch.allclose(freq, torch.softmax(logits[0], 0), atol=0.01)          # the right distribution
-    t2 = model_mod.sample_next(logits / 0.5 * 0.5, 1.0, keys=torch.arange(40000), step=4)
+    t2 = model_mod.sample_next(logits, 1.0, keys=torch.arange(40000), step=4)
     assert (t != t2).float().mean() > 0.3                                          # steps draw anew
+    masked = logits.clone()
+    masked[:, 2] = float("-inf")
+    assert not (model_mod.sample_next(masked, 1.0, keys=torch.arange(40000), step=3) == 2).any()  # never p = 0
     tok = Tokenizer(40)
     m = tiny_model(tok.vocab_size).eval()
     rng = np.random.default_rng(1)
