@@ -289,9 +289,25 @@ def bench_iteration(batch=48, steps=3, device="cpu"):
         p.requires_grad_(True)
     opt = torch.optim.Adam(params, lr=cfg.lr)
     rng = np.random.default_rng(0)
+    # the sampler: keyed inverse CDF (train.py) against torch.multinomial, same episodes' prompts
+    times = {"multinomial": [], "keyed": []}
+    for rep in range(steps + 1):
+        rows_ = rng.integers(0, len(data.train_user), batch)
+        for name in times:
+            trajs = [new_trajectory(data, "train", r) for r in rows_]
+            for i, tr in enumerate(trajs):
+                tr.key = 1000 * rep + i
+            t0 = time.perf_counter()
+            rollout(model, tok, data, trajs, t_max=cfg.t_max, temperature=1.0, device=device,
+                    generator=torch.Generator(device).manual_seed(rep) if name == "multinomial" else None)
+            if rep:                                     # the first repeat warms up
+                times[name].append(time.perf_counter() - t0)
+    ratio = np.mean(times["multinomial"]) / np.mean(times["keyed"])
+    print(f"  rollout of {batch} episodes: multinomial {np.mean(times['multinomial']):.2f} s, keyed "
+          f"{np.mean(times['keyed']):.2f} s, keyed {ratio:.2f}x faster", flush=True)
     buffer = ReferenceBuffer()
     reward_cfg = dict(mode="interaction", alpha=cfg.alpha, use_filter=True, stage_gamma=None)
-    rows = []
+    rows = [dict(sampling={k: float(np.mean(v)) for k, v in times.items()}, sampling_ratio=float(ratio))]
     for step in range(steps):
         t0 = time.perf_counter()
         trajs = [new_trajectory(data, "train", r) for r in rng.integers(0, len(data.train_user), batch)]
