@@ -1,0 +1,486 @@
+"""
+Raw dataset files for data/prepare.py: where they come from and how each source is read. Its own
+file because reading many formats (and the ways they break) is a concern apart from building the
+protocol's splits and candidates, which prepare.py does the same way for every source.
+
+  - Raw: one reader for a zip (with or without a top folder), a .gz file, or an extracted folder;
+    a parser asks for a file by its name and gets its lines; errors name the file and the line.
+  - One parser per source (parse_ml1m, parse_ml_latest_small, parse_ml100k, parse_lastfm,
+    parse_instruments, parse_custom) -> Parsed: (user, item, time[, rating]) rows and titles.
+  - SOURCES: each source's official files and checksums; fetch() downloads to a .part file and
+    checks sha256 (or GroupLens's md5); locate() finds or downloads a dataset's raw files.
+"""
+
+import ast
+import csv
+import datetime
+import gzip
+import hashlib
+import json
+import os
+import urllib.error
+import urllib.parse
+import urllib.request
+import zipfile
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+
+class DataError(Exception):
+    """A problem with the input data or its options; the message is one sentence for the user."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Raw files: wherever they are (a zip, a gzip file, an extracted folder), the parsers ask for a file
+# by its name and get its lines; errors name the file and the line.
+
+
+class Raw:
+    """Read access to a dataset's raw files. `paths` are zips, plain files (.gz is unpacked) or
+    folders; a file is found by its base name, so a zip with or without a top folder both work.
+    `member_sha256` {name: sha256} checks files whose checksum is published member by member."""
+
+    def __init__(self, paths, member_sha256=None):
+        self.paths = [Path(p) for p in paths]
+        self.member_sha256 = member_sha256 or {}
+
+    def _find(self, name):
+        for p in self.paths:
+            if p.is_dir():
+                hits = sorted(p.rglob(name))
+                if hits:
+                    return hits[0].read_bytes(), str(hits[0])
+            elif p.name == name:
+                return p.read_bytes(), str(p)
+            elif p.suffix == ".zip":
+                try:
+                    with zipfile.ZipFile(p) as zf:
+                        hits = [m for m in zf.namelist() if m.rsplit("/", 1)[-1] == name]
+                        if hits:
+                            return zf.read(hits[0]), f"{p.name}:{hits[0]}"
+                except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as e:
+                    raise DataError(f"{p} is not a readable zip ({e}): it may be truncated; delete it and run again.")
+        raise DataError(f"{name} was not found in {', '.join(map(str, self.paths))}: is this the right file "
+                        f"or folder for the dataset?")
+
+    def data(self, name):
+        """(bytes, where) of the file called name, unpacked if it is gzip, checked if its sha256 is known."""
+        raw, where = self._find(name)
+        want = self.member_sha256.get(name)
+        if want and hashlib.sha256(raw).hexdigest() != want:
+            raise DataError(f"{where} has sha256 {hashlib.sha256(raw).hexdigest()}, expected {want}: it is not "
+                            f"the official file (pass --data-sha256 none if you trust it).")
+        if name.endswith(".gz"):
+            try:
+                raw = gzip.decompress(raw)
+            except (OSError, EOFError, zlib.error) as e:
+                raise DataError(f"{where} is not a readable gzip file ({e}): it may be truncated; delete it and "
+                                f"run again.")
+        return raw, where
+
+    def lines(self, name, encoding):
+        """[(line number, text)] of the file called name, blank lines left out."""
+        raw, where = self.data(name)
+        try:
+            text = raw.decode(encoding)
+        except UnicodeDecodeError as e:
+            line = raw[:e.start].count(b"\n") + 1
+            raise DataError(f"{where} is not valid {encoding} text ({e.reason} on line {line}): is it the "
+                            f"original file?")
+        return where, [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+
+
+def _int(value, where):
+    try:
+        return int(value)
+    except ValueError:
+        raise DataError(f"{where}: expected a whole number, found {value!r}.")
+
+
+def _float(value, where):
+    try:
+        return float(value)
+    except ValueError:
+        raise DataError(f"{where}: expected a number, found {value!r}.")
+
+
+def _fields(line, sep, n, where, at_least=False):
+    f = line.split(sep)
+    if len(f) < n if at_least else len(f) != n:
+        raise DataError(f"{where}: expected {'at least ' if at_least else ''}{n} fields separated by "
+                        f"{sep!r}, found {len(f)}: is the file in its original format?")
+    return f
+
+
+@dataclass
+class Parsed:
+    """What a parser returns: one entry per event in user / item (ids as in the files, int or str),
+    rating (nan when the source has none) and ts (any number that orders a user's events), plus
+    titles and genres keyed by item id (items without a title get 'item <id>', counted)."""
+    user: list
+    item: list
+    rating: list
+    ts: list
+    titles: dict
+    genres: dict
+
+
+# --------------------------------------------------------------------------------------------------
+# One parser per source. Each reads the files in their official format, nothing else.
+
+
+def _rating_rows(raw, name, sep):
+    """`user<sep>item<sep>rating<sep>timestamp` lines (latin-1, no header) of the GroupLens .dat files."""
+    p = Parsed([], [], [], [], {}, {})
+    where_, lines = raw.lines(name, "latin-1")
+    for n, line in lines:
+        where = f"{where_} line {n}"
+        f = _fields(line, sep, 4, where)
+        p.user.append(_int(f[0], where)), p.item.append(_int(f[1], where))
+        p.rating.append(_float(f[2], where)), p.ts.append(_int(f[3], where))
+    return p
+
+
+def parse_ml1m(raw):
+    """ml-1m: ratings.dat `UserID::MovieID::Rating::Timestamp`, movies.dat `MovieID::Title::Genres`,
+    both latin-1."""
+    p = _rating_rows(raw, "ratings.dat", "::")
+    name, lines = raw.lines("movies.dat", "latin-1")
+    for n, line in lines:
+        f = _fields(line, "::", 3, f"{name} line {n}")
+        i = _int(f[0], f"{name} line {n}")
+        p.titles[i], p.genres[i] = f[1], f[2]
+    return p
+
+
+def parse_ml_latest_small(raw):
+    """ml-latest-small: ratings.csv `userId,movieId,rating,timestamp`, movies.csv
+    `movieId,title,genres` (UTF-8, quoted CSV, one header line)."""
+    p = Parsed([], [], [], [], {}, {})
+    name, lines = raw.lines("ratings.csv", "utf-8")
+    for (n, _), f in zip(lines[1:], csv.reader([t for _, t in lines[1:]])):
+        where = f"{name} line {n}"
+        if len(f) != 4:
+            raise DataError(f"{where}: expected 4 comma-separated fields, found {len(f)}.")
+        p.user.append(_int(f[0], where)), p.item.append(_int(f[1], where))
+        p.rating.append(_float(f[2], where)), p.ts.append(_int(f[3], where))
+    name, lines = raw.lines("movies.csv", "utf-8")
+    for (n, _), f in zip(lines[1:], csv.reader([t for _, t in lines[1:]])):
+        if len(f) != 3:
+            raise DataError(f"{name} line {n}: expected 3 comma-separated fields, found {len(f)}.")
+        i = _int(f[0], f"{name} line {n}")
+        p.titles[i], p.genres[i] = f[1], f[2]
+    return p
+
+
+ML100K_GENRES = ["unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary",
+                 "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller",
+                 "War", "Western"]
+
+
+def parse_ml100k(raw):
+    """ml-100k: u.data `user \\t item \\t rating \\t timestamp`; u.item (latin-1, '|'-separated)
+    `id|title|release date|video release date|IMDb URL|` then 19 genre flags (order of u.genre)."""
+    p = _rating_rows(raw, "u.data", "\t")
+    name, lines = raw.lines("u.item", "latin-1")
+    for n, line in lines:
+        where = f"{name} line {n}"
+        f = _fields(line, "|", 5 + len(ML100K_GENRES), where)
+        i = _int(f[0], where)
+        p.titles[i] = f[1]
+        p.genres[i] = "|".join(g for g, flag in zip(ML100K_GENRES, f[5:]) if flag.strip() == "1")
+    return p
+
+
+def parse_lastfm(raw):
+    """HetRec 2011 Last.fm 2K. Only user_taggedartists.dat (`userID artistID tagID day month year`,
+    tab-separated, one header line) carries time, so an interaction is a (user, artist) pair dated
+    by the first day the user tagged that artist; several tags of one artist count once. Dates have
+    day resolution, so many of a user's events share a day: like every source, ties are broken by
+    the artist id (the shared ordering in build(): time, then item id). No ratings (plays in
+    user_artists.dat are not ratings and have no time). Names come from artists.dat
+    (`id name url pictureURL`, UTF-8)."""
+    p = Parsed([], [], [], [], {}, {})
+    first = {}
+    name, lines = raw.lines("user_taggedartists.dat", "utf-8")
+    for n, line in lines[1:]:
+        where = f"{name} line {n}"
+        f = _fields(line, "\t", 6, where)
+        u, a = _int(f[0], where), _int(f[1], where)
+        try:
+            day = datetime.date(_int(f[5], where), _int(f[4], where), _int(f[3], where)).toordinal()
+        except ValueError as e:
+            raise DataError(f"{where}: {f[3]}.{f[4]}.{f[5]} is not a date ({e}).")
+        if day < first.get((u, a), day + 1):
+            first[(u, a)] = day
+    for (u, a), day in first.items():
+        p.user.append(u), p.item.append(a), p.rating.append(float("nan")), p.ts.append(day)
+    name, lines = raw.lines("artists.dat", "utf-8")
+    for n, line in lines[1:]:
+        f = _fields(line, "\t", 2, f"{name} line {n}", at_least=True)
+        p.titles[_int(f[0], f"{name} line {n}")] = f[1]
+    return p
+
+
+def _json_lines(raw, name):
+    """Records of a gzipped JSON-lines file. Some Amazon metadata files hold Python dict literals
+    instead of JSON; those lines are read with ast.literal_eval."""
+    where, lines = raw.lines(name, "utf-8")
+    for n, line in lines:
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            try:
+                rec = ast.literal_eval(line)
+            except (ValueError, SyntaxError, MemoryError, RecursionError):
+                raise DataError(f"{where} line {n}: not a JSON record; is the file complete?")
+        if not isinstance(rec, dict):
+            raise DataError(f"{where} line {n}: expected a JSON object, found {type(rec).__name__}.")
+        yield f"{where} line {n}", rec
+
+
+def parse_instruments(raw):
+    """Amazon Reviews 2018, Musical Instruments. Musical_Instruments_5.json.gz: the 5-core reviews,
+    one JSON object per line with reviewerID, asin, overall (1-5 stars), unixReviewTime.
+    meta_Musical_Instruments.json.gz: one object per product with asin, title, category (list) and
+    description (list); the first record of a repeated asin wins."""
+    p = Parsed([], [], [], [], {}, {})
+    for where, r in _json_lines(raw, "Musical_Instruments_5.json.gz"):
+        try:
+            u, i, s, t = r["reviewerID"], r["asin"], r["overall"], r["unixReviewTime"]
+        except KeyError as e:
+            raise DataError(f"{where}: the review has no {e.args[0]!r} field.")
+        p.user.append(str(u)), p.item.append(str(i))
+        p.rating.append(_float(s, where)), p.ts.append(_int(t, where))
+    for where, r in _json_lines(raw, "meta_Musical_Instruments.json.gz"):
+        i = str(r.get("asin", ""))
+        title = " ".join(str(r.get("title", "")).split())
+        if i and title and i not in p.titles:
+            p.titles[i] = title
+            cat = r.get("category") or []
+            p.genres[i] = "|".join(str(c) for c in cat[1:]) if isinstance(cat, list) else str(cat)
+    return p
+
+
+def parse_custom(raw):
+    """Your own data: a folder with two UTF-8 CSV files with a header line (columns by name, in any
+    order; other columns are ignored; quote fields that hold commas):
+      interactions.csv  user,item,timestamp[,rating]   ids are any strings; timestamp is a number
+                        (seconds, days, a counter: anything that orders a user's events) or an ISO
+                        date such as 2024-05-01 or 2024-05-01T12:30:00; rating optional.
+      items.csv         item,title[,description][,genres]   one row per item id."""
+    p = Parsed([], [], [], [], {}, {})
+    where, lines = raw.lines("interactions.csv", "utf-8-sig")
+    rows = list(csv.reader([t for _, t in lines]))
+    head = [h.strip().lower() for h in rows[0]] if rows else []
+    if not {"user", "item", "timestamp"} <= set(head):
+        raise DataError(f"{where} line 1: expected a header naming the columns user,item,timestamp (and "
+                        f"optionally rating), comma-separated; found {lines[0][1] if lines else 'nothing'!r}.")
+    cu, ci, ct = head.index("user"), head.index("item"), head.index("timestamp")
+    cr = head.index("rating") if "rating" in head else None
+    for (n, _), f in zip(lines[1:], rows[1:]):
+        at = f"{where} line {n}"
+        if len(f) != len(head):
+            raise DataError(f"{at}: expected {len(head)} comma-separated fields as in the header, found {len(f)}.")
+        if not f[cu].strip() or not f[ci].strip():
+            raise DataError(f"{at}: the user or item id is empty.")
+        p.user.append(f[cu].strip()), p.item.append(f[ci].strip())
+        p.rating.append(_float(f[cr], at) if cr is not None and f[cr].strip() else float("nan"))
+        p.ts.append(_timestamp(f[ct], at))
+    where, lines = raw.lines("items.csv", "utf-8-sig")
+    rows = list(csv.reader([t for _, t in lines]))
+    head = [h.strip().lower() for h in rows[0]] if rows else []
+    if not {"item", "title"} <= set(head):
+        raise DataError(f"{where} line 1: expected a header naming the columns item,title (and optionally "
+                        f"description, genres), comma-separated; found {lines[0][1] if lines else 'nothing'!r}.")
+    ci, cti = head.index("item"), head.index("title")
+    cg = head.index("genres") if "genres" in head else None
+    for (n, _), f in zip(lines[1:], rows[1:]):
+        if len(f) != len(head):
+            raise DataError(f"{where} line {n}: expected {len(head)} comma-separated fields as in the header, "
+                            f"found {len(f)}.")
+        if f[cti].strip() and f[ci].strip() not in p.titles:
+            p.titles[f[ci].strip()] = f[cti].strip()
+            p.genres[f[ci].strip()] = f[cg].strip() if cg is not None else ""
+    return p
+
+
+def _timestamp(value, where):
+    try:
+        return float(value)
+    except ValueError:
+        pass
+    try:
+        return datetime.datetime.fromisoformat(value.strip()).timestamp()
+    except ValueError:
+        raise DataError(f"{where}: timestamp {value!r} is neither a number nor an ISO date (2024-05-01).")
+
+
+@dataclass
+class RawFile:
+    name: str
+    """local file name"""
+    url: str
+    """official address"""
+    sha256: str = ""
+    """published or verified checksum ('' = none known)"""
+    md5: str = ""
+    """md5 where only that is published (GroupLens lists md5 sums)"""
+
+
+SOURCES = {
+    "ml-1m": dict(parse=parse_ml1m, files=[RawFile(
+        "ml-1m.zip", "https://files.grouplens.org/datasets/movielens/ml-1m.zip",
+        sha256="a6898adb50b9ca05aa231689da44c217cb524e7ebd39d264c56e2832f2c54e20")]),
+    "ml-100k": dict(parse=parse_ml100k, files=[RawFile(
+        "ml-100k.zip", "https://files.grouplens.org/datasets/movielens/ml-100k.zip",
+        md5="0e33842e24a9c977be4e0107933c0723")]),
+    "ml-latest-small": dict(parse=parse_ml_latest_small, files=[RawFile(
+        "ml-latest-small.zip", "https://files.grouplens.org/datasets/movielens/ml-latest-small.zip",
+        sha256="696d65a3dfceac7c45750ad32df2c259311949efec81f0f144fdfb91ebc9e436")]),
+    # The zip's own checksum is not published; its two files' are (taken from the extracted copy).
+    "lastfm": dict(parse=parse_lastfm, files=[RawFile(
+        "hetrec2011-lastfm-2k.zip", "https://files.grouplens.org/datasets/hetrec2011/hetrec2011-lastfm-2k.zip")],
+        member_sha256={
+            "user_taggedartists.dat": "c4a9ffae9ab47a9f9b2f0678ab1f7e5c1db4ca818837d8cddd1f5699c5bbf048",
+            "artists.dat": "c173881362c6b28551368fecb3c0be5a6a30a6cd859e1f5775413dfe46d48648"}),
+    # No checksums are published for the Amazon files; the sha256 of what was read is kept in
+    # processed.json, and --data-sha256 none is not needed.
+    "instruments": dict(parse=parse_instruments, files=[
+        RawFile("Musical_Instruments_5.json.gz", "https://datarepo.eng.ucsd.edu/mcauley_group/data/amazon_v2/"
+                "categoryFilesSmall/Musical_Instruments_5.json.gz"),
+        RawFile("meta_Musical_Instruments.json.gz", "https://datarepo.eng.ucsd.edu/mcauley_group/data/amazon_v2/"
+                "metaFiles2/meta_Musical_Instruments.json.gz")]),
+}
+CUSTOM = dict(parse=parse_custom, files=[], members=["interactions.csv", "items.csv"])
+
+
+def digest(path, algo="sha256"):
+    h = hashlib.new(algo)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def sha256_of(path):
+    return digest(path)
+
+
+def fetch(url, dest: Path, sha256=None, log=print, md5=None):
+    """Download url to dest unless it is there, then verify its sha256 (or md5; None = do not
+    check). A download goes to dest.part first, so an interrupted one never looks complete."""
+    def check(path, what):
+        for algo, want, flag in (("sha256", sha256, "--data-sha256 {}"), ("md5", md5, "--data-sha256 none")):
+            if want:
+                got = digest(path, algo)
+                if got != want:
+                    return (f"{what} has {algo} {got}, expected {want}: it is corrupt or not the official file "
+                            f"(pass {flag.format(digest(path))} if you trust it)")
+        return None
+
+    if not dest.exists():
+        log(f"downloading {url} -> {dest}")
+        part = dest.with_name(dest.name + ".part")
+        try:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            with urllib.request.urlopen(url) as r, open(part, "wb") as f:
+                while block := r.read(1 << 20):
+                    f.write(block)
+        except (urllib.error.URLError, OSError, ValueError) as e:
+            part.unlink(missing_ok=True)
+            raise DataError(f"could not download {url} ({getattr(e, 'reason', None) or e}): check the address "
+                            f"(--data-url) or put the file at {dest} yourself.")
+        bad = check(part, f"the file downloaded from {url}")
+        if bad:
+            part.unlink()
+            raise DataError(bad + ".")
+        os.replace(part, dest)
+    else:
+        bad = check(dest, str(dest))
+        if bad:
+            raise DataError(bad + "; or delete it to download it again.")
+
+
+def _local_dir(url):
+    """The local folder a --data-url names (a path or file:// address), or None."""
+    if not url:
+        return None
+    path = Path(urllib.request.url2pathname(urllib.parse.urlparse(url).path)) if url.startswith("file:") else Path(url)
+    return path if path.is_dir() else None
+
+
+def _files_sha256(paths):
+    """One fingerprint for several files: sha256 of their names and sha256s."""
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(f"{p.name} {sha256_of(p)}\n".encode())
+    return h.hexdigest()
+
+
+def is_custom(name):
+    """A --dataset value that is a folder path rather than a source name."""
+    return name not in SOURCES and ("/" in name or os.sep in name or name.startswith(".") or Path(name).is_dir())
+
+
+def locate(cfg, log=print):
+    """Make the raw files available (download, or find them locally) and check them.
+    Returns (source, Raw, cache folder, fingerprint of the raw data)."""
+    if is_custom(cfg.dataset):
+        folder = Path(cfg.dataset).expanduser()
+        if not folder.is_dir():
+            raise DataError(f"--dataset {cfg.dataset}: no such folder (a custom dataset is a folder with "
+                            f"interactions.csv and items.csv; see the README).")
+        files = [folder / m for m in CUSTOM["members"]]
+        for f in files:
+            if not f.is_file():
+                raise DataError(f"{f} is missing: a custom dataset folder needs interactions.csv and items.csv "
+                                f"(format in the README).")
+        tag = hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:8]
+        cache = Path(cfg.data_dir) / f"custom-{folder.resolve().name}-{tag}"
+        _check_writable(cache)
+        return CUSTOM, Raw(files), cache, _files_sha256(files)
+    if cfg.dataset not in SOURCES:
+        raise DataError(f"unknown dataset {cfg.dataset!r}: choose one of {', '.join(sorted(SOURCES))}, or "
+                        f"give the path of a folder in the custom format (see the README).")
+    src = SOURCES[cfg.dataset]
+    cache = Path(cfg.data_dir) / cfg.dataset
+    _check_writable(cache)
+    members = src.get("member_sha256", {})
+    no_check = cfg.data_sha256.lower() == "none"
+    if cfg.data_sha256 and not no_check and len(src["files"]) > 1:
+        raise DataError(f"--data-sha256 takes one checksum, but {cfg.dataset} has {len(src['files'])} raw files: "
+                        f"use '' or 'none'.")
+    local = _local_dir(cfg.data_url)
+    if local is not None:                                   # an extracted copy: read it in place
+        raw = Raw([local], None if no_check else members)
+        names = set(members) or None                       # only the checked files, if any are named
+        log(f"reading {cfg.dataset} from the folder {local}")
+        paths = sorted(p for p in local.rglob("*") if p.is_file() and (names is None or p.name in names))
+        return src, raw, cache, _files_sha256(paths)
+    paths = []
+    for rf in src["files"]:
+        url = cfg.data_url or rf.url
+        if cfg.data_url and len(src["files"]) > 1:          # a base address holding all the files
+            url = cfg.data_url.rstrip("/") + "/" + rf.name
+        sha = None if no_check else (cfg.data_sha256 or rf.sha256 or None)
+        md5 = None if no_check or cfg.data_sha256 else (rf.md5 or None)
+        fetch(url, cache / rf.name, sha, log, md5=md5)
+        paths.append(cache / rf.name)
+    return src, Raw(paths, None if no_check else members), cache, _files_sha256(paths)
+
+
+def probe_writable(folder: Path):
+    """Create folder and write and remove a small file in it; raises OSError if that fails."""
+    folder.mkdir(parents=True, exist_ok=True)
+    probe = folder / ".write-test"
+    probe.write_bytes(b"ok")
+    probe.unlink()
+
+
+def _check_writable(folder: Path):
+    try:
+        probe_writable(folder)
+    except OSError as e:
+        raise DataError(f"cannot write to the data folder {folder} ({e.strerror or e}): choose another --data-dir.")
