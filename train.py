@@ -32,7 +32,6 @@ import ast
 import dataclasses
 import inspect
 import json
-import os
 import sys
 import time
 from dataclasses import dataclass
