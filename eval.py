@@ -319,11 +319,12 @@ def write_results(res, folder):
 # Looking at conversations
 
 
-def readable(tok, data, ids, cands=None):
+def readable(tok, data, ids, cands=None, agent="rec"):
     """Token ids as text: item tokens as their titles, slots as 'candidate k (title)', other control
-    tokens by name, bytes decoded. A Hugging Face model's messages are text already."""
+    tokens by name, bytes decoded. A Hugging Face model's messages are text already (shown with the
+    field name its prompt ended with)."""
     if tok.chat:
-        return tok.decode(ids).strip()
+        return (tok.rec_text(ids) if agent == "rec" else tok.user_text(ids)).strip().replace("\n", " | ")
     out, buf = [], []
     for t in map(int, ids):
         if t < 256:
@@ -382,7 +383,7 @@ def show(run_dir, n, split="test", device="auto", out=print):
             out(f" turn {t + 1}  RecAgent: {readable(tok, data, turn.rec_out, tr.cands)}"
                 + ("  -> HIT" if turn.hit else "") + ("" if turn.rec_valid else "  (invalid)"))
             if turn.user_out is not None:
-                out(f"         UserAgent: {readable(tok, data, turn.user_out)}   peers: {turn.peer_text} (q={turn.q:+.2f})"
+                out(f"         UserAgent: {readable(tok, data, turn.user_out, agent='user')}   peers: {turn.peer_text} (q={turn.q:+.2f})"
                     + ("" if turn.user_valid else "  (invalid)"))
             fmt = lambda x: "left out" if x is None else f"{x:+.3f}"  # noqa: E731
             out(f"         rewards: Rec {fmt(r_rec)}  User {fmt(r_user)}   mean token credit: "
