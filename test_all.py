@@ -1418,3 +1418,20 @@ def test_grad_checkpointing_gives_the_same_gradient(tiny_hf):
         assert m.lm.is_activation_checkpointing == gc
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))
     assert sum(float(g.abs().sum()) for g in grads[0]) > 1e-4
+
+
+def test_suite_shares_a_hugging_face_backbone(synth, tmp_path, tiny_hf, monkeypatch):
+    """A suite on a chat model: no stage 1, every method starts from the same frozen model."""
+    import suite
+    monkeypatch.setitem(suite.SUITES, "tiny", [("No distill", dict(lam=0.0)), ("CoARS", dict())])
+    cfg = train.Config(model=tiny_hf["qwen2"], dataset="ml-1m", data_url=synth["url"], data_sha256=synth["sha"],
+                       data_dir=str(tmp_path / "d"), sasrec_epochs=1, steps=1, batch=2, eval_every=0,
+                       eval_test_n=3, n_boot=20, ckpt_every=0)
+    logs = []
+    s = suite.run_suite(cfg, "tiny", 1, tmp_path / "s", logs.append)
+    assert list(s["methods"])[-2:] == ["No distill", "CoARS"] and s["n_samples"] == 3
+    assert any("stage 1 skipped" in m for m in logs) and not (tmp_path / "s" / "base.pt").exists()
+    for d, lam in (("no-distill-seed0", 0.0), ("coars-seed0", 0.1)):   # each run: its own adapters and options
+        ad = torch.load(tmp_path / "s" / d / "coars.pt", weights_only=True)
+        assert ad["adapters"] and all(".adapters." in k for k in ad["adapters"])
+        assert ad["config"]["lam"] == lam and ad["config"]["model"] == tiny_hf["qwen2"]
