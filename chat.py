@@ -40,7 +40,7 @@ first messages; the item and the reaction are what the environment and the rewar
 
 import re
 
-from env import ACTION_RANGE
+from env import ACTION_RANGE, score_fits
 
 REF_MARK = "@@REFERENCE@@"
 REC_PRIMER = "Recommendation:"     # the assistant's turn starts with the first field (module docstring)
@@ -216,10 +216,7 @@ class ChatTokenizer:
         if action not in ACTION_RANGE or not m:
             return None
         s = round(float(m.group(1)), 2)
-        lo, hi = ACTION_RANGE[action]
-        if not (lo <= s < hi or (action == "click" and s == 1.0)):
-            return None
-        return action, s
+        return (action, s) if score_fits(action, s) else None
 
     def rec_message(self, item, rationale):
         """A scripted RecAgent message (warm-up dialogues, F1 judgements): what follows the primer."""

@@ -50,6 +50,13 @@ def action_of_score(s):
     return "click"
 
 
+def score_fits(action, s):
+    """True when score s lies in the action's interval (click includes 1.0): a UserAgent message
+    whose action contradicts its score is invalid (PAPER.md section 2, [ours])."""
+    lo, hi = ACTION_RANGE[action]
+    return lo <= s < hi or (action == "click" and s == 1.0)
+
+
 @dataclass
 class Turn:
     rec_out: list                 # RecAgent's tokens, as written
@@ -189,8 +196,7 @@ def parse_user(tok, out):
     if not _SCORE.match(text):
         return None
     score = float(text)
-    lo, hi = ACTION_RANGE[inv[out[0]]]
-    if not (lo <= score < hi or (inv[out[0]] == "click" and score == 1.0)):
+    if not score_fits(inv[out[0]], score):
         return None
     return inv[out[0]], score
 

@@ -397,7 +397,8 @@ def interactive(run_dir, device="auto", ask=input, out=print, seed=None):
     """A person plays the user against the trained RecAgent: each turn, type an action, a score and
     a reason (the built-in model's reasons are history items, so the reason is a history number)."""
     import train
-    from env import (ACTION_RANGE, finish_turn, parse_rec, parse_user, record_user, render_rec, user_message)
+    from env import (ACTION_RANGE, finish_turn, parse_rec, parse_user, record_user, render_rec, score_fits,
+                     user_message)
     from model import generate
     cfg, model, tok, data = train.load_run(Path(run_dir), device)
     device = train.pick_device(device)
@@ -432,7 +433,7 @@ def interactive(run_dir, device="auto", ask=input, out=print, seed=None):
         while True:
             try:
                 score = float(ask(f"score in [{lo:.2f}, {hi:.2f}{']' if action == 'click' else ')'}: "))
-                if lo <= score < hi or (action == "click" and score == 1.0):
+                if score_fits(action, score):
                     break
             except ValueError:
                 pass
