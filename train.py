@@ -299,8 +299,7 @@ def stage2(cfg, model, tok, data, device, run_dir, log, ck=None):
     lead = rank == 0
     torch.manual_seed(seed)
     try:
-        model.add_lora(("rec", "user"), r=cfg.lora_r, alpha=cfg.lora_alpha,
-                       targets=[t.strip() for t in cfg.lora_targets.split(",")] if cfg.lora_targets else None)
+        model.add_lora(("rec", "user"), r=cfg.lora_r, alpha=cfg.lora_alpha, targets=lora_targets(cfg))
     except ValueError as e:
         raise UserError(f"--lora-targets: {e}; name linear layers of the model.")
     agents = [a for a, on in (("rec", cfg.train_rec), ("user", cfg.train_user)) if on]
@@ -409,6 +408,11 @@ def stage2(cfg, model, tok, data, device, run_dir, log, ck=None):
     return model
 
 
+def lora_targets(cfg):
+    """The layer names of --lora-targets, or None for the backbone's default."""
+    return [t.strip() for t in cfg.lora_targets.split(",")] if cfg.lora_targets else None
+
+
 def loss_group(cfg):
     """Messages per teacher / student pass (--loss-batch; 0 = the backbone's default)."""
     return cfg.loss_batch or (4 if cfg.model else 32)
@@ -485,8 +489,7 @@ def load_run(run_dir: Path, device="auto"):
         tok = Tokenizer(data.n_items)
         model = build_model(cfg, tok, device)
         model.load_state_dict(torch.load(run_dir / "base.pt", map_location=device, weights_only=True)["model"])
-    model.add_lora(("rec", "user"), r=cfg.lora_r, alpha=cfg.lora_alpha,
-                   targets=[t.strip() for t in cfg.lora_targets.split(",")] if cfg.lora_targets else None)
+    model.add_lora(("rec", "user"), r=cfg.lora_r, alpha=cfg.lora_alpha, targets=lora_targets(cfg))
     model.load_state_dict(ck["adapters"], strict=False)
     return cfg, freeze(model), tok, data
 
