@@ -4,12 +4,15 @@ per-token log-probs (teacher and student passes). A file of its own because it i
 method: it measures model.py's fast paths against what people would use instead, in one process,
 and prints ratios.
 
-    python bench.py                    # everything (about 10 min on 2 CPU cores)
+    python bench.py                    # everything (about 30 min on 2 CPU cores)
     python bench.py --only gen         # one part: gen, logprob, iter
     python bench.py --quick            # small sizes, for a smoke test
 
-1. Generation: model.generate (static KV cache, left padding, head on the last position only)
-   against Hugging Face `generate` on the same weights. The built-in GPT is exactly a GPT-NeoX
+1. Generation: model.generate (static KV cache, left padding, head on the last position only),
+   eager and with its decode steps through torch.compile (compile=True), against Hugging Face
+   `generate` on the same weights. Each case is also run with 1 new token, which is the prefill
+   (the prompt's forward pass), so the time of one decode step is printed beside the matrix
+   products' time alone. The built-in GPT is exactly a GPT-NeoX
    (sequential residual, full rotary, exact GELU, biases) whose output head is the normalised token
    embedding, so `to_gpt_neox` copies its weights into transformers' GPTNeoXForCausalLM; the test
    suite checks that both give the same logits. Greedy outputs must be identical.
@@ -107,7 +110,11 @@ def to_gpt_neox(model: GPT):
     return hf.to(model.wte.weight.device, model.wte.weight.dtype).eval()
 
 
-def bench_generation(sizes, batches, prompt_lens, new=32, device="cpu", dtype=torch.float32, repeat=2):
+def bench_generation(sizes, batches, prompt_lens, news=(32,), device="cpu", dtype=torch.float32, repeat=2,
+                     compiled=True):
+    """Whole generate() calls, ours eager, ours with compiled decode steps, and Hugging Face's, on
+    the same weights; then the same calls with 1 new token (the prefill), so that one decode step
+    is (whole - prefill) / (new - 1)."""
     rows = []
     for name, (L, H, C) in sizes.items():
         torch.manual_seed(0)
@@ -115,19 +122,37 @@ def bench_generation(sizes, batches, prompt_lens, new=32, device="cpu", dtype=to
         hf = to_gpt_neox(model)
         for P in prompt_lens:
             for B in batches:
-                g = torch.Generator().manual_seed(B * 1000 + P)
-                prompts = torch.randint(10, 4096, (B, P), generator=g)
-                ours = lambda: generate(model, prompts.tolist(), new, pad_id=0, temperature=0.0, device=device)  # noqa: E731
-                theirs = lambda: hf.generate(prompts.to(device), attention_mask=torch.ones_like(prompts).to(device),  # noqa: E731
-                                             max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
-                with torch.no_grad():
-                    same = ours() == theirs()[:, P:].tolist()
-                    t_ours, t_hf = timeit(ours, device, repeat), timeit(theirs, device, repeat)
-                    floor = matmul_floor(model, B, device, dtype) * new
-                rows.append(dict(model=name, batch=B, prompt=P, new=new, ours_s=t_ours, hf_s=t_hf,
-                                 speedup=t_hf / t_ours, ours_tok_s=B * new / t_ours, hf_tok_s=B * new / t_hf,
-                                 ours_step_ms=1e3 * t_ours / new, matmul_ms=1e3 * floor / new, greedy_identical=same))
-                print(fmt_gen(rows[-1]), flush=True)
+                for new in news:
+                    g = torch.Generator().manual_seed(B * 1000 + P)
+                    prompts = torch.randint(10, 4096, (B, P), generator=g)
+
+                    def ours(n=new, compile=False):
+                        return generate(model, prompts.tolist(), n, pad_id=0, temperature=0.0, device=device,
+                                        compile=compile)
+
+                    def theirs(n=new):
+                        return hf.generate(prompts.to(device), attention_mask=torch.ones_like(prompts).to(device),
+                                           max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+                    r = dict(model=name, batch=B, prompt=P, new=new)
+                    with torch.no_grad():
+                        out = ours()
+                        r["greedy_identical"] = out == theirs()[:, P:].tolist()
+                        r["ours_s"], r["hf_s"] = timeit(ours, device, repeat), timeit(theirs, device, repeat)
+                        r["ours_prefill_s"] = timeit(lambda: ours(1), device, repeat)
+                        r["hf_prefill_s"] = timeit(lambda: theirs(1), device, repeat)
+                        if compiled:    # timeit's warm-up call compiles (or recompiles for a new shape)
+                            r["compiled_identical"] = ours(compile=True) == out
+                            r["compiled_s"] = timeit(lambda: ours(compile=True), device, repeat)
+                        r["matmul_ms"] = 1e3 * matmul_floor(model, B, device, dtype)
+                    for k in ("ours", "hf") + (("compiled",) if compiled else ()):
+                        prefill = r["hf_prefill_s" if k == "hf" else "ours_prefill_s"]
+                        r[f"{k}_tok_s"] = B * new / r[f"{k}_s"]
+                        r[f"{k}_step_ms"] = 1e3 * max(r[f"{k}_s"] - prefill, 0.0) / (new - 1)
+                    r["speedup"] = r["hf_s"] / r["ours_s"]
+                    if compiled:
+                        r["compiled_speedup"] = r["hf_s"] / r["compiled_s"]
+                    rows.append(r)
+                    print(fmt_gen(r), flush=True)
     return rows
 
 
@@ -149,9 +174,13 @@ def matmul_floor(model, B, device, dtype):
 
 
 def fmt_gen(r):
-    return (f"  gen {r['model']:<10} B={r['batch']:<3} P={r['prompt']:<4} ours {r['ours_tok_s']:8.0f} tok/s  "
-            f"HF {r['hf_tok_s']:8.0f} tok/s  x{r['speedup']:.2f}  step {r['ours_step_ms']:.2f} ms "
-            f"(matmuls {r['matmul_ms']:.2f} ms)  greedy identical: {r['greedy_identical']}")
+    c = (f" | compiled {r['compiled_tok_s']:7.0f} tok/s x{r['compiled_speedup']:.2f}, step "
+         f"{r['compiled_step_ms']:.2f} ms, same tokens: {r['compiled_identical']}") if "compiled_s" in r else ""
+    return (f"  gen {r['model']:<10} B={r['batch']:<3} P={r['prompt']:<4} new={r['new']:<4} prefill ours "
+            f"{1e3 * r['ours_prefill_s']:.1f} / HF {1e3 * r['hf_prefill_s']:.1f} ms | ours {r['ours_tok_s']:7.0f} "
+            f"tok/s x{r['speedup']:.2f}, step {r['ours_step_ms']:.2f} ms | HF {r['hf_tok_s']:7.0f} tok/s, step "
+            f"{r['hf_step_ms']:.2f} ms{c} | matmuls {r['matmul_ms']:.2f} ms/step | greedy = HF: "
+            f"{r['greedy_identical']}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -354,13 +383,13 @@ def main(argv=None):
     if "gen" in parts:
         print("1. generation: ours (static KV cache) vs Hugging Face generate, greedy, same weights")
         if a.quick:
-            res["generation"] = bench_generation({"tiny": (2, 2, 64)}, [1, 4], [16], new=8, device=dev, repeat=1)
-        elif dev == "cuda":
-            res["generation"] = bench_generation({"built-in": (4, 4, 128), "gpt2-6x384": (6, 6, 384)},
-                                                 [1, 16, 64], [64, 512], device=dev, dtype=torch.bfloat16)
-        else:
-            res["generation"] = bench_generation({"built-in": (4, 4, 128), "gpt2-6x384": (6, 6, 384)},
-                                                 [1, 16, 64], [64, 512], device=dev)
+            res["generation"] = bench_generation({"tiny": (2, 2, 64)}, [1, 4], [16], news=[8], device=dev, repeat=1)
+        else:   # bf16 on GPU; on CPU float32 (both implementations alike)
+            dtype = torch.bfloat16 if dev == "cuda" else torch.float32
+            sizes = {"built-in": (4, 4, 128), "gpt2-6x384": (6, 6, 384)}
+            res["generation"] = (bench_generation(sizes, [1, 16, 64], [64, 512], device=dev, dtype=dtype)
+                                 # the issue's reference configuration: 64-token prompts, 128 new tokens
+                                 + bench_generation(sizes, [16, 64], [64], news=[128], device=dev, dtype=dtype))
     if "logprob" in parts:
         print("2. per-token log-probs, forward + backward, bf16 inputs: ours (chunked) vs plain float32 "
               "log_softmax + gather")

@@ -141,6 +141,11 @@ class HFBackbone(Adapters, nn.Module):
                         use_cache=cache is not None)
         return out.last_hidden_state
 
+    def decode(self, tok, pos, valid, cache, col):
+        """One generation step, as GPT.decode: the dynamic cache holds the first col columns."""
+        c = int(col)
+        return self(tok[:, None], pos[:, None], valid[:, None, None, :c + 1], cache, c)[:, 0]
+
 
 # --------------------------------------------------------------------------------------------------
 # A tiny model for tests and offline trials

@@ -19,6 +19,7 @@ Shapes in comments: B batch, T time, C channels, H heads, D head dim, V vocab, N
 """
 
 import math
+import weakref
 from dataclasses import dataclass
 
 import tiktoken
@@ -169,17 +170,29 @@ class Block(nn.Module):
 
     def forward(self, x, rot, mask, cache=None, start=0):
         """x (B,T,C); rot: (cos, sin) each (B,1,T,D/2); mask (B,1,T,Tk) bool, True = may attend;
-        cache: (k, v) buffers (B,H,Tmax,D) written at [start, start+T), attended over [0, start+T)."""
+        cache: (k, v) buffers (B,H,Tmax,D) written at [start, start+T), attended over [0, start+T);
+        start may instead be a (1,) tensor: a one-token decode step (see GPT.decode)."""
         B, T, C = x.shape
         q, k, v = self.qkv(self.ln1(x)).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
         q, k = rotate(q, *rot), rotate(k, *rot)                            # (B,H,T,D)
-        if cache is not None:
+        if cache is not None and torch.is_tensor(start):
+            # One decode step (GPT.decode): static shapes, so one compiled graph serves every step.
+            # k, v go in at column `start` ((1,) long tensor) and the query attends over the whole
+            # buffer under the mask (B,1,1,Tmax). A plain masked softmax for the single query:
+            # torch.compile fuses it (measured: faster than the sdpa kernel here).
             ck, cv = cache
-            ck[:, :, start:start + T] = k
-            cv[:, :, start:start + T] = v
-            k, v = ck[:, :, :start + T], cv[:, :, :start + T]     # (B,H,Tk,D)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B,H,T,D)
+            ck.index_copy_(2, start, k)
+            cv.index_copy_(2, start, v)
+            att = (q @ ck.transpose(-1, -2)) * (C // self.n_head) ** -0.5     # (B,H,1,Tmax)
+            y = att.masked_fill(~mask, float("-inf")).softmax(-1).to(cv.dtype) @ cv
+        else:
+            if cache is not None:
+                ck, cv = cache
+                ck[:, :, start:start + T] = k
+                cv[:, :, start:start + T] = v
+                k, v = ck[:, :, :start + T], cv[:, :, :start + T]     # (B,H,Tk,D)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B,H,T,D)
         y = y.transpose(1, 2).reshape(B, T, C)
         x = x + self.drop(self.proj(y))
         x = x + self.drop(self.fc2(F.gelu(self.fc(self.ln2(x)))))
@@ -281,6 +294,13 @@ class GPT(Adapters, nn.Module):
         for i, blk in enumerate(self.blocks):
             x = blk(x, rot, mask, None if cache is None else cache[i], start)
         return self.ln_f(x)
+
+    def decode(self, tok, pos, valid, cache, col):
+        """One generation step: hidden state (B,C) of token tok (B,) at position pos (B,), written
+        into the static cache at column col ((1,) long tensor) and attending to the columns where
+        valid (B,Tmax) is True. Every shape is fixed for a whole generate() call and col is a
+        tensor, so torch.compile traces it once (generate(..., compile=True))."""
+        return self(tok[:, None], pos[:, None], valid[:, None, None, :], cache, col)[:, 0]
 
 
 def rotate(x, cos, sin):
@@ -448,21 +468,39 @@ def sample_next(logits, temperature, generator=None, keys=None, step=0):
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
 
+_COMPILED = weakref.WeakKeyDictionary()      # model -> its compiled decode step
+
+
+def decoder(model, compile=False):
+    """model.decode, or its torch.compile'd version (built once per model and kept). Compiling
+    costs seconds per new shape (the first call, then once more when the batch or length changes,
+    after which torch marks them dynamic); it pays for itself on long generations."""
+    if not compile:
+        return model.decode
+    if not isinstance(model, GPT):
+        raise ValueError("compile=True is for the built-in GPT (a Hugging Face model has its own cache)")
+    if model not in _COMPILED:
+        _COMPILED[model] = torch.compile(model.decode)
+    return _COMPILED[model]
+
+
 @torch.no_grad()
 def generate(model, prompts, max_new, pad_id, stop_ids=(), temperature=1.0, generator=None,
-             device="cpu", allowed=None, keys=None):
+             device="cpu", allowed=None, keys=None, compile=False):
     """Sample completions for a batch of prompts with a KV cache (the built-in GPT's is static,
     model.new_cache; a Hugging Face model's is its own cache object).
 
     prompts: list of id lists (any lengths: they are left-padded so every row's next token is at
     the same column). temperature 0 = greedy. A row stops after emitting a stop id (kept in its
     output) or after max_new tokens. allowed: optional (V,) bool mask of tokens that may be sampled.
-    keys: optional list of per-row ints for keyed sampling (see sample_next).
+    keys: optional list of per-row ints for keyed sampling (see sample_next). compile: run the
+    decode steps through torch.compile (built-in GPT only; same tokens, see decoder()).
     Returns a list of id lists."""
     B = len(prompts)
     P = max(len(p) for p in prompts)
     Tmax = P + max_new
     assert Tmax <= model.max_len, f"prompt+completion {Tmax} exceeds the model's length {model.max_len}"
+    step = decoder(model, compile)
     idx = torch.full((B, P), pad_id, dtype=torch.long, device=device)
     valid = torch.zeros(B, Tmax, dtype=torch.bool, device=device)
     for b, p in enumerate(prompts):
@@ -473,11 +511,13 @@ def generate(model, prompts, max_new, pad_id, stop_ids=(), temperature=1.0, gene
     pos_all = positions(valid[:, :P])
     # prefill: all prompt tokens at once
     h = model(idx, pos_all, causal_mask(valid[:, :P]), cache, 0)        # (B,P,C)
+    last = h[:, -1]                                                      # (B,C)
     next_pos = pos_all[:, -1] + 1                                        # (B,)
-    out = [[] for _ in range(B)]
+    cols = torch.arange(Tmax, device=device)
+    toks = torch.full((B, max_new), pad_id, dtype=torch.long, device=device)   # what each row wrote
+    lens = torch.zeros(B, dtype=torch.long, device=device)              # how many of them are its output
     done = torch.zeros(B, dtype=torch.bool, device=device)
     stop = torch.tensor(list(stop_ids) or [-1], device=device)
-    last = h[:, -1]                                                      # (B,C)
     head_t = model.head_weight.t()                                       # normalised once, not per step
     for t in range(max_new):
         logits = (last @ head_t).float()                                 # (B,V) head on last only
@@ -485,18 +525,16 @@ def generate(model, prompts, max_new, pad_id, stop_ids=(), temperature=1.0, gene
             logits = logits.masked_fill(~allowed, float("-inf"))
         tok = sample_next(logits, temperature, generator, keys, t)
         tok = torch.where(done, torch.full_like(tok, pad_id), tok)
-        for b in torch.nonzero(~done).flatten().tolist():
-            out[b].append(int(tok[b]))
+        toks[:, t] = tok
+        lens += ~done
         done = done | torch.isin(tok, stop)
-        if bool(done.all()) or t == max_new - 1:
+        if t == max_new - 1 or bool(done.all()):
             break
         col = P + t
         valid[:, col] = True  # finished rows keep feeding pad tokens: harmless, their output is unused
-        mask = valid[:, None, None, :col + 1]                            # (B,1,1,Tk)
-        h = model(tok[:, None], next_pos[:, None], mask, cache, col)       # (B,1,C)
-        last = h[:, -1]
+        last = step(tok, next_pos, valid, cache, cols[col:col + 1])     # (B,C)
         next_pos = next_pos + 1
-    return out
+    return [row[:n] for row, n in zip(toks.tolist(), lens.tolist())]
 
 
 @torch.no_grad()
