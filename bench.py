@@ -10,7 +10,8 @@ and prints ratios.
 
 1. Generation: model.generate (static KV cache, left padding, head on the last position only),
    eager and with its decode steps through torch.compile (compile=True), against Hugging Face
-   `generate` on the same weights. Each case is also run with 1 new token, which is the prefill
+   `generate` on the same weights, eager and with a static cache and its forward compiled (the
+   library's own fast path). Each case is also run with 1 new token, which is the prefill
    (the prompt's forward pass), so the time of one decode step is printed beside the matrix
    products' time alone. The built-in GPT is exactly a GPT-NeoX
    (sequential residual, full rotary, exact GELU, biases) whose output head is the normalised token
@@ -120,6 +121,7 @@ def bench_generation(sizes, batches, prompt_lens, news=(32,), device="cpu", dtyp
         torch.manual_seed(0)
         model = GPT(GPTConfig(vocab_size=4096, n_layer=L, n_head=H, n_embd=C, block_size=1024)).to(device, dtype).eval()
         hf = to_gpt_neox(model)
+        hf_compiled = torch.compile(hf.forward)
         for P in prompt_lens:
             for B in batches:
                 for new in news:
@@ -130,9 +132,10 @@ def bench_generation(sizes, batches, prompt_lens, news=(32,), device="cpu", dtyp
                         return generate(model, prompts.tolist(), n, pad_id=0, temperature=0.0, device=device,
                                         compile=compile)
 
-                    def theirs(n=new):
+                    def theirs(n=new, static=False):
                         return hf.generate(prompts.to(device), attention_mask=torch.ones_like(prompts).to(device),
-                                           max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+                                           max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0,
+                                           cache_implementation="static" if static else None)
                     r = dict(model=name, batch=B, prompt=P, new=new)
                     with torch.no_grad():
                         out = ours()
@@ -143,6 +146,13 @@ def bench_generation(sizes, batches, prompt_lens, news=(32,), device="cpu", dtyp
                         if compiled:    # timeit's warm-up call compiles (or recompiles for a new shape)
                             r["compiled_identical"] = ours(compile=True) == out
                             r["compiled_s"] = timeit(lambda: ours(compile=True), device, repeat)
+                            # the library's own fast path: a static cache and its forward compiled
+                            hf.forward = hf_compiled
+                            try:
+                                r["hf_compiled_identical"] = theirs(static=True)[:, P:].tolist() == out
+                                r["hf_compiled_s"] = timeit(lambda: theirs(static=True), device, repeat)
+                            finally:
+                                del hf.forward          # back to the class's (eager) forward
                         r["matmul_ms"] = 1e3 * matmul_floor(model, B, device, dtype)
                     for k in ("ours", "hf") + (("compiled",) if compiled else ()):
                         prefill = r["hf_prefill_s" if k == "hf" else "ours_prefill_s"]
@@ -151,6 +161,8 @@ def bench_generation(sizes, batches, prompt_lens, news=(32,), device="cpu", dtyp
                     r["speedup"] = r["hf_s"] / r["ours_s"]
                     if compiled:
                         r["compiled_speedup"] = r["hf_s"] / r["compiled_s"]
+                        r["hf_compiled_tok_s"] = B * new / r["hf_compiled_s"]
+                        r["compiled_vs_hf_compiled"] = r["hf_compiled_s"] / r["compiled_s"]
                     rows.append(r)
                     print(fmt_gen(r), flush=True)
     return rows
@@ -175,7 +187,9 @@ def matmul_floor(model, B, device, dtype):
 
 def fmt_gen(r):
     c = (f" | compiled {r['compiled_tok_s']:7.0f} tok/s x{r['compiled_speedup']:.2f}, step "
-         f"{r['compiled_step_ms']:.2f} ms, same tokens: {r['compiled_identical']}") if "compiled_s" in r else ""
+         f"{r['compiled_step_ms']:.2f} ms, same tokens: {r['compiled_identical']} | HF static cache + compiled "
+         f"forward {r['hf_compiled_tok_s']:7.0f} tok/s (ours compiled x{r['compiled_vs_hf_compiled']:.2f}), same "
+         f"tokens: {r['hf_compiled_identical']}") if "compiled_s" in r else ""
     return (f"  gen {r['model']:<10} B={r['batch']:<3} P={r['prompt']:<4} new={r['new']:<4} prefill ours "
             f"{1e3 * r['ours_prefill_s']:.1f} / HF {1e3 * r['hf_prefill_s']:.1f} ms | ours {r['ours_tok_s']:7.0f} "
             f"tok/s x{r['speedup']:.2f}, step {r['ours_step_ms']:.2f} ms | HF {r['hf_tok_s']:7.0f} tok/s, step "

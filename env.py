@@ -232,11 +232,12 @@ def finish_turn(traj, tr, t_max):
 
 @torch.no_grad()
 def rollout(model, tok, data, trajs, t_max=5, temperature=1.0, generator=None, device="cpu",
-            rec_adapter="rec", user_adapter="user", batch=256):
+            rec_adapter="rec", user_adapter="user", batch=256, compile=False):
     """Play every trajectory in trajs to its end. All live episodes take each turn together (one
     batched generate per agent per turn); finished ones drop out. Trajectories are filled in place
     and returned. Sampling is keyed by each trajectory's `key` (so an episode is the same in any
-    batch); a torch `generator` instead draws for the whole batch at once."""
+    batch); a torch `generator` instead draws for the whole batch at once. compile: generate's
+    decode steps through torch.compile (model.decoder)."""
     for _ in range(t_max):
         live = [tr for tr in trajs if not tr.done]
         if not live:
@@ -245,7 +246,8 @@ def rollout(model, tok, data, trajs, t_max=5, temperature=1.0, generator=None, d
         prompts = [render_rec(tok, tr, len(tr.turns)) for tr in live]
         model.set_adapter(rec_adapter)
         keys = [message_key(tr, 0) for tr in live] if generator is None else None
-        outs = generate_all(model, prompts, tok.rec_max_new, tok, temperature, generator, device, batch, keys)
+        outs = generate_all(model, prompts, tok.rec_max_new, tok, temperature, generator, device, batch, keys,
+                            compile)
         for tr, p, o in zip(live, prompts, outs):
             item = parse_rec(tok, o, tr.cands)
             tr.turns.append(Turn(rec_out=o, item=item, rec_valid=item is not None, rec_prompt=p))
@@ -257,7 +259,7 @@ def rollout(model, tok, data, trajs, t_max=5, temperature=1.0, generator=None, d
         model.set_adapter(user_adapter)
         keys = [message_key(tr, 1) for tr in answer] if generator is None else None
         outs = generate_all(model, prompts, tok.user_max_new, tok, temperature, generator, device, batch,
-                            keys) if prompts else []
+                            keys, compile) if prompts else []
         for tr, p, o in zip(answer, prompts, outs):
             turn = tr.turns[-1]
             turn.user_out, turn.user_prompt = o, p
@@ -277,13 +279,13 @@ def message_key(traj, agent):
     return hash32(hash32(traj.key) + 2 * len(traj.turns) + agent)
 
 
-def generate_all(model, prompts, max_new, tok, temperature, generator, device, batch, keys=None):
+def generate_all(model, prompts, max_new, tok, temperature, generator, device, batch, keys=None, compile=False):
     """generate() over any number of prompts, `batch` at a time, stopping at the end-of-message token."""
     out = []
     for s in range(0, len(prompts), batch):
         out += generate(model, prompts[s:s + batch], max_new, tok.pad_id, stop_ids=tok.stop_ids,
                         temperature=temperature, generator=generator, device=device,
-                        keys=None if keys is None else keys[s:s + batch])
+                        keys=None if keys is None else keys[s:s + batch], compile=compile)
     return out
 
 

@@ -480,8 +480,21 @@ def decoder(model, compile=False):
     if not isinstance(model, GPT):
         raise ValueError("compile=True is for the built-in GPT (a Hugging Face model has its own cache)")
     if model not in _COMPILED:
-        _COMPILED[model] = torch.compile(model.decode)
+        fn = torch.compile(model.decode)
+
+        def step(*args):
+            try:
+                return fn(*args)
+            except torch._dynamo.exc.BackendCompilerFailed as e:
+                why = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+                raise CompileError(f"torch.compile could not build the decode step ({why}); run without "
+                                   f"compilation (drop --compile).") from None
+        _COMPILED[model] = step
     return _COMPILED[model]
+
+
+class CompileError(RuntimeError):
+    """torch.compile failed (e.g. no C++ compiler on a CPU, no Triton on a GPU); one sentence."""
 
 
 @torch.no_grad()

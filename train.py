@@ -50,7 +50,7 @@ from distill import ReferenceBuffer, coars_loss
 from distributed import all_gather, device_of, all_reduce_grads, barrier, dist_info, init_distributed, merge_stats
 from env import new_trajectory, rollout
 from eval import evaluate, results_table, run_ars, write_results
-from model import Tokenizer
+from model import CompileError, Tokenizer
 from pretrain import autocast, build_model, freeze, stage1, warmup  # noqa: F401  (build_model, freeze: suite.py)
 
 
@@ -94,6 +94,8 @@ class Config:
     the built-in GPT, q_proj,v_proj,gate_proj,up_proj,down_proj for a Hugging Face model)"""
     grad_checkpointing: bool = False
     """recompute a Hugging Face model's activations in the backward pass (less memory, ~30% more time)"""
+    compile: bool = False
+    """run the built-in GPT's decode steps in rollouts through torch.compile (same tokens; ~15 s to compile)"""
     warmup_steps: int = 0
     """supervised warm-up steps of the adapters on scripted dialogues before CoARS (for --model; 0 = none)"""
     n_layer: int = 4
@@ -190,7 +192,7 @@ def field_docs(cls):
 
 def add_config_args(p: argparse.ArgumentParser, defaults=None):
     """One flag per Config field, documented by the field's docstring (defaults may be overridden)."""
-    docs = field_docs(Config)
+    docs = {k: v.replace("%", "%%") for k, v in field_docs(Config).items()}     # argparse formats help with %
     for f in dataclasses.fields(Config):
         flag = "--" + f.name.replace("_", "-")
         default = (defaults or {}).get(f.name, f.default)
@@ -245,6 +247,7 @@ def validate(cfg: Config):
         (0 <= cfg.p_reference <= 1, "--p-reference must be within [0, 1]."),
         (cfg.warmup_steps >= 0, "--warmup-steps cannot be negative."),
         (not cfg.grad_checkpointing or cfg.model, "--grad-checkpointing applies to a Hugging Face --model only."),
+        (not (cfg.compile and cfg.model), "--compile applies to the built-in model only (not with --model)."),
         (all(t.strip() for t in cfg.lora_targets.split(",")) or not cfg.lora_targets,
          "--lora-targets must be comma-separated layer names, e.g. q_proj,v_proj."),
     ]
@@ -268,7 +271,7 @@ def check_run_dir(cfg):
 
 # options that may change between a run and its resumption (they do not change what is computed)
 RESUMABLE = {"resume", "ckpt_every", "skip_eval", "device", "n_boot", "eval_test_n", "max_bad_steps", "rollout_batch",
-             "loss_batch", "grad_checkpointing"}
+             "loss_batch", "grad_checkpointing", "compile"}
 
 
 def check_resumable(ck, cfg, data):
@@ -438,8 +441,10 @@ def rollout_with_retry(model, tok, data, rows, keys, cfg, device, micro, log):
             tr.key = int(k)
         try:
             rollout(model, tok, data, trajs, t_max=cfg.t_max, temperature=cfg.temperature, device=device,
-                    batch=micro)
+                    batch=micro, compile=cfg.compile)
             return trajs, micro
+        except CompileError as e:
+            raise UserError(str(e))
         except torch.OutOfMemoryError:
             if micro == 1:
                 raise
