@@ -62,17 +62,31 @@ def machine():
 
 def timeit(fn, device, repeat=3, warmup=1):
     """Best wall time of `repeat` calls after `warmup` calls (seconds)."""
-    for _ in range(warmup):
-        fn()
-    best = float("inf")
-    for _ in range(repeat):
+    return race({"fn": fn}, device, repeat, warmup=warmup)["fn"]
+
+
+def race(fns, device, repeat=3, warmup=1, budget_s=0.0, max_rounds=20):
+    """Best wall time (seconds) of each function in fns (name -> function), called in turn round
+    after round, so a slow spell of a shared machine hits them all alike: at least `repeat` rounds
+    after `warmup`, more while the rounds so far took less than budget_s (up to max_rounds)."""
+    def once(fn):
         if device == "cuda":
             torch.cuda.synchronize()
         t = time.perf_counter()
         fn()
         if device == "cuda":
             torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t)
+        return time.perf_counter() - t
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    best, spent, n = dict.fromkeys(fns, float("inf")), 0.0, 0
+    while n < repeat or (spent < budget_s and n < max_rounds):
+        for k, fn in fns.items():
+            t = once(fn)
+            best[k] = min(best[k], t)
+            spent += t
+        n += 1
     return best
 
 
@@ -136,23 +150,25 @@ def bench_generation(sizes, batches, prompt_lens, news=(32,), device="cpu", dtyp
                         return hf.generate(prompts.to(device), attention_mask=torch.ones_like(prompts).to(device),
                                            max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0,
                                            cache_implementation="static" if static else None)
+
+                    def theirs_compiled(n=new):          # the library's own fast path
+                        hf.forward = hf_compiled             # a static cache and its forward compiled
+                        try:
+                            return theirs(n, static=True)
+                        finally:
+                            del hf.forward                   # back to the class's (eager) forward
                     r = dict(model=name, batch=B, prompt=P, new=new)
+                    torch._dynamo.reset()   # each case compiles afresh (no recompile limit, no dynamic shapes)
+                    fns = dict(ours=ours, hf=theirs, ours_prefill=lambda: ours(1), hf_prefill=lambda: theirs(1))
+                    if compiled:
+                        fns.update(compiled=lambda: ours(compile=True), hf_compiled=theirs_compiled)
                     with torch.no_grad():
                         out = ours()
                         r["greedy_identical"] = out == theirs()[:, P:].tolist()
-                        r["ours_s"], r["hf_s"] = timeit(ours, device, repeat), timeit(theirs, device, repeat)
-                        r["ours_prefill_s"] = timeit(lambda: ours(1), device, repeat)
-                        r["hf_prefill_s"] = timeit(lambda: theirs(1), device, repeat)
-                        if compiled:    # timeit's warm-up call compiles (or recompiles for a new shape)
+                        if compiled:             # these calls also compile
                             r["compiled_identical"] = ours(compile=True) == out
-                            r["compiled_s"] = timeit(lambda: ours(compile=True), device, repeat)
-                            # the library's own fast path: a static cache and its forward compiled
-                            hf.forward = hf_compiled
-                            try:
-                                r["hf_compiled_identical"] = theirs(static=True)[:, P:].tolist() == out
-                                r["hf_compiled_s"] = timeit(lambda: theirs(static=True), device, repeat)
-                            finally:
-                                del hf.forward          # back to the class's (eager) forward
+                            r["hf_compiled_identical"] = theirs_compiled()[:, P:].tolist() == out
+                        r.update({f"{k}_s": v for k, v in race(fns, device, repeat, budget_s=12.0).items()})
                         r["matmul_ms"] = 1e3 * matmul_floor(model, B, device, dtype)
                     for k in ("ours", "hf") + (("compiled",) if compiled else ()):
                         prefill = r["hf_prefill_s" if k == "hf" else "ours_prefill_s"]
@@ -332,7 +348,7 @@ def bench_iteration(batch=48, steps=3, device="cpu"):
     opt = torch.optim.Adam(params, lr=cfg.lr)
     rng = np.random.default_rng(0)
     # the sampler: keyed inverse CDF (train.py) against torch.multinomial, same episodes' prompts
-    times = {"multinomial": [], "keyed": []}
+    times = {"multinomial": [], "keyed": [], "keyed, compiled": []}
     for rep in range(steps + 1):
         rows_ = rng.integers(0, len(data.train_user), batch)
         for name in times:
@@ -341,15 +357,19 @@ def bench_iteration(batch=48, steps=3, device="cpu"):
                 tr.key = 1000 * rep + i
             t0 = time.perf_counter()
             rollout(model, tok, data, trajs, t_max=cfg.t_max, temperature=1.0, device=device,
-                    generator=torch.Generator(device).manual_seed(rep) if name == "multinomial" else None)
+                    generator=torch.Generator(device).manual_seed(rep) if name == "multinomial" else None,
+                    compile=name.endswith("compiled"))
             if rep:                                     # the first repeat warms up
                 times[name].append(time.perf_counter() - t0)
     ratio = np.mean(times["multinomial"]) / np.mean(times["keyed"])
+    ratio_c = np.mean(times["keyed"]) / np.mean(times["keyed, compiled"])
     print(f"  rollout of {batch} episodes: multinomial {np.mean(times['multinomial']):.2f} s, keyed "
-          f"{np.mean(times['keyed']):.2f} s, keyed {ratio:.2f}x faster", flush=True)
+          f"{np.mean(times['keyed']):.2f} s, keyed {ratio:.2f}x faster; keyed with compiled decode steps "
+          f"{np.mean(times['keyed, compiled']):.2f} s, {ratio_c:.2f}x faster than eager", flush=True)
     buffer = ReferenceBuffer()
     reward_cfg = dict(mode="interaction", alpha=cfg.alpha, use_filter=True, stage_gamma=None)
-    rows = [dict(sampling={k: float(np.mean(v)) for k, v in times.items()}, sampling_ratio=float(ratio))]
+    rows = [dict(sampling={k: float(np.mean(v)) for k, v in times.items()}, sampling_ratio=float(ratio),
+                 compiled_ratio=float(ratio_c))]
     for step in range(steps):
         t0 = time.perf_counter()
         trajs = [new_trajectory(data, "train", r) for r in rng.integers(0, len(data.train_user), batch)]
@@ -382,6 +402,47 @@ def bench_iteration(batch=48, steps=3, device="cpu"):
 # --------------------------------------------------------------------------------------------------
 
 
+# --------------------------------------------------------------------------------------------------
+
+
+def markdown(res):
+    """The README's tables from a saved --out file (so a run on another machine can be pasted in)."""
+    out = [f"Machine: {res['machine']}; device {res['device']}.", ""]
+    if res.get("generation"):
+        out += ["| model | batch | prompt | new | prefill ours / HF ms | step ms: ours | compiled | HF | matmuls "
+                "| whole call vs HF: ours | compiled | compiled vs HF compiled | same tokens |",
+                "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in res["generation"]:
+            same = r["greedy_identical"] and r.get("compiled_identical", True) and r.get("hf_compiled_identical", True)
+            out.append(f"| {r['model']} | {r['batch']} | {r['prompt']} | {r['new']} | {1e3 * r['ours_prefill_s']:.1f} / "
+                       f"{1e3 * r['hf_prefill_s']:.1f} | {r['ours_step_ms']:.2f} | {r.get('compiled_step_ms', float('nan')):.2f} "
+                       f"| {r['hf_step_ms']:.2f} | {r['matmul_ms']:.2f} | {r['speedup']:.2f}x | "
+                       f"{r.get('compiled_speedup', float('nan')):.2f}x | {r.get('compiled_vs_hf_compiled', float('nan')):.2f}x "
+                       f"| {same} |")
+        out.append("")
+    if res.get("logprobs"):
+        out += ["| vocab | seq | ours ms | ours extra GiB | ours max err | plain ms | plain extra GiB | plain max err "
+                "| ours / plain time | ours / plain memory |", "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in res["logprobs"]:
+            def cells(x):
+                if "error" in x:
+                    return f"{x['error']} | | "
+                return f"{1e3 * x['seconds']:.0f} | {x['peak_bytes'] / 2 ** 30:.2f} | {x['max_abs_err']:.1e}"
+            ratio = f"{1 / r['speedup']:.2f} | {r['memory_ratio']:.3f}" if "speedup" in r else " | "
+            out.append(f"| {r['vocab']} | {r['seq']} | {cells(r['ours'])} | {cells(r['plain'])} | {ratio} |")
+        out.append("")
+    if res.get("iteration"):
+        it = res["iteration"]
+        out.append(f"Rollout sampling (s): {it[0]['sampling']}")
+        steps = it[1:]
+        if steps:
+            mean = {k: float(np.mean([s[k] for s in steps])) for k in steps[0]}
+            out += ["", "| part | seconds (mean of %d) | share |" % len(steps), "|---|---|---|"]
+            out += [f"| {k} | {v:.2f} | {v / mean['total']:.0%} |" for k, v in mean.items() if k != "total"]
+            out.append(f"| whole step | {mean['total']:.2f} | |")
+    return "\n".join(out)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="Benchmarks of generation, log-probs and one CoARS iteration.")
     p.add_argument("--only", choices=["gen", "logprob", "iter"], action="append",
@@ -389,7 +450,14 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="small sizes (a smoke test)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default="", help="also write every number to this JSON file")
+    p.add_argument("--table", default="", help="print the README's tables from a saved --out file, run nothing")
     a = p.parse_args(argv)
+    if a.table:
+        try:
+            print(markdown(json.loads(Path(a.table).read_text())))
+        except (OSError, ValueError, KeyError) as e:
+            sys.exit(f"error: {a.table} is not a file written by bench.py --out ({type(e).__name__}: {e}).")
+        return
     parts = a.only or ["gen", "logprob", "iter"]
     dev = a.device
     print(f"machine: {machine()}; device {dev}")
@@ -411,9 +479,10 @@ def main(argv=None):
             res["logprobs"] = bench_logprobs([4096], [64], B=2, C=64, device=dev)
         elif dev == "cuda":
             res["logprobs"] = bench_logprobs([4096, 50257, 151936], [512, 2048], device=dev)
-        else:  # on 2 CPU cores a 152k x 16k-row case takes minutes per pass: sequence 2048 at 4k only
+        else:  # on 2 CPU cores a 152k x 16k-row case takes minutes per pass
             res["logprobs"] = bench_logprobs([4096], [512, 2048], device=dev) + \
-                bench_logprobs([50257, 151936], [512], device=dev)
+                bench_logprobs([50257, 151936], [512], device=dev) + \
+                bench_logprobs([151936], [2048], device=dev)          # ours alone: plain needs ~28 GiB
     if "iter" in parts:
         print("3. one CoARS iteration on the built-in model (default size, batch 48, T_max 5)")
         res["iteration"] = bench_iteration(batch=8 if a.quick else 48, steps=1 if a.quick else 3, device=dev)
