@@ -225,7 +225,7 @@ def test_peer_signal_q():
 def _scripted_generate(rec_item_index, action, score):
     """A stand-in for model.generate that writes fixed valid messages (to test the loop alone)."""
     def fake(model, prompts, max_new, pad_id, stop_ids=(), temperature=1.0, generator=None, device="cpu", allowed=None,
-             keys=None):
+             keys=None, compile=False):
         tok = fake.tok
         outs = []
         for p in prompts:
@@ -1053,6 +1053,25 @@ def test_bench_gpt_neox_copy_matches_the_builtin_gpt():
     assert out == ref[:, 20:].tolist()
 
 
+def test_bench_quick_run_and_its_tables(tmp_path, capsys):
+    """bench.py --quick --only gen (ours eager and compiled, Hugging Face eager and compiled, all
+    giving the same greedy tokens), then --table on its saved numbers; a bad file is one sentence."""
+    import bench
+    out = tmp_path / "b.json"
+    bench.main(["--quick", "--only", "gen", "--out", str(out)])
+    rows = json.loads(out.read_text())["generation"]
+    assert len(rows) == 2 and all(r["greedy_identical"] and r["compiled_identical"] and r["hf_compiled_identical"]
+                                  for r in rows)
+    assert all(r["ours_s"] > r["ours_prefill_s"] > 0 and r["compiled_step_ms"] > 0 for r in rows)
+    capsys.readouterr()
+    bench.main(["--table", str(out)])
+    table = capsys.readouterr().out
+    assert table.count("| tiny | ") == 2 and table.count("| True |") == 2
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(SystemExit, match="is not a file written by bench.py --out"):
+        bench.main(["--table", str(tmp_path / "bad.json")])
+
+
 # --------------------------------------------------------------------------------------------------
 # The experiment suite, and looking at conversations
 
@@ -1348,7 +1367,7 @@ def test_hf_model_runs_the_whole_pipeline(synth, tmp_path, tiny_hf, capsys, monk
     real_generate = env.generate
 
     def scripted(model, prompts, max_new, pad_id, stop_ids=(), temperature=1.0, generator=None, device="cpu",
-                 allowed=None, keys=None):
+                 allowed=None, keys=None, compile=False):
         tok = scripted.tok
         outs = []
         for p, k in zip(prompts, keys or [0] * len(prompts)):
