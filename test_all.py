@@ -285,6 +285,10 @@ def test_kv_cache_generation_matches_no_cache_reference():
     assert len({tuple(x) for x in a}) > 1          # the outputs depend on the prompt
     # each row alone gives the same tokens as in the batch (left padding is invisible)
     assert [generate(m, [p], 12, tok.pad_id, stop_ids=(tok.end_id,), temperature=0)[0] for p in prompts] == a
+    # in bf16 too (the decode step's attention is float32 whatever the weights' dtype)
+    mb = m.to(torch.bfloat16)
+    assert generate(mb, prompts, 12, tok.pad_id, temperature=0) == generate_nocache(mb, prompts, 12, tok.pad_id,
+                                                                                   temperature=0)
 
 
 @functools.lru_cache(maxsize=None)
