@@ -95,7 +95,8 @@ class Config:
     grad_checkpointing: bool = False
     """recompute a Hugging Face model's activations in the backward pass (less memory, ~30% more time)"""
     compile: bool = False
-    """run the built-in GPT's decode steps in rollouts through torch.compile (same tokens; ~15 s to compile)"""
+    """run the built-in GPT's decode steps in rollouts through torch.compile (same tokens; 15-30 s to compile; no gain
+    measured on CPU with the default short messages, see README Benchmarks)"""
     warmup_steps: int = 0
     """supervised warm-up steps of the adapters on scripted dialogues before CoARS (for --model; 0 = none)"""
     n_layer: int = 4
