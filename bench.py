@@ -4,9 +4,10 @@ per-token log-probs (teacher and student passes). A file of its own because it i
 method: it measures model.py's fast paths against what people would use instead, in one process,
 and prints ratios.
 
-    python bench.py                    # everything (about 30 min on 2 CPU cores)
+    python bench.py                    # everything (about 45 min on 2 CPU cores)
     python bench.py --only gen         # one part: gen, logprob, iter
     python bench.py --quick            # small sizes, for a smoke test
+    python bench.py --table f.json     # the README's tables from a run saved with --out f.json
 
 1. Generation: model.generate (static KV cache, left padding, head on the last position only),
    eager and with its decode steps through torch.compile (compile=True), against Hugging Face

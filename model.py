@@ -8,7 +8,9 @@ What is here:
   - LoRA: two named adapters, "rec" (RecAgent) and "user" (UserAgent), on one frozen base. Each
     agent is the base plus its own adapter; with no adapter active the model is the base.
   - generate(): batched sampling with a static KV cache, left-padded prompts, temperature and stop
-    tokens. Its plain reference is generate_nocache() (the test checks they agree token for token).
+    tokens. Its decode step (GPT.decode) has fixed shapes, so it can run through torch.compile
+    (compile=True). Its plain reference is generate_nocache() (the tests check they agree token
+    for token, compiled or not).
   - token_logprobs(): per-token log-probs of given completion tokens, the quantity every loss in
     CoARS needs (Eq. 10-12). The output head runs only on the scored positions and the
     log-sum-exp is taken in row chunks with a hand-written backward, so no float32
