@@ -126,11 +126,10 @@ def to_gpt_neox(model: GPT):
     return hf.to(model.wte.weight.device, model.wte.weight.dtype).eval()
 
 
-def bench_generation(sizes, batches, prompt_lens, news=(32,), device="cpu", dtype=torch.float32, repeat=2,
-                     compiled=True):
-    """Whole generate() calls, ours eager, ours with compiled decode steps, and Hugging Face's, on
-    the same weights; then the same calls with 1 new token (the prefill), so that one decode step
-    is (whole - prefill) / (new - 1)."""
+def bench_generation(sizes, batches, prompt_lens, news=(32,), device="cpu", dtype=torch.float32, repeat=2):
+    """Whole generate() calls, ours eager and with compiled decode steps, Hugging Face's eager and
+    compiled, on the same weights; then the eager calls with 1 new token (the prefill), so that one
+    decode step is (whole - prefill) / (new - 1)."""
     rows = []
     for name, (L, H, C) in sizes.items():
         torch.manual_seed(0)
@@ -160,26 +159,23 @@ def bench_generation(sizes, batches, prompt_lens, news=(32,), device="cpu", dtyp
                             del hf.forward                   # back to the class's (eager) forward
                     r = dict(model=name, batch=B, prompt=P, new=new)
                     torch._dynamo.reset()   # each case compiles afresh (no recompile limit, no dynamic shapes)
-                    fns = dict(ours=ours, hf=theirs, ours_prefill=lambda: ours(1), hf_prefill=lambda: theirs(1))
-                    if compiled:
-                        fns.update(compiled=lambda: ours(compile=True), hf_compiled=theirs_compiled)
+                    fns = dict(ours=ours, hf=theirs, ours_prefill=lambda: ours(1), hf_prefill=lambda: theirs(1),
+                               compiled=lambda: ours(compile=True), hf_compiled=theirs_compiled)
                     with torch.no_grad():
                         out = ours()
                         r["greedy_identical"] = out == theirs()[:, P:].tolist()
-                        if compiled:             # these calls also compile
-                            r["compiled_identical"] = ours(compile=True) == out
-                            r["hf_compiled_identical"] = theirs_compiled()[:, P:].tolist() == out
+                        r["compiled_identical"] = ours(compile=True) == out          # these two calls also compile
+                        r["hf_compiled_identical"] = theirs_compiled()[:, P:].tolist() == out
                         r.update({f"{k}_s": v for k, v in race(fns, device, repeat, budget_s=12.0).items()})
                         r["matmul_ms"] = 1e3 * matmul_floor(model, B, device, dtype)
-                    for k in ("ours", "hf") + (("compiled",) if compiled else ()):
+                    for k in ("ours", "hf", "compiled"):
                         prefill = r["hf_prefill_s" if k == "hf" else "ours_prefill_s"]
                         r[f"{k}_tok_s"] = B * new / r[f"{k}_s"]
                         r[f"{k}_step_ms"] = 1e3 * max(r[f"{k}_s"] - prefill, 0.0) / (new - 1)
                     r["speedup"] = r["hf_s"] / r["ours_s"]
-                    if compiled:
-                        r["compiled_speedup"] = r["hf_s"] / r["compiled_s"]
-                        r["hf_compiled_tok_s"] = B * new / r["hf_compiled_s"]
-                        r["compiled_vs_hf_compiled"] = r["hf_compiled_s"] / r["compiled_s"]
+                    r["compiled_speedup"] = r["hf_s"] / r["compiled_s"]
+                    r["hf_compiled_tok_s"] = B * new / r["hf_compiled_s"]
+                    r["compiled_vs_hf_compiled"] = r["hf_compiled_s"] / r["compiled_s"]
                     rows.append(r)
                     print(fmt_gen(r), flush=True)
     return rows
@@ -206,7 +202,7 @@ def fmt_gen(r):
     c = (f" | compiled {r['compiled_tok_s']:7.0f} tok/s x{r['compiled_speedup']:.2f}, step "
          f"{r['compiled_step_ms']:.2f} ms, same tokens: {r['compiled_identical']} | HF static cache + compiled "
          f"forward {r['hf_compiled_tok_s']:7.0f} tok/s (ours compiled x{r['compiled_vs_hf_compiled']:.2f}), same "
-         f"tokens: {r['hf_compiled_identical']}") if "compiled_s" in r else ""
+         f"tokens: {r['hf_compiled_identical']}")
     return (f"  gen {r['model']:<10} B={r['batch']:<3} P={r['prompt']:<4} new={r['new']:<4} prefill ours "
             f"{1e3 * r['ours_prefill_s']:.1f} / HF {1e3 * r['hf_prefill_s']:.1f} ms | ours {r['ours_tok_s']:7.0f} "
             f"tok/s x{r['speedup']:.2f}, step {r['ours_step_ms']:.2f} ms | HF {r['hf_tok_s']:7.0f} tok/s, step "
@@ -403,9 +399,6 @@ def bench_iteration(batch=48, steps=3, device="cpu"):
 # --------------------------------------------------------------------------------------------------
 
 
-# --------------------------------------------------------------------------------------------------
-
-
 def markdown(res):
     """The README's tables from a saved --out file (so a run on another machine can be pasted in)."""
     out = [f"Machine: {res['machine']}; device {res['device']}.", ""]
@@ -414,12 +407,11 @@ def markdown(res):
                 "| whole call vs HF: ours | compiled | compiled vs HF compiled | same tokens |",
                 "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in res["generation"]:
-            same = r["greedy_identical"] and r.get("compiled_identical", True) and r.get("hf_compiled_identical", True)
+            same = r["greedy_identical"] and r["compiled_identical"] and r["hf_compiled_identical"]
             out.append(f"| {r['model']} | {r['batch']} | {r['prompt']} | {r['new']} | {1e3 * r['ours_prefill_s']:.1f} / "
-                       f"{1e3 * r['hf_prefill_s']:.1f} | {r['ours_step_ms']:.2f} | {r.get('compiled_step_ms', float('nan')):.2f} "
+                       f"{1e3 * r['hf_prefill_s']:.1f} | {r['ours_step_ms']:.2f} | {r['compiled_step_ms']:.2f} "
                        f"| {r['hf_step_ms']:.2f} | {r['matmul_ms']:.2f} | {r['speedup']:.2f}x | "
-                       f"{r.get('compiled_speedup', float('nan')):.2f}x | {r.get('compiled_vs_hf_compiled', float('nan')):.2f}x "
-                       f"| {same} |")
+                       f"{r['compiled_speedup']:.2f}x | {r['compiled_vs_hf_compiled']:.2f}x | {same} |")
         out.append("")
     if res.get("logprobs"):
         out += ["| vocab | seq | ours ms | ours extra GiB | ours max err | plain ms | plain extra GiB | plain max err "
