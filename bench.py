@@ -9,7 +9,7 @@ and prints ratios.
     python bench.py --quick            # small sizes, for a smoke test
     python bench.py --table f.json     # the README's tables from a run saved with --out f.json
 
-1. Generation: model.generate (static KV cache, left padding, head on the last position only),
+1. Generation: sampling.generate (static KV cache, left padding, head on the last position only),
    eager and with its decode steps through torch.compile (compile=True), against Hugging Face
    `generate` on the same weights, eager and with a static cache and its forward compiled (the
    library's own fast path). Each case is also run with 1 new token, which is the prefill
@@ -45,7 +45,8 @@ import torch
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 
-from model import GPT, GPTConfig, generate, logprobs_of  # noqa: E402
+from model import GPT, GPTConfig, logprobs_of  # noqa: E402
+from sampling import generate  # noqa: E402
 
 
 def machine():

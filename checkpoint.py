@@ -21,7 +21,7 @@ import torch
 from env import Trajectory, Turn
 
 CKPT_NAMES = ("ckpt.pt", "ckpt.prev.pt")
-CKPT_FORMAT = 2           # 2: sampling is keyed per episode (model.sample_next); no torch generator state
+CKPT_FORMAT = 2           # 2: sampling is keyed per episode (sampling.sample_next); no torch generator state
 
 
 class Stopped(Exception):

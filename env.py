@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from model import generate, hash32
+from sampling import generate, hash32
 
 ACTION_RANGE = {"dislike": (0.0, 0.25), "skip": (0.25, 0.5), "star": (0.5, 0.75), "click": (0.75, 1.0)}
 POSITIVE = ("click", "star")
@@ -84,7 +84,7 @@ class Trajectory:
     prior: int
     turns: list = field(default_factory=list)
     done: bool = False
-    key: int = 0                  # sampling key of the episode (model.sample_next): its draws depend on it alone
+    key: int = 0                  # sampling key of the episode (sampling.sample_next): its draws depend on it alone
 
     @property
     def final_item(self):
@@ -237,7 +237,7 @@ def rollout(model, tok, data, trajs, t_max=5, temperature=1.0, generator=None, d
     batched generate per agent per turn); finished ones drop out. Trajectories are filled in place
     and returned. Sampling is keyed by each trajectory's `key` (so an episode is the same in any
     batch); a torch `generator` instead draws for the whole batch at once. compile: generate's
-    decode steps through torch.compile (model.decoder)."""
+    decode steps through torch.compile (sampling.decoder)."""
     for _ in range(t_max):
         live = [tr for tr in trajs if not tr.done]
         if not live:

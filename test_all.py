@@ -31,13 +31,14 @@ import distill  # noqa: E402
 import env  # noqa: E402
 import hf  # noqa: E402
 import model as model_mod  # noqa: E402
+import sampling  # noqa: E402
 import eval as ev  # noqa: E402
 import reward  # noqa: E402
 from data.prepare import DataConfig, DataError, prepare  # noqa: E402
 from data.sasrec import SASRecConfig  # noqa: E402
 from data.synthetic import make_ml1m_zip  # noqa: E402
-from model import (GPT, GPTConfig, Tokenizer, generate, generate_nocache, logprobs_of,  # noqa: E402
-                   token_logprobs, token_logprobs_reference)
+from model import GPT, GPTConfig, Tokenizer, logprobs_of, token_logprobs, token_logprobs_reference  # noqa: E402
+from sampling import generate, generate_nocache  # noqa: E402
 
 
 # --------------------------------------------------------------------------------------------------
@@ -224,7 +225,7 @@ def test_peer_signal_q():
 
 
 def _scripted_generate(rec_item_index, action, score):
-    """A stand-in for model.generate that writes fixed valid messages (to test the loop alone)."""
+    """A stand-in for sampling.generate that writes fixed valid messages (to test the loop alone)."""
     def fake(model, prompts, max_new, pad_id, stop_ids=(), temperature=1.0, generator=None, device="cpu", allowed=None,
              keys=None, compile=False):
         tok = fake.tok
@@ -1153,9 +1154,8 @@ def test_show_and_interactive_on_a_run(synth, tmp_path, capsys, monkeypatch):
     assert sum(len(t.turns) for t in trajs) == text.count("RecAgent:") and "rewards: Rec" in text
     # the RecAgent of so short a run writes invalid messages: let it name candidate 3, so that the
     # person is asked (the dialogue logic is what is tested here)
-    import model as model_module
     _, _, tok, _ = train.load_run(tmp_path / "o" / "r")
-    monkeypatch.setattr(model_module, "generate", lambda m, prompts, *a, **k: [
+    monkeypatch.setattr(sampling, "generate", lambda m, prompts, *a, **k: [
         [tok.slot(3), tok.sp("why"), tok.item(0), tok.end_id] for _ in prompts])
     answers = iter(["maybe", "click", "2", "0.9", "1"] * 10)
     said = []
@@ -1212,14 +1212,14 @@ def test_base_pretrained_with_other_options_is_pretrained_again(data, tmp_path):
 
 def test_keyed_sampling_follows_softmax_and_ignores_the_batch():
     logits = torch.tensor([[0.0, 1.0, 2.0, -1.0]]).repeat(40000, 1)
-    t = model_mod.sample_next(logits, 1.0, keys=torch.arange(40000), step=3)
+    t = sampling.sample_next(logits, 1.0, keys=torch.arange(40000), step=3)
     freq = torch.bincount(t, minlength=4).float() / len(t)
     assert torch.allclose(freq, torch.softmax(logits[0], 0), atol=0.01)          # the right distribution
-    t2 = model_mod.sample_next(logits, 1.0, keys=torch.arange(40000), step=4)
+    t2 = sampling.sample_next(logits, 1.0, keys=torch.arange(40000), step=4)
     assert (t != t2).float().mean() > 0.3                                          # steps draw anew
     masked = logits.clone()
     masked[:, 2] = float("-inf")
-    assert not (model_mod.sample_next(masked, 1.0, keys=torch.arange(40000), step=3) == 2).any()  # never p = 0
+    assert not (sampling.sample_next(masked, 1.0, keys=torch.arange(40000), step=3) == 2).any()  # never p = 0
     tok = Tokenizer(40)
     m = tiny_model(tok.vocab_size).eval()
     rng = np.random.default_rng(1)

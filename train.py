@@ -22,7 +22,7 @@ This is the REINFORCE-style objective of the paper (no PPO ratio, no KL, no grou
 see distill.py for the one optional extension.
 
 Several processes (torchrun, distributed.py): each rank rolls out its share of the batch and the
-adapters' gradients are summed over ranks; with keyed sampling (model.sample_next) the run equals
+adapters' gradients are summed over ranks; with keyed sampling (sampling.sample_next) the run equals
 a single-process one (the test checks it). Rank 0 alone prepares the data first, pretrains the
 base, logs, evaluates and writes checkpoints. Checkpoints, resumption and stops: checkpoint.py.
 """
@@ -50,7 +50,8 @@ from distill import ReferenceBuffer, coars_loss
 from distributed import all_gather, device_of, all_reduce_grads, barrier, dist_info, init_distributed, merge_stats
 from env import new_trajectory, rollout
 from eval import evaluate, results_table, run_ars, write_results
-from model import CompileError, Tokenizer
+from model import Tokenizer
+from sampling import CompileError
 from pretrain import autocast, build_model, freeze, stage1, warmup  # noqa: F401  (build_model, freeze: suite.py)
 
 
@@ -346,7 +347,7 @@ def stage2(cfg, model, tok, data, device, run_dir, log, ck=None):
     for step in bar:
         t0 = time.time()
         rows = rng.integers(0, len(data.train_user), cfg.batch)
-        keys = rng.integers(0, 1 << 31, cfg.batch)        # each episode's sampling key (model.sample_next)
+        keys = rng.integers(0, 1 << 31, cfg.batch)        # each episode's sampling key (sampling.sample_next)
         trajs, micro = rollout_with_retry(model, tok, data, rows[share], keys[share], cfg, device, micro, log)
         t1 = time.time()
         rec = dict(stage=2, step=step)
