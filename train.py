@@ -28,21 +28,18 @@ base, logs, evaluates and writes checkpoints. Checkpoints, resumption and stops:
 """
 
 import argparse
-import ast
 import dataclasses
-import inspect
 import json
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from data.prepare import DataConfig, DataError, SOURCES, is_custom, prepare, probe_writable
-from data.sasrec import SASRecConfig
+from config import Config, UserError, add_config_args, config_from, lora_targets, loss_group, validate
+from data.prepare import DataError, prepare, probe_writable
 from checkpoint import (CKPT_NAMES, FAULTS, STOP, BadSteps, Stopped, buffer_state, check_bad_streak,  # noqa: F401
                         data_fingerprint, finite, load_checkpoint, log_jsonl, metrics_lines, rng_state,
                         save_checkpoint, set_buffer_state, set_rng_state, truncate_metrics)
@@ -55,207 +52,10 @@ from sampling import CompileError
 from pretrain import autocast, build_model, freeze, stage1, warmup  # noqa: F401  (build_model, freeze: suite.py)
 
 
-class UserError(Exception):
-    """A wrong option or unusable input; the message is one sentence for the user."""
-
-
-@dataclass
-class Config:
-    # ---- data ----
-    dataset: str = "ml-latest-small"
-    """ml-1m, ml-100k, ml-latest-small, lastfm, instruments, or the path of a folder in the custom format (README)"""
-    data_dir: str = str(Path(__file__).resolve().parent / "data")
-    """folder for downloads and processed caches"""
-    data_url: str = ""
-    """address of the raw dataset file ('' = official; file:// works; a local folder of extracted files is read in place)"""
-    data_sha256: str = ""
-    """expected sha256 of the raw file ('' = the official file's where published, 'none' = skip the check)"""
-    candidates: str = "sasrec"
-    """candidate lists: 'sasrec' (PAPER.md default) or 'random' (AFL / LLaRA protocol)"""
-    sasrec_epochs: int = 20
-    """SASRec training epochs"""
-    # ---- run ----
-    out_dir: str = "out"
-    """runs are written to out_dir/run_name"""
-    run_name: str = ""
-    """run folder name ('' = the dataset name)"""
-    device: str = "auto"
-    """'cpu', 'cuda' or 'auto' (cuda when available)"""
-    seed: int = 0
-    """seed for data, initialisation, sampling and bootstrap"""
-    stage2_seed: int = -1
-    """seed of stage 2 alone (adapter initialisation, training samples, rollouts; -1 = --seed): seeds
-    over a fixed dataset and base"""
-    # ---- the language model ----
-    model: str = ""
-    """'' = the built-in GPT; else a Hugging Face chat model: hub id, local folder, .gguf file, or the shortcut
-    smollm2-135m (hf.py)"""
-    lora_targets: str = ""
-    """comma-separated names of the linear layers that get LoRA ('' = the model's default: qkv,proj,fc,fc2 for
-    the built-in GPT, q_proj,v_proj,gate_proj,up_proj,down_proj for a Hugging Face model)"""
-    grad_checkpointing: bool = False
-    """recompute a Hugging Face model's activations in the backward pass (less memory, ~30% more time)"""
-    compile: bool = False
-    """run the built-in GPT's decode steps in rollouts through torch.compile (same tokens; 15-30 s to compile; no gain
-    measured on CPU with the default short messages, see README Benchmarks)"""
-    warmup_steps: int = 0
-    """supervised warm-up steps of the adapters on scripted dialogues before CoARS (for --model; 0 = none)"""
-    n_layer: int = 4
-    """transformer blocks of the built-in GPT"""
-    n_head: int = 4
-    """attention heads"""
-    n_embd: int = 128
-    """width"""
-    # ---- stage 1: pretraining the base [ours] ----
-    pretrain_steps: int = 2000
-    """optimiser steps of stage 1 (0 = skip: only sensible with a base from an earlier run)"""
-    pretrain_batch: int = 48
-    """documents per stage-1 step"""
-    pretrain_lr: float = 3e-3
-    """peak learning rate of stage 1 (cosine decay to 10%), and the learning rate of the warm-up"""
-    p_target: float = 0.34
-    """scripted RecAgent without a reference: prob. of naming the true next item"""
-    p_prior: float = 0.33
-    """scripted RecAgent without a reference: prob. of naming the SASRec prior (else uniform)"""
-    p_reference: float = 0.5
-    """fraction of scripted dialogues whose prompt carries a hindsight reference"""
-    # ---- stage 2: CoARS ----
-    steps: int = 100
-    """CoARS optimiser steps"""
-    batch: int = 48
-    """episodes per CoARS step"""
-    lr: float = 5e-4
-    """adapter learning rate (Adam)"""
-    loss_batch: int = 0
-    """messages per teacher / student pass, back-propagated group by group to bound memory (0 = 32 for the
-    built-in GPT, 4 for a Hugging Face model: one SmolLM2-135M step on a CPU peaked at 19.4 GB with 32, 5.2 GB with 4)"""
-    lora_r: int = 8
-    """LoRA rank"""
-    lora_alpha: float = 16.0
-    """LoRA scale numerator (scale = alpha / r)"""
-    t_max: int = 5
-    """turn limit T_max [ours: 5]"""
-    temperature: float = 1.0
-    """sampling temperature of training rollouts (evaluation is greedy)"""
-    lam: float = 0.1
-    """lambda, weight of the token credit (Eq. 11-12; 0 = no self-distillation)"""
-    alpha: float = 0.1
-    """alpha, weight of the peer signal in Eq. 8"""
-    stage_gamma: float = -1.0
-    """D_t = stage_gamma^(t-1) in Eq. 7; negative = D_t = 1 [ours]"""
-    use_filter: bool = True
-    """leave out turns with a wrong item that the user met positively"""
-    reward_mode: str = "interaction"
-    """'interaction' (Eq. 7-8) or 'outcome' (final hit only, the ablation/baseline)"""
-    train_rec: bool = True
-    """train the RecAgent adapter"""
-    train_user: bool = True
-    """train the UserAgent adapter (off = 'without user co-evolution')"""
-    baseline: str = "none"
-    """'none' (paper) or 'mean': subtract the batch-mean reward [ours, extension]"""
-    grad_clip: float = 1.0
-    """clip the adapters' gradient norm"""
-    # ---- evaluation ----
-    eval_every: int = 40
-    """validation Hit@1 every this many CoARS steps (0 = never)"""
-    eval_valid_n: int = 200
-    """validation samples for the Hit@1 curve during stage 2"""
-    eval_test_n: int = 0
-    """final evaluation on this many test samples, a fixed random subset (0 = all)"""
-    n_boot: int = 1000
-    """bootstrap resamples for the intervals"""
-    skip_eval: bool = False
-    """do not run the final test evaluation"""
-    # ---- surviving long runs ----
-    resume: bool = False
-    """continue the run in out_dir/run_name from its last checkpoint"""
-    ckpt_every: int = 50
-    """write a checkpoint every this many steps of either stage (0 = only at the end and on a stop)"""
-    max_bad_steps: int = 3
-    """stop after this many non-finite losses or gradients in a row (each one is skipped)"""
-    rollout_batch: int = 0
-    """rollout micro-batch (0 = the whole batch); halved on a GPU out-of-memory error"""
-
-    def data_config(self):
-        return DataConfig(dataset=self.dataset, data_dir=self.data_dir, data_url=self.data_url,
-                          data_sha256=self.data_sha256, candidates=self.candidates, seed=self.seed,
-                          sasrec=SASRecConfig(epochs=self.sasrec_epochs))
-
-    def run_dir(self):
-        return Path(self.out_dir) / (self.run_name or Path(self.dataset).name)
-
-
-def field_docs(cls):
-    """The docstring under each dataclass field, for --help (one source of truth for the defaults)."""
-    body = ast.parse(inspect.getsource(cls)).body[0].body
-    return {a.target.id: b.value.value for a, b in zip(body, body[1:])
-            if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant)}
-
-
-def add_config_args(p: argparse.ArgumentParser, defaults=None):
-    """One flag per Config field, documented by the field's docstring (defaults may be overridden)."""
-    docs = {k: v.replace("%", "%%") for k, v in field_docs(Config).items()}     # argparse formats help with %
-    for f in dataclasses.fields(Config):
-        flag = "--" + f.name.replace("_", "-")
-        default = (defaults or {}).get(f.name, f.default)
-        if f.type is bool or f.type == "bool":
-            p.add_argument(flag, default=default, action=argparse.BooleanOptionalAction, help=docs.get(f.name))
-        else:
-            p.add_argument(flag, default=default, type=type(f.default), help=f"{docs.get(f.name)} (default: %(default)s)")
-
-
-def config_from(ns) -> Config:
-    names = {f.name for f in dataclasses.fields(Config)}
-    return Config(**{k: v for k, v in vars(ns).items() if k in names})
-
-
 def parse_args(argv=None) -> Config:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(p)
     return config_from(p.parse_args(argv))
-
-
-def validate(cfg: Config):
-    """Refuse impossible options before any work starts, one sentence each."""
-    checks = [
-        (cfg.dataset in SOURCES or is_custom(cfg.dataset), f"unknown dataset {cfg.dataset!r}: choose one of "
-                                                         f"{', '.join(sorted(SOURCES))}, or a folder path."),
-        (cfg.candidates in ("sasrec", "random"), "--candidates must be 'sasrec' or 'random'."),
-        (cfg.reward_mode in ("interaction", "outcome"), "--reward-mode must be 'interaction' or 'outcome'."),
-        (cfg.baseline in ("none", "mean"), "--baseline must be 'none' or 'mean'."),
-        (cfg.device in ("auto", "cpu", "cuda") or cfg.device.startswith("cuda:"), "--device must be auto, cpu or cuda."),
-        (not cfg.device.startswith("cuda") or torch.cuda.is_available(), "--device cuda was asked for but no GPU is visible; use --device cpu."),
-        (cfg.t_max >= 1, "--t-max must be at least 1."),
-        (cfg.steps >= 0 and cfg.pretrain_steps >= 0, "--steps and --pretrain-steps cannot be negative."),
-        (cfg.batch >= 1 and cfg.pretrain_batch >= 1, "--batch and --pretrain-batch must be at least 1."),
-        (cfg.lam >= 0, "--lam must be >= 0."),
-        (0 <= cfg.alpha <= 1, "--alpha must be in [0, 1] (Eq. 8)."),
-        (cfg.temperature > 0, "--temperature must be positive (evaluation is greedy anyway)."),
-        (cfg.n_embd % cfg.n_head == 0, "--n-embd must be a multiple of --n-head."),
-        (0 <= cfg.p_target + cfg.p_prior <= 1, "--p-target + --p-prior must be within [0, 1]."),
-        (cfg.lora_r >= 1, "--lora-r must be at least 1."),
-        (cfg.eval_test_n >= 0 and cfg.eval_valid_n >= 0, "--eval-test-n and --eval-valid-n cannot be negative."),
-        (cfg.eval_every >= 0, "--eval-every cannot be negative (0 = never)."),
-        (cfg.lr > 0 and cfg.pretrain_lr > 0, "--lr and --pretrain-lr must be positive."),
-        (cfg.grad_clip > 0, "--grad-clip must be positive."),
-        (cfg.n_boot >= 1, "--n-boot must be at least 1."),
-        (cfg.ckpt_every >= 0, "--ckpt-every cannot be negative (0 = only at the end and on a stop)."),
-        (cfg.max_bad_steps >= 1, "--max-bad-steps must be at least 1."),
-        (cfg.rollout_batch >= 0, "--rollout-batch cannot be negative (0 = the whole batch)."),
-        (cfg.loss_batch >= 0, "--loss-batch cannot be negative (0 = the backbone's default)."),
-        (cfg.train_rec or cfg.train_user or cfg.steps == 0,
-         "--no-train-rec with --no-train-user leaves nothing to train: drop one, or use --steps 0."),
-        (cfg.n_layer >= 1 and cfg.n_head >= 1 and cfg.n_embd >= 1, "--n-layer, --n-head and --n-embd must be at least 1."),
-        (0 <= cfg.p_reference <= 1, "--p-reference must be within [0, 1]."),
-        (cfg.warmup_steps >= 0, "--warmup-steps cannot be negative."),
-        (not cfg.grad_checkpointing or cfg.model, "--grad-checkpointing applies to a Hugging Face --model only."),
-        (not (cfg.compile and cfg.model), "--compile applies to the built-in model only (not with --model)."),
-        (all(t.strip() for t in cfg.lora_targets.split(",")) or not cfg.lora_targets,
-         "--lora-targets must be comma-separated layer names, e.g. q_proj,v_proj."),
-    ]
-    for ok, msg in checks:
-        if not ok:
-            raise UserError(msg)
 
 
 def check_run_dir(cfg):
@@ -411,16 +211,6 @@ def stage2(cfg, model, tok, data, device, run_dir, log, ck=None):
     if lead:
         save_adapters(model, cfg, run_dir / "coars.pt")
     return model
-
-
-def lora_targets(cfg):
-    """The layer names of --lora-targets, or None for the backbone's default."""
-    return [t.strip() for t in cfg.lora_targets.split(",")] if cfg.lora_targets else None
-
-
-def loss_group(cfg):
-    """Messages per teacher / student pass (--loss-batch; 0 = the backbone's default)."""
-    return cfg.loss_batch or (4 if cfg.model else 32)
 
 
 def adapter_state(model):
