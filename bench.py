@@ -378,7 +378,7 @@ def bench_iteration(batch=48, steps=3, device="cpu"):
         for agent in ("rec", "user"):
             model.set_adapter(agent)
             timing = {}
-            with train.autocast(device):           # as train.py: groups of loss_batch messages
+            with train.autocast(device, cfg.precision):   # as train.py: groups of loss_batch messages
                 coars_loss(model, tok, trajs, buffer, agent, reward_cfg, cfg.lam, "none", device, timing=timing,
                            micro=train.loss_group(cfg), backward=True)
             split["teacher"] += timing.get("teacher_s", 0.0)

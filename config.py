@@ -59,6 +59,9 @@ class Config:
     the built-in GPT, q_proj,v_proj,gate_proj,up_proj,down_proj for a Hugging Face model)"""
     grad_checkpointing: bool = False
     """recompute a Hugging Face model's activations in the backward pass (less memory, ~30% more time)"""
+    precision: str = "auto"
+    """dtype of the training passes (stage 1, warm-up, CoARS losses): 'bf16' autocast, 'fp32', or 'auto' (bf16 on
+    a GPU, fp32 on a CPU, where bf16 measured no faster; see pretrain.autocast)"""
     compile: bool = False
     """run the built-in GPT's decode steps in rollouts through torch.compile (same tokens; 15-30 s to compile; no gain
     measured on CPU with the default short messages, see README Benchmarks)"""
@@ -179,6 +182,7 @@ def validate(cfg: Config):
         (cfg.dataset in SOURCES or is_custom(cfg.dataset), f"unknown dataset {cfg.dataset!r}: choose one of "
                                                          f"{', '.join(sorted(SOURCES))}, or a folder path."),
         (cfg.candidates in ("sasrec", "random"), "--candidates must be 'sasrec' or 'random'."),
+        (cfg.precision in ("auto", "bf16", "fp32"), "--precision must be 'auto', 'bf16' or 'fp32'."),
         (cfg.reward_mode in ("interaction", "outcome"), "--reward-mode must be 'interaction' or 'outcome'."),
         (cfg.baseline in ("none", "mean"), "--baseline must be 'none' or 'mean'."),
         (cfg.device in ("auto", "cpu", "cuda") or cfg.device.startswith("cuda:"), "--device must be auto, cpu or cuda."),

@@ -22,7 +22,7 @@ What is here:
     pipeline on it with HF_HUB_OFFLINE=1.
 
 The base weights are frozen; only the adapters train. Weights are bfloat16 on a GPU and float32 on
-a CPU (bf16 autocast is used for the training passes either way, see train.autocast).
+a CPU (the training passes: bf16 autocast on a GPU, float32 on a CPU; --precision, pretrain.autocast).
 """
 
 import importlib.util

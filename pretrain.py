@@ -88,18 +88,25 @@ def pretrain_doc(data, tok, rng, cfg):
     return [tok.sp("title"), tok.item(item)] + tok.text(title) + [tok.end_id], 2
 
 
-def lm_loss(model, docs, tok, device):
+def lm_loss(model, docs, tok, device, precision="auto"):
     """Mean next-token loss over each document's scored part (head only on those positions)."""
     idx, valid, score = pack([d[:s] for d, s in docs], [d[s:] for d, s in docs], tok.pad_id)
     idx, valid, score = idx.to(device), valid.to(device), score.to(device)
-    with autocast(device):
+    with autocast(device, precision):
         h = model(idx, positions(valid), causal_mask(valid))
     return -logprobs_of(h[score].float(), model.head_weight, idx[:, 1:][score[:, :-1]]).mean()
 
 
-def autocast(device):
-    """bf16 autocast for training passes: ~1.4x faster on CPU, standard on GPU."""
-    return torch.autocast("cuda" if str(device).startswith("cuda") else "cpu", dtype=torch.bfloat16)
+def autocast(device, precision="auto"):
+    """The training passes' dtype (--precision): bf16 autocast, or float32. 'auto' = bf16 on a GPU,
+    float32 on a CPU. Measured on a 2-core AMD EPYC with native bf16 (avx512_bf16): bf16 only 1.06x
+    faster for a stage-1 step, and 4x SLOWER where oneDNN may not use those instructions
+    (ONEDNN_MAX_CPU_ISA=AVX2, as on CPUs without them); an Intel AMX machine measured float32
+    faster. float32 on a CPU also gives the same losses whatever the batch split (torchrun ranks,
+    micro-batches) up to float32 round-off, which bf16 does not (docs/reproducibility.md)."""
+    cuda = str(device).startswith("cuda")
+    on = precision == "bf16" or (precision == "auto" and cuda)
+    return torch.autocast("cuda" if cuda else "cpu", dtype=torch.bfloat16, enabled=on)
 
 
 def stage1_key(cfg, data):
@@ -157,7 +164,7 @@ def stage1(cfg, data, tok, device, run_dir, log, ck=None):
         for g in opt.param_groups:
             g["lr"] = lr
         docs = [pretrain_doc(data, tok, rng, cfg) for _ in range(cfg.pretrain_batch)]
-        loss = FAULTS.loss(lm_loss(model, docs, tok, device), 1, step + 1)
+        loss = FAULTS.loss(lm_loss(model, docs, tok, device, cfg.precision), 1, step + 1)
         opt.zero_grad(set_to_none=True)
         ok = finite(loss)
         if ok:
@@ -206,7 +213,7 @@ def warmup(cfg, model, tok, data, device, log):
         for a in agents:
             model.set_adapter(a)
             docs = [dialogue_doc(data, tok, rng, cfg, a) for _ in range(cfg.pretrain_batch)]
-            loss = lm_loss(model, docs, tok, device)
+            loss = lm_loss(model, docs, tok, device, cfg.precision)
             loss.backward()
             last[a] = loss.item()
         model.set_adapter(None)

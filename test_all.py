@@ -1428,9 +1428,12 @@ def test_hf_model_that_will_not_load_is_one_sentence(synth, tmp_path, tiny_hf):
 
 def test_torchrun_two_processes_match_one(small_run, tmp_path):
     """Same seed, same global batch: 2 ranks (each rolls out half the episodes) give the single
-    process's rollouts, losses, gradient norms and updated adapters (up to bf16 round-off)."""
+    process's rollouts, losses, gradient norms and updated adapters, up to float32 round-off. The
+    passes run in float32 (--precision fp32): bf16 matrix products of half a batch are not those of
+    the whole batch on CPUs with native bf16 (Intel AMX: 1.2% apart), so bf16 could not be held to
+    these tolerances on every machine."""
     args = small_run + ["--out-dir", str(tmp_path), "--steps", "3", "--batch", "6", "--eval-every", "0", "--skip-eval",
-                        "--ckpt-every", "0"]
+                        "--ckpt-every", "0", "--precision", "fp32"]
     r = run(["train.py"] + args + ["--run-name", "one"])
     assert r.returncode == 0, r.stderr[-3000:]
     for name in ("two", "other-seed"):      # the same pretrained base (stage 1 is not what is compared)
@@ -1451,14 +1454,14 @@ def test_torchrun_two_processes_match_one(small_run, tmp_path):
         for k in ("train_hit", "rec_valid", "user_valid", "turns", "rec_messages", "user_messages"):
             assert a[k] == b[k], k                                   # the very same episodes
         for k in ("rec_loss", "user_loss", "rec_reward", "user_reward"):
-            assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), k
-        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=3e-3)
+            assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-7), k
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
 
     def lora_b(name):   # the LoRA B matrices start at zero: their values are the whole update
         ad = torch.load(tmp_path / name / "coars.pt", weights_only=True)["adapters"]
         return torch.cat([v.flatten() for k, v in sorted(ad.items()) if k.endswith(".1.weight")])
     b1, b2, b3 = lora_b("one"), lora_b("two"), lora_b("other-seed")
-    assert float((b1 - b2).abs().mean() / b1.abs().mean()) < 0.02
+    assert float((b1 - b2).abs().mean() / b1.abs().mean()) < 1e-3
     assert float((b1 - b3).abs().mean() / b1.abs().mean()) > 0.3     # the check can tell runs apart
 
 

@@ -156,7 +156,7 @@ def stage2(cfg, model, tok, data, device, run_dir, log, ck=None):
         for agent in agents:
             model.set_adapter(agent)
             timing = {}
-            with autocast(device):                 # back-propagates loss_batch messages at a time
+            with autocast(device, cfg.precision):   # back-propagates loss_batch messages at a time
                 loss, st = coars_loss(model, tok, trajs, buffer, agent, reward_cfg, cfg.lam, cfg.baseline, device,
                                       timing=timing, micro=loss_group(cfg), backward=True, n_episodes=cfg.batch)
             loss = FAULTS.loss(loss, 2, step)
