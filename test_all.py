@@ -962,6 +962,7 @@ def test_out_of_memory_in_rollout_halves_the_micro_batch(small_run, tmp_path, ca
 VALIDATION_RULES = [
     (dict(dataset="ml-2m"), "unknown dataset 'ml-2m'"),
     (dict(candidates="best"), "--candidates must be 'sasrec' or 'random'"),
+    (dict(precision="fp16"), "--precision must be 'auto', 'bf16' or 'fp32'"),
     (dict(reward_mode="best"), "--reward-mode must be 'interaction' or 'outcome'"),
     (dict(baseline="median"), "--baseline must be 'none' or 'mean'"),
     (dict(device="tpu"), "--device must be auto, cpu or cuda"),
