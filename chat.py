@@ -170,7 +170,7 @@ class ChatTokenizer:
     def render_rec(self, traj, t, reference=()):
         lines = ["The user's history, oldest first:"] + self._history(traj)
         lines += ["", f"Candidates ({len(traj.cands)}):"] + [f"{k + 1}. {self.titles[i]}" for k, i in enumerate(traj.cands)]
-        if t == 0:
+        if t == 0 and traj.prior is not None:
             lines += ["", f"A sequential recommender suggests: {self.titles[traj.prior]}"]
         mem = self.memory(traj.turns[:t], for_user=False)
         if mem:

@@ -34,8 +34,9 @@ class Config:
     """address of the raw dataset file ('' = official; file:// works; a local folder of extracted files is read in place)"""
     data_sha256: str = ""
     """expected sha256 of the raw file ('' = the official file's where published, 'none' = skip the check)"""
-    candidates: str = "sasrec"
-    """candidate lists: 'sasrec' (PAPER.md default) or 'random' (AFL / LLaRA protocol)"""
+    candidates: str = "random"
+    """candidate lists: 'random' (target + 19 uniform non-history items, the AFL / LLaRA protocol) or 'sasrec'
+    (SASRec's top 20, the target not forced in; the results print the ceiling)"""
     sasrec_epochs: int = 20
     """SASRec training epochs"""
     # ---- run ----
@@ -74,18 +75,30 @@ class Config:
     n_embd: int = 128
     """width"""
     # ---- stage 1: pretraining the base [ours] ----
-    pretrain_steps: int = 2000
-    """optimiser steps of stage 1 (0 = skip: only sensible with a base from an earlier run)"""
-    pretrain_batch: int = 48
-    """documents per stage-1 step"""
-    pretrain_lr: float = 3e-3
+    pretrain_steps: int = 1000
+    """most optimiser steps of stage 1 (it stops earlier on validation; 0 = skip: only sensible with a base from an
+    earlier run)"""
+    pretrain_batch: int = 32
+    """item-sequence windows per stage-1 step (next-item language modelling, every position scored)"""
+    pretrain_window: int = 50
+    """longest item-sequence window"""
+    pretrain_dialogues: int = 32
+    """scripted dialogue documents per stage-1 step, half per agent (also the warm-up's batch per agent)"""
+    pretrain_lr: float = 2e-3
     """peak learning rate of stage 1 (cosine decay to 10%), and the learning rate of the warm-up"""
-    p_target: float = 0.34
-    """scripted RecAgent without a reference: prob. of naming the true next item"""
-    p_prior: float = 0.33
-    """scripted RecAgent without a reference: prob. of naming the SASRec prior (else uniform)"""
+    pretrain_future: int = 5
+    """the scripted UserAgent also likes the user's next this-many items after the target"""
+    pretrain_eval_every: int = 50
+    """measure validation HR@1 (RecAgent ranking, no hint) every this many stage-1 steps; the best weights are kept
+    (0 = never: the last weights)"""
+    pretrain_patience: int = 4
+    """stop stage 1 after this many validation measurements without improvement (0 = never stop early)"""
+    dropout: float = 0.1
+    """dropout of the built-in GPT in stage 1 (the frozen base runs without it)"""
     p_reference: float = 0.5
     """fraction of scripted dialogues whose prompt carries a hindsight reference"""
+    stage2_last: int = 3
+    """the last this-many training samples of each user are stage 2's; stage 1 never trains on their targets"""
     # ---- stage 2: CoARS ----
     steps: int = 100
     """CoARS optimiser steps"""
@@ -110,6 +123,9 @@ class Config:
     """alpha, weight of the peer signal in Eq. 8"""
     stage_gamma: float = -1.0
     """D_t = stage_gamma^(t-1) in Eq. 7; negative = D_t = 1 [ours]"""
+    free_answer: bool = False
+    """decode the built-in RecAgent's item from the whole vocabulary, a non-candidate being an invalid message (default:
+    among the 20 candidates only, PAPER.md section 5)"""
     use_filter: bool = True
     """leave out turns with a wrong item that the user met positively"""
     reward_mode: str = "interaction"
@@ -194,7 +210,12 @@ def validate(cfg: Config):
         (0 <= cfg.alpha <= 1, "--alpha must be in [0, 1] (Eq. 8)."),
         (cfg.temperature > 0, "--temperature must be positive (evaluation is greedy anyway)."),
         (cfg.n_embd % cfg.n_head == 0, "--n-embd must be a multiple of --n-head."),
-        (0 <= cfg.p_target + cfg.p_prior <= 1, "--p-target + --p-prior must be within [0, 1]."),
+        (cfg.pretrain_window >= 2 and cfg.pretrain_dialogues >= 0 and cfg.pretrain_future >= 0,
+         "--pretrain-window must be at least 2, --pretrain-dialogues and --pretrain-future at least 0."),
+        (cfg.pretrain_eval_every >= 0 and cfg.pretrain_patience >= 0,
+         "--pretrain-eval-every and --pretrain-patience cannot be negative."),
+        (0 <= cfg.dropout < 1, "--dropout must be in [0, 1)."),
+        (cfg.stage2_last >= 1, "--stage2-last must be at least 1."),
         (cfg.lora_r >= 1, "--lora-r must be at least 1."),
         (cfg.eval_test_n >= 0 and cfg.eval_valid_n >= 0, "--eval-test-n and --eval-valid-n cannot be negative."),
         (cfg.eval_every >= 0, "--eval-every cannot be negative (0 = never)."),

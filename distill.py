@@ -5,7 +5,7 @@ Teacher and student are the SAME agent (same base, same adapter, same weights). 
 the normal prompt x_t; the teacher sees x_t plus a hindsight reference d, an earlier trajectory of
 the same training sample rewritten with what is known afterwards:
 
-    <|hind|>  for each of its turns  <|turn|> ITEM <|right|>|<|wrong|> ACTION  then  <|target|> SLOT i* <|/hind|>
+    <|hind|>  for each of its turns  <|turn|> ITEM <|right|>|<|wrong|> ACTION  then  <|target|> i* <|/hind|>
 
 (the true next item, and a templated diagnosis: which recommendation was right or wrong and how
 the user reacted). [ours] d comes from the latest earlier trajectory of this sample (a buffer
@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from env import render_rec, render_user
+from env import answer_choices, render_rec, render_user
 from model import token_logprobs
 from reward import turn_rewards
 
@@ -41,8 +41,8 @@ def hindsight_reference(tok, ref):
             ids.append(tok.sp("invalid"))
         if tr.user_out is not None:
             ids.append(tok.action_ids[tr.action] if tr.user_valid else tok.sp("invalid"))
-    # the answer last: it then stands at a fixed distance before the prompt's <|ans|>
-    return ids + [tok.sp("target"), tok.slot(ref.cands.index(ref.target)), tok.item(ref.target), tok.sp("/hind")]
+    # the answer last, just before the prompt's history
+    return ids + [tok.sp("target"), tok.item(ref.target), tok.sp("/hind")]
 
 
 class ReferenceBuffer:
@@ -81,22 +81,25 @@ def agent_objective(student_lp, rewards, credits, lam=0.1, n_episodes=None, base
     return -total / (n_episodes or len(student_lp))
 
 
-def collect_messages(tok, trajs, buffer, agent, reward_cfg):
-    """Gather one agent's trainable messages: (student prompt, teacher prompt, tokens, R_t)."""
+def collect_messages(tok, trajs, buffer, agent, reward_cfg, free_answer=False):
+    """Gather one agent's trainable messages: (student prompt, teacher prompt, tokens, R_t, first),
+    first = the ids the message's first token was chosen among (the RecAgent's candidates; None =
+    the whole vocabulary), so that teacher and student score it over the policy's own support."""
     out = []
     for traj in trajs:
         rewards = turn_rewards(traj, **reward_cfg)
         ref = hindsight_reference(tok, buffer.reference_for(traj))
+        choices = None if free_answer else answer_choices(tok, traj)
         for t, (tr, (r_rec, r_user)) in enumerate(zip(traj.turns, rewards)):
             if agent == "rec" and r_rec is not None:
-                out.append((tr.rec_prompt, render_rec(tok, traj, t, ref), tr.rec_out, r_rec))
+                out.append((tr.rec_prompt, render_rec(tok, traj, t, ref), tr.rec_out, r_rec, choices))
             if agent == "user" and r_user is not None:
-                out.append((tr.user_prompt, render_user(tok, traj, t, ref), tr.user_out, r_user))
+                out.append((tr.user_prompt, render_user(tok, traj, t, ref), tr.user_out, r_user, None))
     return out
 
 
 def coars_loss(model, tok, trajs, buffer, agent, reward_cfg, lam=0.1, baseline="none", device="cpu", timing=None,
-               micro=0, backward=False, n_episodes=None):
+               micro=0, backward=False, n_episodes=None, free_answer=False):
     """The loss of one agent on a batch of finished trajectories, and its statistics.
 
     The agent's adapter must be active. The teacher pass (reference in the prompt) runs without
@@ -108,8 +111,9 @@ def coars_loss(model, tok, trajs, buffer, agent, reward_cfg, lam=0.1, baseline="
     activations are alive. Eq. 11 / 12 is a sum over messages divided by the number of episodes,
     so the gradient is that of the whole batch (up to the order of floating-point sums); the
     returned loss is then detached. n_episodes: the episodes the expectation is over (default
-    len(trajs); under torchrun the whole batch, of which trajs is this rank's share)."""
-    msgs = collect_messages(tok, trajs, buffer, agent, reward_cfg)
+    len(trajs); under torchrun the whole batch, of which trajs is this rank's share). free_answer:
+    the RecAgent's item was decoded from the whole vocabulary (rollout(free_answer=True))."""
+    msgs = collect_messages(tok, trajs, buffer, agent, reward_cfg, free_answer)
     if not msgs:
         return torch.zeros((), device=device), dict(messages=0)
     rs_all = [m[3] for m in msgs]
@@ -117,12 +121,12 @@ def coars_loss(model, tok, trajs, buffer, agent, reward_cfg, lam=0.1, baseline="
     step = micro if (micro and backward) else len(msgs)
     total, credits, t_teacher, t_student = 0.0, [], 0.0, 0.0
     for s in range(0, len(msgs), step):
-        student_p, teacher_p, ys, rs = zip(*msgs[s:s + step])
+        student_p, teacher_p, ys, rs, first = zip(*msgs[s:s + step])
         t0 = time.perf_counter()
         with torch.no_grad():
-            t_lp = token_logprobs(model, teacher_p, ys, tok.pad_id, device) if lam else None
+            t_lp = token_logprobs(model, teacher_p, ys, tok.pad_id, device, first=first) if lam else None
         t1 = time.perf_counter()
-        s_lp = token_logprobs(model, student_p, ys, tok.pad_id, device)
+        s_lp = token_logprobs(model, student_p, ys, tok.pad_id, device, first=first)
         cr = [token_credit(t, s_) for t, s_ in zip(t_lp, s_lp)] if lam else [torch.zeros_like(x) for x in s_lp]
         # agent_objective divides by n_episodes, so the groups' losses add up to the whole loss
         loss = agent_objective(s_lp, list(rs), cr, lam, n_episodes=n_episodes or len(trajs), baseline=b)

@@ -4,29 +4,26 @@ and the batched loop in which a RecAgent and a UserAgent talk.
 
 Message formats of the built-in model (token level; `tok.decode` shows them as text):
 
-  RecAgent prompt   <|rec|><|hist|>h1..h10<|cands|><|c0|>c0<|c1|>c1..<|c19|>c19[<|prior|><|ck|>]<|mem|>MEMORY[REFERENCE]<|ans|>
-  RecAgent message  SLOT <|why|> RATIONALE <|end|>          e.g. <|c7|><|why|><|item_3|><|end|>
-  UserAgent prompt  <|user|><|hist|>h1..h10<|mem|>MEMORY<|msg|>REC MESSAGE<|peers|>3/5 4.2[REFERENCE]<|ans|>
+  RecAgent prompt   <|rec|><|cands|>c0..c19[<|prior|>p]<|mem|>MEMORY[REFERENCE]<|hist|>h1..h10
+  RecAgent message  ITEM <|why|> RATIONALE <|end|>          e.g. <|item_7|><|why|><|item_3|><|end|>
+  UserAgent prompt  <|user|><|mem|>MEMORY[REFERENCE]<|hist|>h1..h10<|msg|>REC MESSAGE<|peers|>3/5 4.2<|ans|>
   UserAgent message ACTION SCORE <|why|> JUSTIFICATION <|end|>   e.g. <|skip|>0.31<|why|><|item_5|><|end|>
   MEMORY            for each earlier turn: <|turn|> rec message <|msg|> user message (without <|end|>)
   REFERENCE         the hindsight reference d (distill.py), teacher prompts only
 
-[ours] The RecAgent names its item by its slot in the candidate list (<|c7|> = the 8th candidate),
-as a language model answers "option 7". Measured reason: when the built-in 4-layer model had to
-write the item token itself, after 1,800 stage-1 steps it put only 5-45% of its probability on
-the 20 candidates (the rest on popular items it had seen often) and half its greedy answers on
-validation were invalid. A slot is resolved by the environment to the item i_t; the UserAgent,
-who never sees the list, reads the RecAgent's message with the slot replaced by the item token.
-The SASRec prior appears in turn 1 only. The UserAgent never sees the candidates or the target.
-Validity [ours]: a RecAgent message is valid when it is SLOT <|why|> ... <|end|> with SLOT inside
-the list; a UserAgent message when it is ACTION d.dd <|why|> ... <|end|> with the score in
+[ours] The RecAgent names its item by the item's own token, and the RecAgent prompt ENDS with the
+history, so the first answer token is predicted exactly where stage 1's next-item language model
+predicts the item after a history (pretrain.py): the base's knowledge of what users take next is
+the RecAgent's answer distribution. That item is decoded among the episode's 20 candidates only
+(PAPER.md section 5; rollout(free_answer=True) lifts the restriction, and then a non-candidate is
+an invalid message). The SASRec prior appears in turn 1 only (Trajectory.prior None: no hint).
+The UserAgent never sees the candidates or the target.
+Validity [ours]: a RecAgent message is valid when it is ITEM <|why|> ... <|end|> with ITEM among
+the candidates; a UserAgent message when it is ACTION d.dd <|why|> ... <|end|> with the score in
 [0, 1] and inside the action's interval (dislike [0,.25), skip [.25,.5), star [.5,.75),
 click [.75,1]). After an invalid RecAgent message the user has nothing to answer: that turn has no
 user message. The episode ends at the first click or after t_max turns; the final recommendation
 is the last turn's item (None, a miss, if that message was invalid).
-
-The scripted agents at the bottom write the stage-1 pretraining dialogues (train.py): they are how
-the built-in base learns the format, never a part of CoARS itself.
 """
 
 import re
@@ -109,20 +106,11 @@ def _strip_end(tok, ids):
     return [t for t in ids if t != tok.end_id]
 
 
-def rec_message_seen_by_user(tok, tr):
-    """The RecAgent's message as the UserAgent reads it: the slot replaced by the item it names."""
-    return [tok.item(tr.item)] + _strip_end(tok, tr.rec_out[1:])
-
-
-def render_memory(tok, turns, for_user=False):
+def render_memory(tok, turns):
     """M_{t-1}: every earlier (m_rec, m_user), in order."""
     ids = []
     for tr in turns:
-        if not tr.rec_valid:
-            rec = [tok.sp("invalid")]
-        else:
-            rec = rec_message_seen_by_user(tok, tr) if for_user else _strip_end(tok, tr.rec_out)
-        ids += [tok.sp("turn")] + rec
+        ids += [tok.sp("turn")] + (_strip_end(tok, tr.rec_out) if tr.rec_valid else [tok.sp("invalid")])
         if tr.user_out is not None:
             ids += [tok.sp("msg")] + (_strip_end(tok, tr.user_out) if tr.user_valid else [tok.sp("invalid")])
     return ids
@@ -132,25 +120,28 @@ def render_rec(tok, traj, t, reference=()):
     """RecAgent prompt x_t for turn t (0-based) of traj; reference = hindsight tokens (teacher only)."""
     if tok.chat:                  # a Hugging Face model: the natural-language prompt of chat.py
         return tok.render_rec(traj, t, reference)
-    ids = [tok.sp("rec"), tok.sp("hist")] + [tok.item(i) for i in traj.hist]
-    ids += [tok.sp("cands")]
-    for k, i in enumerate(traj.cands):
-        ids += [tok.slot(k), tok.item(i)]
-    if t == 0:
-        ids += [tok.sp("prior"), tok.slot(traj.cands.index(traj.prior))]
-    ids += [tok.sp("mem")] + render_memory(tok, traj.turns[:t])
-    return ids + list(reference) + [tok.sp("ans")]
+    ids = [tok.sp("rec"), tok.sp("cands")] + [tok.item(i) for i in traj.cands]
+    if t == 0 and traj.prior is not None:
+        ids += [tok.sp("prior"), tok.item(traj.prior)]
+    ids += [tok.sp("mem")] + render_memory(tok, traj.turns[:t]) + list(reference)
+    return ids + [tok.sp("hist")] + [tok.item(i) for i in traj.hist]     # the answer's item comes next
 
 
 def render_user(tok, traj, t, reference=()):
-    """UserAgent prompt for turn t: history, memory, the RecAgent's message and peer opinions."""
+    """UserAgent prompt for turn t: memory, history, the RecAgent's message and peer opinions."""
     if tok.chat:
         return tok.render_user(traj, t, reference)
     tr = traj.turns[t]
-    ids = [tok.sp("user"), tok.sp("hist")] + [tok.item(i) for i in traj.hist]
-    ids += [tok.sp("mem")] + render_memory(tok, traj.turns[:t], for_user=True)
-    ids += [tok.sp("msg")] + rec_message_seen_by_user(tok, tr) + [tok.sp("peers")] + tok.text(tr.peer_text)
-    return ids + list(reference) + [tok.sp("ans")]
+    ids = [tok.sp("user"), tok.sp("mem")] + render_memory(tok, traj.turns[:t]) + list(reference)
+    ids += [tok.sp("hist")] + [tok.item(i) for i in traj.hist]
+    ids += [tok.sp("msg")] + _strip_end(tok, tr.rec_out) + [tok.sp("peers")] + tok.text(tr.peer_text)
+    return ids + [tok.sp("ans")]
+
+
+def answer_choices(tok, traj):
+    """The ids the RecAgent's first token is decoded among: the candidates' item tokens (None for a
+    chat model, which writes a title)."""
+    return None if tok.chat else [tok.item(i) for i in traj.cands]
 
 
 def peer_opinion(data, user, item):
@@ -171,13 +162,13 @@ def peer_opinion(data, user, item):
 
 
 def parse_rec(tok, out, cands):
-    """-> item index (cands[slot]) or None (invalid)."""
+    """-> the recommended item index, or None (invalid: malformed, or not a candidate)."""
     if tok.chat:                  # the title is matched to the candidates (chat.match_title)
         return tok.parse_rec(out, cands)
-    if len(out) < 3 or out[-1] != tok.end_id or out[1] != tok.sp("why"):
+    if len(out) < 3 or out[-1] != tok.end_id or out[1] != tok.sp("why") or not tok.is_item(out[0]):
         return None
-    k = tok.slot_of(out[0])
-    return cands[k] if k is not None and k < len(cands) else None
+    item = tok.item_of(out[0])
+    return item if item in cands else None
 
 
 def parse_user(tok, out):
@@ -201,11 +192,11 @@ def parse_user(tok, out):
     return inv[out[0]], score
 
 
-def rec_message(tok, cands, item, rationale):
-    """RecAgent message naming `item` (one of cands), with a history item as its rationale."""
+def rec_message(tok, item, rationale):
+    """RecAgent message naming `item`, with a history item as its rationale."""
     if tok.chat:
         return tok.rec_message(item, rationale)
-    return [tok.slot(cands.index(item)), tok.sp("why"), tok.item(rationale), tok.end_id]
+    return [tok.item(item), tok.sp("why"), tok.item(rationale), tok.end_id]
 
 
 def user_message(tok, action, score, justification):
@@ -232,12 +223,13 @@ def finish_turn(traj, tr, t_max):
 
 @torch.no_grad()
 def rollout(model, tok, data, trajs, t_max=5, temperature=1.0, generator=None, device="cpu",
-            rec_adapter="rec", user_adapter="user", batch=256, compile=False):
+            rec_adapter="rec", user_adapter="user", batch=256, compile=False, free_answer=False):
     """Play every trajectory in trajs to its end. All live episodes take each turn together (one
     batched generate per agent per turn); finished ones drop out. Trajectories are filled in place
     and returned. Sampling is keyed by each trajectory's `key` (so an episode is the same in any
     batch); a torch `generator` instead draws for the whole batch at once. compile: generate's
-    decode steps through torch.compile (sampling.decoder)."""
+    decode steps through torch.compile (sampling.decoder). free_answer: the RecAgent's item is not
+    restricted to the candidates (a non-candidate is then an invalid message)."""
     for _ in range(t_max):
         live = [tr for tr in trajs if not tr.done]
         if not live:
@@ -246,8 +238,9 @@ def rollout(model, tok, data, trajs, t_max=5, temperature=1.0, generator=None, d
         prompts = [render_rec(tok, tr, len(tr.turns)) for tr in live]
         model.set_adapter(rec_adapter)
         keys = [message_key(tr, 0) for tr in live] if generator is None else None
+        first = None if free_answer else [answer_choices(tok, tr) for tr in live]
         outs = generate_all(model, prompts, tok.rec_max_new, tok, temperature, generator, device, batch, keys,
-                            compile)
+                            compile, first)
         for tr, p, o in zip(live, prompts, outs):
             item = parse_rec(tok, o, tr.cands)
             tr.turns.append(Turn(rec_out=o, item=item, rec_valid=item is not None, rec_prompt=p))
@@ -279,18 +272,21 @@ def message_key(traj, agent):
     return hash32(hash32(traj.key) + 2 * len(traj.turns) + agent)
 
 
-def generate_all(model, prompts, max_new, tok, temperature, generator, device, batch, keys=None, compile=False):
-    """generate() over any number of prompts, `batch` at a time, stopping at the end-of-message token."""
+def generate_all(model, prompts, max_new, tok, temperature, generator, device, batch, keys=None, compile=False,
+                 first=None):
+    """generate() over any number of prompts, `batch` at a time, stopping at the end-of-message token;
+    first: per prompt, the ids its first token is chosen among (or None)."""
     out = []
     for s in range(0, len(prompts), batch):
         out += generate(model, prompts[s:s + batch], max_new, tok.pad_id, stop_ids=tok.stop_ids,
                         temperature=temperature, generator=generator, device=device,
-                        keys=None if keys is None else keys[s:s + batch], compile=compile)
+                        keys=None if keys is None else keys[s:s + batch], compile=compile,
+                        first=None if first is None else first[s:s + batch])
     return out
 
 
 # --------------------------------------------------------------------------------------------------
-# Scripted agents for stage-1 pretraining dialogues [ours]
+# Rationales of the built-in model
 
 
 def closest_history_item(data, hist, item):
@@ -298,55 +294,3 @@ def closest_history_item(data, hist, item):
     rationale ("because you watched X") and justification."""
     v = data.item_vec
     return hist[int(np.argmax(v[hist] @ v[item]))]
-
-
-def scripted_rec_choice(traj, rng, p_target, p_prior, reference=False, p_ref=0.9):
-    """The scripted RecAgent's pick for the next turn. With a hindsight reference (teacher prompts):
-    the target with prob p_ref, even when it was recommended before (naming it again is still a
-    hit; a teacher that knew the answer but could not give it would teach nothing). Without one,
-    never an item already recommended: the target with prob p_target, the prior with p_prior,
-    else a uniform unused candidate."""
-    used = {tr.item for tr in traj.turns}
-    fresh = [c for c in traj.cands if c not in used] or traj.cands
-    u = rng.random()
-    if reference and u < p_ref:
-        return traj.target
-    if not reference and traj.target in fresh and u < p_target:
-        return traj.target
-    if not reference and traj.prior in fresh and u < p_target + p_prior:
-        return traj.prior
-    return fresh[int(rng.integers(len(fresh)))]
-
-
-def scripted_user_reaction(data, traj, item, q, rng, future, reference=False):
-    """The scripted UserAgent: likes the true next item, and items of its own near future, more than
-    others; peers nudge it (q); with a hindsight reference it knows which item is right."""
-    if reference:
-        p_pos = 0.9 if item == traj.target else 0.1
-    else:
-        p_pos = 0.7 if item == traj.target else 0.4 if item in future else 0.1
-        p_pos = min(1.0, max(0.0, p_pos * (1 + 0.5 * q)))
-    if rng.random() < p_pos:
-        action = "click" if rng.random() < 0.5 else "star"
-    else:
-        action = "skip" if rng.random() < 0.6 else "dislike"
-    lo, hi = ACTION_RANGE[action]
-    score = min(hi - 0.01, lo + float(rng.random()) * (hi - lo))
-    return action, round(score, 2)
-
-
-def scripted_episode(data, tok, traj, rng, t_max, p_target, p_prior, future=()):
-    """Play a whole episode with the scripted agents (no reference): the behaviour whose turns fill
-    the memory of the pretraining dialogues."""
-    while not traj.done:
-        item = scripted_rec_choice(traj, rng, p_target, p_prior)
-        tr = Turn(rec_out=rec_message(tok, traj.cands, item, closest_history_item(data, traj.hist, item)),
-                  item=item, rec_valid=True)
-        traj.turns.append(tr)
-        record_user(data, traj, tr)
-        a, s = scripted_user_reaction(data, traj, item, tr.q, rng, future)
-        tr.user_out = user_message(tok, a, s, closest_history_item(data, traj.hist, item))
-        tr.action, tr.score, tr.user_valid = a, s, True
-        finish_turn(traj, tr, t_max)
-    return traj
-

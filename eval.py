@@ -30,7 +30,7 @@ import torch
 
 from env import (POSITIVE, Trajectory, Turn, generate_all, closest_history_item, new_trajectory,
                  parse_user, rec_message, record_user, render_rec, render_user, rollout)
-from model import causal_mask, logprobs_of, positions, token_logprobs
+from model import causal_mask, logprobs_of, next_token_scores, positions, token_logprobs
 
 # --------------------------------------------------------------------------------------------------
 # Uncertainty
@@ -108,11 +108,11 @@ def baseline_hits(data, split, seed=0):
             "SASRec top-1": (getattr(data, f"{split}_prior") == target).astype(float)}
 
 
-def run_ars(model, tok, data, split, rows, adapters, t_max, device, batch=256):
+def run_ars(model, tok, data, split, rows, adapters, t_max, device, batch=256, free_answer=False):
     """Greedy episodes of the agent pair on the given samples -> per-sample metric arrays."""
     trajs = [new_trajectory(data, split, r) for r in rows]
     rollout(model, tok, data, trajs, t_max=t_max, temperature=0.0, device=device,
-            rec_adapter=adapters[0], user_adapter=adapters[1], batch=batch)
+            rec_adapter=adapters[0], user_adapter=adapters[1], batch=batch, free_answer=free_answer)
     rec_n = np.array([len(tr.turns) for tr in trajs], float)
     rec_ok = np.array([sum(t.rec_valid for t in tr.turns) for tr in trajs], float)
     user_n = np.array([sum(t.user_out is not None for t in tr.turns) for tr in trajs], float)
@@ -120,41 +120,54 @@ def run_ars(model, tok, data, split, rows, adapters, t_max, device, batch=256):
     return trajs, dict(hit=np.array([tr.hit for tr in trajs], float),
                        hit_turn1=np.array([tr.turns[0].hit for tr in trajs], float),
                        turns=rec_n, rec_valid=rec_ok / rec_n,
-                       user_valid=np.where(user_n > 0, user_ok / np.maximum(user_n, 1), np.nan))
+                       user_valid=np.where(user_n > 0, user_ok / np.maximum(user_n, 1), np.nan),
+                       repeat_rejected=np.array([repeats_rejected(tr) for tr in trajs], float))
+
+
+def repeats_rejected(traj):
+    """Share of the RecAgent's turns after the first that name an item the user already turned down
+    (skip or dislike) in this episode: whether the RecAgent uses the conversation's memory (nan for
+    one-turn episodes)."""
+    later = traj.turns[1:]
+    if not later:
+        return float("nan")
+    rejected, n = set(), 0
+    for k, tr in enumerate(traj.turns):
+        if k and tr.item is not None and tr.item in rejected:
+            n += 1
+        if tr.user_valid and tr.action not in POSITIVE:
+            rejected.add(tr.item)
+    return n / len(later)
 
 
 @torch.no_grad()
-def rank_metrics(model, tok, data, split, rows, adapter, device, ks=(1, 5, 10), batch=256):
+def rank_metrics(model, tok, data, split, rows, adapter, device, ks=(1, 5, 10), batch=256, hint=True):
     """HR@k and NDCG@k of the candidates ranked by the RecAgent's turn-1 log-probability of naming
-    each one (built-in model: its first answer token is the candidate's slot, one forward pass per
-    sample; a chat model: the summed log-prob of "Recommendation: <title>", one pass per candidate)."""
+    each one (built-in model: the logit of each candidate's item token at the answer position, one
+    forward pass per sample; a chat model: the summed log-prob of "Recommendation: <title>", one
+    pass per candidate). hint=False: the prompt without the SASRec prior. A target that is not
+    among the candidates (--candidates sasrec) is a miss at every k."""
     model.set_adapter(adapter)
     out = {f"{m}@{k}": [] for k in ks for m in ("HR", "NDCG")}
     for s in range(0, len(rows), batch):
         trajs = [new_trajectory(data, split, r) for r in rows[s:s + batch]]
+        for tr in trajs:
+            tr.prior = tr.prior if hint else None
         prompts = [render_rec(tok, tr, 0) for tr in trajs]
-        scores = (chat_candidate_scores if tok.chat else slot_scores)(model, tok, trajs, prompts, device)  # (B,20)
-        tpos = torch.tensor([tr.cands.index(tr.target) for tr in trajs], device=scores.device)
-        rank = (scores > scores.gather(1, tpos[:, None])).sum(1).cpu().numpy()  # 0 = first
+        if tok.chat:
+            scores = chat_candidate_scores(model, tok, trajs, prompts, device)                     # (B,20)
+        else:
+            scores = next_token_scores(model, prompts, [[tok.item(c) for c in tr.cands] for tr in trajs],
+                                       tok.pad_id, device)
+        tpos = torch.tensor([tr.cands.index(tr.target) if tr.target in tr.cands else 0 for tr in trajs],
+                            device=scores.device)
+        rank = (scores > scores.gather(1, tpos[:, None])).sum(1).cpu().numpy().astype(float)  # 0 = first
+        rank[[tr.target not in tr.cands for tr in trajs]] = np.inf
         for k in ks:
             out[f"HR@{k}"] += (rank < k).astype(float).tolist()
-            out[f"NDCG@{k}"] += np.where(rank < k, 1 / np.log2(rank + 2), 0.0).tolist()
+            out[f"NDCG@{k}"] += np.where(rank < k, 1 / np.log2(np.minimum(rank, 1e9) + 2), 0.0).tolist()
     model.set_adapter(None)
     return {k: np.array(v) for k, v in out.items()}
-
-
-def slot_scores(model, tok, trajs, prompts, device):
-    """(B,20) logits of each candidate's slot token at the answer position."""
-    T = max(len(p) for p in prompts)
-    idx = torch.full((len(prompts), T), tok.pad_id, dtype=torch.long)
-    valid = torch.zeros(len(prompts), T, dtype=torch.bool)
-    for b, p in enumerate(prompts):  # left-pad so every row's last position is its <|ans|>
-        idx[b, T - len(p):] = torch.tensor(p)
-        valid[b, T - len(p):] = True
-    idx, valid = idx.to(device), valid.to(device)
-    h = model(idx, positions(valid), causal_mask(valid))[:, -1]       # (B,C)
-    cand_ids = torch.tensor([[tok.slot(k) for k in range(len(tr.cands))] for tr in trajs], device=device)
-    return h[:, None, :].mul(model.head_weight[cand_ids]).sum(-1)   # (B,20)
 
 
 def chat_candidate_scores(model, tok, trajs, prompts, device):
@@ -201,7 +214,7 @@ def user_judgements(model, tok, data, adapter, device, batch=256, f1_rows=None):
         h = h[h >= 0].tolist()
         item = int(data.f1_item[r])
         tr = Trajectory("f1", r, int(data.f1_user[r]), h, -1, [item], item)
-        turn = Turn(rec_out=rec_message(tok, [item], item, closest_history_item(data, h, item)), item=item, rec_valid=True)
+        turn = Turn(rec_out=rec_message(tok, item, closest_history_item(data, h, item)), item=item, rec_valid=True)
         tr.turns.append(turn)
         record_user(data, tr, turn)
         trajs.append(tr)
@@ -220,12 +233,15 @@ def user_judgements(model, tok, data, adapter, device, batch=256, f1_rows=None):
 
 def evaluate(model, tok, data, split="test", t_max=5, device="cpu", n_boot=1000, seed=0,
              agents=(("Memory-based ARS", (None, None)), ("CoARS", ("rec", "user"))), log=print, max_samples=0,
-             per_sample=False):
+             per_sample=False, free_answer=False):
     """Evaluate the baselines and each agent pair in `agents` on a split. Returns a results dict
     (JSON-ready) with per-method metrics and intervals, and paired comparisons to the last pair.
     max_samples > 0 evaluates a fixed random subset of the split (the same for every method).
     per_sample: also return the evaluated rows and, per agent pair, its per-sample hits and F1-set
-    judgements (for suite.py's pooling over seeds)."""
+    judgements (for suite.py's pooling over seeds). Two chance references are rows of every table
+    (PAPER.md section 6): a random pick's Hit@1 is 1/K whatever the number of turns (the last of up
+    to 5 distinct random picks is still uniform over the K candidates), and a UserAgent that accepts
+    everything has the F1 of the "Accept everything" row (2/3 with one negative per positive)."""
     t0 = time.time()
     rows = np.arange(len(getattr(data, f"{split}_user")))
     f1_rows = np.arange(len(data.f1_item))
@@ -236,13 +252,19 @@ def evaluate(model, tok, data, split="test", t_max=5, device="cpu", n_boot=1000,
     f1_label, f1_user = data.f1_label[f1_rows], data.f1_user[f1_rows]
     per = {}      # method -> dict of per-sample arrays
     res = {"split": split, "n_samples": int(len(rows)), "methods": {}}
+    cands, target = getattr(data, f"{split}_cands")[rows], getattr(data, f"{split}_target")[rows]
+    res["ceiling"] = float((cands == target[:, None]).any(1).mean())   # < 1 only with --candidates sasrec
     for name, hits in baseline_hits(data, split, seed).items():
         per[name] = {"hit": hits[rows]}
     f1_preds = {}
     for name, adapters in agents:
         log(f"evaluating {name} on {len(rows)} {split} samples")
-        _, m = run_ars(model, tok, data, split, rows, adapters, t_max, device, batch=tok.eval_batch)
+        _, m = run_ars(model, tok, data, split, rows, adapters, t_max, device, batch=tok.eval_batch,
+                       free_answer=free_answer)
         m.update(rank_metrics(model, tok, data, split, rows, adapters[0], device, batch=tok.eval_batch))
+        if not tok.chat:          # what the RecAgent knows of the user by itself (one more pass per sample)
+            m["HR@1 no hint"] = rank_metrics(model, tok, data, split, rows, adapters[0], device, ks=(1,),
+                                             batch=tok.eval_batch, hint=False)["HR@1"]
         per[name] = m
         f1_preds[name] = user_judgements(model, tok, data, adapters[1], device, batch=tok.eval_batch, f1_rows=f1_rows)
     for name, m in per.items():
@@ -261,15 +283,21 @@ def evaluate(model, tok, data, split="test", t_max=5, device="cpu", n_boot=1000,
             r["user_f1"] = {"mean": f, "lo": lo, "hi": hi}
             r["f1_valid"] = {"mean": float(ok.mean())}
         res["methods"][name] = r
+    p, rc, f = prf(np.ones(len(f1_label), bool), f1_label)
+    lo, hi = f1_ci(np.ones(len(f1_label), bool), f1_label, f1_user, n_boot, seed)
+    res["methods"]["Chance: 1/K pick, accept everything"] = {
+        "hit": {"mean": 1.0 / cands.shape[1]}, "user_precision": {"mean": p}, "user_recall": {"mean": rc},
+        "user_f1": {"mean": f, "lo": lo, "hi": hi}}
+    f1_preds_all = dict(f1_preds, **{"Accept everything": (np.ones(len(f1_label), bool), None)})
     main = agents[-1][0]
     res["paired"] = {}
     for name in per:
         if name != main:
             mu, lo, hi = paired_diff_ci(per[main]["hit"], per[name]["hit"], n_boot, seed)
             res["paired"][f"{main} - {name} (Hit@1)"] = {"mean": mu, "lo": lo, "hi": hi}
-    for name in f1_preds:
+    for name in f1_preds_all:
         if name != main:
-            mu, lo, hi = f1_diff_ci(f1_preds[main][0], f1_preds[name][0], f1_label, f1_user, n_boot, seed)
+            mu, lo, hi = f1_diff_ci(f1_preds[main][0], f1_preds_all[name][0], f1_label, f1_user, n_boot, seed)
             res["paired"][f"{main} - {name} (UserAgent F1)"] = {"mean": mu, "lo": lo, "hi": hi}
     if per_sample:
         res["rows"] = rows.tolist()
@@ -291,7 +319,8 @@ def _fmt(d, key):
 def results_table(res):
     """Markdown table of a results dict from evaluate()."""
     cols = [("Hit@1 [95% CI]", "hit"), ("turn-1 Hit@1", "hit_turn1"), ("turns", "turns"),
-            ("Rec valid", "rec_valid"), ("User valid", "user_valid"), ("HR@5", "HR@5"), ("NDCG@5", "NDCG@5"),
+            ("Rec valid", "rec_valid"), ("User valid", "user_valid"), ("repeats a rejected item", "repeat_rejected"),
+            ("HR@1 no hint", "HR@1 no hint"), ("HR@5", "HR@5"), ("NDCG@5", "NDCG@5"),
             ("User P", "user_precision"), ("User R", "user_recall"), ("User F1 [95% CI]", "user_f1")]
     lines = ["| method | " + " | ".join(c for c, _ in cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for name, m in res["methods"].items():
@@ -302,7 +331,9 @@ def results_table(res):
             else:
                 cells.append(_fmt(m, k))
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    lines += ["", f"{res['split']} split, {res['n_samples']} samples (one per user); intervals: 95% bootstrap.",
+    ceiling = res.get("ceiling", 1.0)
+    lines += ["", f"{res['split']} split, {res['n_samples']} samples (one per user); intervals: 95% bootstrap."
+              + (f" Ceiling: the target is among the candidates in {ceiling:.3f} of the samples." if ceiling < 1 else ""),
               "", "| paired difference | mean | 95% CI |", "|---|---|---|"]
     for k, v in res["paired"].items():
         lines.append(f"| {k} | {v['mean']:+.4f} | [{v['lo']:+.4f}, {v['hi']:+.4f}] |")
@@ -320,7 +351,7 @@ def write_results(res, folder):
 
 
 def readable(tok, data, ids, cands=None, agent="rec"):
-    """Token ids as text: item tokens as their titles, slots as 'candidate k (title)', other control
+    """Token ids as text: item tokens as their titles, other control
     tokens by name, bytes decoded. A Hugging Face model's messages are text already (shown with the
     field name its prompt ended with)."""
     if tok.chat:
@@ -335,9 +366,6 @@ def readable(tok, data, ids, cands=None, agent="rec"):
             buf = []
         if tok.is_item(t):
             out.append(f"\u00ab{data.titles[tok.item_of(t)]}\u00bb")
-        elif tok.slot_of(t) is not None:
-            k = tok.slot_of(t)
-            out.append(f"[candidate {k}: {data.titles[cands[k]]}]" if cands is not None and k < len(cands) else f"[slot {k}]")
         elif t != tok.pad_id:
             out.append(tok.enc.decode([t]))
     if buf:

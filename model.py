@@ -37,9 +37,7 @@ CONTROL_TOKENS = [
     "<|why|>",                        # rationale (RecAgent) / justification (UserAgent)
     "<|click|>", "<|star|>", "<|skip|>", "<|dislike|>",   # the four user actions
     "<|hind|>", "<|/hind|>", "<|target|>", "<|right|>", "<|wrong|>", "<|invalid|>",  # hindsight ref
-    "<|seq|>", "<|title|>",           # stage-1 pretraining documents
-] + [f"<|c{k}|>" for k in range(32)]  # candidate slots: the RecAgent names the k-th candidate
-MAX_SLOTS = 32
+]
 ACTIONS = ["click", "star", "skip", "dislike"]
 
 
@@ -52,7 +50,7 @@ class Tokenizer:
     """
 
     chat = False          # the token-level message format of env.py (chat.ChatTokenizer: natural language)
-    rec_max_new = 8       # longest RecAgent message: SLOT <|why|> RATIONALE <|end|>, with room to spare
+    rec_max_new = 8       # longest RecAgent message: ITEM <|why|> RATIONALE <|end|>, with room to spare
     user_max_new = 12     # longest UserAgent message: ACTION d.dd <|why|> JUSTIFICATION <|end|>
     eval_batch = 256      # episodes per batched generation in evaluation (short prompts, small model)
 
@@ -78,15 +76,6 @@ class Tokenizer:
     def sp(self, name):
         """Id of a control token, e.g. sp('hist') -> id of <|hist|>."""
         return self.special_ids[f"<|{name}|>"]
-
-    def slot(self, k):
-        """Id of the token that names the k-th candidate of the list (<|c0|>, <|c1|>, ...)."""
-        return self.special_ids[f"<|c{k}|>"]
-
-    def slot_of(self, tid):
-        """k if tid is a slot token, else None."""
-        k = tid - self.special_ids["<|c0|>"]
-        return k if 0 <= k < MAX_SLOTS else None
 
     def item(self, i):
         """Id of the token for item index i (0..n_items-1)."""
@@ -243,7 +232,7 @@ class GPT(Adapters, nn.Module):
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         # Rotary positions (RoPE) [ours]: attention can then find "the token k places back" with
         # one learned pattern for every position, which the agents' copy-like reads need (the
-        # slot after <|prior|>, the target in the reference); with learned absolute position
+        # item after <|prior|>, the target in the reference); with learned absolute position
         # embeddings the base had not learned them after 2,400 stage-1 steps.
         D = cfg.n_embd // cfg.n_head
         self.register_buffer("inv_freq", 1.0 / 10000 ** (torch.arange(0, D, 2).float() / D), persistent=False)
@@ -324,6 +313,23 @@ def positions(valid):
     return (valid.long().cumsum(1) - 1).clamp(min=0)
 
 
+@torch.no_grad()
+def next_token_scores(model, prompts, choices, pad_id, device="cpu"):
+    """(B,K) logits of the ids choices[b] (K per row) as the token after prompts[b]: one forward pass
+    over the left-padded batch. The built-in RecAgent's ranking of its candidates (eval.py, and
+    stage 1's validation in pretrain.py); its softmax is restricted_logprobs' distribution."""
+    T = max(len(p) for p in prompts)
+    idx = torch.full((len(prompts), T), pad_id, dtype=torch.long)
+    valid = torch.zeros(len(prompts), T, dtype=torch.bool)
+    for b, p in enumerate(prompts):              # left-pad so every row's last position is its own
+        idx[b, T - len(p):] = torch.tensor(p)
+        valid[b, T - len(p):] = True
+    idx, valid = idx.to(device), valid.to(device)
+    h = model(idx, positions(valid), causal_mask(valid))[:, -1].float()          # (B,C)
+    w = model.head_weight.float()[torch.tensor(choices, device=device)]          # (B,K,C)
+    return torch.einsum("bc,bkc->bk", h, w)
+
+
 # --------------------------------------------------------------------------------------------------
 # Per-token log-probs (Eq. 10-12 all need log pi(y_n | x, y_<n))
 
@@ -401,27 +407,56 @@ def pack(prompts, completions, pad_id):
     return idx, valid, score
 
 
-def token_logprobs(model, prompts, completions, pad_id, device="cpu", chunk=1024):
+def restricted_logprobs(hidden, weight, allowed, targets):
+    """log-softmax over the `allowed` tokens only, at the target: hidden (M,C), weight (V,C), allowed
+    (M,K) token ids (each row's choices, e.g. the 20 candidates' item tokens), targets (M,) -> (M,).
+    This is the distribution the built-in RecAgent decodes its item from (PAPER.md section 5, [ours]):
+    a target outside its row's allowed ids gets -inf. Float32 logits, as logprobs_of."""
+    with torch.autocast(hidden.device.type, enabled=False):
+        acc = _acc(hidden.dtype)
+        z = torch.einsum("mc,mkc->mk", hidden.to(acc), weight[allowed].to(acc))          # (M,K)
+        hit = allowed == targets[:, None]                                                 # (M,K)
+        return z.masked_fill(~hit, float("-inf")).logsumexp(1) - z.logsumexp(1)
+
+
+def token_logprobs(model, prompts, completions, pad_id, device="cpu", chunk=1024, first=None):
     """log pi(y_n | x, y_<n) for every completion token, fast path.
 
-    prompts, completions: lists of id lists. Returns a list of 1-D tensors (one per pair, length
-    len(completion)), differentiable w.r.t. the model's trainable parameters. The head runs only on
-    the N scored positions (not on every prompt position): (N,C) @ (C,V) in chunks."""
+    prompts, completions: lists of id lists. first: optional list, one entry per pair, of the ids
+    its FIRST completion token is chosen among (None = the whole vocabulary): the built-in
+    RecAgent's item is decoded among the candidates only, so its policy, teacher and student
+    log-probs are all taken over that restricted softmax (restricted_logprobs). Returns a list of
+    1-D tensors (one per pair, length len(completion)), differentiable w.r.t. the model's trainable
+    parameters. The head runs only on the N scored positions (not on every prompt position):
+    (N,C) @ (C,V) in chunks."""
     idx, valid, score = (t.to(device) for t in pack(prompts, completions, pad_id))
     h = model(idx, positions(valid), causal_mask(valid))                 # (B,T,C)
-    tgt = idx[:, 1:][score[:, :-1]]                                      # (N,) the y_n, row-major
-    lp = logprobs_of(h[score], model.head_weight, tgt, chunk)             # (N,)
-    return list(lp.split([len(c) for c in completions]))
+    hs, tgt = h[score], idx[:, 1:][score[:, :-1]]                         # (N,C), (N,) the y_n, row-major
+    lp = logprobs_of(hs, model.head_weight, tgt, chunk)                   # (N,)
+    lens = [len(c) for c in completions]
+    if first is not None and any(f is not None for f in first):
+        starts = torch.tensor([0] + lens[:-1], device=device).cumsum(0)   # (B,) row of each y_0
+        pick = [b for b, f in enumerate(first) if f is not None]
+        rows = starts[pick]                                               # (M,)
+        allowed = torch.tensor([list(first[b]) for b in pick], device=device)   # (M,K)
+        lp = lp.index_put((rows,), restricted_logprobs(hs[rows], model.head_weight, allowed, tgt[rows]).to(lp.dtype))
+    return list(lp.split(lens))
 
 
-def token_logprobs_reference(model, prompts, completions, pad_id, device="cpu"):
-    """Plain reference for token_logprobs: each pair alone, full float64 log_softmax, gather."""
+def token_logprobs_reference(model, prompts, completions, pad_id, device="cpu", first=None):
+    """Plain reference for token_logprobs: each pair alone, full float64 log_softmax, gather; with
+    first, the first token's logits outside its allowed ids set to -inf before the softmax."""
     out = []
-    for p, c in zip(prompts, completions):
+    for b, (p, c) in enumerate(zip(prompts, completions)):
         s = torch.tensor([list(p) + list(c)], device=device)
         valid = torch.ones_like(s, dtype=torch.bool)
         h = model(s, positions(valid), causal_mask(valid))[0]           # (T,C)
         logits = h.double() @ model.head_weight.double().t()             # (T,V)
-        lp = torch.log_softmax(logits, dim=-1)[len(p) - 1:-1]             # rows predicting y_n
+        logits = logits[len(p) - 1:-1].clone()                           # rows predicting y_n
+        if first is not None and first[b] is not None:
+            keep = torch.zeros(logits.shape[1], dtype=torch.bool, device=device)
+            keep[list(first[b])] = True
+            logits[0] = logits[0].masked_fill(~keep, float("-inf"))
+        lp = torch.log_softmax(logits, dim=-1)
         out.append(lp.gather(1, torch.tensor(c, device=device)[:, None])[:, 0])
     return out

@@ -1,17 +1,34 @@
 """
-Stage 1 of train.py [ours]: pretraining the built-in base GPT, and the optional warm-up of a
-Hugging Face model's adapters. Not part of CoARS itself (PAPER.md section 5): the built-in GPT has no
-world knowledge, so it first learns, on the training split only, item names, history sequences and
-scripted dialogues in both agents' message formats (half of them with a hindsight reference in the
-prompt, so the base can read every part of the format the agents and the teacher will meet). The
-base is then frozen and cached in out/<run>/base.pt, reused when the data and the stage-1 options
-are the same.
+Stage 1 of train.py [ours]: making the built-in base GPT a sequential recommender that can read and
+write the agents' messages (PAPER.md section 5), on the training split only; and the optional
+warm-up of a Hugging Face model's adapters. Not part of CoARS itself: the built-in GPT has no world
+knowledge, and this is what a pretrained LLM brings to the paper.
+
+What stage 1 trains on, every step (one batch):
+  - Next-item language modelling (most of the compute): windows of up to --pretrain-window items of
+    one user's stage-1 sequence, `<|hist|> i1 i2 ...`, every next item scored with a full softmax
+    over the items, as SASRec is trained. The RecAgent prompt ends with `<|hist|> h1..h10`
+    (env.py), so its answer is predicted where this model predicts the next item.
+  - Scripted dialogues (--pretrain-dialogues, half per agent), at a random turn of an episode whose
+    earlier turns recommended wrong candidates that the user turned down (so the memory is used:
+    a turned-down item is never the answer). The RecAgent's answer names the item the user really
+    took next. The UserAgent judges an item: positive (click / star) for the user's real next item
+    or one of its near-future items, negative (skip / dislike) for a random item. Half of the
+    dialogues carry a hindsight reference (distill.py) in the prompt, so the teacher can read one.
+Samples [ours]: the last --stage2-last training samples of each user are stage 2's (stage2_rows);
+stage 1 sees each user's training part without those targets, so stage 2 does not replay answers
+stage 1 memorised. Stage 1 stops on validation: every --pretrain-eval-every steps the RecAgent's
+HR@1 of ranking the validation candidates (no SASRec hint) is measured, the best weights are kept,
+and training stops after --pretrain-patience evaluations without improvement (the model overfits
+within minutes). The base is then frozen and cached in out/<run>/base.pt, reused when the data and
+the stage-1 options are the same.
 
 A Hugging Face chat model skips stage 1; `--warmup-steps N` gives its two adapters N supervised
 steps on the same scripted dialogues (rendered in natural language by chat.py) before CoARS, so
 that they can write the message format (warmup()).
 """
 
+import copy
 import dataclasses
 import json
 import math
@@ -24,68 +41,119 @@ from tqdm import tqdm
 from checkpoint import (FAULTS, STOP, Stopped, check_bad_streak, data_fingerprint, finite, log_jsonl, metrics_lines,
                         rng_state, save_checkpoint, set_rng_state)
 from distill import hindsight_reference
-from env import (closest_history_item, new_trajectory, rec_message, render_rec, render_user, scripted_episode,
-                 scripted_rec_choice, scripted_user_reaction, user_message)
-from model import GPT, GPTConfig, causal_mask, logprobs_of, pack, positions
+from env import (ACTION_RANGE, Turn, closest_history_item, finish_turn, new_trajectory, rec_message, record_user,
+                 render_rec, render_user, user_message)
+from model import GPT, GPTConfig, causal_mask, logprobs_of, next_token_scores, pack, positions
 
 
-def user_future(data, traj, k=10):
-    """The k items after the sample's target in the user's training part (for the scripted user)."""
-    items = data.train_items(traj.user)
-    j = np.flatnonzero(items == traj.target)
-    return set(items[j[0]:j[0] + k].tolist()) if len(j) else {traj.target}
+# --------------------------------------------------------------------------------------------------
+# Which samples belong to which stage
 
 
-def dialogue_doc(data, tok, rng, cfg, agent):
-    """One scripted dialogue turn: (prompt + answer ids, index where the answer starts)."""
-    row = int(rng.integers(len(data.train_user)))
-    traj = new_trajectory(data, "train", row)
-    future = user_future(data, traj)
-    scripted_episode(data, tok, traj, rng, cfg.t_max, cfg.p_target, cfg.p_prior, future)
-    t = int(rng.integers(len(traj.turns)))
-    ref = ()
-    if rng.random() < cfg.p_reference:
-        # an earlier trajectory of the same sample (or, as in stage 2 when none exists, this one)
-        other = traj if rng.random() < 0.3 else scripted_episode(
-            data, tok, new_trajectory(data, "train", row), rng, cfg.t_max, cfg.p_target, cfg.p_prior, future)
-        ref = hindsight_reference(tok, other)
-    tr = traj.turns[t]
+def stage2_rows(data, n_last):
+    """Rows of the training split that stage 2 trains on: each user's last n_last training samples.
+    (data/prepare.py writes the training rows user by user, each user's in time order.)"""
+    u = data.train_user                                                   # (N,) sorted
+    last_row = np.searchsorted(u, u, side="right") - 1                    # (N,) last row of each row's user
+    return np.flatnonzero(last_row - np.arange(len(u)) < n_last)
+
+
+def stage1_parts(data, n_last):
+    """Each user's training part without the targets of its stage-2 samples: (list of item arrays,
+    rows of the training split whose targets lie inside them)."""
+    s2 = stage2_rows(data, n_last)
+    n2 = np.bincount(data.train_user[s2], minlength=data.n_users)     # stage-2 samples per user
+    parts = [data.train_items(u)[:len(data.train_items(u)) - n2[u]] for u in range(data.n_users)]
+    rows = np.setdiff1d(np.arange(len(data.train_user)), s2)
+    return parts, rows
+
+
+# --------------------------------------------------------------------------------------------------
+# Scripted dialogues
+
+
+def wrong_turns(data, tok, traj, rng, n):
+    """Play n turns in which the scripted RecAgent names a wrong candidate (the SASRec prior half the
+    time when it is wrong, else a uniform one, never twice) and the user turns it down; these fill
+    the memory of a dialogue document."""
+    for _ in range(n):
+        used = {tr.item for tr in traj.turns}
+        wrong = [c for c in traj.cands if c != traj.target and c not in used]
+        item = traj.prior if traj.prior in wrong and rng.random() < 0.5 else wrong[int(rng.integers(len(wrong)))]
+        why = closest_history_item(data, traj.hist, item)
+        tr = Turn(rec_out=rec_message(tok, item, why), item=item, rec_valid=True)
+        traj.turns.append(tr)
+        record_user(data, traj, tr)
+        tr.action, tr.score = scripted_reaction(rng, False)
+        tr.user_out, tr.user_valid = user_message(tok, tr.action, tr.score, why), True
+        finish_turn(traj, tr, len(traj.turns) + 1)
+    return traj
+
+
+def scripted_reaction(rng, positive):
+    """(action, score): click or star for an item the user wants, skip or dislike otherwise, the
+    score uniform inside the action's interval (env.ACTION_RANGE)."""
+    action = ("click" if rng.random() < 0.6 else "star") if positive else ("dislike" if rng.random() < 0.5 else "skip")
+    lo, hi = ACTION_RANGE[action]
+    return action, round(min(hi - 0.01, lo + float(rng.random()) * (hi - lo)), 2)
+
+
+def scripted_reference(data, tok, row, rng, t_max):
+    """A hindsight reference as stage 2 would build it: a finished episode of the same sample in
+    which the scripted RecAgent found the target after some wrong turns (or never did)."""
+    ref = new_trajectory(data, "train", row)
+    wrong_turns(data, tok, ref, rng, int(rng.integers(t_max + 1)))
+    if len(ref.turns) < t_max and ref.target in ref.cands:
+        why = closest_history_item(data, ref.hist, ref.target)
+        tr = Turn(rec_out=rec_message(tok, ref.target, why), item=ref.target, rec_valid=True, hit=1)
+        ref.turns.append(tr)
+        record_user(data, ref, tr)
+        tr.action, tr.score = scripted_reaction(rng, True)
+        tr.user_out, tr.user_valid = user_message(tok, tr.action, tr.score, why), True
+    return hindsight_reference(tok, ref)
+
+
+def dialogue_doc(data, tok, rng, cfg, agent, rows, parts):
+    """One scripted dialogue turn of `agent` on a stage-1 sample: (prompt + answer ids, index where
+    the answer starts)."""
+    while True:
+        row = int(rows[rng.integers(len(rows))])
+        traj = new_trajectory(data, "train", row)
+        if traj.target in traj.cands or agent == "user":
+            break
+    t = int(rng.integers(cfg.t_max))
+    wrong_turns(data, tok, traj, rng, t)
+    ref = scripted_reference(data, tok, row, rng, cfg.t_max) if rng.random() < cfg.p_reference else ()
     if agent == "rec":
         prompt = render_rec(tok, traj, t, ref)
-        if ref:
-            prefix = dataclasses.replace(traj, turns=traj.turns[:t])
-            item = scripted_rec_choice(prefix, rng, cfg.p_target, cfg.p_prior, reference=True)
-            answer = rec_message(tok, traj.cands, item, closest_history_item(data, traj.hist, item))
-        else:
-            answer = tr.rec_out
-    else:
-        prompt = render_user(tok, traj, t, ref)
-        if ref:
-            a, s = scripted_user_reaction(data, traj, tr.item, tr.q, rng, future, reference=True)
-            answer = user_message(tok, a, s, closest_history_item(data, traj.hist, tr.item))
-        else:
-            answer = tr.user_out
-    return prompt + answer, len(prompt)
+        return prompt + rec_message(tok, traj.target, closest_history_item(data, traj.hist, traj.target)), len(prompt)
+    items = parts[traj.user]
+    j = int(np.flatnonzero(items == traj.target)[0]) if traj.target in items else len(items)
+    if rng.random() < 0.5:         # something the user wants: the real next item or a near-future one
+        future = items[j + 1:j + 1 + cfg.pretrain_future]
+        item = traj.target if rng.random() < 0.7 or not len(future) else int(future[rng.integers(len(future))])
+    else:                          # something random the user never took: a wrong candidate or any item
+        seen = set(items.tolist()) | {traj.target}
+        pool = [c for c in traj.cands if c not in seen]
+        while True:
+            item = pool[int(rng.integers(len(pool)))] if pool and rng.random() < 0.5 else int(rng.integers(data.n_items))
+            if item not in seen:
+                break
+    positive = item == traj.target if ref else item == traj.target or item in items[j + 1:j + 1 + cfg.pretrain_future]
+    why = closest_history_item(data, traj.hist, item)
+    tr = Turn(rec_out=rec_message(tok, item, why), item=item, rec_valid=True)
+    traj.turns.append(tr)
+    record_user(data, traj, tr)
+    prompt = render_user(tok, traj, t, ref)
+    return prompt + user_message(tok, *scripted_reaction(rng, positive), why), len(prompt)
 
 
-def pretrain_doc(data, tok, rng, cfg):
-    """A random stage-1 document: (ids, first position whose token is in the loss)."""
-    u = rng.random()
-    # Mix [ours]: dialogues dominate. Sequence documents teach item co-occurrence, but each scores
-    # ~12 next-item predictions; with a larger share they drown the single item of a RecAgent
-    # answer and the base learns to name items it expects next instead of a candidate.
-    if u < 0.6:
-        return dialogue_doc(data, tok, rng, cfg, "rec")
-    if u < 0.9:
-        return dialogue_doc(data, tok, rng, cfg, "user")
-    if u < 0.95:  # an item sequence from one user's training part
-        user = int(rng.integers(data.n_users))
-        items = data.train_items(user)
-        s = int(rng.integers(max(1, len(items) - 12)))
-        return [tok.sp("seq")] + [tok.item(i) for i in items[s:s + 12]], 1
-    item = int(rng.integers(data.n_items))  # an item and its title
-    title = data.titles[item].encode("utf-8")[:32].decode("utf-8", "ignore")
-    return [tok.sp("title"), tok.item(item)] + tok.text(title) + [tok.end_id], 2
+def sequence_doc(tok, rng, parts, weights, window):
+    """Up to `window` consecutive items of one user's stage-1 sequence, every next item scored."""
+    u = int(rng.choice(len(parts), p=weights))
+    items = parts[u]
+    s = int(rng.integers(max(1, len(items) - window + 1)))
+    return [tok.sp("hist")] + [tok.item(i) for i in items[s:s + window]], 1
 
 
 def lm_loss(model, docs, tok, device, precision="auto"):
@@ -111,15 +179,34 @@ def autocast(device, precision="auto"):
 
 def stage1_key(cfg, data):
     return dict(raw_sha256=data.meta["raw_sha256"], data_options=data.meta["options"],
-                model=[cfg.n_layer, cfg.n_head, cfg.n_embd],
-                pretrain=[cfg.pretrain_steps, cfg.pretrain_batch, cfg.pretrain_lr, cfg.p_target, cfg.p_prior,
-                          cfg.p_reference, cfg.t_max, cfg.seed])
+                model=[cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.dropout],
+                pretrain=[cfg.pretrain_steps, cfg.pretrain_batch, cfg.pretrain_window, cfg.pretrain_dialogues,
+                          cfg.pretrain_lr, cfg.pretrain_future, cfg.pretrain_eval_every, cfg.pretrain_patience,
+                          cfg.p_reference, cfg.stage2_last, cfg.t_max, cfg.seed, cfg.precision])
 
 
 def build_model(cfg, tok, device):
     torch.manual_seed(cfg.seed)
     return GPT(GPTConfig(vocab_size=tok.vocab_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
-                         n_embd=cfg.n_embd)).to(device)
+                         n_embd=cfg.n_embd, dropout=cfg.dropout)).to(device)
+
+
+def ranking_hr1(model, tok, data, split, rows, batch=256):
+    """HR@1 of the RecAgent's turn-1 ranking of the candidates WITHOUT the SASRec hint: what the
+    model knows of the user by itself (stage 1's validation metric). Per-sample hits (array)."""
+    was = model.training
+    model.eval()
+    hits = []
+    for s in range(0, len(rows), batch):
+        trajs = [new_trajectory(data, split, r) for r in rows[s:s + batch]]
+        for tr in trajs:
+            tr.prior = None
+        scores = next_token_scores(model, [render_rec(tok, tr, 0) for tr in trajs],
+                                   [[tok.item(c) for c in tr.cands] for tr in trajs], tok.pad_id, model.wte.weight.device)
+        best = scores.argmax(1).tolist()
+        hits += [float(tr.cands[b] == tr.target) for tr, b in zip(trajs, best)]
+    model.train(was)
+    return np.array(hits)
 
 
 def stage1(cfg, data, tok, device, run_dir, log, ck=None):
@@ -135,17 +222,22 @@ def stage1(cfg, data, tok, device, run_dir, log, ck=None):
             return freeze(model)
         log(f"stage 1: {path} was pretrained with other data or options: pretraining again")
     rng = np.random.default_rng(cfg.seed)
+    parts, rows = stage1_parts(data, cfg.stage2_last)
+    lens = np.array([max(len(p) - 1, 0) for p in parts], float)      # next-item targets per user
+    weights = lens / lens.sum()
+    valid_rows = np.random.default_rng(cfg.seed).permutation(len(data.valid_user))[:cfg.eval_valid_n]
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and not n.startswith(("wte", "wpe"))]
     rest = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and not n.startswith(("wte", "wpe")))]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": rest, "weight_decay": 0.0}],
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}],
                             lr=cfg.pretrain_lr, betas=(0.9, 0.98))
     warm = max(1, cfg.pretrain_steps // 20)
     t0 = time.time()
     start, n_bad, streak = 0, 0, 0
+    best = dict(hr1=-1.0, step=0, since=0, model=None)           # early stopping on validation HR@1
 
     def checkpoint(step):
         save_checkpoint(run_dir, dict(stage=1, step=step, model=model.state_dict(), opt=opt.state_dict(),
-                                      rng=rng_state(rng), torch_rng=torch.get_rng_state(), n_bad=n_bad,
+                                      rng=rng_state(rng), torch_rng=torch.get_rng_state(), n_bad=n_bad, best=best,
                                       config=dataclasses.asdict(cfg), data=data_fingerprint(data),
                                       metrics_lines=metrics_lines(run_dir)))
 
@@ -154,8 +246,9 @@ def stage1(cfg, data, tok, device, run_dir, log, ck=None):
         opt.load_state_dict(ck["opt"])
         set_rng_state(rng, ck["rng"])
         torch.set_rng_state(ck["torch_rng"])
-        start, n_bad = ck["step"], ck["n_bad"]
+        start, n_bad, best = ck["step"], ck["n_bad"], ck["best"]
         log(f"stage 1: resuming after step {start}")
+    model.train()
     loss = torch.tensor(float("nan"))
     bar = tqdm(range(start, cfg.pretrain_steps), desc="stage 1 pretrain", dynamic_ncols=True, disable=None,
                initial=start, total=cfg.pretrain_steps)
@@ -163,8 +256,15 @@ def stage1(cfg, data, tok, device, run_dir, log, ck=None):
         lr = cfg.pretrain_lr * min((step + 1) / warm, 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / cfg.pretrain_steps)))
         for g in opt.param_groups:
             g["lr"] = lr
-        docs = [pretrain_doc(data, tok, rng, cfg) for _ in range(cfg.pretrain_batch)]
-        loss = FAULTS.loss(lm_loss(model, docs, tok, device, cfg.precision), 1, step + 1)
+        seqs = [sequence_doc(tok, rng, parts, weights, cfg.pretrain_window) for _ in range(cfg.pretrain_batch)]
+        dias = [dialogue_doc(data, tok, rng, cfg, "rec" if k % 2 == 0 else "user", rows, parts)
+                for k in range(cfg.pretrain_dialogues)]
+        # two means, one per kind of document: the few answer tokens of the dialogues are not drowned
+        # by the thousands of next-item targets of the sequences
+        loss = lm_loss(model, seqs, tok, device, cfg.precision)
+        if dias:
+            loss = loss + lm_loss(model, dias, tok, device, cfg.precision)
+        loss = FAULTS.loss(loss, 1, step + 1)
         opt.zero_grad(set_to_none=True)
         ok = finite(loss)
         if ok:
@@ -176,26 +276,47 @@ def stage1(cfg, data, tok, device, run_dir, log, ck=None):
         else:
             n_bad, streak = n_bad + 1, streak + 1
             check_bad_streak(cfg, streak, 1, step + 1, run_dir, log, lambda: checkpoint(step))
+        rec = None
         if step % 20 == 0 or step == cfg.pretrain_steps - 1 or not ok:
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-            log_jsonl(run_dir / "metrics.jsonl", dict(stage=1, step=step, loss=loss.item(), lr=lr, skipped=n_bad,
-                                                      seconds=round(time.time() - t0, 1)))
-        if STOP.signum or (cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0):
+            rec = dict(stage=1, step=step, loss=loss.item(), lr=lr, skipped=n_bad, seconds=round(time.time() - t0, 1))
+        if cfg.pretrain_eval_every and ((step + 1) % cfg.pretrain_eval_every == 0 or step == cfg.pretrain_steps - 1):
+            hr1 = float(ranking_hr1(model, tok, data, "valid", valid_rows).mean())
+            rec = dict(rec or dict(stage=1, step=step, loss=loss.item(), lr=lr, skipped=n_bad,
+                                   seconds=round(time.time() - t0, 1)), valid_hr1=hr1)
+            if hr1 > best["hr1"]:
+                best.update(hr1=hr1, step=step + 1, since=0, model=copy.deepcopy(model.state_dict()))
+            else:
+                best["since"] += 1
+            bar.set_postfix(loss=f"{loss.item():.3f}", valid_hr1=f"{hr1:.3f}", best=f"{best['hr1']:.3f}")
+        if rec:
+            log_jsonl(run_dir / "metrics.jsonl", rec)
+        done = cfg.pretrain_patience and best["since"] >= cfg.pretrain_patience
+        if STOP.signum or (cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0 and not done):
             checkpoint(step + 1)
             if STOP.signum:
                 raise Stopped(f"stage 1 step {step + 1}")
+        if done:
+            log(f"stage 1: validation HR@1 without the hint has not improved for {best['since']} evaluations: "
+                f"stopping after step {step + 1}")
+            break
     if cfg.pretrain_steps and start < cfg.pretrain_steps or (ck and ck["stage"] == 1):
+        if best["model"] is not None:
+            model.load_state_dict(best["model"])
+            log(f"stage 1: keeping the weights of step {best['step']} (validation HR@1 without the hint "
+                f"{best['hr1']:.4f} on {len(valid_rows)} samples)")
         tmp = path.with_suffix(".tmp")
-        torch.save({"model": model.state_dict(), "key": json.dumps(key, sort_keys=True)}, tmp)
+        torch.save({"model": model.state_dict(), "key": json.dumps(key, sort_keys=True), "valid_hr1": best["hr1"],
+                    "best_step": best["step"]}, tmp)
         tmp.replace(path)
-        log(f"stage 1: {cfg.pretrain_steps} steps in {time.time() - t0:.0f} s, final loss {loss.item():.3f}")
+        log(f"stage 1: {time.time() - t0:.0f} s, last loss {loss.item():.3f}")
     return freeze(model)
 
 
 def freeze(model):
+    """The frozen base: no gradients, and evaluation mode (stage 1's dropout off from here on)."""
     for p in model.parameters():
         p.requires_grad_(False)
-    return model
+    return model.eval()
 
 
 def warmup(cfg, model, tok, data, device, log):
@@ -204,6 +325,7 @@ def warmup(cfg, model, tok, data, device, log):
     reference), so that a chat model writes the message format before CoARS. The base stays frozen.
     Returns the mean loss of the last step per agent."""
     rng = np.random.default_rng(cfg.seed + 7)
+    parts, rows = stage1_parts(data, cfg.stage2_last)
     agents = [a for a, on in (("rec", cfg.train_rec), ("user", cfg.train_user)) if on]
     params = {a: model.adapter_parameters(a) for a in agents}
     opt = torch.optim.Adam([p for a in agents for p in params[a]], lr=cfg.pretrain_lr)
@@ -212,7 +334,7 @@ def warmup(cfg, model, tok, data, device, log):
         opt.zero_grad(set_to_none=True)
         for a in agents:
             model.set_adapter(a)
-            docs = [dialogue_doc(data, tok, rng, cfg, a) for _ in range(cfg.pretrain_batch)]
+            docs = [dialogue_doc(data, tok, rng, cfg, a, rows, parts) for _ in range(cfg.pretrain_dialogues)]
             loss = lm_loss(model, docs, tok, device, cfg.precision)
             loss.backward()
             last[a] = loss.item()

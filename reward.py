@@ -15,7 +15,8 @@ signing the other's.
     RecAgent message there is no user message. After an invalid UserAgent message the RecAgent's
     reward uses s_t = 0 (nothing was accepted).
   - The outcome-only reward (the "outcome-reward RL" baseline and the "w/o interaction reward"
-    ablation): every message of the episode gets 2 * hit(final item) - 1.
+    ablation): every message of the episode gets 2 * hit(final item) - 1, with no filter (the
+    filter is part of the interaction reward, PAPER.md section 6).
 A turn's reward applies to every token of that turn's message (distill.py does that).
 """
 
@@ -43,18 +44,18 @@ def filtered(hit, action):
 
 def turn_rewards(traj, mode="interaction", alpha=0.1, stage_gamma=None, use_filter=True):
     """Per turn of a finished trajectory: (R_rec, R_user). None = no message, or left out by the
-    filter. mode: "interaction" (Eq. 7, 8) or "outcome" (final hit only)."""
+    filter. mode: "interaction" (Eq. 7, 8) or "outcome" (final hit only, never filtered)."""
     out = []
     final = 2 * traj.hit - 1
     for t, tr in enumerate(traj.turns, 1):
         if not tr.rec_valid:
             out.append((INVALID, None))
             continue
+        if mode == "outcome":     # no filter: the filter belongs to the interaction reward
+            out.append((float(final), float(final) if tr.user_valid else INVALID))
+            continue
         if tr.user_valid and use_filter and filtered(tr.hit, tr.action):
             out.append((None, None))
-            continue
-        if mode == "outcome":
-            out.append((float(final), float(final) if tr.user_valid else INVALID))
             continue
         s = tr.score if tr.user_valid else 0.0
         r_rec = rec_reward(tr.hit, s, t, stage_gamma)

@@ -89,7 +89,7 @@ class CompileError(RuntimeError):
 
 @torch.no_grad()
 def generate(model, prompts, max_new, pad_id, stop_ids=(), temperature=1.0, generator=None,
-             device="cpu", allowed=None, keys=None, compile=False):
+             device="cpu", allowed=None, keys=None, compile=False, first=None):
     """Sample completions for a batch of prompts with a KV cache (the built-in GPT's is static,
     model.new_cache; a Hugging Face model's is its own cache object).
 
@@ -97,7 +97,9 @@ def generate(model, prompts, max_new, pad_id, stop_ids=(), temperature=1.0, gene
     the same column). temperature 0 = greedy. A row stops after emitting a stop id (kept in its
     output) or after max_new tokens. allowed: optional (V,) bool mask of tokens that may be sampled.
     keys: optional list of per-row ints for keyed sampling (see sample_next). compile: run the
-    decode steps through torch.compile (built-in GPT only; same tokens, see decoder()).
+    decode steps through torch.compile (built-in GPT only; same tokens, see decoder()). first:
+    optional list, per row, of the ids its first token is drawn among (None = any): the built-in
+    RecAgent's item among its candidates (model.token_logprobs scores the same restriction).
     Returns a list of id lists."""
     B = len(prompts)
     P = max(len(p) for p in prompts)
@@ -122,10 +124,13 @@ def generate(model, prompts, max_new, pad_id, stop_ids=(), temperature=1.0, gene
     done = torch.zeros(B, dtype=torch.bool, device=device)
     stop = torch.tensor(list(stop_ids) or [-1], device=device)
     head_t = model.head_weight.t()                                       # normalised once, not per step
+    first = first_token_mask(first, B, head_t.shape[1], device)          # (B,V) bool or None
     for t in range(max_new):
         logits = (last @ head_t).float()                                 # (B,V) head on last only
         if allowed is not None:
             logits = logits.masked_fill(~allowed, float("-inf"))
+        if t == 0 and first is not None:
+            logits = logits.masked_fill(~first, float("-inf"))
         tok = sample_next(logits, temperature, generator, keys, t)
         tok = torch.where(done, torch.full_like(tok, pad_id), tok)
         toks[:, t] = tok
@@ -140,9 +145,21 @@ def generate(model, prompts, max_new, pad_id, stop_ids=(), temperature=1.0, gene
     return [row[:n] for row, n in zip(toks.tolist(), lens.tolist())]
 
 
+def first_token_mask(first, B, V, device):
+    """(B,V) bool: True where row b's first token may be drawn (rows whose entry is None: all)."""
+    if first is None or all(f is None for f in first):
+        return None
+    mask = torch.ones(B, V, dtype=torch.bool, device=device)
+    for b, f in enumerate(first):
+        if f is not None:
+            mask[b] = False
+            mask[b, list(f)] = True
+    return mask
+
+
 @torch.no_grad()
 def generate_nocache(model, prompts, max_new, pad_id, stop_ids=(), temperature=1.0, generator=None,
-                     device="cpu", allowed=None, keys=None):
+                     device="cpu", allowed=None, keys=None, first=None):
     """Plain reference for generate(): one prompt at a time, full forward at every step, no cache.
     With temperature 0, or with keys, it must give exactly generate()'s tokens."""
     out = []
@@ -157,6 +174,10 @@ def generate_nocache(model, prompts, max_new, pad_id, stop_ids=(), temperature=1
             logits = (h @ model.head_weight.t()).float()[None]
             if allowed is not None:
                 logits = logits.masked_fill(~allowed, float("-inf"))
+            if n == 0 and first is not None and first[b] is not None:
+                keep = torch.zeros_like(logits, dtype=torch.bool)
+                keep[0, list(first[b])] = True
+                logits = logits.masked_fill(~keep, float("-inf"))
             tok = int(sample_next(logits, temperature, generator, key, n)[0])
             res.append(tok)
             seq.append(tok)

@@ -49,7 +49,7 @@ from env import new_trajectory, rollout
 from eval import evaluate, results_table, run_ars, write_results
 from model import Tokenizer
 from sampling import CompileError
-from pretrain import autocast, build_model, freeze, stage1, warmup  # noqa: F401  (build_model, freeze: suite.py)
+from pretrain import autocast, build_model, freeze, stage1, stage2_rows, warmup  # noqa: F401  (build_model, freeze: suite.py)
 
 
 def parse_args(argv=None) -> Config:
@@ -117,6 +117,9 @@ def stage2(cfg, model, tok, data, device, run_dir, log, ck=None):
     reward_cfg = dict(mode=cfg.reward_mode, alpha=cfg.alpha, use_filter=cfg.use_filter,
                       stage_gamma=cfg.stage_gamma if cfg.stage_gamma >= 0 else None)
     valid_rows = np.random.default_rng(cfg.seed).permutation(len(data.valid_user))[:cfg.eval_valid_n]
+    train_rows = stage2_rows(data, cfg.stage2_last)      # samples whose targets stage 1 never trained on
+    # the same number of them, evaluated greedily beside validation: a gap would show memorised answers
+    train_check = np.random.default_rng(cfg.seed).permutation(train_rows)[:cfg.eval_valid_n]
     start, n_bad, streak = 0, 0, 0
     share = slice(rank * cfg.batch // world, (rank + 1) * cfg.batch // world)   # this rank's episodes
     micro = cfg.rollout_batch or cfg.batch
@@ -146,7 +149,7 @@ def stage2(cfg, model, tok, data, device, run_dir, log, ck=None):
                initial=start, total=cfg.steps)
     for step in bar:
         t0 = time.time()
-        rows = rng.integers(0, len(data.train_user), cfg.batch)
+        rows = train_rows[rng.integers(0, len(train_rows), cfg.batch)]
         keys = rng.integers(0, 1 << 31, cfg.batch)        # each episode's sampling key (sampling.sample_next)
         trajs, micro = rollout_with_retry(model, tok, data, rows[share], keys[share], cfg, device, micro, log)
         t1 = time.time()
@@ -158,7 +161,8 @@ def stage2(cfg, model, tok, data, device, run_dir, log, ck=None):
             timing = {}
             with autocast(device, cfg.precision):   # back-propagates loss_batch messages at a time
                 loss, st = coars_loss(model, tok, trajs, buffer, agent, reward_cfg, cfg.lam, cfg.baseline, device,
-                                      timing=timing, micro=loss_group(cfg), backward=True, n_episodes=cfg.batch)
+                                      timing=timing, micro=loss_group(cfg), backward=True, n_episodes=cfg.batch,
+                                      free_answer=cfg.free_answer)
             loss = FAULTS.loss(loss, 2, step)
             split["teacher_s"] += timing.get("teacher_s", 0.0)
             split["student_s"] += timing.get("student_s", 0.0)
@@ -170,12 +174,15 @@ def stage2(cfg, model, tok, data, device, run_dir, log, ck=None):
         t2 = time.time()
         if opt:
             all_reduce_grads(params)
-            gn = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip) if ok else torch.tensor(float("nan"))
-            ok = ok and finite(gn)
+            # each agent is its own learner (PAPER.md section 4): its gradient is clipped by its own
+            # norm, so one agent's large gradient never shrinks the other's step
+            norms = {a: clip_agent(model.adapter_parameters(a), cfg.grad_clip, ok) for a in agents}
+            ok = ok and all(finite(g) for g in norms.values())
             if ok:
                 opt.step()
             opt.zero_grad(set_to_none=True)
-            rec["grad_norm"] = float(gn)
+            rec.update({f"{a}_grad_norm": float(g) for a, g in norms.items()})
+            rec["grad_norm"] = float(torch.stack(list(norms.values())).norm())
         if ok:
             streak = 0
         else:  # skip the update: the adapters and the optimiser stay as they were
@@ -194,9 +201,13 @@ def stage2(cfg, model, tok, data, device, run_dir, log, ck=None):
                    step_s=round(time.time() - t0, 3), gen_tokens_per_s=round(n_tok / max(t1 - t0, 1e-9)),
                    tokens_per_s=round(n_tok / max(time.time() - t0, 1e-9)))
         if lead and cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
-            _, m = run_ars(model, tok, data, "valid", valid_rows, ("rec", "user"), cfg.t_max, device, batch=tok.eval_batch)
-            rec["valid_hit"] = float(m["hit"].mean())
-            log(f"step {step}: validation Hit@1 {rec['valid_hit']:.4f} on {len(valid_rows)} samples")
+            _, m = run_ars(model, tok, data, "valid", valid_rows, ("rec", "user"), cfg.t_max, device, batch=tok.eval_batch,
+                           free_answer=cfg.free_answer)
+            _, mt = run_ars(model, tok, data, "train", train_check, ("rec", "user"), cfg.t_max, device,
+                            batch=tok.eval_batch, free_answer=cfg.free_answer)
+            rec["valid_hit"], rec["train_greedy_hit"] = float(m["hit"].mean()), float(mt["hit"].mean())
+            log(f"step {step}: greedy Hit@1 validation {rec['valid_hit']:.4f}, stage-2 training samples "
+                f"{rec['train_greedy_hit']:.4f} ({len(valid_rows)} samples each)")
         bar.set_postfix(hit=f"{rec['train_hit']:.2f}", R_rec=f"{rec.get('rec_reward', 0):+.2f}",
                         A=f"{rec.get('rec_credit', 0):+.2f}", s=f"{rec['step_s']:.1f}", tok_s=rec["tokens_per_s"],
                         split=f"roll {rec['rollout_s']:.1f}/teach {rec['teacher_s']:.1f}/stud {rec['student_s']:.1f}")
@@ -211,6 +222,12 @@ def stage2(cfg, model, tok, data, device, run_dir, log, ck=None):
     if lead:
         save_adapters(model, cfg, run_dir / "coars.pt")
     return model
+
+
+def clip_agent(params, max_norm, ok=True):
+    """Clip one agent's adapter gradient by its own norm; returns the norm before clipping (nan when
+    the step is already known to be bad)."""
+    return torch.nn.utils.clip_grad_norm_(params, max_norm) if ok else torch.tensor(float("nan"))
 
 
 def adapter_state(model):
@@ -233,7 +250,7 @@ def rollout_with_retry(model, tok, data, rows, keys, cfg, device, micro, log):
             tr.key = int(k)
         try:
             rollout(model, tok, data, trajs, t_max=cfg.t_max, temperature=cfg.temperature, device=device,
-                    batch=micro, compile=cfg.compile)
+                    batch=micro, compile=cfg.compile, free_answer=cfg.free_answer)
             return trajs, micro
         except CompileError as e:
             raise UserError(str(e))
@@ -349,7 +366,8 @@ def main(argv=None):
     t_s2 = time.time()
     if cfg.skip_eval or not lead:
         return
-    res = evaluate(model, tok, data, "test", cfg.t_max, device, cfg.n_boot, cfg.seed, max_samples=cfg.eval_test_n)
+    res = evaluate(model, tok, data, "test", cfg.t_max, device, cfg.n_boot, cfg.seed, max_samples=cfg.eval_test_n,
+                   free_answer=cfg.free_answer)
     res["timing_s"] = dict(data_and_stage1=round(t_s1 - t_start, 1), stage2=round(t_s2 - t_s1, 1),
                            eval=res["seconds"], total=round(time.time() - t_start, 1))
     res["device"] = device

@@ -15,10 +15,13 @@ The protocol ([ours] where PAPER.md marks it so):
   - Leave-one-out: last item = test target, the one before = validation target, the rest = the
     training part. A sample's history is the <= 10 items before its target; samples with < 3
     history items are dropped. Training samples are all positions of every training part.
-  - SASRec (data/sasrec.py) is trained on the training parts only. Candidates: the target plus the
-    19 SASRec-highest items not in the history, shuffled with the seed ("sasrec"); or the target
-    plus 19 uniform items not in the history ("random", the AFL / LLaRA protocol). The prior is
-    SASRec's highest-scoring candidate.
+  - SASRec (data/sasrec.py) is trained on the training parts only. Candidates (PAPER.md section 1),
+    shuffled with the seed: "random" (default), the target plus 19 items drawn uniformly from those
+    not in the history (the AFL / LLaRA protocol); or "sasrec", SASRec's 20 highest-scoring items not
+    in the history as they are, the target NOT forced in (where SASRec missed it no agent can hit;
+    meta["ceiling"] is the share of samples whose target is among the 20). Never the target plus
+    SASRec's 19 favourites: that makes the target the odd one out. The prior is SASRec's
+    highest-scoring candidate.
   - [ours] Cross-fitting: training samples get their candidates and prior from a SASRec trained on
     the OTHER half of the users. A SASRec that was trained on a position ranks that position's
     target first far more often than it ever will at test time; agents trained on such lists
@@ -51,7 +54,7 @@ from data.sasrec import SASRecConfig, last_hidden, score_all, train_sasrec  # no
 from data.sources import (SOURCES, DataError, Parsed, Raw, is_custom, locate, parse_lastfm,  # noqa: E402,F401
                           parse_ml100k, probe_writable)
 
-CACHE_VERSION = 2
+CACHE_VERSION = 3
 DATA_DIR = Path(__file__).resolve().parent
 
 
@@ -69,8 +72,8 @@ class DataConfig:
     """where to download the raw zip from ('' = the official address; file:// works)"""
     data_sha256: str = ""
     """expected sha256 of the raw zip ('' = the official file's; 'none' = do not check)"""
-    candidates: str = "sasrec"
-    """'sasrec': target + 19 SASRec-highest non-history items; 'random': target + 19 uniform items"""
+    candidates: str = "random"
+    """'random': target + 19 uniform non-history items; 'sasrec': SASRec's top-20 non-history items (target not forced)"""
     n_candidates: int = 20
     """candidate list length, target included"""
     history: int = 10
@@ -308,9 +311,13 @@ def build(parsed: Parsed, cfg: DataConfig, log=print):
                 n_untitled=n_untitled, n_users_without_test=n_short, has_ratings=has_ratings,
                 samples={s: int(len(arrays[f"{s}_user"])) for s in samples},
                 prior_hit={s: float((arrays[f"{s}_prior"] == arrays[f"{s}_target"]).mean()) for s in samples},
+                ceiling={s: float((arrays[f"{s}_cands"] == arrays[f"{s}_target"][:, None]).any(1).mean())
+                         for s in samples},
                 build_seconds=round(time.time() - t0, 1))
     log(f"built in {meta['build_seconds']} s; SASRec prior hit rate (train/valid/test): "
-        + " / ".join(f"{meta['prior_hit'][s]:.3f}" for s in samples))
+        + " / ".join(f"{meta['prior_hit'][s]:.3f}" for s in samples)
+        + ("; ceiling (target among the candidates): " + " / ".join(f"{meta['ceiling'][s]:.3f}" for s in samples)
+           if cfg.candidates == "sasrec" else ""))
     return arrays, meta
 
 
@@ -323,11 +330,11 @@ def _candidates(model, hists, targets, n_items, cfg, rng, cands_out, prior_out, 
         excluded = np.zeros_like(scores, dtype=bool)
         for r, h in enumerate(hb):
             excluded[r, h] = True
-        excluded[np.arange(b), tb] = True
-        if cfg.candidates == "sasrec":
+        if cfg.candidates == "sasrec":    # the top K as they are: the target only where SASRec ranked it there
             masked = torch.from_numpy(np.where(excluded, -np.inf, scores))
-            neg = torch.topk(masked, K - 1, dim=1, sorted=False).indices.numpy()   # the K-1 highest
-        else:
+            c = torch.topk(masked, K, dim=1, sorted=False).indices.numpy()            # (b,K)
+        else:                             # the target and K-1 uniform items outside the history
+            excluded[np.arange(b), tb] = True
             neg = np.zeros((b, K - 1), np.int64)
             for r in range(b):
                 pick = []
@@ -336,7 +343,8 @@ def _candidates(model, hists, targets, n_items, cfg, rng, cands_out, prior_out, 
                     if not excluded[r, i] and i not in pick:
                         pick.append(i)
                 neg[r] = pick
-        c = rng.permuted(np.concatenate([tb[:, None], neg], 1), axis=1)   # (b,K) shuffled
+            c = np.concatenate([tb[:, None], neg], 1)
+        c = rng.permuted(c, axis=1)                                                  # (b,K) shuffled
         cands_out[rb] = c
         prior_out[rb] = c[np.arange(b), np.take_along_axis(scores, c, 1).argmax(1)]
 
