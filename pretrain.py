@@ -98,19 +98,24 @@ def scripted_reaction(rng, positive):
     return action, round(min(hi - 0.01, lo + float(rng.random()) * (hi - lo)), 2)
 
 
-def scripted_reference(data, tok, row, rng, t_max):
-    """A hindsight reference as stage 2 would build it: a finished episode of the same sample in
-    which the scripted RecAgent found the target after some wrong turns (or never did)."""
-    ref = new_trajectory(data, "train", row)
-    wrong_turns(data, tok, ref, rng, int(rng.integers(t_max + 1)))
-    if len(ref.turns) < t_max and ref.target in ref.cands:
-        why = closest_history_item(data, ref.hist, ref.target)
-        tr = Turn(rec_out=rec_message(tok, ref.target, why), item=ref.target, rec_valid=True, hit=1)
-        ref.turns.append(tr)
-        record_user(data, ref, tr)
+def scripted_episode(data, tok, traj, rng, t_max):
+    """A finished episode of the scripted agents: some wrong turns (wrong_turns), then the target
+    clicked or starred, unless the turns ran out or the target is not a candidate."""
+    wrong_turns(data, tok, traj, rng, int(rng.integers(t_max + 1)))
+    if len(traj.turns) < t_max and traj.target in traj.cands:
+        why = closest_history_item(data, traj.hist, traj.target)
+        tr = Turn(rec_out=rec_message(tok, traj.target, why), item=traj.target, rec_valid=True)
+        traj.turns.append(tr)
+        record_user(data, traj, tr)
         tr.action, tr.score = scripted_reaction(rng, True)
         tr.user_out, tr.user_valid = user_message(tok, tr.action, tr.score, why), True
-    return hindsight_reference(tok, ref)
+        finish_turn(traj, tr, t_max)
+    return traj
+
+
+def scripted_reference(data, tok, row, rng, t_max):
+    """A hindsight reference as stage 2 would build it, from a scripted episode of the same sample."""
+    return hindsight_reference(tok, scripted_episode(data, tok, new_trajectory(data, "train", row), rng, t_max))
 
 
 def dialogue_doc(data, tok, rng, cfg, agent, rows, parts):

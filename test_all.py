@@ -31,6 +31,7 @@ import distill  # noqa: E402
 import env  # noqa: E402
 import hf  # noqa: E402
 import model as model_mod  # noqa: E402
+import pretrain  # noqa: E402
 import sampling  # noqa: E402
 import eval as ev  # noqa: E402
 import reward  # noqa: E402
@@ -163,7 +164,7 @@ def test_hindsight_reference_template_and_buffer():
     tr = make_traj([(3, "skip", 0.3, 0.0), (None, None, None, 0.0), (7, "click", 0.9, 0.0)])
     ids = distill.hindsight_reference(tok, tr)
     assert tok.decode(ids) == ("<|hind|><|turn|><|item_3|><|wrong|><|skip|><|turn|><|invalid|>"
-                               "<|turn|><|item_7|><|right|><|click|><|target|><|c7|><|item_7|><|/hind|>")
+                               "<|turn|><|item_7|><|right|><|click|><|target|><|item_7|><|/hind|>")
     buf = distill.ReferenceBuffer()
     assert buf.reference_for(tr) is tr                 # none yet: the current trajectory
     buf.add([tr])
@@ -175,7 +176,7 @@ def test_teacher_prompt_differs_from_student_only_by_reference(data):
     tok = Tokenizer(data.n_items)
     tr = env.new_trajectory(data, "train", 0)
     rng = np.random.default_rng(0)
-    env.scripted_episode(data, tok, tr, rng, 5, 0.3, 0.3)
+    pretrain.scripted_episode(data, tok, tr, rng, 5)
     for t in range(len(tr.turns)):
         tr.turns[t].rec_prompt = env.render_rec(tok, tr, t)
         tr.turns[t].user_prompt = env.render_user(tok, tr, t)
@@ -184,8 +185,10 @@ def test_teacher_prompt_differs_from_student_only_by_reference(data):
     for agent in ("rec", "user"):
         msgs = distill.collect_messages(tok, [tr], buf, agent, dict(use_filter=False))
         assert msgs
-        for student, teacher, _, _ in msgs:
-            assert teacher == student[:-1] + ref + [tok.sp("ans")]
+        for student, teacher, _, _, first in msgs:
+            k = student.index(tok.sp("hist"))           # the reference goes right before the history
+            assert teacher == student[:k] + ref + student[k:]
+            assert first == ([tok.item(c) for c in tr.cands] if agent == "rec" else None)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -200,11 +203,11 @@ def test_action_intervals_and_parsing():
     assert env.parse_user(tok, env.user_message(tok, "click", 1.0, 3)) == ("click", 1.0)
     assert env.parse_user(tok, env.user_message(tok, "click", 0.4, 3)) is None   # contradicts its score
     assert env.parse_user(tok, env.user_message(tok, "skip", 0.3, 3)[:-1]) is None  # no <|end|>
-    assert env.rec_message(tok, [1, 5, 9], 5, 2)[0] == tok.slot(1)                 # item 5 is candidate 1
-    assert env.parse_rec(tok, env.rec_message(tok, [1, 5, 9], 5, 2), [1, 5, 9]) == 5
-    assert env.parse_rec(tok, [tok.slot(3), tok.sp("why"), tok.item(2), tok.end_id], [1, 5, 9]) is None  # no slot 3
-    assert env.parse_rec(tok, [tok.item(5), tok.sp("why"), tok.end_id], [5]) is None  # an item, not a slot
-    assert env.parse_rec(tok, [tok.slot(0), tok.end_id], [5]) is None            # no rationale marker
+    assert env.rec_message(tok, 5, 2)[0] == tok.item(5)                          # the item's own token
+    assert env.parse_rec(tok, env.rec_message(tok, 5, 2), [1, 5, 9]) == 5
+    assert env.parse_rec(tok, env.rec_message(tok, 4, 2), [1, 5, 9]) is None       # not a candidate
+    assert env.parse_rec(tok, [tok.sp("click"), tok.sp("why"), tok.end_id], [5]) is None  # not an item
+    assert env.parse_rec(tok, [tok.item(5), tok.end_id], [5]) is None            # no rationale marker
 
 
 class _PeerData:
@@ -225,14 +228,16 @@ def test_peer_signal_q():
 
 
 def _scripted_generate(rec_item_index, action, score):
-    """A stand-in for sampling.generate that writes fixed valid messages (to test the loop alone)."""
+    """A stand-in for sampling.generate that writes fixed valid messages (to test the loop alone):
+    the RecAgent names its rec_item_index-th candidate (one of the ids it may choose among)."""
     def fake(model, prompts, max_new, pad_id, stop_ids=(), temperature=1.0, generator=None, device="cpu", allowed=None,
-             keys=None, compile=False):
+             keys=None, compile=False, first=None):
         tok = fake.tok
         outs = []
-        for p in prompts:
+        for b, p in enumerate(prompts):
             if p[0] == tok.sp("rec"):
-                outs.append([tok.slot(rec_item_index), tok.sp("why"), p[2], tok.end_id])
+                assert first is not None and len(first[b]) == 20
+                outs.append([first[b][rec_item_index], tok.sp("why"), p[2], tok.end_id])
             else:
                 outs.append(env.user_message(tok, action, score, 0))
         return outs
@@ -253,14 +258,14 @@ def test_rollout_ends_at_click_or_turn_limit(data, monkeypatch):
             assert tr.done and len(tr.turns) == turns
             assert all(t.item == tr.cands[2] and t.rec_valid and t.user_valid for t in tr.turns)
             assert tr.hit == int(tr.cands[2] == tr.target)
-        # memory: turn 2's RecAgent prompt holds turn 1's messages, and no prior after turn 1;
-        # the UserAgent reads the recommended item itself, never the slot
+        # memory: turn 2's RecAgent prompt holds turn 1's messages, and no prior after turn 1
         if turns > 1:
             tr = trajs[0]
             p = tr.turns[1].rec_prompt
-            assert tok.sp("prior") not in p and p.count(tok.sp("turn")) == 1 and tok.slot(2) in p[p.index(tok.sp("mem")):]
+            assert tok.sp("prior") not in p and p.count(tok.sp("turn")) == 1
+            assert tok.item(tr.cands[2]) in p[p.index(tok.sp("mem")):p.index(tok.sp("hist"))]
             u = tr.turns[1].user_prompt
-            assert tok.item(tr.cands[2]) in u[u.index(tok.sp("mem")):] and tok.slot(2) not in u
+            assert tok.item(tr.cands[2]) in u[u.index(tok.sp("mem")):u.index(tok.sp("hist"))]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -398,10 +403,10 @@ def test_split_candidates_prior_and_peers(data):
     for split in ("train", "valid", "test"):
         cands, tgt, prior = (getattr(data, f"{split}_{k}") for k in ("cands", "target", "prior"))
         assert cands.shape[1] == 20
-        for r in range(len(tgt)):
+        for r in range(len(tgt)):          # random protocol: the target and 19 others, none from the history
             h = set(data.history(split, r))
             assert tgt[r] in cands[r] and prior[r] in cands[r]
-            assert len(set(cands[r].tolist())) == 20 and not (h & (set(cands[r].tolist()) - {tgt[r]}))
+            assert len(set(cands[r].tolist())) == 20 and not (h & set(cands[r].tolist()))
             assert 3 <= len(h) <= 10
     # leave-one-out: a user's test target is the item after its validation target, after the training part
     u = int(data.test_user[0])
@@ -427,8 +432,8 @@ def test_cache_reused_and_rebuilt_when_options_change(synth, tmp_path):
     d = prepare(cfg, log=logs.append)
     assert not any("training SASRec" in m for m in logs)                # loaded from the cache
     meta = json.loads((tmp_path / "ml-1m" / "processed.json").read_text())
-    assert meta["options"]["candidates"] == "sasrec"
-    cfg.candidates = "random"
+    assert meta["options"]["candidates"] == "random"
+    cfg.candidates = "sasrec"
     d2 = prepare(cfg, log=logs.append)
     assert any("rebuilding" in m for m in logs)
     assert not np.array_equal(d.test_cands, d2.test_cands)
@@ -892,8 +897,8 @@ def test_resume_refuses_other_options_or_data(small_run, tmp_path):
     assert r.returncode != 0
     assert "error: --resume: the run was started with --lam 0.1, not 0.3; resume with the same options" in r.stderr
     r = run(["train.py"] + small_run + ["--out-dir", str(out), "--run-name", "r", "--steps", "2", "--resume",
-                                        "--candidates", "random"])
-    assert "--candidates 'sasrec', not 'random'" in r.stderr
+                                        "--candidates", "sasrec"])
+    assert "--candidates 'random', not 'sasrec'" in r.stderr
     r = run(["train.py"] + small_run + ["--out-dir", str(out), "--run-name", "none", "--resume"])
     assert "error: --resume: there is no checkpoint in" in r.stderr
     # the same options but other data: the fingerprint differs
@@ -975,7 +980,10 @@ VALIDATION_RULES = [
     (dict(alpha=1.5), r"--alpha must be in \[0, 1\]"),
     (dict(temperature=0), "--temperature must be positive"),
     (dict(n_embd=130), "--n-embd must be a multiple of --n-head"),
-    (dict(p_target=0.8, p_prior=0.5), r"--p-target \+ --p-prior must be within \[0, 1\]"),
+    (dict(stage2_last=0), "--stage2-last must be at least 1"),
+    (dict(pretrain_window=1), "--pretrain-window must be at least 2"),
+    (dict(pretrain_patience=-1), "--pretrain-eval-every and --pretrain-patience cannot be negative"),
+    (dict(dropout=1.0), r"--dropout must be in \[0, 1\)"),
     (dict(lora_r=0), "--lora-r must be at least 1"),
     (dict(eval_test_n=-1), "--eval-test-n and --eval-valid-n cannot be negative"),
     (dict(eval_every=-1), "--eval-every cannot be negative"),
@@ -1023,7 +1031,7 @@ def test_reference_buffer_survives_a_checkpoint(data, tmp_path):
     trajs = []
     for r in (0, 5):
         tr = env.new_trajectory(data, "train", r)
-        env.scripted_episode(data, tok, tr, rng, 3, 0.3, 0.3, {tr.target})
+        pretrain.scripted_episode(data, tok, tr, rng, 3)
         trajs.append(tr)
     buf = distill.ReferenceBuffer()
     buf.add(trajs)
@@ -1157,7 +1165,7 @@ def test_show_and_interactive_on_a_run(synth, tmp_path, capsys, monkeypatch):
     # person is asked (the dialogue logic is what is tested here)
     _, _, tok, _ = train.load_run(tmp_path / "o" / "r")
     monkeypatch.setattr(sampling, "generate", lambda m, prompts, *a, **k: [
-        [tok.slot(3), tok.sp("why"), tok.item(0), tok.end_id] for _ in prompts])
+        [prompts[0][2 + 3], tok.sp("why"), tok.item(0), tok.end_id] for _ in prompts])   # the 4th candidate
     answers = iter(["maybe", "click", "2", "0.9", "1"] * 10)
     said = []
     tr = ev.interactive(tmp_path / "o" / "r", ask=lambda q: next(answers), out=said.append, seed=0)
@@ -1177,7 +1185,7 @@ def test_coars_loss_in_groups_gives_the_whole_batch_gradient(data):
     trajs = []
     for r in range(6):
         tr = env.new_trajectory(data, "train", r)
-        env.scripted_episode(data, tok, tr, rng, 3, 0.3, 0.3, {tr.target})
+        pretrain.scripted_episode(data, tok, tr, rng, 3)
         for t, turn in enumerate(tr.turns):      # the student prompts, as the rollout records them
             turn.rec_prompt = env.render_rec(tok, tr, t)
         trajs.append(tr)
@@ -1350,9 +1358,9 @@ def test_chat_message_parsing(data, tiny_hf):
     from transformers import AutoTokenizer
     tok = chat.ChatTokenizer(AutoTokenizer.from_pretrained(tiny_hf["qwen2"]), data.titles)
     cands = list(range(20))
-    assert env.parse_rec(tok, env.rec_message(tok, cands, 7, 2), cands) == 7
-    assert env.parse_rec(tok, env.rec_message(tok, cands, 7, 2), [1, 2]) is None       # not a candidate
-    assert env.parse_rec(tok, env.rec_message(tok, cands, 7, 2)[:-1], cands) is None   # cut off: no end token
+    assert env.parse_rec(tok, env.rec_message(tok, 7, 2), cands) == 7
+    assert env.parse_rec(tok, env.rec_message(tok, 7, 2), [1, 2]) is None       # not a candidate
+    assert env.parse_rec(tok, env.rec_message(tok, 7, 2)[:-1], cands) is None   # cut off: no end token
     end = [tok.end_id]
     # the prompt ends with the primer "Recommendation:" / "Action:": a message is what follows it
     assert env.parse_rec(tok, tok.text(f" {data.titles[7]}") + end, cands) == 7                 # reason optional
