@@ -721,7 +721,7 @@ def run(args, cwd=ROOT, timeout=600):
 def test_train_and_eval_end_to_end_on_synthetic_ml1m(synth, tmp_path):
     args = ["train.py", "--dataset", "ml-1m", "--data-url", synth["url"], "--data-sha256", synth["sha"],
             "--data-dir", str(tmp_path / "data"), "--out-dir", str(tmp_path / "out"), "--sasrec-epochs", "2",
-            "--pretrain-steps", "20", "--pretrain-batch", "8", "--steps", "3", "--batch", "4",
+            "--pretrain-steps", "20", "--pretrain-batch", "8", "--pretrain-dialogues", "6", "--steps", "3", "--batch", "4",
             "--eval-every", "2", "--eval-valid-n", "8", "--n-boot", "50"]
     r = run(args)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -760,7 +760,7 @@ def test_train_end_to_end_on_every_source(source, tmp_path):
     else:
         source = str(custom_folder(tmp_path / "mine"))
     r = run(["train.py", "--dataset", source, "--data-dir", str(tmp_path / "data"), "--out-dir", str(tmp_path / "out"),
-             "--run-name", "r", "--sasrec-epochs", "1", "--pretrain-steps", "4", "--pretrain-batch", "4",
+             "--run-name", "r", "--sasrec-epochs", "1", "--pretrain-steps", "4", "--pretrain-batch", "4", "--pretrain-dialogues", "6",
              "--steps", "2", "--batch", "4", "--eval-every", "0", "--eval-test-n", "12", "--n-boot", "20"] + extra)
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads((tmp_path / "out" / "r" / "results.json").read_text())
@@ -806,7 +806,7 @@ def small_run(synth, tmp_path_factory):
     """Arguments of a small, complete run (its data cache shared by the tests that use it)."""
     dd = tmp_path_factory.mktemp("run_data")
     return ["--dataset", "ml-1m", "--data-url", synth["url"], "--data-sha256", synth["sha"], "--data-dir", str(dd),
-            "--sasrec-epochs", "1", "--pretrain-steps", "40", "--pretrain-batch", "6", "--steps", "6", "--batch", "4",
+            "--sasrec-epochs", "1", "--pretrain-steps", "40", "--pretrain-batch", "6", "--pretrain-dialogues", "6", "--steps", "6", "--batch", "4",
             "--eval-every", "3", "--eval-valid-n", "6", "--eval-test-n", "16", "--n-boot", "20", "--ckpt-every", "2"]
 
 
@@ -1122,7 +1122,7 @@ def test_suite_orchestration_on_tiny_data(synth, tmp_path, monkeypatch):
     import suite
     monkeypatch.setitem(suite.SUITES, "tiny", [("No distill", dict(lam=0.0)), ("CoARS", dict())])
     cfg = train.Config(dataset="ml-1m", data_url=synth["url"], data_sha256=synth["sha"], data_dir=str(tmp_path / "d"),
-                       sasrec_epochs=1, pretrain_steps=6, pretrain_batch=4, steps=2, batch=3, eval_every=1,
+                       sasrec_epochs=1, pretrain_steps=6, pretrain_batch=4, pretrain_dialogues=4, steps=2, batch=3, eval_every=1,
                        eval_valid_n=4, eval_test_n=12, n_boot=50, ckpt_every=0)
     logs = []
     s = suite.run_suite(cfg, "tiny", 2, tmp_path / "s", logs.append)
@@ -1153,7 +1153,7 @@ def test_suite_orchestration_on_tiny_data(synth, tmp_path, monkeypatch):
 def test_show_and_interactive_on_a_run(synth, tmp_path, capsys, monkeypatch):
     args = ["--dataset", "ml-1m", "--data-url", synth["url"], "--data-sha256", synth["sha"], "--data-dir",
             str(tmp_path / "d"), "--out-dir", str(tmp_path / "o"), "--run-name", "r", "--sasrec-epochs", "1",
-            "--pretrain-steps", "30", "--pretrain-batch", "8", "--steps", "1", "--batch", "2", "--skip-eval"]
+            "--pretrain-steps", "30", "--pretrain-batch", "8", "--pretrain-dialogues", "6", "--steps", "1", "--batch", "2", "--skip-eval"]
     code, _, _ = in_process(args, capsys)
     assert code == 0
     lines = []
@@ -1205,7 +1205,7 @@ def test_coars_loss_in_groups_gives_the_whole_batch_gradient(data):
 
 def test_base_pretrained_with_other_options_is_pretrained_again(data, tmp_path):
     tok = Tokenizer(data.n_items)
-    cfg = train.Config(pretrain_steps=2, pretrain_batch=2, n_layer=1, n_head=2, n_embd=32, ckpt_every=0)
+    cfg = train.Config(pretrain_steps=2, pretrain_batch=2, pretrain_dialogues=4, n_layer=1, n_head=2, n_embd=32, ckpt_every=0)
     torch.save({"model": {}, "key": "another key"}, tmp_path / "base.pt")
     logs = []
     train.stage1(cfg, data, tok, "cpu", tmp_path, logs.append)
@@ -1395,7 +1395,8 @@ def test_hf_model_runs_the_whole_pipeline(synth, tmp_path, tiny_hf, capsys, monk
     real_generate = env.generate
 
     def scripted(model, prompts, max_new, pad_id, stop_ids=(), temperature=1.0, generator=None, device="cpu",
-                 allowed=None, keys=None, compile=False):
+                 allowed=None, keys=None, compile=False, first=None):
+        assert first is None or all(f is None for f in first)     # a chat model writes titles: no restriction
         tok = scripted.tok
         outs = []
         for p, k in zip(prompts, keys or [0] * len(prompts)):
