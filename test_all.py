@@ -1523,3 +1523,171 @@ def test_suite_shares_a_hugging_face_backbone(synth, tmp_path, tiny_hf, monkeypa
         ad = torch.load(tmp_path / "s" / d / "coars.pt", weights_only=True)
         assert ad["adapters"] and all(".adapters." in k for k in ad["adapters"])
         assert ad["config"]["lam"] == lam and ad["config"]["model"] == tiny_hf["qwen2"]
+
+
+# --------------------------------------------------------------------------------------------------
+# A base that knows users (PAPER.md sections 1, 5, 6): candidate protocols, restricted answers,
+# disjoint stages, outcome without filter, per-agent clipping
+
+
+def test_candidate_protocols_random_and_sasrec(monkeypatch):
+    """random: the target plus 19 uniform items outside the history; sasrec: SASRec's 20 highest
+    non-history items as they are, the target only where it is among them (never forced in)."""
+    import data.prepare as dp
+    n_items, K = 60, 20
+    scores = np.tile(-np.arange(n_items, dtype=np.float32), (2, 1))          # item i scores -i: 0 best
+    monkeypatch.setattr(dp, "score_all", lambda model, hists: [(0, scores)])
+    hists, targets = [[0, 1, 2], [5, 6]], np.array([3, 50])                   # target 3 is SASRec's 4th; 50 is low
+    for protocol in ("random", "sasrec"):
+        cfg = DataConfig(candidates=protocol, n_candidates=K)
+        cands, prior = np.zeros((2, K), np.int64), np.zeros(2, np.int64)
+        dp._candidates(None, hists, targets, n_items, cfg, np.random.default_rng(0), cands, prior, np.arange(2))
+        for r in range(2):
+            c = set(cands[r].tolist())
+            assert len(c) == K and not c & set(hists[r]) and prior[r] == min(c)    # prior: SASRec's favourite
+            if protocol == "random":
+                assert targets[r] in c
+            else:
+                assert c == set([i for i in range(n_items) if i not in hists[r]][:K])
+        if protocol == "sasrec":
+            assert targets[0] in cands[0] and targets[1] not in cands[1]      # not forced in
+    # shuffled: the best-scored item is not always first
+    assert len({int(np.argmin(c)) for c in [cands[0], cands[1]]}) >= 1
+
+
+def test_sasrec_candidates_print_the_ceiling(synth, tmp_path):
+    cfg = DataConfig(dataset="ml-1m", data_dir=str(tmp_path), data_url=synth["url"], data_sha256=synth["sha"],
+                     sasrec=SASRecConfig(epochs=1), candidates="sasrec")
+    logs = []
+    d = prepare(cfg, log=logs.append)
+    inside = (d.test_cands == d.test_target[:, None]).any(1).mean()
+    assert d.meta["ceiling"]["test"] == pytest.approx(inside) and inside < 1
+    assert any("ceiling (target among the candidates)" in m for m in logs)
+    res = ev.evaluate(tiny_model(Tokenizer(d.n_items).vocab_size), Tokenizer(d.n_items), d, "test", 1, n_boot=5,
+                      agents=(("CoARS", (None, None)),), log=lambda *a: None, max_samples=8)
+    assert "Ceiling: the target is among the candidates in" in ev.results_table(res)
+
+
+def test_restricted_decoding_names_only_candidates_and_matches_its_reference():
+    tok = Tokenizer(60)
+    m = tiny_model(tok.vocab_size)
+    rng = np.random.default_rng(1)
+    prompts = [rng.integers(256, tok.vocab_size, n).tolist() for n in (5, 11, 8)]
+    first = [[tok.item(i) for i in rng.choice(60, 20, replace=False)] for _ in prompts]
+    keys = list(range(100, 100 + len(prompts)))
+    for temperature in (0.0, 1.0):
+        for rep in range(20):
+            ks = [k + 1000 * rep for k in keys]
+            a = generate(m, prompts, 4, tok.pad_id, temperature=temperature, keys=ks, first=first)
+            assert all(o[0] in f for o, f in zip(a, first))                  # never a non-candidate
+            assert a == generate_nocache(m, prompts, 4, tok.pad_id, temperature=temperature, keys=ks, first=first)
+    # without the restriction the first token is mostly not a candidate (the restriction does the work)
+    free = generate(m, prompts * 10, 1, tok.pad_id, temperature=1.0, keys=list(range(30)))
+    assert sum(o[0] in f for o, f in zip(free, first * 10)) < 15
+    # log-probs over the restricted softmax: fast path = float64 reference, first token only restricted
+    comps = [[f[3], tok.sp("why"), tok.end_id] for f in first]
+    fast = token_logprobs(m, prompts, comps, tok.pad_id, first=first)
+    ref = token_logprobs_reference(m, prompts, comps, tok.pad_id, first=first)
+    full = token_logprobs_reference(m, prompts, comps, tok.pad_id)
+    for f, r, u in zip(fast, ref, full):
+        assert torch.allclose(f.double(), r, atol=1e-5)
+        assert f[0] > u[0] + 0.5 and torch.allclose(f[1:].double(), u[1:], atol=1e-5)
+    # by hand: the restricted log-prob is log softmax over the 20 candidates' logits
+    z = model_mod.next_token_scores(m, prompts[:1], [first[0]], tok.pad_id)[0].double()
+    assert float(fast[0][0].detach()) == pytest.approx(float(torch.log_softmax(z, 0)[3]), abs=1e-5)
+
+
+def test_stage1_and_stage2_samples_are_disjoint(data):
+    rows2 = pretrain.stage2_rows(data, 3)
+    parts, rows1 = pretrain.stage1_parts(data, 3)
+    assert len(rows2) and not set(rows1.tolist()) & set(rows2.tolist())
+    assert len(rows1) + len(rows2) == len(data.train_user)
+    for u in np.unique(data.train_user):
+        mine = np.flatnonzero(data.train_user == u)
+        assert set(mine[-3:].tolist()) <= set(rows2.tolist())                # each user's last 3 samples
+        items = data.train_items(u)
+        for r in mine[-3:]:                  # a stage-2 target lies after everything stage 1 reads of the user
+            pos = int(np.flatnonzero(items == data.train_target[r])[0])
+            assert pos >= len(parts[u])
+        assert all(int(data.train_target[r]) in parts[u].tolist() for r in mine[:-3])
+    # stage 1's documents only use stage-1 rows and parts
+    tok = Tokenizer(data.n_items)
+    cfg = train.Config(t_max=3)
+    rng = np.random.default_rng(0)
+    w = np.array([max(len(p) - 1, 0) for p in parts], float)
+    for _ in range(30):
+        ids, start = pretrain.sequence_doc(tok, rng, parts, w / w.sum(), 50)
+        items = [tok.item_of(t) for t in ids[1:]]
+        assert any(items == parts[u].tolist()[s:s + len(items)] for u in range(data.n_users)
+                   for s in range(max(1, len(parts[u]) - len(items) + 1)))
+        for agent in ("rec", "user"):
+            ids, start = pretrain.dialogue_doc(data, tok, rng, cfg, agent, rows1, parts)
+            assert ids[0] == tok.sp(agent) and start < len(ids)
+    # and stage 2 draws its episodes from the stage-2 rows only
+    assert set(train.stage2_rows(data, 3).tolist()) == set(rows2.tolist())
+
+
+def test_stage1_answers_name_the_true_next_item_and_judge_it(data):
+    """The scripted RecAgent answers with the target; the scripted UserAgent accepts the target and
+    turns down a random item (PAPER.md section 5)."""
+    tok = Tokenizer(data.n_items)
+    cfg = train.Config(t_max=3, p_reference=0.0)
+    parts, rows = pretrain.stage1_parts(data, 3)
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        ids, start = pretrain.dialogue_doc(data, tok, rng, cfg, "rec", rows, parts)
+        prompt, ans = ids[:start], ids[start:]
+        cands = [tok.item_of(t) for t in prompt[2:22]]
+        assert tok.item_of(ans[0]) in cands and ans[1] == tok.sp("why") and ans[-1] == tok.end_id
+        mem = prompt[prompt.index(tok.sp("mem")):prompt.index(tok.sp("hist"))]
+        assert ans[0] not in mem                                             # never an item turned down before
+    pos = neg = 0
+    for _ in range(60):
+        ids, start = pretrain.dialogue_doc(data, tok, rng, cfg, "user", rows, parts)
+        prompt, ans = ids[:start], ids[start:]
+        item = prompt[prompt.index(tok.sp("msg"), prompt.index(tok.sp("hist"))) + 1]
+        accept = ans[0] in (tok.sp("click"), tok.sp("star"))
+        # positive only for the user's own next or near-future items
+        r = [r for r in rows if tok.item(data.train_target[r]) == item and
+             [tok.item(i) for i in data.history("train", r)] == prompt[prompt.index(tok.sp("hist")) + 1:
+                                                                   prompt.index(tok.sp("msg"), prompt.index(tok.sp("hist")))]]
+        if accept:
+            pos += 1
+        else:
+            neg += 1
+            assert not r                                                     # the target itself is never turned down
+    assert pos > 10 and neg > 10
+
+
+def test_outcome_mode_has_no_filter():
+    tr = make_traj([(3, "star", 0.6, 0.0), (7, "click", 0.9, 0.0)])
+    assert reward.turn_rewards(tr)[0] == (None, None)                        # interaction: filtered
+    assert reward.turn_rewards(tr, mode="outcome") == [(1.0, 1.0), (1.0, 1.0)]      # outcome: kept
+    assert reward.turn_rewards(tr, mode="outcome", use_filter=True)[0] == (1.0, 1.0)
+
+
+def test_each_agent_is_clipped_by_its_own_norm(small_run, tmp_path, capsys, monkeypatch):
+    """Scaling the UserAgent's gradient up 1000x leaves the RecAgent's update exactly as it was."""
+    real = train.coars_loss
+
+    def louder_user(model, tok, trajs, buffer, agent, *a, **k):
+        out = real(model, tok, trajs, buffer, agent, *a, **k)
+        if agent == "user" and louder_user.scale != 1:
+            for p in model.adapter_parameters("user"):
+                if p.grad is not None:
+                    p.grad.mul_(louder_user.scale)
+        return out
+    monkeypatch.setattr(train, "coars_loss", louder_user)
+    ads = {}
+    for scale in (1, 1000):
+        louder_user.scale = scale
+        code, _, err = in_process(small_run + ["--out-dir", str(tmp_path), "--run-name", f"s{scale}", "--steps", "2",
+                                               "--skip-eval", "--eval-every", "0", "--grad-clip", "0.01"], capsys)
+        assert code == 0, err
+        ads[scale] = torch.load(tmp_path / f"s{scale}" / "coars.pt", weights_only=True)["adapters"]
+        m = [json.loads(l) for l in (tmp_path / f"s{scale}" / "metrics.jsonl").read_text().splitlines()]
+        assert all("rec_grad_norm" in x and "user_grad_norm" in x for x in m if x["stage"] == 2)
+    rec = [k for k in ads[1] if ".adapters.rec." in k]
+    user = [k for k in ads[1] if ".adapters.user." in k]
+    assert all(torch.equal(ads[1][k], ads[1000][k]) for k in rec)          # the RecAgent's step is unchanged
+    assert any(not torch.equal(ads[1][k], ads[1000][k]) for k in user)     # while the user's did change
