@@ -91,6 +91,8 @@ class Config:
     pretrain_eval_every: int = 50
     """measure validation HR@1 (RecAgent ranking, no hint) every this many stage-1 steps; the best weights are kept
     (0 = never: the last weights)"""
+    pretrain_eval_n: int = 1000
+    """validation samples of that measurement (a fixed random subset; all when the split is smaller)"""
     pretrain_patience: int = 4
     """stop stage 1 after this many validation measurements without improvement (0 = never stop early)"""
     dropout: float = 0.1

@@ -73,13 +73,24 @@ def stage1_parts(data, n_last):
 
 
 def wrong_turns(data, tok, traj, rng, n):
-    """Play n turns in which the scripted RecAgent names a wrong candidate (the SASRec prior half the
-    time when it is wrong, else a uniform one, never twice) and the user turns it down; these fill
-    the memory of a dialogue document."""
+    """Play n turns in which the scripted RecAgent names a wrong candidate, never twice, and the user
+    turns it down; these fill the memory of a dialogue document. Half the time the wrong item is the
+    most plausible one (closest to the history by SASRec item embeddings), a quarter the SASRec prior
+    when it is wrong, else a uniform one: a model that knows the user would pick such items itself,
+    so the documents teach it that an item the user turned down is not named again (measured: with
+    uniform wrong items only, the trained pair repeated a turned-down item in 86% of later turns)."""
+    v = data.item_vec
+    taste = v[traj.hist].mean(0)                                          # (d,)
     for _ in range(n):
         used = {tr.item for tr in traj.turns}
         wrong = [c for c in traj.cands if c != traj.target and c not in used]
-        item = traj.prior if traj.prior in wrong and rng.random() < 0.5 else wrong[int(rng.integers(len(wrong)))]
+        u = rng.random()
+        if u < 0.5:
+            item = wrong[int(np.argmax(v[wrong] @ taste))]
+        elif u < 0.75 and traj.prior in wrong:
+            item = traj.prior
+        else:
+            item = wrong[int(rng.integers(len(wrong)))]
         why = closest_history_item(data, traj.hist, item)
         tr = Turn(rec_out=rec_message(tok, item, why), item=item, rec_valid=True)
         traj.turns.append(tr)
@@ -91,9 +102,12 @@ def wrong_turns(data, tok, traj, rng, n):
 
 
 def scripted_reaction(rng, positive):
-    """(action, score): click or star for an item the user wants, skip or dislike otherwise, the
-    score uniform inside the action's interval (env.ACTION_RANGE)."""
-    action = ("click" if rng.random() < 0.6 else "star") if positive else ("dislike" if rng.random() < 0.5 else "skip")
+    """(action, score): click (3 in 4) or star for an item the user wants, skip or dislike (1 in 2
+    each) otherwise, the score uniform inside the action's interval (env.ACTION_RANGE). A greedy
+    UserAgent then accepts where it believes the item wanted with probability above 0.4 (click's
+    0.75 p against dislike's or skip's 0.5 (1 - p)); with 0.6 / 0.4 the threshold was 0.45 and the
+    base's recall on the F1 set was 0.51 (F1 0.63, below accept-all's 0.67)."""
+    action = ("click" if rng.random() < 0.75 else "star") if positive else ("dislike" if rng.random() < 0.5 else "skip")
     lo, hi = ACTION_RANGE[action]
     return action, round(min(hi - 0.01, lo + float(rng.random()) * (hi - lo)), 2)
 
@@ -186,7 +200,8 @@ def stage1_key(cfg, data):
     return dict(raw_sha256=data.meta["raw_sha256"], data_options=data.meta["options"],
                 model=[cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.dropout],
                 pretrain=[cfg.pretrain_steps, cfg.pretrain_batch, cfg.pretrain_window, cfg.pretrain_dialogues,
-                          cfg.pretrain_lr, cfg.pretrain_future, cfg.pretrain_eval_every, cfg.pretrain_patience,
+                          cfg.pretrain_lr, cfg.pretrain_future, cfg.pretrain_eval_every, cfg.pretrain_eval_n,
+                          cfg.pretrain_patience,
                           cfg.p_reference, cfg.stage2_last, cfg.t_max, cfg.seed, cfg.precision])
 
 
@@ -230,7 +245,7 @@ def stage1(cfg, data, tok, device, run_dir, log, ck=None):
     parts, rows = stage1_parts(data, cfg.stage2_last)
     lens = np.array([max(len(p) - 1, 0) for p in parts], float)      # next-item targets per user
     weights = lens / lens.sum()
-    valid_rows = np.random.default_rng(cfg.seed).permutation(len(data.valid_user))[:cfg.eval_valid_n]
+    valid_rows = np.random.default_rng(cfg.seed).permutation(len(data.valid_user))[:cfg.pretrain_eval_n]
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and not n.startswith(("wte", "wpe"))]
     rest = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and not n.startswith(("wte", "wpe")))]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}],
