@@ -14,6 +14,8 @@ import dataclasses
 import json
 import os
 import signal
+import sys
+import time
 from pathlib import Path
 
 import torch
@@ -153,3 +155,13 @@ class Faults:
 
 
 FAULTS = Faults()
+
+
+def plain_progress(log, name, done, total, t0, start=0, extra=""):
+    """Where stdout is not a terminal (nohup, a cluster job's log) tqdm shows nothing: log one plain
+    line about every 5% of a stage instead, with steps done, rate and time left."""
+    every = max(1, total // 20)
+    if sys.stdout.isatty() or not (done % every == 0 or done == total) or done <= start:
+        return
+    rate = (time.time() - t0) / (done - start)
+    log(f"{name}: step {done}/{total}, {rate:.2f} s/step, about {rate * (total - done) / 60:.1f} min left" + extra)

@@ -93,7 +93,7 @@ class Config:
     (0 = never: the last weights)"""
     pretrain_eval_n: int = 1000
     """validation samples of that measurement (a fixed random subset; all when the split is smaller)"""
-    pretrain_patience: int = 4
+    pretrain_patience: int = 6
     """stop stage 1 after this many validation measurements without improvement (0 = never stop early)"""
     dropout: float = 0.1
     """dropout of the built-in GPT in stage 1 (the frozen base runs without it)"""

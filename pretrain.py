@@ -39,7 +39,7 @@ import torch
 from tqdm import tqdm
 
 from checkpoint import (FAULTS, STOP, Stopped, check_bad_streak, data_fingerprint, finite, log_jsonl, metrics_lines,
-                        rng_state, save_checkpoint, set_rng_state)
+                        plain_progress, rng_state, save_checkpoint, set_rng_state)
 from distill import hindsight_reference
 from env import (ACTION_RANGE, Turn, closest_history_item, finish_turn, new_trajectory, rec_message, record_user,
                  render_rec, render_user, user_message)
@@ -310,6 +310,8 @@ def stage1(cfg, data, tok, device, run_dir, log, ck=None):
             bar.set_postfix(loss=f"{loss.item():.3f}", valid_hr1=f"{hr1:.3f}", best=f"{best['hr1']:.3f}")
         if rec:
             log_jsonl(run_dir / "metrics.jsonl", rec)
+        plain_progress(log, "stage 1", step + 1, cfg.pretrain_steps, t0, start,
+                       f" (best validation HR@1 so far {best['hr1']:.4f})" if best["hr1"] >= 0 else "")
         done = cfg.pretrain_patience and best["since"] >= cfg.pretrain_patience
         if STOP.signum or (cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0 and not done):
             checkpoint(step + 1)

@@ -41,7 +41,7 @@ from tqdm import tqdm
 from config import Config, UserError, add_config_args, config_from, lora_targets, loss_group, validate
 from data.prepare import DataError, prepare, probe_writable
 from checkpoint import (CKPT_NAMES, FAULTS, STOP, BadSteps, Stopped, buffer_state, check_bad_streak,  # noqa: F401
-                        data_fingerprint, finite, load_checkpoint, log_jsonl, metrics_lines, rng_state,
+                        data_fingerprint, finite, load_checkpoint, log_jsonl, metrics_lines, plain_progress, rng_state,
                         save_checkpoint, set_buffer_state, set_rng_state, truncate_metrics)
 from distill import ReferenceBuffer, coars_loss
 from distributed import all_gather, device_of, all_reduce_grads, barrier, dist_info, init_distributed, merge_stats
@@ -145,6 +145,7 @@ def stage2(cfg, model, tok, data, device, run_dir, log, ck=None):
         if cfg.warmup_steps:
             warmup(cfg, model, tok, data, device, log)
         checkpoint(0)                 # stage 1 is done: a resume starts from here, not from stage 1
+    t_stage = time.time()
     bar = tqdm(range(start + 1, cfg.steps + 1), desc="stage 2 CoARS", dynamic_ncols=True, disable=None if lead else True,
                initial=start, total=cfg.steps)
     for step in bar:
@@ -213,6 +214,7 @@ def stage2(cfg, model, tok, data, device, run_dir, log, ck=None):
                         split=f"roll {rec['rollout_s']:.1f}/teach {rec['teacher_s']:.1f}/stud {rec['student_s']:.1f}")
         if lead:
             log_jsonl(run_dir / "metrics.jsonl", rec)
+            plain_progress(log, "stage 2", step, cfg.steps, t_stage, start, f" (training Hit@1 {rec['train_hit']:.3f})")
         if not ok:
             check_bad_streak(cfg, streak, 2, step, run_dir, log, lambda: checkpoint(step))
         if STOP.signum or step == cfg.steps or (cfg.ckpt_every and step % cfg.ckpt_every == 0):
