@@ -130,6 +130,9 @@ class Config:
     among the 20 candidates only, PAPER.md section 5)"""
     use_filter: bool = True
     """leave out turns with a wrong item that the user met positively"""
+    user_filter: bool = True
+    """the filter also leaves the turn out of the UserAgent's loss (paper); --no-user-filter [ours, extension]: the
+    UserAgent is still trained on wrong items it accepted, so accepting everything is not free"""
     reward_mode: str = "interaction"
     """'interaction' (Eq. 7-8) or 'outcome' (final hit only, the ablation/baseline)"""
     train_rec: bool = True

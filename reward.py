@@ -42,9 +42,14 @@ def filtered(hit, action):
     return hit == 0 and action in ("click", "star")
 
 
-def turn_rewards(traj, mode="interaction", alpha=0.1, stage_gamma=None, use_filter=True):
+def turn_rewards(traj, mode="interaction", alpha=0.1, stage_gamma=None, use_filter=True, user_filter=True):
     """Per turn of a finished trajectory: (R_rec, R_user). None = no message, or left out by the
-    filter. mode: "interaction" (Eq. 7, 8) or "outcome" (final hit only, never filtered)."""
+    filter. mode: "interaction" (Eq. 7, 8) or "outcome" (final hit only, never filtered).
+    user_filter=False [ours, extension, off by default]: the filter leaves out only the RecAgent's
+    message, and the UserAgent is still trained on a wrong item it accepted (Eq. 8 is then
+    negative). Measured reason: with the filter on both losses nothing ever penalises the user for
+    accepting a wrong item, and on ml-latest-small stage 2 drove it to accept everything (recall
+    0.995, F1 equal to accept-all's; docs/results.md)."""
     out = []
     final = 2 * traj.hit - 1
     for t, tr in enumerate(traj.turns, 1):
@@ -55,7 +60,7 @@ def turn_rewards(traj, mode="interaction", alpha=0.1, stage_gamma=None, use_filt
             out.append((float(final), float(final) if tr.user_valid else INVALID))
             continue
         if tr.user_valid and use_filter and filtered(tr.hit, tr.action):
-            out.append((None, None))
+            out.append((None, None if user_filter else user_reward(tr.hit, tr.score, tr.q, alpha)))
             continue
         s = tr.score if tr.user_valid else 0.0
         r_rec = rec_reward(tr.hit, s, t, stage_gamma)

@@ -17,6 +17,7 @@ the adapters' initialisation, the training samples and the sampled rollouts. Met
   CoARS w/o self-distillation       lambda = 0
   CoARS w/o user co-evolution       UserAgent frozen
   CoARS w/o filter                  the filter off
+  CoARS, user trained on filtered   [ours, extension] the filter spares the RecAgent only (--no-user-filter)
   CoARS                             the full method
 Sensitivity suites: lambda (0, 0.05, 0.1, 0.2, 0.5), alpha (0, 0.1, 0.3), tmax (1, 3, 5).
 
@@ -49,6 +50,7 @@ PAPER = [
     ("CoARS w/o self-distillation", dict(lam=0.0)),
     ("CoARS w/o user co-evolution", dict(train_user=False)),
     ("CoARS w/o filter", dict(use_filter=False)),
+    ("CoARS, user trained on filtered turns [ext]", dict(user_filter=False)),
     ("CoARS", dict()),
 ]
 SUITES = {

@@ -116,6 +116,9 @@ def test_filter_leaves_out_wrong_item_with_positive_reaction():
     assert r[2][0] == pytest.approx(0.95)
     r_nofilter = reward.turn_rewards(tr, use_filter=False)
     assert r_nofilter[0][0] == pytest.approx(-0.8)
+    # [ours, extension] user_filter=False: the RecAgent's message is still left out, the user's is not
+    r_ext = reward.turn_rewards(tr, user_filter=False)
+    assert r_ext[0] == (None, pytest.approx(-0.2)) and r_ext[1:] == r[1:]       # sigma -1, 2s-1 = 0.2
 
 
 def test_invalid_messages_get_minus_one():
