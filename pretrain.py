@@ -135,7 +135,7 @@ def scripted_reference(data, tok, row, rng, t_max):
 def dialogue_doc(data, tok, rng, cfg, agent, rows, parts):
     """One scripted dialogue turn of `agent` on a stage-1 sample: (prompt + answer ids, index where
     the answer starts)."""
-    while True:
+    for _ in range(50):            # a RecAgent document needs the target among the candidates (--candidates sasrec)
         row = int(rows[rng.integers(len(rows))])
         traj = new_trajectory(data, "train", row)
         if traj.target in traj.cands or agent == "user":

@@ -159,6 +159,12 @@ def summarise(data, mem, runs, cfg, seeds, suite):
     for name, m in methods.items():
         mu, lo, hi = mean_ci(per_sample[name], cfg.n_boot, cfg.seed)
         m["hit"] = {"mean": mu, "lo": lo, "hi": hi, "seed_sd": float(np.std(m["hit_per_seed"]))}
+    # the chance references (PAPER.md section 6): a 1/K pick, and a UserAgent that accepts everything
+    label = np.array(mem["per_sample"]["Memory-based ARS"]["f1_label"])
+    p, rc, f = prf(np.ones(len(label), bool), label)
+    k = 1.0 / data.test_cands.shape[1]
+    methods["Chance: 1/K pick, accept everything"] = dict(hit={"mean": k, "lo": k, "hi": k, "seed_sd": 0.0},
+                                                          user_precision=p, user_recall=rc, user_f1=f)
     main = list(runs)[-1]
     paired = {}
     for name in per_sample:

@@ -1131,13 +1131,15 @@ def test_suite_orchestration_on_tiny_data(synth, tmp_path, monkeypatch):
                        eval_valid_n=4, eval_test_n=12, n_boot=50, ckpt_every=0)
     logs = []
     s = suite.run_suite(cfg, "tiny", 2, tmp_path / "s", logs.append)
-    assert list(s["methods"]) == ["Random", "Pop", "SASRec top-1", "Memory-based ARS", "No distill", "CoARS"]
+    assert list(s["methods"]) == ["Random", "Pop", "SASRec top-1", "Memory-based ARS", "No distill", "CoARS",
+                                  "Chance: 1/K pick, accept everything"]
+    assert s["methods"]["Chance: 1/K pick, accept everything"]["hit"]["mean"] == 1 / 20
     assert s["n_samples"] == 12 and s["seeds"] == 2
     for name in ("No distill", "CoARS"):
         m = s["methods"][name]
         assert len(m["hit_per_seed"]) == 2 and abs(np.mean(m["hit_per_seed"]) - m["hit"]["mean"]) < 1e-12
         assert m["hit"]["lo"] <= m["hit"]["mean"] <= m["hit"]["hi"]
-    assert set(s["paired"]) == {f"CoARS - {n}" for n in s["methods"] if n != "CoARS"}
+    assert set(s["paired"]) == {f"CoARS - {n}" for n in s["methods"] if n != "CoARS" and not n.startswith("Chance")}
     for d in ("no-distill-seed0", "no-distill-seed1", "coars-seed0", "coars-seed1"):
         assert (tmp_path / "s" / d / "results.json").exists()
     r0 = json.loads((tmp_path / "s" / "coars-seed0" / "results.json").read_text())
