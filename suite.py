@@ -163,8 +163,8 @@ def summarise(data, mem, runs, cfg, seeds, suite):
     label = np.array(mem["per_sample"]["Memory-based ARS"]["f1_label"])
     p, rc, f = prf(np.ones(len(label), bool), label)
     k = 1.0 / data.test_cands.shape[1]
-    methods["Chance: 1/K pick, accept everything"] = dict(hit={"mean": k, "lo": k, "hi": k, "seed_sd": 0.0},
-                                                          user_precision=p, user_recall=rc, user_f1=f)
+    methods = {"Chance: 1/K pick, accept everything": dict(hit={"mean": k, "lo": k, "hi": k, "seed_sd": 0.0},
+                                                           user_precision=p, user_recall=rc, user_f1=f), **methods}
     main = list(runs)[-1]
     paired = {}
     for name in per_sample:

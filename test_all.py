@@ -1131,8 +1131,8 @@ def test_suite_orchestration_on_tiny_data(synth, tmp_path, monkeypatch):
                        eval_valid_n=4, eval_test_n=12, n_boot=50, ckpt_every=0)
     logs = []
     s = suite.run_suite(cfg, "tiny", 2, tmp_path / "s", logs.append)
-    assert list(s["methods"]) == ["Random", "Pop", "SASRec top-1", "Memory-based ARS", "No distill", "CoARS",
-                                  "Chance: 1/K pick, accept everything"]
+    assert list(s["methods"]) == ["Chance: 1/K pick, accept everything", "Random", "Pop", "SASRec top-1",
+                                  "Memory-based ARS", "No distill", "CoARS"]
     assert s["methods"]["Chance: 1/K pick, accept everything"]["hit"]["mean"] == 1 / 20
     assert s["n_samples"] == 12 and s["seeds"] == 2
     for name in ("No distill", "CoARS"):
