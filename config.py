@@ -132,7 +132,8 @@ class Config:
     """leave out turns with a wrong item that the user met positively"""
     user_filter: bool = True
     """the filter also leaves the turn out of the UserAgent's loss (paper); --no-user-filter [ours, extension]: the
-    UserAgent is still trained on wrong items it accepted, so accepting everything is not free"""
+    UserAgent is still trained on wrong items it accepted, so accepting everything is not free (measured: it then
+    turns down nearly everything instead; docs/results.md)"""
     reward_mode: str = "interaction"
     """'interaction' (Eq. 7-8) or 'outcome' (final hit only, the ablation/baseline)"""
     train_rec: bool = True
