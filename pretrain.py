@@ -91,14 +91,20 @@ def wrong_turns(data, tok, traj, rng, n):
             item = traj.prior
         else:
             item = wrong[int(rng.integers(len(wrong)))]
-        why = closest_history_item(data, traj.hist, item)
-        tr = Turn(rec_out=rec_message(tok, item, why), item=item, rec_valid=True)
-        traj.turns.append(tr)
-        record_user(data, traj, tr)
-        tr.action, tr.score = scripted_reaction(rng, False)
-        tr.user_out, tr.user_valid = user_message(tok, tr.action, tr.score, why), True
-        finish_turn(traj, tr, len(traj.turns) + 1)
+        scripted_turn(data, tok, traj, rng, item, False, len(traj.turns) + 2)   # a rejection never ends it
     return traj
+
+
+def scripted_turn(data, tok, traj, rng, item, positive, t_max):
+    """Append one scripted turn: the RecAgent names `item` (rationale: the closest history item) and
+    the user reacts (scripted_reaction); the episode ends at a click or at t_max turns."""
+    why = closest_history_item(data, traj.hist, item)
+    tr = Turn(rec_out=rec_message(tok, item, why), item=item, rec_valid=True)
+    traj.turns.append(tr)
+    record_user(data, traj, tr)
+    tr.action, tr.score = scripted_reaction(rng, positive)
+    tr.user_out, tr.user_valid = user_message(tok, tr.action, tr.score, why), True
+    finish_turn(traj, tr, t_max)
 
 
 def scripted_reaction(rng, positive):
@@ -117,13 +123,7 @@ def scripted_episode(data, tok, traj, rng, t_max):
     clicked or starred, unless the turns ran out or the target is not a candidate."""
     wrong_turns(data, tok, traj, rng, int(rng.integers(t_max + 1)))
     if len(traj.turns) < t_max and traj.target in traj.cands:
-        why = closest_history_item(data, traj.hist, traj.target)
-        tr = Turn(rec_out=rec_message(tok, traj.target, why), item=traj.target, rec_valid=True)
-        traj.turns.append(tr)
-        record_user(data, traj, tr)
-        tr.action, tr.score = scripted_reaction(rng, True)
-        tr.user_out, tr.user_valid = user_message(tok, tr.action, tr.score, why), True
-        finish_turn(traj, tr, t_max)
+        scripted_turn(data, tok, traj, rng, traj.target, True, t_max)
     return traj
 
 
