@@ -82,6 +82,9 @@ class Config:
     """item-sequence windows per stage-1 step (next-item language modelling, every position scored)"""
     pretrain_window: int = 50
     """longest item-sequence window"""
+    pretrain_prefixed: float = 0.5
+    """share of those windows that follow the head of a RecAgent prompt (`<|rec|><|cands|>` 20 random items
+    `<|mem|><|hist|>`), so that the base predicts the next item from the history whatever precedes it"""
     pretrain_dialogues: int = 32
     """scripted dialogue documents per stage-1 step, half per agent (also the warm-up's batch per agent)"""
     pretrain_lr: float = 2e-3
@@ -134,6 +137,9 @@ class Config:
     """the filter also leaves the turn out of the UserAgent's loss (paper); --no-user-filter [ours, extension]: the
     UserAgent is still trained on wrong items it accepted, so accepting everything is not free (measured: it then
     turns down nearly everything instead; docs/results.md)"""
+    user_balance: bool = False
+    """[ours, extension] the UserAgent's turns on right and on wrong items weigh the same in its loss
+    (distill.balance_user); meant with --no-user-filter"""
     reward_mode: str = "interaction"
     """'interaction' (Eq. 7-8) or 'outcome' (final hit only, the ablation/baseline)"""
     train_rec: bool = True
@@ -216,8 +222,10 @@ def validate(cfg: Config):
         (0 <= cfg.alpha <= 1, "--alpha must be in [0, 1] (Eq. 8)."),
         (cfg.temperature > 0, "--temperature must be positive (evaluation is greedy anyway)."),
         (cfg.n_embd % cfg.n_head == 0, "--n-embd must be a multiple of --n-head."),
-        (cfg.pretrain_window >= 2 and cfg.pretrain_dialogues >= 0 and cfg.pretrain_future >= 0,
-         "--pretrain-window must be at least 2, --pretrain-dialogues and --pretrain-future at least 0."),
+        (cfg.pretrain_window >= 2 and cfg.pretrain_dialogues >= 0 and cfg.pretrain_future >= 0
+         and 0 <= cfg.pretrain_prefixed <= 1,
+         "--pretrain-window must be at least 2, --pretrain-dialogues and --pretrain-future at least 0, "
+         "--pretrain-prefixed in [0, 1]."),
         (cfg.pretrain_eval_every >= 0 and cfg.pretrain_patience >= 0,
          "--pretrain-eval-every and --pretrain-patience cannot be negative."),
         (0 <= cfg.dropout < 1, "--dropout must be in [0, 1)."),

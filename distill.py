@@ -84,8 +84,11 @@ def agent_objective(student_lp, rewards, credits, lam=0.1, n_episodes=None, base
 def collect_messages(tok, trajs, buffer, agent, reward_cfg, free_answer=False):
     """Gather one agent's trainable messages: (student prompt, teacher prompt, tokens, R_t, first),
     first = the ids the message's first token was chosen among (the RecAgent's candidates; None =
-    the whole vocabulary), so that teacher and student score it over the policy's own support."""
-    out = []
+    the whole vocabulary), so that teacher and student score it over the policy's own support.
+    reward_cfg: turn_rewards' options, plus user_balance (see balance_user)."""
+    reward_cfg = dict(reward_cfg)
+    user_balance = reward_cfg.pop("user_balance", False)
+    out, hits = [], []
     for traj in trajs:
         rewards = turn_rewards(traj, **reward_cfg)
         ref = hindsight_reference(tok, buffer.reference_for(traj))
@@ -95,7 +98,23 @@ def collect_messages(tok, trajs, buffer, agent, reward_cfg, free_answer=False):
                 out.append((tr.rec_prompt, render_rec(tok, traj, t, ref), tr.rec_out, r_rec, choices))
             if agent == "user" and r_user is not None:
                 out.append((tr.user_prompt, render_user(tok, traj, t, ref), tr.user_out, r_user, None))
+                hits.append(tr.hit)
+    if agent == "user" and user_balance:
+        out = [m[:3] + (r,) + m[4:] for m, r in zip(out, balance_user([m[3] for m in out], hits))]
     return out
+
+
+def balance_user(rewards, hits):
+    """[ours, extension, off by default: --user-balance] the UserAgent's turns on right items and on
+    wrong items weigh the same in its loss: each reward is scaled by n / (2 n_hit) or n / (2 n_miss)
+    (n = the batch's user messages). Without it, the wrong items outnumber the right ones (an episode
+    goes on after a miss and stops at a click), and Eq. 8 drives the user to turn everything down
+    when the filter does not hide its accepted misses (--no-user-filter), or to accept everything
+    when it does (measured, docs/results.md). Under torchrun the counts are each rank's own."""
+    n, n_hit = len(hits), sum(hits)
+    if n_hit in (0, n):
+        return list(rewards)
+    return [r * n / (2 * (n_hit if h else n - n_hit)) for r, h in zip(rewards, hits)]
 
 
 def coars_loss(model, tok, trajs, buffer, agent, reward_cfg, lam=0.1, baseline="none", device="cpu", timing=None,

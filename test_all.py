@@ -1698,3 +1698,45 @@ def test_each_agent_is_clipped_by_its_own_norm(small_run, tmp_path, capsys, monk
     user = [k for k in ads[1] if ".adapters.user." in k]
     assert all(torch.equal(ads[1][k], ads[1000][k]) for k in rec)          # the RecAgent's step is unchanged
     assert any(not torch.equal(ads[1][k], ads[1000][k]) for k in user)     # while the user's did change
+
+
+def test_prefixed_windows_follow_a_recagent_prompt_head(data):
+    """--pretrain-prefixed: the window comes after `<|rec|><|cands|>` 20 items outside the window
+    `<|mem|>`, exactly as the RecAgent prompt starts, and only the window's items are scored."""
+    tok = Tokenizer(data.n_items)
+    parts, _ = pretrain.stage1_parts(data, 3)
+    w = np.array([max(len(p) - 1, 0) for p in parts], float)
+    rng = np.random.default_rng(0)
+    kinds = set()
+    for _ in range(40):
+        ids, start = pretrain.sequence_doc(tok, rng, parts, w / w.sum(), 50, prefixed=0.5, n_cands=20)
+        assert ids[start - 1] == tok.sp("hist")
+        window = [tok.item_of(t) for t in ids[start:]]
+        assert all(i is not None for i in window) and len(window) <= 50
+        if start == 1:
+            kinds.add("bare")
+            continue
+        kinds.add("prefixed")
+        assert ids[:2] == [tok.sp("rec"), tok.sp("cands")] and ids[22] == tok.sp("mem") and start == 24
+        cands = [tok.item_of(t) for t in ids[2:22]]
+        assert len(set(cands)) == 20 and not set(cands) & set(window)
+    assert kinds == {"bare", "prefixed"}
+    ids, start = pretrain.sequence_doc(tok, rng, parts, w / w.sum(), 50, prefixed=1.0, n_cands=20)
+    head = env.render_rec(tok, env.new_trajectory(data, "train", 0), 0)
+    assert start == 24 and ids[:2] == head[:2] and ids[22:24] == [tok.sp("mem"), tok.sp("hist")]
+
+
+def test_user_balance_weighs_right_and_wrong_items_the_same():
+    # 1 hit, 3 misses: the hit's reward x 4/2, each miss's x 4/6, so each class sums to the same weight
+    assert distill.balance_user([1.0, -0.5, 0.5, 0.25], [1, 0, 0, 0]) == pytest.approx([2.0, -1 / 3, 1 / 3, 1 / 6])
+    assert distill.balance_user([1.0, 0.5], [1, 1]) == [1.0, 0.5]          # one class only: unchanged
+    # through collect_messages: only the UserAgent's rewards, only with the option
+    tr = make_traj([(3, "skip", 0.3, 0.0), (5, "dislike", 0.1, 0.0), (7, "click", 0.9, 0.0)])
+    tok = Tokenizer(100)
+    for t in range(3):
+        tr.turns[t].rec_prompt, tr.turns[t].user_prompt = [1], [2]
+    plain = [m[3] for m in distill.collect_messages(tok, [tr], distill.ReferenceBuffer(), "user", {})]
+    bal = [m[3] for m in distill.collect_messages(tok, [tr], distill.ReferenceBuffer(), "user", dict(user_balance=True))]
+    assert bal == pytest.approx([plain[0] * 3 / 4, plain[1] * 3 / 4, plain[2] * 3 / 2])
+    rec = [m[3] for m in distill.collect_messages(tok, [tr], distill.ReferenceBuffer(), "rec", dict(user_balance=True))]
+    assert rec == [m[3] for m in distill.collect_messages(tok, [tr], distill.ReferenceBuffer(), "rec", {})]
