@@ -35,6 +35,7 @@ import pretrain  # noqa: E402
 import sampling  # noqa: E402
 import eval as ev  # noqa: E402
 import reward  # noqa: E402
+import data.prepare as data_prepare  # noqa: E402
 from data.prepare import DataConfig, DataError, prepare  # noqa: E402
 from data.sasrec import SASRecConfig  # noqa: E402
 from data.synthetic import make_ml1m_zip  # noqa: E402
@@ -1740,3 +1741,151 @@ def test_user_balance_weighs_right_and_wrong_items_the_same():
     assert bal == pytest.approx([plain[0] * 3 / 4, plain[1] * 3 / 4, plain[2] * 3 / 2])
     rec = [m[3] for m in distill.collect_messages(tok, [tr], distill.ReferenceBuffer(), "rec", dict(user_balance=True))]
     assert rec == [m[3] for m in distill.collect_messages(tok, [tr], distill.ReferenceBuffer(), "rec", {})]
+
+
+# --------------------------------------------------------------------------------------------------
+# Specification pins: each rule of PAPER.md that a one-line change could break unnoticed
+
+
+def test_paper_defaults_are_pinned():
+    """alpha = 0.1 and lambda = 0.1 (Eq. 8, 11-12), the filter on, T_max = 5, REINFORCE without a
+    baseline: in the config, in the library defaults, and in what the default call computes."""
+    cfg = train.Config()
+    assert (cfg.alpha, cfg.lam, cfg.use_filter, cfg.user_filter, cfg.t_max) == (0.1, 0.1, True, True, 5)
+    assert (cfg.reward_mode, cfg.baseline, cfg.user_balance, cfg.stage_gamma) == ("interaction", "none", False, -1.0)
+    # library defaults, by behaviour: a peer signal q = 1 makes alpha visible
+    tr = make_traj([(7, "click", 0.9, 1.0)])
+    assert reward.turn_rewards(tr)[0][1] == pytest.approx(0.8 * (1 - 0.1 * 0.8))
+    assert reward.user_reward(1, 0.9, 1.0) == pytest.approx(0.8 * (1 - 0.1 * 0.8))
+    lp, a = torch.tensor([-1.0, -3.0]), torch.tensor([1.0, 1.0])
+    assert distill.agent_objective([lp], [0.0], [a], n_episodes=1).item() == pytest.approx(0.1 * 2.0)
+    import inspect as _inspect
+    assert _inspect.signature(distill.coars_loss).parameters["lam"].default == 0.1
+    assert _inspect.signature(distill.coars_loss).parameters["baseline"].default == "none"
+
+
+def test_filter_is_wrong_item_with_click_or_star_only():
+    for action, score, filtered in (("click", 0.9, True), ("star", 0.6, True), ("skip", 0.3, False),
+                                    ("dislike", 0.1, False)):
+        wrong = reward.turn_rewards(make_traj([(3, action, score, 0.0)]))[0]
+        assert (wrong == (None, None)) == filtered, action
+        hit = reward.turn_rewards(make_traj([(7, action, score, 0.0)]))[0]        # a hit is never filtered
+        assert hit == (pytest.approx(0.5 + 0.5 * score), pytest.approx(2 * score - 1)), action
+    assert not reward.filtered(1, "click") and reward.filtered(0, "star") and not reward.filtered(0, "skip")
+
+
+def test_outcome_mode_gives_an_invalid_user_message_minus_one():
+    tr = make_traj([(3, "invalid", None, 0.0), (7, "click", 0.9, 0.0)])
+    assert reward.turn_rewards(tr, mode="outcome") == [(1.0, -1.0), (1.0, 1.0)]
+    tr = make_traj([(None, None, None, 0.0), (3, "skip", 0.3, 0.0)])
+    assert reward.turn_rewards(tr, mode="outcome") == [(-1.0, None), (-1.0, -1.0)]
+
+
+def test_mean_baseline_is_subtracted(data):
+    lp, a = torch.tensor([-1.0, -3.0]), torch.zeros(2)
+    # (R - b) * mean(lp) = (1.0 - 0.25) * -2 -> loss 1.5
+    assert distill.agent_objective([lp], [1.0], [a], lam=0.0, n_episodes=1, baseline=0.25).item() == pytest.approx(1.5)
+    # coars_loss "mean": b = the batch's mean reward, so loss_mean - loss_none = b * sum_t mean(lp_t) / n
+    tok = Tokenizer(data.n_items)
+    m = tiny_model(tok.vocab_size, scale=0.1)
+    m.add_lora(("rec", "user"), r=2, alpha=4)
+    rng = np.random.default_rng(1)
+    trajs = []
+    for r in range(4):
+        tr = env.new_trajectory(data, "train", r)
+        pretrain.scripted_episode(data, tok, tr, rng, 3)
+        for t, turn in enumerate(tr.turns):
+            turn.rec_prompt = env.render_rec(tok, tr, t)
+        trajs.append(tr)
+    rcfg = dict(mode="interaction", alpha=0.1, use_filter=False, stage_gamma=None)
+    m.set_adapter("rec")
+    with torch.no_grad():
+        none, st = distill.coars_loss(m, tok, trajs, distill.ReferenceBuffer(), "rec", rcfg, 0.0, "none")
+        mean, _ = distill.coars_loss(m, tok, trajs, distill.ReferenceBuffer(), "rec", rcfg, 0.0, "mean")
+        msgs = distill.collect_messages(tok, trajs, distill.ReferenceBuffer(), "rec", rcfg)
+        lps = model_mod.token_logprobs(m, [x[0] for x in msgs], [x[2] for x in msgs], tok.pad_id,
+                                       first=[x[4] for x in msgs])
+    b = st["reward"]
+    assert abs(b) > 0.01
+    assert (mean - none).item() == pytest.approx(b * sum(float(x.mean()) for x in lps) / len(trajs), rel=1e-4)
+
+
+def test_episode_ends_at_the_first_click_only():
+    for turns, done in (([(7, "star", 0.6, 0.0)], False),         # a star on the target: the episode goes on
+                        ([(7, "skip", 0.3, 0.0)], False),         # a skipped hit: goes on
+                        ([(3, "click", 0.9, 0.0)], True),         # a click on a wrong item ends it
+                        ([(7, "invalid", None, 0.0)], False)):
+        tr = make_traj(turns)
+        tr.turns, last = tr.turns[:-1], tr.turns[-1]
+        tr.turns.append(last)
+        env.finish_turn(tr, last, 5)
+        assert tr.done == done, turns
+    tr = make_traj([(3, "skip", 0.3, 0.0)] * 3)
+    env.finish_turn(tr, tr.turns[-1], 3)                           # T_max reached
+    assert tr.done
+
+
+def test_hit_at_1_counts_an_invalid_final_answer_as_a_miss(data, monkeypatch):
+    """Two samples: one final answer is the target, the other is invalid: Hit@1 = 0.5, not 1."""
+    tok = Tokenizer(data.n_items)
+    m = tiny_model(tok.vocab_size)
+    m.add_lora()
+    rows = [0, 1]
+    targets = {tuple(data.test_hist[r][data.test_hist[r] >= 0].tolist()): int(data.test_target[r]) for r in rows}
+
+    def fake(model, prompts, max_new, pad_id, stop_ids=(), temperature=1.0, generator=None, device="cpu",
+             allowed=None, keys=None, compile=False, first=None):
+        outs = []
+        for p in prompts:
+            if p[0] == tok.sp("rec"):
+                hist = tuple(tok.item_of(t) for t in p[p.index(tok.sp("hist")) + 1:])
+                ok = hist == tuple(data.test_hist[0][data.test_hist[0] >= 0].tolist())
+                outs.append([tok.item(targets[hist]), tok.sp("why"), p[2], tok.end_id] if ok else [tok.sp("why")])
+            else:
+                outs.append(env.user_message(tok, "click", 0.9, 0))
+        return outs
+    monkeypatch.setattr(env, "generate", fake)
+    _, met = ev.run_ars(m, tok, data, "test", np.array(rows), ("rec", "user"), 5, "cpu")
+    assert met["hit"].tolist() == [1.0, 0.0] and met["hit"].mean() == 0.5
+    assert met["rec_valid"][1] == 0.0
+
+
+def test_peer_weights_clamp_negative_similarities():
+    sim = np.array([[-np.inf, 0.5, -0.4, 0.3], [0.5, -np.inf, -0.2, -0.1],
+                    [-0.4, -0.2, -np.inf, -0.3], [0.3, -0.1, -0.3, -np.inf]])
+    peers, w = data_prepare.peer_weights(sim, 3)
+    assert peers[0].tolist() == [1, 3, 2] and w[0] == pytest.approx([0.625, 0.375, 0.0])   # -0.4 -> 0
+    assert (w >= 0).all() and w.sum(1) == pytest.approx(np.ones(4))
+    assert w[2] == pytest.approx([1 / 3] * 3)                      # all negative: uniform weights
+
+
+def test_the_user_never_sees_the_target(data, tiny_hf):
+    """No UserAgent prompt carries the target unless a RecAgent message named it (built-in tokens and
+    the natural-language format)."""
+    tok = Tokenizer(data.n_items)
+    rng = np.random.default_rng(0)
+    checked = 0
+    for r in range(40):
+        tr = env.new_trajectory(data, "train", r)
+        if tr.target in tr.hist:
+            continue
+        pretrain.wrong_turns(data, tok, tr, rng, 3)      # three turns on wrong items
+        for t in range(3):
+            assert tok.item(tr.target) not in env.render_user(tok, tr, t)
+            checked += 1
+        for name, hft in _chat_tokenizers(tiny_hf):
+            ctok = chat.ChatTokenizer(hft, data.titles)
+            text = ctok.decode(env.render_user(ctok, tr, 2))
+            assert f"- {data.titles[tr.target]}\n" not in text + "\n" and f": {data.titles[tr.target]}\n" not in text
+    assert checked > 60
+
+
+def test_chat_reference_comes_after_candidates_and_memory(data, tiny_hf):
+    for name, hft in _chat_tokenizers(tiny_hf):
+        tok = chat.ChatTokenizer(hft, data.titles)
+        traj = _played_trajectory(data, tok)
+        ref = distill.hindsight_reference(tok, traj)
+        text = tok.decode(env.render_rec(tok, traj, 1, ref))
+        at = text.index(tok.decode(ref).strip()[:30])
+        assert text.index("Candidates") < at and text.index("Conversation so far:") < at, name
+        assert text.index("history, oldest first") < at, name

@@ -130,6 +130,16 @@ def _options(cfg: DataConfig):
     return d
 
 
+def peer_weights(sim, k):
+    """Each user's k most similar users (sim: (U,U) cosine similarities, -inf on the diagonal) and
+    their weights w_j (PAPER.md section 2): negative similarities count as 0, the rest are
+    normalised to sum to 1, and a user whose k similarities are all <= 0 weighs them equally."""
+    peers = np.argsort(-sim, axis=1, kind="stable")[:, :k]
+    w = np.maximum(np.take_along_axis(sim, peers, 1), 0)
+    w = np.where(w.sum(1, keepdims=True) > 0, w / np.maximum(w.sum(1, keepdims=True), 1e-12), 1.0 / max(k, 1))
+    return peers, w
+
+
 def prepare(cfg: DataConfig, log=print, rebuild=False) -> Data:
     """Load the processed dataset from the cache, or build it (download + parse + SASRec + ...)."""
     if cfg.candidates not in ("sasrec", "random"):
@@ -270,10 +280,7 @@ def build(parsed: Parsed, cfg: DataConfig, log=print):
     emb = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-8)
     sim = emb @ emb.T
     np.fill_diagonal(sim, -np.inf)
-    k = min(cfg.n_peers, n_users - 1)
-    peers = np.argsort(-sim, axis=1, kind="stable")[:, :k]
-    w = np.maximum(np.take_along_axis(sim, peers, 1), 0)
-    w = np.where(w.sum(1, keepdims=True) > 0, w / np.maximum(w.sum(1, keepdims=True), 1e-12), 1.0 / max(k, 1))
+    peers, w = peer_weights(sim, min(cfg.n_peers, n_users - 1))
 
     # UserAgent F1 set
     f1_user, f1_hist, f1_item, f1_label = [], [], [], []
