@@ -85,7 +85,7 @@ class Config:
     pretrain_prefixed: float = 0.5
     """share of those windows that follow the head of a RecAgent prompt (`<|rec|><|cands|>` 20 random items
     `<|mem|><|hist|>`), so that the base predicts the next item from the history whatever precedes it"""
-    pretrain_dialogues: int = 32
+    pretrain_dialogues: int = 64
     """scripted dialogue documents per stage-1 step, half per agent (also the warm-up's batch per agent)"""
     pretrain_lr: float = 2e-3
     """peak learning rate of stage 1 (cosine decay to 10%), and the learning rate of the warm-up"""
