@@ -5,11 +5,13 @@ warm-up of a Hugging Face model's adapters. Not part of CoARS itself: the built-
 knowledge, and this is what a pretrained LLM brings to the paper.
 
 What stage 1 trains on, every step (one batch):
-  - Next-item language modelling (most of the compute): windows of up to --pretrain-window items of
+  - Next-item language modelling: --pretrain-batch windows of up to --pretrain-window items of
     one user's stage-1 sequence, `<|hist|> i1 i2 ...`, every next item scored with a full softmax
     over the items, as SASRec is trained. The RecAgent prompt ends with `<|hist|> h1..h10`
-    (env.py), so its answer is predicted where this model predicts the next item.
-  - Scripted dialogues (--pretrain-dialogues, half per agent), at a random turn of an episode whose
+    (env.py), so its answer is predicted where this model predicts the next item; half the windows
+    (--pretrain-prefixed) come after the head of a RecAgent prompt with random candidates, so that
+    the 20 candidates before the history are not read as more history.
+  - Scripted dialogues (--pretrain-dialogues, 64: half per agent), at a random turn of an episode whose
     earlier turns recommended wrong candidates that the user turned down (so the memory is used:
     a turned-down item is never the answer). The RecAgent's answer names the item the user really
     took next. The UserAgent judges an item: positive (click / star) for the user's real next item
