@@ -139,7 +139,8 @@ class Config:
     turns down nearly everything instead; docs/results.md)"""
     user_balance: bool = False
     """[ours, extension] the UserAgent's turns on right and on wrong items weigh the same in its loss
-    (distill.balance_user); meant with --no-user-filter"""
+    (distill.balance_user); meant with --no-user-filter. Measured: it did not keep the user aligned
+    (docs/results.md)"""
     reward_mode: str = "interaction"
     """'interaction' (Eq. 7-8) or 'outcome' (final hit only, the ablation/baseline)"""
     train_rec: bool = True
