@@ -1889,3 +1889,124 @@ def test_chat_reference_comes_after_candidates_and_memory(data, tiny_hf):
         at = text.index(tok.decode(ref).strip()[:30])
         assert text.index("Candidates") < at and text.index("Conversation so far:") < at, name
         assert text.index("history, oldest first") < at, name
+
+
+def _decode_steps_match_full_forward(m, prompts, feeds, atol):
+    """Prefill the left-padded prompts into the cache, then feed `feeds` one decode step at a time;
+    before every step each row's logits must equal a full forward pass over that row alone. Also
+    checks that the test can see an error: the same forward with the newest token's position off
+    by one moves the logits by far more than atol (rotary positions are relative, so a shift of
+    every position would not)."""
+    B, P, n = len(prompts), max(map(len, prompts)), len(feeds[0])
+    valid = torch.zeros(B, P + n, dtype=torch.bool)
+    idx = torch.zeros(B, P, dtype=torch.long)
+    for b, p in enumerate(prompts):
+        idx[b, P - len(p):] = torch.tensor(p)
+        valid[b, P - len(p):P] = True
+    cache = m.new_cache(B, P + n, "cpu")
+    pos = model_mod.positions(valid[:, :P])
+    with torch.no_grad():
+        last = m(idx, pos, model_mod.causal_mask(valid[:, :P]), cache, 0)[:, -1]
+        nxt, head, shifted = pos[:, -1] + 1, m.head_weight.t(), 0.0
+        for t in range(n + 1):
+            for b in range(B):
+                seq = torch.tensor([prompts[b] + feeds[b][:t]])
+                ok = torch.ones_like(seq, dtype=torch.bool)
+                full = m(seq, model_mod.positions(ok), model_mod.causal_mask(ok))[0, -1] @ head
+                assert torch.allclose(last[b] @ head, full, atol=atol), (t, b)
+                p2 = model_mod.positions(ok).clone()
+                p2[0, -1] += 1                       # the newest token one position off
+                moved = m(seq, p2, model_mod.causal_mask(ok))[0, -1] @ head
+                shifted = max(shifted, float((moved - full).abs().max()))
+            if t == n:
+                break
+            valid[:, P + t] = True
+            last = m.decode(torch.tensor([f[t] for f in feeds]), nxt, valid, cache, torch.tensor([P + t]))
+            nxt = nxt + 1
+    assert shifted > 100 * atol                      # a position off by one would not pass
+
+
+def test_decode_steps_match_a_full_forward_builtin():
+    tok = Tokenizer(40)
+    m = tiny_model(tok.vocab_size, scale=0.5).eval()
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(0, tok.vocab_size, n).tolist() for n in (3, 17, 9, 1)]
+    feeds = [rng.integers(0, tok.vocab_size, 6).tolist() for _ in prompts]
+    _decode_steps_match_full_forward(m, prompts, feeds, atol=1e-4)
+    # greedy generation of a model trained a few steps to count (next id = id + 1), whose outputs
+    # vary token by token, matches the uncached reference
+    torch.manual_seed(0)
+    c = tiny_model(tok.vocab_size, scale=0.1)
+    opt = torch.optim.Adam(c.parameters(), lr=1e-2)
+    for _ in range(60):
+        x = (torch.randint(0, 30, (16, 1)) + torch.arange(12)) % 30
+        ok = torch.ones_like(x, dtype=torch.bool)
+        h = c(x, model_mod.positions(ok), model_mod.causal_mask(ok))
+        loss = torch.nn.functional.cross_entropy((h[:, :-1] @ c.head_weight.t()).flatten(0, 1), x[:, 1:].flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    c.eval()
+    a = generate(c, prompts, 12, tok.pad_id, temperature=0)
+    assert a == generate_nocache(c, prompts, 12, tok.pad_id, temperature=0)
+    assert min(len(set(x)) for x in a) >= 6
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+def test_decode_steps_match_a_full_forward_hf(tiny_hf, arch):
+    m, t = hf.load(tiny_hf[arch])
+    with torch.no_grad():          # sharper attention than the init's, so that positions matter
+        for name, p in m.named_parameters():
+            if name.endswith(("q_proj.weight", "k_proj.weight")):
+                p.mul_(8.0)
+    rng = np.random.default_rng(1)
+    prompts = [rng.integers(3, len(t), n).tolist() for n in (4, 15, 9)]
+    feeds = [rng.integers(3, len(t), 5).tolist() for _ in prompts]
+    _decode_steps_match_full_forward(m, prompts, feeds, atol=1e-4)
+
+
+def test_evaluate_end_to_end_with_known_answers(data, monkeypatch):
+    """evaluate() with scripted agents whose every answer is known: the RecAgent names the target on
+    every third test sample and otherwise the same wrong candidate each turn; the UserAgent clicks
+    exactly the items in a fixed 'liked' set (the test targets). Hit@1, turns, repeats, valid ratios
+    and the F1 set's precision / recall must come out exactly as counted by hand."""
+    tok = Tokenizer(data.n_items)
+    m = tiny_model(tok.vocab_size)
+    m.add_lora()
+    n = len(data.test_user)
+    by_cands = {tuple(data.test_cands[r].tolist()): r for r in range(n)}
+    liked = set(data.test_target.tolist())
+
+    def fake(model, prompts, max_new, pad_id, stop_ids=(), temperature=1.0, generator=None, device="cpu",
+             allowed=None, keys=None, compile=False, first=None):
+        outs = []
+        for p in prompts:
+            if p[0] == tok.sp("rec"):
+                r = by_cands[tuple(tok.item_of(t) for t in p[2:22])]
+                target = int(data.test_target[r])
+                wrong = next(c for c in data.test_cands[r].tolist() if c != target)
+                item = target if r % 3 == 0 else wrong
+                outs.append([tok.item(item), tok.sp("why"), p[2], tok.end_id])
+            else:
+                item = tok.item_of(p[p.index(tok.sp("msg"), p.index(tok.sp("hist"))) + 1])
+                outs.append(env.user_message(tok, *(("click", 0.9) if item in liked else ("skip", 0.3)), 0))
+        return outs
+    monkeypatch.setattr(env, "generate", fake)
+    monkeypatch.setattr(ev, "generate_all", lambda model, prompts, *a, **k: fake(model, prompts, 0, 0))
+    res = ev.evaluate(m, tok, data, "test", t_max=4, n_boot=50, log=lambda *a: None,
+                      agents=(("CoARS", ("rec", "user")),))
+    got = res["methods"]["CoARS"]
+    hits = np.arange(n) % 3 == 0
+    # a wrong candidate may itself be some other sample's target (liked): those episodes end in turn 1
+    wrong_liked = np.array([next(c for c in data.test_cands[r].tolist() if c != data.test_target[r]) in liked
+                            for r in range(n)])
+    assert got["hit"]["mean"] == pytest.approx(hits.mean())
+    assert got["hit_turn1"]["mean"] == pytest.approx(hits.mean())
+    assert got["turns"]["mean"] == pytest.approx(np.where(hits | wrong_liked, 1, 4).mean())
+    assert got["repeat_rejected"]["mean"] == pytest.approx(1.0)           # the same skipped item, every later turn
+    assert got["rec_valid"]["mean"] == 1.0 and got["user_valid"]["mean"] == 1.0
+    accept = np.isin(data.f1_item, list(liked))
+    p, r, f = ev.prf(accept, data.f1_label)
+    assert (got["user_precision"]["mean"], got["user_recall"]["mean"], got["user_f1"]["mean"]) == \
+        pytest.approx((p, r, f))
+    assert 0 < r < 1                                                     # the set has both kinds of answers
