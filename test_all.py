@@ -2010,3 +2010,106 @@ def test_evaluate_end_to_end_with_known_answers(data, monkeypatch):
     assert (got["user_precision"]["mean"], got["user_recall"]["mean"], got["user_f1"]["mean"]) == \
         pytest.approx((p, r, f))
     assert 0 < r < 1                                                     # the set has both kinds of answers
+
+
+# --------------------------------------------------------------------------------------------------
+# Published splits: users.csv and candidates.csv in the custom format
+
+
+def published_folder(path, n_users=40, n_items=80, n_events=14):
+    """A custom folder with users.csv (28 train, 6 valid, 6 test users) and candidates.csv for the
+    first three test users (lists written here, target included, order deliberate)."""
+    path.mkdir(parents=True)
+    rng = np.random.default_rng(5)
+    seqs = {f"u{u}": [f"i{i}" for i in rng.choice(n_items, n_events, replace=False)] for u in range(n_users)}
+    rows = ["user,item,timestamp"] + [f"{u},{i},{t}" for u, s in seqs.items() for t, i in enumerate(s)]
+    (path / "interactions.csv").write_text("\n".join(rows) + "\n")
+    (path / "items.csv").write_text("item,title\n" + "".join(f"i{i},Item {i}\n" for i in range(n_items)))
+    role = {u: "train" if k < 28 else "valid" if k < 34 else "test" for k, u in enumerate(seqs)}
+    (path / "users.csv").write_text("user,role\n" + "".join(f"{u},{r}\n" for u, r in role.items()))
+    lists = {}
+    for u in [u for u in seqs if role[u] == "test"][:3]:
+        s = seqs[u]
+        others = [f"i{i}" for i in range(n_items) if f"i{i}" not in s][:19]
+        lists[u] = others[:7] + [s[-1]] + others[7:]                          # the target 8th
+    (path / "candidates.csv").write_text("user,split,candidates\n" + "".join(f"{u},test,{' '.join(c)}\n"
+                                                                           for u, c in lists.items()))
+    return path, seqs, role, lists
+
+
+def test_published_split_trains_on_train_users_only_with_the_listed_candidates(tmp_path):
+    folder, seqs, role, lists = published_folder(tmp_path / "pub")
+    d = prepare(dcfg(str(folder), tmp_path), log=quiet)
+    users = d.user_raw.tolist()
+    for split in ("train", "valid", "test"):
+        assert {users[u] for u in getattr(d, f"{split}_user")} == {u for u, r in role.items()
+                                                                   if r == split}
+    for u in range(d.n_users):       # what SASRec, stage 1 and peers read: train users' events only
+        assert len(d.train_items(u)) == (len(seqs[users[u]]) if role[users[u]] == "train" else 0)
+    assert set(np.unique(d.peers).tolist()) <= {k for k, u in enumerate(users) if role[u] == "train"}
+    assert d.meta["split"] == "users.csv" and d.meta["fixed_candidates"] == 3
+    assert len(d.train_user) == 28 * (14 - 3)                                 # every position of a train user
+    names = d.item_raw.tolist()
+    for split in ("valid", "test"):                       # one sample per user: last event, <= 10 before it
+        for r, u in enumerate(getattr(d, f"{split}_user")):
+            s = seqs[users[u]]
+            assert names[getattr(d, f"{split}_target")[r]] == s[-1]
+            assert [names[i] for i in d.history(split, r)] == s[-11:-1]
+            cands = [names[i] for i in getattr(d, f"{split}_cands")[r]]
+            if users[u] in lists and split == "test":
+                assert cands == lists[users[u]]                                # exactly, in order
+            else:
+                assert s[-1] in cands and len(set(cands)) == 20 and not set(cands) & set(s[-11:-1])
+    # the F1 set: valid users, their held-out (last) item as the positive
+    assert {users[u] for u in d.f1_user} == {u for u, r in role.items() if r == "valid"}
+    # and stage 2 trains on train users only
+    assert {users[u] for u in d.train_user[pretrain.stage2_rows(d, 3)]} <= {u for u, r in role.items() if r == "train"}
+
+
+@pytest.mark.parametrize("edit,msg", [
+    (lambda f, L: (f / "users.csv").write_text("user,role\nu0,train\n"),
+     r"interactions.csv line \d+: user 'u1' is not in .*users.csv: with users.csv every user needs a role"),
+    (lambda f, L: (f / "users.csv").write_text((f / "users.csv").read_text().replace("u3,train", "u3,dev")),
+     r"users.csv line 5: role 'dev' must be train, valid or test"),
+    (lambda f, L: (f / "users.csv").write_text((f / "users.csv").read_text() + "u3,test\n"),
+     r"users.csv line 42: user 'u3' is listed twice"),
+    (lambda f, L: (f / "candidates.csv").write_text(L.replace(L.split()[3], "i999", 1)),
+     r"candidates.csv line 2: item 'i999' is not in interactions.csv"),
+    (lambda f, L: (f / "candidates.csv").write_text(L.replace(L.split()[3] + " ", "", 1)),
+     r"candidates.csv line 2: 19 candidates, expected 20"),
+    (lambda f, L: (f / "candidates.csv").write_text(L.replace(L.split()[3], L.split()[4], 1)),
+     r"candidates.csv line 2: an item is listed twice"),
+    (lambda f, L: (f / "candidates.csv").write_text(L.replace("u34,test", "u0,test")),
+     r"candidates.csv line 2: user 'u0' has no test sample"),
+    (lambda f, L: (f / "candidates.csv").write_text(L.replace("u34,test", "u34,train")),
+     r"candidates.csv line 2: split 'train' must be valid or test"),
+])
+def test_published_split_bad_files_are_one_sentence(tmp_path, edit, msg):
+    folder, seqs, role, lists = published_folder(tmp_path / "pub")
+    edit(folder, (folder / "candidates.csv").read_text())
+    with pytest.raises(DataError, match=msg):
+        prepare(dcfg(str(folder), tmp_path), log=quiet)
+    assert not list((tmp_path / "dd").rglob("processed.json"))
+
+
+def test_published_candidates_without_target_or_with_history_item(tmp_path):
+    folder, seqs, role, lists = published_folder(tmp_path / "pub")
+    u, c = next(iter(lists.items()))
+    no_target = [x for x in c if x != seqs[u][-1]] + [next(f"i{i}" for i in range(80) if f"i{i}" not in seqs[u]
+                                                           and f"i{i}" not in c)]
+    with_hist = [seqs[u][-2] if x == c[0] else x for x in c]
+    for lst, msg in ((no_target, r"line 2: the list does not hold the user's target"),
+                     (with_hist, rf"line 2: item '{seqs[u][-2]}' is in the user's history")):
+        (folder / "candidates.csv").write_text(f"user,split,candidates\n{u},test,{' '.join(lst)}\n")
+        with pytest.raises(DataError, match=msg):
+            prepare(dcfg(str(folder), tmp_path), log=quiet)
+    # a valid list again: built; then changing candidates.csv rebuilds the cache (it is in the key)
+    (folder / "candidates.csv").write_text(f"user,split,candidates\n{u},test,{' '.join(c)}\n")
+    prepare(dcfg(str(folder), tmp_path), log=quiet)
+    logs = []
+    (folder / "candidates.csv").write_text(f"user,split,candidates\n{u},test,{' '.join(c[::-1])}\n")
+    d = prepare(dcfg(str(folder), tmp_path), log=logs.append)
+    assert any("rebuilding" in m for m in logs)
+    r = d.user_raw.tolist().index(u)
+    row = int(np.flatnonzero(d.test_user == r)[0])
+    assert [d.item_raw.tolist()[i] for i in d.test_cands[row]] == c[::-1]

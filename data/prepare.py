@@ -235,11 +235,20 @@ def build(parsed: Parsed, cfg: DataConfig, log=print):
     H, K = cfg.history, cfg.n_candidates
     if n_items < K + H:
         raise DataError(f"{cfg.dataset} has {n_items} items, too few for {K} candidates beside a {H}-item history.")
+    # users.csv (custom format): each user's role; without it every user is split leave-one-out
+    role = None if parsed.roles is None else [parsed.roles[u] for u in users_raw.tolist()]
     samples = {s: ([], [], []) for s in ("train", "valid", "test")}  # user, history, target
     for u, s in enumerate(seqs):
         n = len(s)
         for j in range(1, n):
-            split = "test" if j == n - 1 else "valid" if j == n - 2 else "train"
+            if role is None:
+                split = "test" if j == n - 1 else "valid" if j == n - 2 else "train"
+            elif role[u] == "train":        # a training user: every position is a training sample
+                split = "train"
+            elif j == n - 1:                # a valid or test user: one sample, its last event
+                split = role[u]
+            else:
+                continue
             lo = max(0, j - H)
             if j - lo >= cfg.min_history:
                 samples[split][0].append(u)
@@ -248,7 +257,11 @@ def build(parsed: Parsed, cfg: DataConfig, log=print):
     if not samples["test"][0] or not samples["train"][0]:
         raise DataError(f"{cfg.dataset} has no usable samples after filtering (users need at least "
                         f"{cfg.min_history + 3} interactions).")
-    train_seqs = [s[:-2] if len(s) > 2 else s[:0] for s in seqs]
+    if role is None:
+        held_out = [2] * n_users                                          # validation and test items
+    else:                                                                 # valid / test users: all of it
+        held_out = [0 if r == "train" else len(seqs[u]) for u, r in enumerate(role)]
+    train_seqs = [s[:len(s) - h] if len(s) > h else s[:0] for s, h in zip(seqs, held_out)]
 
     rng = np.random.default_rng(cfg.seed)
     log(f"{cfg.dataset}: {n_users} users, {n_items} items, {len(item)} interactions; training SASRec")
@@ -262,13 +275,14 @@ def build(parsed: Parsed, cfg: DataConfig, log=print):
         us, ts_ = np.array(us), np.array(ts_)
         cands = np.zeros((len(us), K), np.int64)
         prior = np.zeros(len(us), np.int64)
+        fixed = fixed_candidates(parsed, split, us, hs, ts_, users_raw, items_raw, K)
         if split == "train":  # each half's samples scored by the model that never saw them
             for f in (0, 1):
                 rows_f = np.flatnonzero(fold[us] != f)
                 _candidates(halves[f], [hs[r] for r in rows_f], ts_[rows_f], n_items, cfg, rng,
                             cands, prior, rows_f)
         else:
-            _candidates(full, hs, ts_, n_items, cfg, rng, cands, prior, np.arange(len(us)))
+            _candidates(full, hs, ts_, n_items, cfg, rng, cands, prior, np.arange(len(us)), fixed)
         hist = np.full((len(us), H), -1, np.int64)
         for r, h in enumerate(hs):
             hist[r, :len(h)] = h
@@ -276,17 +290,20 @@ def build(parsed: Parsed, cfg: DataConfig, log=print):
                        f"{split}_cands": cands, f"{split}_prior": prior})
 
     # peers: cosine of SASRec user embeddings after each user's last training items
-    emb = last_hidden(full, [s[-H:] for s in train_seqs])
+    # (a valid or test user of users.csv: after its history; only training users are peers)
+    is_train = np.array([h == 0 or role is None for h in held_out])
+    emb = last_hidden(full, [s[-H:] if is_train[u] else seqs[u][:-1][-H:] for u, s in enumerate(train_seqs)])
     emb = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-8)
     sim = emb @ emb.T
     np.fill_diagonal(sim, -np.inf)
-    peers, w = peer_weights(sim, min(cfg.n_peers, n_users - 1))
+    sim[:, ~is_train] = -np.inf
+    peers, w = peer_weights(sim, min(cfg.n_peers, int(is_train.sum()) - 1))
 
     # UserAgent F1 set
     f1_user, f1_hist, f1_item, f1_label = [], [], [], []
     vu = arrays["valid_user"]
     for r, u in enumerate(vu):
-        pos = list(seqs[u][len(seqs[u]) - 2:])[:cfg.f1_max_pos]
+        pos = list(seqs[u][len(seqs[u]) - (2 if role is None else 1):])[:cfg.f1_max_pos]
         touched = set(seqs[u].tolist())
         neg = []
         while len(neg) < len(pos):
@@ -304,7 +321,8 @@ def build(parsed: Parsed, cfg: DataConfig, log=print):
     has_ratings = bool(np.isfinite(rating).all() and (rating != 0).any())
     arrays.update(
         seq_ptr=ptr, seq_items=np.concatenate(train_seqs).astype(np.int64),
-        seq_rating=np.concatenate([r[:-2] if len(r) > 2 else r[:0] for r in rates]).astype(np.float32),
+        seq_rating=np.concatenate([r[:len(r) - h] if len(r) > h else r[:0]
+                                   for r, h in zip(rates, held_out)]).astype(np.float32),
         peers=peers.astype(np.int64), peer_w=w.astype(np.float32),
         item_vec=full.item_vectors().detach().numpy().astype(np.float32),
         item_pop=np.bincount(np.concatenate(train_seqs).astype(np.int64), minlength=n_items),
@@ -316,6 +334,8 @@ def build(parsed: Parsed, cfg: DataConfig, log=print):
     )
     meta = dict(n_users=n_users, n_items=n_items, n_interactions=int(len(item)), n_duplicates=n_dup,
                 n_untitled=n_untitled, n_users_without_test=n_short, has_ratings=has_ratings,
+                split="users.csv" if role is not None else "leave-one-out",
+                fixed_candidates=len(parsed.cand_lists or []),
                 samples={s: int(len(arrays[f"{s}_user"])) for s in samples},
                 prior_hit={s: float((arrays[f"{s}_prior"] == arrays[f"{s}_target"]).mean()) for s in samples},
                 ceiling={s: float((arrays[f"{s}_cands"] == arrays[f"{s}_target"][:, None]).any(1).mean())
@@ -328,8 +348,44 @@ def build(parsed: Parsed, cfg: DataConfig, log=print):
     return arrays, meta
 
 
-def _candidates(model, hists, targets, n_items, cfg, rng, cands_out, prior_out, rows_out):
-    """Fill cands_out[rows_out] and prior_out[rows_out] for the given histories and targets."""
+def fixed_candidates(parsed, split, us, hs, ts_, users_raw, items_raw, K):
+    """{row of the split: candidate item indices} from candidates.csv (custom format), each list
+    checked: K known items, no repeat, the target in it, no history item. Errors name the line."""
+    if not parsed.cand_lists or split == "train":
+        return {}
+    row_of = {int(u): r for r, u in enumerate(us)}
+    user_index = {u: k for k, u in enumerate(users_raw.tolist())}
+    item_index = {i: k for k, i in enumerate(items_raw.tolist())}
+    out = {}
+    for user, sp, ids, at in parsed.cand_lists:
+        if sp != split:
+            continue
+        r = row_of.get(user_index.get(user, -1))
+        if r is None:
+            raise DataError(f"{at}: user {user!r} has no {split} sample (unknown user, another role in users.csv, "
+                            f"or fewer than the history's minimum of events).")
+        if len(ids) != K:
+            raise DataError(f"{at}: {len(ids)} candidates, expected {K} item ids separated by spaces.")
+        unknown = [i for i in ids if i not in item_index]
+        if unknown:
+            raise DataError(f"{at}: item {unknown[0]!r} is not in interactions.csv.")
+        c = [item_index[i] for i in ids]
+        if len(set(c)) != K:
+            raise DataError(f"{at}: an item is listed twice.")
+        if int(ts_[r]) not in c:
+            raise DataError(f"{at}: the list does not hold the user's target (its last event, "
+                            f"{str(items_raw[ts_[r]])!r}).")
+        in_hist = set(c) & set(np.asarray(hs[r]).tolist())
+        if in_hist:
+            raise DataError(f"{at}: item {str(items_raw[in_hist.pop()])!r} is in the user's history.")
+        out[r] = np.array(c, np.int64)
+    return out
+
+
+def _candidates(model, hists, targets, n_items, cfg, rng, cands_out, prior_out, rows_out, fixed=None):
+    """Fill cands_out[rows_out] and prior_out[rows_out] for the given histories and targets.
+    fixed {row: candidate item indices}: those rows take exactly that list (candidates.csv); the
+    random draws are the same with or without it, so the other rows' lists do not change."""
     K = cfg.n_candidates
     for s, scores in score_all(model, hists):
         b = len(scores)
@@ -352,6 +408,9 @@ def _candidates(model, hists, targets, n_items, cfg, rng, cands_out, prior_out, 
                 neg[r] = pick
             c = np.concatenate([tb[:, None], neg], 1)
         c = rng.permuted(c, axis=1)                                                  # (b,K) shuffled
+        for r, row in enumerate(rb):
+            if fixed and int(row) in fixed:
+                c[r] = fixed[int(row)]
         cands_out[rb] = c
         prior_out[rb] = c[np.arange(b), np.take_along_axis(scores, c, 1).argmax(1)]
 

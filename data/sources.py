@@ -64,6 +64,14 @@ class Raw:
         raise DataError(f"{name} was not found in {', '.join(map(str, self.paths))}: is this the right file "
                         f"or folder for the dataset?")
 
+    def has(self, name):
+        """Whether one of the paths is or holds a file called name."""
+        try:
+            self._find(name)
+            return True
+        except DataError:
+            return False
+
     def data(self, name):
         """(bytes, where) of the file called name, unpacked if it is gzip, checked if its sha256 is known."""
         raw, where = self._find(name)
@@ -124,6 +132,10 @@ class Parsed:
     ts: list
     titles: dict
     genres: dict
+    roles: dict = None
+    """custom format with users.csv: {user id: 'train' | 'valid' | 'test'} (None: leave-one-out)"""
+    cand_lists: list = None
+    """custom format with candidates.csv: [(user id, split, [item ids], where)]"""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -269,7 +281,10 @@ def parse_custom(raw):
       interactions.csv  user,item,timestamp[,rating]   ids are any strings; timestamp is a number
                         (seconds, days, a counter: anything that orders a user's events) or an ISO
                         date such as 2024-05-01 or 2024-05-01T12:30:00; rating optional.
-      items.csv         item,title[,description][,genres]   one row per item id."""
+      items.csv         item,title[,description][,genres]   one row per item id.
+    Optional, for published benchmark splits (data/prepare.py applies them):
+      users.csv         user,role        role train, valid or test; every user listed.
+      candidates.csv    user,split,candidates   split valid or test; 20 item ids separated by spaces."""
     p = Parsed([], [], [], [], {}, {})
     where, lines = raw.lines("interactions.csv", "utf-8-sig")
     rows = list(csv.reader([t for _, t in lines]))
@@ -279,6 +294,7 @@ def parse_custom(raw):
                         f"optionally rating), comma-separated; found {lines[0][1] if lines else 'nothing'!r}.")
     cu, ci, ct = head.index("user"), head.index("item"), head.index("timestamp")
     cr = head.index("rating") if "rating" in head else None
+    first_line = {}
     for (n, _), f in zip(lines[1:], rows[1:]):
         at = f"{where} line {n}"
         if len(f) != len(head):
@@ -286,6 +302,7 @@ def parse_custom(raw):
         if not f[cu].strip() or not f[ci].strip():
             raise DataError(f"{at}: the user or item id is empty.")
         p.user.append(f[cu].strip()), p.item.append(f[ci].strip())
+        first_line.setdefault(f[cu].strip(), at)
         p.rating.append(_float(f[cr], at) if cr is not None and f[cr].strip() else float("nan"))
         p.ts.append(_timestamp(f[ct], at))
     where, lines = raw.lines("items.csv", "utf-8-sig")
@@ -303,7 +320,64 @@ def parse_custom(raw):
         if f[cti].strip() and f[ci].strip() not in p.titles:
             p.titles[f[ci].strip()] = f[cti].strip()
             p.genres[f[ci].strip()] = f[cg].strip() if cg is not None else ""
+    if raw.has("users.csv"):
+        p.roles = _custom_roles(raw, first_line)
+    if raw.has("candidates.csv"):
+        p.cand_lists = _custom_candidates(raw)
     return p
+
+
+def _csv_table(raw, name, columns):
+    """(where, [(line number, {column: value})]) of a custom-format CSV file with a header naming
+    at least `columns`."""
+    where, lines = raw.lines(name, "utf-8-sig")
+    rows = list(csv.reader([t for _, t in lines]))
+    head = [h.strip().lower() for h in rows[0]] if rows else []
+    if not set(columns) <= set(head):
+        raise DataError(f"{where} line 1: expected a header naming the columns {','.join(columns)}, comma-separated; "
+                        f"found {lines[0][1] if lines else 'nothing'!r}.")
+    out = []
+    for (n, _), f in zip(lines[1:], rows[1:]):
+        if len(f) != len(head):
+            raise DataError(f"{where} line {n}: expected {len(head)} comma-separated fields as in the header, "
+                            f"found {len(f)}.")
+        out.append((n, {c: f[head.index(c)].strip() for c in columns}))
+    return where, out
+
+
+def _custom_roles(raw, first_line):
+    """users.csv (`user,role`, role = train, valid or test): the published split of the users. Every
+    user of interactions.csv must be listed; first_line {user: where its first event is}."""
+    where, rows = _csv_table(raw, "users.csv", ["user", "role"])
+    roles = {}
+    for n, r in rows:
+        if r["role"] not in ("train", "valid", "test"):
+            raise DataError(f"{where} line {n}: role {r['role']!r} must be train, valid or test.")
+        if r["user"] in roles:
+            raise DataError(f"{where} line {n}: user {r['user']!r} is listed twice.")
+        roles[r["user"]] = r["role"]
+    for u, at in first_line.items():
+        if u not in roles:
+            raise DataError(f"{at}: user {u!r} is not in {where}: with users.csv every user needs a role "
+                            f"(train, valid or test).")
+    return roles
+
+
+def _custom_candidates(raw):
+    """candidates.csv (`user,split,candidates`, split = valid or test, candidates = the published
+    item ids separated by spaces, in their order). Checked against the samples in prepare.build."""
+    where, rows = _csv_table(raw, "candidates.csv", ["user", "split", "candidates"])
+    out, seen = [], set()
+    for n, r in rows:
+        at = f"{where} line {n}"
+        if r["split"] not in ("valid", "test"):
+            raise DataError(f"{at}: split {r['split']!r} must be valid or test (a training user gives many "
+                            f"samples; their candidates follow --candidates).")
+        if (r["user"], r["split"]) in seen:
+            raise DataError(f"{at}: user {r['user']!r} has a second {r['split']} row.")
+        seen.add((r["user"], r["split"]))
+        out.append((r["user"], r["split"], r["candidates"].split(), at))
+    return out
 
 
 def _timestamp(value, where):
@@ -353,7 +427,8 @@ SOURCES = {
         RawFile("meta_Musical_Instruments.json.gz", "https://datarepo.eng.ucsd.edu/mcauley_group/data/amazon_v2/"
                 "metaFiles2/meta_Musical_Instruments.json.gz")]),
 }
-CUSTOM = dict(parse=parse_custom, files=[], members=["interactions.csv", "items.csv"])
+CUSTOM = dict(parse=parse_custom, files=[], members=["interactions.csv", "items.csv"],
+              optional=["users.csv", "candidates.csv"])      # their contents are part of the cache key
 
 
 def digest(path, algo="sha256"):
@@ -437,6 +512,7 @@ def locate(cfg, log=print):
             if not f.is_file():
                 raise DataError(f"{f} is missing: a custom dataset folder needs interactions.csv and items.csv "
                                 f"(format in the README).")
+        files += [folder / m for m in CUSTOM["optional"] if (folder / m).is_file()]
         tag = hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:8]
         cache = Path(cfg.data_dir) / f"custom-{folder.resolve().name}-{tag}"
         _check_writable(cache)
