@@ -775,7 +775,7 @@ def test_train_end_to_end_on_every_source(source, tmp_path):
 
 
 @pytest.mark.parametrize("script", ["train.py", "eval.py", "suite.py", "bench.py", "data/prepare.py",
-                                    "data/sasrec.py", "data/synthetic.py"])
+                                    "data/sasrec.py", "data/synthetic.py", "data/llara.py"])
 def test_every_command_line_prints_its_help(script):
     r = run([script, "--help"])
     assert r.returncode == 0 and "usage:" in r.stdout and "Traceback" not in r.stderr, r.stderr[-1500:]
@@ -2074,7 +2074,7 @@ def test_published_split_trains_on_train_users_only_with_the_listed_candidates(t
     (lambda f, L: (f / "users.csv").write_text((f / "users.csv").read_text() + "u3,test\n"),
      r"users.csv line 42: user 'u3' is listed twice"),
     (lambda f, L: (f / "candidates.csv").write_text(L.replace(L.split()[3], "i999", 1)),
-     r"candidates.csv line 2: item 'i999' is not in interactions.csv"),
+     r"candidates.csv line 2: item 'i999' is in neither interactions.csv nor items.csv"),
     (lambda f, L: (f / "candidates.csv").write_text(L.replace(L.split()[3] + " ", "", 1)),
      r"candidates.csv line 2: 19 candidates, expected 20"),
     (lambda f, L: (f / "candidates.csv").write_text(L.replace(L.split()[3], L.split()[4], 1)),
@@ -2113,3 +2113,88 @@ def test_published_candidates_without_target_or_with_history_item(tmp_path):
     r = d.user_raw.tolist().index(u)
     row = int(np.flatnonzero(d.test_user == r)[0])
     assert [d.item_raw.tolist()[i] for i in d.test_cands[row]] == c[::-1]
+
+
+def _llara_folder(path, pd):
+    """A tiny folder in LLaRA's layout: 30 items (pad id 30), 3 train users, 2 valid rows (one too
+    short), 4 test rows (one too short)."""
+    path.mkdir(parents=True)
+    pad, rng = 30, np.random.default_rng(9)
+    (path / "id2name.txt").write_text("".join(f"{i}::Artist {i}\n" for i in range(pad)))
+
+    def row(hist, nxt):
+        h = list(hist)[-10:]
+        return dict(seq=[pad] * (10 - len(h)) + h, len_seq=len(h), next=nxt)
+    train, seqs = [], []
+    for _ in range(3):
+        s = rng.choice(pad, 12, replace=False).tolist()
+        seqs.append(s)
+        train += [row(s[:j], s[j]) for j in range(len(s))]          # the first row is padding only
+    held = [rng.choice(pad, n, replace=False).tolist() for n in (6, 3, 8, 5, 12, 2)]
+    valid = [row(held[0][:-1], held[0][-1]), row(held[1][:-1], held[1][-1])]
+    test = [row(h[:-1], h[-1]) for h in held[2:]]
+    for name, rows in (("train_data.df", train), ("Val_data.df", valid), ("Test_data.df", test)):
+        pd.DataFrame(rows).to_pickle(path / name)
+    return path, seqs, held
+
+
+def test_llara_converter_and_afl_candidates(tmp_path):
+    pd = pytest.importorskip("pandas", reason="pandas is not installed: the LLaRA converter's test needs it")
+    from data import llara
+    src, seqs, held = _llara_folder(tmp_path / "llara", pd)
+    out = tmp_path / "custom"
+    llara.convert(src, out, afl_candidates=True, log=quiet)
+    roles = dict(line.split(",") for line in (out / "users.csv").read_text().splitlines()[1:])
+    assert list(roles.values()) == ["train"] * 3 + ["valid"] + ["test"] * 3          # short rows dropped
+    ev_rows = [line.split(",") for line in (out / "interactions.csv").read_text().splitlines()[1:]]
+    by_user = {}
+    for u, i, t in ev_rows:
+        by_user.setdefault(u, []).append(int(i))
+    assert [by_user[f"train{k}"] for k in range(3)] == seqs                            # targets in order
+    assert by_user["valid0"] == held[0] and [by_user[f"test{k}"] for k in range(3)] == [h[-11:] for h in held[2:5]]
+    assert len((out / "items.csv").read_text().splitlines()) == 31
+    # AFL's recipe, computed here by hand: seed 303 once, test rows in order, canset in id2name order
+    import random as _random
+    _random.seed(303)
+    want = []
+    for h in held[2:5]:
+        canset = [i for i in range(30) if i not in h[-11:-1] and i != h[-1]]     # the row's 10-item history
+        c = _random.sample(canset, 19) + [h[-1]]
+        _random.shuffle(c)
+        want.append(c)
+    got = [line.split(",")[2].split() for line in (out / "candidates.csv").read_text().splitlines()[1:]]
+    assert got == [[str(i) for i in c] for c in want]
+    # the folder is a dataset: only train users train, and the test lists are taken as they are
+    d = prepare(dcfg(str(out), tmp_path), log=quiet)
+    names = d.item_raw.tolist()
+    assert len(d.test_user) == 3 and len(d.valid_user) == 1 and d.n_items == 30
+    for r in range(3):
+        k = int(d.user_raw[d.test_user[r]][4:])
+        assert [int(names[i]) for i in d.test_cands[r]] == want[k]
+    assert {d.user_raw[u] for u in d.train_user} == {"train0", "train1", "train2"}
+
+
+def test_llara_converter_refuses_a_pickle_that_is_not_a_dataframe(tmp_path):
+    pytest.importorskip("pandas", reason="pandas is not installed: the LLaRA converter's test needs it")
+    import pickle as _pickle
+    from data import llara
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo unsafe",))
+    (tmp_path / "train_data.df").write_bytes(_pickle.dumps(Evil()))
+    with pytest.raises(DataError, match=r"train_data.df: refusing to unpickle posix.system"):
+        llara.read_frame(tmp_path / "train_data.df")
+    with pytest.raises(DataError, match="has neither id2name.txt nor u.item"):
+        llara.read_names(tmp_path)
+
+
+def test_train_end_to_end_on_a_published_split(tmp_path):
+    """train.py on a folder with users.csv and candidates.csv: every test user, the listed lists."""
+    folder, seqs, role, lists = published_folder(tmp_path / "pub")
+    r = run(["train.py", "--dataset", str(folder), "--data-dir", str(tmp_path / "data"), "--out-dir", str(tmp_path / "out"),
+             "--run-name", "r", "--sasrec-epochs", "1", "--pretrain-steps", "4", "--pretrain-batch", "4",
+             "--pretrain-dialogues", "6", "--steps", "2", "--batch", "4", "--eval-every", "0", "--n-boot", "20"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads((tmp_path / "out" / "r" / "results.json").read_text())
+    assert res["n_samples"] == 6 and "| CoARS |" in r.stdout

@@ -196,7 +196,11 @@ def sequences(parsed: Parsed, name, log=print):
     if not parsed.user:
         raise DataError(f"{name} has no interactions.")
     users_raw, user = np.unique(np.asarray(parsed.user), return_inverse=True)
-    items_raw, item = np.unique(np.asarray(parsed.item), return_inverse=True)
+    # items that only a published candidate list names (custom format: they must be in items.csv)
+    extra = sorted({i for _, _, ids, _ in parsed.cand_lists or [] for i in ids if i in parsed.titles}
+                   - set(parsed.item))
+    items_raw, item = np.unique(np.asarray(list(parsed.item) + extra), return_inverse=True)
+    item = item[:len(parsed.item)]
     rating, ts = np.asarray(parsed.rating, np.float64), np.asarray(parsed.ts, np.float64)
     order = np.lexsort((item, ts, user))                                  # user, then time, then item
     user, item, rating = user[order], item[order], rating[order]
@@ -368,7 +372,7 @@ def fixed_candidates(parsed, split, us, hs, ts_, users_raw, items_raw, K):
             raise DataError(f"{at}: {len(ids)} candidates, expected {K} item ids separated by spaces.")
         unknown = [i for i in ids if i not in item_index]
         if unknown:
-            raise DataError(f"{at}: item {unknown[0]!r} is not in interactions.csv.")
+            raise DataError(f"{at}: item {unknown[0]!r} is in neither interactions.csv nor items.csv.")
         c = [item_index[i] for i in ids]
         if len(set(c)) != K:
             raise DataError(f"{at}: an item is listed twice.")
