@@ -286,40 +286,21 @@ def parse_custom(raw):
       users.csv         user,role        role train, valid or test; every user listed.
       candidates.csv    user,split,candidates   split valid or test; 20 item ids separated by spaces."""
     p = Parsed([], [], [], [], {}, {})
-    where, lines = raw.lines("interactions.csv", "utf-8-sig")
-    rows = list(csv.reader([t for _, t in lines]))
-    head = [h.strip().lower() for h in rows[0]] if rows else []
-    if not {"user", "item", "timestamp"} <= set(head):
-        raise DataError(f"{where} line 1: expected a header naming the columns user,item,timestamp (and "
-                        f"optionally rating), comma-separated; found {lines[0][1] if lines else 'nothing'!r}.")
-    cu, ci, ct = head.index("user"), head.index("item"), head.index("timestamp")
-    cr = head.index("rating") if "rating" in head else None
+    where, rows = _csv_table(raw, "interactions.csv", ["user", "item", "timestamp"], ["rating"])
     first_line = {}
-    for (n, _), f in zip(lines[1:], rows[1:]):
+    for n, r in rows:
         at = f"{where} line {n}"
-        if len(f) != len(head):
-            raise DataError(f"{at}: expected {len(head)} comma-separated fields as in the header, found {len(f)}.")
-        if not f[cu].strip() or not f[ci].strip():
+        if not r["user"] or not r["item"]:
             raise DataError(f"{at}: the user or item id is empty.")
-        p.user.append(f[cu].strip()), p.item.append(f[ci].strip())
-        first_line.setdefault(f[cu].strip(), at)
-        p.rating.append(_float(f[cr], at) if cr is not None and f[cr].strip() else float("nan"))
-        p.ts.append(_timestamp(f[ct], at))
-    where, lines = raw.lines("items.csv", "utf-8-sig")
-    rows = list(csv.reader([t for _, t in lines]))
-    head = [h.strip().lower() for h in rows[0]] if rows else []
-    if not {"item", "title"} <= set(head):
-        raise DataError(f"{where} line 1: expected a header naming the columns item,title (and optionally "
-                        f"description, genres), comma-separated; found {lines[0][1] if lines else 'nothing'!r}.")
-    ci, cti = head.index("item"), head.index("title")
-    cg = head.index("genres") if "genres" in head else None
-    for (n, _), f in zip(lines[1:], rows[1:]):
-        if len(f) != len(head):
-            raise DataError(f"{where} line {n}: expected {len(head)} comma-separated fields as in the header, "
-                            f"found {len(f)}.")
-        if f[cti].strip() and f[ci].strip() not in p.titles:
-            p.titles[f[ci].strip()] = f[cti].strip()
-            p.genres[f[ci].strip()] = f[cg].strip() if cg is not None else ""
+        p.user.append(r["user"]), p.item.append(r["item"])
+        first_line.setdefault(r["user"], at)
+        p.rating.append(_float(r["rating"], at) if r.get("rating") else float("nan"))
+        p.ts.append(_timestamp(r["timestamp"], at))
+    _, rows = _csv_table(raw, "items.csv", ["item", "title"], ["description", "genres"])
+    for _, r in rows:
+        if r["title"] and r["item"] not in p.titles:
+            p.titles[r["item"]] = r["title"]
+            p.genres[r["item"]] = r.get("genres", "")
     if raw.has("users.csv"):
         p.roles = _custom_roles(raw, first_line)
     if raw.has("candidates.csv"):
@@ -327,21 +308,23 @@ def parse_custom(raw):
     return p
 
 
-def _csv_table(raw, name, columns):
-    """(where, [(line number, {column: value})]) of a custom-format CSV file with a header naming
-    at least `columns`."""
+def _csv_table(raw, name, columns, optional=()):
+    """(where, [(line number, {column: value})]) of a custom-format CSV file whose header names at
+    least `columns` (and any of `optional`, which are then in the dicts too); values are stripped."""
     where, lines = raw.lines(name, "utf-8-sig")
     rows = list(csv.reader([t for _, t in lines]))
     head = [h.strip().lower() for h in rows[0]] if rows else []
     if not set(columns) <= set(head):
-        raise DataError(f"{where} line 1: expected a header naming the columns {','.join(columns)}, comma-separated; "
-                        f"found {lines[0][1] if lines else 'nothing'!r}.")
+        also = f" (and optionally {', '.join(optional)})" if optional else ""
+        raise DataError(f"{where} line 1: expected a header naming the columns {','.join(columns)}{also}, "
+                        f"comma-separated; found {lines[0][1] if lines else 'nothing'!r}.")
+    cols = list(columns) + [c for c in optional if c in head]
     out = []
     for (n, _), f in zip(lines[1:], rows[1:]):
         if len(f) != len(head):
             raise DataError(f"{where} line {n}: expected {len(head)} comma-separated fields as in the header, "
                             f"found {len(f)}.")
-        out.append((n, {c: f[head.index(c)].strip() for c in columns}))
+        out.append((n, {c: f[head.index(c)].strip() for c in cols}))
     return where, out
 
 
