@@ -135,28 +135,24 @@ def convert(src, out, afl_candidates=False, log=print):
         for k, r in enumerate(kept[role]):
             users.append([f"{role}{k}", role, [x for x in r["seq"] if x != pad] + [r["next"]]])
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / "interactions.csv", "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(["user", "item", "timestamp"])
-        for u, _, items in users:
-            w.writerows([u, i, t] for t, i in enumerate(items))
-    with open(out / "items.csv", "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(["item", "title"])
-        w.writerows([i, name or f"item {i}"] for i, name in names.items())
-    with open(out / "users.csv", "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(["user", "role"])
-        w.writerows([u, role] for u, role, _ in users)
+    _write_csv(out / "interactions.csv", ["user", "item", "timestamp"],
+               ([u, i, t] for u, _, items in users for t, i in enumerate(items)))
+    _write_csv(out / "items.csv", ["item", "title"], ([i, name or f"item {i}"] for i, name in names.items()))
+    _write_csv(out / "users.csv", ["user", "role"], ([u, role] for u, role, _ in users))
     (out / "candidates.csv").unlink(missing_ok=True)
     if afl_candidates:
         lists = afl_test_candidates(names, kept["test"], pad)
-        with open(out / "candidates.csv", "w", newline="", encoding="utf-8") as f:
-            w = csv.writer(f)
-            w.writerow(["user", "split", "candidates"])
-            w.writerows([f"test{k}", "test", " ".join(map(str, c))] for k, c in enumerate(lists))
+        _write_csv(out / "candidates.csv", ["user", "split", "candidates"],
+                   ([f"test{k}", "test", " ".join(map(str, c))] for k, c in enumerate(lists)))
     log(f"wrote {out}: {sum(r == 'train' for _, r, _ in users)} train, {len(kept['valid'])} valid and "
         f"{len(kept['test'])} test users, {len(names)} items" + (", AFL's test candidates" if afl_candidates else ""))
+
+
+def _write_csv(path, header, rows):
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
 
 
 def afl_test_candidates(names, test_rows, pad):
