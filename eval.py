@@ -30,7 +30,7 @@ import torch
 
 from env import (POSITIVE, Trajectory, Turn, generate_all, closest_history_item, new_trajectory,
                  parse_user, rec_message, record_user, render_rec, render_user, rollout)
-from model import causal_mask, logprobs_of, next_token_scores, positions, token_logprobs
+from model import causal_mask, logprobs_of, positions, token_logprobs
 
 # --------------------------------------------------------------------------------------------------
 # Uncertainty
@@ -141,6 +141,23 @@ def repeats_rejected(traj):
 
 
 @torch.no_grad()
+@torch.no_grad()
+def next_token_scores(model, prompts, choices, pad_id, device="cpu"):
+    """(B,K) logits of the ids choices[b] (K per row) as the token after prompts[b]: one forward pass
+    over the left-padded batch. The built-in RecAgent's ranking of its candidates (rank_metrics, which is also
+    stage 1's validation metric in pretrain.py); its softmax is restricted_logprobs' distribution."""
+    T = max(len(p) for p in prompts)
+    idx = torch.full((len(prompts), T), pad_id, dtype=torch.long)
+    valid = torch.zeros(len(prompts), T, dtype=torch.bool)
+    for b, p in enumerate(prompts):              # left-pad so every row's last position is its own
+        idx[b, T - len(p):] = torch.tensor(p)
+        valid[b, T - len(p):] = True
+    idx, valid = idx.to(device), valid.to(device)
+    h = model(idx, positions(valid), causal_mask(valid))[:, -1].float()          # (B,C)
+    w = model.head_weight.float()[torch.tensor(choices, device=device)]          # (B,K,C)
+    return torch.einsum("bc,bkc->bk", h, w)
+
+
 def rank_metrics(model, tok, data, split, rows, adapter, device, ks=(1, 5, 10), batch=256, hint=True):
     """HR@k and NDCG@k of the candidates ranked by the RecAgent's turn-1 log-probability of naming
     each one (built-in model: the logit of each candidate's item token at the answer position, one
@@ -346,164 +363,21 @@ def write_results(res, folder):
     (folder / "results.md").write_text(results_table(res) + "\n")
 
 
-# --------------------------------------------------------------------------------------------------
-# Looking at conversations
-
-
-def readable(tok, data, ids, cands=None, agent="rec"):
-    """Token ids as text: item tokens as their titles, other control
-    tokens by name, bytes decoded. A Hugging Face model's messages are text already (shown with the
-    field name its prompt ended with)."""
-    if tok.chat:
-        return (tok.rec_text(ids) if agent == "rec" else tok.user_text(ids)).strip().replace("\n", " | ")
-    out, buf = [], []
-    for t in map(int, ids):
-        if t < 256:
-            buf.append(t)
-            continue
-        if buf:
-            out.append(bytes(buf).decode("utf-8", "replace"))
-            buf = []
-        if tok.is_item(t):
-            out.append(f"\u00ab{data.titles[tok.item_of(t)]}\u00bb")
-        elif t != tok.pad_id:
-            out.append(tok.enc.decode([t]))
-    if buf:
-        out.append(bytes(buf).decode("utf-8", "replace"))
-    return " ".join(out)
-
-
-def show(run_dir, n, split="test", device="auto", out=print):
-    """Print n whole greedy conversations of a trained run: history, candidates, every message,
-    the rewards of each turn and the mean token credit of each message (the teacher sees the
-    finished conversation itself as its hindsight reference)."""
-    import train
-    from distill import hindsight_reference, token_credit
-    from env import render_rec, render_user, rollout
-    from model import token_logprobs
-    from reward import turn_rewards
-    cfg, model, tok, data = train.load_run(Path(run_dir), device)
-    device = train.pick_device(device)
-    rows = np.random.default_rng(cfg.seed).permutation(len(getattr(data, f"{split}_user")))[:n]
-    trajs = [new_trajectory(data, split, int(r)) for r in rows]
-    rollout(model, tok, data, trajs, t_max=cfg.t_max, temperature=0.0, device=device)
-    rcfg = dict(mode=cfg.reward_mode, alpha=cfg.alpha, use_filter=cfg.use_filter, user_filter=cfg.user_filter,
-                stage_gamma=cfg.stage_gamma if cfg.stage_gamma >= 0 else None)
-    for k, tr in enumerate(trajs):
-        out(f"\n=== conversation {k + 1}: {split} sample {tr.row}, user {data.user_raw[tr.user]} ===")
-        out("history: " + "; ".join(data.titles[i] for i in tr.hist))
-        out("candidates: " + "; ".join(f"{j}:{data.titles[c]}" + (" (TARGET)" if c == tr.target else "")
-                                      + (" (prior)" if c == tr.prior else "") for j, c in enumerate(tr.cands)))
-        ref = hindsight_reference(tok, tr)
-        rewards = turn_rewards(tr, **rcfg)
-        for t, (turn, (r_rec, r_user)) in enumerate(zip(tr.turns, rewards)):
-            credit = {}
-            for agent, prompt, ans, render in (("rec", turn.rec_prompt, turn.rec_out, render_rec),
-                                               ("user", turn.user_prompt, turn.user_out, render_user)):
-                if prompt is None or not ans:
-                    continue
-                model.set_adapter(agent)
-                with torch.no_grad():
-                    s_lp = token_logprobs(model, [prompt], [ans], tok.pad_id, device)[0]
-                    t_lp = token_logprobs(model, [render(tok, tr, t, ref)], [ans], tok.pad_id, device)[0]
-                credit[agent] = float(token_credit(t_lp, s_lp).mean())
-            model.set_adapter(None)
-            out(f" turn {t + 1}  RecAgent: {readable(tok, data, turn.rec_out, tr.cands)}"
-                + ("  -> HIT" if turn.hit else "") + ("" if turn.rec_valid else "  (invalid)"))
-            if turn.user_out is not None:
-                out(f"         UserAgent: {readable(tok, data, turn.user_out, agent='user')}   peers: {turn.peer_text} (q={turn.q:+.2f})"
-                    + ("" if turn.user_valid else "  (invalid)"))
-            fmt = lambda x: "left out" if x is None else f"{x:+.3f}"  # noqa: E731
-            out(f"         rewards: Rec {fmt(r_rec)}  User {fmt(r_user)}   mean token credit: "
-                + "  ".join(f"{a} {c:+.3f}" for a, c in credit.items()))
-        out(f" final item: {data.titles[tr.final_item] if tr.final_item is not None else '-'}; "
-            f"hit: {bool(tr.hit)}; turns: {len(tr.turns)}")
-    return trajs
-
-
-def interactive(run_dir, device="auto", ask=input, out=print, seed=None):
-    """A person plays the user against the trained RecAgent: each turn, type an action, a score and
-    a reason (the built-in model's reasons are history items, so the reason is a history number)."""
-    import train
-    from env import (ACTION_RANGE, finish_turn, parse_rec, parse_user, record_user, render_rec, score_fits,
-                     user_message)
-    from sampling import generate
-    cfg, model, tok, data = train.load_run(Path(run_dir), device)
-    device = train.pick_device(device)
-    rng = np.random.default_rng(seed)
-    tr = new_trajectory(data, "test", int(rng.integers(len(data.test_user))))
-    out("You are the user. Your history:")
-    for j, i in enumerate(tr.hist):
-        out(f"  {j}: {data.titles[i]}")
-    out(f"(The item you will really pick next, hidden from the RecAgent: {data.titles[tr.target]})")
-    while not tr.done:
-        prompt = render_rec(tok, tr, len(tr.turns))
-        model.set_adapter("rec")
-        o = generate(model, [prompt], tok.rec_max_new, tok.pad_id, stop_ids=tok.stop_ids, temperature=0.0,
-                     device=device)[0]
-        model.set_adapter(None)
-        item = parse_rec(tok, o, tr.cands)
-        turn = Turn(rec_out=o, item=item, rec_valid=item is not None, rec_prompt=prompt)
-        tr.turns.append(turn)
-        out(f"\nRecAgent (turn {len(tr.turns)}): {readable(tok, data, o, tr.cands)}")
-        if item is None:
-            out("(an invalid message: no answer is asked for)")
-            finish_turn(tr, turn, cfg.t_max)
-            continue
-        record_user(data, tr, turn)
-        out(f"peers: {turn.peer_text}")
-        while True:
-            action = ask(f"action ({'/'.join(ACTION_RANGE)}): ").strip().lower()
-            if action in ACTION_RANGE:
-                break
-            out("please type one of " + ", ".join(ACTION_RANGE))
-        lo, hi = ACTION_RANGE[action]
-        while True:
-            try:
-                score = float(ask(f"score in [{lo:.2f}, {hi:.2f}{']' if action == 'click' else ')'}: "))
-                if score_fits(action, score):
-                    break
-            except ValueError:
-                pass
-            out("a number in the action's interval, please")
-        r = ask(f"reason: a history number 0-{len(tr.hist) - 1} (Enter = {0}): ").strip()
-        reason = tr.hist[int(r)] if r.isdigit() and int(r) < len(tr.hist) else tr.hist[0]
-        turn.user_out = user_message(tok, action, float(f"{score:.2f}"), reason)
-        turn.action, turn.score = parse_user(tok, turn.user_out)
-        turn.user_valid = True
-        finish_turn(tr, turn, cfg.t_max)
-    out(f"\nconversation over after {len(tr.turns)} turn(s); the RecAgent's final pick "
-        f"{'was' if tr.hit else 'was not'} the item you picked next.")
-    return tr
-
-
 def main(argv=None):
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if "--suite" in argv:                       # the experiment suites live in suite.py
-        import suite
-        return suite.main(argv)
-    p = argparse.ArgumentParser(description="Evaluate a CoARS training run (see the module docstring). "
-                                            "With --suite X, run an experiment suite instead (suite.py).")
+    from config import UserError
+    from extras.distributed import device_of
+    from extras.runs import load_run                 # loading a saved run is machinery, not a metric
+    p = argparse.ArgumentParser(description="Evaluate a CoARS training run (see the module docstring).")
     p.add_argument("--run", required=True, help="the run folder written by train.py (holds coars.pt)")
     p.add_argument("--split", default="test", choices=["valid", "test"])
     p.add_argument("--device", default="auto")
     p.add_argument("--max-samples", type=int, default=0, help="evaluate a fixed random subset of this size (0 = all)")
-    p.add_argument("--show", type=int, default=0, metavar="N", help="print N whole conversations instead")
-    p.add_argument("--interactive", action="store_true", help="play the user against the trained RecAgent")
     a = p.parse_args(argv)
-    import train
     try:
-        if a.show:
-            show(a.run, a.show, a.split, a.device)
-            return
-        if a.interactive:
-            interactive(a.run, a.device)
-            return
-        cfg, model, tok, data = train.load_run(Path(a.run), a.device)
-    except train.UserError as e:
+        cfg, model, tok, data = load_run(Path(a.run), a.device)
+    except UserError as e:
         sys.exit(f"error: {e}")
-    res = evaluate(model, tok, data, a.split, cfg.t_max, train.pick_device(a.device), cfg.n_boot, cfg.seed,
-                   max_samples=a.max_samples)
+    res = evaluate(model, tok, data, a.split, cfg.t_max, device_of(a.device), cfg.n_boot, cfg.seed, max_samples=a.max_samples)
     write_results(res, a.run)
     print(results_table(res))
 

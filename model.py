@@ -292,6 +292,20 @@ class GPT(Adapters, nn.Module):
         return self(tok[:, None], pos[:, None], valid[:, None, None, :], cache, col)[:, 0]
 
 
+def build_model(cfg, vocab_size, device):
+    """The built-in GPT of train.py's Config (its size options), seeded by cfg.seed."""
+    torch.manual_seed(cfg.seed)
+    return GPT(GPTConfig(vocab_size=vocab_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
+                         n_embd=cfg.n_embd, dropout=cfg.dropout)).to(device)
+
+
+def freeze(model):
+    """The frozen base: no gradients, and evaluation mode (stage 1's dropout off from here on)."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.eval()
+
+
 def rotate(x, cos, sin):
     """RoPE: rotate the two halves of each head's channels by position-dependent angles."""
     x1, x2 = x.chunk(2, dim=-1)
@@ -311,23 +325,6 @@ def causal_mask(valid):
 def positions(valid):
     """Position ids that start at 0 at each row's first real token (left or right padding)."""
     return (valid.long().cumsum(1) - 1).clamp(min=0)
-
-
-@torch.no_grad()
-def next_token_scores(model, prompts, choices, pad_id, device="cpu"):
-    """(B,K) logits of the ids choices[b] (K per row) as the token after prompts[b]: one forward pass
-    over the left-padded batch. The built-in RecAgent's ranking of its candidates (eval.py, and
-    stage 1's validation in pretrain.py); its softmax is restricted_logprobs' distribution."""
-    T = max(len(p) for p in prompts)
-    idx = torch.full((len(prompts), T), pad_id, dtype=torch.long)
-    valid = torch.zeros(len(prompts), T, dtype=torch.bool)
-    for b, p in enumerate(prompts):              # left-pad so every row's last position is its own
-        idx[b, T - len(p):] = torch.tensor(p)
-        valid[b, T - len(p):] = True
-    idx, valid = idx.to(device), valid.to(device)
-    h = model(idx, positions(valid), causal_mask(valid))[:, -1].float()          # (B,C)
-    w = model.head_weight.float()[torch.tensor(choices, device=device)]          # (B,K,C)
-    return torch.einsum("bc,bkc->bk", h, w)
 
 
 # --------------------------------------------------------------------------------------------------

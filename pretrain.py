@@ -40,12 +40,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from checkpoint import (FAULTS, STOP, Stopped, check_bad_streak, data_fingerprint, finite, log_jsonl, metrics_lines,
-                        plain_progress, rng_state, save_checkpoint, set_rng_state)
 from distill import hindsight_reference
 from env import (ACTION_RANGE, Turn, closest_history_item, finish_turn, new_trajectory, rec_message, record_user,
                  render_rec, render_user, user_message)
-from model import GPT, GPTConfig, causal_mask, logprobs_of, next_token_scores, pack, positions
+from eval import rank_metrics
+from extras.checkpoint import (STOP, Stopped, check_bad_streak, data_fingerprint, finite, log_jsonl, metrics_lines,
+                               plain_progress, rng_state, save_checkpoint, set_rng_state)
+from model import build_model, causal_mask, freeze, logprobs_of, pack, positions
 
 
 # --------------------------------------------------------------------------------------------------
@@ -222,35 +223,11 @@ def stage1_key(cfg, data):
                           cfg.p_reference, cfg.stage2_last, cfg.t_max, cfg.seed, cfg.precision])
 
 
-def build_model(cfg, tok, device):
-    torch.manual_seed(cfg.seed)
-    return GPT(GPTConfig(vocab_size=tok.vocab_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
-                         n_embd=cfg.n_embd, dropout=cfg.dropout)).to(device)
-
-
-def ranking_hr1(model, tok, data, split, rows, batch=256):
-    """HR@1 of the RecAgent's turn-1 ranking of the candidates WITHOUT the SASRec hint: what the
-    model knows of the user by itself (stage 1's validation metric). Per-sample hits (array)."""
-    was = model.training
-    model.eval()
-    hits = []
-    for s in range(0, len(rows), batch):
-        trajs = [new_trajectory(data, split, r) for r in rows[s:s + batch]]
-        for tr in trajs:
-            tr.prior = None
-        scores = next_token_scores(model, [render_rec(tok, tr, 0) for tr in trajs],
-                                   [[tok.item(c) for c in tr.cands] for tr in trajs], tok.pad_id, model.wte.weight.device)
-        best = scores.argmax(1).tolist()
-        hits += [float(tr.cands[b] == tr.target) for tr, b in zip(trajs, best)]
-    model.train(was)
-    return np.array(hits)
-
-
 def stage1(cfg, data, tok, device, run_dir, log, ck=None):
     """Pretrain (or load) the base; returns it frozen. ck: a stage-1 checkpoint to continue from."""
     path = run_dir / "base.pt"
     key = stage1_key(cfg, data)
-    model = build_model(cfg, tok, device)
+    model = build_model(cfg, tok.vocab_size, device)
     if path.exists() and not (ck and ck["stage"] == 1):
         saved = torch.load(path, map_location=device, weights_only=True)
         if saved.get("key") == json.dumps(key, sort_keys=True):
@@ -303,7 +280,6 @@ def stage1(cfg, data, tok, device, run_dir, log, ck=None):
         loss = lm_loss(model, seqs, tok, device, cfg.precision)
         if dias:
             loss = loss + lm_loss(model, dias, tok, device, cfg.precision)
-        loss = FAULTS.loss(loss, 1, step + 1)
         opt.zero_grad(set_to_none=True)
         ok = finite(loss)
         if ok:
@@ -319,7 +295,9 @@ def stage1(cfg, data, tok, device, run_dir, log, ck=None):
         if step % 20 == 0 or step == cfg.pretrain_steps - 1 or not ok:
             rec = dict(stage=1, step=step, loss=loss.item(), lr=lr, skipped=n_bad, seconds=round(time.time() - t0, 1))
         if cfg.pretrain_eval_every and ((step + 1) % cfg.pretrain_eval_every == 0 or step == cfg.pretrain_steps - 1):
-            hr1 = float(ranking_hr1(model, tok, data, "valid", valid_rows).mean())
+            model.eval()                # what the RecAgent knows by itself: its ranking without the SASRec hint
+            hr1 = float(rank_metrics(model, tok, data, "valid", valid_rows, None, device, ks=(1,), hint=False)["HR@1"].mean())
+            model.train()
             rec = dict(rec or dict(stage=1, step=step, loss=loss.item(), lr=lr, skipped=n_bad,
                                    seconds=round(time.time() - t0, 1)), valid_hr1=hr1)
             if hr1 > best["hr1"]:
@@ -351,13 +329,6 @@ def stage1(cfg, data, tok, device, run_dir, log, ck=None):
         tmp.replace(path)
         log(f"stage 1: {time.time() - t0:.0f} s, last loss {loss.item():.3f}")
     return freeze(model)
-
-
-def freeze(model):
-    """The frozen base: no gradients, and evaluation mode (stage 1's dropout off from here on)."""
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model.eval()
 
 
 def warmup(cfg, model, tok, data, device, log):

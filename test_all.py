@@ -26,10 +26,10 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 
-import chat  # noqa: E402
+from extras import chat  # noqa: E402
 import distill  # noqa: E402
 import env  # noqa: E402
-import hf  # noqa: E402
+from extras import hf  # noqa: E402
 import model as model_mod  # noqa: E402
 import pretrain  # noqa: E402
 import sampling  # noqa: E402
@@ -660,12 +660,12 @@ def test_ml100k_real_files(tmp_path):
 
 
 def test_sasrec_protocol_metrics_and_cli(synth, tmp_path):
-    from data.sasrec import hits_at
+    from extras.sasrec_check import hits_at
     hr, ndcg = hits_at([0, 3, 9, 10, 100])
     assert hr.tolist() == [1, 1, 1, 0, 0]
     assert np.allclose(ndcg, [1, 1 / np.log2(5), 1 / np.log2(11), 0, 0])
     out = tmp_path / "sr.json"
-    r = run(["data/sasrec.py", "--dataset", "ml-1m", "--data-url", synth["url"], "--data-sha256", synth["sha"],
+    r = run(["extras/sasrec_check.py", "--dataset", "ml-1m", "--data-url", synth["url"], "--data-sha256", synth["sha"],
              "--data-dir", str(tmp_path), "--epochs", "3", "--out", str(out)])
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads(out.read_text())
@@ -774,8 +774,8 @@ def test_train_end_to_end_on_every_source(source, tmp_path):
     assert 0 <= res["methods"]["CoARS"]["hit"]["mean"] <= 1
 
 
-@pytest.mark.parametrize("script", ["train.py", "eval.py", "suite.py", "bench.py", "data/prepare.py",
-                                    "data/sasrec.py", "data/synthetic.py", "data/llara.py"])
+@pytest.mark.parametrize("script", ["train.py", "eval.py", "extras/suite.py", "extras/bench.py", "extras/viewer.py", "data/prepare.py",
+                                    "extras/sasrec_check.py", "data/synthetic.py", "data/llara.py"])
 def test_every_command_line_prints_its_help(script):
     r = run([script, "--help"])
     assert r.returncode == 0 and "usage:" in r.stdout and "Traceback" not in r.stderr, r.stderr[-1500:]
@@ -802,6 +802,10 @@ import signal  # noqa: E402
 import time  # noqa: E402
 
 import train  # noqa: E402
+from config import Config, UserError, validate  # noqa: E402
+from extras import viewer  # noqa: E402
+from extras.checkpoint import buffer_state, load_checkpoint, save_checkpoint, set_buffer_state  # noqa: E402
+from extras.runs import load_run  # noqa: E402
 
 TIMING = {"seconds", "rollout_s", "loss_s", "step_s", "gen_tokens_per_s", "tokens_per_s", "teacher_s", "student_s",
           "update_s"}
@@ -885,16 +889,16 @@ def test_killed_and_resumed_runs_end_with_identical_metrics(small_run, tmp_path)
 
 
 def test_truncated_checkpoint_is_refused_and_the_previous_one_used(tmp_path):
-    train.save_checkpoint(tmp_path, {"stage": 2, "step": 4, "x": torch.ones(3)})
-    train.save_checkpoint(tmp_path, {"stage": 2, "step": 6, "x": torch.ones(3)})
+    save_checkpoint(tmp_path, {"stage": 2, "step": 4, "x": torch.ones(3)})
+    save_checkpoint(tmp_path, {"stage": 2, "step": 6, "x": torch.ones(3)})
     assert {p.name for p in tmp_path.iterdir()} == {"ckpt.pt", "ckpt.prev.pt"}   # no temporary file left
     ck = tmp_path / "ckpt.pt"
     ck.write_bytes(ck.read_bytes()[:200])
     logs = []
-    got = train.load_checkpoint(tmp_path, logs.append)
+    got = load_checkpoint(tmp_path, logs.append)
     assert got["step"] == 4 and "ckpt.pt is damaged or incomplete" in logs[0]
     (tmp_path / "ckpt.prev.pt").write_bytes(b"")
-    assert train.load_checkpoint(tmp_path, logs.append) is None
+    assert load_checkpoint(tmp_path, logs.append) is None
 
 
 def test_resume_refuses_other_options_or_data(small_run, tmp_path):
@@ -911,12 +915,12 @@ def test_resume_refuses_other_options_or_data(small_run, tmp_path):
     r = run(["train.py"] + small_run + ["--out-dir", str(out), "--run-name", "none", "--resume"])
     assert "error: --resume: there is no checkpoint in" in r.stderr
     # the same options but other data: the fingerprint differs
-    ck = train.load_checkpoint(out / "r")
+    ck = load_checkpoint(out / "r")
     data = prepare(DataConfig(dataset="ml-1m", data_dir=small_run[small_run.index("--data-dir") + 1],
                               data_url=small_run[3], data_sha256=small_run[5], sasrec=SASRecConfig(epochs=1)), log=quiet)
     data.meta = dict(data.meta, raw_sha256="0" * 64)
-    cfg = train.Config(**ck["config"])
-    with pytest.raises(train.UserError, match="--resume: the data differs from the data the run was started with"):
+    cfg = Config(**ck["config"])
+    with pytest.raises(UserError, match="--resume: the data differs from the data the run was started with"):
         train.check_resumable(ck, cfg, data)
 
 
@@ -933,11 +937,32 @@ def in_process(args, capsys):
     return code, o.out, o.err
 
 
+def nan_losses(monkeypatch, at):
+    """Make the loss non-finite at the (stage, step) pairs in `at` (steps 1-based), by patching the
+    loss functions the two training loops call: stage 1 calls pretrain.lm_loss twice a step (item
+    windows, then dialogues), stage 2 calls coars_loss once per trained agent (two)."""
+    import pretrain
+    calls = {1: 0, 2: 0}
+
+    def wrap(stage, real, per_step):
+        def loss_fn(*a, **k):
+            out = real(*a, **k)
+            step = calls[stage] // per_step + 1
+            calls[stage] += 1
+            if (stage, step) not in at:
+                return out
+            return (out[0] * float("nan"), out[1]) if isinstance(out, tuple) else out * float("nan")
+        return loss_fn
+    monkeypatch.setattr(pretrain, "lm_loss", wrap(1, pretrain.lm_loss, 2))
+    monkeypatch.setattr(train, "coars_loss", wrap(2, train.coars_loss, 2))
+
+
 def test_nan_steps_are_skipped_counted_and_repeated_ones_stop(small_run, tmp_path, capsys, monkeypatch):
     out = tmp_path / "out"
     base = small_run + ["--out-dir", str(out), "--skip-eval"]
-    monkeypatch.setattr(train.FAULTS, "nan_at", {(1, 5), (2, 2)})
-    code, so, _ = in_process(base + ["--run-name", "one"], capsys)
+    with monkeypatch.context() as m:
+        nan_losses(m, {(1, 5), (2, 2)})
+        code, so, _ = in_process(base + ["--run-name", "one"], capsys)
     assert code == 0
     lines = [json.loads(l) for l in (out / "one" / "metrics.jsonl").read_text().splitlines()]
     s1 = [l for l in lines if l["stage"] == 1]
@@ -946,13 +971,13 @@ def test_nan_steps_are_skipped_counted_and_repeated_ones_stop(small_run, tmp_pat
     assert s2[1]["skipped"] == 0 and s2[2]["skipped"] == 1 and s2[6]["skipped"] == 1
     assert "stage 2 step 2: non-finite loss or gradient, update skipped (1 in a row)" in so
     # three in a row stop the run, with the last good state (after step 1) checkpointed
-    monkeypatch.setattr(train.FAULTS, "nan_at", set())
     code, _, _ = in_process(base + ["--run-name", "good", "--steps", "1"], capsys)
     good = torch.load(out / "good" / "coars.pt", weights_only=True)["adapters"]
-    monkeypatch.setattr(train.FAULTS, "nan_at", {(2, 2), (2, 3), (2, 4)})
-    code, _, err = in_process(base + ["--run-name", "bad"], capsys)
+    with monkeypatch.context() as m:
+        nan_losses(m, {(2, 2), (2, 3), (2, 4)})
+        code, _, err = in_process(base + ["--run-name", "bad"], capsys)
     assert code.startswith("error: stage 2 step 4: 3 non-finite losses or gradients in a row, so the run stopped")
-    ck = train.load_checkpoint(out / "bad")
+    ck = load_checkpoint(out / "bad")
     assert ck["step"] == 4 and ck["n_bad"] == 3
     assert all(torch.equal(ck["adapters"][k], v) for k, v in good.items())
 
@@ -1017,21 +1042,21 @@ VALIDATION_RULES = [
 def test_every_config_validation_rule(kw, msg):
     if kw.get("device") == "cuda" and torch.cuda.is_available():
         pytest.skip("a GPU is visible")
-    with pytest.raises(train.UserError, match=msg):
-        train.validate(train.Config(**kw))
+    with pytest.raises(UserError, match=msg):
+        validate(Config(**kw))
 
 
 def test_every_validation_rule_has_a_test():
     import inspect as _inspect
-    n_rules = _inspect.getsource(train.validate).count("\n        (")
+    n_rules = _inspect.getsource(validate).count("\n        (")
     assert n_rules == len({m for _, m in VALIDATION_RULES}) + 0
 
 
 def test_run_folder_must_be_writable(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    with pytest.raises(train.UserError, match="cannot write to the run folder .*choose another --out-dir"):
-        train.check_run_dir(train.Config(out_dir=str(blocker), run_name="r"))
+    with pytest.raises(UserError, match="cannot write to the run folder .*choose another --out-dir"):
+        train.check_run_dir(Config(out_dir=str(blocker), run_name="r"))
 
 
 def test_reference_buffer_survives_a_checkpoint(data, tmp_path):
@@ -1044,9 +1069,9 @@ def test_reference_buffer_survives_a_checkpoint(data, tmp_path):
         trajs.append(tr)
     buf = distill.ReferenceBuffer()
     buf.add(trajs)
-    train.save_checkpoint(tmp_path, {"buffer": train.buffer_state(buf)})
+    save_checkpoint(tmp_path, {"buffer": buffer_state(buf)})
     back = distill.ReferenceBuffer()
-    train.set_buffer_state(back, train.load_checkpoint(tmp_path)["buffer"])
+    set_buffer_state(back, load_checkpoint(tmp_path)["buffer"])
     assert back.last.keys() == buf.last.keys()
     for k in buf.last:
         assert back.last[k] == buf.last[k]
@@ -1071,7 +1096,7 @@ def test_logprobs_of_bf16_inputs_and_autocast_match_float64():
 def test_bench_gpt_neox_copy_matches_the_builtin_gpt():
     """bench.py compares our sampler with Hugging Face generate on the same weights: the copy must
     compute the same logits, and greedy outputs must agree."""
-    import bench
+    from extras import bench
     torch.manual_seed(0)
     m = GPT(GPTConfig(vocab_size=300, n_layer=2, n_head=4, n_embd=32, block_size=128)).eval()
     for p in m.parameters():                     # break the symmetry of the zero biases / unit gains
@@ -1092,7 +1117,7 @@ def test_bench_gpt_neox_copy_matches_the_builtin_gpt():
 def test_bench_quick_run_and_its_tables(tmp_path, capsys):
     """bench.py --quick --only gen (ours eager and compiled, Hugging Face eager and compiled, all
     giving the same greedy tokens), then --table on its saved numbers; a bad file is one sentence."""
-    import bench
+    from extras import bench
     if not torch_compile_works():
         pytest.skip("torch.compile does not work on this machine (no C++ compiler?)")
     out = tmp_path / "b.json"
@@ -1115,7 +1140,7 @@ def test_bench_quick_run_and_its_tables(tmp_path, capsys):
 
 
 def test_suite_table_writer():
-    import suite
+    from extras import suite
     s = dict(n_samples=4, seeds=2, methods={
         "Random": {"hit": {"mean": 0.25, "lo": 0.0, "hi": 0.75, "seed_sd": 0.0}, "hit_per_seed": [0.25]},
         "CoARS": {"hit": {"mean": 0.5, "lo": 0.125, "hi": 0.875, "seed_sd": 0.05}, "hit_per_seed": [0.45, 0.55],
@@ -1128,9 +1153,9 @@ def test_suite_table_writer():
 
 
 def test_suite_orchestration_on_tiny_data(synth, tmp_path, monkeypatch):
-    import suite
+    from extras import suite
     monkeypatch.setitem(suite.SUITES, "tiny", [("No distill", dict(lam=0.0)), ("CoARS", dict())])
-    cfg = train.Config(dataset="ml-1m", data_url=synth["url"], data_sha256=synth["sha"], data_dir=str(tmp_path / "d"),
+    cfg = Config(dataset="ml-1m", data_url=synth["url"], data_sha256=synth["sha"], data_dir=str(tmp_path / "d"),
                        sasrec_epochs=1, pretrain_steps=6, pretrain_batch=4, pretrain_dialogues=4, steps=2, batch=3, eval_every=1,
                        eval_valid_n=4, eval_test_n=12, n_boot=50, ckpt_every=0)
     logs = []
@@ -1168,18 +1193,18 @@ def test_show_and_interactive_on_a_run(synth, tmp_path, capsys, monkeypatch):
     code, _, _ = in_process(args, capsys)
     assert code == 0
     lines = []
-    trajs = ev.show(tmp_path / "o" / "r", 2, out=lines.append)
+    trajs = viewer.show(tmp_path / "o" / "r", 2, out=lines.append)
     text = "\n".join(lines)
     assert text.count("=== conversation") == 2 and "history: " in text and "(TARGET)" in text
     assert sum(len(t.turns) for t in trajs) == text.count("RecAgent:") and "rewards: Rec" in text
     # the RecAgent of so short a run writes invalid messages: let it name candidate 3, so that the
     # person is asked (the dialogue logic is what is tested here)
-    _, _, tok, _ = train.load_run(tmp_path / "o" / "r")
+    _, _, tok, _ = load_run(tmp_path / "o" / "r")
     monkeypatch.setattr(sampling, "generate", lambda m, prompts, *a, **k: [
         [prompts[0][2 + 3], tok.sp("why"), tok.item(0), tok.end_id] for _ in prompts])   # the 4th candidate
     answers = iter(["maybe", "click", "2", "0.9", "1"] * 10)
     said = []
-    tr = ev.interactive(tmp_path / "o" / "r", ask=lambda q: next(answers), out=said.append, seed=0)
+    tr = viewer.interactive(tmp_path / "o" / "r", ask=lambda q: next(answers), out=said.append, seed=0)
     assert "please type one of" in "\n".join(said) and "a number in the action's interval" in "\n".join(said)
     assert len(tr.turns) == 1 and tr.turns[0].action == "click" and tr.turns[0].score == 0.9   # a click ends it
     assert tr.turns[0].item == tr.cands[3] and tr.done and "conversation over" in said[-1]
@@ -1216,7 +1241,7 @@ def test_coars_loss_in_groups_gives_the_whole_batch_gradient(data):
 
 def test_base_pretrained_with_other_options_is_pretrained_again(data, tmp_path):
     tok = Tokenizer(data.n_items)
-    cfg = train.Config(pretrain_steps=2, pretrain_batch=2, pretrain_dialogues=4, n_layer=1, n_head=2, n_embd=32, ckpt_every=0)
+    cfg = Config(pretrain_steps=2, pretrain_batch=2, pretrain_dialogues=4, n_layer=1, n_head=2, n_embd=32, ckpt_every=0)
     torch.save({"model": {}, "key": "another key"}, tmp_path / "base.pt")
     logs = []
     train.stage1(cfg, data, tok, "cpu", tmp_path, logs.append)
@@ -1400,7 +1425,7 @@ def test_hf_model_runs_the_whole_pipeline(synth, tmp_path, tiny_hf, capsys, monk
     assert "stage 1 skipped" in r.stdout and "warm-up: 1 steps" in r.stdout and "| CoARS |" in r.stdout
     run_dir = tmp_path / "out" / "ml-1m"
     assert not (run_dir / "base.pt").exists()
-    r = run(["eval.py", "--run", str(run_dir), "--show", "1"])
+    r = run(["extras/viewer.py", "--run", str(run_dir), "--show", "1"])
     assert r.returncode == 0 and "=== conversation 1" in r.stdout and "mean token credit" in r.stdout, r.stderr[-3000:]
 
     real_generate = env.generate
@@ -1521,9 +1546,9 @@ def test_grad_checkpointing_gives_the_same_gradient(tiny_hf):
 
 def test_suite_shares_a_hugging_face_backbone(synth, tmp_path, tiny_hf, monkeypatch):
     """A suite on a chat model: no stage 1, every method starts from the same frozen model."""
-    import suite
+    from extras import suite
     monkeypatch.setitem(suite.SUITES, "tiny", [("No distill", dict(lam=0.0)), ("CoARS", dict())])
-    cfg = train.Config(model=tiny_hf["qwen2"], dataset="ml-1m", data_url=synth["url"], data_sha256=synth["sha"],
+    cfg = Config(model=tiny_hf["qwen2"], dataset="ml-1m", data_url=synth["url"], data_sha256=synth["sha"],
                        data_dir=str(tmp_path / "d"), sasrec_epochs=1, steps=1, batch=2, eval_every=0,
                        eval_test_n=3, n_boot=20, ckpt_every=0)
     logs = []
@@ -1604,7 +1629,7 @@ def test_restricted_decoding_names_only_candidates_and_matches_its_reference():
         assert torch.allclose(f.double(), r, atol=1e-5)
         assert f[0] > u[0] + 0.5 and torch.allclose(f[1:].double(), u[1:], atol=1e-5)
     # by hand: the restricted log-prob is log softmax over the 20 candidates' logits
-    z = model_mod.next_token_scores(m, prompts[:1], [first[0]], tok.pad_id)[0].double()
+    z = ev.next_token_scores(m, prompts[:1], [first[0]], tok.pad_id)[0].double()
     assert float(fast[0][0].detach()) == pytest.approx(float(torch.log_softmax(z, 0)[3]), abs=1e-5)
 
 
@@ -1623,7 +1648,7 @@ def test_stage1_and_stage2_samples_are_disjoint(data):
         assert all(int(data.train_target[r]) in parts[u].tolist() for r in mine[:-3])
     # stage 1's documents only use stage-1 rows and parts
     tok = Tokenizer(data.n_items)
-    cfg = train.Config(t_max=3)
+    cfg = Config(t_max=3)
     rng = np.random.default_rng(0)
     w = np.array([max(len(p) - 1, 0) for p in parts], float)
     for _ in range(30):
@@ -1635,14 +1660,14 @@ def test_stage1_and_stage2_samples_are_disjoint(data):
             ids, start = pretrain.dialogue_doc(data, tok, rng, cfg, agent, rows1, parts)
             assert ids[0] == tok.sp(agent) and start < len(ids)
     # and stage 2 draws its episodes from the stage-2 rows only
-    assert set(train.stage2_rows(data, 3).tolist()) == set(rows2.tolist())
+    assert set(pretrain.stage2_rows(data, 3).tolist()) == set(rows2.tolist())
 
 
 def test_stage1_answers_name_the_true_next_item_and_judge_it(data):
     """The scripted RecAgent answers with the target; the scripted UserAgent accepts the target and
     turns down a random item (PAPER.md section 5)."""
     tok = Tokenizer(data.n_items)
-    cfg = train.Config(t_max=3, p_reference=0.0)
+    cfg = Config(t_max=3, p_reference=0.0)
     parts, rows = pretrain.stage1_parts(data, 3)
     rng = np.random.default_rng(3)
     for _ in range(20):
@@ -1754,7 +1779,7 @@ def test_user_balance_weighs_right_and_wrong_items_the_same():
 def test_paper_defaults_are_pinned():
     """alpha = 0.1 and lambda = 0.1 (Eq. 8, 11-12), the filter on, T_max = 5, REINFORCE without a
     baseline: in the config, in the library defaults, and in what the default call computes."""
-    cfg = train.Config()
+    cfg = Config()
     assert (cfg.alpha, cfg.lam, cfg.use_filter, cfg.user_filter, cfg.t_max) == (0.1, 0.1, True, True, 5)
     assert (cfg.reward_mode, cfg.baseline, cfg.user_balance, cfg.stage_gamma) == ("interaction", "none", False, -1.0)
     # library defaults, by behaviour: a peer signal q = 1 makes alpha visible

@@ -32,7 +32,6 @@ import dataclasses
 import json
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -40,16 +39,17 @@ from tqdm import tqdm
 
 from config import Config, UserError, add_config_args, config_from, lora_targets, loss_group, validate
 from data.prepare import DataError, prepare, probe_writable
-from checkpoint import (CKPT_NAMES, FAULTS, STOP, BadSteps, Stopped, buffer_state, check_bad_streak,  # noqa: F401
-                        data_fingerprint, finite, load_checkpoint, log_jsonl, metrics_lines, plain_progress, rng_state,
-                        save_checkpoint, set_buffer_state, set_rng_state, truncate_metrics)
 from distill import ReferenceBuffer, coars_loss
-from distributed import all_gather, device_of, all_reduce_grads, barrier, dist_info, init_distributed, merge_stats
 from env import new_trajectory, rollout
 from eval import evaluate, results_table, run_ars, write_results
+from extras.checkpoint import (CKPT_NAMES, STOP, BadSteps, Stopped, buffer_state, check_bad_streak, data_fingerprint,
+                               finite, load_checkpoint, log_jsonl, metrics_lines, plain_progress, rng_state,
+                               save_checkpoint, set_buffer_state, set_rng_state, truncate_metrics)
+from extras.distributed import all_gather, all_reduce_grads, barrier, dist_info, init_distributed, merge_stats
+from extras.runs import chat_backbone
 from model import Tokenizer
+from pretrain import autocast, stage1, stage2_rows, warmup
 from sampling import CompileError
-from pretrain import autocast, build_model, freeze, stage1, stage2_rows, warmup  # noqa: F401  (build_model, freeze: suite.py)
 
 
 def parse_args(argv=None) -> Config:
@@ -86,10 +86,6 @@ def check_resumable(ck, cfg, data):
     if ck["data"] != data_fingerprint(data):
         raise UserError("--resume: the data differs from the data the run was started with (other raw files or "
                         "data options); resume with the same data or choose another --run-name.")
-
-
-def pick_device(name):
-    return device_of(name)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -165,7 +161,6 @@ def stage2(cfg, model, tok, data, device, run_dir, log, ck=None):
                 loss, st = coars_loss(model, tok, trajs, buffer, agent, reward_cfg, cfg.lam, cfg.baseline, device,
                                       timing=timing, micro=loss_group(cfg), backward=True, n_episodes=cfg.batch,
                                       free_answer=cfg.free_answer)
-            loss = FAULTS.loss(loss, 2, step)
             split["teacher_s"] += timing.get("teacher_s", 0.0)
             split["student_s"] += timing.get("student_s", 0.0)
             losses, stats = zip(*all_gather((loss.item(), st)))
@@ -277,38 +272,7 @@ def backbone(cfg, data, device, run_dir, log, ck=None):
         if dist_info()[0] != 0:
             model = stage1(cfg, data, tok, device, run_dir, lambda *a: None, None)
         return model, tok
-    import hf
-    from chat import ChatTokenizer
-    try:
-        model, hf_tok = hf.load(cfg.model, device, grad_checkpointing=cfg.grad_checkpointing)
-    except hf.ModelLoadError as e:
-        raise UserError(str(e))
-    log(f"model {cfg.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, frozen; "
-        f"stage 1 skipped")
-    return model, ChatTokenizer(hf_tok, data.titles)
-
-
-def load_run(run_dir: Path, device="auto"):
-    """(cfg, model with both adapters, tokenizer, data) of a finished run, for eval.py."""
-    path = run_dir / "coars.pt"
-    if not path.exists():
-        raise UserError(f"{path} does not exist: point --run at a folder written by train.py.")
-    ck = torch.load(path, map_location="cpu", weights_only=True)
-    cfg = Config(**ck["config"])
-    device = pick_device(device)
-    try:
-        data = prepare(cfg.data_config(), log=lambda *a: None)
-    except DataError as e:
-        raise UserError(str(e))
-    if cfg.model:
-        model, tok = backbone(cfg, data, device, run_dir, lambda *a: None)
-    else:
-        tok = Tokenizer(data.n_items)
-        model = build_model(cfg, tok, device)
-        model.load_state_dict(torch.load(run_dir / "base.pt", map_location=device, weights_only=True)["model"])
-    model.add_lora(("rec", "user"), r=cfg.lora_r, alpha=cfg.lora_alpha, targets=lora_targets(cfg))
-    model.load_state_dict(ck["adapters"], strict=False)
-    return cfg, freeze(model), tok, data
+    return chat_backbone(cfg, data, device, log)
 
 
 def main(argv=None):
@@ -316,7 +280,7 @@ def main(argv=None):
     try:
         validate(cfg)
         if cfg.model:
-            import hf
+            from extras import hf
             try:
                 hf.check(cfg.model)
             except hf.ModelLoadError as e:

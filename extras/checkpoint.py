@@ -143,20 +143,6 @@ def check_bad_streak(cfg, streak, stage, step, run_dir, log, checkpoint):
                        f"--pretrain-lr, then --resume).")
 
 
-class Faults:
-    """Testing aid: loss(x, stage, step) returns x, or NaN at the (stage, step) pairs in `nan_at`
-    (set by the tests; empty in real runs)."""
-
-    def __init__(self):
-        self.nan_at = set()
-
-    def loss(self, x, stage, step):
-        return x * float("nan") if (stage, step) in self.nan_at else x
-
-
-FAULTS = Faults()
-
-
 def plain_progress(log, name, done, total, t0, start=0, extra=""):
     """Where stdout is not a terminal (nohup, a cluster job's log) tqdm shows nothing: log one plain
     line about every 5% of a stage instead, with steps done, rate and time left."""

@@ -1,11 +1,10 @@
 """
 The paper's experiment in one command: baselines, ablations, seeds, intervals, plots
-(PAPER.md section 6). A file of its own because it orchestrates many training runs; eval.py
-dispatches to it:
+(PAPER.md section 6). A file of its own because it orchestrates many training runs:
 
-    python eval.py --suite paper --dataset ml-latest-small --data-url file:///path/ml-latest-small.zip
-    python eval.py --suite lambda --dataset lastfm --seeds 1          # sensitivity to lambda
-    python eval.py --suite paper --seeds 3 --steps 50                 # any train.py option
+    python extras/suite.py --suite paper --dataset ml-latest-small --data-url file:///path/ml-latest-small.zip
+    python extras/suite.py --suite lambda --dataset lastfm --seeds 1          # sensitivity to lambda
+    python extras/suite.py --suite paper --seeds 3 --steps 50                 # any train.py option
 
 Every method is evaluated on the same fixed test candidates. The base is pretrained once (stage 1,
 `--seed`) and shared: the seeds (0 .. --seeds - 1, as --stage2-seed) vary stage 2 only, that is
@@ -37,12 +36,17 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # `python extras/suite.py` from anywhere
 
-import train
-from data.prepare import DataError, prepare
-from eval import (baseline_hits, evaluate, mean_ci, paired_diff_ci, prf)
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from config import UserError, add_config_args, config_from, validate  # noqa: E402
+from data.prepare import DataError, prepare  # noqa: E402
+from eval import baseline_hits, evaluate, mean_ci, paired_diff_ci, prf  # noqa: E402
+from extras.bench import machine  # noqa: E402
+from extras.distributed import device_of  # noqa: E402
+from train import backbone, stage2  # noqa: E402
 
 PAPER = [
     ("Outcome-reward RL", dict(reward_mode="outcome", lam=0.0, train_user=False)),
@@ -80,7 +84,7 @@ def run_variant(cfg, name, base, data, tok, device, folder, log):
     (folder / "metrics.jsonl").unlink(missing_ok=True)
     model = copy.deepcopy(base)               # the shared frozen base; this run adds its own adapters
     t0 = time.time()
-    model = train.stage2(cfg, model, tok, data, device, folder, log)
+    model = stage2(cfg, model, tok, data, device, folder, log)
     seconds = time.time() - t0
     res = evaluate(model, tok, data, "test", cfg.t_max, device, cfg.n_boot, cfg.seed, agents=((name, ("rec", "user")),),
                    log=log, max_samples=cfg.eval_test_n, per_sample=True, free_answer=cfg.free_answer)
@@ -94,16 +98,16 @@ def run_variant(cfg, name, base, data, tok, device, folder, log):
 def run_suite(cfg, suite, seeds, suite_dir, log=print):
     """Train and evaluate every method of the suite for every seed; returns the summary dict."""
     if suite not in SUITES:
-        raise train.UserError(f"unknown suite {suite!r}: choose one of {', '.join(SUITES)}.")
+        raise UserError(f"unknown suite {suite!r}: choose one of {', '.join(SUITES)}.")
     if seeds < 1:
-        raise train.UserError("--seeds must be at least 1.")
-    train.validate(cfg)
+        raise UserError("--seeds must be at least 1.")
+    validate(cfg)
     suite_dir.mkdir(parents=True, exist_ok=True)
     data = prepare(cfg.data_config(), log=log)
-    device = train.pick_device(cfg.device)
+    device = device_of(cfg.device)
     torch.manual_seed(cfg.seed)
     t_base = time.time()
-    base, tok = train.backbone(cfg, data, device, suite_dir, log)      # built-in: cached in suite_dir/base.pt
+    base, tok = backbone(cfg, data, device, suite_dir, log)      # built-in: cached in suite_dir/base.pt
     base_seconds = time.time() - t_base
     # the memory-based ARS (the base without adapters) is deterministic: evaluated once
     mem_file = suite_dir / "memory_ars.json"
@@ -119,7 +123,7 @@ def run_suite(cfg, suite, seeds, suite_dir, log=print):
     for name, over in SUITES[suite]:
         for s in range(seeds):
             vcfg = dataclasses.replace(cfg, stage2_seed=s, **over)
-            train.validate(vcfg)
+            validate(vcfg)
             folder = suite_dir / f"{slug(name)}-seed{s}"
             log(f"{name}, seed {s} -> {folder}")
             runs.setdefault(name, []).append(run_variant(vcfg, name, base, data, tok, device, folder, log))
@@ -134,11 +138,6 @@ def run_suite(cfg, suite, seeds, suite_dir, log=print):
 
 def slug(name):
     return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-").replace("--", "-")
-
-
-def machine():
-    import bench
-    return bench.machine()
 
 
 def summarise(data, mem, runs, cfg, seeds, suite):
@@ -265,14 +264,14 @@ def main(argv=None):
     p.add_argument("--suite", required=True, help=f"one of {', '.join(SUITES)}")
     p.add_argument("--seeds", type=int, default=3, help="stage-2 seeds per trained method")
     p.add_argument("--suite-dir", default="", help="output folder (default: out/<dataset>-<suite>)")
-    train.add_config_args(p, SUITE_DEFAULTS)
+    add_config_args(p, SUITE_DEFAULTS)
     a = p.parse_args(argv)
-    cfg = train.config_from(a)
+    cfg = config_from(a)
     suite_dir = Path(a.suite_dir or Path(cfg.out_dir) / f"{Path(cfg.dataset).name}-{a.suite}")
     t0 = time.time()
     try:
         s = run_suite(cfg, a.suite, a.seeds, suite_dir)
-    except (train.UserError, DataError) as e:
+    except (UserError, DataError) as e:
         sys.exit(f"error: {e}")
     print(suite_table(s))
     print(f"\nsuite {a.suite} on {cfg.dataset}: {time.time() - t0:.0f} s; results in {suite_dir}/suite.md, suite.json")

@@ -42,7 +42,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parent.parent          # the repository: `python extras/bench.py` works from anywhere
 sys.path.insert(0, str(ROOT))
 
 from model import GPT, GPTConfig, logprobs_of  # noqa: E402
@@ -280,7 +280,7 @@ def reset_peak():
 def logprob_subprocess(impl, V, T, B, C, device, dtype):
     """logprob_case in a fresh Python process; on CPU its peak memory is the rise of VmHWM over
     the resident size just before the case (after the imports)."""
-    code = (f"import bench,json,torch;torch.manual_seed(0);"
+    code = (f"from extras import bench;import json,torch;torch.manual_seed(0);"
             f"r=bench.logprob_case({impl!r},{V},{T},{B},{C},{device!r},torch.{str(dtype).split('.')[1]});"
             f"print(json.dumps(r))")
     p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
@@ -326,19 +326,20 @@ def bench_iteration(batch=48, steps=3, device="cpu"):
     from data.prepare import DataConfig, prepare
     from data.sasrec import SASRecConfig
     from data.synthetic import make_ml1m_zip
-    import train
+    from config import Config, loss_group
     from distill import ReferenceBuffer, coars_loss
     from env import new_trajectory, rollout
-    from model import Tokenizer
+    from model import Tokenizer, build_model, freeze
+    from pretrain import autocast
 
     tmp = Path(tempfile.mkdtemp())
     sha = make_ml1m_zip(tmp / "ml-1m.zip", users=300, items=1000, ratings=20000, seed=0)
     data = prepare(DataConfig(dataset="ml-1m", data_dir=str(tmp), data_url=(tmp / "ml-1m.zip").as_uri(),
                               data_sha256=sha, sasrec=SASRecConfig(epochs=2)), log=lambda *a: None)
-    cfg = train.Config()
+    cfg = Config()
     tok = Tokenizer(data.n_items)
-    model = train.build_model(cfg, tok, device)              # the default built-in size, untrained
-    train.freeze(model)
+    model = build_model(cfg, tok.vocab_size, device)              # the default built-in size, untrained
+    freeze(model)
     model.add_lora(("rec", "user"), r=cfg.lora_r, alpha=cfg.lora_alpha)
     params = [p for a in ("rec", "user") for p in model.adapter_parameters(a)]
     for p in params:
@@ -378,9 +379,9 @@ def bench_iteration(batch=48, steps=3, device="cpu"):
         for agent in ("rec", "user"):
             model.set_adapter(agent)
             timing = {}
-            with train.autocast(device, cfg.precision):   # as train.py: groups of loss_batch messages
+            with autocast(device, cfg.precision):   # as train.py: groups of loss_batch messages
                 coars_loss(model, tok, trajs, buffer, agent, reward_cfg, cfg.lam, "none", device, timing=timing,
-                           micro=train.loss_group(cfg), backward=True)
+                           micro=loss_group(cfg), backward=True)
             split["teacher"] += timing.get("teacher_s", 0.0)
             split["student"] += timing.get("student_s", 0.0)          # forward and backward
         model.set_adapter(None)

@@ -1,0 +1,56 @@
+"""
+Loading what train.py built, for everything that works on a finished run (eval.py's re-evaluation,
+extras/viewer.py, extras/suite.py): the frozen backbone of a run and a run folder's adapters.
+A file of its own so that those tools need not import train.py (which imports them).
+
+  - chat_backbone(): a Hugging Face chat model and its natural-language format (extras/hf.py,
+    extras/chat.py), the backbone train.py uses when --model is given.
+  - load_run(): (config, model with both adapters, tokenizer, data) of a run folder.
+"""
+
+from pathlib import Path
+
+import torch
+
+from config import Config, UserError, lora_targets
+from data.prepare import DataError, prepare
+from extras import hf
+from extras.chat import ChatTokenizer
+from extras.distributed import device_of
+from model import Tokenizer, build_model, freeze
+
+
+def chat_backbone(cfg, data, device, log):
+    """(frozen Hugging Face model, ChatTokenizer) for cfg.model; a model that will not load is a
+    UserError (one sentence)."""
+    try:
+        model, hf_tok = hf.load(cfg.model, device, grad_checkpointing=cfg.grad_checkpointing)
+    except hf.ModelLoadError as e:
+        raise UserError(str(e))
+    log(f"model {cfg.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, frozen; "
+        f"stage 1 skipped")
+    return model, ChatTokenizer(hf_tok, data.titles)
+
+
+def load_run(run_dir: Path, device="auto"):
+    """(cfg, model with both adapters, tokenizer, data) of a finished run (its coars.pt and, for the
+    built-in model, its base.pt)."""
+    path = Path(run_dir) / "coars.pt"
+    if not path.exists():
+        raise UserError(f"{path} does not exist: point --run at a folder written by train.py.")
+    ck = torch.load(path, map_location="cpu", weights_only=True)
+    cfg = Config(**ck["config"])
+    device = device_of(device)
+    try:
+        data = prepare(cfg.data_config(), log=lambda *a: None)
+    except DataError as e:
+        raise UserError(str(e))
+    if cfg.model:
+        model, tok = chat_backbone(cfg, data, device, lambda *a: None)
+    else:
+        tok = Tokenizer(data.n_items)
+        model = build_model(cfg, tok.vocab_size, device)
+        model.load_state_dict(torch.load(Path(run_dir) / "base.pt", map_location=device, weights_only=True)["model"])
+    model.add_lora(("rec", "user"), r=cfg.lora_r, alpha=cfg.lora_alpha, targets=lora_targets(cfg))
+    model.load_state_dict(ck["adapters"], strict=False)
+    return cfg, freeze(model), tok, data

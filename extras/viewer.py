@@ -1,0 +1,171 @@
+"""
+Looking at a trained run's conversations (a tool beside the method, not part of it):
+
+    python extras/viewer.py --run out/ml-latest-small --show 3         # 3 whole greedy conversations
+    python extras/viewer.py --run out/ml-latest-small --interactive    # play the user yourself
+
+--show prints the history, the candidates (target and SASRec prior marked), every message as text,
+each turn's rewards (reward.py) and each message's mean token credit (distill.py, with the finished
+conversation itself as the hindsight reference). --interactive lets a person answer the trained
+RecAgent turn by turn.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # `python extras/viewer.py` from anywhere
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from config import UserError  # noqa: E402
+from distill import hindsight_reference, token_credit  # noqa: E402
+from env import (ACTION_RANGE, Turn, finish_turn, new_trajectory, parse_rec, parse_user, record_user,  # noqa: E402
+                 render_rec, render_user, rollout, score_fits, user_message)
+from extras.distributed import device_of  # noqa: E402
+from extras.runs import load_run  # noqa: E402
+from model import token_logprobs  # noqa: E402
+from reward import turn_rewards  # noqa: E402
+from sampling import generate  # noqa: E402
+
+
+def readable(tok, data, ids, cands=None, agent="rec"):
+    """Token ids as text: item tokens as their titles, other control
+    tokens by name, bytes decoded. A Hugging Face model's messages are text already (shown with the
+    field name its prompt ended with)."""
+    if tok.chat:
+        return (tok.rec_text(ids) if agent == "rec" else tok.user_text(ids)).strip().replace("\n", " | ")
+    out, buf = [], []
+    for t in map(int, ids):
+        if t < 256:
+            buf.append(t)
+            continue
+        if buf:
+            out.append(bytes(buf).decode("utf-8", "replace"))
+            buf = []
+        if tok.is_item(t):
+            out.append(f"\u00ab{data.titles[tok.item_of(t)]}\u00bb")
+        elif t != tok.pad_id:
+            out.append(tok.enc.decode([t]))
+    if buf:
+        out.append(bytes(buf).decode("utf-8", "replace"))
+    return " ".join(out)
+
+
+def show(run_dir, n, split="test", device="auto", out=print):
+    """Print n whole greedy conversations of a trained run: history, candidates, every message,
+    the rewards of each turn and the mean token credit of each message (the teacher sees the
+    finished conversation itself as its hindsight reference)."""
+    cfg, model, tok, data = load_run(Path(run_dir), device)
+    device = device_of(device)
+    rows = np.random.default_rng(cfg.seed).permutation(len(getattr(data, f"{split}_user")))[:n]
+    trajs = [new_trajectory(data, split, int(r)) for r in rows]
+    rollout(model, tok, data, trajs, t_max=cfg.t_max, temperature=0.0, device=device)
+    rcfg = dict(mode=cfg.reward_mode, alpha=cfg.alpha, use_filter=cfg.use_filter, user_filter=cfg.user_filter,
+                stage_gamma=cfg.stage_gamma if cfg.stage_gamma >= 0 else None)
+    for k, tr in enumerate(trajs):
+        out(f"\n=== conversation {k + 1}: {split} sample {tr.row}, user {data.user_raw[tr.user]} ===")
+        out("history: " + "; ".join(data.titles[i] for i in tr.hist))
+        out("candidates: " + "; ".join(f"{j}:{data.titles[c]}" + (" (TARGET)" if c == tr.target else "")
+                                      + (" (prior)" if c == tr.prior else "") for j, c in enumerate(tr.cands)))
+        ref = hindsight_reference(tok, tr)
+        rewards = turn_rewards(tr, **rcfg)
+        for t, (turn, (r_rec, r_user)) in enumerate(zip(tr.turns, rewards)):
+            credit = {}
+            for agent, prompt, ans, render in (("rec", turn.rec_prompt, turn.rec_out, render_rec),
+                                               ("user", turn.user_prompt, turn.user_out, render_user)):
+                if prompt is None or not ans:
+                    continue
+                model.set_adapter(agent)
+                with torch.no_grad():
+                    s_lp = token_logprobs(model, [prompt], [ans], tok.pad_id, device)[0]
+                    t_lp = token_logprobs(model, [render(tok, tr, t, ref)], [ans], tok.pad_id, device)[0]
+                credit[agent] = float(token_credit(t_lp, s_lp).mean())
+            model.set_adapter(None)
+            out(f" turn {t + 1}  RecAgent: {readable(tok, data, turn.rec_out, tr.cands)}"
+                + ("  -> HIT" if turn.hit else "") + ("" if turn.rec_valid else "  (invalid)"))
+            if turn.user_out is not None:
+                out(f"         UserAgent: {readable(tok, data, turn.user_out, agent='user')}   peers: {turn.peer_text} (q={turn.q:+.2f})"
+                    + ("" if turn.user_valid else "  (invalid)"))
+            fmt = lambda x: "left out" if x is None else f"{x:+.3f}"  # noqa: E731
+            out(f"         rewards: Rec {fmt(r_rec)}  User {fmt(r_user)}   mean token credit: "
+                + "  ".join(f"{a} {c:+.3f}" for a, c in credit.items()))
+        out(f" final item: {data.titles[tr.final_item] if tr.final_item is not None else '-'}; "
+            f"hit: {bool(tr.hit)}; turns: {len(tr.turns)}")
+    return trajs
+
+
+def interactive(run_dir, device="auto", ask=input, out=print, seed=None):
+    """A person plays the user against the trained RecAgent: each turn, type an action, a score and
+    a reason (the built-in model's reasons are history items, so the reason is a history number)."""
+    cfg, model, tok, data = load_run(Path(run_dir), device)
+    device = device_of(device)
+    rng = np.random.default_rng(seed)
+    tr = new_trajectory(data, "test", int(rng.integers(len(data.test_user))))
+    out("You are the user. Your history:")
+    for j, i in enumerate(tr.hist):
+        out(f"  {j}: {data.titles[i]}")
+    out(f"(The item you will really pick next, hidden from the RecAgent: {data.titles[tr.target]})")
+    while not tr.done:
+        prompt = render_rec(tok, tr, len(tr.turns))
+        model.set_adapter("rec")
+        o = generate(model, [prompt], tok.rec_max_new, tok.pad_id, stop_ids=tok.stop_ids, temperature=0.0,
+                     device=device)[0]
+        model.set_adapter(None)
+        item = parse_rec(tok, o, tr.cands)
+        turn = Turn(rec_out=o, item=item, rec_valid=item is not None, rec_prompt=prompt)
+        tr.turns.append(turn)
+        out(f"\nRecAgent (turn {len(tr.turns)}): {readable(tok, data, o, tr.cands)}")
+        if item is None:
+            out("(an invalid message: no answer is asked for)")
+            finish_turn(tr, turn, cfg.t_max)
+            continue
+        record_user(data, tr, turn)
+        out(f"peers: {turn.peer_text}")
+        while True:
+            action = ask(f"action ({'/'.join(ACTION_RANGE)}): ").strip().lower()
+            if action in ACTION_RANGE:
+                break
+            out("please type one of " + ", ".join(ACTION_RANGE))
+        lo, hi = ACTION_RANGE[action]
+        while True:
+            try:
+                score = float(ask(f"score in [{lo:.2f}, {hi:.2f}{']' if action == 'click' else ')'}: "))
+                if score_fits(action, score):
+                    break
+            except ValueError:
+                pass
+            out("a number in the action's interval, please")
+        r = ask(f"reason: a history number 0-{len(tr.hist) - 1} (Enter = {0}): ").strip()
+        reason = tr.hist[int(r)] if r.isdigit() and int(r) < len(tr.hist) else tr.hist[0]
+        turn.user_out = user_message(tok, action, float(f"{score:.2f}"), reason)
+        turn.action, turn.score = parse_user(tok, turn.user_out)
+        turn.user_valid = True
+        finish_turn(tr, turn, cfg.t_max)
+    out(f"\nconversation over after {len(tr.turns)} turn(s); the RecAgent's final pick "
+        f"{'was' if tr.hit else 'was not'} the item you picked next.")
+    return tr
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Look at a trained run's conversations (see the module docstring).")
+    p.add_argument("--run", required=True, help="the run folder written by train.py (holds coars.pt)")
+    p.add_argument("--split", default="test", choices=["valid", "test"])
+    p.add_argument("--device", default="auto")
+    p.add_argument("--show", type=int, default=0, metavar="N", help="print N whole conversations")
+    p.add_argument("--interactive", action="store_true", help="play the user against the trained RecAgent")
+    a = p.parse_args(argv)
+    if not a.show and not a.interactive:
+        p.error("give --show N or --interactive")
+    try:
+        if a.show:
+            show(a.run, a.show, a.split, a.device)
+        else:
+            interactive(a.run, a.device)
+    except UserError as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()
