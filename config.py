@@ -27,7 +27,7 @@ class UserError(Exception):
 class Config:
     # ---- data ----
     dataset: str = "ml-latest-small"
-    """ml-1m, ml-100k, ml-latest-small, lastfm, instruments, or the path of a folder in the custom format (README)"""
+    """ml-1m, ml-100k, ml-latest-small, lastfm, instruments, or the path of a folder in the custom format (docs/datasets.md)"""
     data_dir: str = str(Path(__file__).resolve().parent / "data")
     """folder for downloads and processed caches"""
     data_url: str = ""
@@ -54,7 +54,7 @@ class Config:
     # ---- the language model ----
     model: str = ""
     """'' = the built-in GPT; else a Hugging Face chat model: hub id, local folder, .gguf file, or the shortcut
-    smollm2-135m (hf.py)"""
+    smollm2-135m (extras/hf.py)"""
     lora_targets: str = ""
     """comma-separated names of the linear layers that get LoRA ('' = the model's default: qkv,proj,fc,fc2 for
     the built-in GPT, q_proj,v_proj,gate_proj,up_proj,down_proj for a Hugging Face model)"""
@@ -65,7 +65,7 @@ class Config:
     a GPU, fp32 on a CPU, where bf16 measured no faster; see pretrain.autocast)"""
     compile: bool = False
     """run the built-in GPT's decode steps in rollouts through torch.compile (same tokens; 15-30 s to compile; no gain
-    measured on CPU with the default short messages, see README Benchmarks)"""
+    measured on CPU with the default short messages, see docs/benchmarks.md)"""
     warmup_steps: int = 0
     """supervised warm-up steps of the adapters on scripted dialogues before CoARS (for --model; 0 = none)"""
     n_layer: int = 4

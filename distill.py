@@ -30,7 +30,7 @@ from reward import turn_rewards
 
 def hindsight_reference(tok, ref):
     """Token ids of the hindsight reference d built from trajectory `ref` (template [ours])."""
-    if tok.chat:                  # a Hugging Face model: the same content in words (chat.py)
+    if tok.chat:                  # a Hugging Face model: the same content in words (extras/chat.py)
         return tok.hindsight_reference(ref)
     ids = [tok.sp("hind")]
     for tr in ref.turns:

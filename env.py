@@ -118,7 +118,7 @@ def render_memory(tok, turns):
 
 def render_rec(tok, traj, t, reference=()):
     """RecAgent prompt x_t for turn t (0-based) of traj; reference = hindsight tokens (teacher only)."""
-    if tok.chat:                  # a Hugging Face model: the natural-language prompt of chat.py
+    if tok.chat:                  # a Hugging Face model: the natural-language prompt of extras/chat.py
         return tok.render_rec(traj, t, reference)
     ids = [tok.sp("rec"), tok.sp("cands")] + [tok.item(i) for i in traj.cands]
     if t == 0 and traj.prior is not None:

@@ -255,7 +255,7 @@ def evaluate(model, tok, data, split="test", t_max=5, device="cpu", n_boot=1000,
     (JSON-ready) with per-method metrics and intervals, and paired comparisons to the last pair.
     max_samples > 0 evaluates a fixed random subset of the split (the same for every method).
     per_sample: also return the evaluated rows and, per agent pair, its per-sample hits and F1-set
-    judgements (for suite.py's pooling over seeds). Two chance references are rows of every table
+    judgements (for extras/suite.py's pooling over seeds). Two chance references are rows of every table
     (PAPER.md section 6): a random pick's Hit@1 is 1/K whatever the number of turns (the last of up
     to 5 distinct random picks is still uniform over the K candidates), and a UserAgent that accepts
     everything has the F1 of the "Accept everything" row (2/3 with one negative per positive)."""

@@ -189,7 +189,7 @@ class Block(nn.Module):
 
 
 class Adapters:
-    """LoRA adapter handling shared by the built-in GPT and the Hugging Face wrapper (hf.py)."""
+    """LoRA adapter handling shared by the built-in GPT and the Hugging Face wrapper (extras/hf.py)."""
 
     def add_lora(self, names=("rec", "user"), r=8, alpha=16, targets=None):
         """Wrap every nn.Linear whose own name is in `targets` (default: self.lora_targets) with

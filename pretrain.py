@@ -26,7 +26,7 @@ within minutes). The base is then frozen and cached in out/<run>/base.pt, reused
 the stage-1 options are the same.
 
 A Hugging Face chat model skips stage 1; `--warmup-steps N` gives its two adapters N supervised
-steps on the same scripted dialogues (rendered in natural language by chat.py) before CoARS, so
+steps on the same scripted dialogues (rendered in natural language by extras/chat.py) before CoARS, so
 that they can write the message format (warmup()).
 """
 

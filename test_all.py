@@ -1,7 +1,8 @@
 """
 The tests, read as a specification of the paper: one test per equation and rule with small
 hand-checkable numbers, every fast path against its plain reference, and end-to-end runs of the
-real commands on small synthetic data in ml-1m's exact file format.
+real commands on small synthetic data in ml-1m's exact file format. The specification comes first
+(the equations, the rules of PAPER.md, the pins of its defaults), the machinery after it.
 
     python -m pytest -q test_all.py
 
@@ -270,6 +271,486 @@ def test_rollout_ends_at_click_or_turn_limit(data, monkeypatch):
             assert tok.item(tr.cands[2]) in p[p.index(tok.sp("mem")):p.index(tok.sp("hist"))]
             u = tr.turns[1].user_prompt
             assert tok.item(tr.cands[2]) in u[u.index(tok.sp("mem")):u.index(tok.sp("hist"))]
+
+
+# --------------------------------------------------------------------------------------------------
+# A base that knows users (PAPER.md sections 1, 5, 6): candidate protocols, restricted answers,
+# disjoint stages, outcome without filter, per-agent clipping
+
+
+def test_candidate_protocols_random_and_sasrec(monkeypatch):
+    """random: the target plus 19 uniform items outside the history; sasrec: SASRec's 20 highest
+    non-history items as they are, the target only where it is among them (never forced in)."""
+    import data.prepare as dp
+    n_items, K = 60, 20
+    scores = np.tile(-np.arange(n_items, dtype=np.float32), (2, 1))          # item i scores -i: 0 best
+    monkeypatch.setattr(dp, "score_all", lambda model, hists: [(0, scores)])
+    hists, targets = [[0, 1, 2], [5, 6]], np.array([3, 50])                   # target 3 is SASRec's 4th; 50 is low
+    for protocol in ("random", "sasrec"):
+        cfg = DataConfig(candidates=protocol, n_candidates=K)
+        cands, prior = np.zeros((2, K), np.int64), np.zeros(2, np.int64)
+        dp._candidates(None, hists, targets, n_items, cfg, np.random.default_rng(0), cands, prior, np.arange(2))
+        for r in range(2):
+            c = set(cands[r].tolist())
+            assert len(c) == K and not c & set(hists[r]) and prior[r] == min(c)    # prior: SASRec's favourite
+            if protocol == "random":
+                assert targets[r] in c
+            else:
+                assert c == set([i for i in range(n_items) if i not in hists[r]][:K])
+        if protocol == "sasrec":
+            assert targets[0] in cands[0] and targets[1] not in cands[1]      # not forced in
+    # shuffled: the best-scored item is not always first
+    assert len({int(np.argmin(c)) for c in [cands[0], cands[1]]}) >= 1
+
+
+def test_sasrec_candidates_print_the_ceiling(synth, tmp_path):
+    cfg = DataConfig(dataset="ml-1m", data_dir=str(tmp_path), data_url=synth["url"], data_sha256=synth["sha"],
+                     sasrec=SASRecConfig(epochs=1), candidates="sasrec")
+    logs = []
+    d = prepare(cfg, log=logs.append)
+    inside = (d.test_cands == d.test_target[:, None]).any(1).mean()
+    assert d.meta["ceiling"]["test"] == pytest.approx(inside) and inside < 1
+    assert any("ceiling (target among the candidates)" in m for m in logs)
+    res = ev.evaluate(tiny_model(Tokenizer(d.n_items).vocab_size), Tokenizer(d.n_items), d, "test", 1, n_boot=5,
+                      agents=(("CoARS", (None, None)),), log=lambda *a: None, max_samples=8)
+    assert "Ceiling: the target is among the candidates in" in ev.results_table(res)
+
+
+def test_restricted_decoding_names_only_candidates_and_matches_its_reference():
+    tok = Tokenizer(60)
+    m = tiny_model(tok.vocab_size)
+    rng = np.random.default_rng(1)
+    prompts = [rng.integers(256, tok.vocab_size, n).tolist() for n in (5, 11, 8)]
+    first = [[tok.item(i) for i in rng.choice(60, 20, replace=False)] for _ in prompts]
+    keys = list(range(100, 100 + len(prompts)))
+    for temperature in (0.0, 1.0):
+        for rep in range(20):
+            ks = [k + 1000 * rep for k in keys]
+            a = generate(m, prompts, 4, tok.pad_id, temperature=temperature, keys=ks, first=first)
+            assert all(o[0] in f for o, f in zip(a, first))                  # never a non-candidate
+            assert a == generate_nocache(m, prompts, 4, tok.pad_id, temperature=temperature, keys=ks, first=first)
+    # without the restriction the first token is mostly not a candidate (the restriction does the work)
+    free = generate(m, prompts * 10, 1, tok.pad_id, temperature=1.0, keys=list(range(30)))
+    assert sum(o[0] in f for o, f in zip(free, first * 10)) < 15
+    # log-probs over the restricted softmax: fast path = float64 reference, first token only restricted
+    comps = [[f[3], tok.sp("why"), tok.end_id] for f in first]
+    fast = token_logprobs(m, prompts, comps, tok.pad_id, first=first)
+    ref = token_logprobs_reference(m, prompts, comps, tok.pad_id, first=first)
+    full = token_logprobs_reference(m, prompts, comps, tok.pad_id)
+    for f, r, u in zip(fast, ref, full):
+        assert torch.allclose(f.double(), r, atol=1e-5)
+        assert f[0] > u[0] + 0.5 and torch.allclose(f[1:].double(), u[1:], atol=1e-5)
+    # by hand: the restricted log-prob is log softmax over the 20 candidates' logits
+    z = ev.next_token_scores(m, prompts[:1], [first[0]], tok.pad_id)[0].double()
+    assert float(fast[0][0].detach()) == pytest.approx(float(torch.log_softmax(z, 0)[3]), abs=1e-5)
+
+
+def test_stage1_and_stage2_samples_are_disjoint(data):
+    rows2 = pretrain.stage2_rows(data, 3)
+    parts, rows1 = pretrain.stage1_parts(data, 3)
+    assert len(rows2) and not set(rows1.tolist()) & set(rows2.tolist())
+    assert len(rows1) + len(rows2) == len(data.train_user)
+    for u in np.unique(data.train_user):
+        mine = np.flatnonzero(data.train_user == u)
+        assert set(mine[-3:].tolist()) <= set(rows2.tolist())                # each user's last 3 samples
+        items = data.train_items(u)
+        for r in mine[-3:]:                  # a stage-2 target lies after everything stage 1 reads of the user
+            pos = int(np.flatnonzero(items == data.train_target[r])[0])
+            assert pos >= len(parts[u])
+        assert all(int(data.train_target[r]) in parts[u].tolist() for r in mine[:-3])
+    # stage 1's documents only use stage-1 rows and parts
+    tok = Tokenizer(data.n_items)
+    cfg = Config(t_max=3)
+    rng = np.random.default_rng(0)
+    w = np.array([max(len(p) - 1, 0) for p in parts], float)
+    for _ in range(30):
+        ids, start = pretrain.sequence_doc(tok, rng, parts, w / w.sum(), 50)
+        items = [tok.item_of(t) for t in ids[1:]]
+        assert any(items == parts[u].tolist()[s:s + len(items)] for u in range(data.n_users)
+                   for s in range(max(1, len(parts[u]) - len(items) + 1)))
+        for agent in ("rec", "user"):
+            ids, start = pretrain.dialogue_doc(data, tok, rng, cfg, agent, rows1, parts)
+            assert ids[0] == tok.sp(agent) and start < len(ids)
+    # and stage 2 draws its episodes from the stage-2 rows only
+    assert set(pretrain.stage2_rows(data, 3).tolist()) == set(rows2.tolist())
+
+
+def test_stage1_answers_name_the_true_next_item_and_judge_it(data):
+    """The scripted RecAgent answers with the target; the scripted UserAgent accepts the target and
+    turns down a random item (PAPER.md section 5)."""
+    tok = Tokenizer(data.n_items)
+    cfg = Config(t_max=3, p_reference=0.0)
+    parts, rows = pretrain.stage1_parts(data, 3)
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        ids, start = pretrain.dialogue_doc(data, tok, rng, cfg, "rec", rows, parts)
+        prompt, ans = ids[:start], ids[start:]
+        cands = [tok.item_of(t) for t in prompt[2:22]]
+        assert tok.item_of(ans[0]) in cands and ans[1] == tok.sp("why") and ans[-1] == tok.end_id
+        mem = prompt[prompt.index(tok.sp("mem")):prompt.index(tok.sp("hist"))]
+        assert ans[0] not in mem                                             # never an item turned down before
+    pos = neg = 0
+    for _ in range(60):
+        ids, start = pretrain.dialogue_doc(data, tok, rng, cfg, "user", rows, parts)
+        prompt, ans = ids[:start], ids[start:]
+        item = prompt[prompt.index(tok.sp("msg"), prompt.index(tok.sp("hist"))) + 1]
+        accept = ans[0] in (tok.sp("click"), tok.sp("star"))
+        # positive only for the user's own next or near-future items
+        r = [r for r in rows if tok.item(data.train_target[r]) == item and
+             [tok.item(i) for i in data.history("train", r)] == prompt[prompt.index(tok.sp("hist")) + 1:
+                                                                   prompt.index(tok.sp("msg"), prompt.index(tok.sp("hist")))]]
+        if accept:
+            pos += 1
+        else:
+            neg += 1
+            assert not r                                                     # the target itself is never turned down
+    assert pos > 10 and neg > 10
+
+
+def test_outcome_mode_has_no_filter():
+    tr = make_traj([(3, "star", 0.6, 0.0), (7, "click", 0.9, 0.0)])
+    assert reward.turn_rewards(tr)[0] == (None, None)                        # interaction: filtered
+    assert reward.turn_rewards(tr, mode="outcome") == [(1.0, 1.0), (1.0, 1.0)]      # outcome: kept
+    assert reward.turn_rewards(tr, mode="outcome", use_filter=True)[0] == (1.0, 1.0)
+
+
+def test_each_agent_is_clipped_by_its_own_norm(small_run, tmp_path, capsys, monkeypatch):
+    """Scaling the UserAgent's gradient up 1000x leaves the RecAgent's update exactly as it was."""
+    real = train.coars_loss
+
+    def louder_user(model, tok, trajs, buffer, agent, *a, **k):
+        out = real(model, tok, trajs, buffer, agent, *a, **k)
+        if agent == "user" and louder_user.scale != 1:
+            for p in model.adapter_parameters("user"):
+                if p.grad is not None:
+                    p.grad.mul_(louder_user.scale)
+        return out
+    monkeypatch.setattr(train, "coars_loss", louder_user)
+    ads = {}
+    for scale in (1, 1000):
+        louder_user.scale = scale
+        code, _, err = in_process(small_run + ["--out-dir", str(tmp_path), "--run-name", f"s{scale}", "--steps", "2",
+                                               "--skip-eval", "--eval-every", "0", "--grad-clip", "0.01",
+                                               "--no-use-filter"], capsys)     # the user trains in both steps
+        assert code == 0, err
+        ads[scale] = torch.load(tmp_path / f"s{scale}" / "coars.pt", weights_only=True)["adapters"]
+        m = [json.loads(l) for l in (tmp_path / f"s{scale}" / "metrics.jsonl").read_text().splitlines()]
+        assert all("rec_grad_norm" in x and "user_grad_norm" in x for x in m if x["stage"] == 2)
+    rec = [k for k in ads[1] if ".adapters.rec." in k]
+    user = [k for k in ads[1] if ".adapters.user." in k]
+    assert all(torch.equal(ads[1][k], ads[1000][k]) for k in rec)          # the RecAgent's step is unchanged
+    assert any(not torch.equal(ads[1][k], ads[1000][k]) for k in user)     # while the user's did change
+
+
+def test_prefixed_windows_follow_a_recagent_prompt_head(data):
+    """--pretrain-prefixed: the window comes after `<|rec|><|cands|>` 20 items outside the window
+    `<|mem|>`, exactly as the RecAgent prompt starts, and only the window's items are scored."""
+    tok = Tokenizer(data.n_items)
+    parts, _ = pretrain.stage1_parts(data, 3)
+    w = np.array([max(len(p) - 1, 0) for p in parts], float)
+    rng = np.random.default_rng(0)
+    kinds = set()
+    for _ in range(40):
+        ids, start = pretrain.sequence_doc(tok, rng, parts, w / w.sum(), 50, prefixed=0.5, n_cands=20)
+        assert ids[start - 1] == tok.sp("hist")
+        window = [tok.item_of(t) for t in ids[start:]]
+        assert all(i is not None for i in window) and len(window) <= 50
+        if start == 1:
+            kinds.add("bare")
+            continue
+        kinds.add("prefixed")
+        assert ids[:2] == [tok.sp("rec"), tok.sp("cands")] and ids[22] == tok.sp("mem") and start == 24
+        cands = [tok.item_of(t) for t in ids[2:22]]
+        assert len(set(cands)) == 20 and not set(cands) & set(window)
+    assert kinds == {"bare", "prefixed"}
+    ids, start = pretrain.sequence_doc(tok, rng, parts, w / w.sum(), 50, prefixed=1.0, n_cands=20)
+    head = env.render_rec(tok, env.new_trajectory(data, "train", 0), 0)
+    assert start == 24 and ids[:2] == head[:2] and ids[22:24] == [tok.sp("mem"), tok.sp("hist")]
+
+
+def test_user_balance_weighs_right_and_wrong_items_the_same():
+    # 1 hit, 3 misses: the hit's reward x 4/2, each miss's x 4/6, so each class sums to the same weight
+    assert distill.balance_user([1.0, -0.5, 0.5, 0.25], [1, 0, 0, 0]) == pytest.approx([2.0, -1 / 3, 1 / 3, 1 / 6])
+    assert distill.balance_user([1.0, 0.5], [1, 1]) == [1.0, 0.5]          # one class only: unchanged
+    # through collect_messages: only the UserAgent's rewards, only with the option
+    tr = make_traj([(3, "skip", 0.3, 0.0), (5, "dislike", 0.1, 0.0), (7, "click", 0.9, 0.0)])
+    tok = Tokenizer(100)
+    for t in range(3):
+        tr.turns[t].rec_prompt, tr.turns[t].user_prompt = [1], [2]
+    plain = [m[3] for m in distill.collect_messages(tok, [tr], distill.ReferenceBuffer(), "user", {})]
+    bal = [m[3] for m in distill.collect_messages(tok, [tr], distill.ReferenceBuffer(), "user", dict(user_balance=True))]
+    assert bal == pytest.approx([plain[0] * 3 / 4, plain[1] * 3 / 4, plain[2] * 3 / 2])
+    rec = [m[3] for m in distill.collect_messages(tok, [tr], distill.ReferenceBuffer(), "rec", dict(user_balance=True))]
+    assert rec == [m[3] for m in distill.collect_messages(tok, [tr], distill.ReferenceBuffer(), "rec", {})]
+
+
+# --------------------------------------------------------------------------------------------------
+# Specification pins: each rule of PAPER.md that a one-line change could break unnoticed
+
+
+def test_paper_defaults_are_pinned():
+    """alpha = 0.1 and lambda = 0.1 (Eq. 8, 11-12), the filter on, T_max = 5, REINFORCE without a
+    baseline: in the config, in the library defaults, and in what the default call computes."""
+    cfg = Config()
+    assert (cfg.alpha, cfg.lam, cfg.use_filter, cfg.user_filter, cfg.t_max) == (0.1, 0.1, True, True, 5)
+    assert (cfg.reward_mode, cfg.baseline, cfg.user_balance, cfg.stage_gamma) == ("interaction", "none", False, -1.0)
+    # library defaults, by behaviour: a peer signal q = 1 makes alpha visible
+    tr = make_traj([(7, "click", 0.9, 1.0)])
+    assert reward.turn_rewards(tr)[0][1] == pytest.approx(0.8 * (1 - 0.1 * 0.8))
+    assert reward.user_reward(1, 0.9, 1.0) == pytest.approx(0.8 * (1 - 0.1 * 0.8))
+    lp, a = torch.tensor([-1.0, -3.0]), torch.tensor([1.0, 1.0])
+    assert distill.agent_objective([lp], [0.0], [a], n_episodes=1).item() == pytest.approx(0.1 * 2.0)
+    import inspect as _inspect
+    assert _inspect.signature(distill.coars_loss).parameters["lam"].default == 0.1
+    assert _inspect.signature(distill.coars_loss).parameters["baseline"].default == "none"
+
+
+def test_filter_is_wrong_item_with_click_or_star_only():
+    for action, score, filtered in (("click", 0.9, True), ("star", 0.6, True), ("skip", 0.3, False),
+                                    ("dislike", 0.1, False)):
+        wrong = reward.turn_rewards(make_traj([(3, action, score, 0.0)]))[0]
+        assert (wrong == (None, None)) == filtered, action
+        hit = reward.turn_rewards(make_traj([(7, action, score, 0.0)]))[0]        # a hit is never filtered
+        assert hit == (pytest.approx(0.5 + 0.5 * score), pytest.approx(2 * score - 1)), action
+    assert not reward.filtered(1, "click") and reward.filtered(0, "star") and not reward.filtered(0, "skip")
+
+
+def test_outcome_mode_gives_an_invalid_user_message_minus_one():
+    tr = make_traj([(3, "invalid", None, 0.0), (7, "click", 0.9, 0.0)])
+    assert reward.turn_rewards(tr, mode="outcome") == [(1.0, -1.0), (1.0, 1.0)]
+    tr = make_traj([(None, None, None, 0.0), (3, "skip", 0.3, 0.0)])
+    assert reward.turn_rewards(tr, mode="outcome") == [(-1.0, None), (-1.0, -1.0)]
+
+
+def test_mean_baseline_is_subtracted(data):
+    lp, a = torch.tensor([-1.0, -3.0]), torch.zeros(2)
+    # (R - b) * mean(lp) = (1.0 - 0.25) * -2 -> loss 1.5
+    assert distill.agent_objective([lp], [1.0], [a], lam=0.0, n_episodes=1, baseline=0.25).item() == pytest.approx(1.5)
+    # coars_loss "mean": b = the batch's mean reward, so loss_mean - loss_none = b * sum_t mean(lp_t) / n
+    tok = Tokenizer(data.n_items)
+    m = tiny_model(tok.vocab_size, scale=0.1)
+    m.add_lora(("rec", "user"), r=2, alpha=4)
+    rng = np.random.default_rng(1)
+    trajs = []
+    for r in range(4):
+        tr = env.new_trajectory(data, "train", r)
+        pretrain.scripted_episode(data, tok, tr, rng, 3)
+        for t, turn in enumerate(tr.turns):
+            turn.rec_prompt = env.render_rec(tok, tr, t)
+        trajs.append(tr)
+    rcfg = dict(mode="interaction", alpha=0.1, use_filter=False, stage_gamma=None)
+    m.set_adapter("rec")
+    with torch.no_grad():
+        none, st = distill.coars_loss(m, tok, trajs, distill.ReferenceBuffer(), "rec", rcfg, 0.0, "none")
+        mean, _ = distill.coars_loss(m, tok, trajs, distill.ReferenceBuffer(), "rec", rcfg, 0.0, "mean")
+        msgs = distill.collect_messages(tok, trajs, distill.ReferenceBuffer(), "rec", rcfg)
+        lps = model_mod.token_logprobs(m, [x[0] for x in msgs], [x[2] for x in msgs], tok.pad_id,
+                                       first=[x[4] for x in msgs])
+    b = st["reward"]
+    assert abs(b) > 0.01
+    assert (mean - none).item() == pytest.approx(b * sum(float(x.mean()) for x in lps) / len(trajs), rel=1e-4)
+
+
+def test_episode_ends_at_the_first_click_only():
+    for turns, done in (([(7, "star", 0.6, 0.0)], False),         # a star on the target: the episode goes on
+                        ([(7, "skip", 0.3, 0.0)], False),         # a skipped hit: goes on
+                        ([(3, "click", 0.9, 0.0)], True),         # a click on a wrong item ends it
+                        ([(7, "invalid", None, 0.0)], False)):
+        tr = make_traj(turns)
+        tr.turns, last = tr.turns[:-1], tr.turns[-1]
+        tr.turns.append(last)
+        env.finish_turn(tr, last, 5)
+        assert tr.done == done, turns
+    tr = make_traj([(3, "skip", 0.3, 0.0)] * 3)
+    env.finish_turn(tr, tr.turns[-1], 3)                           # T_max reached
+    assert tr.done
+
+
+def test_hit_at_1_counts_an_invalid_final_answer_as_a_miss(data, monkeypatch):
+    """Two samples: one final answer is the target, the other is invalid: Hit@1 = 0.5, not 1."""
+    tok = Tokenizer(data.n_items)
+    m = tiny_model(tok.vocab_size)
+    m.add_lora()
+    rows = [0, 1]
+    targets = {tuple(data.test_hist[r][data.test_hist[r] >= 0].tolist()): int(data.test_target[r]) for r in rows}
+
+    def fake(model, prompts, max_new, pad_id, stop_ids=(), temperature=1.0, generator=None, device="cpu",
+             allowed=None, keys=None, compile=False, first=None):
+        outs = []
+        for p in prompts:
+            if p[0] == tok.sp("rec"):
+                hist = tuple(tok.item_of(t) for t in p[p.index(tok.sp("hist")) + 1:])
+                ok = hist == tuple(data.test_hist[0][data.test_hist[0] >= 0].tolist())
+                outs.append([tok.item(targets[hist]), tok.sp("why"), p[2], tok.end_id] if ok else [tok.sp("why")])
+            else:
+                outs.append(env.user_message(tok, "click", 0.9, 0))
+        return outs
+    monkeypatch.setattr(env, "generate", fake)
+    _, met = ev.run_ars(m, tok, data, "test", np.array(rows), ("rec", "user"), 5, "cpu")
+    assert met["hit"].tolist() == [1.0, 0.0] and met["hit"].mean() == 0.5
+    assert met["rec_valid"][1] == 0.0
+
+
+def test_peer_weights_clamp_negative_similarities():
+    sim = np.array([[-np.inf, 0.5, -0.4, 0.3], [0.5, -np.inf, -0.2, -0.1],
+                    [-0.4, -0.2, -np.inf, -0.3], [0.3, -0.1, -0.3, -np.inf]])
+    peers, w = data_prepare.peer_weights(sim, 3)
+    assert peers[0].tolist() == [1, 3, 2] and w[0] == pytest.approx([0.625, 0.375, 0.0])   # -0.4 -> 0
+    assert (w >= 0).all() and w.sum(1) == pytest.approx(np.ones(4))
+    assert w[2] == pytest.approx([1 / 3] * 3)                      # all negative: uniform weights
+
+
+def test_the_user_never_sees_the_target(data, tiny_hf):
+    """No UserAgent prompt carries the target unless a RecAgent message named it (built-in tokens and
+    the natural-language format)."""
+    tok = Tokenizer(data.n_items)
+    rng = np.random.default_rng(0)
+    checked = 0
+    for r in range(40):
+        tr = env.new_trajectory(data, "train", r)
+        if tr.target in tr.hist:
+            continue
+        pretrain.wrong_turns(data, tok, tr, rng, 3)      # three turns on wrong items
+        for t in range(3):
+            assert tok.item(tr.target) not in env.render_user(tok, tr, t)
+            checked += 1
+        for name, hft in _chat_tokenizers(tiny_hf):
+            ctok = chat.ChatTokenizer(hft, data.titles)
+            text = ctok.decode(env.render_user(ctok, tr, 2))
+            assert f"- {data.titles[tr.target]}\n" not in text + "\n" and f": {data.titles[tr.target]}\n" not in text
+    assert checked > 60
+
+
+def test_chat_reference_comes_after_candidates_and_memory(data, tiny_hf):
+    for name, hft in _chat_tokenizers(tiny_hf):
+        tok = chat.ChatTokenizer(hft, data.titles)
+        traj = _played_trajectory(data, tok)
+        ref = distill.hindsight_reference(tok, traj)
+        text = tok.decode(env.render_rec(tok, traj, 1, ref))
+        at = text.index(tok.decode(ref).strip()[:30])
+        assert text.index("Candidates") < at and text.index("Conversation so far:") < at, name
+        assert text.index("history, oldest first") < at, name
+
+
+def _decode_steps_match_full_forward(m, prompts, feeds, atol):
+    """Prefill the left-padded prompts into the cache, then feed `feeds` one decode step at a time;
+    before every step each row's logits must equal a full forward pass over that row alone. Also
+    checks that the test can see an error: the same forward with the newest token's position off
+    by one moves the logits by far more than atol (rotary positions are relative, so a shift of
+    every position would not)."""
+    B, P, n = len(prompts), max(map(len, prompts)), len(feeds[0])
+    valid = torch.zeros(B, P + n, dtype=torch.bool)
+    idx = torch.zeros(B, P, dtype=torch.long)
+    for b, p in enumerate(prompts):
+        idx[b, P - len(p):] = torch.tensor(p)
+        valid[b, P - len(p):P] = True
+    cache = m.new_cache(B, P + n, "cpu")
+    pos = model_mod.positions(valid[:, :P])
+    with torch.no_grad():
+        last = m(idx, pos, model_mod.causal_mask(valid[:, :P]), cache, 0)[:, -1]
+        nxt, head, shifted = pos[:, -1] + 1, m.head_weight.t(), 0.0
+        for t in range(n + 1):
+            for b in range(B):
+                seq = torch.tensor([prompts[b] + feeds[b][:t]])
+                ok = torch.ones_like(seq, dtype=torch.bool)
+                full = m(seq, model_mod.positions(ok), model_mod.causal_mask(ok))[0, -1] @ head
+                assert torch.allclose(last[b] @ head, full, atol=atol), (t, b)
+                p2 = model_mod.positions(ok).clone()
+                p2[0, -1] += 1                       # the newest token one position off
+                moved = m(seq, p2, model_mod.causal_mask(ok))[0, -1] @ head
+                shifted = max(shifted, float((moved - full).abs().max()))
+            if t == n:
+                break
+            valid[:, P + t] = True
+            last = m.decode(torch.tensor([f[t] for f in feeds]), nxt, valid, cache, torch.tensor([P + t]))
+            nxt = nxt + 1
+    assert shifted > 100 * atol                      # a position off by one would not pass
+
+
+def test_decode_steps_match_a_full_forward_builtin():
+    tok = Tokenizer(40)
+    m = tiny_model(tok.vocab_size, scale=0.5).eval()
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(0, tok.vocab_size, n).tolist() for n in (3, 17, 9, 1)]
+    feeds = [rng.integers(0, tok.vocab_size, 6).tolist() for _ in prompts]
+    _decode_steps_match_full_forward(m, prompts, feeds, atol=1e-4)
+    # greedy generation of a model trained a few steps to count (next id = id + 1), whose outputs
+    # vary token by token, matches the uncached reference
+    torch.manual_seed(0)
+    c = tiny_model(tok.vocab_size, scale=0.1)
+    opt = torch.optim.Adam(c.parameters(), lr=1e-2)
+    for _ in range(60):
+        x = (torch.randint(0, 30, (16, 1)) + torch.arange(12)) % 30
+        ok = torch.ones_like(x, dtype=torch.bool)
+        h = c(x, model_mod.positions(ok), model_mod.causal_mask(ok))
+        loss = torch.nn.functional.cross_entropy((h[:, :-1] @ c.head_weight.t()).flatten(0, 1), x[:, 1:].flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    c.eval()
+    a = generate(c, prompts, 12, tok.pad_id, temperature=0)
+    assert a == generate_nocache(c, prompts, 12, tok.pad_id, temperature=0)
+    assert min(len(set(x)) for x in a) >= 6
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+def test_decode_steps_match_a_full_forward_hf(tiny_hf, arch):
+    m, t = hf.load(tiny_hf[arch])
+    with torch.no_grad():          # sharper attention than the init's, so that positions matter
+        for name, p in m.named_parameters():
+            if name.endswith(("q_proj.weight", "k_proj.weight")):
+                p.mul_(8.0)
+    rng = np.random.default_rng(1)
+    prompts = [rng.integers(3, len(t), n).tolist() for n in (4, 15, 9)]
+    feeds = [rng.integers(3, len(t), 5).tolist() for _ in prompts]
+    _decode_steps_match_full_forward(m, prompts, feeds, atol=1e-4)
+
+
+def test_evaluate_end_to_end_with_known_answers(data, monkeypatch):
+    """evaluate() with scripted agents whose every answer is known: the RecAgent names the target on
+    every third test sample and otherwise the same wrong candidate each turn; the UserAgent clicks
+    exactly the items in a fixed 'liked' set (the test targets). Hit@1, turns, repeats, valid ratios
+    and the F1 set's precision / recall must come out exactly as counted by hand."""
+    tok = Tokenizer(data.n_items)
+    m = tiny_model(tok.vocab_size)
+    m.add_lora()
+    n = len(data.test_user)
+    by_cands = {tuple(data.test_cands[r].tolist()): r for r in range(n)}
+    liked = set(data.test_target.tolist())
+
+    def fake(model, prompts, max_new, pad_id, stop_ids=(), temperature=1.0, generator=None, device="cpu",
+             allowed=None, keys=None, compile=False, first=None):
+        outs = []
+        for p in prompts:
+            if p[0] == tok.sp("rec"):
+                r = by_cands[tuple(tok.item_of(t) for t in p[2:22])]
+                target = int(data.test_target[r])
+                wrong = next(c for c in data.test_cands[r].tolist() if c != target)
+                item = target if r % 3 == 0 else wrong
+                outs.append([tok.item(item), tok.sp("why"), p[2], tok.end_id])
+            else:
+                item = tok.item_of(p[p.index(tok.sp("msg"), p.index(tok.sp("hist"))) + 1])
+                outs.append(env.user_message(tok, *(("click", 0.9) if item in liked else ("skip", 0.3)), 0))
+        return outs
+    monkeypatch.setattr(env, "generate", fake)
+    monkeypatch.setattr(ev, "generate_all", lambda model, prompts, *a, **k: fake(model, prompts, 0, 0))
+    res = ev.evaluate(m, tok, data, "test", t_max=4, n_boot=50, log=lambda *a: None,
+                      agents=(("CoARS", ("rec", "user")),))
+    got = res["methods"]["CoARS"]
+    hits = np.arange(n) % 3 == 0
+    # a wrong candidate may itself be some other sample's target (liked): those episodes end in turn 1
+    wrong_liked = np.array([next(c for c in data.test_cands[r].tolist() if c != data.test_target[r]) in liked
+                            for r in range(n)])
+    assert got["hit"]["mean"] == pytest.approx(hits.mean())
+    assert got["hit_turn1"]["mean"] == pytest.approx(hits.mean())
+    assert got["turns"]["mean"] == pytest.approx(np.where(hits | wrong_liked, 1, 4).mean())
+    assert got["repeat_rejected"]["mean"] == pytest.approx(1.0)           # the same skipped item, every later turn
+    assert got["rec_valid"]["mean"] == 1.0 and got["user_valid"]["mean"] == 1.0
+    accept = np.isin(data.f1_item, list(liked))
+    p, r, f = ev.prf(accept, data.f1_label)
+    assert (got["user_precision"]["mean"], got["user_recall"]["mean"], got["user_f1"]["mean"]) == \
+        pytest.approx((p, r, f))
+    assert 0 < r < 1                                                     # the set has both kinds of answers
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1131,7 +1612,7 @@ def test_bench_quick_run_and_its_tables(tmp_path, capsys):
     table = capsys.readouterr().out
     assert table.count("| tiny | ") == 2 and table.count("| True |") == 2
     (tmp_path / "bad.json").write_text("{")
-    with pytest.raises(SystemExit, match="is not a file written by bench.py --out"):
+    with pytest.raises(SystemExit, match="is not a file written by extras/bench.py --out"):
         bench.main(["--table", str(tmp_path / "bad.json")])
 
 
@@ -1278,7 +1759,7 @@ def test_keyed_sampling_follows_softmax_and_ignores_the_batch():
 
 
 # --------------------------------------------------------------------------------------------------
-# Hugging Face backbones (hf.py) and the natural-language format (chat.py)
+# Hugging Face backbones (extras/hf.py) and the natural-language format (extras/chat.py)
 
 def _chat_texts(data):
     return list(data.titles) + [chat.REC_SYSTEM, chat.USER_SYSTEM] + chat.REC_FORM + chat.USER_FORM
@@ -1559,486 +2040,6 @@ def test_suite_shares_a_hugging_face_backbone(synth, tmp_path, tiny_hf, monkeypa
         ad = torch.load(tmp_path / "s" / d / "coars.pt", weights_only=True)
         assert ad["adapters"] and all(".adapters." in k for k in ad["adapters"])
         assert ad["config"]["lam"] == lam and ad["config"]["model"] == tiny_hf["qwen2"]
-
-
-# --------------------------------------------------------------------------------------------------
-# A base that knows users (PAPER.md sections 1, 5, 6): candidate protocols, restricted answers,
-# disjoint stages, outcome without filter, per-agent clipping
-
-
-def test_candidate_protocols_random_and_sasrec(monkeypatch):
-    """random: the target plus 19 uniform items outside the history; sasrec: SASRec's 20 highest
-    non-history items as they are, the target only where it is among them (never forced in)."""
-    import data.prepare as dp
-    n_items, K = 60, 20
-    scores = np.tile(-np.arange(n_items, dtype=np.float32), (2, 1))          # item i scores -i: 0 best
-    monkeypatch.setattr(dp, "score_all", lambda model, hists: [(0, scores)])
-    hists, targets = [[0, 1, 2], [5, 6]], np.array([3, 50])                   # target 3 is SASRec's 4th; 50 is low
-    for protocol in ("random", "sasrec"):
-        cfg = DataConfig(candidates=protocol, n_candidates=K)
-        cands, prior = np.zeros((2, K), np.int64), np.zeros(2, np.int64)
-        dp._candidates(None, hists, targets, n_items, cfg, np.random.default_rng(0), cands, prior, np.arange(2))
-        for r in range(2):
-            c = set(cands[r].tolist())
-            assert len(c) == K and not c & set(hists[r]) and prior[r] == min(c)    # prior: SASRec's favourite
-            if protocol == "random":
-                assert targets[r] in c
-            else:
-                assert c == set([i for i in range(n_items) if i not in hists[r]][:K])
-        if protocol == "sasrec":
-            assert targets[0] in cands[0] and targets[1] not in cands[1]      # not forced in
-    # shuffled: the best-scored item is not always first
-    assert len({int(np.argmin(c)) for c in [cands[0], cands[1]]}) >= 1
-
-
-def test_sasrec_candidates_print_the_ceiling(synth, tmp_path):
-    cfg = DataConfig(dataset="ml-1m", data_dir=str(tmp_path), data_url=synth["url"], data_sha256=synth["sha"],
-                     sasrec=SASRecConfig(epochs=1), candidates="sasrec")
-    logs = []
-    d = prepare(cfg, log=logs.append)
-    inside = (d.test_cands == d.test_target[:, None]).any(1).mean()
-    assert d.meta["ceiling"]["test"] == pytest.approx(inside) and inside < 1
-    assert any("ceiling (target among the candidates)" in m for m in logs)
-    res = ev.evaluate(tiny_model(Tokenizer(d.n_items).vocab_size), Tokenizer(d.n_items), d, "test", 1, n_boot=5,
-                      agents=(("CoARS", (None, None)),), log=lambda *a: None, max_samples=8)
-    assert "Ceiling: the target is among the candidates in" in ev.results_table(res)
-
-
-def test_restricted_decoding_names_only_candidates_and_matches_its_reference():
-    tok = Tokenizer(60)
-    m = tiny_model(tok.vocab_size)
-    rng = np.random.default_rng(1)
-    prompts = [rng.integers(256, tok.vocab_size, n).tolist() for n in (5, 11, 8)]
-    first = [[tok.item(i) for i in rng.choice(60, 20, replace=False)] for _ in prompts]
-    keys = list(range(100, 100 + len(prompts)))
-    for temperature in (0.0, 1.0):
-        for rep in range(20):
-            ks = [k + 1000 * rep for k in keys]
-            a = generate(m, prompts, 4, tok.pad_id, temperature=temperature, keys=ks, first=first)
-            assert all(o[0] in f for o, f in zip(a, first))                  # never a non-candidate
-            assert a == generate_nocache(m, prompts, 4, tok.pad_id, temperature=temperature, keys=ks, first=first)
-    # without the restriction the first token is mostly not a candidate (the restriction does the work)
-    free = generate(m, prompts * 10, 1, tok.pad_id, temperature=1.0, keys=list(range(30)))
-    assert sum(o[0] in f for o, f in zip(free, first * 10)) < 15
-    # log-probs over the restricted softmax: fast path = float64 reference, first token only restricted
-    comps = [[f[3], tok.sp("why"), tok.end_id] for f in first]
-    fast = token_logprobs(m, prompts, comps, tok.pad_id, first=first)
-    ref = token_logprobs_reference(m, prompts, comps, tok.pad_id, first=first)
-    full = token_logprobs_reference(m, prompts, comps, tok.pad_id)
-    for f, r, u in zip(fast, ref, full):
-        assert torch.allclose(f.double(), r, atol=1e-5)
-        assert f[0] > u[0] + 0.5 and torch.allclose(f[1:].double(), u[1:], atol=1e-5)
-    # by hand: the restricted log-prob is log softmax over the 20 candidates' logits
-    z = ev.next_token_scores(m, prompts[:1], [first[0]], tok.pad_id)[0].double()
-    assert float(fast[0][0].detach()) == pytest.approx(float(torch.log_softmax(z, 0)[3]), abs=1e-5)
-
-
-def test_stage1_and_stage2_samples_are_disjoint(data):
-    rows2 = pretrain.stage2_rows(data, 3)
-    parts, rows1 = pretrain.stage1_parts(data, 3)
-    assert len(rows2) and not set(rows1.tolist()) & set(rows2.tolist())
-    assert len(rows1) + len(rows2) == len(data.train_user)
-    for u in np.unique(data.train_user):
-        mine = np.flatnonzero(data.train_user == u)
-        assert set(mine[-3:].tolist()) <= set(rows2.tolist())                # each user's last 3 samples
-        items = data.train_items(u)
-        for r in mine[-3:]:                  # a stage-2 target lies after everything stage 1 reads of the user
-            pos = int(np.flatnonzero(items == data.train_target[r])[0])
-            assert pos >= len(parts[u])
-        assert all(int(data.train_target[r]) in parts[u].tolist() for r in mine[:-3])
-    # stage 1's documents only use stage-1 rows and parts
-    tok = Tokenizer(data.n_items)
-    cfg = Config(t_max=3)
-    rng = np.random.default_rng(0)
-    w = np.array([max(len(p) - 1, 0) for p in parts], float)
-    for _ in range(30):
-        ids, start = pretrain.sequence_doc(tok, rng, parts, w / w.sum(), 50)
-        items = [tok.item_of(t) for t in ids[1:]]
-        assert any(items == parts[u].tolist()[s:s + len(items)] for u in range(data.n_users)
-                   for s in range(max(1, len(parts[u]) - len(items) + 1)))
-        for agent in ("rec", "user"):
-            ids, start = pretrain.dialogue_doc(data, tok, rng, cfg, agent, rows1, parts)
-            assert ids[0] == tok.sp(agent) and start < len(ids)
-    # and stage 2 draws its episodes from the stage-2 rows only
-    assert set(pretrain.stage2_rows(data, 3).tolist()) == set(rows2.tolist())
-
-
-def test_stage1_answers_name_the_true_next_item_and_judge_it(data):
-    """The scripted RecAgent answers with the target; the scripted UserAgent accepts the target and
-    turns down a random item (PAPER.md section 5)."""
-    tok = Tokenizer(data.n_items)
-    cfg = Config(t_max=3, p_reference=0.0)
-    parts, rows = pretrain.stage1_parts(data, 3)
-    rng = np.random.default_rng(3)
-    for _ in range(20):
-        ids, start = pretrain.dialogue_doc(data, tok, rng, cfg, "rec", rows, parts)
-        prompt, ans = ids[:start], ids[start:]
-        cands = [tok.item_of(t) for t in prompt[2:22]]
-        assert tok.item_of(ans[0]) in cands and ans[1] == tok.sp("why") and ans[-1] == tok.end_id
-        mem = prompt[prompt.index(tok.sp("mem")):prompt.index(tok.sp("hist"))]
-        assert ans[0] not in mem                                             # never an item turned down before
-    pos = neg = 0
-    for _ in range(60):
-        ids, start = pretrain.dialogue_doc(data, tok, rng, cfg, "user", rows, parts)
-        prompt, ans = ids[:start], ids[start:]
-        item = prompt[prompt.index(tok.sp("msg"), prompt.index(tok.sp("hist"))) + 1]
-        accept = ans[0] in (tok.sp("click"), tok.sp("star"))
-        # positive only for the user's own next or near-future items
-        r = [r for r in rows if tok.item(data.train_target[r]) == item and
-             [tok.item(i) for i in data.history("train", r)] == prompt[prompt.index(tok.sp("hist")) + 1:
-                                                                   prompt.index(tok.sp("msg"), prompt.index(tok.sp("hist")))]]
-        if accept:
-            pos += 1
-        else:
-            neg += 1
-            assert not r                                                     # the target itself is never turned down
-    assert pos > 10 and neg > 10
-
-
-def test_outcome_mode_has_no_filter():
-    tr = make_traj([(3, "star", 0.6, 0.0), (7, "click", 0.9, 0.0)])
-    assert reward.turn_rewards(tr)[0] == (None, None)                        # interaction: filtered
-    assert reward.turn_rewards(tr, mode="outcome") == [(1.0, 1.0), (1.0, 1.0)]      # outcome: kept
-    assert reward.turn_rewards(tr, mode="outcome", use_filter=True)[0] == (1.0, 1.0)
-
-
-def test_each_agent_is_clipped_by_its_own_norm(small_run, tmp_path, capsys, monkeypatch):
-    """Scaling the UserAgent's gradient up 1000x leaves the RecAgent's update exactly as it was."""
-    real = train.coars_loss
-
-    def louder_user(model, tok, trajs, buffer, agent, *a, **k):
-        out = real(model, tok, trajs, buffer, agent, *a, **k)
-        if agent == "user" and louder_user.scale != 1:
-            for p in model.adapter_parameters("user"):
-                if p.grad is not None:
-                    p.grad.mul_(louder_user.scale)
-        return out
-    monkeypatch.setattr(train, "coars_loss", louder_user)
-    ads = {}
-    for scale in (1, 1000):
-        louder_user.scale = scale
-        code, _, err = in_process(small_run + ["--out-dir", str(tmp_path), "--run-name", f"s{scale}", "--steps", "2",
-                                               "--skip-eval", "--eval-every", "0", "--grad-clip", "0.01",
-                                               "--no-use-filter"], capsys)     # the user trains in both steps
-        assert code == 0, err
-        ads[scale] = torch.load(tmp_path / f"s{scale}" / "coars.pt", weights_only=True)["adapters"]
-        m = [json.loads(l) for l in (tmp_path / f"s{scale}" / "metrics.jsonl").read_text().splitlines()]
-        assert all("rec_grad_norm" in x and "user_grad_norm" in x for x in m if x["stage"] == 2)
-    rec = [k for k in ads[1] if ".adapters.rec." in k]
-    user = [k for k in ads[1] if ".adapters.user." in k]
-    assert all(torch.equal(ads[1][k], ads[1000][k]) for k in rec)          # the RecAgent's step is unchanged
-    assert any(not torch.equal(ads[1][k], ads[1000][k]) for k in user)     # while the user's did change
-
-
-def test_prefixed_windows_follow_a_recagent_prompt_head(data):
-    """--pretrain-prefixed: the window comes after `<|rec|><|cands|>` 20 items outside the window
-    `<|mem|>`, exactly as the RecAgent prompt starts, and only the window's items are scored."""
-    tok = Tokenizer(data.n_items)
-    parts, _ = pretrain.stage1_parts(data, 3)
-    w = np.array([max(len(p) - 1, 0) for p in parts], float)
-    rng = np.random.default_rng(0)
-    kinds = set()
-    for _ in range(40):
-        ids, start = pretrain.sequence_doc(tok, rng, parts, w / w.sum(), 50, prefixed=0.5, n_cands=20)
-        assert ids[start - 1] == tok.sp("hist")
-        window = [tok.item_of(t) for t in ids[start:]]
-        assert all(i is not None for i in window) and len(window) <= 50
-        if start == 1:
-            kinds.add("bare")
-            continue
-        kinds.add("prefixed")
-        assert ids[:2] == [tok.sp("rec"), tok.sp("cands")] and ids[22] == tok.sp("mem") and start == 24
-        cands = [tok.item_of(t) for t in ids[2:22]]
-        assert len(set(cands)) == 20 and not set(cands) & set(window)
-    assert kinds == {"bare", "prefixed"}
-    ids, start = pretrain.sequence_doc(tok, rng, parts, w / w.sum(), 50, prefixed=1.0, n_cands=20)
-    head = env.render_rec(tok, env.new_trajectory(data, "train", 0), 0)
-    assert start == 24 and ids[:2] == head[:2] and ids[22:24] == [tok.sp("mem"), tok.sp("hist")]
-
-
-def test_user_balance_weighs_right_and_wrong_items_the_same():
-    # 1 hit, 3 misses: the hit's reward x 4/2, each miss's x 4/6, so each class sums to the same weight
-    assert distill.balance_user([1.0, -0.5, 0.5, 0.25], [1, 0, 0, 0]) == pytest.approx([2.0, -1 / 3, 1 / 3, 1 / 6])
-    assert distill.balance_user([1.0, 0.5], [1, 1]) == [1.0, 0.5]          # one class only: unchanged
-    # through collect_messages: only the UserAgent's rewards, only with the option
-    tr = make_traj([(3, "skip", 0.3, 0.0), (5, "dislike", 0.1, 0.0), (7, "click", 0.9, 0.0)])
-    tok = Tokenizer(100)
-    for t in range(3):
-        tr.turns[t].rec_prompt, tr.turns[t].user_prompt = [1], [2]
-    plain = [m[3] for m in distill.collect_messages(tok, [tr], distill.ReferenceBuffer(), "user", {})]
-    bal = [m[3] for m in distill.collect_messages(tok, [tr], distill.ReferenceBuffer(), "user", dict(user_balance=True))]
-    assert bal == pytest.approx([plain[0] * 3 / 4, plain[1] * 3 / 4, plain[2] * 3 / 2])
-    rec = [m[3] for m in distill.collect_messages(tok, [tr], distill.ReferenceBuffer(), "rec", dict(user_balance=True))]
-    assert rec == [m[3] for m in distill.collect_messages(tok, [tr], distill.ReferenceBuffer(), "rec", {})]
-
-
-# --------------------------------------------------------------------------------------------------
-# Specification pins: each rule of PAPER.md that a one-line change could break unnoticed
-
-
-def test_paper_defaults_are_pinned():
-    """alpha = 0.1 and lambda = 0.1 (Eq. 8, 11-12), the filter on, T_max = 5, REINFORCE without a
-    baseline: in the config, in the library defaults, and in what the default call computes."""
-    cfg = Config()
-    assert (cfg.alpha, cfg.lam, cfg.use_filter, cfg.user_filter, cfg.t_max) == (0.1, 0.1, True, True, 5)
-    assert (cfg.reward_mode, cfg.baseline, cfg.user_balance, cfg.stage_gamma) == ("interaction", "none", False, -1.0)
-    # library defaults, by behaviour: a peer signal q = 1 makes alpha visible
-    tr = make_traj([(7, "click", 0.9, 1.0)])
-    assert reward.turn_rewards(tr)[0][1] == pytest.approx(0.8 * (1 - 0.1 * 0.8))
-    assert reward.user_reward(1, 0.9, 1.0) == pytest.approx(0.8 * (1 - 0.1 * 0.8))
-    lp, a = torch.tensor([-1.0, -3.0]), torch.tensor([1.0, 1.0])
-    assert distill.agent_objective([lp], [0.0], [a], n_episodes=1).item() == pytest.approx(0.1 * 2.0)
-    import inspect as _inspect
-    assert _inspect.signature(distill.coars_loss).parameters["lam"].default == 0.1
-    assert _inspect.signature(distill.coars_loss).parameters["baseline"].default == "none"
-
-
-def test_filter_is_wrong_item_with_click_or_star_only():
-    for action, score, filtered in (("click", 0.9, True), ("star", 0.6, True), ("skip", 0.3, False),
-                                    ("dislike", 0.1, False)):
-        wrong = reward.turn_rewards(make_traj([(3, action, score, 0.0)]))[0]
-        assert (wrong == (None, None)) == filtered, action
-        hit = reward.turn_rewards(make_traj([(7, action, score, 0.0)]))[0]        # a hit is never filtered
-        assert hit == (pytest.approx(0.5 + 0.5 * score), pytest.approx(2 * score - 1)), action
-    assert not reward.filtered(1, "click") and reward.filtered(0, "star") and not reward.filtered(0, "skip")
-
-
-def test_outcome_mode_gives_an_invalid_user_message_minus_one():
-    tr = make_traj([(3, "invalid", None, 0.0), (7, "click", 0.9, 0.0)])
-    assert reward.turn_rewards(tr, mode="outcome") == [(1.0, -1.0), (1.0, 1.0)]
-    tr = make_traj([(None, None, None, 0.0), (3, "skip", 0.3, 0.0)])
-    assert reward.turn_rewards(tr, mode="outcome") == [(-1.0, None), (-1.0, -1.0)]
-
-
-def test_mean_baseline_is_subtracted(data):
-    lp, a = torch.tensor([-1.0, -3.0]), torch.zeros(2)
-    # (R - b) * mean(lp) = (1.0 - 0.25) * -2 -> loss 1.5
-    assert distill.agent_objective([lp], [1.0], [a], lam=0.0, n_episodes=1, baseline=0.25).item() == pytest.approx(1.5)
-    # coars_loss "mean": b = the batch's mean reward, so loss_mean - loss_none = b * sum_t mean(lp_t) / n
-    tok = Tokenizer(data.n_items)
-    m = tiny_model(tok.vocab_size, scale=0.1)
-    m.add_lora(("rec", "user"), r=2, alpha=4)
-    rng = np.random.default_rng(1)
-    trajs = []
-    for r in range(4):
-        tr = env.new_trajectory(data, "train", r)
-        pretrain.scripted_episode(data, tok, tr, rng, 3)
-        for t, turn in enumerate(tr.turns):
-            turn.rec_prompt = env.render_rec(tok, tr, t)
-        trajs.append(tr)
-    rcfg = dict(mode="interaction", alpha=0.1, use_filter=False, stage_gamma=None)
-    m.set_adapter("rec")
-    with torch.no_grad():
-        none, st = distill.coars_loss(m, tok, trajs, distill.ReferenceBuffer(), "rec", rcfg, 0.0, "none")
-        mean, _ = distill.coars_loss(m, tok, trajs, distill.ReferenceBuffer(), "rec", rcfg, 0.0, "mean")
-        msgs = distill.collect_messages(tok, trajs, distill.ReferenceBuffer(), "rec", rcfg)
-        lps = model_mod.token_logprobs(m, [x[0] for x in msgs], [x[2] for x in msgs], tok.pad_id,
-                                       first=[x[4] for x in msgs])
-    b = st["reward"]
-    assert abs(b) > 0.01
-    assert (mean - none).item() == pytest.approx(b * sum(float(x.mean()) for x in lps) / len(trajs), rel=1e-4)
-
-
-def test_episode_ends_at_the_first_click_only():
-    for turns, done in (([(7, "star", 0.6, 0.0)], False),         # a star on the target: the episode goes on
-                        ([(7, "skip", 0.3, 0.0)], False),         # a skipped hit: goes on
-                        ([(3, "click", 0.9, 0.0)], True),         # a click on a wrong item ends it
-                        ([(7, "invalid", None, 0.0)], False)):
-        tr = make_traj(turns)
-        tr.turns, last = tr.turns[:-1], tr.turns[-1]
-        tr.turns.append(last)
-        env.finish_turn(tr, last, 5)
-        assert tr.done == done, turns
-    tr = make_traj([(3, "skip", 0.3, 0.0)] * 3)
-    env.finish_turn(tr, tr.turns[-1], 3)                           # T_max reached
-    assert tr.done
-
-
-def test_hit_at_1_counts_an_invalid_final_answer_as_a_miss(data, monkeypatch):
-    """Two samples: one final answer is the target, the other is invalid: Hit@1 = 0.5, not 1."""
-    tok = Tokenizer(data.n_items)
-    m = tiny_model(tok.vocab_size)
-    m.add_lora()
-    rows = [0, 1]
-    targets = {tuple(data.test_hist[r][data.test_hist[r] >= 0].tolist()): int(data.test_target[r]) for r in rows}
-
-    def fake(model, prompts, max_new, pad_id, stop_ids=(), temperature=1.0, generator=None, device="cpu",
-             allowed=None, keys=None, compile=False, first=None):
-        outs = []
-        for p in prompts:
-            if p[0] == tok.sp("rec"):
-                hist = tuple(tok.item_of(t) for t in p[p.index(tok.sp("hist")) + 1:])
-                ok = hist == tuple(data.test_hist[0][data.test_hist[0] >= 0].tolist())
-                outs.append([tok.item(targets[hist]), tok.sp("why"), p[2], tok.end_id] if ok else [tok.sp("why")])
-            else:
-                outs.append(env.user_message(tok, "click", 0.9, 0))
-        return outs
-    monkeypatch.setattr(env, "generate", fake)
-    _, met = ev.run_ars(m, tok, data, "test", np.array(rows), ("rec", "user"), 5, "cpu")
-    assert met["hit"].tolist() == [1.0, 0.0] and met["hit"].mean() == 0.5
-    assert met["rec_valid"][1] == 0.0
-
-
-def test_peer_weights_clamp_negative_similarities():
-    sim = np.array([[-np.inf, 0.5, -0.4, 0.3], [0.5, -np.inf, -0.2, -0.1],
-                    [-0.4, -0.2, -np.inf, -0.3], [0.3, -0.1, -0.3, -np.inf]])
-    peers, w = data_prepare.peer_weights(sim, 3)
-    assert peers[0].tolist() == [1, 3, 2] and w[0] == pytest.approx([0.625, 0.375, 0.0])   # -0.4 -> 0
-    assert (w >= 0).all() and w.sum(1) == pytest.approx(np.ones(4))
-    assert w[2] == pytest.approx([1 / 3] * 3)                      # all negative: uniform weights
-
-
-def test_the_user_never_sees_the_target(data, tiny_hf):
-    """No UserAgent prompt carries the target unless a RecAgent message named it (built-in tokens and
-    the natural-language format)."""
-    tok = Tokenizer(data.n_items)
-    rng = np.random.default_rng(0)
-    checked = 0
-    for r in range(40):
-        tr = env.new_trajectory(data, "train", r)
-        if tr.target in tr.hist:
-            continue
-        pretrain.wrong_turns(data, tok, tr, rng, 3)      # three turns on wrong items
-        for t in range(3):
-            assert tok.item(tr.target) not in env.render_user(tok, tr, t)
-            checked += 1
-        for name, hft in _chat_tokenizers(tiny_hf):
-            ctok = chat.ChatTokenizer(hft, data.titles)
-            text = ctok.decode(env.render_user(ctok, tr, 2))
-            assert f"- {data.titles[tr.target]}\n" not in text + "\n" and f": {data.titles[tr.target]}\n" not in text
-    assert checked > 60
-
-
-def test_chat_reference_comes_after_candidates_and_memory(data, tiny_hf):
-    for name, hft in _chat_tokenizers(tiny_hf):
-        tok = chat.ChatTokenizer(hft, data.titles)
-        traj = _played_trajectory(data, tok)
-        ref = distill.hindsight_reference(tok, traj)
-        text = tok.decode(env.render_rec(tok, traj, 1, ref))
-        at = text.index(tok.decode(ref).strip()[:30])
-        assert text.index("Candidates") < at and text.index("Conversation so far:") < at, name
-        assert text.index("history, oldest first") < at, name
-
-
-def _decode_steps_match_full_forward(m, prompts, feeds, atol):
-    """Prefill the left-padded prompts into the cache, then feed `feeds` one decode step at a time;
-    before every step each row's logits must equal a full forward pass over that row alone. Also
-    checks that the test can see an error: the same forward with the newest token's position off
-    by one moves the logits by far more than atol (rotary positions are relative, so a shift of
-    every position would not)."""
-    B, P, n = len(prompts), max(map(len, prompts)), len(feeds[0])
-    valid = torch.zeros(B, P + n, dtype=torch.bool)
-    idx = torch.zeros(B, P, dtype=torch.long)
-    for b, p in enumerate(prompts):
-        idx[b, P - len(p):] = torch.tensor(p)
-        valid[b, P - len(p):P] = True
-    cache = m.new_cache(B, P + n, "cpu")
-    pos = model_mod.positions(valid[:, :P])
-    with torch.no_grad():
-        last = m(idx, pos, model_mod.causal_mask(valid[:, :P]), cache, 0)[:, -1]
-        nxt, head, shifted = pos[:, -1] + 1, m.head_weight.t(), 0.0
-        for t in range(n + 1):
-            for b in range(B):
-                seq = torch.tensor([prompts[b] + feeds[b][:t]])
-                ok = torch.ones_like(seq, dtype=torch.bool)
-                full = m(seq, model_mod.positions(ok), model_mod.causal_mask(ok))[0, -1] @ head
-                assert torch.allclose(last[b] @ head, full, atol=atol), (t, b)
-                p2 = model_mod.positions(ok).clone()
-                p2[0, -1] += 1                       # the newest token one position off
-                moved = m(seq, p2, model_mod.causal_mask(ok))[0, -1] @ head
-                shifted = max(shifted, float((moved - full).abs().max()))
-            if t == n:
-                break
-            valid[:, P + t] = True
-            last = m.decode(torch.tensor([f[t] for f in feeds]), nxt, valid, cache, torch.tensor([P + t]))
-            nxt = nxt + 1
-    assert shifted > 100 * atol                      # a position off by one would not pass
-
-
-def test_decode_steps_match_a_full_forward_builtin():
-    tok = Tokenizer(40)
-    m = tiny_model(tok.vocab_size, scale=0.5).eval()
-    rng = np.random.default_rng(0)
-    prompts = [rng.integers(0, tok.vocab_size, n).tolist() for n in (3, 17, 9, 1)]
-    feeds = [rng.integers(0, tok.vocab_size, 6).tolist() for _ in prompts]
-    _decode_steps_match_full_forward(m, prompts, feeds, atol=1e-4)
-    # greedy generation of a model trained a few steps to count (next id = id + 1), whose outputs
-    # vary token by token, matches the uncached reference
-    torch.manual_seed(0)
-    c = tiny_model(tok.vocab_size, scale=0.1)
-    opt = torch.optim.Adam(c.parameters(), lr=1e-2)
-    for _ in range(60):
-        x = (torch.randint(0, 30, (16, 1)) + torch.arange(12)) % 30
-        ok = torch.ones_like(x, dtype=torch.bool)
-        h = c(x, model_mod.positions(ok), model_mod.causal_mask(ok))
-        loss = torch.nn.functional.cross_entropy((h[:, :-1] @ c.head_weight.t()).flatten(0, 1), x[:, 1:].flatten())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    c.eval()
-    a = generate(c, prompts, 12, tok.pad_id, temperature=0)
-    assert a == generate_nocache(c, prompts, 12, tok.pad_id, temperature=0)
-    assert min(len(set(x)) for x in a) >= 6
-
-
-@pytest.mark.parametrize("arch", ["qwen2", "llama"])
-def test_decode_steps_match_a_full_forward_hf(tiny_hf, arch):
-    m, t = hf.load(tiny_hf[arch])
-    with torch.no_grad():          # sharper attention than the init's, so that positions matter
-        for name, p in m.named_parameters():
-            if name.endswith(("q_proj.weight", "k_proj.weight")):
-                p.mul_(8.0)
-    rng = np.random.default_rng(1)
-    prompts = [rng.integers(3, len(t), n).tolist() for n in (4, 15, 9)]
-    feeds = [rng.integers(3, len(t), 5).tolist() for _ in prompts]
-    _decode_steps_match_full_forward(m, prompts, feeds, atol=1e-4)
-
-
-def test_evaluate_end_to_end_with_known_answers(data, monkeypatch):
-    """evaluate() with scripted agents whose every answer is known: the RecAgent names the target on
-    every third test sample and otherwise the same wrong candidate each turn; the UserAgent clicks
-    exactly the items in a fixed 'liked' set (the test targets). Hit@1, turns, repeats, valid ratios
-    and the F1 set's precision / recall must come out exactly as counted by hand."""
-    tok = Tokenizer(data.n_items)
-    m = tiny_model(tok.vocab_size)
-    m.add_lora()
-    n = len(data.test_user)
-    by_cands = {tuple(data.test_cands[r].tolist()): r for r in range(n)}
-    liked = set(data.test_target.tolist())
-
-    def fake(model, prompts, max_new, pad_id, stop_ids=(), temperature=1.0, generator=None, device="cpu",
-             allowed=None, keys=None, compile=False, first=None):
-        outs = []
-        for p in prompts:
-            if p[0] == tok.sp("rec"):
-                r = by_cands[tuple(tok.item_of(t) for t in p[2:22])]
-                target = int(data.test_target[r])
-                wrong = next(c for c in data.test_cands[r].tolist() if c != target)
-                item = target if r % 3 == 0 else wrong
-                outs.append([tok.item(item), tok.sp("why"), p[2], tok.end_id])
-            else:
-                item = tok.item_of(p[p.index(tok.sp("msg"), p.index(tok.sp("hist"))) + 1])
-                outs.append(env.user_message(tok, *(("click", 0.9) if item in liked else ("skip", 0.3)), 0))
-        return outs
-    monkeypatch.setattr(env, "generate", fake)
-    monkeypatch.setattr(ev, "generate_all", lambda model, prompts, *a, **k: fake(model, prompts, 0, 0))
-    res = ev.evaluate(m, tok, data, "test", t_max=4, n_boot=50, log=lambda *a: None,
-                      agents=(("CoARS", ("rec", "user")),))
-    got = res["methods"]["CoARS"]
-    hits = np.arange(n) % 3 == 0
-    # a wrong candidate may itself be some other sample's target (liked): those episodes end in turn 1
-    wrong_liked = np.array([next(c for c in data.test_cands[r].tolist() if c != data.test_target[r]) in liked
-                            for r in range(n)])
-    assert got["hit"]["mean"] == pytest.approx(hits.mean())
-    assert got["hit_turn1"]["mean"] == pytest.approx(hits.mean())
-    assert got["turns"]["mean"] == pytest.approx(np.where(hits | wrong_liked, 1, 4).mean())
-    assert got["repeat_rejected"]["mean"] == pytest.approx(1.0)           # the same skipped item, every later turn
-    assert got["rec_valid"]["mean"] == 1.0 and got["user_valid"]["mean"] == 1.0
-    accept = np.isin(data.f1_item, list(liked))
-    p, r, f = ev.prf(accept, data.f1_label)
-    assert (got["user_precision"]["mean"], got["user_recall"]["mean"], got["user_f1"]["mean"]) == \
-        pytest.approx((p, r, f))
-    assert 0 < r < 1                                                     # the set has both kinds of answers
 
 
 # --------------------------------------------------------------------------------------------------

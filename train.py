@@ -3,7 +3,7 @@ Train CoARS end to end (PAPER.md section 5) and print the results table.
 
     python train.py --dataset ml-latest-small --data-url file:///path/to/ml-latest-small.zip
     python train.py --dataset ml-1m                       # downloads ml-1m from GroupLens
-    python train.py --model smollm2-135m --warmup-steps 20 ...   # a Hugging Face chat model (hf.py)
+    python train.py --model smollm2-135m --warmup-steps 20 ...   # a Hugging Face chat model (extras/hf.py)
     torchrun --nproc_per_node=2 train.py ...              # DDP over 2 processes (GPUs, or gloo on CPU)
     python train.py --help                                # every option, with its default
 
@@ -21,10 +21,10 @@ Stages:
 This is the REINFORCE-style objective of the paper (no PPO ratio, no KL, no group normalisation);
 see distill.py for the one optional extension.
 
-Several processes (torchrun, distributed.py): each rank rolls out its share of the batch and the
+Several processes (torchrun, extras/distributed.py): each rank rolls out its share of the batch and the
 adapters' gradients are summed over ranks; with keyed sampling (sampling.sample_next) the run equals
 a single-process one (the test checks it). Rank 0 alone prepares the data first, pretrains the
-base, logs, evaluates and writes checkpoints. Checkpoints, resumption and stops: checkpoint.py.
+base, logs, evaluates and writes checkpoints. Checkpoints, resumption and stops: extras/checkpoint.py.
 """
 
 import argparse
@@ -263,7 +263,7 @@ def rollout_with_retry(model, tok, data, rows, keys, cfg, device, micro, log):
 
 def backbone(cfg, data, device, run_dir, log, ck=None):
     """(frozen base model, tokenizer): the built-in GPT, pretrained or loaded by stage 1 (rank 0
-    first, the others then load its base.pt), or a Hugging Face chat model (hf.py, chat.py)."""
+    first, the others then load its base.pt), or a Hugging Face chat model (extras/runs.py)."""
     if not cfg.model:
         tok = Tokenizer(data.n_items)
         if dist_info()[0] == 0:

@@ -1,6 +1,6 @@
 """
 Converter from the data layout that LLaRA and AFL publish to this project's custom format, so that
-our numbers sit in the same table as theirs (README, "Comparing with published tables"). Its own
+our numbers sit in the same table as theirs (docs/datasets.md, "Comparing with published tables"). Its own
 file because it reads a foreign layout (pickled pandas DataFrames) and is needed only for that.
 
     python data/llara.py --src path/to/their/lastfm --out data/lastfm-llara [--afl-candidates]

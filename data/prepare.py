@@ -434,7 +434,7 @@ def stats(d: Data):
 def add_args(p: argparse.ArgumentParser):
     c = DataConfig()
     p.add_argument("--dataset", default=c.dataset, help=f"one of {', '.join(sorted(SOURCES))}, or the path of a "
-                   f"folder with interactions.csv and items.csv (see the README)")
+                   f"folder with interactions.csv and items.csv (see docs/datasets.md)")
     p.add_argument("--data-dir", default=c.data_dir, help="folder for downloads and the processed cache")
     p.add_argument("--data-url", default=c.data_url, help="address of the raw file (file:// works), or a local folder of extracted files")
     p.add_argument("--data-sha256", default=c.data_sha256, help="expected sha256 of the raw file ('none' skips the check)")

@@ -489,12 +489,12 @@ def locate(cfg, log=print):
         folder = Path(cfg.dataset).expanduser()
         if not folder.is_dir():
             raise DataError(f"--dataset {cfg.dataset}: no such folder (a custom dataset is a folder with "
-                            f"interactions.csv and items.csv; see the README).")
+                            f"interactions.csv and items.csv; see docs/datasets.md).")
         files = [folder / m for m in CUSTOM["members"]]
         for f in files:
             if not f.is_file():
                 raise DataError(f"{f} is missing: a custom dataset folder needs interactions.csv and items.csv "
-                                f"(format in the README).")
+                                f"(format in docs/datasets.md).")
         files += [folder / m for m in CUSTOM["optional"] if (folder / m).is_file()]
         tag = hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:8]
         cache = Path(cfg.data_dir) / f"custom-{folder.resolve().name}-{tag}"
@@ -502,7 +502,7 @@ def locate(cfg, log=print):
         return CUSTOM, Raw(files), cache, _files_sha256(files)
     if cfg.dataset not in SOURCES:
         raise DataError(f"unknown dataset {cfg.dataset!r}: choose one of {', '.join(sorted(SOURCES))}, or "
-                        f"give the path of a folder in the custom format (see the README).")
+                        f"give the path of a folder in the custom format (see docs/datasets.md).")
     src = SOURCES[cfg.dataset]
     cache = Path(cfg.data_dir) / cfg.dataset
     _check_writable(cache)

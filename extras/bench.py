@@ -4,10 +4,10 @@ per-token log-probs (teacher and student passes). A file of its own because it i
 method: it measures model.py's fast paths against what people would use instead, in one process,
 and prints ratios.
 
-    python bench.py                    # everything (about 45 min on 2 CPU cores)
-    python bench.py --only gen         # one part: gen, logprob, iter
-    python bench.py --quick            # small sizes, for a smoke test
-    python bench.py --table f.json     # the README's tables from a run saved with --out f.json
+    python extras/bench.py                    # everything (about 45 min on 2 CPU cores)
+    python extras/bench.py --only gen         # one part: gen, logprob, iter
+    python extras/bench.py --quick            # small sizes, for a smoke test
+    python extras/bench.py --table f.json     # docs/benchmarks.md's tables from a run saved with --out f.json
 
 1. Generation: sampling.generate (static KV cache, left padding, head on the last position only),
    eager and with its decode steps through torch.compile (compile=True), against Hugging Face
@@ -402,7 +402,7 @@ def bench_iteration(batch=48, steps=3, device="cpu"):
 
 
 def markdown(res):
-    """The README's tables from a saved --out file (so a run on another machine can be pasted in)."""
+    """docs/benchmarks.md's tables from a saved --out file (so a run on another machine can be pasted in)."""
     out = [f"Machine: {res['machine']}; device {res['device']}.", ""]
     if res.get("generation"):
         out += ["| model | batch | prompt | new | prefill ours / HF ms | step ms: ours | compiled | HF | matmuls "
@@ -445,13 +445,13 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="small sizes (a smoke test)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default="", help="also write every number to this JSON file")
-    p.add_argument("--table", default="", help="print the README's tables from a saved --out file, run nothing")
+    p.add_argument("--table", default="", help="print docs/benchmarks.md's tables from a saved --out file, run nothing")
     a = p.parse_args(argv)
     if a.table:
         try:
             print(markdown(json.loads(Path(a.table).read_text())))
         except (OSError, ValueError, KeyError) as e:
-            sys.exit(f"error: {a.table} is not a file written by bench.py --out ({type(e).__name__}: {e}).")
+            sys.exit(f"error: {a.table} is not a file written by extras/bench.py --out ({type(e).__name__}: {e}).")
         return
     parts = a.only or ["gen", "logprob", "iter"]
     dev = a.device
