@@ -23,7 +23,6 @@ import time
 
 import torch
 
-from env import answer_choices, render_rec, render_user
 from model import token_logprobs
 from reward import turn_rewards
 
@@ -92,12 +91,12 @@ def collect_messages(tok, trajs, buffer, agent, reward_cfg, free_answer=False):
     for traj in trajs:
         rewards = turn_rewards(traj, **reward_cfg)
         ref = hindsight_reference(tok, buffer.reference_for(traj))
-        choices = None if free_answer else answer_choices(tok, traj)
+        choices = None if free_answer else tok.answer_choices(traj)
         for t, (tr, (r_rec, r_user)) in enumerate(zip(traj.turns, rewards)):
             if agent == "rec" and r_rec is not None:
-                out.append((tr.rec_prompt, render_rec(tok, traj, t, ref), tr.rec_out, r_rec, choices))
+                out.append((tr.rec_prompt, tok.render_rec(traj, t, ref), tr.rec_out, r_rec, choices))
             if agent == "user" and r_user is not None:
-                out.append((tr.user_prompt, render_user(tok, traj, t, ref), tr.user_out, r_user, None))
+                out.append((tr.user_prompt, tok.render_user(traj, t, ref), tr.user_out, r_user, None))
                 hits.append(tr.hit)
     if agent == "user" and user_balance:
         out = [m[:3] + (r,) + m[4:] for m, r in zip(out, balance_user([m[3] for m in out], hits))]

@@ -30,6 +30,7 @@ import re
 from dataclasses import dataclass, field
 
 import numpy as np
+import tiktoken
 import torch
 
 from sampling import generate, hash32
@@ -99,49 +100,148 @@ def new_trajectory(data, split, row):
 
 
 # --------------------------------------------------------------------------------------------------
-# Prompts
+# The message format (the built-in model's)
+
+# Control tokens of the message format. Order fixes their ids.
+CONTROL_TOKENS = [
+    "<|pad|>", "<|end|>",
+    "<|rec|>", "<|user|>",            # whose prompt this is
+    "<|hist|>", "<|cands|>", "<|prior|>", "<|mem|>", "<|turn|>", "<|msg|>", "<|peers|>", "<|ans|>",
+    "<|why|>",                        # rationale (RecAgent) / justification (UserAgent)
+    "<|click|>", "<|star|>", "<|skip|>", "<|dislike|>",   # the four user actions
+    "<|hind|>", "<|/hind|>", "<|target|>", "<|right|>", "<|wrong|>", "<|invalid|>",  # hindsight ref
+]
+ACTIONS = ["click", "star", "skip", "dislike"]
 
 
-def _strip_end(tok, ids):
-    return [t for t in ids if t != tok.end_id]
+class Tokenizer:
+    """The built-in model's message format: its vocabulary (a tiktoken.Encoding built in code, no
+    download: the 256 byte tokens, the control tokens above, one special token per item) and the
+    agents' prompts and messages in it (the methods below the vocabulary's). This object is the
+    format seam: extras/chat.ChatTokenizer has the same methods in natural language, and the loop
+    only ever calls them.
 
+    Prompts are assembled from ids directly (`sp`, `item`, `text`): tiktoken's special-token regex
+    over thousands of item tokens makes `encode(allowed_special=...)` ~1 ms per prompt, too slow for
+    rollouts, while `encode_ordinary` on plain text is fast. `decode` shows any id sequence.
+    """
 
-def render_memory(tok, turns):
-    """M_{t-1}: every earlier (m_rec, m_user), in order."""
-    ids = []
-    for tr in turns:
-        ids += [tok.sp("turn")] + (_strip_end(tok, tr.rec_out) if tr.rec_valid else [tok.sp("invalid")])
-        if tr.user_out is not None:
-            ids += [tok.sp("msg")] + (_strip_end(tok, tr.user_out) if tr.user_valid else [tok.sp("invalid")])
-    return ids
+    chat = False          # the token-level format (extras/chat.ChatTokenizer: natural language)
+    rec_max_new = 8       # longest RecAgent message: ITEM <|why|> RATIONALE <|end|>, with room to spare
+    user_max_new = 12     # longest UserAgent message: ACTION d.dd <|why|> JUSTIFICATION <|end|>
+    eval_batch = 256      # episodes per batched generation in evaluation (short prompts, small model)
 
+    def __init__(self, n_items):
+        self.n_items = n_items
+        specials = CONTROL_TOKENS + [f"<|item_{i}|>" for i in range(n_items)]
+        self.special_ids = {s: 256 + j for j, s in enumerate(specials)}
+        # Split text into runs of non-'<' characters so that no byte merges ever apply (there are
+        # none: the ranks are the 256 single bytes).
+        self.enc = tiktoken.Encoding(
+            name=f"coars-bytes-{n_items}",
+            pat_str=r"[^<]+|<",
+            mergeable_ranks={bytes([b]): b for b in range(256)},
+            special_tokens=self.special_ids,
+        )
+        self.item0 = self.special_ids["<|item_0|>"] if n_items else 256 + len(CONTROL_TOKENS)
+        self.vocab_size = 256 + len(specials)
+        self.pad_id = self.special_ids["<|pad|>"]
+        self.end_id = self.special_ids["<|end|>"]
+        self.stop_ids = (self.end_id,)
+        self.action_ids = {a: self.special_ids[f"<|{a}|>"] for a in ACTIONS}
 
-def render_rec(tok, traj, t, reference=()):
-    """RecAgent prompt x_t for turn t (0-based) of traj; reference = hindsight tokens (teacher only)."""
-    if tok.chat:                  # a Hugging Face model: the natural-language prompt of extras/chat.py
-        return tok.render_rec(traj, t, reference)
-    ids = [tok.sp("rec"), tok.sp("cands")] + [tok.item(i) for i in traj.cands]
-    if t == 0 and traj.prior is not None:
-        ids += [tok.sp("prior"), tok.item(traj.prior)]
-    ids += [tok.sp("mem")] + render_memory(tok, traj.turns[:t]) + list(reference)
-    return ids + [tok.sp("hist")] + [tok.item(i) for i in traj.hist]     # the answer's item comes next
+    def sp(self, name):
+        """Id of a control token, e.g. sp('hist') -> id of <|hist|>."""
+        return self.special_ids[f"<|{name}|>"]
 
+    def item(self, i):
+        """Id of the token for item index i (0..n_items-1)."""
+        return self.item0 + int(i)
 
-def render_user(tok, traj, t, reference=()):
-    """UserAgent prompt for turn t: memory, history, the RecAgent's message and peer opinions."""
-    if tok.chat:
-        return tok.render_user(traj, t, reference)
-    tr = traj.turns[t]
-    ids = [tok.sp("user"), tok.sp("mem")] + render_memory(tok, traj.turns[:t]) + list(reference)
-    ids += [tok.sp("hist")] + [tok.item(i) for i in traj.hist]
-    ids += [tok.sp("msg")] + _strip_end(tok, tr.rec_out) + [tok.sp("peers")] + tok.text(tr.peer_text)
-    return ids + [tok.sp("ans")]
+    def is_item(self, tid):
+        return self.item0 <= tid < self.item0 + self.n_items
 
+    def item_of(self, tid):
+        return tid - self.item0
 
-def answer_choices(tok, traj):
-    """The ids the RecAgent's first token is decoded among: the candidates' item tokens (None for a
-    chat model, which writes a title)."""
-    return None if tok.chat else [tok.item(i) for i in traj.cands]
+    def text(self, s):
+        """Ids of plain text (bytes)."""
+        return self.enc.encode_ordinary(s)
+
+    def decode(self, ids):
+        return self.enc.decode([int(t) for t in ids if int(t) != self.pad_id])
+
+    # ---------------------------------------------------------------------------------------------
+    # Prompts
+
+    def _strip_end(self, ids):
+        return [t for t in ids if t != self.end_id]
+
+    def memory(self, turns, for_user=False):
+        """M_{t-1}: every earlier (m_rec, m_user), in order (the same tokens for both agents)."""
+        ids = []
+        for tr in turns:
+            ids += [self.sp("turn")] + (self._strip_end(tr.rec_out) if tr.rec_valid else [self.sp("invalid")])
+            if tr.user_out is not None:
+                ids += [self.sp("msg")] + (self._strip_end(tr.user_out) if tr.user_valid else [self.sp("invalid")])
+        return ids
+
+    def render_rec(self, traj, t, reference=()):
+        """RecAgent prompt x_t for turn t (0-based) of traj; reference = hindsight tokens (teacher only)."""
+        ids = [self.sp("rec"), self.sp("cands")] + [self.item(i) for i in traj.cands]
+        if t == 0 and traj.prior is not None:
+            ids += [self.sp("prior"), self.item(traj.prior)]
+        ids += [self.sp("mem")] + self.memory(traj.turns[:t]) + list(reference)
+        return ids + [self.sp("hist")] + [self.item(i) for i in traj.hist]     # the answer's item comes next
+
+    def render_user(self, traj, t, reference=()):
+        """UserAgent prompt for turn t: memory, history, the RecAgent's message and peer opinions."""
+        tr = traj.turns[t]
+        ids = [self.sp("user"), self.sp("mem")] + self.memory(traj.turns[:t], for_user=True) + list(reference)
+        ids += [self.sp("hist")] + [self.item(i) for i in traj.hist]
+        ids += [self.sp("msg")] + self._strip_end(tr.rec_out) + [self.sp("peers")] + self.text(tr.peer_text)
+        return ids + [self.sp("ans")]
+
+    def answer_choices(self, traj):
+        """The ids the RecAgent's first token is decoded among: the candidates' item tokens."""
+        return [self.item(i) for i in traj.cands]
+
+    # ---------------------------------------------------------------------------------------------
+    # Messages and their parsing
+
+    def parse_rec(self, out, cands):
+        """-> the recommended item index, or None (invalid: malformed, or not a candidate)."""
+        if len(out) < 3 or out[-1] != self.end_id or out[1] != self.sp("why") or not self.is_item(out[0]):
+            return None
+        item = self.item_of(out[0])
+        return item if item in cands else None
+
+    def parse_user(self, out):
+        """-> (action, score) or None (invalid)."""
+        if len(out) < 3 or out[-1] != self.end_id or self.sp("why") not in out:
+            return None
+        inv = {v: k for k, v in self.action_ids.items()}
+        if out[0] not in inv:
+            return None
+        w = out.index(self.sp("why"))
+        if any(t >= 256 for t in out[1:w]):
+            return None
+        text = bytes(out[1:w]).decode("latin-1")
+        if not _SCORE.match(text):
+            return None
+        score = float(text)
+        if not score_fits(inv[out[0]], score):
+            return None
+        return inv[out[0]], score
+
+    def rec_message(self, item, rationale):
+        """RecAgent message naming `item`, with a history item as its rationale."""
+        return [self.item(item), self.sp("why"), self.item(rationale), self.end_id]
+
+    def user_message(self, action, score, justification):
+        """UserAgent message: an action, its score, and a history item as the justification."""
+        return [self.action_ids[action]] + self.text(f"{score:.2f}") + [self.sp("why"), self.item(justification),
+                                                                      self.end_id]
 
 
 def peer_opinion(data, user, item):
@@ -155,55 +255,6 @@ def peer_opinion(data, user, item):
     if data.has_ratings and any(hits):
         text += f" {np.mean([sets[p][item] for p, h in zip(peers, hits) if h]):.1f}"
     return text, q
-
-
-# --------------------------------------------------------------------------------------------------
-# Parsing
-
-
-def parse_rec(tok, out, cands):
-    """-> the recommended item index, or None (invalid: malformed, or not a candidate)."""
-    if tok.chat:                  # the title is matched to the candidates (chat.match_title)
-        return tok.parse_rec(out, cands)
-    if len(out) < 3 or out[-1] != tok.end_id or out[1] != tok.sp("why") or not tok.is_item(out[0]):
-        return None
-    item = tok.item_of(out[0])
-    return item if item in cands else None
-
-
-def parse_user(tok, out):
-    """-> (action, score) or None (invalid)."""
-    if tok.chat:
-        return tok.parse_user(out)
-    if len(out) < 3 or out[-1] != tok.end_id or tok.sp("why") not in out:
-        return None
-    inv = {v: k for k, v in tok.action_ids.items()}
-    if out[0] not in inv:
-        return None
-    w = out.index(tok.sp("why"))
-    if any(t >= 256 for t in out[1:w]):
-        return None
-    text = bytes(out[1:w]).decode("latin-1")
-    if not _SCORE.match(text):
-        return None
-    score = float(text)
-    if not score_fits(inv[out[0]], score):
-        return None
-    return inv[out[0]], score
-
-
-def rec_message(tok, item, rationale):
-    """RecAgent message naming `item`, with a history item as its rationale."""
-    if tok.chat:
-        return tok.rec_message(item, rationale)
-    return [tok.item(item), tok.sp("why"), tok.item(rationale), tok.end_id]
-
-
-def user_message(tok, action, score, justification):
-    """UserAgent message: an action, its score, and a history item as the justification."""
-    if tok.chat:
-        return tok.user_message(action, score, justification)
-    return [tok.action_ids[action]] + tok.text(f"{score:.2f}") + [tok.sp("why"), tok.item(justification), tok.end_id]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -235,20 +286,20 @@ def rollout(model, tok, data, trajs, t_max=5, temperature=1.0, generator=None, d
         if not live:
             break
         # RecAgent writes m_rec for every live episode
-        prompts = [render_rec(tok, tr, len(tr.turns)) for tr in live]
+        prompts = [tok.render_rec(tr, len(tr.turns)) for tr in live]
         model.set_adapter(rec_adapter)
         keys = [message_key(tr, 0) for tr in live] if generator is None else None
-        first = None if free_answer else [answer_choices(tok, tr) for tr in live]
+        first = None if free_answer else [tok.answer_choices(tr) for tr in live]
         outs = generate_all(model, prompts, tok.rec_max_new, tok, temperature, generator, device, batch, keys,
                             compile, first)
         for tr, p, o in zip(live, prompts, outs):
-            item = parse_rec(tok, o, tr.cands)
+            item = tok.parse_rec(o, tr.cands)
             tr.turns.append(Turn(rec_out=o, item=item, rec_valid=item is not None, rec_prompt=p))
         # UserAgent answers every valid recommendation
         answer = [tr for tr in live if tr.turns[-1].rec_valid]
         for tr in answer:
             record_user(data, tr, tr.turns[-1])
-        prompts = [render_user(tok, tr, len(tr.turns) - 1) for tr in answer]
+        prompts = [tok.render_user(tr, len(tr.turns) - 1) for tr in answer]
         model.set_adapter(user_adapter)
         keys = [message_key(tr, 1) for tr in answer] if generator is None else None
         outs = generate_all(model, prompts, tok.user_max_new, tok, temperature, generator, device, batch,
@@ -256,7 +307,7 @@ def rollout(model, tok, data, trajs, t_max=5, temperature=1.0, generator=None, d
         for tr, p, o in zip(answer, prompts, outs):
             turn = tr.turns[-1]
             turn.user_out, turn.user_prompt = o, p
-            parsed = parse_user(tok, o)
+            parsed = tok.parse_user(o)
             if parsed:
                 turn.action, turn.score = parsed
                 turn.user_valid = True

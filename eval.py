@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from env import (POSITIVE, Trajectory, Turn, generate_all, closest_history_item, new_trajectory,
-                 parse_user, rec_message, record_user, render_rec, render_user, rollout)
+                 record_user, rollout)
 from model import causal_mask, logprobs_of, positions, token_logprobs
 
 # --------------------------------------------------------------------------------------------------
@@ -170,7 +170,7 @@ def rank_metrics(model, tok, data, split, rows, adapter, device, ks=(1, 5, 10), 
         trajs = [new_trajectory(data, split, r) for r in rows[s:s + batch]]
         for tr in trajs:
             tr.prior = tr.prior if hint else None
-        prompts = [render_rec(tok, tr, 0) for tr in trajs]
+        prompts = [tok.render_rec(tr, 0) for tr in trajs]
         if tok.chat:
             scores = chat_candidate_scores(model, tok, trajs, prompts, device)                     # (B,20)
         else:
@@ -231,15 +231,15 @@ def user_judgements(model, tok, data, adapter, device, batch=256, f1_rows=None):
         h = h[h >= 0].tolist()
         item = int(data.f1_item[r])
         tr = Trajectory("f1", r, int(data.f1_user[r]), h, -1, [item], item)
-        turn = Turn(rec_out=rec_message(tok, item, closest_history_item(data, h, item)), item=item, rec_valid=True)
+        turn = Turn(rec_out=tok.rec_message(item, closest_history_item(data, h, item)), item=item, rec_valid=True)
         tr.turns.append(turn)
         record_user(data, tr, turn)
         trajs.append(tr)
-    prompts = [render_user(tok, tr, 0) for tr in trajs]
+    prompts = [tok.render_user(tr, 0) for tr in trajs]
     model.set_adapter(adapter)
     outs = generate_all(model, prompts, tok.user_max_new, tok, 0.0, None, device, batch)
     model.set_adapter(None)
-    parsed = [parse_user(tok, o) for o in outs]
+    parsed = [tok.parse_user(o) for o in outs]
     return (np.array([p is not None and p[0] in POSITIVE for p in parsed]),
             np.array([p is not None for p in parsed]))
 

@@ -1,9 +1,7 @@
 """
 The language model both CoARS agents run on (PAPER.md section 5).
 
-What is here:
-  - Tokenizer: a `tiktoken.Encoding` built in code (no download): the 256 byte tokens, the control
-    tokens of the agents' message format, and one special token per item.
+What is here (the built-in tokenizer is the message format's vocabulary: env.Tokenizer):
   - GPT: a small decoder-only transformer in plain PyTorch (the built-in backbone [ours]).
   - LoRA: two named adapters, "rec" (RecAgent) and "user" (UserAgent), on one frozen base. Each
     agent is the base plus its own adapter; with no adapter active the model is the base.
@@ -21,79 +19,9 @@ Shapes in comments: B batch, T time, C channels, H heads, D head dim, V vocab, N
 import math
 from dataclasses import dataclass
 
-import tiktoken
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-# --------------------------------------------------------------------------------------------------
-# Tokenizer
-
-# Control tokens of the message format (env.py renders prompts with them). Order fixes their ids.
-CONTROL_TOKENS = [
-    "<|pad|>", "<|end|>",
-    "<|rec|>", "<|user|>",            # whose prompt this is
-    "<|hist|>", "<|cands|>", "<|prior|>", "<|mem|>", "<|turn|>", "<|msg|>", "<|peers|>", "<|ans|>",
-    "<|why|>",                        # rationale (RecAgent) / justification (UserAgent)
-    "<|click|>", "<|star|>", "<|skip|>", "<|dislike|>",   # the four user actions
-    "<|hind|>", "<|/hind|>", "<|target|>", "<|right|>", "<|wrong|>", "<|invalid|>",  # hindsight ref
-]
-ACTIONS = ["click", "star", "skip", "dislike"]
-
-
-class Tokenizer:
-    """Byte-level tokenizer plus special tokens, as a tiktoken.Encoding built in code.
-
-    Prompts are assembled from ids directly (`sp`, `item`, `text`): tiktoken's special-token regex
-    over thousands of item tokens makes `encode(allowed_special=...)` ~1 ms per prompt, too slow for
-    rollouts, while `encode_ordinary` on plain text is fast. `decode` shows any id sequence.
-    """
-
-    chat = False          # the token-level message format of env.py (chat.ChatTokenizer: natural language)
-    rec_max_new = 8       # longest RecAgent message: ITEM <|why|> RATIONALE <|end|>, with room to spare
-    user_max_new = 12     # longest UserAgent message: ACTION d.dd <|why|> JUSTIFICATION <|end|>
-    eval_batch = 256      # episodes per batched generation in evaluation (short prompts, small model)
-
-    def __init__(self, n_items):
-        self.n_items = n_items
-        specials = CONTROL_TOKENS + [f"<|item_{i}|>" for i in range(n_items)]
-        self.special_ids = {s: 256 + j for j, s in enumerate(specials)}
-        # Split text into runs of non-'<' characters so that no byte merges ever apply (there are
-        # none: the ranks are the 256 single bytes).
-        self.enc = tiktoken.Encoding(
-            name=f"coars-bytes-{n_items}",
-            pat_str=r"[^<]+|<",
-            mergeable_ranks={bytes([b]): b for b in range(256)},
-            special_tokens=self.special_ids,
-        )
-        self.item0 = self.special_ids["<|item_0|>"] if n_items else 256 + len(CONTROL_TOKENS)
-        self.vocab_size = 256 + len(specials)
-        self.pad_id = self.special_ids["<|pad|>"]
-        self.end_id = self.special_ids["<|end|>"]
-        self.stop_ids = (self.end_id,)
-        self.action_ids = {a: self.special_ids[f"<|{a}|>"] for a in ACTIONS}
-
-    def sp(self, name):
-        """Id of a control token, e.g. sp('hist') -> id of <|hist|>."""
-        return self.special_ids[f"<|{name}|>"]
-
-    def item(self, i):
-        """Id of the token for item index i (0..n_items-1)."""
-        return self.item0 + int(i)
-
-    def is_item(self, tid):
-        return self.item0 <= tid < self.item0 + self.n_items
-
-    def item_of(self, tid):
-        return tid - self.item0
-
-    def text(self, s):
-        """Ids of plain text (bytes)."""
-        return self.enc.encode_ordinary(s)
-
-    def decode(self, ids):
-        return self.enc.decode([int(t) for t in ids if int(t) != self.pad_id])
-
 
 # --------------------------------------------------------------------------------------------------
 # LoRA

@@ -41,8 +41,7 @@ import torch
 from tqdm import tqdm
 
 from distill import hindsight_reference
-from env import (ACTION_RANGE, Turn, closest_history_item, finish_turn, new_trajectory, rec_message, record_user,
-                 render_rec, render_user, user_message)
+from env import (ACTION_RANGE, Turn, closest_history_item, finish_turn, new_trajectory, record_user)
 from eval import rank_metrics
 from extras.checkpoint import (STOP, Stopped, check_bad_streak, data_fingerprint, finite, log_jsonl, metrics_lines,
                                plain_progress, rng_state, save_checkpoint, set_rng_state)
@@ -102,11 +101,11 @@ def scripted_turn(data, tok, traj, rng, item, positive, t_max):
     """Append one scripted turn: the RecAgent names `item` (rationale: the closest history item) and
     the user reacts (scripted_reaction); the episode ends at a click or at t_max turns."""
     why = closest_history_item(data, traj.hist, item)
-    tr = Turn(rec_out=rec_message(tok, item, why), item=item, rec_valid=True)
+    tr = Turn(rec_out=tok.rec_message(item, why), item=item, rec_valid=True)
     traj.turns.append(tr)
     record_user(data, traj, tr)
     tr.action, tr.score = scripted_reaction(rng, positive)
-    tr.user_out, tr.user_valid = user_message(tok, tr.action, tr.score, why), True
+    tr.user_out, tr.user_valid = tok.user_message(tr.action, tr.score, why), True
     finish_turn(traj, tr, t_max)
 
 
@@ -147,8 +146,8 @@ def dialogue_doc(data, tok, rng, cfg, agent, rows, parts):
     wrong_turns(data, tok, traj, rng, t)
     ref = scripted_reference(data, tok, row, rng, cfg.t_max) if rng.random() < cfg.p_reference else ()
     if agent == "rec":
-        prompt = render_rec(tok, traj, t, ref)
-        return prompt + rec_message(tok, traj.target, closest_history_item(data, traj.hist, traj.target)), len(prompt)
+        prompt = tok.render_rec(traj, t, ref)
+        return prompt + tok.rec_message(traj.target, closest_history_item(data, traj.hist, traj.target)), len(prompt)
     items = parts[traj.user]
     j = int(np.flatnonzero(items == traj.target)[0]) if traj.target in items else len(items)
     if rng.random() < 0.5:         # something the user wants: the real next item or a near-future one
@@ -163,16 +162,16 @@ def dialogue_doc(data, tok, rng, cfg, agent, rows, parts):
                 break
     positive = item == traj.target if ref else item == traj.target or item in items[j + 1:j + 1 + cfg.pretrain_future]
     why = closest_history_item(data, traj.hist, item)
-    tr = Turn(rec_out=rec_message(tok, item, why), item=item, rec_valid=True)
+    tr = Turn(rec_out=tok.rec_message(item, why), item=item, rec_valid=True)
     traj.turns.append(tr)
     record_user(data, traj, tr)
-    prompt = render_user(tok, traj, t, ref)
-    return prompt + user_message(tok, *scripted_reaction(rng, positive), why), len(prompt)
+    prompt = tok.render_user(traj, t, ref)
+    return prompt + tok.user_message(*scripted_reaction(rng, positive), why), len(prompt)
 
 
 def sequence_doc(tok, rng, parts, weights, window, prefixed=0.0, n_cands=20):
     """Up to `window` consecutive items of one user's stage-1 sequence, every next item scored. With
-    probability `prefixed` the window follows the head of a RecAgent prompt (env.render_rec) whose
+    probability `prefixed` the window follows the head of a RecAgent prompt (env.Tokenizer.render_rec) whose
     candidates are random items outside the window and whose memory is empty: the RecAgent's answer
     is the item after `<|hist|> h1..h10` in a prompt that starts with 20 candidates, and a base
     trained only on bare windows reads those candidates as more history (measured: the same base

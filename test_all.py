@@ -40,7 +40,8 @@ import data.prepare as data_prepare  # noqa: E402
 from data.prepare import DataConfig, DataError, prepare  # noqa: E402
 from data.sasrec import SASRecConfig  # noqa: E402
 from data.synthetic import make_ml1m_zip  # noqa: E402
-from model import GPT, GPTConfig, Tokenizer, logprobs_of, token_logprobs, token_logprobs_reference  # noqa: E402
+from env import Tokenizer  # noqa: E402
+from model import GPT, GPTConfig, logprobs_of, token_logprobs, token_logprobs_reference  # noqa: E402
 from sampling import generate, generate_nocache  # noqa: E402
 
 
@@ -183,8 +184,8 @@ def test_teacher_prompt_differs_from_student_only_by_reference(data):
     rng = np.random.default_rng(0)
     pretrain.scripted_episode(data, tok, tr, rng, 5)
     for t in range(len(tr.turns)):
-        tr.turns[t].rec_prompt = env.render_rec(tok, tr, t)
-        tr.turns[t].user_prompt = env.render_user(tok, tr, t)
+        tr.turns[t].rec_prompt = tok.render_rec(tr, t)
+        tr.turns[t].user_prompt = tok.render_user(tr, t)
     buf = distill.ReferenceBuffer()
     ref = distill.hindsight_reference(tok, tr)
     for agent in ("rec", "user"):
@@ -204,15 +205,15 @@ def test_action_intervals_and_parsing():
     tok = Tokenizer(30)
     assert [env.action_of_score(s) for s in (0.0, 0.24, 0.25, 0.49, 0.5, 0.74, 0.75, 1.0)] == \
         ["dislike", "dislike", "skip", "skip", "star", "star", "click", "click"]
-    assert env.parse_user(tok, env.user_message(tok, "click", 0.8, 3)) == ("click", 0.8)
-    assert env.parse_user(tok, env.user_message(tok, "click", 1.0, 3)) == ("click", 1.0)
-    assert env.parse_user(tok, env.user_message(tok, "click", 0.4, 3)) is None   # contradicts its score
-    assert env.parse_user(tok, env.user_message(tok, "skip", 0.3, 3)[:-1]) is None  # no <|end|>
-    assert env.rec_message(tok, 5, 2)[0] == tok.item(5)                          # the item's own token
-    assert env.parse_rec(tok, env.rec_message(tok, 5, 2), [1, 5, 9]) == 5
-    assert env.parse_rec(tok, env.rec_message(tok, 4, 2), [1, 5, 9]) is None       # not a candidate
-    assert env.parse_rec(tok, [tok.sp("click"), tok.sp("why"), tok.end_id], [5]) is None  # not an item
-    assert env.parse_rec(tok, [tok.item(5), tok.end_id], [5]) is None            # no rationale marker
+    assert tok.parse_user(tok.user_message("click", 0.8, 3)) == ("click", 0.8)
+    assert tok.parse_user(tok.user_message("click", 1.0, 3)) == ("click", 1.0)
+    assert tok.parse_user(tok.user_message("click", 0.4, 3)) is None   # contradicts its score
+    assert tok.parse_user(tok.user_message("skip", 0.3, 3)[:-1]) is None  # no <|end|>
+    assert tok.rec_message(5, 2)[0] == tok.item(5)                          # the item's own token
+    assert tok.parse_rec(tok.rec_message(5, 2), [1, 5, 9]) == 5
+    assert tok.parse_rec(tok.rec_message(4, 2), [1, 5, 9]) is None       # not a candidate
+    assert tok.parse_rec([tok.sp("click"), tok.sp("why"), tok.end_id], [5]) is None  # not an item
+    assert tok.parse_rec([tok.item(5), tok.end_id], [5]) is None            # no rationale marker
 
 
 class _PeerData:
@@ -244,7 +245,7 @@ def _scripted_generate(rec_item_index, action, score):
                 assert first is not None and len(first[b]) == 20
                 outs.append([first[b][rec_item_index], tok.sp("why"), p[2], tok.end_id])
             else:
-                outs.append(env.user_message(tok, action, score, 0))
+                outs.append(tok.user_message(action, score, 0))
         return outs
     return fake
 
@@ -464,7 +465,7 @@ def test_prefixed_windows_follow_a_recagent_prompt_head(data):
         assert len(set(cands)) == 20 and not set(cands) & set(window)
     assert kinds == {"bare", "prefixed"}
     ids, start = pretrain.sequence_doc(tok, rng, parts, w / w.sum(), 50, prefixed=1.0, n_cands=20)
-    head = env.render_rec(tok, env.new_trajectory(data, "train", 0), 0)
+    head = tok.render_rec(env.new_trajectory(data, "train", 0), 0)
     assert start == 24 and ids[:2] == head[:2] and ids[22:24] == [tok.sp("mem"), tok.sp("hist")]
 
 
@@ -536,7 +537,7 @@ def test_mean_baseline_is_subtracted(data):
         tr = env.new_trajectory(data, "train", r)
         pretrain.scripted_episode(data, tok, tr, rng, 3)
         for t, turn in enumerate(tr.turns):
-            turn.rec_prompt = env.render_rec(tok, tr, t)
+            turn.rec_prompt = tok.render_rec(tr, t)
         trajs.append(tr)
     rcfg = dict(mode="interaction", alpha=0.1, use_filter=False, stage_gamma=None)
     m.set_adapter("rec")
@@ -583,7 +584,7 @@ def test_hit_at_1_counts_an_invalid_final_answer_as_a_miss(data, monkeypatch):
                 ok = hist == tuple(data.test_hist[0][data.test_hist[0] >= 0].tolist())
                 outs.append([tok.item(targets[hist]), tok.sp("why"), p[2], tok.end_id] if ok else [tok.sp("why")])
             else:
-                outs.append(env.user_message(tok, "click", 0.9, 0))
+                outs.append(tok.user_message("click", 0.9, 0))
         return outs
     monkeypatch.setattr(env, "generate", fake)
     _, met = ev.run_ars(m, tok, data, "test", np.array(rows), ("rec", "user"), 5, "cpu")
@@ -612,11 +613,11 @@ def test_the_user_never_sees_the_target(data, tiny_hf):
             continue
         pretrain.wrong_turns(data, tok, tr, rng, 3)      # three turns on wrong items
         for t in range(3):
-            assert tok.item(tr.target) not in env.render_user(tok, tr, t)
+            assert tok.item(tr.target) not in tok.render_user(tr, t)
             checked += 1
         for name, hft in _chat_tokenizers(tiny_hf):
             ctok = chat.ChatTokenizer(hft, data.titles)
-            text = ctok.decode(env.render_user(ctok, tr, 2))
+            text = ctok.decode(ctok.render_user(tr, 2))
             assert f"- {data.titles[tr.target]}\n" not in text + "\n" and f": {data.titles[tr.target]}\n" not in text
     assert checked > 60
 
@@ -626,7 +627,7 @@ def test_chat_reference_comes_after_candidates_and_memory(data, tiny_hf):
         tok = chat.ChatTokenizer(hft, data.titles)
         traj = _played_trajectory(data, tok)
         ref = distill.hindsight_reference(tok, traj)
-        text = tok.decode(env.render_rec(tok, traj, 1, ref))
+        text = tok.decode(tok.render_rec(traj, 1, ref))
         at = text.index(tok.decode(ref).strip()[:30])
         assert text.index("Candidates") < at and text.index("Conversation so far:") < at, name
         assert text.index("history, oldest first") < at, name
@@ -730,7 +731,7 @@ def test_evaluate_end_to_end_with_known_answers(data, monkeypatch):
                 outs.append([tok.item(item), tok.sp("why"), p[2], tok.end_id])
             else:
                 item = tok.item_of(p[p.index(tok.sp("msg"), p.index(tok.sp("hist"))) + 1])
-                outs.append(env.user_message(tok, *(("click", 0.9) if item in liked else ("skip", 0.3)), 0))
+                outs.append(tok.user_message(*(("click", 0.9) if item in liked else ("skip", 0.3)), 0))
         return outs
     monkeypatch.setattr(env, "generate", fake)
     monkeypatch.setattr(ev, "generate_all", lambda model, prompts, *a, **k: fake(model, prompts, 0, 0))
@@ -1681,7 +1682,7 @@ def test_show_and_interactive_on_a_run(synth, tmp_path, capsys, monkeypatch):
     # the RecAgent of so short a run writes invalid messages: let it name candidate 3, so that the
     # person is asked (the dialogue logic is what is tested here)
     _, _, tok, _ = load_run(tmp_path / "o" / "r")
-    monkeypatch.setattr(sampling, "generate", lambda m, prompts, *a, **k: [
+    monkeypatch.setattr(viewer, "generate", lambda m, prompts, *a, **k: [
         [prompts[0][2 + 3], tok.sp("why"), tok.item(0), tok.end_id] for _ in prompts])   # the 4th candidate
     answers = iter(["maybe", "click", "2", "0.9", "1"] * 10)
     said = []
@@ -1704,7 +1705,7 @@ def test_coars_loss_in_groups_gives_the_whole_batch_gradient(data):
         tr = env.new_trajectory(data, "train", r)
         pretrain.scripted_episode(data, tok, tr, rng, 3)
         for t, turn in enumerate(tr.turns):      # the student prompts, as the rollout records them
-            turn.rec_prompt = env.render_rec(tok, tr, t)
+            turn.rec_prompt = tok.render_rec(tr, t)
         trajs.append(tr)
     rcfg = dict(mode="interaction", alpha=0.1, use_filter=True, stage_gamma=None)
     m.set_adapter("rec")
@@ -1840,8 +1841,8 @@ def test_chat_teacher_and_student_prompts_differ_only_by_the_reference(data, tin
         traj = _played_trajectory(data, tok)
         ref = distill.hindsight_reference(tok, traj)
         assert "true next item" in tok.decode(ref) and data.titles[traj.target] in tok.decode(ref)
-        for student, teacher, primer in ((env.render_rec(tok, traj, 1), env.render_rec(tok, traj, 1, ref), "Recommendation:"),
-                                         (env.render_user(tok, traj, 1), env.render_user(tok, traj, 1, ref), "Action:")):
+        for student, teacher, primer in ((tok.render_rec(traj, 1), tok.render_rec(traj, 1, ref), "Recommendation:"),
+                                         (tok.render_user(traj, 1), tok.render_user(traj, 1, ref), "Action:")):
             i = next(k for k in range(len(student)) if student[k] != teacher[k])
             assert teacher[:i] == student[:i], name
             assert teacher[i:i + len(ref)] == ref, name                           # the reference, whole
@@ -1852,8 +1853,8 @@ def test_chat_teacher_and_student_prompts_differ_only_by_the_reference(data, tin
                                                          add_generation_prompt=True).split("x")[-1] + primer), name
             assert "Conversation so far:" in text and data.titles[traj.turns[0].item] in text
         # the user never sees the candidates or the target; the RecAgent sees the candidates
-        assert data.titles[traj.cands[0]] in tok.decode(env.render_rec(tok, traj, 0))
-        assert "Candidates" not in tok.decode(env.render_user(tok, traj, 1))
+        assert data.titles[traj.cands[0]] in tok.decode(tok.render_rec(traj, 0))
+        assert "Candidates" not in tok.decode(tok.render_user(traj, 1))
 
 
 def test_title_matching_rules():
@@ -1875,20 +1876,20 @@ def test_chat_message_parsing(data, tiny_hf):
     from transformers import AutoTokenizer
     tok = chat.ChatTokenizer(AutoTokenizer.from_pretrained(tiny_hf["qwen2"]), data.titles)
     cands = list(range(20))
-    assert env.parse_rec(tok, env.rec_message(tok, 7, 2), cands) == 7
-    assert env.parse_rec(tok, env.rec_message(tok, 7, 2), [1, 2]) is None       # not a candidate
-    assert env.parse_rec(tok, env.rec_message(tok, 7, 2)[:-1], cands) is None   # cut off: no end token
+    assert tok.parse_rec(tok.rec_message(7, 2), cands) == 7
+    assert tok.parse_rec(tok.rec_message(7, 2), [1, 2]) is None       # not a candidate
+    assert tok.parse_rec(tok.rec_message(7, 2)[:-1], cands) is None   # cut off: no end token
     end = [tok.end_id]
     # the prompt ends with the primer "Recommendation:" / "Action:": a message is what follows it
-    assert env.parse_rec(tok, tok.text(f" {data.titles[7]}") + end, cands) == 7                 # reason optional
-    assert env.parse_rec(tok, tok.text(f" 8. {data.titles[7]}") + end, cands) == 7              # echoed numbering
-    assert env.parse_rec(tok, tok.text(" Reason: none") + end, cands) is None                    # no item
-    assert env.parse_rec(tok, tok.text(f" **{data.titles[7]}**\nReason: x") + end, cands) == 7
-    assert env.parse_user(tok, env.user_message(tok, "star", 0.6, 3)) == ("star", 0.6)
-    assert env.parse_user(tok, tok.text(" **click**\n**Score:** 1\nReason: yes") + end) == ("click", 1.0)
-    assert env.parse_user(tok, tok.text(" click\nScore: 0.4\nReason: no") + end) is None      # contradiction
-    assert env.parse_user(tok, tok.text(" maybe\nScore: 0.4\nReason: no") + end) is None
-    assert env.parse_user(tok, tok.text(" skip\nScore: 1.7\nReason: no") + end) is None
+    assert tok.parse_rec(tok.text(f" {data.titles[7]}") + end, cands) == 7                 # reason optional
+    assert tok.parse_rec(tok.text(f" 8. {data.titles[7]}") + end, cands) == 7              # echoed numbering
+    assert tok.parse_rec(tok.text(" Reason: none") + end, cands) is None                    # no item
+    assert tok.parse_rec(tok.text(f" **{data.titles[7]}**\nReason: x") + end, cands) == 7
+    assert tok.parse_user(tok.user_message("star", 0.6, 3)) == ("star", 0.6)
+    assert tok.parse_user(tok.text(" **click**\n**Score:** 1\nReason: yes") + end) == ("click", 1.0)
+    assert tok.parse_user(tok.text(" click\nScore: 0.4\nReason: no") + end) is None      # contradiction
+    assert tok.parse_user(tok.text(" maybe\nScore: 0.4\nReason: no") + end) is None
+    assert tok.parse_user(tok.text(" skip\nScore: 1.7\nReason: no") + end) is None
 
 
 def _hf_args(synth, tmp_path, folder):
@@ -1996,7 +1997,7 @@ def test_chat_candidate_ranking_fast_path_matches_reference(data, tiny_hf):
     m, t = hf.load(tiny_hf["llama"])
     tok = chat.ChatTokenizer(t, data.titles)
     trajs = [env.new_trajectory(data, "test", r) for r in (0, 3)]
-    prompts = [env.render_rec(tok, tr, 0) for tr in trajs]
+    prompts = [tok.render_rec(tr, 0) for tr in trajs]
     with torch.no_grad():
         fast = ev.chat_candidate_scores(m, tok, trajs, prompts, "cpu")
         slow = ev.chat_candidate_scores_reference(m, tok, trajs, prompts, "cpu")

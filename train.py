@@ -47,7 +47,7 @@ from extras.checkpoint import (CKPT_NAMES, STOP, BadSteps, Stopped, buffer_state
                                save_checkpoint, set_buffer_state, set_rng_state, truncate_metrics)
 from extras.distributed import all_gather, all_reduce_grads, barrier, dist_info, init_distributed, merge_stats
 from extras.runs import chat_backbone
-from model import Tokenizer
+from env import Tokenizer
 from pretrain import autocast, stage1, stage2_rows, warmup
 from sampling import CompileError
 

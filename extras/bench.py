@@ -329,7 +329,8 @@ def bench_iteration(batch=48, steps=3, device="cpu"):
     from config import Config, loss_group
     from distill import ReferenceBuffer, coars_loss
     from env import new_trajectory, rollout
-    from model import Tokenizer, build_model, freeze
+    from env import Tokenizer
+    from model import build_model, freeze
     from pretrain import autocast
 
     tmp = Path(tempfile.mkdtemp())

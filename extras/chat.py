@@ -94,7 +94,7 @@ def _field(text, name):
 
 class ChatTokenizer:
     """A Hugging Face tokenizer with the agents' natural-language message format (the counterpart of
-    model.Tokenizer plus env.py's format functions). Every method returns or takes token ids."""
+    env.Tokenizer's format methods). Every method returns or takes token ids."""
 
     chat = True
     rec_max_new = 64      # a title and a one-sentence reason
@@ -240,6 +240,10 @@ class ChatTokenizer:
             lines.append(line)
         lines.append(f"The user's true next {self.item_word}: \"{self.titles[ref.target]}\".")
         return self.text("\n".join(lines) + "\n\n")
+
+    def answer_choices(self, traj):
+        """None: a chat model writes a title, its first token is not restricted (env.Tokenizer's is)."""
+        return None
 
     def answer_ids(self, item):
         """The start of a RecAgent answer naming `item`, for ranking candidates by log-prob (eval.py)."""

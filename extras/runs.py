@@ -17,7 +17,8 @@ from data.prepare import DataError, prepare
 from extras import hf
 from extras.chat import ChatTokenizer
 from extras.distributed import device_of
-from model import Tokenizer, build_model, freeze
+from env import Tokenizer
+from model import build_model, freeze
 
 
 def chat_backbone(cfg, data, device, log):

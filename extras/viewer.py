@@ -21,8 +21,7 @@ import torch  # noqa: E402
 
 from config import UserError  # noqa: E402
 from distill import hindsight_reference, token_credit  # noqa: E402
-from env import (ACTION_RANGE, Turn, finish_turn, new_trajectory, parse_rec, parse_user, record_user,  # noqa: E402
-                 render_rec, render_user, rollout, score_fits, user_message)
+from env import ACTION_RANGE, Turn, finish_turn, new_trajectory, record_user, rollout, score_fits  # noqa: E402
 from extras.distributed import device_of  # noqa: E402
 from extras.runs import load_run  # noqa: E402
 from model import token_logprobs  # noqa: E402
@@ -73,14 +72,14 @@ def show(run_dir, n, split="test", device="auto", out=print):
         rewards = turn_rewards(tr, **rcfg)
         for t, (turn, (r_rec, r_user)) in enumerate(zip(tr.turns, rewards)):
             credit = {}
-            for agent, prompt, ans, render in (("rec", turn.rec_prompt, turn.rec_out, render_rec),
-                                               ("user", turn.user_prompt, turn.user_out, render_user)):
+            for agent, prompt, ans, render in (("rec", turn.rec_prompt, turn.rec_out, tok.render_rec),
+                                               ("user", turn.user_prompt, turn.user_out, tok.render_user)):
                 if prompt is None or not ans:
                     continue
                 model.set_adapter(agent)
                 with torch.no_grad():
                     s_lp = token_logprobs(model, [prompt], [ans], tok.pad_id, device)[0]
-                    t_lp = token_logprobs(model, [render(tok, tr, t, ref)], [ans], tok.pad_id, device)[0]
+                    t_lp = token_logprobs(model, [render(tr, t, ref)], [ans], tok.pad_id, device)[0]
                 credit[agent] = float(token_credit(t_lp, s_lp).mean())
             model.set_adapter(None)
             out(f" turn {t + 1}  RecAgent: {readable(tok, data, turn.rec_out, tr.cands)}"
@@ -108,12 +107,12 @@ def interactive(run_dir, device="auto", ask=input, out=print, seed=None):
         out(f"  {j}: {data.titles[i]}")
     out(f"(The item you will really pick next, hidden from the RecAgent: {data.titles[tr.target]})")
     while not tr.done:
-        prompt = render_rec(tok, tr, len(tr.turns))
+        prompt = tok.render_rec(tr, len(tr.turns))
         model.set_adapter("rec")
         o = generate(model, [prompt], tok.rec_max_new, tok.pad_id, stop_ids=tok.stop_ids, temperature=0.0,
                      device=device)[0]
         model.set_adapter(None)
-        item = parse_rec(tok, o, tr.cands)
+        item = tok.parse_rec(o, tr.cands)
         turn = Turn(rec_out=o, item=item, rec_valid=item is not None, rec_prompt=prompt)
         tr.turns.append(turn)
         out(f"\nRecAgent (turn {len(tr.turns)}): {readable(tok, data, o, tr.cands)}")
@@ -139,8 +138,8 @@ def interactive(run_dir, device="auto", ask=input, out=print, seed=None):
             out("a number in the action's interval, please")
         r = ask(f"reason: a history number 0-{len(tr.hist) - 1} (Enter = {0}): ").strip()
         reason = tr.hist[int(r)] if r.isdigit() and int(r) < len(tr.hist) else tr.hist[0]
-        turn.user_out = user_message(tok, action, float(f"{score:.2f}"), reason)
-        turn.action, turn.score = parse_user(tok, turn.user_out)
+        turn.user_out = tok.user_message(action, float(f"{score:.2f}"), reason)
+        turn.action, turn.score = tok.parse_user(turn.user_out)
         turn.user_valid = True
         finish_turn(tr, turn, cfg.t_max)
     out(f"\nconversation over after {len(tr.turns)} turn(s); the RecAgent's final pick "
