@@ -124,6 +124,21 @@ def test_filter_leaves_out_wrong_item_with_positive_reaction():
     assert r_ext[0] == (None, pytest.approx(-0.2)) and r_ext[1:] == r[1:]       # sigma -1, 2s-1 = 0.2
 
 
+def test_turn_rewards_pass_their_options_to_eq7_and_eq8():
+    """turn_rewards' own options reach Eq. 7 and 8 on every path: D_t = gamma^(t-1) with turns
+    counted from 1, alpha on a normal turn and on a filtered turn the user is still trained on
+    (--no-user-filter). A mode other than 'outcome' is the interaction reward, the default."""
+    import inspect as _inspect
+    assert _inspect.signature(reward.turn_rewards).parameters["mode"].default == "interaction"
+    tr = make_traj([(4, "skip", 0.3, 0.5), (5, "dislike", 0.1, 0.5), (7, "click", 0.9, 0.5)])
+    r = reward.turn_rewards(tr, stage_gamma=0.5)
+    assert [x[0] for x in r] == [pytest.approx(-0.65), pytest.approx(-0.55 * 0.5), pytest.approx(0.95 * 0.25)]
+    r = reward.turn_rewards(tr, alpha=0.5)
+    assert r[2][1] == pytest.approx(0.8 * (1 - 0.5 * 0.5 * 0.8)) and r[0][1] == pytest.approx(-(-0.4) * (1 + 0.5 * 0.5 * 0.4))
+    wrong_star = make_traj([(3, "star", 0.6, 1.0)])
+    assert reward.turn_rewards(wrong_star, alpha=0.5, user_filter=False)[0] == (None, pytest.approx(-0.2 * (1 - 0.5 * 0.2)))
+
+
 def test_invalid_messages_get_minus_one():
     tr = make_traj([(None, None, None, 0.0), (5, "invalid", None, 0.0), (7, "click", 1.0, 0.0)])
     r = reward.turn_rewards(tr)
