@@ -186,6 +186,9 @@ def test_hindsight_reference_template_and_buffer():
     ids = distill.hindsight_reference(tok, tr)
     assert tok.decode(ids) == ("<|hind|><|turn|><|item_3|><|wrong|><|skip|><|turn|><|invalid|>"
                                "<|turn|><|item_7|><|right|><|click|><|target|><|item_7|><|/hind|>")
+    bad_user = make_traj([(3, "invalid", None, 0.0)])
+    assert tok.decode(distill.hindsight_reference(tok, bad_user)) == (
+        "<|hind|><|turn|><|item_3|><|wrong|><|invalid|><|target|><|item_7|><|/hind|>")
     buf = distill.ReferenceBuffer()
     assert buf.reference_for(tr) is tr                 # none yet: the current trajectory
     buf.add([tr])
@@ -1734,6 +1737,75 @@ def test_coars_loss_in_groups_gives_the_whole_batch_gradient(data):
     assert sum(float(g.abs().sum()) for g in g_whole) > 1e-3                # a gradient worth comparing
     for g, p in zip(g_whole, params):
         assert torch.allclose(p.grad, g, atol=1e-6)
+
+
+def test_coars_loss_is_eq11_over_the_collected_messages(data):
+    """coars_loss = agent_objective (Eq. 11 / 12) of the agent's messages: rewards from turn_rewards
+    with the given options, credits from teacher and student passes over the SAME support (the 20
+    candidates for the RecAgent's first token, the whole vocabulary with free_answer), lam as
+    given; its statistics and timing describe exactly that; no messages -> (0, messages 0)."""
+    tok = Tokenizer(data.n_items)
+    m = tiny_model(tok.vocab_size, scale=0.1)
+    m.add_lora(("rec", "user"), r=2, alpha=4)
+    for p in m.adapter_parameters("rec"):
+        p.data.normal_(0, 0.05)
+    rng = np.random.default_rng(1)
+    trajs = []
+    for r in range(4):
+        tr = env.new_trajectory(data, "train", r)
+        pretrain.scripted_episode(data, tok, tr, rng, 3)
+        for t, turn in enumerate(tr.turns):
+            turn.rec_prompt = tok.render_rec(tr, t)
+        trajs.append(tr)
+    m.set_adapter("rec")
+    buf = distill.ReferenceBuffer()
+    for rcfg, lam, free in ((dict(mode="interaction", alpha=0.1, use_filter=True), 0.5, False),
+                            (dict(mode="outcome"), 0.1, False), (dict(mode="interaction"), 0.1, True)):
+        timing = {}
+        loss, st = distill.coars_loss(m, tok, trajs, buf, "rec", rcfg, lam, device="cpu", timing=timing,
+                                      free_answer=free)
+        with torch.no_grad():
+            sp, tp, ys, rs, first = zip(*[(tr.turns[t].rec_prompt, tok.render_rec(tr, t, distill.hindsight_reference(tok, tr)),
+                                          tr.turns[t].rec_out, rr[0], None if free else tok.answer_choices(tr))
+                                         for tr in trajs for t, rr in enumerate(reward.turn_rewards(tr, **rcfg))
+                                         if rr[0] is not None])
+            s_lp = token_logprobs(m, sp, ys, tok.pad_id, first=first)
+            t_lp = token_logprobs(m, tp, ys, tok.pad_id, first=first)
+            cr = [(t - s_).clamp(-1, 1) for t, s_ in zip(t_lp, s_lp)]
+            want = -sum(((r + lam * a) * lp).sum() / len(lp) for lp, r, a in zip(s_lp, rs, cr)) / len(trajs)
+        assert loss.item() == pytest.approx(want.item(), abs=1e-5), (rcfg, lam, free)
+        flat = torch.cat(cr)
+        assert st["messages"] == len(rs) and st["reward"] == pytest.approx(sum(rs) / len(rs))
+        assert st["credit"] == pytest.approx(float(flat.mean()), abs=1e-6)
+        assert st["credit_abs"] == pytest.approx(float(flat.abs().mean()), abs=1e-6) and st["credit_abs"] > 1e-4
+        assert 0 <= timing["teacher_s"] and 0 <= timing["student_s"] and timing["teacher_s"] + timing["student_s"] < 60
+    # the restricted and the free support give different credits, so the test above can tell them apart
+    assert distill.coars_loss(m, tok, trajs, buf, "rec", {}, 0.1, free_answer=True)[0].item() != pytest.approx(
+        distill.coars_loss(m, tok, trajs, buf, "rec", {}, 0.1)[0].item(), abs=1e-5)
+    # whole batch back-propagated at once (micro = 0) = the same loss
+    m.zero_grad()
+    assert distill.coars_loss(m, tok, trajs, buf, "rec", {}, 0.1, backward=True)[0].item() == pytest.approx(
+        distill.coars_loss(m, tok, trajs, buf, "rec", {}, 0.1)[0].item(), abs=1e-6)
+    # an agent with nothing to learn from
+    for tr in trajs:
+        for turn in tr.turns:
+            turn.rec_valid, turn.user_out = False, None
+    loss, st = distill.coars_loss(m, tok, trajs, buf, "user", {}, 0.1)
+    assert loss.item() == 0.0 and loss.shape == () and st == dict(messages=0)
+    assert distill.agent_objective([], [], []).item() == 0.0
+
+
+def test_collect_messages_balances_the_user_and_keeps_each_message_whole():
+    tok = Tokenizer(20)
+    trs = [make_traj([(3, "skip", 0.3, 0.0), (7, "click", 0.9, 0.0)]), make_traj([(4, "dislike", 0.1, 0.0)])]
+    for tr in trs:
+        for t, turn in enumerate(tr.turns):
+            turn.user_prompt = [1, 2]
+    plain = distill.collect_messages(tok, trs, distill.ReferenceBuffer(), "user", {})
+    bal = distill.collect_messages(tok, trs, distill.ReferenceBuffer(), "user", dict(user_balance=True))
+    assert all(len(m) == 5 for m in plain + bal)
+    assert [m[3] for m in bal] == pytest.approx(distill.balance_user([m[3] for m in plain], [0, 1, 0]))
+    assert [m[:3] + m[4:] for m in bal] == [m[:3] + m[4:] for m in plain]
 
 
 def test_base_pretrained_with_other_options_is_pretrained_again(data, tmp_path):
