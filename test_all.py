@@ -232,6 +232,27 @@ def test_action_intervals_and_parsing():
     assert tok.parse_rec(tok.rec_message(4, 2), [1, 5, 9]) is None       # not a candidate
     assert tok.parse_rec([tok.sp("click"), tok.sp("why"), tok.end_id], [5]) is None  # not an item
     assert tok.parse_rec([tok.item(5), tok.end_id], [5]) is None            # no rationale marker
+    # each interval is closed on the left and open on the right (click: [0.75, 1]), at every boundary
+    for action, lo, hi in (("dislike", 0.0, 0.25), ("skip", 0.25, 0.5), ("star", 0.5, 0.75), ("click", 0.75, 1.0)):
+        assert env.score_fits(action, lo) and env.score_fits(action, hi - 0.01)
+        assert env.score_fits(action, hi) == (action == "click") and not env.score_fits(action, lo - 0.01)
+    assert tok.parse_user(tok.user_message("skip", 0.5, 3)) is None and tok.parse_user(tok.user_message("star", 0.5, 3))
+    # a message of the right shape is 3 tokens or more; the user's score is plain digits
+    assert tok.parse_rec([tok.item(5), tok.sp("why"), tok.end_id], [5]) == 5
+    assert tok.parse_rec([tok.item(5), tok.item(6), tok.sp("why"), tok.end_id], [5]) is None   # no <|why|> second
+    assert tok.parse_user([tok.action_ids["skip"]] + tok.text("0.30") + [tok.sp("why"), tok.end_id]) == ("skip", 0.3)
+    assert tok.parse_user([tok.action_ids["skip"], tok.sp("why"), tok.end_id]) is None               # no score
+    assert tok.parse_user([tok.action_ids["skip"]] + tok.text("0.3") + [tok.item(1), tok.sp("why"), tok.end_id]) is None
+
+
+def test_the_sasrec_hint_is_in_the_first_recagent_prompt_only():
+    tok = Tokenizer(30)
+    tr = make_traj([(3, "skip", 0.3, 0.0), (4, "skip", 0.3, 0.0)])
+    first, later = tok.render_rec(tr, 0), tok.render_rec(tr, 1)
+    i = first.index(tok.sp("prior"))
+    assert first[i + 1] == tok.item(tr.prior) and tok.sp("prior") not in later
+    tr.prior = None                                     # no hint (stage 1's validation, HR@1 without the hint)
+    assert tok.sp("prior") not in tok.render_rec(tr, 0)
 
 
 class _PeerData:
