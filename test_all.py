@@ -270,6 +270,10 @@ def test_peer_signal_q():
     assert q == pytest.approx(0.5 - 0.3 + 0.2)
     text, q = env.peer_opinion(_PeerData(), 0, 9)
     assert text == "0/3" and q == pytest.approx(-1.0)
+    # the loop asks the peers about the item the RecAgent named in that turn
+    tr, turn = env.Trajectory("test", 0, 0, [1], 7, [7, 9], None), env.Turn(rec_out=[0], item=7, rec_valid=True)
+    env.record_user(_PeerData(), tr, turn)
+    assert (turn.peer_text, turn.q) == ("2/3 3.0", pytest.approx(0.4))
 
 
 def _scripted_generate(rec_item_index, action, score):
