@@ -1735,23 +1735,30 @@ def test_show_and_interactive_on_a_run(synth, tmp_path, capsys, monkeypatch):
     assert tr.turns[0].item == tr.cands[3] and tr.done and "conversation over" in said[-1]
 
 
-def test_coars_loss_in_groups_gives_the_whole_batch_gradient(data):
-    """coars_loss with micro-batches back-propagated one by one = the whole batch at once."""
+def _rec_agent_and_episodes(data, n, seed):
+    """A tiny model with a non-zero RecAgent adapter (active), and n scripted training episodes of
+    3 turns whose RecAgent prompts are recorded as the rollout records them."""
     tok = Tokenizer(data.n_items)
     m = tiny_model(tok.vocab_size, scale=0.1)
     m.add_lora(("rec", "user"), r=2, alpha=4)
     for p in m.adapter_parameters("rec"):
         p.data.normal_(0, 0.05)
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     trajs = []
-    for r in range(6):
+    for r in range(n):
         tr = env.new_trajectory(data, "train", r)
         pretrain.scripted_episode(data, tok, tr, rng, 3)
-        for t, turn in enumerate(tr.turns):      # the student prompts, as the rollout records them
+        for t, turn in enumerate(tr.turns):
             turn.rec_prompt = tok.render_rec(tr, t)
         trajs.append(tr)
-    rcfg = dict(mode="interaction", alpha=0.1, use_filter=True, stage_gamma=None)
     m.set_adapter("rec")
+    return tok, m, trajs
+
+
+def test_coars_loss_in_groups_gives_the_whole_batch_gradient(data):
+    """coars_loss with micro-batches back-propagated one by one = the whole batch at once."""
+    tok, m, trajs = _rec_agent_and_episodes(data, 6, 0)
+    rcfg = dict(mode="interaction", alpha=0.1, use_filter=True, stage_gamma=None)
     params = m.adapter_parameters("rec")
     whole, st = distill.coars_loss(m, tok, trajs, distill.ReferenceBuffer(), "rec", rcfg, 0.1, "mean")
     g_whole = torch.autograd.grad(whole, params)
@@ -1769,20 +1776,7 @@ def test_coars_loss_is_eq11_over_the_collected_messages(data):
     with the given options, credits from teacher and student passes over the SAME support (the 20
     candidates for the RecAgent's first token, the whole vocabulary with free_answer), lam as
     given; its statistics and timing describe exactly that; no messages -> (0, messages 0)."""
-    tok = Tokenizer(data.n_items)
-    m = tiny_model(tok.vocab_size, scale=0.1)
-    m.add_lora(("rec", "user"), r=2, alpha=4)
-    for p in m.adapter_parameters("rec"):
-        p.data.normal_(0, 0.05)
-    rng = np.random.default_rng(1)
-    trajs = []
-    for r in range(4):
-        tr = env.new_trajectory(data, "train", r)
-        pretrain.scripted_episode(data, tok, tr, rng, 3)
-        for t, turn in enumerate(tr.turns):
-            turn.rec_prompt = tok.render_rec(tr, t)
-        trajs.append(tr)
-    m.set_adapter("rec")
+    tok, m, trajs = _rec_agent_and_episodes(data, 4, 1)
     buf = distill.ReferenceBuffer()
     for rcfg, lam, free in ((dict(mode="interaction", alpha=0.1, use_filter=True), 0.5, False),
                             (dict(mode="outcome"), 0.1, False), (dict(mode="interaction"), 0.1, True)):
