@@ -110,9 +110,7 @@ def stage2(cfg, model, tok, data, device, run_dir, log, ck=None):
     opt = torch.optim.Adam(params, lr=cfg.lr) if params else None
     rng = np.random.default_rng(seed + 1)
     buffer = ReferenceBuffer()
-    reward_cfg = dict(mode=cfg.reward_mode, alpha=cfg.alpha, use_filter=cfg.use_filter, user_filter=cfg.user_filter,
-                      user_balance=cfg.user_balance,
-                      stage_gamma=cfg.stage_gamma if cfg.stage_gamma >= 0 else None)
+    reward_cfg = dict(cfg.reward_options(), user_balance=cfg.user_balance)   # collect_messages' options
     valid_rows = np.random.default_rng(cfg.seed).permutation(len(data.valid_user))[:cfg.eval_valid_n]
     train_rows = stage2_rows(data, cfg.stage2_last)      # samples whose targets stage 1 never trained on
     # the same number of them, evaluated greedily beside validation: a gap would show memorised answers

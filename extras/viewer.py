@@ -61,8 +61,7 @@ def show(run_dir, n, split="test", device="auto", out=print):
     rows = np.random.default_rng(cfg.seed).permutation(len(getattr(data, f"{split}_user")))[:n]
     trajs = [new_trajectory(data, split, int(r)) for r in rows]
     rollout(model, tok, data, trajs, t_max=cfg.t_max, temperature=0.0, device=device)
-    rcfg = dict(mode=cfg.reward_mode, alpha=cfg.alpha, use_filter=cfg.use_filter, user_filter=cfg.user_filter,
-                stage_gamma=cfg.stage_gamma if cfg.stage_gamma >= 0 else None)
+    rcfg = cfg.reward_options()
     for k, tr in enumerate(trajs):
         out(f"\n=== conversation {k + 1}: {split} sample {tr.row}, user {data.user_raw[tr.user]} ===")
         out("history: " + "; ".join(data.titles[i] for i in tr.hist))
