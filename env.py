@@ -266,6 +266,11 @@ def record_user(data, traj, tr):
     tr.peer_text, tr.q = peer_opinion(data, traj.user, tr.item)
 
 
+def rejected_items(traj):
+    """The items the user turned down (a valid skip or dislike) so far in this episode."""
+    return {t.item for t in traj.turns if t.user_valid and t.action not in POSITIVE}
+
+
 def finish_turn(traj, tr, t_max):
     tr.hit = int(tr.item is not None and tr.item == traj.target)
     if (tr.user_valid and tr.action == "click") or len(traj.turns) >= t_max:
@@ -274,13 +279,18 @@ def finish_turn(traj, tr, t_max):
 
 @torch.no_grad()
 def rollout(model, tok, data, trajs, t_max=5, temperature=1.0, generator=None, device="cpu",
-            rec_adapter="rec", user_adapter="user", batch=256, compile=False, free_answer=False):
+            rec_adapter="rec", user_adapter="user", batch=256, compile=False, free_answer=False,
+            user=None, exclude_rejected=False):
     """Play every trajectory in trajs to its end. All live episodes take each turn together (one
     batched generate per agent per turn); finished ones drop out. Trajectories are filled in place
     and returned. Sampling is keyed by each trajectory's `key` (so an episode is the same in any
     batch); a torch `generator` instead draws for the whole batch at once. compile: generate's
     decode steps through torch.compile (sampling.decoder). free_answer: the RecAgent's item is not
-    restricted to the candidates (a non-candidate is then an invalid message)."""
+    restricted to the candidates (a non-candidate is then an invalid message).
+    Two hooks for analysis only (extras/headroom.py; never used in training): user, a function
+    (traj, turn) -> (action, score) that plays the user instead of the UserAgent (an oracle user);
+    exclude_rejected, the RecAgent's item is decoded among the candidates the user has not turned
+    down in this episode (built-in format only)."""
     for _ in range(t_max):
         live = [tr for tr in trajs if not tr.done]
         if not live:
@@ -290,6 +300,8 @@ def rollout(model, tok, data, trajs, t_max=5, temperature=1.0, generator=None, d
         model.set_adapter(rec_adapter)
         keys = [message_key(tr, 0) for tr in live] if generator is None else None
         first = None if free_answer else [tok.answer_choices(tr) for tr in live]
+        if exclude_rejected and first is not None and not tok.chat:
+            first = [[tok.item(i) for i in tr.cands if i not in rejected_items(tr)] or ch for tr, ch in zip(live, first)]
         outs = generate_all(model, prompts, tok.rec_max_new, tok, temperature, generator, device, batch, keys,
                             compile, first)
         for tr, p, o in zip(live, prompts, outs):
@@ -299,6 +311,13 @@ def rollout(model, tok, data, trajs, t_max=5, temperature=1.0, generator=None, d
         answer = [tr for tr in live if tr.turns[-1].rec_valid]
         for tr in answer:
             record_user(data, tr, tr.turns[-1])
+        if user is not None:                  # analysis: a scripted user instead of the UserAgent
+            for tr in answer:
+                turn = tr.turns[-1]
+                turn.action, turn.score = user(tr, turn)
+                turn.user_out = tok.user_message(turn.action, turn.score, closest_history_item(data, tr.hist, turn.item))
+                turn.user_valid = True
+            answer = []
         prompts = [tok.render_user(tr, len(tr.turns) - 1) for tr in answer]
         model.set_adapter(user_adapter)
         keys = [message_key(tr, 1) for tr in answer] if generator is None else None

@@ -108,11 +108,12 @@ def baseline_hits(data, split, seed=0):
             "SASRec top-1": (getattr(data, f"{split}_prior") == target).astype(float)}
 
 
-def run_ars(model, tok, data, split, rows, adapters, t_max, device, batch=256, free_answer=False):
-    """Greedy episodes of the agent pair on the given samples -> per-sample metric arrays."""
+def run_ars(model, tok, data, split, rows, adapters, t_max, device, batch=256, free_answer=False, **hooks):
+    """Greedy episodes of the agent pair on the given samples -> per-sample metric arrays. hooks:
+    rollout's analysis hooks (user, exclude_rejected; extras/headroom.py)."""
     trajs = [new_trajectory(data, split, r) for r in rows]
     rollout(model, tok, data, trajs, t_max=t_max, temperature=0.0, device=device,
-            rec_adapter=adapters[0], user_adapter=adapters[1], batch=batch, free_answer=free_answer)
+            rec_adapter=adapters[0], user_adapter=adapters[1], batch=batch, free_answer=free_answer, **hooks)
     rec_n = np.array([len(tr.turns) for tr in trajs], float)
     rec_ok = np.array([sum(t.rec_valid for t in tr.turns) for tr in trajs], float)
     user_n = np.array([sum(t.user_out is not None for t in tr.turns) for tr in trajs], float)

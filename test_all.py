@@ -317,6 +317,50 @@ def test_rollout_ends_at_click_or_turn_limit(data, monkeypatch):
             assert tok.item(tr.cands[2]) in u[u.index(tok.sp("mem")):u.index(tok.sp("hist"))]
 
 
+
+def test_rollout_analysis_hooks_oracle_user_and_excluding_rejected_items(data, monkeypatch):
+    """extras/headroom.py's two hooks: exclude_rejected decodes the RecAgent's item among exactly the
+    candidates not yet turned down (checked against the list rebuilt from the turns), and `user`
+    replaces the UserAgent (an oracle that clicks only the target ends the episode on a hit)."""
+    tok = Tokenizer(data.n_items)
+    m = tiny_model(tok.vocab_size)
+    m.add_lora()
+    seen = []
+
+    def fake(model, prompts, max_new, pad_id, stop_ids=(), temperature=1.0, generator=None, device="cpu", allowed=None,
+             keys=None, compile=False, first=None):
+        outs = []
+        for b, p in enumerate(prompts):
+            if p[0] == tok.sp("rec"):
+                seen.append(list(first[b]))
+                outs.append([first[b][0], tok.sp("why"), p[2], tok.end_id])     # the first allowed candidate
+            else:
+                outs.append(tok.user_message("dislike", 0.1, 0))
+        return outs
+    monkeypatch.setattr(env, "generate", fake)
+    for exclude in (False, True):
+        trajs = [env.new_trajectory(data, "test", r) for r in range(6)]
+        seen.clear()
+        env.rollout(m, tok, data, trajs, t_max=4, exclude_rejected=exclude)
+        for tr in trajs:
+            assert len(tr.turns) == 4 and all(t.action == "dislike" for t in tr.turns)
+            items = [t.item for t in tr.turns]
+            assert items == (tr.cands[:4] if exclude else [tr.cands[0]] * 4)
+        by_turn = [seen[k * 6:(k + 1) * 6] for k in range(4)]
+        for t in range(4):
+            for tr, ch in zip(trajs, by_turn[t]):
+                turned_down = {x.item for x in tr.turns[:t]} if exclude else set()
+                assert ch == [tok.item(c) for c in tr.cands if c not in turned_down]
+    # the oracle user: clicks the target (the episode ends), dislikes the rest; the UserAgent is not asked
+    calls = []
+    trajs = [env.new_trajectory(data, "test", r) for r in range(6)]
+    env.rollout(m, tok, data, trajs, t_max=20, exclude_rejected=True,
+                user=lambda tr, t: calls.append(t) or (("click", 0.9) if t.item == tr.target else ("dislike", 0.1)))
+    assert len(calls) == sum(len(tr.turns) for tr in trajs)
+    for tr in trajs:
+        assert tr.hit and tr.turns[-1].action == "click" and len(tr.turns) == tr.cands.index(tr.target) + 1
+        assert all(tok.parse_user(t.user_out) == (t.action, t.score) for t in tr.turns)
+
 # --------------------------------------------------------------------------------------------------
 # A base that knows users (PAPER.md sections 1, 5, 6): candidate protocols, restricted answers,
 # disjoint stages, outcome without filter, per-agent clipping
@@ -1300,7 +1344,7 @@ def test_train_end_to_end_on_every_source(source, tmp_path):
 
 
 @pytest.mark.parametrize("script", ["train.py", "eval.py", "extras/suite.py", "extras/bench.py", "extras/viewer.py", "data/prepare.py",
-                                    "extras/sasrec_check.py", "data/synthetic.py", "data/llara.py"])
+                                    "extras/sasrec_check.py", "extras/headroom.py", "data/synthetic.py", "data/llara.py"])
 def test_every_command_line_prints_its_help(script):
     r = run([script, "--help"])
     assert r.returncode == 0 and "usage:" in r.stdout and "Traceback" not in r.stderr, r.stderr[-1500:]
@@ -1733,6 +1777,22 @@ def test_show_and_interactive_on_a_run(synth, tmp_path, capsys, monkeypatch):
     assert "please type one of" in "\n".join(said) and "a number in the action's interval" in "\n".join(said)
     assert len(tr.turns) == 1 and tr.turns[0].action == "click" and tr.turns[0].score == 0.9   # a click ends it
     assert tr.turns[0].item == tr.cands[3] and tr.done and "conversation over" in said[-1]
+    # extras/headroom.py on the same run: 8 rows; with the oracle user a right first pick is always
+    # kept (final Hit@1 >= turn-1 Hit@1), and with the exclusion no turned-down item is named again
+    from extras import headroom
+    monkeypatch.undo()
+    cfg, model, tok, data = load_run(tmp_path / "o" / "r")
+    rows, peers = headroom.headroom(model, tok, data, "valid", cfg.t_max, "cpu", n_boot=20)
+    assert len(rows) == 8 and len(peers) == 2
+    for r in rows:
+        if r["exclude"]:
+            assert r["repeats"] == 0 or np.isnan(r["repeats"])
+    for r in rows:
+        if r["user"] == "oracle":
+            assert r["hit"][0] >= r["turn1"]
+    assert "| untrained pair (memory-based ARS) | oracle | exclude rejected |" in headroom.table(rows, peers, "valid", 6)
+    # its AUC is the pairwise count
+    assert headroom.auc([1, 2], [2, 0]) == pytest.approx((0.5 + 1 + 0 + 1) / 4)
 
 
 def _rec_agent_and_episodes(data, n, seed):
