@@ -2386,6 +2386,25 @@ def test_llara_converter_refuses_a_pickle_that_is_not_a_dataframe(tmp_path):
         llara.read_names(tmp_path)
 
 
+def test_llara_unpickler_finds_classes_that_moved_since_pandas_1_and_numpy_1():
+    """The published .df files were written by pandas 1.x / numpy 1.x (checked by hand: folders
+    written by pandas 1.5.3 and 2.0.3 with numpy 1.26, read with pandas 3.1.1 and numpy 2.4, give
+    the same custom folder as pandas 3's own files): Int64Index is gone from pandas 2 on, and
+    numpy.core is numpy._core in numpy 2 (a DeprecationWarning under the old name)."""
+    pd = pytest.importorskip("pandas", reason="pandas is not installed: the LLaRA converter's test needs it")
+    import io
+    import warnings
+    from data import llara
+    u = llara._AllowListUnpickler(io.BytesIO(b""))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)
+        assert u.find_class("numpy.core.multiarray", "_reconstruct").__name__ == "_reconstruct"   # no warning
+        if int(pd.__version__.split(".")[0]) >= 2:
+            assert u.find_class("pandas.core.indexes.numeric", "Int64Index") is pd.Index
+    with pytest.raises(DataError, match="refusing to unpickle pandas.core.indexes.numeric.Evil"):
+        u.find_class("pandas.core.indexes.numeric", "Evil")
+
+
 def test_train_end_to_end_on_a_published_split(tmp_path):
     """train.py on a folder with users.csv and candidates.csv: every test user, the listed lists."""
     folder, seqs, role, lists = published_folder(tmp_path / "pub")

@@ -29,11 +29,14 @@ u.item instead, `id|title|...`, whose id - 1 is the item id, as their loader rea
 
 import argparse
 import csv
+import importlib.util
 import io
 import pickle
 import random
 import sys
 from pathlib import Path
+
+import numpy as np
 
 if __package__ in (None, ""):  # run as a script: make `data.sources` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -50,12 +53,22 @@ ALLOWED = {
     ("pandas", "DataFrame"), ("pandas.core.frame", "DataFrame"),
     ("pandas", "Index"), ("pandas", "RangeIndex"), ("pandas.core.indexes.base", "Index"),
     ("pandas.core.indexes.base", "_new_Index"), ("pandas.core.indexes.range", "RangeIndex"),
-    ("pandas.core.indexes.numeric", "Int64Index"),
+    ("pandas.core.indexes.numeric", "Int64Index"), ("pandas.core.indexes.numeric", "UInt64Index"),
+    ("pandas.core.indexes.numeric", "Float64Index"),
     ("pandas.core.internals.managers", "BlockManager"), ("pandas.core.internals.blocks", "new_block"),
     ("pandas.core.internals.blocks", "make_block"), ("pandas._libs.internals", "_unpickle_block"),
     ("pandas", "StringDtype"), ("pandas.arrays", "StringArray"), ("pandas.core.arrays.string_", "StringArray"),
     ("pandas.core.arrays.string_", "StringDtype"), ("pandas._libs.arrays", "__pyx_unpickle_NDArrayBacked"),
 }
+
+
+# classes that moved since pandas 1.x / numpy 1.x wrote the published files: pandas 2 dropped the
+# numeric index classes (its own read_pickle maps them to Index the same way), numpy 2 renamed
+# numpy.core to numpy._core (the old name still works, with a DeprecationWarning; numpy 1.x
+# reads numpy 2's pickles under the old name)
+NUMPY2 = int(np.__version__.split(".")[0]) >= 2
+MOVED = {("pandas.core.indexes.numeric", n): ("pandas.core.indexes.base", "Index")
+         for n in ("Int64Index", "UInt64Index", "Float64Index")}
 
 
 class _AllowListUnpickler(pickle.Unpickler):
@@ -65,6 +78,10 @@ class _AllowListUnpickler(pickle.Unpickler):
         if (module, name) not in ALLOWED:
             raise DataError(f"{self.where}: refusing to unpickle {module}.{name}: only DataFrames of plain values "
                             f"are read (is this the published file?).")
+        if (module, name) in MOVED and importlib.util.find_spec(module) is None:
+            module, name = MOVED[(module, name)]
+        if module.startswith(("numpy.core.", "numpy._core.")):     # the name this numpy uses
+            module = ("numpy._core." if NUMPY2 else "numpy.core.") + module.split(".", 2)[2]
         return super().find_class(module, name)
 
 
@@ -81,7 +98,7 @@ def read_frame(path):
     except FileNotFoundError:
         raise DataError(f"{path} is missing: a LLaRA-style folder holds train_data.df, Val_data.df, "
                         f"Test_data.df and id2name.txt (or u.item).") from None
-    except (pickle.UnpicklingError, EOFError, AttributeError, TypeError, ValueError) as e:
+    except (pickle.UnpicklingError, EOFError, AttributeError, TypeError, ValueError, ImportError) as e:
         raise DataError(f"{path} is not a readable pickled DataFrame ({e}).") from None
     missing = {"seq", "len_seq", "next"} - set(getattr(df, "columns", []))
     if missing:
