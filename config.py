@@ -141,6 +141,9 @@ class Config:
     """[ours, extension] the UserAgent's turns on right and on wrong items weigh the same in its loss
     (distill.balance_user); meant with --no-user-filter. Measured: it did not keep the user aligned
     (docs/results.md)"""
+    user_kl: float = 0.0
+    """[ours, extension] weight of a penalty keeping the UserAgent near the untrained one (distill.kl_to_base,
+    an estimate of KL(user || base user) on its own messages); 0 = off, as in the paper"""
     reward_mode: str = "interaction"
     """'interaction' (Eq. 7-8) or 'outcome' (final hit only, the ablation/baseline)"""
     train_rec: bool = True
@@ -225,6 +228,7 @@ def validate(cfg: Config):
         (cfg.steps >= 0 and cfg.pretrain_steps >= 0, "--steps and --pretrain-steps cannot be negative."),
         (cfg.batch >= 1 and cfg.pretrain_batch >= 1, "--batch and --pretrain-batch must be at least 1."),
         (cfg.lam >= 0, "--lam must be >= 0."),
+        (cfg.user_kl >= 0, "--user-kl must be >= 0 (0 = off)."),
         (0 <= cfg.alpha <= 1, "--alpha must be in [0, 1] (Eq. 8)."),
         (cfg.temperature > 0, "--temperature must be positive (evaluation is greedy anyway)."),
         (cfg.n_embd % cfg.n_head == 0, "--n-embd must be a multiple of --n-head."),

@@ -15,8 +15,9 @@ keyed by sample); with none yet, from the current trajectory. d is used only in 
     Eq. 11/12  J = E[ sum_t (1/|y_t|) sum_n (R_t + lambda * A_{t,n}) * log pi_S(y_{t,n} | x_t, y_{t,<n}) ]
 
 This is REINFORCE with a per-token advantage R_t + lambda * A_{t,n}: no PPO ratio, no group
-normalisation, no KL penalty, as in the paper. [ours, extension, off by default] a batch-mean
-baseline subtracted from R_t (--baseline mean).
+normalisation, no KL penalty, as in the paper. [ours, extensions, off by default] a batch-mean
+baseline subtracted from R_t (--baseline mean); a penalty that keeps the UserAgent near the
+untrained one (--user-kl, kl_to_base).
 """
 
 import time
@@ -80,6 +81,22 @@ def agent_objective(student_lp, rewards, credits, lam=0.1, n_episodes=None, base
     return -total / (n_episodes or len(student_lp))
 
 
+def kl_to_base(student_lp, base_lp, n_episodes=None):
+    """[ours, extension, off by default: --user-kl] a penalty that keeps an agent near the untrained
+    base: for each message the mean over its tokens of k3 = exp(b - s) - (b - s) - 1, where s is the
+    agent's log-prob of the token it sampled and b the base's (no adapter). k3 >= 0, and its mean
+    over the agent's own samples estimates KL(pi || pi_base); the gradient flows through s only.
+    Summed over messages and divided by n_episodes, as agent_objective is. Not in the paper (its
+    objective has no KL term)."""
+    if not student_lp:
+        return torch.zeros(())
+    total = 0.0
+    for s, b in zip(student_lp, base_lp):
+        d = b.detach() - s
+        total = total + (torch.exp(d) - d - 1).sum() / len(s)
+    return total / (n_episodes or len(student_lp))
+
+
 def collect_messages(tok, trajs, buffer, agent, reward_cfg, free_answer=False):
     """Gather one agent's trainable messages: (student prompt, teacher prompt, tokens, R_t, first),
     first = the ids the message's first token was chosen among (the RecAgent's candidates; None =
@@ -120,7 +137,7 @@ def balance_user(rewards, hits):
 
 
 def coars_loss(model, tok, trajs, buffer, agent, reward_cfg, lam=0.1, baseline="none", device="cpu", timing=None,
-               micro=0, backward=False, n_episodes=None, free_answer=False):
+               micro=0, backward=False, n_episodes=None, free_answer=False, kl=0.0):
     """The loss of one agent on a batch of finished trajectories, and its statistics.
 
     The agent's adapter must be active. The teacher pass (reference in the prompt) runs without
@@ -133,14 +150,16 @@ def coars_loss(model, tok, trajs, buffer, agent, reward_cfg, lam=0.1, baseline="
     so the gradient is that of the whole batch (up to the order of floating-point sums); the
     returned loss is then detached. n_episodes: the episodes the expectation is over (default
     len(trajs); under torchrun the whole batch, of which trajs is this rank's share). free_answer:
-    the RecAgent's item was decoded from the whole vocabulary (rollout(free_answer=True))."""
+    the RecAgent's item was decoded from the whole vocabulary (rollout(free_answer=True)).
+    kl > 0 [ours, extension]: adds kl * kl_to_base, the base's log-probs taken with no adapter active
+    (one more pass without gradient); the agent's adapter is active again afterwards."""
     msgs = collect_messages(tok, trajs, buffer, agent, reward_cfg, free_answer)
     if not msgs:
         return torch.zeros((), device=device), dict(messages=0)
     rs_all = [m[3] for m in msgs]
     b = sum(rs_all) / len(rs_all) if baseline == "mean" else 0.0
     step = micro if (micro and backward) else len(msgs)
-    total, credits, t_teacher, t_student = 0.0, [], 0.0, 0.0
+    total, credits, t_teacher, t_student, kl_sum = 0.0, [], 0.0, 0.0, 0.0
     for s in range(0, len(msgs), step):
         student_p, teacher_p, ys, rs, first = zip(*msgs[s:s + step])
         t0 = time.perf_counter()
@@ -151,6 +170,14 @@ def coars_loss(model, tok, trajs, buffer, agent, reward_cfg, lam=0.1, baseline="
         cr = [token_credit(t, s_) for t, s_ in zip(t_lp, s_lp)] if lam else [torch.zeros_like(x) for x in s_lp]
         # agent_objective divides by n_episodes, so the groups' losses add up to the whole loss
         loss = agent_objective(s_lp, list(rs), cr, lam, n_episodes=n_episodes or len(trajs), baseline=b)
+        if kl:
+            model.set_adapter(None)
+            with torch.no_grad():
+                b_lp = token_logprobs(model, student_p, ys, tok.pad_id, device, first=first)
+            model.set_adapter(agent)
+            pen = kl_to_base(s_lp, b_lp, n_episodes=n_episodes or len(trajs))
+            loss = loss + kl * pen
+            kl_sum = kl_sum + float(pen.detach())
         if backward:
             loss.backward()
             loss = loss.detach()
@@ -161,5 +188,8 @@ def coars_loss(model, tok, trajs, buffer, agent, reward_cfg, lam=0.1, baseline="
     if timing is not None:
         timing.update(teacher_s=t_teacher, student_s=t_student)
     flat = torch.cat(credits)
-    return total, dict(messages=len(msgs), reward=sum(rs_all) / len(rs_all), credit=float(flat.mean()),
-                       credit_abs=float(flat.abs().mean()))
+    stats = dict(messages=len(msgs), reward=sum(rs_all) / len(rs_all), credit=float(flat.mean()),
+                 credit_abs=float(flat.abs().mean()))
+    if kl:
+        stats["kl"] = kl_sum          # the penalty before its weight (per episode)
+    return total, stats

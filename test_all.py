@@ -13,6 +13,7 @@ HF_HUB_OFFLINE=1 is set for any Hugging Face code.
 import datetime
 import functools
 import json
+import math
 import os
 import subprocess
 import sys
@@ -1872,6 +1873,42 @@ def test_coars_loss_is_eq11_over_the_collected_messages(data):
     loss, st = distill.coars_loss(m, tok, trajs, buf, "user", {}, 0.1)
     assert loss.item() == 0.0 and loss.shape == () and st == dict(messages=0)
     assert distill.agent_objective([], [], []).item() == 0.0
+
+
+def test_user_kl_extension_adds_k3_against_the_base_and_leaves_the_adapter_active(data):
+    """--user-kl [ours, extension]: coars_loss(kl=b) = coars_loss(kl=0) + b * the mean over each
+    message's tokens of exp(base - agent) - (base - agent) - 1, the base taken with no adapter;
+    zero (with zero gradient) for an adapter that has not moved; in micro-batches the same."""
+    assert distill.kl_to_base([torch.log(torch.tensor([0.5]))], [torch.log(torch.tensor([0.25]))]).item() == \
+        pytest.approx(0.5 + math.log(2) - 1)                   # d = log 0.5: exp(d) - d - 1
+    tok, m, trajs = _rec_agent_and_episodes(data, 4, 2)
+    for p in m.adapter_parameters("rec"):          # an agent well away from the base
+        p.data.normal_(0, 0.3)
+    rcfg = dict(mode="interaction", alpha=0.1, use_filter=True)
+    buf = distill.ReferenceBuffer()
+    plain, _ = distill.coars_loss(m, tok, trajs, buf, "rec", rcfg, 0.1)
+    with_kl, st = distill.coars_loss(m, tok, trajs, buf, "rec", rcfg, 0.1, kl=0.3)
+    assert all(lin.active == "rec" for lin in m.lora_modules())
+    with torch.no_grad():
+        sp, ys, first = zip(*[(tr.turns[t].rec_prompt, tr.turns[t].rec_out, tok.answer_choices(tr))
+                              for tr in trajs for t, rr in enumerate(reward.turn_rewards(tr, **rcfg)) if rr[0] is not None])
+        s_lp = token_logprobs(m, sp, ys, tok.pad_id, first=first)
+        m.set_adapter(None)
+        b_lp = token_logprobs(m, sp, ys, tok.pad_id, first=first)
+        m.set_adapter("rec")
+        want = sum(((b - a).exp() - (b - a) - 1).mean() for a, b in zip(s_lp, b_lp)) / len(trajs)
+    assert want.item() > 1e-3 and st["kl"] == pytest.approx(want.item(), rel=1e-4)
+    assert with_kl.item() == pytest.approx(plain.item() + 0.3 * want.item(), abs=1e-5)
+    parts, st2 = distill.coars_loss(m, tok, trajs, buf, "rec", rcfg, 0.1, kl=0.3, micro=3, backward=True)
+    assert parts.item() == pytest.approx(with_kl.item(), abs=1e-5) and st2["kl"] == pytest.approx(st["kl"], rel=1e-4)
+    # an adapter that has not moved (B = 0) is the base: no penalty, no gradient from it
+    m.set_adapter("user")
+    user_msgs = [(tr.turns[t].user_prompt or tok.render_user(tr, t), tr.turns[t].user_out) for tr in trajs
+                 for t in range(len(tr.turns)) if tr.turns[t].user_out is not None]
+    s_lp = token_logprobs(m, [u for u, _ in user_msgs], [y for _, y in user_msgs], tok.pad_id)
+    pen = distill.kl_to_base(s_lp, [x.detach() for x in s_lp])
+    g = torch.autograd.grad(pen, m.adapter_parameters("user"), allow_unused=True)
+    assert pen.item() == 0 and all(x is None or float(x.abs().max()) == 0 for x in g)
 
 
 def test_collect_messages_balances_the_user_and_keeps_each_message_whole():

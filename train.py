@@ -158,7 +158,7 @@ def stage2(cfg, model, tok, data, device, run_dir, log, ck=None):
             with autocast(device, cfg.precision):   # back-propagates loss_batch messages at a time
                 loss, st = coars_loss(model, tok, trajs, buffer, agent, reward_cfg, cfg.lam, cfg.baseline, device,
                                       timing=timing, micro=loss_group(cfg), backward=True, n_episodes=cfg.batch,
-                                      free_answer=cfg.free_answer)
+                                      free_answer=cfg.free_answer, kl=cfg.user_kl if agent == "user" else 0.0)
             split["teacher_s"] += timing.get("teacher_s", 0.0)
             split["student_s"] += timing.get("student_s", 0.0)
             losses, stats = zip(*all_gather((loss.item(), st)))

@@ -77,6 +77,8 @@ def merge_stats(stats):
     for k in ("reward", "credit", "credit_abs"):
         if n:
             out[k] = sum(st.get(k, 0.0) * st["messages"] for st in stats) / n
+    if any("kl" in st for st in stats):    # each rank's part is already divided by the whole batch
+        out["kl"] = sum(st.get("kl", 0.0) for st in stats)
     return out
 
 
