@@ -1581,6 +1581,7 @@ VALIDATION_RULES = [
     (dict(pretrain_steps=-1), "--steps and --pretrain-steps cannot be negative"),
     (dict(batch=0), "--batch and --pretrain-batch must be at least 1"),
     (dict(lam=-0.1), "--lam must be >= 0"),
+    (dict(user_kl=-1.0), "--user-kl must be >= 0"),
     (dict(alpha=1.5), r"--alpha must be in \[0, 1\]"),
     (dict(temperature=0), "--temperature must be positive"),
     (dict(n_embd=130), "--n-embd must be a multiple of --n-head"),
