@@ -301,7 +301,8 @@ def rollout(model, tok, data, trajs, t_max=5, temperature=1.0, generator=None, d
         keys = [message_key(tr, 0) for tr in live] if generator is None else None
         first = None if free_answer else [tok.answer_choices(tr) for tr in live]
         if exclude_rejected and first is not None and not tok.chat:
-            first = [[tok.item(i) for i in tr.cands if i not in rejected_items(tr)] or ch for tr, ch in zip(live, first)]
+            rejected = [rejected_items(tr) for tr in live]
+            first = [[tok.item(i) for i in tr.cands if i not in r] or ch for tr, r, ch in zip(live, rejected, first)]
         outs = generate_all(model, prompts, tok.rec_max_new, tok, temperature, generator, device, batch, keys,
                             compile, first)
         for tr, p, o in zip(live, prompts, outs):
