@@ -144,7 +144,7 @@ class Config:
     user_kl: float = 0.0
     """[ours, extension] weight of a penalty keeping the UserAgent near the untrained one (distill.kl_to_base,
     an estimate of KL(user || base user) on its own messages); 0 = off, as in the paper. Measured with 1 on
-    Last.fm, 3 seeds: user F1 0.51-0.55 instead of 0.19, Hit@1 0.250 instead of 0.233 (docs/results.md)"""
+    Last.fm, 3 seeds: user F1 0.51-0.55 instead of 0.00-0.22, Hit@1 0.250 instead of 0.216 (docs/results.md)"""
     reward_mode: str = "interaction"
     """'interaction' (Eq. 7-8) or 'outcome' (final hit only, the ablation/baseline)"""
     train_rec: bool = True
