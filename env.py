@@ -266,9 +266,9 @@ def record_user(data, traj, tr):
     tr.peer_text, tr.q = peer_opinion(data, traj.user, tr.item)
 
 
-def rejected_items(traj):
-    """The items the user turned down (a valid skip or dislike) so far in this episode."""
-    return {t.item for t in traj.turns if t.user_valid and t.action not in POSITIVE}
+def rejected_items(turns):
+    """The items the user turned down (a valid skip or dislike) in these turns of an episode."""
+    return {t.item for t in turns if t.user_valid and t.action not in POSITIVE}
 
 
 def finish_turn(traj, tr, t_max):
@@ -301,7 +301,7 @@ def rollout(model, tok, data, trajs, t_max=5, temperature=1.0, generator=None, d
         keys = [message_key(tr, 0) for tr in live] if generator is None else None
         first = None if free_answer else [tok.answer_choices(tr) for tr in live]
         if exclude_rejected and first is not None and not tok.chat:
-            rejected = [rejected_items(tr) for tr in live]
+            rejected = [rejected_items(tr.turns) for tr in live]
             first = [[tok.item(i) for i in tr.cands if i not in r] or ch for tr, r, ch in zip(live, rejected, first)]
         outs = generate_all(model, prompts, tok.rec_max_new, tok, temperature, generator, device, batch, keys,
                             compile, first)

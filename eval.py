@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from env import (POSITIVE, Trajectory, Turn, generate_all, closest_history_item, new_trajectory,
-                 record_user, rollout)
+                 record_user, rejected_items, rollout)
 from model import causal_mask, logprobs_of, positions, token_logprobs
 
 # --------------------------------------------------------------------------------------------------
@@ -132,12 +132,7 @@ def repeats_rejected(traj):
     later = traj.turns[1:]
     if not later:
         return float("nan")
-    rejected, n = set(), 0
-    for k, tr in enumerate(traj.turns):
-        if k and tr.item is not None and tr.item in rejected:
-            n += 1
-        if tr.user_valid and tr.action not in POSITIVE:
-            rejected.add(tr.item)
+    n = sum(tr.item is not None and tr.item in rejected_items(traj.turns[:k]) for k, tr in enumerate(later, 1))
     return n / len(later)
 
 
