@@ -17,6 +17,7 @@ import torch
 
 from data.prepare import DataConfig, SOURCES, is_custom
 from data.sasrec import SASRecConfig
+from env import DECODING
 
 
 class UserError(Exception):
@@ -37,6 +38,10 @@ class Config:
     candidates: str = "random"
     """candidate lists: 'random' (target + 19 uniform non-history items, the AFL / LLaRA protocol) or 'sasrec'
     (SASRec's top 20, the target not forced in; the results print the ceiling)"""
+    train_prior: str = "crossfit"
+    """[ours] the SASRec behind the training samples' prior (and 'sasrec' candidates): 'crossfit' (trained on the other
+    half of the users, so the hint is no better on training samples than at test time) or 'full' (the one SASRec of
+    validation and test, which trained on those samples)"""
     sasrec_epochs: int = 20
     """SASRec training epochs"""
     # ---- run ----
@@ -128,9 +133,10 @@ class Config:
     """alpha, weight of the peer signal in Eq. 8"""
     stage_gamma: float = -1.0
     """D_t = stage_gamma^(t-1) in Eq. 7; negative = D_t = 1 [ours]"""
-    free_answer: bool = False
-    """decode the built-in RecAgent's item from the whole vocabulary, a non-candidate being an invalid message (default:
-    among the 20 candidates only, PAPER.md section 5)"""
+    decoding: str = "grammar"
+    """how messages are decoded [ours, PAPER.md section 5; env.py]: 'grammar' (each agent's message under its grammar,
+    valid by construction), 'item' (only the RecAgent's item restricted to the candidates: invalid messages happen,
+    the default before the grammar) or 'free' (nothing restricted). Sampling and every log-prob use the same support"""
     use_filter: bool = True
     """leave out turns with a wrong item that the user met positively"""
     user_filter: bool = True
@@ -162,6 +168,12 @@ class Config:
     """validation samples for the Hit@1 curve during stage 2"""
     eval_test_n: int = 0
     """final evaluation on this many test samples, a fixed random subset (0 = all)"""
+    eval_returns_n: int = 480
+    """stage-2 training samples on which the UserAgent's Eq. 8 return is set beside two constant users' (rolled
+    out as in training; 0 = skip)"""
+    sft_reference: bool = True
+    """train and evaluate the reference row 'SFT on stage-2 samples': a RecAgent adapter trained by cross-entropy on
+    the targets of the same samples with stage 2's budget (steps x batch, lr), paired with the untrained UserAgent"""
     n_boot: int = 1000
     """bootstrap resamples for the intervals"""
     skip_eval: bool = False
@@ -178,7 +190,8 @@ class Config:
 
     def data_config(self):
         return DataConfig(dataset=self.dataset, data_dir=self.data_dir, data_url=self.data_url,
-                          data_sha256=self.data_sha256, candidates=self.candidates, seed=self.seed,
+                          data_sha256=self.data_sha256, candidates=self.candidates, train_prior=self.train_prior,
+                          seed=self.seed,
                           sasrec=SASRecConfig(epochs=self.sasrec_epochs))
 
     def reward_options(self):
@@ -220,7 +233,9 @@ def validate(cfg: Config):
         (cfg.dataset in SOURCES or is_custom(cfg.dataset), f"unknown dataset {cfg.dataset!r}: choose one of "
                                                          f"{', '.join(sorted(SOURCES))}, or a folder path."),
         (cfg.candidates in ("sasrec", "random"), "--candidates must be 'sasrec' or 'random'."),
+        (cfg.train_prior in ("crossfit", "full"), "--train-prior must be 'crossfit' or 'full'."),
         (cfg.precision in ("auto", "bf16", "fp32"), "--precision must be 'auto', 'bf16' or 'fp32'."),
+        (cfg.decoding in DECODING, "--decoding must be 'grammar', 'item' or 'free'."),
         (cfg.reward_mode in ("interaction", "outcome"), "--reward-mode must be 'interaction' or 'outcome'."),
         (cfg.baseline in ("none", "mean"), "--baseline must be 'none' or 'mean'."),
         (cfg.device in ("auto", "cpu", "cuda") or cfg.device.startswith("cuda:"), "--device must be auto, cpu or cuda."),
@@ -242,7 +257,8 @@ def validate(cfg: Config):
         (0 <= cfg.dropout < 1, "--dropout must be in [0, 1)."),
         (cfg.stage2_last >= 1, "--stage2-last must be at least 1."),
         (cfg.lora_r >= 1, "--lora-r must be at least 1."),
-        (cfg.eval_test_n >= 0 and cfg.eval_valid_n >= 0, "--eval-test-n and --eval-valid-n cannot be negative."),
+        (cfg.eval_test_n >= 0 and cfg.eval_valid_n >= 0 and cfg.eval_returns_n >= 0,
+         "--eval-test-n, --eval-valid-n and --eval-returns-n cannot be negative."),
         (cfg.eval_every >= 0, "--eval-every cannot be negative (0 = never)."),
         (cfg.lr > 0 and cfg.pretrain_lr > 0, "--lr and --pretrain-lr must be positive."),
         (cfg.grad_clip > 0, "--grad-clip must be positive."),

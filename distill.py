@@ -24,6 +24,7 @@ import time
 
 import torch
 
+from env import message_grammar
 from model import token_logprobs
 from reward import turn_rewards
 
@@ -97,10 +98,10 @@ def kl_to_base(student_lp, base_lp, n_episodes=None):
     return total / (n_episodes or len(student_lp))
 
 
-def collect_messages(tok, trajs, buffer, agent, reward_cfg, free_answer=False):
-    """Gather one agent's trainable messages: (student prompt, teacher prompt, tokens, R_t, first),
-    first = the ids the message's first token was chosen among (the RecAgent's candidates; None =
-    the whole vocabulary), so that teacher and student score it over the policy's own support.
+def collect_messages(tok, trajs, buffer, agent, reward_cfg, decoding="grammar"):
+    """Gather one agent's trainable messages: (student prompt, teacher prompt, tokens, R_t, grammar),
+    grammar = the model.Grammar the message was decoded under (env.message_grammar; None = the whole
+    vocabulary), so that teacher and student score it over the policy's own support.
     reward_cfg: turn_rewards' options, plus user_balance (see balance_user)."""
     reward_cfg = dict(reward_cfg)
     user_balance = reward_cfg.pop("user_balance", False)
@@ -108,12 +109,13 @@ def collect_messages(tok, trajs, buffer, agent, reward_cfg, free_answer=False):
     for traj in trajs:
         rewards = turn_rewards(traj, **reward_cfg)
         ref = hindsight_reference(tok, buffer.reference_for(traj))
-        choices = None if free_answer else tok.answer_choices(traj)
         for t, (tr, (r_rec, r_user)) in enumerate(zip(traj.turns, rewards)):
             if agent == "rec" and r_rec is not None:
-                out.append((tr.rec_prompt, tok.render_rec(traj, t, ref), tr.rec_out, r_rec, choices))
+                out.append((tr.rec_prompt, tok.render_rec(traj, t, ref), tr.rec_out, r_rec,
+                            message_grammar(tok, traj, "rec", decoding)))
             if agent == "user" and r_user is not None:
-                out.append((tr.user_prompt, tok.render_user(traj, t, ref), tr.user_out, r_user, None))
+                out.append((tr.user_prompt, tok.render_user(traj, t, ref), tr.user_out, r_user,
+                            message_grammar(tok, traj, "user", decoding)))
                 hits.append(tr.hit)
     if agent == "user" and user_balance:
         out = [m[:3] + (r,) + m[4:] for m, r in zip(out, balance_user([m[3] for m in out], hits))]
@@ -137,7 +139,7 @@ def balance_user(rewards, hits):
 
 
 def coars_loss(model, tok, trajs, buffer, agent, reward_cfg, lam=0.1, baseline="none", device="cpu", timing=None,
-               micro=0, backward=False, n_episodes=None, free_answer=False, kl=0.0):
+               micro=0, backward=False, n_episodes=None, decoding="grammar", kl=0.0, temperature=1.0):
     """The loss of one agent on a batch of finished trajectories, and its statistics.
 
     The agent's adapter must be active. The teacher pass (reference in the prompt) runs without
@@ -149,11 +151,13 @@ def coars_loss(model, tok, trajs, buffer, agent, reward_cfg, lam=0.1, baseline="
     activations are alive. Eq. 11 / 12 is a sum over messages divided by the number of episodes,
     so the gradient is that of the whole batch (up to the order of floating-point sums); the
     returned loss is then detached. n_episodes: the episodes the expectation is over (default
-    len(trajs); under torchrun the whole batch, of which trajs is this rank's share). free_answer:
-    the RecAgent's item was decoded from the whole vocabulary (rollout(free_answer=True)).
+    len(trajs); under torchrun the whole batch, of which trajs is this rank's share). decoding: the
+    rollout's --decoding (env.py), so that every token is scored over the support it was drawn from;
+    temperature: the rollout's sampling temperature, so that the log-probs (teacher's, student's and
+    the base's alike) are those of the distribution the tokens were drawn from.
     kl > 0 [ours, extension]: adds kl * kl_to_base, the base's log-probs taken with no adapter active
     (one more pass without gradient); the agent's adapter is active again afterwards."""
-    msgs = collect_messages(tok, trajs, buffer, agent, reward_cfg, free_answer)
+    msgs = collect_messages(tok, trajs, buffer, agent, reward_cfg, decoding)
     if not msgs:
         return torch.zeros((), device=device), dict(messages=0)
     rs_all = [m[3] for m in msgs]
@@ -161,19 +165,20 @@ def coars_loss(model, tok, trajs, buffer, agent, reward_cfg, lam=0.1, baseline="
     step = micro if (micro and backward) else len(msgs)
     total, credits, t_teacher, t_student, kl_sum = 0.0, [], 0.0, 0.0, 0.0
     for s in range(0, len(msgs), step):
-        student_p, teacher_p, ys, rs, first = zip(*msgs[s:s + step])
+        student_p, teacher_p, ys, rs, grammar = zip(*msgs[s:s + step])
+        lp_opts = dict(grammar=grammar, temperature=temperature)
         t0 = time.perf_counter()
         with torch.no_grad():
-            t_lp = token_logprobs(model, teacher_p, ys, tok.pad_id, device, first=first) if lam else None
+            t_lp = token_logprobs(model, teacher_p, ys, tok.pad_id, device, **lp_opts) if lam else None
         t1 = time.perf_counter()
-        s_lp = token_logprobs(model, student_p, ys, tok.pad_id, device, first=first)
+        s_lp = token_logprobs(model, student_p, ys, tok.pad_id, device, **lp_opts)
         cr = [token_credit(t, s_) for t, s_ in zip(t_lp, s_lp)] if lam else [torch.zeros_like(x) for x in s_lp]
         # agent_objective divides by n_episodes, so the groups' losses add up to the whole loss
         loss = agent_objective(s_lp, list(rs), cr, lam, n_episodes=n_episodes or len(trajs), baseline=b)
         if kl:
             model.set_adapter(None)
             with torch.no_grad():
-                b_lp = token_logprobs(model, student_p, ys, tok.pad_id, device, first=first)
+                b_lp = token_logprobs(model, student_p, ys, tok.pad_id, device, **lp_opts)
             model.set_adapter(agent)
             pen = kl_to_base(s_lp, b_lp, n_episodes=n_episodes or len(trajs))
             loss = loss + kl * pen

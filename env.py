@@ -14,9 +14,17 @@ Message formats of the built-in model (token level; `tok.decode` shows them as t
 [ours] The RecAgent names its item by the item's own token, and the RecAgent prompt ENDS with the
 history, so the first answer token is predicted exactly where stage 1's next-item language model
 predicts the item after a history (pretrain.py): the base's knowledge of what users take next is
-the RecAgent's answer distribution. That item is decoded among the episode's 20 candidates only
-(PAPER.md section 5; rollout(free_answer=True) lifts the restriction, and then a non-candidate is
-an invalid message). The SASRec prior appears in turn 1 only (Trajectory.prior None: no hint).
+the RecAgent's answer distribution. The SASRec prior appears in turn 1 only (Trajectory.prior None:
+no hint).
+[ours] Messages are decoded under their grammar (PAPER.md section 5; model.Grammar), --decoding:
+  grammar  (default) RecAgent: ITEM among the 20 candidates, <|why|>, one history item, <|end|>;
+           UserAgent: ACTION, a score d.dd inside that action's interval, <|why|>, one history
+           item, <|end|>. Every message is valid by construction.
+  item     the RecAgent's ITEM among the candidates, every other token free (the default before the
+           grammar): invalid messages happen, more often at temperature 1 than greedily.
+  free     nothing restricted: a non-candidate item is an invalid message too.
+Sampling and every log-prob of the loss (distill.py) use the same restricted softmax: one place
+builds a message's grammar (message_grammar) and one decodes messages (write_messages).
 The UserAgent never sees the candidates or the target.
 Validity [ours]: a RecAgent message is valid when it is ITEM <|why|> ... <|end|> with ITEM among
 the candidates; a UserAgent message when it is ACTION d.dd <|why|> ... <|end|> with the score in
@@ -33,11 +41,13 @@ import numpy as np
 import tiktoken
 import torch
 
+from model import Grammar, first_token_grammar
 from sampling import generate, hash32
 
 ACTION_RANGE = {"dislike": (0.0, 0.25), "skip": (0.25, 0.5), "star": (0.5, 0.75), "click": (0.75, 1.0)}
 POSITIVE = ("click", "star")
 _SCORE = re.compile(r"^(0\.\d\d|1\.00)$")
+DECODING = ("grammar", "item", "free")      # --decoding (module docstring)
 
 
 def action_of_score(s):
@@ -207,6 +217,23 @@ class Tokenizer:
         return [self.item(i) for i in traj.cands]
 
     # ---------------------------------------------------------------------------------------------
+    # Grammars of the messages (model.Grammar; PAPER.md section 5, [ours])
+
+    def rec_grammar(self, traj, items=None):
+        """ITEM <|why|> RATIONALE <|end|>: ITEM among `items` (default the candidates), RATIONALE a
+        history item."""
+        return Grammar([[[self.item(i)] for i in (traj.cands if items is None else items)], [[self.sp("why")]],
+                        [[self.item(i)] for i in traj.hist], [[self.end_id]]])
+
+    def user_grammar(self, traj):
+        """ACTION d.dd <|why|> JUSTIFICATION <|end|>: the score inside the action's interval, the
+        justification a history item."""
+        if not hasattr(self, "_scores"):      # the 101 (action, score) heads, built once
+            self._scores = [[self.action_ids[action_of_score(k / 100)]] + self.text(f"{k / 100:.2f}")
+                            for k in range(101)]
+        return Grammar([self._scores, [[self.sp("why")]], [[self.item(i)] for i in traj.hist], [[self.end_id]]])
+
+    # ---------------------------------------------------------------------------------------------
     # Messages and their parsing
 
     def parse_rec(self, out, cands):
@@ -277,16 +304,46 @@ def finish_turn(traj, tr, t_max):
         traj.done = True
 
 
+def message_grammar(tok, traj, agent, decoding="grammar", items=None):
+    """The Grammar (model.Grammar) of the message `agent` ("rec" / "user") writes next in traj under
+    --decoding (module docstring), or None (unconstrained). items: the RecAgent's choices (default
+    the candidates). A chat model's format has no grammar yet (extras/chat.py): unconstrained."""
+    if decoding == "free" or tok.chat:
+        return None
+    if agent == "rec":
+        if decoding == "item":
+            return first_token_grammar([tok.item(i) for i in (traj.cands if items is None else items)])
+        return tok.rec_grammar(traj, items)
+    return tok.user_grammar(traj) if decoding == "grammar" else None
+
+
+def write_messages(model, tok, trajs, agent, adapter, prompts, temperature=0.0, generator=None, device="cpu",
+                   batch=256, compile=False, decoding="grammar", items=None):
+    """The one place a message is decoded: `agent` ("rec" / "user") writes its next message in each
+    trajectory from its prompt, under message_grammar, with the LoRA adapter `adapter` active (None:
+    the bare base; no adapter is active afterwards). Keyed sampling by message_key unless a torch
+    generator is given. items: per trajectory, the RecAgent's choices (None = the candidates).
+    Returns the messages (id lists)."""
+    model.set_adapter(adapter)
+    keys = [message_key(tr, 0 if agent == "rec" else 1) for tr in trajs] if generator is None else None
+    grammars = [message_grammar(tok, tr, agent, decoding, None if items is None else items[k])
+                for k, tr in enumerate(trajs)]
+    outs = generate_all(model, prompts, tok.rec_max_new if agent == "rec" else tok.user_max_new, tok, temperature,
+                        generator, device, batch, keys, compile, grammars)
+    model.set_adapter(None)
+    return outs
+
+
 @torch.no_grad()
 def rollout(model, tok, data, trajs, t_max=5, temperature=1.0, generator=None, device="cpu",
-            rec_adapter="rec", user_adapter="user", batch=256, compile=False, free_answer=False,
+            rec_adapter="rec", user_adapter="user", batch=256, compile=False, decoding="grammar",
             user=None, exclude_rejected=False):
     """Play every trajectory in trajs to its end. All live episodes take each turn together (one
     batched generate per agent per turn); finished ones drop out. Trajectories are filled in place
     and returned. Sampling is keyed by each trajectory's `key` (so an episode is the same in any
     batch); a torch `generator` instead draws for the whole batch at once. compile: generate's
-    decode steps through torch.compile (sampling.decoder). free_answer: the RecAgent's item is not
-    restricted to the candidates (a non-candidate is then an invalid message).
+    decode steps through torch.compile (sampling.decoder). decoding: "grammar", "item" or "free"
+    (module docstring).
     Two hooks for analysis only (extras/headroom.py; never used in training): user, a function
     (traj, turn) -> (action, score) that plays the user instead of the UserAgent (an oracle user);
     exclude_rejected, the RecAgent's item is decoded among the candidates the user has not turned
@@ -297,14 +354,11 @@ def rollout(model, tok, data, trajs, t_max=5, temperature=1.0, generator=None, d
             break
         # RecAgent writes m_rec for every live episode
         prompts = [tok.render_rec(tr, len(tr.turns)) for tr in live]
-        model.set_adapter(rec_adapter)
-        keys = [message_key(tr, 0) for tr in live] if generator is None else None
-        first = None if free_answer else [tok.answer_choices(tr) for tr in live]
-        if exclude_rejected and first is not None and not tok.chat:
-            rejected = [rejected_items(tr.turns) for tr in live]
-            first = [[tok.item(i) for i in tr.cands if i not in r] or ch for tr, r, ch in zip(live, rejected, first)]
-        outs = generate_all(model, prompts, tok.rec_max_new, tok, temperature, generator, device, batch, keys,
-                            compile, first)
+        items = None
+        if exclude_rejected and decoding != "free" and not tok.chat:
+            items = [[i for i in tr.cands if i not in rejected_items(tr.turns)] or tr.cands for tr in live]
+        outs = write_messages(model, tok, live, "rec", rec_adapter, prompts, temperature, generator, device, batch,
+                              compile, decoding, items)
         for tr, p, o in zip(live, prompts, outs):
             item = tok.parse_rec(o, tr.cands)
             tr.turns.append(Turn(rec_out=o, item=item, rec_valid=item is not None, rec_prompt=p))
@@ -320,10 +374,8 @@ def rollout(model, tok, data, trajs, t_max=5, temperature=1.0, generator=None, d
                 turn.user_valid = True
             answer = []
         prompts = [tok.render_user(tr, len(tr.turns) - 1) for tr in answer]
-        model.set_adapter(user_adapter)
-        keys = [message_key(tr, 1) for tr in answer] if generator is None else None
-        outs = generate_all(model, prompts, tok.user_max_new, tok, temperature, generator, device, batch,
-                            keys, compile) if prompts else []
+        outs = write_messages(model, tok, answer, "user", user_adapter, prompts, temperature, generator, device,
+                              batch, compile, decoding) if prompts else []
         for tr, p, o in zip(answer, prompts, outs):
             turn = tr.turns[-1]
             turn.user_out, turn.user_prompt = o, p
@@ -344,15 +396,15 @@ def message_key(traj, agent):
 
 
 def generate_all(model, prompts, max_new, tok, temperature, generator, device, batch, keys=None, compile=False,
-                 first=None):
+                 grammars=None):
     """generate() over any number of prompts, `batch` at a time, stopping at the end-of-message token;
-    first: per prompt, the ids its first token is chosen among (or None)."""
+    grammars: per prompt, the Grammar its message is decoded under (or None)."""
     out = []
     for s in range(0, len(prompts), batch):
         out += generate(model, prompts[s:s + batch], max_new, tok.pad_id, stop_ids=tok.stop_ids,
                         temperature=temperature, generator=generator, device=device,
                         keys=None if keys is None else keys[s:s + batch], compile=compile,
-                        first=None if first is None else first[s:s + batch])
+                        grammar=None if grammars is None else grammars[s:s + batch])
     return out
 
 

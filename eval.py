@@ -28,9 +28,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from env import (POSITIVE, Trajectory, Turn, generate_all, closest_history_item, new_trajectory,
-                 record_user, rejected_items, rollout)
+from data.prepare import stage2_rows
+from env import (POSITIVE, Trajectory, Turn, closest_history_item, new_trajectory, record_user, rejected_items,
+                 rollout, write_messages)
 from model import causal_mask, logprobs_of, positions, token_logprobs
+from reward import turn_rewards
 
 # --------------------------------------------------------------------------------------------------
 # Uncertainty
@@ -108,12 +110,12 @@ def baseline_hits(data, split, seed=0):
             "SASRec top-1": (getattr(data, f"{split}_prior") == target).astype(float)}
 
 
-def run_ars(model, tok, data, split, rows, adapters, t_max, device, batch=256, free_answer=False, **hooks):
+def run_ars(model, tok, data, split, rows, adapters, t_max, device, batch=256, decoding="grammar", **hooks):
     """Greedy episodes of the agent pair on the given samples -> per-sample metric arrays. hooks:
     rollout's analysis hooks (user, exclude_rejected; extras/headroom.py)."""
     trajs = [new_trajectory(data, split, r) for r in rows]
     rollout(model, tok, data, trajs, t_max=t_max, temperature=0.0, device=device,
-            rec_adapter=adapters[0], user_adapter=adapters[1], batch=batch, free_answer=free_answer, **hooks)
+            rec_adapter=adapters[0], user_adapter=adapters[1], batch=batch, decoding=decoding, **hooks)
     rec_n = np.array([len(tr.turns) for tr in trajs], float)
     rec_ok = np.array([sum(t.rec_valid for t in tr.turns) for tr in trajs], float)
     user_n = np.array([sum(t.user_out is not None for t in tr.turns) for tr in trajs], float)
@@ -218,9 +220,10 @@ def chat_candidate_scores_reference(model, tok, trajs, prompts, device):
 
 
 @torch.no_grad()
-def user_judgements(model, tok, data, adapter, device, batch=256, f1_rows=None):
+def user_judgements(model, tok, data, adapter, device, batch=256, f1_rows=None, decoding="grammar"):
     """The UserAgent judges each item of the F1 set (or its rows f1_rows) alone (empty memory, a
-    templated RecAgent message naming the item). Returns accept (bool array), valid (bool array)."""
+    templated RecAgent message naming the item), greedily under --decoding. Returns accept (bool
+    array), valid (bool array)."""
     trajs = []
     for r in (range(len(data.f1_item)) if f1_rows is None else f1_rows):
         h = data.f1_hist[r]
@@ -232,12 +235,54 @@ def user_judgements(model, tok, data, adapter, device, batch=256, f1_rows=None):
         record_user(data, tr, turn)
         trajs.append(tr)
     prompts = [tok.render_user(tr, 0) for tr in trajs]
-    model.set_adapter(adapter)
-    outs = generate_all(model, prompts, tok.user_max_new, tok, 0.0, None, device, batch)
-    model.set_adapter(None)
+    outs = write_messages(model, tok, trajs, "user", adapter, prompts, 0.0, None, device, batch, decoding=decoding)
     parsed = [tok.parse_user(o) for o in outs]
     return (np.array([p is not None and p[0] in POSITIVE for p in parsed]),
             np.array([p is not None for p in parsed]))
+
+
+# --------------------------------------------------------------------------------------------------
+# Reference rows [ours, PAPER.md section 6]: does the UserAgent game Eq. 8?
+
+CONSTANT_USERS = {"always click (1.00)": lambda traj, turn: ("click", 1.0),
+                  "always dislike (0.00)": lambda traj, turn: ("dislike", 0.0)}
+
+
+@torch.no_grad()
+def user_returns(model, tok, data, rows, keys, reward_cfg, t_max, device, rec_adapter="rec", temperature=1.0,
+                 decoding="grammar", batch=256, n_boot=1000, seed=0, users=(("trained UserAgent", "user"),
+                                                                            ("untrained UserAgent", None))):
+    """The UserAgent's Eq. 8 return per episode (the sum of its turns' R_user; left-out turns 0, an
+    invalid message -1) on stage-2 training samples, rolled out as in training (temperature,
+    keyed sampling with the given keys) against the RecAgent `rec_adapter`, for each user in
+    `users` (name, adapter) and for the two constant users of CONSTANT_USERS. A trained UserAgent
+    whose return is no higher than a constant's is gaming the reward, not judging. Returns
+    {name: {"mean", "lo", "hi"}} plus the share of turns each user accepted."""
+    out = {}
+    players = [(n, a, None) for n, a in users] + [(n, None, f) for n, f in CONSTANT_USERS.items()]
+    for name, adapter, script in players:
+        trajs = [new_trajectory(data, "train", r) for r in rows]
+        for tr, k in zip(trajs, keys):
+            tr.key = int(k)
+        rollout(model, tok, data, trajs, t_max=t_max, temperature=temperature, device=device, rec_adapter=rec_adapter,
+                user_adapter=adapter, batch=batch, decoding=decoding, user=script)
+        ret = [sum(r for _, r in turn_rewards(tr, **reward_cfg) if r is not None) for tr in trajs]
+        answered = [t for tr in trajs for t in tr.turns if t.user_valid]
+        mu, lo, hi = mean_ci(ret, n_boot, seed)
+        out[name] = dict(mean=mu, lo=lo, hi=hi, accept=float(np.mean([t.action in POSITIVE for t in answered]))
+                         if answered else float("nan"), train_hit=float(np.mean([tr.hit for tr in trajs])))
+    model.set_adapter(None)
+    return out
+
+
+def user_returns_table(ret):
+    """Markdown lines of user_returns' result."""
+    lines = ["| UserAgent, on stage-2 samples at the training temperature | Eq. 8 return per episode [95% CI] | "
+             "accepts | Hit@1 |", "|---|---|---|---|"]
+    for name, r in ret.items():
+        lines.append(f"| {name} | {r['mean']:+.3f} [{r['lo']:+.3f}, {r['hi']:+.3f}] | {r['accept']:.2f} | "
+                     f"{r['train_hit']:.3f} |")
+    return lines
 
 
 # --------------------------------------------------------------------------------------------------
@@ -246,7 +291,7 @@ def user_judgements(model, tok, data, adapter, device, batch=256, f1_rows=None):
 
 def evaluate(model, tok, data, split="test", t_max=5, device="cpu", n_boot=1000, seed=0,
              agents=(("Memory-based ARS", (None, None)), ("CoARS", ("rec", "user"))), log=print, max_samples=0,
-             per_sample=False, free_answer=False):
+             per_sample=False, decoding="grammar"):
     """Evaluate the baselines and each agent pair in `agents` on a split. Returns a results dict
     (JSON-ready) with per-method metrics and intervals, and paired comparisons to the last pair.
     max_samples > 0 evaluates a fixed random subset of the split (the same for every method).
@@ -273,13 +318,14 @@ def evaluate(model, tok, data, split="test", t_max=5, device="cpu", n_boot=1000,
     for name, adapters in agents:
         log(f"evaluating {name} on {len(rows)} {split} samples")
         _, m = run_ars(model, tok, data, split, rows, adapters, t_max, device, batch=tok.eval_batch,
-                       free_answer=free_answer)
+                       decoding=decoding)
         m.update(rank_metrics(model, tok, data, split, rows, adapters[0], device, batch=tok.eval_batch))
         if not tok.chat:          # what the RecAgent knows of the user by itself (one more pass per sample)
             m["HR@1 no hint"] = rank_metrics(model, tok, data, split, rows, adapters[0], device, ks=(1,),
                                              batch=tok.eval_batch, hint=False)["HR@1"]
         per[name] = m
-        f1_preds[name] = user_judgements(model, tok, data, adapters[1], device, batch=tok.eval_batch, f1_rows=f1_rows)
+        f1_preds[name] = user_judgements(model, tok, data, adapters[1], device, batch=tok.eval_batch, f1_rows=f1_rows,
+                                         decoding=decoding)
     for name, m in per.items():
         r = {}
         for k, v in m.items():
@@ -320,6 +366,32 @@ def evaluate(model, tok, data, split="test", t_max=5, device="cpu", n_boot=1000,
     return res
 
 
+def evaluate_run(cfg, model, tok, data, device, log=print):
+    """The test evaluation of a finished run (train.py's, and eval.py's again): Random, Pop, SASRec
+    top-1, the memory-based ARS, the reference row 'SFT on stage-2 samples' when the model has
+    that adapter (train.sft_reference), CoARS; then the UserAgent's Eq. 8 return beside the
+    constant users' on --eval-returns-n stage-2 samples (user_returns)."""
+    agents = [("Memory-based ARS", (None, None))]
+    if model.has_adapter("sft"):
+        agents.append(("SFT on stage-2 samples", ("sft", None)))
+    agents.append(("CoARS", ("rec", "user")))
+    res = evaluate(model, tok, data, "test", cfg.t_max, device, cfg.n_boot, cfg.seed, agents=tuple(agents),
+                   max_samples=cfg.eval_test_n, decoding=cfg.decoding, log=log)
+    if cfg.eval_returns_n:
+        rows, keys = returns_sample(cfg, data)
+        res["user_returns"] = user_returns(model, tok, data, rows, keys, cfg.reward_options(), cfg.t_max, device,
+                                           temperature=cfg.temperature, decoding=cfg.decoding, batch=tok.eval_batch,
+                                           n_boot=cfg.n_boot, seed=cfg.seed)
+    return res
+
+
+def returns_sample(cfg, data):
+    """(rows, keys): a fixed random subset of --eval-returns-n stage-2 samples and their episode keys."""
+    rng = np.random.default_rng(cfg.seed + 7)
+    rows = rng.permutation(stage2_rows(data, cfg.stage2_last))[:cfg.eval_returns_n]
+    return rows, rng.integers(0, 1 << 31, len(rows))
+
+
 def _fmt(d, key):
     if key not in d:
         return "-"
@@ -350,6 +422,9 @@ def results_table(res):
               "", "| paired difference | mean | 95% CI |", "|---|---|---|"]
     for k, v in res["paired"].items():
         lines.append(f"| {k} | {v['mean']:+.4f} | [{v['lo']:+.4f}, {v['hi']:+.4f}] |")
+    if res.get("user_returns"):
+        lines += ["", "Constant users against the trained RecAgent (a trained UserAgent that earns no more than a "
+                  "constant is gaming Eq. 8):", ""] + user_returns_table(res["user_returns"])
     return "\n".join(lines)
 
 
@@ -373,7 +448,14 @@ def main(argv=None):
         cfg, model, tok, data = load_run(Path(a.run), a.device)
     except UserError as e:
         sys.exit(f"error: {e}")
-    res = evaluate(model, tok, data, a.split, cfg.t_max, device_of(a.device), cfg.n_boot, cfg.seed, max_samples=a.max_samples)
+    device = device_of(a.device)
+    if a.split == "test" and not a.max_samples:
+        res = evaluate_run(cfg, model, tok, data, device)
+    else:
+        agents = (("Memory-based ARS", (None, None)),) + ((("SFT on stage-2 samples", ("sft", None)),)
+                                                          if model.has_adapter("sft") else ()) + (("CoARS", ("rec", "user")),)
+        res = evaluate(model, tok, data, a.split, cfg.t_max, device, cfg.n_boot, cfg.seed, agents=agents,
+                       max_samples=a.max_samples, decoding=cfg.decoding)
     write_results(res, a.run)
     print(results_table(res))
 

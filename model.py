@@ -7,6 +7,8 @@ What is here (the built-in tokenizer is the message format's vocabulary: env.Tok
     agent is the base plus its own adapter; with no adapter active the model is the base.
   - GPT.decode: one generation step with fixed shapes (static KV cache), which sampling.py's
     generate() runs, eagerly or through torch.compile.
+  - Grammar: the tokens a message may hold at each position [ours, PAPER.md section 5]; sampling
+    and every log-prob use the softmax restricted to them (restricted_logprobs).
   - token_logprobs(): per-token log-probs of given completion tokens, the quantity every loss in
     CoARS needs (Eq. 10-12). The output head runs only on the scored positions and the
     log-sum-exp is taken in row chunks with a hand-written backward, so no float32
@@ -138,6 +140,10 @@ class Adapters:
 
     def lora_modules(self):
         return [m for m in self.modules() if isinstance(m, LoRALinear)]
+
+    def has_adapter(self, name):
+        mods = self.lora_modules()
+        return bool(mods) and name in mods[0].adapters
 
     def set_adapter(self, name):
         """Activate adapter `name` ("rec" / "user") or None for the bare base model."""
@@ -332,56 +338,162 @@ def pack(prompts, completions, pad_id):
     return idx, valid, score
 
 
-def restricted_logprobs(hidden, weight, allowed, targets):
+# --------------------------------------------------------------------------------------------------
+# Grammars [ours, PAPER.md section 5]. A message is a sequence of parts; each part is a prefix-free
+# set of token sequences (stored as a trie of nested dicts), or FREE (any tokens until a stop id, to the end of
+# the message). The built-in RecAgent's grammar is four one-token parts: its item among the 20
+# candidates, <|why|>, a history item, <|end|> (env.Tokenizer.rec_grammar). allowed(prefix) is the
+# one definition of a position's support: sampling.generate and every log-prob here read it.
+
+FREE = None
+
+
+def trie(seqs):
+    """Nested dicts over token sequences; a leaf is {}. The set must be prefix-free (so a part ends
+    exactly where one of its sequences does); repeats are fine."""
+    root = {}
+    seqs = [tuple(int(t) for t in s) for s in seqs]
+    if not seqs or not all(seqs):
+        raise ValueError("a grammar part needs at least one sequence, none of them empty")
+    for sq in seqs:
+        node = root
+        for t in sq[:-1]:
+            if t in node and not node[t]:
+                raise ValueError(f"grammar part is not prefix-free: a sequence ends inside {sq}")
+            node = node.setdefault(t, {})
+        if node.get(sq[-1]):
+            raise ValueError(f"grammar part is not prefix-free: {sq} is the start of another sequence")
+        node[sq[-1]] = {}
+    return root
+
+
+class Grammar:
+    """The messages an agent may write: parts in order, each a list of token sequences or FREE.
+    allowed(prefix) -> the ids that may come next after `prefix` (a list of ids the message holds
+    so far), in the order the part lists them; None where any token may (a FREE part); a prefix
+    the grammar cannot produce is an error."""
+
+    def __init__(self, parts):
+        self.parts = [FREE if p is FREE else trie(p) for p in parts]
+
+    def __eq__(self, other):
+        return isinstance(other, Grammar) and self.parts == other.parts
+
+    __hash__ = None
+
+    def allowed(self, prefix):
+        k, node = 0, self.parts[0]
+        for t in prefix:
+            if node is FREE:
+                return None
+            node = node.get(int(t))
+            if node is None:
+                raise ValueError(f"token {int(t)} at position {len(prefix)} is outside the message's grammar")
+            if not node:                    # a part is complete: the next one starts
+                k += 1
+                if k == len(self.parts):
+                    return []               # the message is complete
+                node = self.parts[k]
+        return None if node is FREE else list(node)
+
+
+def first_token_grammar(ids):
+    """Only the first token restricted (to ids), the rest free: the RecAgent's item among the
+    candidates, the message otherwise unconstrained (--decoding item)."""
+    return Grammar([[[int(i)] for i in ids], FREE])
+
+
+def row_grammars(grammar, first, B):
+    """generate()'s per-row grammars: `grammar` as given, or first_token_grammar of each row's
+    `first` ids (rows whose entry is None: unconstrained); None when no row is restricted."""
+    if grammar is None and first is not None:
+        grammar = [None if f is None else first_token_grammar(f) for f in first]
+    if grammar is None or all(g is None for g in grammar):
+        return None
+    assert len(grammar) == B, "one grammar (or None) per prompt"
+    return list(grammar)
+
+
+def restricted_logprobs(hidden, weight, allowed, targets, keep=None, temperature=1.0):
     """log-softmax over the `allowed` tokens only, at the target: hidden (M,C), weight (V,C), allowed
     (M,K) token ids (each row's choices, e.g. the 20 candidates' item tokens), targets (M,) -> (M,).
-    This is the distribution the built-in RecAgent decodes its item from (PAPER.md section 5, [ours]):
-    a target outside its row's allowed ids gets -inf. Float32 logits, as logprobs_of."""
+    keep (M,K) bool marks the real entries of rows padded to K (None = all). This is the
+    distribution a message's token is sampled from under its grammar (sampling.Grammar, PAPER.md
+    section 5, [ours]), at the sampling temperature: logits / temperature. A target outside its
+    row's allowed ids gets -inf. Float32 logits, as logprobs_of."""
     with torch.autocast(hidden.device.type, enabled=False):
         acc = _acc(hidden.dtype)
-        z = torch.einsum("mc,mkc->mk", hidden.to(acc), weight[allowed].to(acc))          # (M,K)
-        hit = allowed == targets[:, None]                                                 # (M,K)
+        z = torch.einsum("mc,mkc->mk", hidden.to(acc), weight[allowed].to(acc)) / temperature   # (M,K)
+        if keep is not None:
+            z = z.masked_fill(~keep, float("-inf"))
+        hit = (allowed == targets[:, None]) & (True if keep is None else keep)                # (M,K)
         return z.masked_fill(~hit, float("-inf")).logsumexp(1) - z.logsumexp(1)
 
 
-def token_logprobs(model, prompts, completions, pad_id, device="cpu", chunk=1024, first=None):
+def row_supports(grammars, completions):
+    """Per pair b and completion position n, the ids grammars[b] allows there
+    (grammars[b].allowed(completions[b][:n]); None = the whole vocabulary): the support that
+    sampling.generate drew each token from."""
+    out = []
+    for g, c in zip(grammars, completions):
+        out.append([None] * len(c) if g is None else [g.allowed(c[:n]) for n in range(len(c))])
+    return out
+
+
+def token_logprobs(model, prompts, completions, pad_id, device="cpu", chunk=1024, first=None, grammar=None,
+                   temperature=1.0):
     """log pi(y_n | x, y_<n) for every completion token, fast path.
 
-    prompts, completions: lists of id lists. first: optional list, one entry per pair, of the ids
-    its FIRST completion token is chosen among (None = the whole vocabulary): the built-in
-    RecAgent's item is decoded among the candidates only, so its policy, teacher and student
-    log-probs are all taken over that restricted softmax (restricted_logprobs). Returns a list of
-    1-D tensors (one per pair, length len(completion)), differentiable w.r.t. the model's trainable
-    parameters. The head runs only on the N scored positions (not on every prompt position):
-    (N,C) @ (C,V) in chunks."""
+    prompts, completions: lists of id lists. grammar: optional list, one per pair, of the
+    sampling.Grammar its completion was decoded under (None = the whole vocabulary): every token is
+    scored over the restricted softmax generate() drew it from (restricted_logprobs), so policy,
+    teacher and student log-probs share the policy's support. first: per pair, the ids its first
+    token was chosen among (shorthand for sampling.first_token_grammar). temperature: the
+    sampling temperature; the log-probs are those of softmax(logits / temperature), the
+    distribution the tokens were drawn from. Returns a list of 1-D tensors (one per pair, length
+    len(completion)), differentiable w.r.t. the model's trainable parameters. The head runs only
+    on the N scored positions (not on every prompt position): (N,C) @ (C,V) in chunks."""
     idx, valid, score = (t.to(device) for t in pack(prompts, completions, pad_id))
     h = model(idx, positions(valid), causal_mask(valid))                 # (B,T,C)
     hs, tgt = h[score], idx[:, 1:][score[:, :-1]]                         # (N,C), (N,) the y_n, row-major
+    if temperature != 1.0:
+        hs = hs / temperature                                             # logits / T, as sample_next
     lp = logprobs_of(hs, model.head_weight, tgt, chunk)                   # (N,)
     lens = [len(c) for c in completions]
-    if first is not None and any(f is not None for f in first):
-        starts = torch.tensor([0] + lens[:-1], device=device).cumsum(0)   # (B,) row of each y_0
-        pick = [b for b, f in enumerate(first) if f is not None]
-        rows = starts[pick]                                               # (M,)
-        allowed = torch.tensor([list(first[b]) for b in pick], device=device)   # (M,K)
-        lp = lp.index_put((rows,), restricted_logprobs(hs[rows], model.head_weight, allowed, tgt[rows]).to(lp.dtype))
+    grammar = row_grammars(grammar, first, len(prompts))
+    if grammar is not None:
+        supports = [a for row in row_supports(grammar, completions) for a in row]   # (N,) lists or None
+        rows = [n for n, a in enumerate(supports) if a is not None]
+        if rows:
+            K = max(len(supports[n]) for n in rows)
+            allowed = torch.tensor([supports[n] + [0] * (K - len(supports[n])) for n in rows], device=device)
+            keep = torch.tensor([[k < len(supports[n]) for k in range(K)] for n in rows], device=device)
+            rows = torch.tensor(rows, device=device)                      # (M,)
+            # hs is already divided by the temperature
+            lp = lp.index_put((rows,), restricted_logprobs(hs[rows], model.head_weight, allowed, tgt[rows],
+                                                           keep).to(lp.dtype))
     return list(lp.split(lens))
 
 
-def token_logprobs_reference(model, prompts, completions, pad_id, device="cpu", first=None):
-    """Plain reference for token_logprobs: each pair alone, full float64 log_softmax, gather; with
-    first, the first token's logits outside its allowed ids set to -inf before the softmax."""
+def token_logprobs_reference(model, prompts, completions, pad_id, device="cpu", first=None, grammar=None,
+                             temperature=1.0):
+    """Plain reference for token_logprobs: each pair alone, full float64 log_softmax of logits / T,
+    gather; under a grammar, the logits outside each position's allowed ids set to -inf first."""
+    grammar = row_grammars(grammar, first, len(prompts)) or [None] * len(prompts)
     out = []
     for b, (p, c) in enumerate(zip(prompts, completions)):
         s = torch.tensor([list(p) + list(c)], device=device)
         valid = torch.ones_like(s, dtype=torch.bool)
         h = model(s, positions(valid), causal_mask(valid))[0]           # (T,C)
-        logits = h.double() @ model.head_weight.double().t()             # (T,V)
+        logits = h.double() @ model.head_weight.double().t() / temperature   # (T,V)
         logits = logits[len(p) - 1:-1].clone()                           # rows predicting y_n
-        if first is not None and first[b] is not None:
-            keep = torch.zeros(logits.shape[1], dtype=torch.bool, device=device)
-            keep[list(first[b])] = True
-            logits[0] = logits[0].masked_fill(~keep, float("-inf"))
+        if grammar[b] is not None:
+            for n in range(len(c)):
+                support = grammar[b].allowed(c[:n])
+                if support is not None:
+                    keep = torch.zeros(logits.shape[1], dtype=torch.bool, device=device)
+                    keep[support] = True
+                    logits[n] = logits[n].masked_fill(~keep, float("-inf"))
         lp = torch.log_softmax(logits, dim=-1)
         out.append(lp.gather(1, torch.tensor(c, device=device)[:, None])[:, 0])
     return out

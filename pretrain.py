@@ -17,6 +17,11 @@ What stage 1 trains on, every step (one batch):
     took next. The UserAgent judges an item: positive (click / star) for the user's real next item
     or one of its near-future items, negative (skip / dislike) for a random item. Half of the
     dialogues carry a hindsight reference (distill.py) in the prompt, so the teacher can read one.
+    [ours] With a reference in the prompt, only the target is positive (a near-future item is
+    then negative): the reference names the target, the teacher's judgement is the one Eq. 8
+    rewards (accepting the target, sigma = +1; accepting any other item, sigma = -1), and the
+    student prompt, without a reference, keeps PAPER.md section 5's rule (near-future items
+    positive).
 Samples [ours]: the last --stage2-last training samples of each user are stage 2's (stage2_rows);
 stage 1 sees each user's training part without those targets, so stage 2 does not replay answers
 stage 1 memorised. Stage 1 stops on validation: every --pretrain-eval-every steps the RecAgent's
@@ -40,6 +45,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from data.prepare import stage2_rows  # noqa: F401  (train.py and the tests take it from here too)
 from distill import hindsight_reference
 from env import (ACTION_RANGE, Turn, closest_history_item, finish_turn, new_trajectory, record_user)
 from eval import rank_metrics
@@ -50,14 +56,6 @@ from model import build_model, causal_mask, freeze, logprobs_of, pack, positions
 
 # --------------------------------------------------------------------------------------------------
 # Which samples belong to which stage
-
-
-def stage2_rows(data, n_last):
-    """Rows of the training split that stage 2 trains on: each user's last n_last training samples.
-    (data/prepare.py writes the training rows user by user, each user's in time order.)"""
-    u = data.train_user                                                   # (N,) sorted
-    last_row = np.searchsorted(u, u, side="right") - 1                    # (N,) last row of each row's user
-    return np.flatnonzero(last_row - np.arange(len(u)) < n_last)
 
 
 def stage1_parts(data, n_last):

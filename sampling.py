@@ -10,6 +10,11 @@ What is here:
     (model.decode) has fixed shapes, so it can run through torch.compile (compile=True).
   - generate_nocache(): the plain reference, one prompt at a time and a full forward per token; the
     tests check generate() against it token for token, compiled or not.
+  - decoding under a grammar [ours, PAPER.md section 5] (model.Grammar: which tokens may come next
+    in one message, given what it holds so far): generate() samples each token from the softmax restricted to those tokens, and
+    model.token_logprobs() scores every token over the same restricted softmax (policy, teacher,
+    student, base), so a message decoded under its grammar is valid by construction and RL's
+    gradient falls on the decisions (which item, which action and score), not on the format.
 
 Shapes in comments: B batch, T time, C channels, V vocab.
 """
@@ -18,7 +23,7 @@ import weakref
 
 import torch
 
-from model import GPT, causal_mask, positions
+from model import GPT, causal_mask, positions, row_grammars
 
 
 # Keyed sampling [ours]. An episode's random draws depend only on its own key and the token's step,
@@ -58,6 +63,31 @@ def sample_next(logits, temperature, generator=None, keys=None, step=0):
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
 
+def grammar_mask(grammars, prefixes, V, device, done=None):
+    """(B,V) bool, True where row b's next token may be drawn: grammars[b].allowed(prefixes[b]); rows
+    whose grammar is None, whose support is FREE, or that are done, may draw any token. None when no
+    row is restricted."""
+    if grammars is None or all(g is None for g in grammars):
+        return None
+    mask = torch.ones(len(grammars), V, dtype=torch.bool, device=device)
+    rows, cols = [], []
+    for b, (g, pre) in enumerate(zip(grammars, prefixes)):
+        if g is None or (done is not None and done[b]):
+            continue
+        a = g.allowed(pre)
+        if a is None:
+            continue
+        if not a:
+            raise ValueError("a message is complete under its grammar but generation did not stop: end the "
+                             "grammar with a stop token")
+        rows += [b] * len(a)
+        cols += a
+        mask[b] = False
+    if rows:
+        mask[torch.tensor(rows, device=device), torch.tensor(cols, device=device)] = True
+    return mask
+
+
 _COMPILED = weakref.WeakKeyDictionary()      # model -> its compiled decode step
 
 
@@ -89,7 +119,7 @@ class CompileError(RuntimeError):
 
 @torch.no_grad()
 def generate(model, prompts, max_new, pad_id, stop_ids=(), temperature=1.0, generator=None,
-             device="cpu", allowed=None, keys=None, compile=False, first=None):
+             device="cpu", allowed=None, keys=None, compile=False, first=None, grammar=None):
     """Sample completions for a batch of prompts with a KV cache (the built-in GPT's is static,
     model.new_cache; a Hugging Face model's is its own cache object).
 
@@ -98,9 +128,10 @@ def generate(model, prompts, max_new, pad_id, stop_ids=(), temperature=1.0, gene
     output) or after max_new tokens. allowed: optional (V,) bool mask of tokens that may be sampled.
     keys: optional list of per-row ints for keyed sampling (see sample_next). compile: run the
     decode steps through torch.compile (built-in GPT only; same tokens, see decoder()). first:
-    optional list, per row, of the ids its first token is drawn among (None = any): the built-in
-    RecAgent's item among its candidates (model.token_logprobs scores the same restriction).
-    Returns a list of id lists."""
+    optional list, per row, of the ids its first token is drawn among (None = any), a shorthand for
+    model.first_token_grammar. grammar: optional list, per row, of a Grammar (None = unconstrained):
+    each token is drawn from the softmax restricted to grammar.allowed(what the row wrote so far),
+    the support model.token_logprobs scores the same token over. Returns a list of id lists."""
     B = len(prompts)
     P = max(len(p) for p in prompts)
     Tmax = P + max_new
@@ -124,16 +155,21 @@ def generate(model, prompts, max_new, pad_id, stop_ids=(), temperature=1.0, gene
     done = torch.zeros(B, dtype=torch.bool, device=device)
     stop = torch.tensor(list(stop_ids) or [-1], device=device)
     head_t = model.head_weight.t()                                       # normalised once, not per step
-    first = first_token_mask(first, B, head_t.shape[1], device)          # (B,V) bool or None
+    grammar = row_grammars(grammar, first, B)
+    written = [[] for _ in range(B)]                                     # each row's tokens so far (grammar)
     for t in range(max_new):
         logits = (last @ head_t).float()                                 # (B,V) head on last only
         if allowed is not None:
             logits = logits.masked_fill(~allowed, float("-inf"))
-        if t == 0 and first is not None:
-            logits = logits.masked_fill(~first, float("-inf"))
+        gmask = grammar_mask(grammar, written, logits.shape[1], device, done.tolist())   # (B,V) or None
+        if gmask is not None:
+            logits = logits.masked_fill(~gmask, float("-inf"))
         tok = sample_next(logits, temperature, generator, keys, t)
         tok = torch.where(done, torch.full_like(tok, pad_id), tok)
         toks[:, t] = tok
+        if grammar is not None:
+            for b, v in enumerate(tok.tolist()):
+                written[b].append(v)
         lens += ~done
         done = done | torch.isin(tok, stop)
         if t == max_new - 1 or bool(done.all()):
@@ -145,24 +181,14 @@ def generate(model, prompts, max_new, pad_id, stop_ids=(), temperature=1.0, gene
     return [row[:n] for row, n in zip(toks.tolist(), lens.tolist())]
 
 
-def first_token_mask(first, B, V, device):
-    """(B,V) bool: True where row b's first token may be drawn (rows whose entry is None: all)."""
-    if first is None or all(f is None for f in first):
-        return None
-    mask = torch.ones(B, V, dtype=torch.bool, device=device)
-    for b, f in enumerate(first):
-        if f is not None:
-            mask[b] = False
-            mask[b, list(f)] = True
-    return mask
-
-
 @torch.no_grad()
 def generate_nocache(model, prompts, max_new, pad_id, stop_ids=(), temperature=1.0, generator=None,
-                     device="cpu", allowed=None, keys=None, first=None):
+                     device="cpu", allowed=None, keys=None, first=None, grammar=None):
     """Plain reference for generate(): one prompt at a time, full forward at every step, no cache.
-    With temperature 0, or with keys, it must give exactly generate()'s tokens."""
+    With temperature 0, or with keys, it must give exactly generate()'s tokens. A grammar's support
+    is applied as a plain -inf mask over the row's allowed ids."""
     out = []
+    grammar = row_grammars(grammar, first, len(prompts)) or [None] * len(prompts)
     for b, p in enumerate(prompts):
         seq = list(p)
         res = []
@@ -174,9 +200,10 @@ def generate_nocache(model, prompts, max_new, pad_id, stop_ids=(), temperature=1
             logits = (h @ model.head_weight.t()).float()[None]
             if allowed is not None:
                 logits = logits.masked_fill(~allowed, float("-inf"))
-            if n == 0 and first is not None and first[b] is not None:
+            support = None if grammar[b] is None else grammar[b].allowed(res)
+            if support is not None:
                 keep = torch.zeros_like(logits, dtype=torch.bool)
-                keep[0, list(first[b])] = True
+                keep[0, support] = True
                 logits = logits.masked_fill(~keep, float("-inf"))
             tok = int(sample_next(logits, temperature, generator, key, n)[0])
             res.append(tok)

@@ -10,6 +10,7 @@ Nothing here touches the network: datasets are generated, zipped and served thro
 HF_HUB_OFFLINE=1 is set for any Hugging Face code.
 """
 
+import dataclasses
 import datetime
 import functools
 import json
@@ -42,7 +43,8 @@ from data.prepare import DataConfig, DataError, prepare  # noqa: E402
 from data.sasrec import SASRecConfig  # noqa: E402
 from data.synthetic import make_ml1m_zip  # noqa: E402
 from env import Tokenizer  # noqa: E402
-from model import GPT, GPTConfig, logprobs_of, token_logprobs, token_logprobs_reference  # noqa: E402
+from model import (GPT, GPTConfig, causal_mask, logprobs_of, positions, token_logprobs,  # noqa: E402
+                   token_logprobs_reference)
 from sampling import generate, generate_nocache  # noqa: E402
 
 
@@ -210,10 +212,12 @@ def test_teacher_prompt_differs_from_student_only_by_reference(data):
     for agent in ("rec", "user"):
         msgs = distill.collect_messages(tok, [tr], buf, agent, dict(use_filter=False))
         assert msgs
-        for student, teacher, _, _, first in msgs:
+        for student, teacher, ys, _, grammar in msgs:
             k = student.index(tok.sp("hist"))           # the reference goes right before the history
             assert teacher == student[:k] + ref + student[k:]
-            assert first == ([tok.item(c) for c in tr.cands] if agent == "rec" else None)
+            # the grammar the message was decoded under: the candidates first, or the four actions
+            assert grammar.allowed([]) == sorted(tok.item(c) for c in tr.cands) if agent == "rec" else \
+                grammar.allowed([]) == sorted(tok.action_ids.values())
 
 
 # --------------------------------------------------------------------------------------------------
@@ -277,11 +281,18 @@ def test_peer_signal_q():
     assert (turn.peer_text, turn.q) == ("2/3 3.0", pytest.approx(0.4))
 
 
+def _first_ids(grammar):
+    """The ids each row's first token may be chosen among under its grammar (None: any), for the
+    stand-ins of sampling.generate below."""
+    return [None if g is None else g.allowed([]) for g in grammar]
+
+
 def _scripted_generate(rec_item_index, action, score):
     """A stand-in for sampling.generate that writes fixed valid messages (to test the loop alone):
     the RecAgent names its rec_item_index-th candidate (one of the ids it may choose among)."""
     def fake(model, prompts, max_new, pad_id, stop_ids=(), temperature=1.0, generator=None, device="cpu", allowed=None,
-             keys=None, compile=False, first=None):
+             keys=None, compile=False, first=None, grammar=None):
+        first = _first_ids(grammar) if grammar is not None else first
         tok = fake.tok
         outs = []
         for b, p in enumerate(prompts):
@@ -329,7 +340,9 @@ def test_rollout_analysis_hooks_oracle_user_and_excluding_rejected_items(data, m
     seen = []
 
     def fake(model, prompts, max_new, pad_id, stop_ids=(), temperature=1.0, generator=None, device="cpu", allowed=None,
-             keys=None, compile=False, first=None):
+             keys=None, compile=False, first=None, grammar=None):
+
+        first = _first_ids(grammar) if grammar is not None else first
         outs = []
         for b, p in enumerate(prompts):
             if p[0] == tok.sp("rec"):
@@ -432,6 +445,139 @@ def test_restricted_decoding_names_only_candidates_and_matches_its_reference():
     # by hand: the restricted log-prob is log softmax over the 20 candidates' logits
     z = ev.next_token_scores(m, prompts[:1], [first[0]], tok.pad_id)[0].double()
     assert float(fast[0][0].detach()) == pytest.approx(float(torch.log_softmax(z, 0)[3]), abs=1e-5)
+
+
+def test_grammar_decoding_never_writes_an_invalid_message_and_scores_over_the_same_support(data):
+    """PAPER.md section 5, [ours]: both built-in agents' messages decoded under their grammar are
+    valid at temperature 1 (random weights: without the grammar they almost never are), the KV-cache
+    generate matches the no-cache reference token for token, and token_logprobs under the grammar
+    equals a plain float64 log_softmax with every position's disallowed logits at -inf."""
+    tok = Tokenizer(data.n_items)
+    m = tiny_model(tok.vocab_size)
+    trajs = [env.new_trajectory(data, "train", r) for r in range(12)]
+    for tr in trajs:                                     # a valid turn for the user to answer
+        tr.turns.append(env.Turn(rec_out=tok.rec_message(tr.cands[0], tr.hist[0]), item=tr.cands[0], rec_valid=True))
+        env.record_user(data, tr, tr.turns[0])
+    for agent, render, parse in (("rec", lambda tr: tok.render_rec(tr, 0), lambda o, tr: tok.parse_rec(o, tr.cands)),
+                                 ("user", lambda tr: tok.render_user(tr, 0), lambda o, tr: tok.parse_user(o))):
+        prompts = [render(tr) for tr in trajs]
+        grammars = [env.message_grammar(tok, tr, agent) for tr in trajs]
+        max_new = tok.rec_max_new if agent == "rec" else tok.user_max_new
+        outs = []
+        for rep in range(8):
+            keys = [1000 * rep + k for k in range(len(trajs))]
+            o = generate(m, prompts, max_new, tok.pad_id, tok.stop_ids, temperature=1.0, keys=keys, grammar=grammars)
+            assert o == generate_nocache(m, prompts, max_new, tok.pad_id, tok.stop_ids, temperature=1.0, keys=keys,
+                                         grammar=grammars)
+            outs += o
+            for msg, tr in zip(o, trajs):
+                assert parse(msg, tr) is not None, (agent, tok.decode(msg))
+                assert msg[-2] in [tok.item(i) for i in tr.hist]          # rationale / justification: a history item
+        if agent == "user":                  # every action and many scores are reachable
+            assert {tok.parse_user(o)[0] for o in outs} == set(env.ACTION_RANGE)
+        free = generate(m, prompts, max_new, tok.pad_id, tok.stop_ids, temperature=1.0, keys=list(range(len(trajs))))
+        assert sum(parse(o, tr) is not None for o, tr in zip(free, trajs)) <= 2   # the grammar does the work
+        # every position scored over the support it was drawn from (float64 reference)
+        ys = outs[:len(trajs)]
+        fast = token_logprobs(m, prompts, ys, tok.pad_id, grammar=grammars)
+        ref = token_logprobs_reference(m, prompts, ys, tok.pad_id, grammar=grammars)
+        for f, r, y, g, pr in zip(fast, ref, ys, grammars, prompts):
+            assert torch.allclose(f.double(), r, atol=1e-5)
+            # by hand at each position: the support's logits, log_softmax, the sampled token
+            seq = torch.tensor([pr + y])
+            ok = torch.ones_like(seq, dtype=torch.bool)
+            logits = m(seq, positions(ok), causal_mask(ok))[0].double() @ m.head_weight.double().t()
+            for n in range(len(y)):
+                support = g.allowed(y[:n])
+                z = logits[len(pr) - 1 + n, support]
+                want = torch.log_softmax(z, 0)[support.index(y[n])]
+                assert float(f[n]) == pytest.approx(float(want), abs=1e-5)
+                if len(support) == 1:         # a forced token (<|why|>, <|end|>, '.'): no choice, no gradient
+                    assert float(f[n]) == 0.0
+
+
+def test_grammar_parts_are_prefix_free_and_refuse_what_they_cannot_produce():
+    from model import Grammar, FREE
+    g = Grammar([[[1, 2], [1, 3], [4]], [[9]], FREE])
+    assert g.allowed([]) == [1, 4] and g.allowed([1]) == [2, 3] and g.allowed([1, 3]) == [9]
+    assert g.allowed([4, 9]) is None and g.allowed([4, 9, 77, 5]) is None     # a free part: anything
+    assert Grammar([[[1]], [[2]]]).allowed([1, 2]) == []                     # complete
+    with pytest.raises(ValueError, match="outside the message's grammar"):
+        g.allowed([2])
+    with pytest.raises(ValueError, match="prefix-free"):
+        Grammar([[[1], [1, 2]]])
+    with pytest.raises(ValueError, match="prefix-free"):
+        Grammar([[[1, 2], [1]]])
+    # every score of the UserAgent's grammar lies in its action's interval, and every such score is there
+    tok = Tokenizer(30)
+    tr = env.Trajectory("test", 0, 0, [1, 2, 3], 4, list(range(5, 25)), 5)
+    heads = set()
+    for a in env.ACTIONS:
+        for c1 in tok.user_grammar(tr).allowed([tok.action_ids[a]]):
+            for c2 in tok.user_grammar(tr).allowed([tok.action_ids[a], c1]):
+                for c3 in tok.user_grammar(tr).allowed([tok.action_ids[a], c1, c2]):
+                    for c4 in tok.user_grammar(tr).allowed([tok.action_ids[a], c1, c2, c3]):
+                        text = bytes([c1, c2, c3, c4]).decode()
+                        assert env.score_fits(a, float(text)), (a, text)
+                        heads.add((a, text))
+    assert len(heads) == 101 and ("click", "1.00") in heads and ("skip", "0.25") in heads
+
+
+def test_logprobs_at_the_sampling_temperature_are_log_softmax_of_logits_over_t(data):
+    """Eq. 10-12's log-probs are those of the distribution the tokens were sampled from: at
+    temperature T, log_softmax(logits / T), with and without a grammar."""
+    tok = Tokenizer(data.n_items)
+    m = tiny_model(tok.vocab_size)
+    trajs = [env.new_trajectory(data, "train", r) for r in range(4)]
+    prompts = [tok.render_rec(tr, 0) for tr in trajs]
+    ys = [tok.rec_message(tr.cands[k], tr.hist[-1]) for k, tr in enumerate(trajs)]
+    grammars = [env.message_grammar(tok, tr, "rec") for tr in trajs]
+    for T in (0.5, 1.0, 1.7):
+        fast = token_logprobs(m, prompts, ys, tok.pad_id, temperature=T)
+        fast_g = token_logprobs(m, prompts, ys, tok.pad_id, temperature=T, grammar=grammars)
+        ref_g = token_logprobs_reference(m, prompts, ys, tok.pad_id, temperature=T, grammar=grammars)
+        for f, fg, rg, p, y, g in zip(fast, fast_g, ref_g, prompts, ys, grammars):
+            seq = torch.tensor([p + y])
+            ok = torch.ones_like(seq, dtype=torch.bool)
+            logits = (m(seq, positions(ok), causal_mask(ok))[0].double() @ m.head_weight.double().t())[len(p) - 1:-1]
+            want = torch.log_softmax(logits / T, -1).gather(1, torch.tensor(y)[:, None])[:, 0]
+            assert torch.allclose(f.double(), want, atol=1e-5)
+            cands = g.allowed([])
+            want0 = torch.log_softmax(logits[0, cands] / T, 0)[cands.index(y[0])]
+            assert float(fg[0]) == pytest.approx(float(want0), abs=1e-5) and torch.allclose(fg.double(), rg, atol=1e-5)
+        if T != 1.0:                           # the temperature changes them (the test can fail)
+            assert not torch.allclose(fast[0], token_logprobs(m, prompts, ys, tok.pad_id)[0], atol=1e-3)
+
+
+def test_train_prior_option_changes_the_training_prior_only(synth, tmp_path):
+    """--train-prior: 'crossfit' and 'full' give the training samples other SASRec priors, while
+    validation and test (candidates and prior) and the random candidate lists stay the same."""
+    d = {}
+    for opt in ("crossfit", "full"):
+        cfg = DataConfig(dataset="ml-1m", data_dir=str(tmp_path / opt), data_url=synth["url"],
+                         data_sha256=synth["sha"], sasrec=SASRecConfig(epochs=2), train_prior=opt)
+        d[opt] = prepare(cfg, log=lambda *a: None)
+    a, b = d["crossfit"], d["full"]
+    for split in ("valid", "test"):
+        assert np.array_equal(getattr(a, f"{split}_prior"), getattr(b, f"{split}_prior"))
+        assert np.array_equal(getattr(a, f"{split}_cands"), getattr(b, f"{split}_cands"))
+    assert np.array_equal(a.train_cands, b.train_cands)
+    assert (a.train_prior != b.train_prior).mean() > 0.05
+    # 'full' scores the training samples with the SASRec they trained on: its prior is the better one there
+    assert b.meta["prior_hit"]["train"] >= a.meta["prior_hit"]["train"]
+    with pytest.raises(DataError, match="--train-prior"):
+        prepare(dataclasses.replace(cfg, train_prior="half"), log=lambda *a: None)
+
+
+def test_user_f1_set_covers_every_test_user(data):
+    """PAPER.md section 6: the F1 set has every test user, each with as many negatives as positives,
+    the positives its real future (the validation and test items, or the test item alone)."""
+    assert set(data.f1_user.tolist()) == set(data.test_user.tolist())
+    for u in set(data.test_user.tolist()):
+        lab = data.f1_label[data.f1_user == u]
+        assert lab.sum() == (lab == 0).sum() >= 1
+        r = int(np.flatnonzero(data.test_user == u)[0])
+        assert int(data.test_target[r]) in data.f1_item[(data.f1_user == u) & (data.f1_label == 1)].tolist()
 
 
 def test_stage1_and_stage2_samples_are_disjoint(data):
@@ -634,7 +780,7 @@ def test_mean_baseline_is_subtracted(data):
         mean, _ = distill.coars_loss(m, tok, trajs, distill.ReferenceBuffer(), "rec", rcfg, 0.0, "mean")
         msgs = distill.collect_messages(tok, trajs, distill.ReferenceBuffer(), "rec", rcfg)
         lps = model_mod.token_logprobs(m, [x[0] for x in msgs], [x[2] for x in msgs], tok.pad_id,
-                                       first=[x[4] for x in msgs])
+                                       grammar=[x[4] for x in msgs])
     b = st["reward"]
     assert abs(b) > 0.01
     assert (mean - none).item() == pytest.approx(b * sum(float(x.mean()) for x in lps) / len(trajs), rel=1e-4)
@@ -664,7 +810,9 @@ def test_hit_at_1_counts_an_invalid_final_answer_as_a_miss(data, monkeypatch):
     targets = {tuple(data.test_hist[r][data.test_hist[r] >= 0].tolist()): int(data.test_target[r]) for r in rows}
 
     def fake(model, prompts, max_new, pad_id, stop_ids=(), temperature=1.0, generator=None, device="cpu",
-             allowed=None, keys=None, compile=False, first=None):
+             allowed=None, keys=None, compile=False, first=None, grammar=None):
+
+        first = _first_ids(grammar) if grammar is not None else first
         outs = []
         for p in prompts:
             if p[0] == tok.sp("rec"):
@@ -808,7 +956,9 @@ def test_evaluate_end_to_end_with_known_answers(data, monkeypatch):
     liked = set(data.test_target.tolist())
 
     def fake(model, prompts, max_new, pad_id, stop_ids=(), temperature=1.0, generator=None, device="cpu",
-             allowed=None, keys=None, compile=False, first=None):
+             allowed=None, keys=None, compile=False, first=None, grammar=None):
+
+        first = _first_ids(grammar) if grammar is not None else first
         outs = []
         for p in prompts:
             if p[0] == tok.sp("rec"):
@@ -822,7 +972,6 @@ def test_evaluate_end_to_end_with_known_answers(data, monkeypatch):
                 outs.append(tok.user_message(*(("click", 0.9) if item in liked else ("skip", 0.3)), 0))
         return outs
     monkeypatch.setattr(env, "generate", fake)
-    monkeypatch.setattr(ev, "generate_all", lambda model, prompts, *a, **k: fake(model, prompts, 0, 0))
     res = ev.evaluate(m, tok, data, "test", t_max=4, n_boot=50, log=lambda *a: None,
                       agents=(("CoARS", ("rec", "user")),))
     got = res["methods"]["CoARS"]
@@ -1571,6 +1720,8 @@ def test_out_of_memory_in_rollout_halves_the_micro_batch(small_run, tmp_path, ca
 VALIDATION_RULES = [
     (dict(dataset="ml-2m"), "unknown dataset 'ml-2m'"),
     (dict(candidates="best"), "--candidates must be 'sasrec' or 'random'"),
+    (dict(train_prior="half"), "--train-prior must be 'crossfit' or 'full'"),
+    (dict(decoding="json"), "--decoding must be 'grammar', 'item' or 'free'"),
     (dict(precision="fp16"), "--precision must be 'auto', 'bf16' or 'fp32'"),
     (dict(reward_mode="best"), "--reward-mode must be 'interaction' or 'outcome'"),
     (dict(baseline="median"), "--baseline must be 'none' or 'mean'"),
@@ -1590,7 +1741,7 @@ VALIDATION_RULES = [
     (dict(pretrain_patience=-1), "--pretrain-eval-every and --pretrain-patience cannot be negative"),
     (dict(dropout=1.0), r"--dropout must be in \[0, 1\)"),
     (dict(lora_r=0), "--lora-r must be at least 1"),
-    (dict(eval_test_n=-1), "--eval-test-n and --eval-valid-n cannot be negative"),
+    (dict(eval_returns_n=-1), "--eval-test-n, --eval-valid-n and --eval-returns-n cannot be negative"),
     (dict(eval_every=-1), "--eval-every cannot be negative"),
     (dict(lr=0), "--lr and --pretrain-lr must be positive"),
     (dict(grad_clip=0), "--grad-clip must be positive"),
@@ -1768,17 +1919,18 @@ def test_show_and_interactive_on_a_run(synth, tmp_path, capsys, monkeypatch):
     text = "\n".join(lines)
     assert text.count("=== conversation") == 2 and "history: " in text and "(TARGET)" in text
     assert sum(len(t.turns) for t in trajs) == text.count("RecAgent:") and "rewards: Rec" in text
-    # the RecAgent of so short a run writes invalid messages: let it name candidate 3, so that the
-    # person is asked (the dialogue logic is what is tested here)
+    assert all(t.rec_valid and (t.user_out is None or t.user_valid) for tr in trajs for t in tr.turns)
+    # the real trained RecAgent (no stand-in): decoded under its grammar, as in rollouts, so even
+    # this short a run writes a valid message naming a candidate, and the person is asked
     _, _, tok, _ = load_run(tmp_path / "o" / "r")
-    monkeypatch.setattr(viewer, "generate", lambda m, prompts, *a, **k: [
-        [prompts[0][2 + 3], tok.sp("why"), tok.item(0), tok.end_id] for _ in prompts])   # the 4th candidate
-    answers = iter(["maybe", "click", "2", "0.9", "1"] * 10)
+    answers = iter(["maybe", "skip", "2", "0.3", "1"] * 2 + ["click", "0.9", "0"] * 10)
     said = []
     tr = viewer.interactive(tmp_path / "o" / "r", ask=lambda q: next(answers), out=said.append, seed=0)
     assert "please type one of" in "\n".join(said) and "a number in the action's interval" in "\n".join(said)
-    assert len(tr.turns) == 1 and tr.turns[0].action == "click" and tr.turns[0].score == 0.9   # a click ends it
-    assert tr.turns[0].item == tr.cands[3] and tr.done and "conversation over" in said[-1]
+    assert "(an invalid message" not in "\n".join(said)
+    assert all(t.rec_valid and t.item in tr.cands for t in tr.turns) and tr.turns[0].action == "skip"
+    assert tr.turns[-1].action == "click" and tr.done and "conversation over" in said[-1]
+    assert all(env.message_grammar(tok, tr, "rec").allowed(t.rec_out) == [] for t in tr.turns)   # whole messages
     # extras/headroom.py on the same run: 8 rows; with the oracle user a right first pick is always
     # kept (final Hit@1 >= turn-1 Hit@1), and with the exclusion no turned-down item is named again
     from extras import headroom
@@ -1840,18 +1992,29 @@ def test_coars_loss_is_eq11_over_the_collected_messages(data):
     given; its statistics and timing describe exactly that; no messages -> (0, messages 0)."""
     tok, m, trajs = _rec_agent_and_episodes(data, 4, 1)
     buf = distill.ReferenceBuffer()
-    for rcfg, lam, free in ((dict(mode="interaction", alpha=0.1, use_filter=True), 0.5, False),
-                            (dict(mode="outcome"), 0.1, False), (dict(mode="interaction"), 0.1, True)):
+    for rcfg, lam, dec in ((dict(mode="interaction", alpha=0.1, use_filter=True), 0.5, "grammar"),
+                           (dict(mode="outcome"), 0.1, "item"), (dict(mode="interaction"), 0.1, "free")):
         timing = {}
         loss, st = distill.coars_loss(m, tok, trajs, buf, "rec", rcfg, lam, device="cpu", timing=timing,
-                                      free_answer=free)
+                                      decoding=dec)
         with torch.no_grad():
             sp, tp, ys, rs, first = zip(*[(tr.turns[t].rec_prompt, tok.render_rec(tr, t, distill.hindsight_reference(tok, tr)),
-                                          tr.turns[t].rec_out, rr[0], None if free else tok.answer_choices(tr))
+                                          tr.turns[t].rec_out, rr[0], None if dec == "free" else tok.answer_choices(tr))
                                          for tr in trajs for t, rr in enumerate(reward.turn_rewards(tr, **rcfg))
                                          if rr[0] is not None])
-            s_lp = token_logprobs(m, sp, ys, tok.pad_id, first=first)
-            t_lp = token_logprobs(m, tp, ys, tok.pad_id, first=first)
+            hist = [[tok.item(i) for i in tr.hist] for tr in trajs for t, rr in enumerate(reward.turn_rewards(tr, **rcfg))
+                    if rr[0] is not None]
+            s_lp = token_logprobs_reference(m, sp, ys, tok.pad_id, first=first)
+            t_lp = token_logprobs_reference(m, tp, ys, tok.pad_id, first=first)
+            if dec == "grammar":     # by hand: the rationale among the history items; <|why|>, <|end|> forced (0)
+                for lps, p_, y, h in ((s_lp, sp, ys, hist), (t_lp, tp, ys, hist)):
+                    for k in range(len(y)):
+                        z = (lambda q: m(q, positions(torch.ones_like(q, dtype=torch.bool)),
+                                         causal_mask(torch.ones_like(q, dtype=torch.bool)))[0, -1].double()
+                             @ m.head_weight.double().t())(torch.tensor([list(p_[k]) + y[k][:2]]))
+                        lps[k][2] = torch.log_softmax(z[h[k]], 0)[h[k].index(y[k][2])]
+                        lps[k][1] = lps[k][3] = 0.0
+            s_lp, t_lp = [x.float() for x in s_lp], [x.float() for x in t_lp]
             cr = [(t - s_).clamp(-1, 1) for t, s_ in zip(t_lp, s_lp)]
             want = -sum(((r + lam * a) * lp).sum() / len(lp) for lp, r, a in zip(s_lp, rs, cr)) / len(trajs)
         assert loss.item() == pytest.approx(want.item(), abs=1e-5), (rcfg, lam, free)
@@ -1861,8 +2024,8 @@ def test_coars_loss_is_eq11_over_the_collected_messages(data):
         assert st["credit_abs"] == pytest.approx(float(flat.abs().mean()), abs=1e-6) and st["credit_abs"] > 1e-4
         assert 0 <= timing["teacher_s"] and 0 <= timing["student_s"] and timing["teacher_s"] + timing["student_s"] < 60
     # the restricted and the free support give different credits, so the test above can tell them apart
-    assert distill.coars_loss(m, tok, trajs, buf, "rec", {}, 0.1, free_answer=True)[0].item() != pytest.approx(
-        distill.coars_loss(m, tok, trajs, buf, "rec", {}, 0.1)[0].item(), abs=1e-5)
+    losses = [distill.coars_loss(m, tok, trajs, buf, "rec", {}, 0.1, decoding=d)[0].item() for d in env.DECODING]
+    assert len({round(x, 5) for x in losses}) == 3
     # whole batch back-propagated at once (micro = 0) = the same loss
     m.zero_grad()
     assert distill.coars_loss(m, tok, trajs, buf, "rec", {}, 0.1, backward=True)[0].item() == pytest.approx(
@@ -1891,11 +2054,11 @@ def test_user_kl_extension_adds_k3_against_the_base_and_leaves_the_adapter_activ
     with_kl, st = distill.coars_loss(m, tok, trajs, buf, "rec", rcfg, 0.1, kl=0.3)
     assert all(lin.active == "rec" for lin in m.lora_modules())
     with torch.no_grad():
-        sp, ys, first = zip(*[(tr.turns[t].rec_prompt, tr.turns[t].rec_out, tok.answer_choices(tr))
-                              for tr in trajs for t, rr in enumerate(reward.turn_rewards(tr, **rcfg)) if rr[0] is not None])
-        s_lp = token_logprobs(m, sp, ys, tok.pad_id, first=first)
+        sp, ys, g = zip(*[(tr.turns[t].rec_prompt, tr.turns[t].rec_out, env.message_grammar(tok, tr, "rec"))
+                          for tr in trajs for t, rr in enumerate(reward.turn_rewards(tr, **rcfg)) if rr[0] is not None])
+        s_lp = token_logprobs(m, sp, ys, tok.pad_id, grammar=g)
         m.set_adapter(None)
-        b_lp = token_logprobs(m, sp, ys, tok.pad_id, first=first)
+        b_lp = token_logprobs(m, sp, ys, tok.pad_id, grammar=g)
         m.set_adapter("rec")
         want = sum(((b - a).exp() - (b - a) - 1).mean() for a, b in zip(s_lp, b_lp)) / len(trajs)
     assert want.item() > 1e-3 and st["kl"] == pytest.approx(want.item(), rel=1e-4)
@@ -2117,7 +2280,9 @@ def test_hf_model_runs_the_whole_pipeline(synth, tmp_path, tiny_hf, capsys, monk
     real_generate = env.generate
 
     def scripted(model, prompts, max_new, pad_id, stop_ids=(), temperature=1.0, generator=None, device="cpu",
-                 allowed=None, keys=None, compile=False, first=None):
+                 allowed=None, keys=None, compile=False, first=None, grammar=None):
+
+        first = _first_ids(grammar) if grammar is not None else first
         assert first is None or all(f is None for f in first)     # a chat model writes titles: no restriction
         tok = scripted.tok
         outs = []
@@ -2295,8 +2460,10 @@ def test_published_split_trains_on_train_users_only_with_the_listed_candidates(t
                 assert cands == lists[users[u]]                                # exactly, in order
             else:
                 assert s[-1] in cands and len(set(cands)) == 20 and not set(cands) & set(s[-11:-1])
-    # the F1 set: valid users, their held-out (last) item as the positive
-    assert {users[u] for u in d.f1_user} == {u for u, r in role.items() if r == "valid"}
+    # the F1 set: every test user, its held-out (last) item as the positive
+    assert {users[u] for u in d.f1_user} == {u for u, r in role.items() if r == "test"}
+    assert all(int(d.f1_item[k]) == int(d.test_target[d.test_user == d.f1_user[k]][0])
+               for k in np.flatnonzero(d.f1_label == 1))
     # and stage 2 trains on train users only
     assert {users[u] for u in d.train_user[pretrain.stage2_rows(d, 3)]} <= {u for u, r in role.items() if r == "train"}
 

@@ -40,14 +40,15 @@ from tqdm import tqdm
 from config import Config, UserError, add_config_args, config_from, lora_targets, loss_group, validate
 from data.prepare import DataError, prepare, probe_writable
 from distill import ReferenceBuffer, coars_loss
-from env import new_trajectory, rollout
-from eval import evaluate, results_table, run_ars, write_results
+from env import closest_history_item, message_grammar, new_trajectory, rollout
+from eval import evaluate_run, results_table, run_ars, write_results
 from extras.checkpoint import (CKPT_NAMES, STOP, BadSteps, Stopped, buffer_state, check_bad_streak, data_fingerprint,
                                finite, load_checkpoint, log_jsonl, metrics_lines, plain_progress, rng_state,
                                save_checkpoint, set_buffer_state, set_rng_state, truncate_metrics)
 from extras.distributed import all_gather, all_reduce_grads, barrier, dist_info, init_distributed, merge_stats
 from extras.runs import chat_backbone
 from env import Tokenizer
+from model import token_logprobs
 from pretrain import autocast, stage1, stage2_rows, warmup
 from sampling import CompileError
 
@@ -158,7 +159,8 @@ def stage2(cfg, model, tok, data, device, run_dir, log, ck=None):
             with autocast(device, cfg.precision):   # back-propagates loss_batch messages at a time
                 loss, st = coars_loss(model, tok, trajs, buffer, agent, reward_cfg, cfg.lam, cfg.baseline, device,
                                       timing=timing, micro=loss_group(cfg), backward=True, n_episodes=cfg.batch,
-                                      free_answer=cfg.free_answer, kl=cfg.user_kl if agent == "user" else 0.0)
+                                      decoding=cfg.decoding, kl=cfg.user_kl if agent == "user" else 0.0,
+                                      temperature=cfg.temperature)
             split["teacher_s"] += timing.get("teacher_s", 0.0)
             split["student_s"] += timing.get("student_s", 0.0)
             losses, stats = zip(*all_gather((loss.item(), st)))
@@ -197,9 +199,9 @@ def stage2(cfg, model, tok, data, device, run_dir, log, ck=None):
                    tokens_per_s=round(n_tok / max(time.time() - t0, 1e-9)))
         if lead and cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
             _, m = run_ars(model, tok, data, "valid", valid_rows, ("rec", "user"), cfg.t_max, device, batch=tok.eval_batch,
-                           free_answer=cfg.free_answer)
+                           decoding=cfg.decoding)
             _, mt = run_ars(model, tok, data, "train", train_check, ("rec", "user"), cfg.t_max, device,
-                            batch=tok.eval_batch, free_answer=cfg.free_answer)
+                            batch=tok.eval_batch, decoding=cfg.decoding)
             rec["valid_hit"], rec["train_greedy_hit"] = float(m["hit"].mean()), float(mt["hit"].mean())
             log(f"step {step}: greedy Hit@1 validation {rec['valid_hit']:.4f}, stage-2 training samples "
                 f"{rec['train_greedy_hit']:.4f} ({len(valid_rows)} samples each)")
@@ -218,6 +220,72 @@ def stage2(cfg, model, tok, data, device, run_dir, log, ck=None):
     if lead:
         save_adapters(model, cfg, run_dir / "coars.pt")
     return model
+
+
+# --------------------------------------------------------------------------------------------------
+# Reference rows [ours, PAPER.md section 6]
+
+
+def stage2_draws(cfg, data):
+    """(rows, keys) of every stage-2 step, as stage2() draws them from its seed: the samples an
+    SFT reference trains on and the keys of their episodes."""
+    seed = cfg.stage2_seed if cfg.stage2_seed >= 0 else cfg.seed
+    rng = np.random.default_rng(seed + 1)
+    train_rows = stage2_rows(data, cfg.stage2_last)
+    out = []
+    for _ in range(cfg.steps):
+        rows = train_rows[rng.integers(0, len(train_rows), cfg.batch)]
+        out.append((rows, rng.integers(0, 1 << 31, cfg.batch)))
+    return out
+
+
+def sft_reference(cfg, model, tok, data, device, log=print):
+    """The reference row 'SFT on stage-2 samples' (PAPER.md section 6, [ours]): a third adapter,
+    "sft", trained by cross-entropy on the RecAgent's turn-1 message naming the target (rationale:
+    the closest history item) for exactly the samples stage 2 draws, with stage 2's budget (steps,
+    batch, optimiser, learning rate, clipping). Its log-probs are taken under the message's grammar,
+    the policy's own support. What those samples can teach the RecAgent at all: an RL gain on them
+    is read against it. The base stays frozen; model has the adapter afterwards."""
+    seed = cfg.stage2_seed if cfg.stage2_seed >= 0 else cfg.seed
+    torch.manual_seed(seed)
+    model.add_lora(("sft",), r=cfg.lora_r, alpha=cfg.lora_alpha, targets=lora_targets(cfg))
+    params = model.adapter_parameters("sft")
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(params, lr=cfg.lr)
+    model.set_adapter("sft")
+    t0, losses = time.time(), []
+    for rows, _ in stage2_draws(cfg, data):
+        trajs = [new_trajectory(data, "train", r) for r in rows]
+        prompts = [tok.render_rec(tr, 0) for tr in trajs]
+        answers = [tok.rec_message(tr.target, closest_history_item(data, tr.hist, tr.target)) for tr in trajs]
+        grammars = [message_grammar(tok, tr, "rec", cfg.decoding) for tr in trajs]
+        keep = [k for k, tr in enumerate(trajs) if tr.target in tr.cands]      # --candidates sasrec: not always
+        if not keep:
+            continue
+        with autocast(device, cfg.precision):
+            lp = token_logprobs(model, [prompts[k] for k in keep], [answers[k] for k in keep], tok.pad_id, device,
+                                grammar=[grammars[k] for k in keep])
+            loss = -torch.stack([x.sum() for x in lp]).mean()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(float(loss))
+    model.set_adapter(None)
+    for p in params:
+        p.requires_grad_(False)
+    log(f"SFT reference: {len(losses)} steps in {time.time() - t0:.0f} s, loss {np.mean(losses[:5]):.3f} -> "
+        f"{np.mean(losses[-5:]):.3f}" if losses else "SFT reference: no step (no target among the candidates)")
+    return model
+
+
+def final_evaluation(cfg, model, tok, data, device, log=print):
+    """The test evaluation of a finished run, with the reference rows (eval.evaluate_run): the SFT
+    reference is trained first (--sft-reference) and saved with the run's adapters."""
+    if cfg.sft_reference and cfg.steps and not cfg.model and not model.has_adapter("sft"):
+        sft_reference(cfg, model, tok, data, device, log)
+    return evaluate_run(cfg, model, tok, data, device, log)
 
 
 def clip_agent(params, max_norm, ok=True):
@@ -246,7 +314,7 @@ def rollout_with_retry(model, tok, data, rows, keys, cfg, device, micro, log):
             tr.key = int(k)
         try:
             rollout(model, tok, data, trajs, t_max=cfg.t_max, temperature=cfg.temperature, device=device,
-                    batch=micro, compile=cfg.compile, free_answer=cfg.free_answer)
+                    batch=micro, compile=cfg.compile, decoding=cfg.decoding)
             return trajs, micro
         except CompileError as e:
             raise UserError(str(e))
@@ -331,8 +399,8 @@ def main(argv=None):
     t_s2 = time.time()
     if cfg.skip_eval or not lead:
         return
-    res = evaluate(model, tok, data, "test", cfg.t_max, device, cfg.n_boot, cfg.seed, max_samples=cfg.eval_test_n,
-                   free_answer=cfg.free_answer)
+    res = final_evaluation(cfg, model, tok, data, device)
+    save_adapters(model, cfg, run_dir / "coars.pt")          # with the SFT reference's adapter
     res["timing_s"] = dict(data_and_stage1=round(t_s1 - t_start, 1), stage2=round(t_s2 - t_s1, 1),
                            eval=res["seconds"], total=round(time.time() - t_start, 1))
     res["device"] = device

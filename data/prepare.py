@@ -54,7 +54,7 @@ from data.sasrec import SASRecConfig, last_hidden, score_all, train_sasrec  # no
 from data.sources import (SOURCES, DataError, Parsed, Raw, is_custom, locate, parse_lastfm,  # noqa: E402,F401
                           parse_ml100k, probe_writable)
 
-CACHE_VERSION = 3
+CACHE_VERSION = 4
 DATA_DIR = Path(__file__).resolve().parent
 
 
@@ -76,6 +76,10 @@ class DataConfig:
     """'random': target + 19 uniform non-history items; 'sasrec': SASRec's top-20 non-history items (target not forced)"""
     n_candidates: int = 20
     """candidate list length, target included"""
+    train_prior: str = "crossfit"
+    """[ours, PAPER.md section 5] the SASRec that gives training samples their candidates (with 'sasrec' candidates)
+    and their prior: 'crossfit' (one trained on the other half of the users, so the hint is no better on training
+    samples than at test time) or 'full' (the SASRec of validation and test, which trained on those samples)"""
     history: int = 10
     """longest history shown to the agents"""
     min_history: int = 3
@@ -123,6 +127,14 @@ class Data:
         return self._train_sets
 
 
+def stage2_rows(data, n_last):
+    """Rows of the training split that stage 2 trains on: each user's last n_last training samples.
+    (data/prepare.py writes the training rows user by user, each user's in time order.)"""
+    u = data.train_user                                                   # (N,) sorted
+    last_row = np.searchsorted(u, u, side="right") - 1                    # (N,) last row of each row's user
+    return np.flatnonzero(last_row - np.arange(len(u)) < n_last)
+
+
 def _options(cfg: DataConfig):
     d = asdict(cfg)
     for k in ("data_dir", "data_url", "data_sha256"):
@@ -144,6 +156,8 @@ def prepare(cfg: DataConfig, log=print, rebuild=False) -> Data:
     """Load the processed dataset from the cache, or build it (download + parse + SASRec + ...)."""
     if cfg.candidates not in ("sasrec", "random"):
         raise DataError(f"--candidates must be 'sasrec' or 'random', not {cfg.candidates!r}.")
+    if cfg.train_prior not in ("crossfit", "full"):
+        raise DataError(f"--train-prior must be 'crossfit' or 'full', not {cfg.train_prior!r}.")
     src, raw, folder, fingerprint = locate(cfg, log)
     meta_path, npz_path = folder / "processed.json", folder / "processed.npz"
     want = dict(version=CACHE_VERSION, options=_options(cfg), raw_sha256=fingerprint)
@@ -271,8 +285,11 @@ def build(parsed: Parsed, cfg: DataConfig, log=print):
     log(f"{cfg.dataset}: {n_users} users, {n_items} items, {len(item)} interactions; training SASRec")
     full = train_sasrec(train_seqs, n_items, cfg.sasrec, seed=cfg.seed)
     fold = rng.permutation(n_users) % 2                                  # cross-fitting halves
-    halves = [train_sasrec([s if fold[u] == f else s[:0] for u, s in enumerate(train_seqs)], n_items,
-                           cfg.sasrec, seed=cfg.seed + 1 + f) for f in (0, 1)]
+    if cfg.train_prior == "crossfit":
+        halves = [train_sasrec([s if fold[u] == f else s[:0] for u, s in enumerate(train_seqs)], n_items,
+                               cfg.sasrec, seed=cfg.seed + 1 + f) for f in (0, 1)]
+    else:           # 'full': the one SASRec; the same halves' order below, so the random draws match
+        halves = [full, full]
 
     arrays = {}
     for split, (us, hs, ts_) in samples.items():
@@ -280,7 +297,7 @@ def build(parsed: Parsed, cfg: DataConfig, log=print):
         cands = np.zeros((len(us), K), np.int64)
         prior = np.zeros(len(us), np.int64)
         fixed = fixed_candidates(parsed, split, us, hs, ts_, users_raw, items_raw, K)
-        if split == "train":  # each half's samples scored by the model that never saw them
+        if split == "train":  # each half's samples scored by the model that never saw them (or by `full`)
             for f in (0, 1):
                 rows_f = np.flatnonzero(fold[us] != f)
                 _candidates(halves[f], [hs[r] for r in rows_f], ts_[rows_f], n_items, cfg, rng,
@@ -303,11 +320,19 @@ def build(parsed: Parsed, cfg: DataConfig, log=print):
     sim[:, ~is_train] = -np.inf
     peers, w = peer_weights(sim, min(cfg.n_peers, int(is_train.sum()) - 1))
 
-    # UserAgent F1 set
+    # UserAgent F1 set (PAPER.md section 6): every test user. Its history is the one before its
+    # validation sample where it has one (its positives are then the validation and test items, the
+    # user's real future), else the one before its test item (a test user with too short a history
+    # for a validation sample, or a test user of users.csv: one positive, the test item).
     f1_user, f1_hist, f1_item, f1_label = [], [], [], []
-    vu = arrays["valid_user"]
-    for r, u in enumerate(vu):
-        pos = list(seqs[u][len(seqs[u]) - (2 if role is None else 1):])[:cfg.f1_max_pos]
+    valid_row = {int(u): r for r, u in enumerate(arrays["valid_user"])}
+    for r, u in enumerate(arrays["test_user"]):
+        u = int(u)
+        if u in valid_row:
+            hist, pos = arrays["valid_hist"][valid_row[u]], list(seqs[u][len(seqs[u]) - 2:])
+        else:
+            hist, pos = arrays["test_hist"][r], [int(arrays["test_target"][r])]
+        pos = pos[:cfg.f1_max_pos]
         touched = set(seqs[u].tolist())
         neg = []
         while len(neg) < len(pos):
@@ -316,7 +341,7 @@ def build(parsed: Parsed, cfg: DataConfig, log=print):
                 neg.append(i)
         for i, lab in [(i, 1) for i in pos] + [(i, 0) for i in neg]:
             f1_user.append(u)
-            f1_hist.append(arrays["valid_hist"][r])
+            f1_hist.append(hist)
             f1_item.append(i)
             f1_label.append(lab)
 

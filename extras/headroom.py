@@ -57,7 +57,7 @@ def first_pick_judgements(trajs):
     return float(acc), float(rej)
 
 
-def headroom(model, tok, data, split, t_max, device, n_boot=1000):
+def headroom(model, tok, data, split, t_max, device, n_boot=1000, decoding="grammar"):
     """Rows of the analysis (a dict per pair x user x exclusion) and the peer-signal AUC per pair."""
     rows = np.arange(len(getattr(data, f"{split}_user")))
     out, peers = [], {}
@@ -66,7 +66,8 @@ def headroom(model, tok, data, split, t_max, device, n_boot=1000):
         for user in ("UserAgent", "oracle"):
             for exclude in (False, True):
                 trajs, m = run_ars(model, tok, data, split, rows, adapters, t_max, device, batch=tok.eval_batch,
-                                   user=oracle_user if user == "oracle" else None, exclude_rejected=exclude)
+                                   user=oracle_user if user == "oracle" else None, exclude_rejected=exclude,
+                                   decoding=decoding)
                 r = dict(pair=pair, user=user, exclude=exclude, hit=mean_ci(m["hit"], n_boot),
                          turn1=float(m["hit_turn1"].mean()), turns=float(m["turns"].mean()),
                          repeats=float(np.nanmean(m["repeat_rejected"])) if np.isfinite(m["repeat_rejected"]).any()
@@ -118,7 +119,7 @@ def main(argv=None):
     except UserError as e:
         sys.exit(f"error: {e}")
     with torch.no_grad():
-        out, peers = headroom(model, tok, data, a.split, cfg.t_max, device_of(a.device), a.n_boot)
+        out, peers = headroom(model, tok, data, a.split, cfg.t_max, device_of(a.device), a.n_boot, cfg.decoding)
     text = table(out, peers, a.split, len(getattr(data, f"{a.split}_user")))
     path = Path(a.run) / f"headroom_{a.split}.md"
     tmp = path.with_suffix(".tmp")

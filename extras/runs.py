@@ -33,6 +33,15 @@ def chat_backbone(cfg, data, device, log):
     return model, ChatTokenizer(hf_tok, data.titles)
 
 
+def config_of(saved):
+    """A saved run's options as today's Config fields: a run from before --decoding had free_answer
+    (True = 'free'; False = 'item', the RecAgent's item alone restricted)."""
+    saved = dict(saved)
+    if "free_answer" in saved:
+        saved["decoding"] = "free" if saved.pop("free_answer") else "item"
+    return saved
+
+
 def load_run(run_dir: Path, device="auto"):
     """(cfg, model with both adapters, tokenizer, data) of a finished run (its coars.pt and, for the
     built-in model, its base.pt)."""
@@ -40,7 +49,7 @@ def load_run(run_dir: Path, device="auto"):
     if not path.exists():
         raise UserError(f"{path} does not exist: point --run at a folder written by train.py.")
     ck = torch.load(path, map_location="cpu", weights_only=True)
-    cfg = Config(**ck["config"])
+    cfg = Config(**config_of(ck["config"]))
     device = device_of(device)
     try:
         data = prepare(cfg.data_config(), log=lambda *a: None)
@@ -53,5 +62,7 @@ def load_run(run_dir: Path, device="auto"):
         model = build_model(cfg, tok.vocab_size, device)
         model.load_state_dict(torch.load(Path(run_dir) / "base.pt", map_location=device, weights_only=True)["model"])
     model.add_lora(("rec", "user"), r=cfg.lora_r, alpha=cfg.lora_alpha, targets=lora_targets(cfg))
+    if any(".adapters.sft." in k for k in ck["adapters"]):       # the SFT reference (train.sft_reference)
+        model.add_lora(("sft",), r=cfg.lora_r, alpha=cfg.lora_alpha, targets=lora_targets(cfg))
     model.load_state_dict(ck["adapters"], strict=False)
     return cfg, freeze(model), tok, data

@@ -87,7 +87,7 @@ def run_variant(cfg, name, base, data, tok, device, folder, log):
     model = stage2(cfg, model, tok, data, device, folder, log)
     seconds = time.time() - t0
     res = evaluate(model, tok, data, "test", cfg.t_max, device, cfg.n_boot, cfg.seed, agents=((name, ("rec", "user")),),
-                   log=log, max_samples=cfg.eval_test_n, per_sample=True, free_answer=cfg.free_answer)
+                   log=log, max_samples=cfg.eval_test_n, per_sample=True, decoding=cfg.decoding)
     res.update(config=dataclasses.asdict(cfg), train_seconds=round(seconds, 1), folder=str(folder))
     tmp = folder / "results.tmp"
     tmp.write_text(json.dumps(res))
@@ -116,7 +116,7 @@ def run_suite(cfg, suite, seeds, suite_dir, log=print):
     else:
         mem = evaluate(base, tok, data, "test", cfg.t_max, device, cfg.n_boot, cfg.seed,
                        agents=(("Memory-based ARS", (None, None)),), log=log, max_samples=cfg.eval_test_n,
-                       per_sample=True, free_answer=cfg.free_answer)
+                       per_sample=True, decoding=cfg.decoding)
         mem["config"] = dataclasses.asdict(cfg)
         mem_file.write_text(json.dumps(mem))
     runs = {}

@@ -21,12 +21,12 @@ import torch  # noqa: E402
 
 from config import UserError  # noqa: E402
 from distill import hindsight_reference, token_credit  # noqa: E402
-from env import ACTION_RANGE, Turn, finish_turn, new_trajectory, record_user, rollout, score_fits  # noqa: E402
+from env import (ACTION_RANGE, Turn, finish_turn, message_grammar, new_trajectory, record_user, rollout,  # noqa: E402
+                 score_fits, write_messages)
 from extras.distributed import device_of  # noqa: E402
 from extras.runs import load_run  # noqa: E402
 from model import token_logprobs  # noqa: E402
 from reward import turn_rewards  # noqa: E402
-from sampling import generate  # noqa: E402
 
 
 def readable(tok, data, ids, cands=None, agent="rec"):
@@ -60,7 +60,7 @@ def show(run_dir, n, split="test", device="auto", out=print):
     device = device_of(device)
     rows = np.random.default_rng(cfg.seed).permutation(len(getattr(data, f"{split}_user")))[:n]
     trajs = [new_trajectory(data, split, int(r)) for r in rows]
-    rollout(model, tok, data, trajs, t_max=cfg.t_max, temperature=0.0, device=device)
+    rollout(model, tok, data, trajs, t_max=cfg.t_max, temperature=0.0, device=device, decoding=cfg.decoding)
     rcfg = cfg.reward_options()
     for k, tr in enumerate(trajs):
         out(f"\n=== conversation {k + 1}: {split} sample {tr.row}, user {data.user_raw[tr.user]} ===")
@@ -76,9 +76,10 @@ def show(run_dir, n, split="test", device="auto", out=print):
                 if prompt is None or not ans:
                     continue
                 model.set_adapter(agent)
+                g = [message_grammar(tok, tr, agent, cfg.decoding)]     # the support the message was decoded from
                 with torch.no_grad():
-                    s_lp = token_logprobs(model, [prompt], [ans], tok.pad_id, device)[0]
-                    t_lp = token_logprobs(model, [render(tr, t, ref)], [ans], tok.pad_id, device)[0]
+                    s_lp = token_logprobs(model, [prompt], [ans], tok.pad_id, device, grammar=g)[0]
+                    t_lp = token_logprobs(model, [render(tr, t, ref)], [ans], tok.pad_id, device, grammar=g)[0]
                 credit[agent] = float(token_credit(t_lp, s_lp).mean())
             model.set_adapter(None)
             out(f" turn {t + 1}  RecAgent: {readable(tok, data, turn.rec_out, tr.cands)}"
@@ -107,10 +108,7 @@ def interactive(run_dir, device="auto", ask=input, out=print, seed=None):
     out(f"(The item you will really pick next, hidden from the RecAgent: {data.titles[tr.target]})")
     while not tr.done:
         prompt = tok.render_rec(tr, len(tr.turns))
-        model.set_adapter("rec")
-        o = generate(model, [prompt], tok.rec_max_new, tok.pad_id, stop_ids=tok.stop_ids, temperature=0.0,
-                     device=device)[0]
-        model.set_adapter(None)
+        o = write_messages(model, tok, [tr], "rec", "rec", [prompt], 0.0, None, device, decoding=cfg.decoding)[0]
         item = tok.parse_rec(o, tr.cands)
         turn = Turn(rec_out=o, item=item, rec_valid=item is not None, rec_prompt=prompt)
         tr.turns.append(turn)
