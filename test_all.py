@@ -1445,7 +1445,7 @@ def test_train_and_eval_end_to_end_on_synthetic_ml1m(synth, tmp_path):
     args = ["train.py", "--dataset", "ml-1m", "--data-url", synth["url"], "--data-sha256", synth["sha"],
             "--data-dir", str(tmp_path / "data"), "--out-dir", str(tmp_path / "out"), "--sasrec-epochs", "2",
             "--pretrain-steps", "20", "--pretrain-batch", "8", "--pretrain-dialogues", "6", "--steps", "3", "--batch", "4",
-            "--eval-every", "2", "--eval-valid-n", "8", "--n-boot", "50"]
+            "--eval-every", "2", "--eval-valid-n", "8", "--n-boot", "50", "--eval-returns-n", "12"]
     r = run(args)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "| CoARS |" in r.stdout and "| Memory-based ARS |" in r.stdout and "| SASRec top-1 |" in r.stdout
@@ -1458,6 +1458,14 @@ def test_train_and_eval_end_to_end_on_synthetic_ml1m(synth, tmp_path):
     assert [s["step"] for s in steps if s["stage"] == 2] == [1, 2, 3]
     assert "valid_hit" in steps[-1] and "rec_credit" in steps[-1]
     assert {"rollout_s", "teacher_s", "student_s", "update_s", "tokens_per_s"} <= set(steps[-1])
+    # default options: messages under their grammar, so every message of every real stage-2 batch
+    # (temperature 1, a base of 20 stage-1 steps) is valid, both agents'
+    assert all(s["rec_valid"] == 1.0 and s["user_valid"] == 1.0 for s in steps if s["stage"] == 2)
+    # the reference rows: SFT on the stage-2 samples, and the constant users' Eq. 8 returns
+    assert "SFT on stage-2 samples" in res["methods"] and "| SFT on stage-2 samples |" in r.stdout
+    ret = res["user_returns"]
+    assert set(ret) == {"trained UserAgent", "untrained UserAgent", "always click (1.00)", "always dislike (0.00)"}
+    assert ret["always click (1.00)"]["accept"] == 1.0 and ret["always dislike (0.00)"]["accept"] == 0.0
     # the base is reused on a second run with the same data and stage-1 options
     r2 = run(args + ["--steps", "1", "--skip-eval"])
     assert r2.returncode == 0 and "reusing the pretrained base" in r2.stdout
@@ -1486,7 +1494,8 @@ def test_train_end_to_end_on_every_source(source, tmp_path):
         source = str(custom_folder(tmp_path / "mine"))
     r = run(["train.py", "--dataset", source, "--data-dir", str(tmp_path / "data"), "--out-dir", str(tmp_path / "out"),
              "--run-name", "r", "--sasrec-epochs", "1", "--pretrain-steps", "4", "--pretrain-batch", "4", "--pretrain-dialogues", "6",
-             "--steps", "2", "--batch", "4", "--eval-every", "0", "--eval-test-n", "12", "--n-boot", "20"] + extra)
+             "--steps", "2", "--batch", "4", "--eval-every", "0", "--eval-test-n", "12", "--n-boot", "20",
+             "--eval-returns-n", "4"] + extra)
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads((tmp_path / "out" / "r" / "results.json").read_text())
     assert res["n_samples"] == 12 and "| CoARS |" in r.stdout
@@ -1537,6 +1546,7 @@ def small_run(synth, tmp_path_factory):
     return ["--dataset", "ml-1m", "--data-url", synth["url"], "--data-sha256", synth["sha"], "--data-dir", str(dd),
             "--sasrec-epochs", "1", "--pretrain-steps", "40", "--pretrain-batch", "6", "--pretrain-dialogues", "6", "--steps", "6", "--batch", "4",
             "--eval-every", "3", "--eval-valid-n", "6", "--eval-test-n", "16", "--n-boot", "20", "--ckpt-every", "2",
+            "--eval-returns-n", "6",
             # 40 steps are enough for the format only without prefixed windows: with them every
             # RecAgent message of this tiny base was invalid, and no UserAgent message was trained
             "--pretrain-prefixed", "0"]
@@ -1766,6 +1776,69 @@ def test_every_config_validation_rule(kw, msg):
         pytest.skip("a GPU is visible")
     with pytest.raises(UserError, match=msg):
         validate(Config(**kw))
+
+
+def test_constant_users_returns_are_eq8_summed_over_their_turns(data):
+    """eval.user_returns (PAPER.md section 6's reference rows): the always-dislike user's Eq. 8
+    return, by hand: it never clicks, so each episode runs T_max turns, each unfiltered with
+    s = 0: R_user = -sigma_t (1 + alpha q_t); always-click: one turn, filtered on a miss (0),
+    1 - alpha q_1 on a hit."""
+    tok = Tokenizer(data.n_items)
+    m = tiny_model(tok.vocab_size)
+    m.add_lora()
+    rows, keys = np.arange(10), np.arange(10) + 77
+    rcfg = dict(mode="interaction", alpha=0.1, use_filter=True, user_filter=True, stage_gamma=None)
+    ret = ev.user_returns(m, tok, data, rows, keys, rcfg, 3, "cpu", users=(), n_boot=20)
+    assert set(ret) == {"always click (1.00)", "always dislike (0.00)"}
+    for name, script in ev.CONSTANT_USERS.items():
+        trajs = [env.new_trajectory(data, "train", r) for r in rows]
+        for tr, k in zip(trajs, keys):
+            tr.key = int(k)
+        env.rollout(m, tok, data, trajs, t_max=3, user=script)
+        if "dislike" in name:
+            want = [sum(-(2 * t.hit - 1) * (1 + 0.1 * t.q) for t in tr.turns) for tr in trajs]
+            assert all(len(tr.turns) == 3 for tr in trajs)
+        else:
+            want = [(1 - 0.1 * tr.turns[0].q) if tr.turns[0].hit else 0.0 for tr in trajs]
+            assert all(len(tr.turns) == 1 for tr in trajs)
+        assert ret[name]["mean"] == pytest.approx(float(np.mean(want)), abs=1e-9)
+
+
+def test_sft_reference_trains_on_the_stage2_samples_with_stage2s_budget(small_run, tmp_path, monkeypatch):
+    """train.sft_reference: the samples are exactly those stage 2 draws (train.stage2_draws, the
+    same seed), the same number of steps, and cross-entropy raises the adapter's log-prob of the
+    targets on them; the base and the other adapters do not move."""
+    cfg = train.parse_args(small_run + ["--out-dir", str(tmp_path), "--steps", "3", "--batch", "4", "--eval-every", "0"])
+    data = prepare(cfg.data_config(), log=lambda *a: None)
+    tok = Tokenizer(data.n_items)
+    m = tiny_model(tok.vocab_size)
+    m.add_lora(("rec", "user"), r=cfg.lora_r, alpha=cfg.lora_alpha)
+    seen = []
+    real = train.rollout_with_retry
+    monkeypatch.setattr(train, "rollout_with_retry", lambda model, tok_, data_, rows, keys, *a: (
+        seen.append((rows.tolist(), keys.tolist())), real(model, tok_, data_, rows, keys, *a))[1])
+    train.stage2(cfg, m, tok, data, "cpu", tmp_path, lambda *a: None)
+    assert seen == [(r.tolist(), k.tolist()) for r, k in train.stage2_draws(cfg, data)] and len(seen) == 3
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    cfg = dataclasses.replace(cfg, lr=1e-2, steps=10)
+    rows = np.concatenate([r for r, _ in train.stage2_draws(cfg, data)])
+    trajs = [env.new_trajectory(data, "train", r) for r in rows]
+    prompts = [tok.render_rec(tr, 0) for tr in trajs]
+    ys = [[tok.item(tr.target)] for tr in trajs]
+    g = [[tok.item(c) for c in tr.cands] for tr in trajs]
+
+    def lp():
+        m.set_adapter("sft")
+        with torch.no_grad():
+            out = float(torch.stack([x.sum() for x in token_logprobs(m, prompts, ys, tok.pad_id, first=g)]).mean())
+        m.set_adapter(None)
+        return out
+    m.add_lora(("sft",), r=cfg.lora_r, alpha=cfg.lora_alpha)
+    untrained = lp()
+    m2 = train.sft_reference(cfg, m, tok, data, "cpu", lambda *a: None)
+    assert m2 is m and m.has_adapter("sft") and lp() > untrained + 0.05
+    after = m.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before if ".sft." not in k)
 
 
 def test_every_validation_rule_has_a_test():
@@ -2262,7 +2335,8 @@ def test_chat_message_parsing(data, tiny_hf):
 def _hf_args(synth, tmp_path, folder):
     return ["--model", folder, "--dataset", "ml-1m", "--data-url", synth["url"], "--data-sha256", synth["sha"],
             "--data-dir", str(tmp_path / "data"), "--out-dir", str(tmp_path / "out"), "--sasrec-epochs", "1",
-            "--batch", "4", "--eval-every", "2", "--eval-valid-n", "4", "--eval-test-n", "6", "--n-boot", "20"]
+            "--batch", "4", "--eval-every", "2", "--eval-valid-n", "4", "--eval-test-n", "6", "--n-boot", "20",
+            "--eval-returns-n", "2"]
 
 
 def test_hf_model_runs_the_whole_pipeline(synth, tmp_path, tiny_hf, capsys, monkeypatch):

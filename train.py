@@ -271,7 +271,7 @@ def sft_reference(cfg, model, tok, data, device, log=print):
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(float(loss))
+        losses.append(loss.item())
     model.set_adapter(None)
     for p in params:
         p.requires_grad_(False)
