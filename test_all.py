@@ -1952,11 +1952,14 @@ def test_suite_orchestration_on_tiny_data(synth, tmp_path, monkeypatch):
     monkeypatch.setitem(suite.SUITES, "tiny", [("No distill", dict(lam=0.0)), ("CoARS", dict())])
     cfg = Config(dataset="ml-1m", data_url=synth["url"], data_sha256=synth["sha"], data_dir=str(tmp_path / "d"),
                        sasrec_epochs=1, pretrain_steps=6, pretrain_batch=4, pretrain_dialogues=4, steps=2, batch=3, eval_every=1,
-                       eval_valid_n=4, eval_test_n=12, n_boot=50, ckpt_every=0)
+                       eval_valid_n=4, eval_test_n=12, n_boot=50, ckpt_every=0, eval_returns_n=6)
     logs = []
     s = suite.run_suite(cfg, "tiny", 2, tmp_path / "s", logs.append)
     assert list(s["methods"]) == ["Chance: 1/K pick, accept everything", "Random", "Pop", "SASRec top-1",
-                                  "Memory-based ARS", "No distill", "CoARS"]
+                                  "Memory-based ARS", "SFT on stage-2 samples", "No distill", "CoARS"]
+    assert set(s["methods"]["CoARS"]["user_returns"]) == {"trained UserAgent", "untrained UserAgent",
+                                                          "always click (1.00)", "always dislike (0.00)"}
+    assert "always dislike (0.00)" in suite.suite_table(s)
     assert s["methods"]["Chance: 1/K pick, accept everything"]["hit"]["mean"] == 1 / 20
     assert s["n_samples"] == 12 and s["seeds"] == 2
     for name in ("No distill", "CoARS"):
@@ -1978,7 +1981,20 @@ def test_suite_orchestration_on_tiny_data(synth, tmp_path, monkeypatch):
     # an interrupted suite continues: finished runs are reused, the numbers are the same
     logs.clear()
     s2 = suite.run_suite(cfg, "tiny", 2, tmp_path / "s", logs.append)
-    assert sum("done before" in m for m in logs) == 4 and s2["methods"] == s["methods"]
+    assert sum("done before" in m for m in logs) == 6 and s2["methods"] == s["methods"]
+    # --full-seeds: each seed its own data draws and base (stage 1), stage 2 seeded by --seed; the
+    # same users in every seed, so the per-user hits average over the seeds
+    f = suite.run_suite(dataclasses.replace(cfg, steps=1), "tiny", 2, tmp_path / "f", logs.append, full_seeds=True)
+    assert f["full_seeds"] and "2 full-pipeline seed(s)" in suite.suite_table(f)
+    for b in (0, 1):
+        assert (tmp_path / "f" / f"seed{b}" / "base.pt").exists()
+        r = json.loads((tmp_path / "f" / f"seed{b}" / f"coars-seed{b}" / "results.json").read_text())
+        assert r["config"]["seed"] == b and r["config"]["stage2_seed"] == -1
+    b0, b1 = (torch.load(tmp_path / "f" / f"seed{b}" / "base.pt", weights_only=True)["model"] for b in (0, 1))
+    assert any(not torch.equal(b0[k], b1[k]) for k in b0)                     # stage 1 differs by seed
+    m = f["methods"]["CoARS"]
+    assert len(m["hit_per_seed"]) == 2 and m["hit"]["mean"] == pytest.approx(np.mean(m["hit_per_seed"]))
+    assert len(f["methods"]["SASRec top-1"]["hit_per_seed"]) == 2
 
 
 def test_show_and_interactive_on_a_run(synth, tmp_path, capsys, monkeypatch):
@@ -2475,7 +2491,7 @@ def test_suite_shares_a_hugging_face_backbone(synth, tmp_path, tiny_hf, monkeypa
     monkeypatch.setitem(suite.SUITES, "tiny", [("No distill", dict(lam=0.0)), ("CoARS", dict())])
     cfg = Config(model=tiny_hf["qwen2"], dataset="ml-1m", data_url=synth["url"], data_sha256=synth["sha"],
                        data_dir=str(tmp_path / "d"), sasrec_epochs=1, steps=1, batch=2, eval_every=0,
-                       eval_test_n=3, n_boot=20, ckpt_every=0)
+                       eval_test_n=3, n_boot=20, ckpt_every=0, eval_returns_n=2)
     logs = []
     s = suite.run_suite(cfg, "tiny", 1, tmp_path / "s", logs.append)
     assert list(s["methods"])[-2:] == ["No distill", "CoARS"] and s["n_samples"] == 3

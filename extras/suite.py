@@ -6,11 +6,20 @@ The paper's experiment in one command: baselines, ablations, seeds, intervals, p
     python extras/suite.py --suite lambda --dataset lastfm --seeds 1          # sensitivity to lambda
     python extras/suite.py --suite paper --seeds 3 --steps 50                 # any train.py option
 
-Every method is evaluated on the same fixed test candidates. The base is pretrained once (stage 1,
-`--seed`) and shared: the seeds (0 .. --seeds - 1, as --stage2-seed) vary stage 2 only, that is
-the adapters' initialisation, the training samples and the sampled rollouts. Methods:
+Seeds, two ways:
+  --full-seeds (PAPER.md section 6: seeds cover the whole pipeline) each seed s (0 .. --seeds - 1)
+      is --seed s for everything: SASRec, the candidate lists, stage 1 (its own base, kept in
+      <suite dir>/seed<s>/base.pt and reused), stage 2 and the bootstrap. Every method of a seed
+      meets that seed's test candidates; the users are the same in every seed, so per-user results
+      are averaged over seeds and the intervals hold stage 1's variance too.
+  default: the base is pretrained once (stage 1, `--seed`) and shared; the seeds (as --stage2-seed)
+      vary stage 2 only (the adapters' initialisation, the training samples, the rollouts), and
+      every method is evaluated on the same fixed test candidates.
+Methods:
   Random, Pop, SASRec top-1         on the candidate lists (eval.baseline_hits)
-  Memory-based ARS                  the shared base without adapters (in-episode memory only)
+  Memory-based ARS                  the base without adapters (in-episode memory only)
+  SFT on stage-2 samples            [ours, reference row] the RecAgent adapter trained by cross-entropy
+                                    on the same samples with the same budget (train.sft_reference)
   Outcome-reward RL                 REINFORCE on the final hit, RecAgent only, UserAgent frozen
   CoARS w/o interaction reward      outcome reward for both agents (with self-distillation)
   CoARS w/o self-distillation       lambda = 0
@@ -23,7 +32,8 @@ Sensitivity suites: lambda (0, 0.05, 0.1, 0.2, 0.5), alpha (0, 0.1, 0.3), tmax (
 Results: Hit@1 with a 95% bootstrap interval over test samples of the per-sample hit averaged
 over seeds, the spread (standard deviation) of the per-seed Hit@1, valid ratios, turn-1 Hit@1,
 mean turns, UserAgent P / R / F1, training time; a paired bootstrap of CoARS (the suite's last
-method) against every other method on the same samples. Written to <suite dir>/suite.json and
+method) against every other method on the same samples; and, per trained method, the UserAgent's
+Eq. 8 return on stage-2 samples beside the always-click and always-dislike users' (eval.user_returns). Written to <suite dir>/suite.json and
 suite.md, with training curves and a bar chart as PNG when matplotlib is installed. Each finished
 run keeps its results, so an interrupted suite continues where it stopped.
 """
@@ -43,10 +53,11 @@ import torch  # noqa: E402
 
 from config import UserError, add_config_args, config_from, validate  # noqa: E402
 from data.prepare import DataError, prepare  # noqa: E402
-from eval import baseline_hits, evaluate, mean_ci, paired_diff_ci, prf  # noqa: E402
+from eval import (baseline_hits, evaluate, mean_ci, paired_diff_ci, prf, returns_sample,  # noqa: E402
+                  user_returns)
 from extras.bench import machine  # noqa: E402
 from extras.distributed import device_of  # noqa: E402
-from train import backbone, stage2  # noqa: E402
+from train import backbone, sft_reference, stage2  # noqa: E402
 
 PAPER = [
     ("Outcome-reward RL", dict(reward_mode="outcome", lam=0.0, train_user=False)),
@@ -88,6 +99,11 @@ def run_variant(cfg, name, base, data, tok, device, folder, log):
     seconds = time.time() - t0
     res = evaluate(model, tok, data, "test", cfg.t_max, device, cfg.n_boot, cfg.seed, agents=((name, ("rec", "user")),),
                    log=log, max_samples=cfg.eval_test_n, per_sample=True, decoding=cfg.decoding)
+    if cfg.eval_returns_n:
+        rows, keys = returns_sample(cfg, data)
+        res["user_returns"] = user_returns(model, tok, data, rows, keys, cfg.reward_options(), cfg.t_max, device,
+                                           temperature=cfg.temperature, decoding=cfg.decoding, batch=tok.eval_batch,
+                                           n_boot=cfg.n_boot, seed=cfg.seed)
     res.update(config=dataclasses.asdict(cfg), train_seconds=round(seconds, 1), folder=str(folder))
     tmp = folder / "results.tmp"
     tmp.write_text(json.dumps(res))
@@ -95,44 +111,87 @@ def run_variant(cfg, name, base, data, tok, device, folder, log):
     return res
 
 
-def run_suite(cfg, suite, seeds, suite_dir, log=print):
-    """Train and evaluate every method of the suite for every seed; returns the summary dict."""
+def run_sft(cfg, base, data, tok, device, folder, log):
+    """The reference row 'SFT on stage-2 samples' from the shared base (train.sft_reference), then
+    its test evaluation with the untrained UserAgent (cached in folder as run_variant's are)."""
+    done = folder / "results.json"
+    if done.exists():
+        res = json.loads(done.read_text())
+        if res.get("config") == dataclasses.asdict(cfg):
+            log(f"  {folder.name}: done before, reusing its results")
+            return dict(res, folder=str(folder))
+    folder.mkdir(parents=True, exist_ok=True)
+    model = copy.deepcopy(base)
+    t0 = time.time()
+    sft_reference(cfg, model, tok, data, device, log)
+    seconds = time.time() - t0
+    res = evaluate(model, tok, data, "test", cfg.t_max, device, cfg.n_boot, cfg.seed,
+                   agents=((SFT, ("sft", None)),), log=log, max_samples=cfg.eval_test_n, per_sample=True,
+                   decoding=cfg.decoding)
+    res.update(config=dataclasses.asdict(cfg), train_seconds=round(seconds, 1), folder=str(folder))
+    tmp = folder / "results.tmp"
+    tmp.write_text(json.dumps(res))
+    tmp.replace(done)
+    return res
+
+
+SFT = "SFT on stage-2 samples"
+
+
+def run_suite(cfg, suite, seeds, suite_dir, log=print, full_seeds=False):
+    """Train and evaluate every method of the suite for every seed; returns the summary dict.
+    full_seeds: each seed is --seed (the whole pipeline: data draws, SASRec, stage 1, stage 2);
+    else the seeds are stage-2 seeds over one base (module docstring)."""
     if suite not in SUITES:
         raise UserError(f"unknown suite {suite!r}: choose one of {', '.join(SUITES)}.")
     if seeds < 1:
         raise UserError("--seeds must be at least 1.")
     validate(cfg)
     suite_dir.mkdir(parents=True, exist_ok=True)
-    data = prepare(cfg.data_config(), log=log)
     device = device_of(cfg.device)
-    torch.manual_seed(cfg.seed)
     t_base = time.time()
-    base, tok = backbone(cfg, data, device, suite_dir, log)      # built-in: cached in suite_dir/base.pt
+    per_base = []           # one entry per base: (data, memory-based ARS results, {method: [results]})
+    bases = [dataclasses.replace(cfg, seed=b) for b in range(seeds)] if full_seeds else [cfg]
+    for bcfg in bases:
+        bdir = suite_dir / f"seed{bcfg.seed}" if full_seeds else suite_dir
+        bdir.mkdir(parents=True, exist_ok=True)
+        data = prepare(bcfg.data_config(), log=log)
+        torch.manual_seed(bcfg.seed)
+        base, tok = backbone(bcfg, data, device, bdir, log)      # built-in: cached in bdir/base.pt
+        # the memory-based ARS (the base without adapters) is deterministic: evaluated once per base
+        mem_file = bdir / "memory_ars.json"
+        if mem_file.exists() and json.loads(mem_file.read_text()).get("config") == dataclasses.asdict(bcfg):
+            mem = json.loads(mem_file.read_text())
+        else:
+            mem = evaluate(base, tok, data, "test", bcfg.t_max, device, bcfg.n_boot, bcfg.seed,
+                           agents=(("Memory-based ARS", (None, None)),), log=log, max_samples=bcfg.eval_test_n,
+                           per_sample=True, decoding=bcfg.decoding)
+            mem["config"] = dataclasses.asdict(bcfg)
+            mem_file.write_text(json.dumps(mem))
+        runs = {}
+        stage2_seeds = [-1] if full_seeds else list(range(seeds))      # -1: stage 2 takes --seed
+        for s in stage2_seeds:
+            tag = f"seed{bcfg.seed if s < 0 else s}"
+            if not bcfg.model and bcfg.sft_reference and bcfg.steps:
+                scfg = dataclasses.replace(bcfg, stage2_seed=s)
+                folder = (bdir if full_seeds else suite_dir) / f"sft-{tag}"
+                log(f"{SFT}, {tag} -> {folder}")
+                runs.setdefault(SFT, []).append(run_sft(scfg, base, data, tok, device, folder, log))
+            for name, over in SUITES[suite]:
+                vcfg = dataclasses.replace(bcfg, stage2_seed=s, **over)
+                validate(vcfg)
+                folder = (bdir if full_seeds else suite_dir) / f"{slug(name)}-{tag}"
+                log(f"{name}, {tag} -> {folder}")
+                runs.setdefault(name, []).append(run_variant(vcfg, name, base, data, tok, device, folder, log))
+        per_base.append((data, bcfg, mem, runs))
     base_seconds = time.time() - t_base
-    # the memory-based ARS (the base without adapters) is deterministic: evaluated once
-    mem_file = suite_dir / "memory_ars.json"
-    if mem_file.exists() and json.loads(mem_file.read_text()).get("config") == dataclasses.asdict(cfg):
-        mem = json.loads(mem_file.read_text())
-    else:
-        mem = evaluate(base, tok, data, "test", cfg.t_max, device, cfg.n_boot, cfg.seed,
-                       agents=(("Memory-based ARS", (None, None)),), log=log, max_samples=cfg.eval_test_n,
-                       per_sample=True, decoding=cfg.decoding)
-        mem["config"] = dataclasses.asdict(cfg)
-        mem_file.write_text(json.dumps(mem))
-    runs = {}
-    for name, over in SUITES[suite]:
-        for s in range(seeds):
-            vcfg = dataclasses.replace(cfg, stage2_seed=s, **over)
-            validate(vcfg)
-            folder = suite_dir / f"{slug(name)}-seed{s}"
-            log(f"{name}, seed {s} -> {folder}")
-            runs.setdefault(name, []).append(run_variant(vcfg, name, base, data, tok, device, folder, log))
-    summary = summarise(data, mem, runs, cfg, seeds, suite)
-    summary.update(suite=suite, dataset=cfg.dataset, base_seconds=round(base_seconds, 1), device=device,
+    summary = summarise(per_base, cfg, seeds, suite, full_seeds)
+    summary.update(suite=suite, dataset=cfg.dataset, suite_seconds=round(base_seconds, 1), device=device,
                    machine=machine(), options={k: v for k, v in dataclasses.asdict(cfg).items()})
     (suite_dir / "suite.json").write_text(json.dumps(summary, indent=1))
     (suite_dir / "suite.md").write_text(suite_table(summary) + "\n")
-    plot(summary, runs, suite_dir, log)
+    plot(summary, {k: [r for _, _, _, runs in per_base for r in runs.get(k, [])] for k in per_base[0][3]},
+         suite_dir, log)
     return summary
 
 
@@ -140,37 +199,49 @@ def slug(name):
     return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-").replace("--", "-")
 
 
-def summarise(data, mem, runs, cfg, seeds, suite):
-    """One row per method: seed-averaged per-sample hits with a bootstrap interval over samples,
-    the spread over seeds, the other metrics averaged over seeds, and paired differences."""
-    rows = np.array(mem["rows"])
-    hits = {k: v[rows] for k, v in baseline_hits(data, "test", cfg.seed).items()}
-    methods = {k: {"hit_per_seed": [float(v.mean())]} for k, v in hits.items()}
-    per_sample = dict(hits)
-    per_sample["Memory-based ARS"] = np.array(mem["per_sample"]["Memory-based ARS"]["hit"])
-    methods["Memory-based ARS"] = _other_metrics([mem], "Memory-based ARS")
-    methods["Memory-based ARS"]["hit_per_seed"] = [float(per_sample["Memory-based ARS"].mean())]
-    for name, rs in runs.items():
+def summarise(per_base, cfg, seeds, suite, full_seeds=False):
+    """One row per method: per-sample hits averaged over every run of it (every seed, and with
+    full seeds every base), a bootstrap interval over samples, the spread over seeds, the other
+    metrics averaged, paired differences, and the UserAgent returns beside the constant users'.
+    per_base: one (data, config, memory-based ARS results, {method: [results per stage-2 seed]})
+    per base (one base unless full_seeds)."""
+    rows = np.array(per_base[0][2]["rows"])
+    per_sample, methods = {}, {}
+    for name in ("Random", "Pop", "SASRec top-1"):
+        hits = [baseline_hits(d, "test", b.seed)[name][rows] for d, b, _, _ in per_base]
+        per_sample[name] = np.mean(hits, axis=0)
+        methods[name] = {"hit_per_seed": [float(h.mean()) for h in hits]}
+    mems = [m for _, _, m, _ in per_base]
+    per_sample["Memory-based ARS"] = np.mean([np.array(m["per_sample"]["Memory-based ARS"]["hit"]) for m in mems], axis=0)
+    methods["Memory-based ARS"] = _other_metrics(mems, "Memory-based ARS")
+    methods["Memory-based ARS"]["hit_per_seed"] = [float(np.mean(m["per_sample"]["Memory-based ARS"]["hit"]))
+                                                   for m in mems]
+    names = list(per_base[0][3])
+    for name in names:
+        rs = [r for _, _, _, runs in per_base for r in runs[name]]
         per_sample[name] = np.mean([np.array(r["per_sample"][name]["hit"]) for r in rs], axis=0)
         methods[name] = _other_metrics(rs, name)
         methods[name]["hit_per_seed"] = [float(np.mean(r["per_sample"][name]["hit"])) for r in rs]
         methods[name]["train_seconds"] = float(np.mean([r["train_seconds"] for r in rs]))
+        rets = [r["user_returns"] for r in rs if r.get("user_returns")]
+        if rets:
+            methods[name]["user_returns"] = {k: float(np.mean([x[k]["mean"] for x in rets])) for k in rets[0]}
     for name, m in methods.items():
         mu, lo, hi = mean_ci(per_sample[name], cfg.n_boot, cfg.seed)
         m["hit"] = {"mean": mu, "lo": lo, "hi": hi, "seed_sd": float(np.std(m["hit_per_seed"]))}
     # the chance references (PAPER.md section 6): a 1/K pick, and a UserAgent that accepts everything
-    label = np.array(mem["per_sample"]["Memory-based ARS"]["f1_label"])
+    label = np.array(mems[0]["per_sample"]["Memory-based ARS"]["f1_label"])
     p, rc, f = prf(np.ones(len(label), bool), label)
-    k = 1.0 / data.test_cands.shape[1]
+    k = 1.0 / per_base[0][0].test_cands.shape[1]
     methods = {"Chance: 1/K pick, accept everything": dict(hit={"mean": k, "lo": k, "hi": k, "seed_sd": 0.0},
                                                            user_precision=p, user_recall=rc, user_f1=f), **methods}
-    main = list(runs)[-1]
+    main = names[-1]
     paired = {}
     for name in per_sample:
         if name != main:
             mu, lo, hi = paired_diff_ci(per_sample[main], per_sample[name], cfg.n_boot, cfg.seed)
             paired[f"{main} - {name}"] = {"mean": mu, "lo": lo, "hi": hi}
-    return dict(methods=methods, paired=paired, n_samples=int(len(rows)), seeds=seeds)
+    return dict(methods=methods, paired=paired, n_samples=int(len(rows)), seeds=seeds, full_seeds=full_seeds)
 
 
 def _other_metrics(results, name):
@@ -205,11 +276,21 @@ def suite_table(s):
                      f"{h['seed_sd']:.4f} | {f('hit_turn1')} | {f('turns', '{:.2f}')} | {f('rec_valid')} | "
                      f"{f('user_valid')} | {f('user_precision')} | {f('user_recall')} | {f('user_f1')} | "
                      f"{f('train_seconds', '{:.0f}')} |")
-    lines += ["", f"test split, {s['n_samples']} samples; {s['seeds']} seed(s) of stage 2 over one shared base; "
+    seeds = (f"{s['seeds']} full-pipeline seed(s) (data draws, SASRec, stage 1, stage 2)" if s.get("full_seeds")
+             else f"{s['seeds']} seed(s) of stage 2 over one shared base")
+    lines += ["", f"test split, {s['n_samples']} samples; {seeds}; "
               "Hit@1 interval: 95% bootstrap over samples of the seed-averaged hit; seed sd: standard deviation "
               "of the per-seed Hit@1.", "", "| paired difference (Hit@1) | mean | 95% CI |", "|---|---|---|"]
     for k, v in s["paired"].items():
         lines.append(f"| {k} | {v['mean']:+.4f} | [{v['lo']:+.4f}, {v['hi']:+.4f}] |")
+    rets = {n: m["user_returns"] for n, m in s["methods"].items() if m.get("user_returns")}
+    if rets:
+        cols = list(next(iter(rets.values())))
+        lines += ["", "UserAgent's Eq. 8 return per episode on stage-2 samples (training temperature), against "
+                  "the method's RecAgent, seed mean:", "", "| method | " + " | ".join(cols) + " |",
+                  "|---" * (len(cols) + 1) + "|"]
+        for n, r in rets.items():
+            lines.append(f"| {n} | " + " | ".join(f"{r[c]:+.3f}" for c in cols) + " |")
     return "\n".join(lines)
 
 
@@ -262,7 +343,10 @@ def plot(summary, runs, folder, log=print):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--suite", required=True, help=f"one of {', '.join(SUITES)}")
-    p.add_argument("--seeds", type=int, default=3, help="stage-2 seeds per trained method")
+    p.add_argument("--seeds", type=int, default=3, help="seeds per trained method (stage 2's, or with --full-seeds "
+                   "the whole pipeline's)")
+    p.add_argument("--full-seeds", action="store_true", help="each seed reruns the whole pipeline (data draws, "
+                   "SASRec, stage 1, stage 2), so the intervals include stage 1's variance (PAPER.md section 6)")
     p.add_argument("--suite-dir", default="", help="output folder (default: out/<dataset>-<suite>)")
     add_config_args(p, SUITE_DEFAULTS)
     a = p.parse_args(argv)
@@ -270,7 +354,7 @@ def main(argv=None):
     suite_dir = Path(a.suite_dir or Path(cfg.out_dir) / f"{Path(cfg.dataset).name}-{a.suite}")
     t0 = time.time()
     try:
-        s = run_suite(cfg, a.suite, a.seeds, suite_dir)
+        s = run_suite(cfg, a.suite, a.seeds, suite_dir, full_seeds=a.full_seeds)
     except (UserError, DataError) as e:
         sys.exit(f"error: {e}")
     print(suite_table(s))
