@@ -216,8 +216,8 @@ def test_teacher_prompt_differs_from_student_only_by_reference(data):
             k = student.index(tok.sp("hist"))           # the reference goes right before the history
             assert teacher == student[:k] + ref + student[k:]
             # the grammar the message was decoded under: the candidates first, or the four actions
-            assert grammar.allowed([]) == sorted(tok.item(c) for c in tr.cands) if agent == "rec" else \
-                grammar.allowed([]) == sorted(tok.action_ids.values())
+            assert grammar.allowed([]) == [tok.item(c) for c in tr.cands] if agent == "rec" else \
+                sorted(grammar.allowed([])) == sorted(tok.action_ids.values())
 
 
 # --------------------------------------------------------------------------------------------------
