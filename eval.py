@@ -295,8 +295,8 @@ def evaluate(model, tok, data, split="test", t_max=5, device="cpu", n_boot=1000,
     """Evaluate the baselines and each agent pair in `agents` on a split. Returns a results dict
     (JSON-ready) with per-method metrics and intervals, and paired comparisons to the last pair.
     max_samples > 0 evaluates a fixed random subset of the split (the same for every method).
-    per_sample: also return the evaluated rows and, per agent pair, its per-sample hits and F1-set
-    judgements (for extras/suite.py's pooling over seeds). Two chance references are rows of every table
+    per_sample: also return the evaluated rows and, per method, its per-sample hits (and, per agent
+    pair, its F1-set judgements), for pooling over seeds (extras/suite.py). Two chance references are rows of every table
     (PAPER.md section 6): a random pick's Hit@1 is 1/K whatever the number of turns (the last of up
     to 5 distinct random picks is still uniform over the K candidates), and a UserAgent that accepts
     everything has the F1 of the "Accept everything" row (2/3 with one negative per positive)."""
@@ -362,6 +362,7 @@ def evaluate(model, tok, data, split="test", t_max=5, device="cpu", n_boot=1000,
         res["rows"] = rows.tolist()
         res["per_sample"] = {name: dict(hit=per[name]["hit"].tolist(), f1_accept=f1_preds[name][0].tolist(),
                                         f1_label=f1_label.tolist()) for name, _ in agents}
+        res["per_sample"].update({name: dict(hit=h[rows].tolist()) for name, h in baseline_hits(data, split, seed).items()})
     res["seconds"] = round(time.time() - t0, 1)
     return res
 
@@ -376,7 +377,7 @@ def evaluate_run(cfg, model, tok, data, device, log=print):
         agents.append(("SFT on stage-2 samples", ("sft", None)))
     agents.append(("CoARS", ("rec", "user")))
     res = evaluate(model, tok, data, "test", cfg.t_max, device, cfg.n_boot, cfg.seed, agents=tuple(agents),
-                   max_samples=cfg.eval_test_n, decoding=cfg.decoding, log=log)
+                   max_samples=cfg.eval_test_n, decoding=cfg.decoding, log=log, per_sample=True)
     if cfg.eval_returns_n:
         rows, keys = returns_sample(cfg, data)
         res["user_returns"] = user_returns(model, tok, data, rows, keys, cfg.reward_options(), cfg.t_max, device,
