@@ -1947,6 +1947,34 @@ def test_suite_table_writer():
     assert "| CoARS - Random | +0.2500 | [-0.2500, +0.7500] |" in t and "2 seed(s)" in t
 
 
+def test_pool_runs_averages_each_user_over_the_seeds(tmp_path):
+    """extras/suite.py --pool: per method the per-user hit averaged over the runs, the per-seed
+    means, paired CoARS - other intervals from the averaged hits, F1 per seed, returns per seed."""
+    from extras import suite
+    hits = {0: {"Random": [0, 0, 1, 0], "Pop": [1, 0, 0, 0], "SASRec top-1": [1, 1, 0, 0], "CoARS": [1, 1, 1, 0]},
+            1: {"Random": [0, 0, 0, 0], "Pop": [1, 0, 0, 0], "SASRec top-1": [1, 0, 0, 1], "CoARS": [1, 1, 0, 0]}}
+    dirs = []
+    for k in (0, 1):
+        d = tmp_path / f"r{k}"
+        d.mkdir()
+        ps = {n: {"hit": h} for n, h in hits[k].items()}
+        ps["CoARS"].update(f1_accept=[1, 0, 1, k], f1_label=[1, 1, 0, 0])
+        (d / "results.json").write_text(json.dumps(dict(rows=[0, 1, 2, 3], per_sample=ps, methods={
+            "CoARS": {"turns": {"mean": 1.0 + k}}}, user_returns={"always click (1.00)": {"mean": 0.1 * k}})))
+        dirs.append(d)
+    p = suite.pool_runs(dirs, n_boot=50)
+    assert list(p["methods"]) == ["Random", "Pop", "SASRec top-1", "CoARS"]
+    assert p["methods"]["CoARS"]["hit"]["mean"] == pytest.approx(5 / 8)
+    assert p["methods"]["CoARS"]["hit_per_seed"] == [0.75, 0.5] and p["methods"]["CoARS"]["turns"] == 1.5
+    assert p["paired"]["CoARS - SASRec top-1"]["mean"] == pytest.approx(5 / 8 - 3 / 8)
+    assert p["methods"]["CoARS"]["user_f1_per_seed"] == pytest.approx([0.5, 0.4])     # P 1/2, R 1/2; P 1/3, R 1/2
+    assert p["user_returns"] == {"always click (1.00)": [0.0, 0.1]}
+    assert "| CoARS | 0.6250 [" in suite.pool_table(p)
+    (tmp_path / "r1" / "results.json").write_text(json.dumps(dict(rows=[0, 1], per_sample={})))
+    with pytest.raises(UserError, match="no per-sample results"):
+        suite.pool_runs(dirs)
+
+
 def test_suite_orchestration_on_tiny_data(synth, tmp_path, monkeypatch):
     from extras import suite
     monkeypatch.setitem(suite.SUITES, "tiny", [("No distill", dict(lam=0.0)), ("CoARS", dict())])

@@ -5,6 +5,8 @@ The paper's experiment in one command: baselines, ablations, seeds, intervals, p
     python extras/suite.py --suite paper --dataset ml-latest-small --data-url file:///path/ml-latest-small.zip
     python extras/suite.py --suite lambda --dataset lastfm --seeds 1          # sensitivity to lambda
     python extras/suite.py --suite paper --seeds 3 --steps 50                 # any train.py option
+    python extras/suite.py --suite paper --seeds 3 --full-seeds               # seeds over the whole pipeline
+    python extras/suite.py --pool out/r-s0 out/r-s1 out/r-s2                  # pool train.py runs of 3 seeds
 
 Seeds, two ways:
   --full-seeds (PAPER.md section 6: seeds cover the whole pipeline) each seed s (0 .. --seeds - 1)
@@ -195,6 +197,69 @@ def run_suite(cfg, suite, seeds, suite_dir, log=print, full_seeds=False):
     return summary
 
 
+def pool_runs(run_dirs, n_boot=1000, seed=0):
+    """Pool finished train.py runs of one dataset over seeds (e.g. --seed 0, 1, 2: full-pipeline
+    seeds, PAPER.md section 6) from their results.json: per method, the per-user hit averaged over
+    the runs (the users are the same; each run has its own candidate draws), a bootstrap interval
+    over users, the per-seed values, paired intervals of CoARS against every other method; UserAgent
+    F1 per seed beside accept-all's; the UserAgent returns beside the constant users' (seed means)."""
+    res = [json.loads((Path(d) / "results.json").read_text()) for d in run_dirs]
+    for d, r in zip(run_dirs, res):
+        if "per_sample" not in r or "SASRec top-1" not in r["per_sample"]:
+            raise UserError(f"{d}/results.json has no per-sample results of every method: evaluate the run again "
+                            f"with `python eval.py --run {d}`.")
+    if any(r["rows"] != res[0]["rows"] for r in res):
+        raise UserError("the runs were evaluated on different test samples (another dataset or --eval-test-n).")
+    names = [n for n in res[0]["per_sample"] if all(n in r["per_sample"] for r in res)]
+    names = [n for n in ("Random", "Pop", "SASRec top-1") if n in names] + [n for n in names if n not in
+                                                                              ("Random", "Pop", "SASRec top-1")]
+    hits = {n: np.mean([r["per_sample"][n]["hit"] for r in res], axis=0) for n in names}
+    out = {"n_runs": len(res), "n_samples": len(res[0]["rows"]), "methods": {}, "paired": {}}
+    for n in names:
+        mu, lo, hi = mean_ci(hits[n], n_boot, seed)
+        m = {"hit": {"mean": mu, "lo": lo, "hi": hi},
+             "hit_per_seed": [float(np.mean(r["per_sample"][n]["hit"])) for r in res]}
+        if "f1_accept" in res[0]["per_sample"][n]:
+            m["user_f1_per_seed"] = [prf(r["per_sample"][n]["f1_accept"], r["per_sample"][n]["f1_label"])[2] for r in res]
+        for k in ("turns", "rec_valid", "user_valid", "HR@1 no hint"):
+            if all(k in r["methods"].get(n, {}) for r in res):
+                m[k] = float(np.mean([r["methods"][n][k]["mean"] for r in res]))
+        out["methods"][n] = m
+    for n in names:
+        if n != "CoARS" and "CoARS" in hits:
+            mu, lo, hi = paired_diff_ci(hits["CoARS"], hits[n], n_boot, seed)
+            out["paired"][f"CoARS - {n}"] = {"mean": mu, "lo": lo, "hi": hi}
+    out["accept_all_f1"] = [prf(np.ones(len(r["per_sample"]["CoARS"]["f1_label"]), bool),
+                                r["per_sample"]["CoARS"]["f1_label"])[2] for r in res]
+    if all(r.get("user_returns") for r in res):
+        out["user_returns"] = {k: [r["user_returns"][k]["mean"] for r in res] for k in res[0]["user_returns"]}
+    return out
+
+
+def pool_table(p):
+    """Markdown of pool_runs' result."""
+    lines = [f"| method | Hit@1, mean of {p['n_runs']} seeds [95% CI] | per seed | turns | UserAgent F1 per seed |",
+             "|---|---|---|---|---|"]
+    for n, m in p["methods"].items():
+        h = m["hit"]
+        f1 = ", ".join(f"{x:.3f}" for x in m["user_f1_per_seed"]) if "user_f1_per_seed" in m else "-"
+        lines.append(f"| {n} | {h['mean']:.4f} [{h['lo']:.4f}, {h['hi']:.4f}] | "
+                     + ", ".join(f"{x:.3f}" for x in m["hit_per_seed"]) + f" | "
+                     + (f"{m['turns']:.2f}" if "turns" in m else "-") + f" | {f1} |")
+    lines.append(f"| Accept everything (UserAgent) | | | | " + ", ".join(f"{x:.3f}" for x in p["accept_all_f1"]) + " |")
+    lines += ["", f"test split, {p['n_samples']} users; each seed its own data draws, SASRec, stage 1 and stage 2; "
+              "interval: 95% bootstrap over users of the seed-averaged hit.", "",
+              "| paired difference (Hit@1) | mean | 95% CI |", "|---|---|---|"]
+    for k, v in p["paired"].items():
+        lines.append(f"| {k} | {v['mean']:+.4f} | [{v['lo']:+.4f}, {v['hi']:+.4f}] |")
+    if p.get("user_returns"):
+        lines += ["", "| UserAgent (against the trained RecAgent, stage-2 samples) | Eq. 8 return per episode, per seed |",
+                  "|---|---|"]
+        for k, v in p["user_returns"].items():
+            lines.append(f"| {k} | " + ", ".join(f"{x:+.3f}" for x in v) + " |")
+    return "\n".join(lines)
+
+
 def slug(name):
     return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-").replace("--", "-")
 
@@ -342,7 +407,9 @@ def plot(summary, runs, folder, log=print):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--suite", required=True, help=f"one of {', '.join(SUITES)}")
+    p.add_argument("--suite", help=f"one of {', '.join(SUITES)}")
+    p.add_argument("--pool", nargs="+", metavar="RUN", help="instead of a suite: pool finished train.py runs over "
+                   "their seeds (e.g. out/r-s0 out/r-s1 out/r-s2) into one table (pool_runs)")
     p.add_argument("--seeds", type=int, default=3, help="seeds per trained method (stage 2's, or with --full-seeds "
                    "the whole pipeline's)")
     p.add_argument("--full-seeds", action="store_true", help="each seed reruns the whole pipeline (data draws, "
@@ -350,6 +417,15 @@ def main(argv=None):
     p.add_argument("--suite-dir", default="", help="output folder (default: out/<dataset>-<suite>)")
     add_config_args(p, SUITE_DEFAULTS)
     a = p.parse_args(argv)
+    if a.pool:
+        try:
+            pooled = pool_runs(a.pool)
+        except (UserError, OSError, json.JSONDecodeError) as e:
+            sys.exit(f"error: {e}")
+        print(pool_table(pooled))
+        return
+    if not a.suite:
+        p.error("give --suite NAME (or --pool RUN ...)")
     cfg = config_from(a)
     suite_dir = Path(a.suite_dir or Path(cfg.out_dir) / f"{Path(cfg.dataset).name}-{a.suite}")
     t0 = time.time()
