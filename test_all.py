@@ -1966,7 +1966,7 @@ def test_pool_runs_averages_each_user_over_the_seeds(tmp_path):
     assert list(p["methods"]) == ["Random", "Pop", "SASRec top-1", "CoARS"]
     assert p["methods"]["CoARS"]["hit"]["mean"] == pytest.approx(5 / 8)
     assert p["methods"]["CoARS"]["hit_per_seed"] == [0.75, 0.5] and p["methods"]["CoARS"]["turns"] == 1.5
-    assert p["paired"]["CoARS - SASRec top-1"]["mean"] == pytest.approx(5 / 8 - 3 / 8)
+    assert p["paired"]["CoARS - SASRec top-1"]["mean"] == pytest.approx(5 / 8 - 4 / 8)
     assert p["methods"]["CoARS"]["user_f1_per_seed"] == pytest.approx([0.5, 0.4])     # P 1/2, R 1/2; P 1/3, R 1/2
     assert p["user_returns"] == {"always click (1.00)": [0.0, 0.1]}
     assert "| CoARS | 0.6250 [" in suite.pool_table(p)
