@@ -9,7 +9,9 @@ suite.py and eval.py build and check the same options, and so train.py holds onl
 import argparse
 import ast
 import dataclasses
+import difflib
 import inspect
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -178,6 +180,12 @@ class Config:
     """bootstrap resamples for the intervals"""
     skip_eval: bool = False
     """do not run the final test evaluation"""
+    # ---- watching a run (extras/watch.py) ----
+    tensorboard: bool = False
+    """write every metric to TensorBoard event files under out_dir/run_name/tensorboard (needs the tensorboard
+    package)"""
+    wandb: str = ""
+    """log every metric to this Weights & Biases project ('' = off; needs the wandb package; WANDB_MODE=offline works)"""
     # ---- surviving long runs ----
     resume: bool = False
     """continue the run in out_dir/run_name from its last checkpoint"""
@@ -220,6 +228,50 @@ def add_config_args(p: argparse.ArgumentParser, defaults=None):
             p.add_argument(flag, default=default, action=argparse.BooleanOptionalAction, help=docs.get(f.name))
         else:
             p.add_argument(flag, default=default, type=type(f.default), help=f"{docs.get(f.name)} (default: %(default)s)")
+
+
+def saved_options(saved):
+    """A saved config.json's options as today's Config fields: a run from before --decoding had
+    free_answer (True = 'free'; False = 'item', the RecAgent's item alone restricted)."""
+    saved = dict(saved)
+    if "free_answer" in saved:
+        saved["decoding"] = "free" if saved.pop("free_answer") else "item"
+    return saved
+
+
+def config_defaults(argv):
+    """--config PATH among argv: the options of that saved config.json (a run's, out/<run>/config.json),
+    to be the defaults that the other flags override. Returns ({} or the options, argv without it).
+    A missing or unreadable file, or a key that is no option, is a UserError naming it."""
+    argv = list(argv)
+    if "--config" not in argv and not any(a.startswith("--config=") for a in argv):
+        return {}, argv
+    k = next(i for i, a in enumerate(argv) if a == "--config" or a.startswith("--config="))
+    if argv[k] == "--config":
+        if k + 1 >= len(argv):
+            raise UserError("--config needs the path of a config.json, e.g. --config out/ml-latest-small/config.json.")
+        path, rest = argv[k + 1], argv[:k] + argv[k + 2:]
+    else:
+        path, rest = argv[k].split("=", 1)[1], argv[:k] + argv[k + 1:]
+    try:
+        saved = json.loads(Path(path).read_text())
+    except OSError as e:
+        raise UserError(f"--config {path}: cannot read it ({e.strerror or e}); give the config.json of a run folder.")
+    except json.JSONDecodeError as e:
+        raise UserError(f"--config {path}: not valid JSON (line {e.lineno}); give the config.json of a run folder.")
+    if not isinstance(saved, dict):
+        raise UserError(f"--config {path}: expected an object of options, as train.py writes config.json.")
+    saved = saved_options(saved)
+    fields = {f.name: f for f in dataclasses.fields(Config)}
+    for key, value in saved.items():
+        if key not in fields:
+            near = difflib.get_close_matches(key, fields, n=1)
+            raise UserError(f"--config {path}: {key!r} is not an option" + (f" (did you mean {near[0]!r}?)" if near
+                                                                             else "") + "; fix or remove it.")
+        want = type(fields[key].default)
+        if not (isinstance(value, want) or (want is float and isinstance(value, int) and not isinstance(value, bool))):
+            raise UserError(f"--config {path}: {key!r} is {value!r}, expected a {want.__name__}.")
+    return saved, rest
 
 
 def config_from(ns) -> Config:

@@ -3,6 +3,7 @@ Evaluation of CoARS and its baselines (PAPER.md section 6).
 
     python eval.py --run out/ml-latest-small            # evaluate a finished training run
     python eval.py --run out/ml-latest-small --split valid
+    python eval.py --run out/ml-latest-small --plot       # only its curves.png (extras/watch.py)
 
 Metrics, each with a 95% bootstrap interval over test samples (one sample per user):
   - Hit@1: the final recommended item is the target, over ALL samples (invalid = miss).
@@ -444,7 +445,19 @@ def main(argv=None):
     p.add_argument("--split", default="test", choices=["valid", "test"])
     p.add_argument("--device", default="auto")
     p.add_argument("--max-samples", type=int, default=0, help="evaluate a fixed random subset of this size (0 = all)")
+    p.add_argument("--plot", action="store_true", help="only write the run's curves.png from its metrics.jsonl "
+                   "(needs matplotlib), without evaluating")
     a = p.parse_args(argv)
+    if a.plot:
+        from extras.watch import plot_run
+        if not (Path(a.run) / "metrics.jsonl").exists():
+            sys.exit(f"error: {Path(a.run) / 'metrics.jsonl'} does not exist: point --run at a folder written by "
+                     f"train.py.")
+        path = plot_run(a.run)
+        if path is None:
+            sys.exit(1)
+        print(f"training curves: {path}")
+        return
     try:
         cfg, model, tok, data = load_run(Path(a.run), a.device)
     except UserError as e:

@@ -2737,3 +2737,104 @@ def test_train_end_to_end_on_a_published_split(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads((tmp_path / "out" / "r" / "results.json").read_text())
     assert res["n_samples"] == 6 and "| CoARS |" in r.stdout
+
+
+# --------------------------------------------------------------------------------------------------
+# Watching a run (extras/watch.py): TensorBoard, W&B, curves.png, --config
+
+
+def _watch_args(small_run, out):
+    return small_run + ["--out-dir", str(out), "--steps", "3", "--eval-every", "2", "--skip-eval", "--ckpt-every", "0",
+                        "--pretrain-steps", "12", "--pretrain-eval-every", "6"]
+
+
+def test_tensorboard_events_hold_the_metrics_of_both_stages_and_a_resume_keeps_them(small_run, tmp_path, capsys):
+    pytest.importorskip("tensorboard", reason="the tensorboard package is not installed (pip install tensorboard)")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    args = _watch_args(small_run, tmp_path) + ["--run-name", "tb", "--tensorboard"]
+    code, _, err = in_process(args, capsys)
+    assert code == 0, err[-2000:]
+    run_dir = tmp_path / "tb"
+    recs = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+    def check():
+        for stage in (1, 2):
+            acc = EventAccumulator(str(run_dir / "tensorboard" / f"stage{stage}")).Reload()
+            mine = [r for r in recs if r["stage"] == stage]
+            keys = {k for r in mine for k, v in r.items() if k not in ("stage", "step") and isinstance(v, (int, float))}
+            assert keys and set(acc.Tags()["scalars"]) == keys
+            for k in keys:
+                want = [(r["step"], float(r[k])) for r in mine if k in r]
+                got = [(e.step, e.value) for e in acc.Scalars(k)]
+                assert [s for s, _ in got] == [s for s, _ in want], k                  # the same steps, once each
+                assert all(g == pytest.approx(w, rel=1e-6, abs=1e-6) for (_, g), (_, w) in zip(got, want)), k
+    check()
+    assert {"rec_reward", "user_valid", "valid_hit"} <= set(EventAccumulator(str(run_dir / "tensorboard" / "stage2"))
+                                                          .Reload().Tags()["scalars"])
+    # a resume writes the curves again from the metrics.jsonl it keeps: the same points, no repeats
+    code, _, err = in_process(args + ["--resume"], capsys)
+    assert code == 0, err[-2000:]
+    recs = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    check()
+
+
+def test_wandb_offline_run_gets_every_metric(small_run, tmp_path, capsys, monkeypatch):
+    pytest.importorskip("wandb", reason="the wandb package is not installed (pip install wandb)")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    code, _, err = in_process(_watch_args(small_run, tmp_path) + ["--run-name", "wb", "--wandb", "coars-test"], capsys)
+    assert code == 0, err[-2000:]
+    run_dir = tmp_path / "wb"
+    runs = list((run_dir / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and (run_dir / "wandb_id").read_text().strip() in runs[0].name
+    # the offline run's records (run-<id>.wandb, protobuf; wandb >= 0.19 has no Python reader of it)
+    # hold every metric's key, as "stage<s>/<metric>", and the stages' step metrics
+    blob = next(runs[0].glob("run-*.wandb")).read_bytes()
+    recs = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    for stage in (1, 2):
+        keys = {f"stage{stage}/{k}" for r in recs if r["stage"] == stage for k, v in r.items()
+                if k not in ("stage", "step") and isinstance(v, (int, float))} | {f"stage{stage}/step"}
+        assert len(keys) > 3 and all(k.encode() in blob for k in keys), [k for k in keys if k.encode() not in blob]
+    assert b"stage2/no_such_metric" not in blob
+
+
+def test_every_run_draws_its_curves_and_eval_plot_redraws_them(small_run, tmp_path, capsys):
+    pytest.importorskip("matplotlib", reason="matplotlib is not installed (pip install matplotlib)")
+    import matplotlib.image
+    code, out, err = in_process(_watch_args(small_run, tmp_path) + ["--run-name", "c"], capsys)
+    assert code == 0, err[-2000:]
+    png = tmp_path / "c" / "curves.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "training curves:" in out
+    h, w, _ = matplotlib.image.imread(png).shape
+    assert h >= 400 and w >= 800
+    png.unlink()
+    r = run(["eval.py", "--run", str(tmp_path / "c"), "--plot"])
+    assert r.returncode == 0 and png.exists() and "training curves:" in r.stdout, r.stderr[-2000:]
+    r = run(["eval.py", "--run", str(tmp_path / "nothing"), "--plot"])
+    assert r.returncode != 0 and "metrics.jsonl does not exist" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_config_flag_repeats_a_run_and_names_a_wrong_key(small_run, tmp_path, capsys):
+    code, _, err = in_process(_watch_args(small_run, tmp_path) + ["--run-name", "a", "--lam", "0.3"], capsys)
+    assert code == 0, err[-2000:]
+    saved = tmp_path / "a" / "config.json"
+    code, _, err = in_process(["--config", str(saved), "--run-name", "b"], capsys)
+    assert code == 0, err[-2000:]
+    strip = lambda p: [{k: v for k, v in json.loads(l).items() if k not in TIMING}  # noqa: E731
+                       for l in p.read_text().splitlines()]
+    assert strip(tmp_path / "b" / "metrics.jsonl") == strip(tmp_path / "a" / "metrics.jsonl")
+    cb = json.loads((tmp_path / "b" / "config.json").read_text())
+    assert cb["lam"] == 0.3 and cb["run_name"] == "b"                    # saved value kept, a flag overrides
+    assert train.parse_args(["--config", str(saved), "--lam", "0.5"]).lam == 0.5
+    bad = json.loads(saved.read_text())
+    bad["lamda"] = 0.2
+    (tmp_path / "bad.json").write_text(json.dumps(bad))
+    r = run(["train.py", "--config", str(tmp_path / "bad.json")])
+    assert r.returncode != 0 and "'lamda' is not an option (did you mean 'lam'?)" in r.stderr
+    assert "Traceback" not in r.stderr
+    bad = dict(json.loads(saved.read_text()), steps="many")
+    (tmp_path / "bad2.json").write_text(json.dumps(bad))
+    r = run(["train.py", "--config", str(tmp_path / "bad2.json")])
+    assert r.returncode != 0 and "'steps' is 'many', expected a int" in r.stderr
+    r = run(["train.py", "--config", str(tmp_path / "missing.json")])
+    assert r.returncode != 0 and "cannot read it" in r.stderr and "Traceback" not in r.stderr

@@ -37,16 +37,18 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from config import Config, UserError, add_config_args, config_from, lora_targets, loss_group, validate
+from config import (Config, UserError, add_config_args, config_defaults, config_from, lora_targets, loss_group,
+                    validate)
 from data.prepare import DataError, prepare, probe_writable
 from distill import ReferenceBuffer, coars_loss
 from env import closest_history_item, message_grammar, new_trajectory, rollout
 from eval import evaluate_run, results_table, run_ars, write_results
-from extras.checkpoint import (CKPT_NAMES, STOP, BadSteps, Stopped, buffer_state, check_bad_streak, data_fingerprint,
+from extras.checkpoint import (CKPT_NAMES, SINKS, STOP, BadSteps, Stopped, buffer_state, check_bad_streak, data_fingerprint,
                                finite, load_checkpoint, log_jsonl, metrics_lines, plain_progress, rng_state,
                                save_checkpoint, set_buffer_state, set_rng_state, truncate_metrics)
 from extras.distributed import all_gather, all_reduce_grads, barrier, dist_info, init_distributed, merge_stats
 from extras.runs import chat_backbone
+from extras.watch import TrackerError, Trackers, plot_run
 from env import Tokenizer
 from model import token_logprobs
 from pretrain import autocast, stage1, stage2_rows, warmup
@@ -54,8 +56,16 @@ from sampling import CompileError
 
 
 def parse_args(argv=None) -> Config:
+    """The options: --config PATH (a saved config.json) gives the defaults, the other flags override them."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_args(p)
+    p.add_argument("--config", metavar="PATH", help="start from a saved config.json (e.g. out/<run>/config.json); "
+                   "the flags given with it override it (a new --run-name keeps the old run)")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        saved, _ = config_defaults(argv)
+    except UserError as e:
+        sys.exit(f"error: {e}")
+    add_config_args(p, saved)
     return config_from(p.parse_args(argv))
 
 
@@ -74,7 +84,7 @@ def check_run_dir(cfg):
 
 # options that may change between a run and its resumption (they do not change what is computed)
 RESUMABLE = {"resume", "ckpt_every", "skip_eval", "device", "n_boot", "eval_test_n", "max_bad_steps", "rollout_batch",
-             "loss_batch", "grad_checkpointing", "compile"}
+             "loss_batch", "grad_checkpointing", "compile", "tensorboard", "wandb"}
 
 
 def check_resumable(ck, cfg, data):
@@ -377,8 +387,22 @@ def main(argv=None):
                 print(f"resuming {run_dir} from its stage-{ck['stage']} checkpoint at step {ck['step']}")
         if lead:
             (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
-    except (UserError, DataError) as e:
+            if cfg.tensorboard or cfg.wandb:          # after the resume's truncation of metrics.jsonl
+                SINKS.append(Trackers(run_dir, cfg.tensorboard, cfg.wandb, dataclasses.asdict(cfg), cfg.resume))
+    except (UserError, DataError, TrackerError) as e:
         sys.exit(f"error: {e}")
+    try:
+        run(cfg, data, device, run_dir, ck, t_start)
+    finally:
+        for sink in SINKS:
+            sink.close()
+        SINKS.clear()
+
+
+def run(cfg, data, device, run_dir, ck, t_start):
+    """Stages 1 and 2, curves.png, the final evaluation (main's options already checked)."""
+    rank, world = dist_info()
+    lead = rank == 0
     log = print if lead else (lambda *a: None)
     torch.manual_seed(cfg.seed)
     log(f"run folder {run_dir}; device {device}" + (f" x {world} processes" if world > 1 else "")
@@ -397,6 +421,10 @@ def main(argv=None):
     except BadSteps as e:
         sys.exit(f"error: {e}")
     t_s2 = time.time()
+    if lead:
+        path = plot_run(run_dir, log)
+        if path:
+            log(f"training curves: {path}")
     if cfg.skip_eval or not lead:
         return
     res = final_evaluation(cfg, model, tok, data, device)

@@ -126,9 +126,17 @@ def finite(*xs):
     return all(bool(torch.isfinite(torch.as_tensor(x)).all()) for x in xs)
 
 
+# Where each metrics record goes besides metrics.jsonl: the run's live trackers (extras/watch.py,
+# --tensorboard / --wandb), registered by train.py on rank 0 for the length of the run.
+SINKS = []
+
+
 def log_jsonl(path, rec):
+    """Append one record to a run's metrics.jsonl, and hand it to the registered SINKS."""
     with open(path, "a") as f:
         f.write(json.dumps(rec) + "\n")
+    for sink in SINKS:
+        sink.log(rec)
 
 
 class BadSteps(Exception):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from config import Config, UserError, lora_targets
+from config import Config, UserError, lora_targets, saved_options
 from data.prepare import DataError, prepare
 from extras import hf
 from extras.chat import ChatTokenizer
@@ -33,15 +33,6 @@ def chat_backbone(cfg, data, device, log):
     return model, ChatTokenizer(hf_tok, data.titles)
 
 
-def config_of(saved):
-    """A saved run's options as today's Config fields: a run from before --decoding had free_answer
-    (True = 'free'; False = 'item', the RecAgent's item alone restricted)."""
-    saved = dict(saved)
-    if "free_answer" in saved:
-        saved["decoding"] = "free" if saved.pop("free_answer") else "item"
-    return saved
-
-
 def load_run(run_dir: Path, device="auto"):
     """(cfg, model with both adapters, tokenizer, data) of a finished run (its coars.pt and, for the
     built-in model, its base.pt)."""
@@ -49,7 +40,7 @@ def load_run(run_dir: Path, device="auto"):
     if not path.exists():
         raise UserError(f"{path} does not exist: point --run at a folder written by train.py.")
     ck = torch.load(path, map_location="cpu", weights_only=True)
-    cfg = Config(**config_of(ck["config"]))
+    cfg = Config(**saved_options(ck["config"]))
     device = device_of(device)
     try:
         data = prepare(cfg.data_config(), log=lambda *a: None)
