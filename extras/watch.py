@@ -138,10 +138,11 @@ def plot_run(run_dir, log=print):
                 continue
             x, y = np.array(pts, float).T
             dense = key not in ("valid_hr1", "valid_hit", "train_greedy_hit") and len(y) >= 5
+            color = None
             if dense:                     # per-step values are noisy: a moving mean of 5, as the suite's plot
-                ax.plot(x, y, alpha=0.25, lw=0.8)
+                color = ax.plot(x, y, alpha=0.25, lw=0.8)[0].get_color()
                 y, x = np.convolve(y, np.ones(5) / 5, mode="valid"), x[4:]
-            ax.plot(x, y, label=key, marker=None if dense else ".")
+            ax.plot(x, y, label=key, marker=None if dense else ".", color=color)
         ax.set_title(title, fontsize=9)
         ax.set_xlabel(f"stage-{stage} step", fontsize=8)
         if ax.lines:
