@@ -380,11 +380,16 @@ def evaluate_run(cfg, model, tok, data, device, log=print):
     res = evaluate(model, tok, data, "test", cfg.t_max, device, cfg.n_boot, cfg.seed, agents=tuple(agents),
                    max_samples=cfg.eval_test_n, decoding=cfg.decoding, log=log, per_sample=True)
     if cfg.eval_returns_n:
-        rows, keys = returns_sample(cfg, data)
-        res["user_returns"] = user_returns(model, tok, data, rows, keys, cfg.reward_options(), cfg.t_max, device,
-                                           temperature=cfg.temperature, decoding=cfg.decoding, batch=tok.eval_batch,
-                                           n_boot=cfg.n_boot, seed=cfg.seed)
+        res["user_returns"] = run_user_returns(cfg, model, tok, data, device)
     return res
+
+
+def run_user_returns(cfg, model, tok, data, device):
+    """user_returns with a run's options, on its --eval-returns-n stage-2 samples (returns_sample)."""
+    rows, keys = returns_sample(cfg, data)
+    return user_returns(model, tok, data, rows, keys, cfg.reward_options(), cfg.t_max, device,
+                        temperature=cfg.temperature, decoding=cfg.decoding, batch=tok.eval_batch, n_boot=cfg.n_boot,
+                        seed=cfg.seed)
 
 
 def returns_sample(cfg, data):

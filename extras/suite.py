@@ -55,8 +55,7 @@ import torch  # noqa: E402
 
 from config import UserError, add_config_args, config_from, validate  # noqa: E402
 from data.prepare import DataError, prepare  # noqa: E402
-from eval import (baseline_hits, evaluate, mean_ci, paired_diff_ci, prf, returns_sample,  # noqa: E402
-                  user_returns)
+from eval import baseline_hits, evaluate, mean_ci, paired_diff_ci, prf, run_user_returns  # noqa: E402
 from extras.bench import machine  # noqa: E402
 from extras.distributed import device_of  # noqa: E402
 from train import backbone, sft_reference, stage2  # noqa: E402
@@ -87,13 +86,9 @@ CURVES = [("valid_hit", "validation Hit@1"), ("rec_reward", "RecAgent mean rewar
 def run_variant(cfg, name, base, data, tok, device, folder, log):
     """Stage 2 from the shared base, then the test evaluation of this one agent pair. Returns the
     results dict with per-sample arrays (cached in folder: a finished run is not redone)."""
-    done = folder / "results.json"
-    if done.exists():
-        res = json.loads(done.read_text())
-        if res.get("config") == dataclasses.asdict(cfg):
-            log(f"  {folder.name}: done before, reusing its results")
-            return dict(res, folder=str(folder))
-    folder.mkdir(parents=True, exist_ok=True)
+    res = done_before(cfg, folder, log)
+    if res:
+        return res
     (folder / "metrics.jsonl").unlink(missing_ok=True)
     model = copy.deepcopy(base)               # the shared frozen base; this run adds its own adapters
     t0 = time.time()
@@ -102,20 +97,12 @@ def run_variant(cfg, name, base, data, tok, device, folder, log):
     res = evaluate(model, tok, data, "test", cfg.t_max, device, cfg.n_boot, cfg.seed, agents=((name, ("rec", "user")),),
                    log=log, max_samples=cfg.eval_test_n, per_sample=True, decoding=cfg.decoding)
     if cfg.eval_returns_n:
-        rows, keys = returns_sample(cfg, data)
-        res["user_returns"] = user_returns(model, tok, data, rows, keys, cfg.reward_options(), cfg.t_max, device,
-                                           temperature=cfg.temperature, decoding=cfg.decoding, batch=tok.eval_batch,
-                                           n_boot=cfg.n_boot, seed=cfg.seed)
-    res.update(config=dataclasses.asdict(cfg), train_seconds=round(seconds, 1), folder=str(folder))
-    tmp = folder / "results.tmp"
-    tmp.write_text(json.dumps(res))
-    tmp.replace(done)
-    return res
+        res["user_returns"] = run_user_returns(cfg, model, tok, data, device)
+    return keep(res, cfg, seconds, folder)
 
 
-def run_sft(cfg, base, data, tok, device, folder, log):
-    """The reference row 'SFT on stage-2 samples' from the shared base (train.sft_reference), then
-    its test evaluation with the untrained UserAgent (cached in folder as run_variant's are)."""
+def done_before(cfg, folder, log):
+    """The results a finished run of these options left in folder (None: run it); makes folder."""
     done = folder / "results.json"
     if done.exists():
         res = json.loads(done.read_text())
@@ -123,6 +110,24 @@ def run_sft(cfg, base, data, tok, device, folder, log):
             log(f"  {folder.name}: done before, reusing its results")
             return dict(res, folder=str(folder))
     folder.mkdir(parents=True, exist_ok=True)
+    return None
+
+
+def keep(res, cfg, seconds, folder):
+    """Write a finished run's results (with its options and training time) to folder/results.json."""
+    res.update(config=dataclasses.asdict(cfg), train_seconds=round(seconds, 1), folder=str(folder))
+    tmp = folder / "results.tmp"
+    tmp.write_text(json.dumps(res))
+    tmp.replace(folder / "results.json")
+    return res
+
+
+def run_sft(cfg, base, data, tok, device, folder, log):
+    """The reference row 'SFT on stage-2 samples' from the shared base (train.sft_reference), then
+    its test evaluation with the untrained UserAgent (cached in folder as run_variant's are)."""
+    res = done_before(cfg, folder, log)
+    if res:
+        return res
     model = copy.deepcopy(base)
     t0 = time.time()
     sft_reference(cfg, model, tok, data, device, log)
@@ -130,11 +135,7 @@ def run_sft(cfg, base, data, tok, device, folder, log):
     res = evaluate(model, tok, data, "test", cfg.t_max, device, cfg.n_boot, cfg.seed,
                    agents=((SFT, ("sft", None)),), log=log, max_samples=cfg.eval_test_n, per_sample=True,
                    decoding=cfg.decoding)
-    res.update(config=dataclasses.asdict(cfg), train_seconds=round(seconds, 1), folder=str(folder))
-    tmp = folder / "results.tmp"
-    tmp.write_text(json.dumps(res))
-    tmp.replace(done)
-    return res
+    return keep(res, cfg, seconds, folder)
 
 
 SFT = "SFT on stage-2 samples"
