@@ -375,7 +375,10 @@ def plot(summary, runs, folder, log=print):
         for ax, (key, title) in zip(axes, CURVES):
             series = []
             for r in rs:
-                lines = [json.loads(l) for l in (Path(r["folder"]) / "metrics.jsonl").read_text().splitlines()]
+                path = Path(r["folder"]) / "metrics.jsonl"
+                if not path.exists():               # the SFT reference logs no stage-2 curves
+                    continue
+                lines = [json.loads(l) for l in path.read_text().splitlines()]
                 pts = [(l["step"], l[key]) for l in lines if l.get("stage") == 2 and key in l]
                 if pts:
                     series.append(pts)
