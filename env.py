@@ -41,7 +41,7 @@ import numpy as np
 import tiktoken
 import torch
 
-from model import Grammar, first_token_grammar
+from model import Grammar, first_token_grammar, trie
 from sampling import generate, hash32
 
 ACTION_RANGE = {"dislike": (0.0, 0.25), "skip": (0.25, 0.5), "star": (0.5, 0.75), "click": (0.75, 1.0)}
@@ -228,9 +228,9 @@ class Tokenizer:
     def user_grammar(self, traj):
         """ACTION d.dd <|why|> JUSTIFICATION <|end|>: the score inside the action's interval, the
         justification a history item."""
-        if not hasattr(self, "_scores"):      # the 101 (action, score) heads, built once
-            self._scores = [[self.action_ids[action_of_score(k / 100)]] + self.text(f"{k / 100:.2f}")
-                            for k in range(101)]
+        if not hasattr(self, "_scores"):      # the trie of the 101 (action, score) heads, built once
+            self._scores = trie([[self.action_ids[action_of_score(k / 100)]] + self.text(f"{k / 100:.2f}")
+                                 for k in range(101)])
         return Grammar([self._scores, [[self.sp("why")]], [[self.item(i)] for i in traj.hist], [[self.end_id]]])
 
     # ---------------------------------------------------------------------------------------------
@@ -312,7 +312,7 @@ def message_grammar(tok, traj, agent, decoding="grammar", items=None):
         return None
     if agent == "rec":
         if decoding == "item":
-            return first_token_grammar([tok.item(i) for i in (traj.cands if items is None else items)])
+            return first_token_grammar(tok.answer_choices(traj) if items is None else [tok.item(i) for i in items])
         return tok.rec_grammar(traj, items)
     return tok.user_grammar(traj) if decoding == "grammar" else None
 
@@ -356,7 +356,8 @@ def rollout(model, tok, data, trajs, t_max=5, temperature=1.0, generator=None, d
         prompts = [tok.render_rec(tr, len(tr.turns)) for tr in live]
         items = None
         if exclude_rejected and decoding != "free" and not tok.chat:
-            items = [[i for i in tr.cands if i not in rejected_items(tr.turns)] or tr.cands for tr in live]
+            rejected = [rejected_items(tr.turns) for tr in live]          # once per episode
+            items = [[i for i in tr.cands if i not in r] or tr.cands for tr, r in zip(live, rejected)]
         outs = write_messages(model, tok, live, "rec", rec_adapter, prompts, temperature, generator, device, batch,
                               compile, decoding, items)
         for tr, p, o in zip(live, prompts, outs):

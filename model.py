@@ -368,13 +368,15 @@ def trie(seqs):
 
 
 class Grammar:
-    """The messages an agent may write: parts in order, each a list of token sequences or FREE.
+    """The messages an agent may write: parts in order, each a list of token sequences (or its
+    trie) or FREE.
     allowed(prefix) -> the ids that may come next after `prefix` (a list of ids the message holds
     so far), in the order the part lists them; None where any token may (a FREE part); a prefix
     the grammar cannot produce is an error."""
 
     def __init__(self, parts):
-        self.parts = [FREE if p is FREE else trie(p) for p in parts]
+        # a part may be given as a trie already (a dict from trie()), shared read-only between grammars
+        self.parts = [p if p is FREE or isinstance(p, dict) else trie(p) for p in parts]
 
     def __eq__(self, other):
         return isinstance(other, Grammar) and self.parts == other.parts
@@ -458,20 +460,25 @@ def token_logprobs(model, prompts, completions, pad_id, device="cpu", chunk=1024
     hs, tgt = h[score], idx[:, 1:][score[:, :-1]]                         # (N,C), (N,) the y_n, row-major
     if temperature != 1.0:
         hs = hs / temperature                                             # logits / T, as sample_next
-    lp = logprobs_of(hs, model.head_weight, tgt, chunk)                   # (N,)
     lens = [len(c) for c in completions]
     grammar = row_grammars(grammar, first, len(prompts))
-    if grammar is not None:
-        supports = [a for row in row_supports(grammar, completions) for a in row]   # (N,) lists or None
-        rows = [n for n, a in enumerate(supports) if a is not None]
-        if rows:
-            K = max(len(supports[n]) for n in rows)
-            allowed = torch.tensor([supports[n] + [0] * (K - len(supports[n])) for n in rows], device=device)
-            keep = torch.tensor([[k < len(supports[n]) for k in range(K)] for n in rows], device=device)
-            rows = torch.tensor(rows, device=device)                      # (M,)
-            # hs is already divided by the temperature
-            lp = lp.index_put((rows,), restricted_logprobs(hs[rows], model.head_weight, allowed, tgt[rows],
-                                                           keep).to(lp.dtype))
+    if grammar is None:
+        return list(logprobs_of(hs, model.head_weight, tgt, chunk).split(lens))
+    # each position over its own support: the whole vocabulary (chunked kernel) only where it is free
+    supports = [a for row in row_supports(grammar, completions) for a in row]   # (N,) lists or None
+    rows = [n for n, a in enumerate(supports) if a is not None]
+    free = [n for n, a in enumerate(supports) if a is None]
+    lp = torch.zeros(len(supports), dtype=_acc(hs.dtype), device=hs.device)  # (N,)
+    if free:
+        free = torch.tensor(free, device=device)
+        lp = lp.index_put((free,), logprobs_of(hs[free], model.head_weight, tgt[free], chunk).to(lp.dtype))
+    if rows:
+        K = max(len(supports[n]) for n in rows)
+        allowed = torch.tensor([supports[n] + [0] * (K - len(supports[n])) for n in rows], device=device)
+        keep = torch.tensor([[k < len(supports[n]) for k in range(K)] for n in rows], device=device)
+        rows = torch.tensor(rows, device=device)                          # (M,)
+        lp = lp.index_put((rows,), restricted_logprobs(hs[rows], model.head_weight, allowed, tgt[rows],
+                                                       keep).to(lp.dtype))
     return list(lp.split(lens))
 
 

@@ -11,8 +11,8 @@ What is here:
   - generate_nocache(): the plain reference, one prompt at a time and a full forward per token; the
     tests check generate() against it token for token, compiled or not.
   - decoding under a grammar [ours, PAPER.md section 5] (model.Grammar: which tokens may come next
-    in one message, given what it holds so far): generate() samples each token from the softmax restricted to those tokens, and
-    model.token_logprobs() scores every token over the same restricted softmax (policy, teacher,
+    in one message, given what it holds so far): generate() samples each token from the softmax
+    restricted to those tokens, and model.token_logprobs() scores every token over the same restricted softmax (policy, teacher,
     student, base), so a message decoded under its grammar is valid by construction and RL's
     gradient falls on the decisions (which item, which action and score), not on the format.
 
