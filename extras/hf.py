@@ -17,6 +17,10 @@ What is here:
     (model.LoRALinear) on chosen linear layers. Our (B,1,T,Tk) boolean mask (True = may attend) is
     passed to the model as a custom 4-D mask, which transformers uses as it is; the attention is
     therefore forced to "sdpa" (the "eager" kernel would add a boolean mask instead of applying it).
+  - export_peft(): an agent's adapter as a PEFT LoRA folder (adapter_config.json and
+    adapter_model.safetensors, the base model named), which peft.PeftModel.from_pretrained loads
+    onto the same base and vLLM serves; train.py writes out/<run>/peft/<agent>/ for each adapter of
+    a Hugging Face run. peft is needed only to load such a folder, not to train or write it.
   - tiny_model(): a small randomly initialised Qwen2 or Llama with a byte-level BPE tokenizer
     trained on given text and a ChatML chat template, saved to a folder: the tests run the whole
     pipeline on it with HF_HUB_OFFLINE=1.
@@ -32,7 +36,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from model import Adapters
+from model import Adapters, LoRALinear
 
 # name -> (python package that carries the files, GGUF file inside it, how to install it)
 SHORTCUTS = {
@@ -145,6 +149,47 @@ class HFBackbone(Adapters, nn.Module):
         """One generation step, as GPT.decode: the dynamic cache holds the first col columns."""
         c = int(col)
         return self(tok[:, None], pos[:, None], valid[:, None, None, :c + 1], cache, c)[:, 0]
+
+
+# --------------------------------------------------------------------------------------------------
+# Adapters in the PEFT format
+
+
+def export_peft(model, adapter, folder, base_name):
+    """Write LoRA adapter `adapter` ("rec", "user", "sft") of an HFBackbone to `folder` in PEFT's
+    format: adapter_model.safetensors with PEFT's key names (base_model.model.<module>.lora_A /
+    lora_B.weight: our A (r,in) and B (out,r) as they are) and adapter_config.json (LoRA, rank r,
+    lora_alpha = scale * r, no dropout, no bias, the target layers, base_model_name_or_path =
+    base_name). The folder appears whole or not at all (written beside it, then renamed)."""
+    import json
+    import shutil
+
+    from safetensors.torch import save_file
+    tensors, targets, ranks, alphas = {}, set(), set(), set()
+    for name, mod in model.lm.named_modules():
+        if isinstance(mod, LoRALinear) and adapter in mod.adapters:
+            a, b = mod.adapters[adapter][0].weight, mod.adapters[adapter][1].weight
+            tensors[f"base_model.model.{name}.lora_A.weight"] = a.detach().float().cpu().contiguous()
+            tensors[f"base_model.model.{name}.lora_B.weight"] = b.detach().float().cpu().contiguous()
+            targets.add(name.split(".")[-1])
+            ranks.add(a.shape[0])
+            alphas.add(mod.scale[adapter] * a.shape[0])
+    if not tensors:
+        raise ValueError(f"the model has no LoRA adapter named {adapter!r}")
+    assert len(ranks) == len(alphas) == 1, "one rank and one alpha per adapter (model.Adapters.add_lora)"
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": str(base_name),
+              "r": ranks.pop(), "lora_alpha": alphas.pop(), "lora_dropout": 0.0, "bias": "none",
+              "target_modules": sorted(targets), "fan_in_fan_out": False, "init_lora_weights": True,
+              "inference_mode": True, "use_rslora": False, "use_dora": False, "modules_to_save": None}
+    folder = Path(folder)
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+    (tmp / "adapter_config.json").write_text(json.dumps(config, indent=1) + "\n")
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.replace(folder)
+    return folder
 
 
 # --------------------------------------------------------------------------------------------------
