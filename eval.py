@@ -140,7 +140,6 @@ def repeats_rejected(traj):
 
 
 @torch.no_grad()
-@torch.no_grad()
 def next_token_scores(model, prompts, choices, pad_id, device="cpu"):
     """(B,K) logits of the ids choices[b] (K per row) as the token after prompts[b]: one forward pass
     over the left-padded batch. The built-in RecAgent's ranking of its candidates (rank_metrics, which is also
@@ -472,10 +471,10 @@ def results_table(res):
     return "\n".join(lines)
 
 
-def write_results(res, folder):
+def write_results(res, folder, name="results"):
     folder = Path(folder)
-    (folder / "results.json").write_text(json.dumps(res, indent=1))
-    (folder / "results.md").write_text(results_table(res) + "\n")
+    (folder / f"{name}.json").write_text(json.dumps(res, indent=1))
+    (folder / f"{name}.md").write_text(results_table(res) + "\n")
 
 
 def main(argv=None):
@@ -512,8 +511,12 @@ def main(argv=None):
                                                           if model.has_adapter("sft") else ()) + (("CoARS", ("rec", "user")),)
         res = evaluate(model, tok, data, a.split, cfg.t_max, device, cfg.n_boot, cfg.seed, agents=agents,
                        max_samples=a.max_samples, decoding=cfg.decoding)
-    write_results(res, a.run)
+    # the full test evaluation is the run's results.json (as train.py writes it); any other goes beside it
+    name = "results" if a.split == "test" and not a.max_samples else \
+        f"results_{a.split}" + (f"_{a.max_samples}" if a.max_samples else "")
+    write_results(res, a.run, name)
     print(results_table(res))
+    print(f"\nwritten to {Path(a.run) / name}.md and .json")
 
 
 if __name__ == "__main__":

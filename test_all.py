@@ -1474,6 +1474,10 @@ def test_train_and_eval_end_to_end_on_synthetic_ml1m(synth, tmp_path):
     assert r3.returncode == 0, r3.stderr[-3000:]
     res3 = json.loads((run_dir / "results.json").read_text())
     assert res3["methods"]["Memory-based ARS"]["hit"] == res["methods"]["Memory-based ARS"]["hit"]
+    # a validation evaluation goes beside the run's test results, never over them
+    r4 = run(["eval.py", "--run", str(run_dir), "--split", "valid"])
+    assert r4.returncode == 0 and json.loads((run_dir / "results_valid.json").read_text())["split"] == "valid"
+    assert json.loads((run_dir / "results.json").read_text())["split"] == "test"
 
 
 @pytest.mark.parametrize("source", ["ml-100k", "lastfm", "instruments", "custom"])
@@ -1503,7 +1507,8 @@ def test_train_end_to_end_on_every_source(source, tmp_path):
 
 
 @pytest.mark.parametrize("script", ["train.py", "eval.py", "extras/suite.py", "extras/bench.py", "extras/viewer.py", "data/prepare.py",
-                                    "extras/sasrec_check.py", "extras/headroom.py", "data/synthetic.py", "data/llara.py"])
+                                    "extras/sasrec_check.py", "extras/headroom.py", "data/synthetic.py", "data/llara.py",
+                                    "extras/chat_check.py"])
 def test_every_command_line_prints_its_help(script):
     r = run([script, "--help"])
     assert r.returncode == 0 and "usage:" in r.stdout and "Traceback" not in r.stderr, r.stderr[-1500:]
@@ -2635,6 +2640,25 @@ def test_real_smollm2_writes_only_valid_messages_under_the_grammar(data):
         tr.key = 7 + k
     pairs = _chat_rollout_checks(m, tok, data, trajs, 1.0)
     assert len(pairs) >= 4
+
+
+def test_chat_check_measures_format_and_knowledge_of_a_chat_model(synth, tmp_path, tiny_hf):
+    """extras/chat_check.py on a tiny Qwen2: under the grammar every message of the untrained pair is
+    valid (free decoding: almost none), on the fixed subset eval.py --max-samples draws; the
+    constrained candidate ranking with and without the hint, summed and per-token mean."""
+    out = tmp_path / "cc.json"
+    r = run(["extras/chat_check.py", "--model", tiny_hf["qwen2"], "--dataset", "ml-1m", "--data-url", synth["url"],
+             "--data-sha256", synth["sha"], "--data-dir", str(tmp_path / "data"), "--n", "6", "--t-max", "2", "--out", str(out)])
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(out.read_text())
+    g, f = res["results"]["untrained pair, --decoding grammar"], res["results"]["untrained pair, --decoding free"]
+    assert g["rec_valid"]["mean"] == 1.0 and g["user_valid"]["mean"] == 1.0 and f["rec_valid"]["mean"] < 0.5
+    assert len(res["rows"]) == 6 and res["rows"] == sorted(res["rows"])
+    for name in ("candidate ranking, with the hint", "candidate ranking, no hint"):
+        assert 0 <= res["results"][name]["HR@1 summed"]["mean"] <= 1
+    assert "| untrained pair, --decoding grammar |" in r.stdout and "peak RSS" in r.stdout
+    r = run(["extras/chat_check.py", "--model", tiny_hf["qwen2"], "--decoding", "greedy"])
+    assert r.returncode != 0 and "error: --decoding 'greedy'" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_grad_checkpointing_gives_the_same_gradient(tiny_hf):
