@@ -61,7 +61,7 @@ class Config:
     # ---- the language model ----
     model: str = ""
     """'' = the built-in GPT; else a Hugging Face chat model: hub id, local folder, .gguf file, or the shortcut
-    smollm2-135m (extras/hf.py)"""
+    smollm2-135m (support/hf.py)"""
     lora_targets: str = ""
     """comma-separated names of the linear layers that get LoRA ('' = the model's default: qkv,proj,fc,fc2 for
     the built-in GPT, q_proj,v_proj,gate_proj,up_proj,down_proj for a Hugging Face model)"""
@@ -180,7 +180,7 @@ class Config:
     """bootstrap resamples for the intervals"""
     skip_eval: bool = False
     """do not run the final test evaluation"""
-    # ---- watching a run (extras/watch.py) ----
+    # ---- watching a run (support/watch.py) ----
     tensorboard: bool = False
     """write every metric to TensorBoard event files under out_dir/run_name/tensorboard (needs the tensorboard
     package)"""

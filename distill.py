@@ -15,23 +15,22 @@ keyed by sample); with none yet, from the current trajectory. d is used only in 
     Eq. 11/12  J = E[ sum_t (1/|y_t|) sum_n (R_t + lambda * A_{t,n}) * log pi_S(y_{t,n} | x_t, y_{t,<n}) ]
 
 This is REINFORCE with a per-token advantage R_t + lambda * A_{t,n}: no PPO ratio, no group
-normalisation, no KL penalty, as in the paper. [ours, extensions, off by default] a batch-mean
+normalisation, no KL penalty, as in the paper. coars_objective is Eq. 10-12 on one group of
+messages; train.agent_loss runs it (the teacher's, the student's and the base's log-prob passes,
+micro-batches, the backward passes and their timing). [ours, extensions, off by default] a batch-mean
 baseline subtracted from R_t (--baseline mean); a penalty that keeps the UserAgent near the
 untrained one (--user-kl, kl_to_base).
 """
 
-import time
-
 import torch
 
 from env import message_grammar
-from model import token_logprobs
 from reward import turn_rewards
 
 
 def hindsight_reference(tok, ref):
     """Token ids of the hindsight reference d built from trajectory `ref` (template [ours])."""
-    if tok.chat:                  # a Hugging Face model: the same content in words (extras/chat.py)
+    if tok.chat:                  # a Hugging Face model: the same content in words (support/chat.py)
         return tok.hindsight_reference(ref)
     ids = [tok.sp("hind")]
     for tr in ref.turns:
@@ -138,63 +137,21 @@ def balance_user(rewards, hits):
     return [r * n / (2 * (n_hit if h else n - n_hit)) for r, h in zip(rewards, hits)]
 
 
-def coars_loss(model, tok, trajs, buffer, agent, reward_cfg, lam=0.1, baseline="none", device="cpu", timing=None,
-               micro=0, backward=False, n_episodes=None, decoding="grammar", kl=0.0, temperature=1.0):
-    """The loss of one agent on a batch of finished trajectories, and its statistics.
+def coars_objective(student_lp, teacher_lp, rewards, lam=0.1, n_episodes=None, baseline=0.0, base_lp=None, kl=0.0):
+    """Eq. 10-12 for a group of one agent's messages, from the log-probs of the tokens the student
+    wrote: the student's (with gradient), the teacher's (the same agent shown the hindsight
+    reference d; None when lam = 0) and, for --user-kl, the untrained base's.
 
-    The agent's adapter must be active. The teacher pass (reference in the prompt) runs without
-    gradient; the student pass carries the gradient of Eq. 11 / 12. timing: an optional dict that
-    receives teacher_s and student_s (with backward=True the student time includes its backward).
+        A_{t,n} = clip(log pi_T - log pi_S, -1, 1)                     Eq. 10 (token_credit)
+        loss    = -J = -(1/n) sum_t (1/|y_t|) sum_n (R_t - b + lam A_{t,n}) log pi_S    Eq. 11 / 12
+                  [+ kl * kl_to_base]                                  [ours, extension]
 
-    micro > 0 with backward=True: the messages go through teacher and student passes `micro` at a
-    time and each group's part of the loss is back-propagated at once, so only one group's
-    activations are alive. Eq. 11 / 12 is a sum over messages divided by the number of episodes,
-    so the gradient is that of the whole batch (up to the order of floating-point sums); the
-    returned loss is then detached. n_episodes: the episodes the expectation is over (default
-    len(trajs); under torchrun the whole batch, of which trajs is this rank's share). decoding: the
-    rollout's --decoding (env.py), so that every token is scored over the support it was drawn from;
-    temperature: the rollout's sampling temperature, so that the log-probs (teacher's, student's and
-    the base's alike) are those of the distribution the tokens were drawn from.
-    kl > 0 [ours, extension]: adds kl * kl_to_base, the base's log-probs taken with no adapter active
-    (one more pass without gradient); the agent's adapter is active again afterwards."""
-    msgs = collect_messages(tok, trajs, buffer, agent, reward_cfg, decoding)
-    if not msgs:
-        return torch.zeros((), device=device), dict(messages=0)
-    rs_all = [m[3] for m in msgs]
-    b = sum(rs_all) / len(rs_all) if baseline == "mean" else 0.0
-    step = micro if (micro and backward) else len(msgs)
-    total, credits, t_teacher, t_student, kl_sum = 0.0, [], 0.0, 0.0, 0.0
-    for s in range(0, len(msgs), step):
-        student_p, teacher_p, ys, rs, grammar = zip(*msgs[s:s + step])
-        lp_opts = dict(grammar=grammar, temperature=temperature)
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            t_lp = token_logprobs(model, teacher_p, ys, tok.pad_id, device, **lp_opts) if lam else None
-        t1 = time.perf_counter()
-        s_lp = token_logprobs(model, student_p, ys, tok.pad_id, device, **lp_opts)
-        cr = [token_credit(t, s_) for t, s_ in zip(t_lp, s_lp)] if lam else [torch.zeros_like(x) for x in s_lp]
-        # agent_objective divides by n_episodes, so the groups' losses add up to the whole loss
-        loss = agent_objective(s_lp, list(rs), cr, lam, n_episodes=n_episodes or len(trajs), baseline=b)
-        if kl:
-            model.set_adapter(None)
-            with torch.no_grad():
-                b_lp = token_logprobs(model, student_p, ys, tok.pad_id, device, **lp_opts)
-            model.set_adapter(agent)
-            pen = kl_to_base(s_lp, b_lp, n_episodes=n_episodes or len(trajs))
-            loss = loss + kl * pen
-            kl_sum = kl_sum + float(pen.detach())
-        if backward:
-            loss.backward()
-            loss = loss.detach()
-        total = total + loss
-        credits += cr
-        t_teacher += t1 - t0
-        t_student += time.perf_counter() - t1
-    if timing is not None:
-        timing.update(teacher_s=t_teacher, student_s=t_student)
-    flat = torch.cat(credits)
-    stats = dict(messages=len(msgs), reward=sum(rs_all) / len(rs_all), credit=float(flat.mean()),
-                 credit_abs=float(flat.abs().mean()))
-    if kl:
-        stats["kl"] = kl_sum          # the penalty before its weight (per episode)
-    return total, stats
+    n = n_episodes (the expectation is over episodes, so the losses of groups of messages add up
+    to the whole batch's). Returns (loss, credits, the KL penalty before its weight or None)."""
+    if lam:
+        credits = [token_credit(t, s) for t, s in zip(teacher_lp, student_lp)]
+    else:
+        credits = [torch.zeros_like(s) for s in student_lp]
+    loss = agent_objective(student_lp, list(rewards), credits, lam, n_episodes=n_episodes, baseline=baseline)
+    pen = kl_to_base(student_lp, base_lp, n_episodes=n_episodes) if kl else None
+    return (loss + kl * pen if kl else loss), credits, pen

@@ -128,7 +128,7 @@ class Tokenizer:
     """The built-in model's message format: its vocabulary (a tiktoken.Encoding built in code, no
     download: the 256 byte tokens, the control tokens above, one special token per item) and the
     agents' prompts and messages in it (the methods below the vocabulary's). This object is the
-    format seam: extras/chat.ChatTokenizer has the same methods in natural language, and the loop
+    format seam: support/chat.ChatTokenizer has the same methods in natural language, and the loop
     only ever calls them.
 
     Prompts are assembled from ids directly (`sp`, `item`, `text`): tiktoken's special-token regex
@@ -136,7 +136,7 @@ class Tokenizer:
     rollouts, while `encode_ordinary` on plain text is fast. `decode` shows any id sequence.
     """
 
-    chat = False          # the token-level format (extras/chat.ChatTokenizer: natural language)
+    chat = False          # the token-level format (support/chat.ChatTokenizer: natural language)
     rec_max_new = 8       # longest RecAgent message: ITEM <|why|> RATIONALE <|end|>, with room to spare
     user_max_new = 12     # longest UserAgent message: ACTION d.dd <|why|> JUSTIFICATION <|end|>
     eval_batch = 256      # episodes per batched generation in evaluation (short prompts, small model)
@@ -307,7 +307,7 @@ def finish_turn(traj, tr, t_max):
 def message_grammar(tok, traj, agent, decoding="grammar", items=None):
     """The Grammar (model.Grammar) of the message `agent` ("rec" / "user") writes next in traj under
     --decoding (module docstring), or None (unconstrained). items: the RecAgent's choices (default
-    the candidates). The same for a chat model (extras/chat.ChatTokenizer's grammars: the title
+    the candidates). The same for a chat model (support/chat.ChatTokenizer's grammars: the title
     among the candidates' titles, the action and a score inside its interval, a bounded reason)."""
     if decoding == "free":
         return None
@@ -354,7 +354,7 @@ def rollout(model, tok, data, trajs, t_max=5, temperature=1.0, generator=None, d
     batch); a torch `generator` instead draws for the whole batch at once. compile: generate's
     decode steps through torch.compile (sampling.decoder). decoding: "grammar", "item" or "free"
     (module docstring).
-    Two hooks for analysis only (extras/headroom.py; never used in training): user, a function
+    Two hooks for analysis only (tools/headroom.py; never used in training): user, a function
     (traj, turn) -> (action, score) that plays the user instead of the UserAgent (an oracle user);
     exclude_rejected, the RecAgent's item is decoded among the candidates the user has not turned
     down in this episode (built-in format only)."""

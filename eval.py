@@ -3,7 +3,7 @@ Evaluation of CoARS and its baselines (PAPER.md section 6).
 
     python eval.py --run out/ml-latest-small            # evaluate a finished training run
     python eval.py --run out/ml-latest-small --split valid
-    python eval.py --run out/ml-latest-small --plot       # only its curves.png (extras/watch.py)
+    python eval.py --run out/ml-latest-small --plot       # only its curves.png (support/watch.py)
 
 Metrics, each with a 95% bootstrap interval over test samples (one sample per user):
   - Hit@1: the final recommended item is the target, over ALL samples (invalid = miss).
@@ -113,7 +113,7 @@ def baseline_hits(data, split, seed=0):
 
 def run_ars(model, tok, data, split, rows, adapters, t_max, device, batch=256, decoding="grammar", **hooks):
     """Greedy episodes of the agent pair on the given samples -> per-sample metric arrays. hooks:
-    rollout's analysis hooks (user, exclude_rejected; extras/headroom.py)."""
+    rollout's analysis hooks (user, exclude_rejected; tools/headroom.py)."""
     trajs = [new_trajectory(data, split, r) for r in rows]
     rollout(model, tok, data, trajs, t_max=t_max, temperature=0.0, device=device,
             rec_adapter=adapters[0], user_adapter=adapters[1], batch=batch, decoding=decoding, **hooks)
@@ -328,7 +328,7 @@ def evaluate(model, tok, data, split="test", t_max=5, device="cpu", n_boot=1000,
     (JSON-ready) with per-method metrics and intervals, and paired comparisons to the last pair.
     max_samples > 0 evaluates a fixed random subset of the split (the same for every method).
     per_sample: also return the evaluated rows and, per method, its per-sample hits (and, per agent
-    pair, its F1-set judgements), for pooling over seeds (extras/suite.py). Two chance references are rows of every table
+    pair, its F1-set judgements), for pooling over seeds (tools/suite.py). Two chance references are rows of every table
     (PAPER.md section 6): a random pick's Hit@1 is 1/K whatever the number of turns (the last of up
     to 5 distinct random picks is still uniform over the K candidates), and a UserAgent that accepts
     everything has the F1 of the "Accept everything" row (2/3 with one negative per positive)."""
@@ -479,8 +479,8 @@ def write_results(res, folder, name="results"):
 
 def main(argv=None):
     from config import UserError
-    from extras.distributed import device_of
-    from extras.runs import load_run                 # loading a saved run is machinery, not a metric
+    from support.distributed import device_of
+    from support.runs import load_run                 # loading a saved run is machinery, not a metric
     p = argparse.ArgumentParser(description="Evaluate a CoARS training run (see the module docstring).")
     p.add_argument("--run", required=True, help="the run folder written by train.py (holds coars.pt)")
     p.add_argument("--split", default="test", choices=["valid", "test"])
@@ -490,7 +490,7 @@ def main(argv=None):
                    "(needs matplotlib), without evaluating")
     a = p.parse_args(argv)
     if a.plot:
-        from extras.watch import plot_run
+        from support.watch import plot_run
         if not (Path(a.run) / "metrics.jsonl").exists():
             sys.exit(f"error: {Path(a.run) / 'metrics.jsonl'} does not exist: point --run at a folder written by "
                      f"train.py.")

@@ -119,7 +119,7 @@ class Block(nn.Module):
 
 
 class Adapters:
-    """LoRA adapter handling shared by the built-in GPT and the Hugging Face wrapper (extras/hf.py)."""
+    """LoRA adapter handling shared by the built-in GPT and the Hugging Face wrapper (support/hf.py)."""
 
     def add_lora(self, names=("rec", "user"), r=8, alpha=16, targets=None):
         """Wrap every nn.Linear whose own name is in `targets` (default: self.lora_targets) with
@@ -342,7 +342,7 @@ def pack(prompts, completions, pad_id):
 # Grammars [ours, PAPER.md section 5]. A message is a sequence of parts; each part is a prefix-free
 # set of token sequences (stored as a trie of nested dicts), FREE (any tokens until a stop id, to the end of
 # the message), or Text(limit, stops) (free text of at most `limit` tokens, then one of the stop ids: the
-# reason of a chat model's message, extras/chat.py). The built-in RecAgent's grammar is four one-token
+# reason of a chat model's message, support/chat.py). The built-in RecAgent's grammar is four one-token
 # parts: its item among the 20 candidates, <|why|>, a history item, <|end|> (env.Tokenizer.rec_grammar).
 # allowed(prefix) is the one definition of a position's support: sampling.generate and every log-prob
 # here read it.

@@ -31,7 +31,7 @@ within minutes). The base is then frozen and cached in out/<run>/base.pt, reused
 the stage-1 options are the same.
 
 A Hugging Face chat model skips stage 1; `--warmup-steps N` gives its two adapters N supervised
-steps on the same scripted dialogues (rendered in natural language by extras/chat.py) before CoARS, so
+steps on the same scripted dialogues (rendered in natural language by support/chat.py) before CoARS, so
 that they can write the message format (warmup()).
 """
 
@@ -49,7 +49,7 @@ from data.prepare import stage2_rows  # noqa: F401  (train.py and the tests take
 from distill import hindsight_reference
 from env import (ACTION_RANGE, Turn, closest_history_item, finish_turn, new_trajectory, record_user)
 from eval import rank_metrics
-from extras.checkpoint import (STOP, Stopped, check_bad_streak, data_fingerprint, finite, log_jsonl, metrics_lines,
+from support.checkpoint import (STOP, Stopped, check_bad_streak, data_fingerprint, finite, log_jsonl, metrics_lines,
                                plain_progress, rng_state, save_checkpoint, set_rng_state)
 from model import build_model, causal_mask, freeze, logprobs_of, pack, positions
 

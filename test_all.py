@@ -29,10 +29,10 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 
-from extras import chat  # noqa: E402
+from support import chat  # noqa: E402
 import distill  # noqa: E402
 import env  # noqa: E402
-from extras import hf  # noqa: E402
+from support import hf  # noqa: E402
 import model as model_mod  # noqa: E402
 import pretrain  # noqa: E402
 import sampling  # noqa: E402
@@ -331,7 +331,7 @@ def test_rollout_ends_at_click_or_turn_limit(data, monkeypatch):
 
 
 def test_rollout_analysis_hooks_oracle_user_and_excluding_rejected_items(data, monkeypatch):
-    """extras/headroom.py's two hooks: exclude_rejected decodes the RecAgent's item among exactly the
+    """tools/headroom.py's two hooks: exclude_rejected decodes the RecAgent's item among exactly the
     candidates not yet turned down (checked against the list rebuilt from the turns), and `user`
     replaces the UserAgent (an oracle that clicks only the target ends the episode on a hit)."""
     tok = Tokenizer(data.n_items)
@@ -651,7 +651,7 @@ def test_outcome_mode_has_no_filter():
 
 def test_each_agent_is_clipped_by_its_own_norm(small_run, tmp_path, capsys, monkeypatch):
     """Scaling the UserAgent's gradient up 1000x leaves the RecAgent's update exactly as it was."""
-    real = train.coars_loss
+    real = train.agent_loss
 
     def louder_user(model, tok, trajs, buffer, agent, *a, **k):
         out = real(model, tok, trajs, buffer, agent, *a, **k)
@@ -660,7 +660,7 @@ def test_each_agent_is_clipped_by_its_own_norm(small_run, tmp_path, capsys, monk
                 if p.grad is not None:
                     p.grad.mul_(louder_user.scale)
         return out
-    monkeypatch.setattr(train, "coars_loss", louder_user)
+    monkeypatch.setattr(train, "agent_loss", louder_user)
     ads = {}
     for scale in (1, 1000):
         louder_user.scale = scale
@@ -736,8 +736,9 @@ def test_paper_defaults_are_pinned():
     lp, a = torch.tensor([-1.0, -3.0]), torch.tensor([1.0, 1.0])
     assert distill.agent_objective([lp], [0.0], [a], n_episodes=1).item() == pytest.approx(0.1 * 2.0)
     import inspect as _inspect
-    assert _inspect.signature(distill.coars_loss).parameters["lam"].default == 0.1
-    assert _inspect.signature(distill.coars_loss).parameters["baseline"].default == "none"
+    assert _inspect.signature(train.agent_loss).parameters["lam"].default == 0.1
+    assert _inspect.signature(train.agent_loss).parameters["baseline"].default == "none"
+    assert _inspect.signature(distill.coars_objective).parameters["lam"].default == 0.1
 
 
 def test_filter_is_wrong_item_with_click_or_star_only():
@@ -761,7 +762,7 @@ def test_mean_baseline_is_subtracted(data):
     lp, a = torch.tensor([-1.0, -3.0]), torch.zeros(2)
     # (R - b) * mean(lp) = (1.0 - 0.25) * -2 -> loss 1.5
     assert distill.agent_objective([lp], [1.0], [a], lam=0.0, n_episodes=1, baseline=0.25).item() == pytest.approx(1.5)
-    # coars_loss "mean": b = the batch's mean reward, so loss_mean - loss_none = b * sum_t mean(lp_t) / n
+    # agent_loss "mean": b = the batch's mean reward, so loss_mean - loss_none = b * sum_t mean(lp_t) / n
     tok = Tokenizer(data.n_items)
     m = tiny_model(tok.vocab_size, scale=0.1)
     m.add_lora(("rec", "user"), r=2, alpha=4)
@@ -776,8 +777,8 @@ def test_mean_baseline_is_subtracted(data):
     rcfg = dict(mode="interaction", alpha=0.1, use_filter=False, stage_gamma=None)
     m.set_adapter("rec")
     with torch.no_grad():
-        none, st = distill.coars_loss(m, tok, trajs, distill.ReferenceBuffer(), "rec", rcfg, 0.0, "none")
-        mean, _ = distill.coars_loss(m, tok, trajs, distill.ReferenceBuffer(), "rec", rcfg, 0.0, "mean")
+        none, st = train.agent_loss(m, tok, trajs, distill.ReferenceBuffer(), "rec", rcfg, 0.0, "none")
+        mean, _ = train.agent_loss(m, tok, trajs, distill.ReferenceBuffer(), "rec", rcfg, 0.0, "mean")
         msgs = distill.collect_messages(tok, trajs, distill.ReferenceBuffer(), "rec", rcfg)
         lps = model_mod.token_logprobs(m, [x[0] for x in msgs], [x[2] for x in msgs], tok.pad_id,
                                        grammar=[x[4] for x in msgs])
@@ -1379,12 +1380,12 @@ def test_ml100k_real_files(tmp_path):
 
 
 def test_sasrec_protocol_metrics_and_cli(synth, tmp_path):
-    from extras.sasrec_check import hits_at
+    from tools.sasrec_check import hits_at
     hr, ndcg = hits_at([0, 3, 9, 10, 100])
     assert hr.tolist() == [1, 1, 1, 0, 0]
     assert np.allclose(ndcg, [1, 1 / np.log2(5), 1 / np.log2(11), 0, 0])
     out = tmp_path / "sr.json"
-    r = run(["extras/sasrec_check.py", "--dataset", "ml-1m", "--data-url", synth["url"], "--data-sha256", synth["sha"],
+    r = run(["tools/sasrec_check.py", "--dataset", "ml-1m", "--data-url", synth["url"], "--data-sha256", synth["sha"],
              "--data-dir", str(tmp_path), "--epochs", "3", "--out", str(out)])
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads(out.read_text())
@@ -1506,9 +1507,9 @@ def test_train_end_to_end_on_every_source(source, tmp_path):
     assert 0 <= res["methods"]["CoARS"]["hit"]["mean"] <= 1
 
 
-@pytest.mark.parametrize("script", ["train.py", "eval.py", "extras/suite.py", "extras/bench.py", "extras/viewer.py", "data/prepare.py",
-                                    "extras/sasrec_check.py", "extras/headroom.py", "data/synthetic.py", "data/llara.py",
-                                    "extras/chat_check.py"])
+@pytest.mark.parametrize("script", ["train.py", "eval.py", "tools/suite.py", "tools/bench.py", "tools/viewer.py", "data/prepare.py",
+                                    "tools/sasrec_check.py", "tools/headroom.py", "data/synthetic.py", "data/llara.py",
+                                    "tools/chat_check.py"])
 def test_every_command_line_prints_its_help(script):
     r = run([script, "--help"])
     assert r.returncode == 0 and "usage:" in r.stdout and "Traceback" not in r.stderr, r.stderr[-1500:]
@@ -1536,9 +1537,9 @@ import time  # noqa: E402
 
 import train  # noqa: E402
 from config import Config, UserError, validate  # noqa: E402
-from extras import viewer  # noqa: E402
-from extras.checkpoint import buffer_state, load_checkpoint, save_checkpoint, set_buffer_state  # noqa: E402
-from extras.runs import load_run  # noqa: E402
+from tools import viewer  # noqa: E402
+from support.checkpoint import buffer_state, load_checkpoint, save_checkpoint, set_buffer_state  # noqa: E402
+from support.runs import load_run  # noqa: E402
 
 TIMING = {"seconds", "rollout_s", "loss_s", "step_s", "gen_tokens_per_s", "tokens_per_s", "teacher_s", "student_s",
           "update_s"}
@@ -1674,7 +1675,7 @@ def in_process(args, capsys):
 def nan_losses(monkeypatch, at):
     """Make the loss non-finite at the (stage, step) pairs in `at` (steps 1-based), by patching the
     loss functions the two training loops call: stage 1 calls pretrain.lm_loss twice a step (item
-    windows, then dialogues), stage 2 calls coars_loss once per trained agent (two)."""
+    windows, then dialogues), stage 2 calls agent_loss once per trained agent (two)."""
     import pretrain
     calls = {1: 0, 2: 0}
 
@@ -1688,7 +1689,7 @@ def nan_losses(monkeypatch, at):
             return (out[0] * float("nan"), out[1]) if isinstance(out, tuple) else out * float("nan")
         return loss_fn
     monkeypatch.setattr(pretrain, "lm_loss", wrap(1, pretrain.lm_loss, 2))
-    monkeypatch.setattr(train, "coars_loss", wrap(2, train.coars_loss, 2))
+    monkeypatch.setattr(train, "agent_loss", wrap(2, train.agent_loss, 2))
 
 
 def test_nan_steps_are_skipped_counted_and_repeated_ones_stop(small_run, tmp_path, capsys, monkeypatch):
@@ -1896,7 +1897,7 @@ def test_logprobs_of_bf16_inputs_and_autocast_match_float64():
 def test_bench_gpt_neox_copy_matches_the_builtin_gpt():
     """bench.py compares our sampler with Hugging Face generate on the same weights: the copy must
     compute the same logits, and greedy outputs must agree."""
-    from extras import bench
+    from tools import bench
     torch.manual_seed(0)
     m = GPT(GPTConfig(vocab_size=300, n_layer=2, n_head=4, n_embd=32, block_size=128)).eval()
     for p in m.parameters():                     # break the symmetry of the zero biases / unit gains
@@ -1917,7 +1918,7 @@ def test_bench_gpt_neox_copy_matches_the_builtin_gpt():
 def test_bench_quick_run_and_its_tables(tmp_path, capsys):
     """bench.py --quick --only gen (ours eager and compiled, Hugging Face eager and compiled, all
     giving the same greedy tokens), then --table on its saved numbers; a bad file is one sentence."""
-    from extras import bench
+    from tools import bench
     if not torch_compile_works():
         pytest.skip("torch.compile does not work on this machine (no C++ compiler?)")
     out = tmp_path / "b.json"
@@ -1931,7 +1932,7 @@ def test_bench_quick_run_and_its_tables(tmp_path, capsys):
     table = capsys.readouterr().out
     assert table.count("| tiny | ") == 2 and table.count("| True |") == 2
     (tmp_path / "bad.json").write_text("{")
-    with pytest.raises(SystemExit, match="is not a file written by extras/bench.py --out"):
+    with pytest.raises(SystemExit, match="is not a file written by tools/bench.py --out"):
         bench.main(["--table", str(tmp_path / "bad.json")])
 
 
@@ -1940,7 +1941,7 @@ def test_bench_quick_run_and_its_tables(tmp_path, capsys):
 
 
 def test_suite_table_writer():
-    from extras import suite
+    from tools import suite
     s = dict(n_samples=4, seeds=2, methods={
         "Random": {"hit": {"mean": 0.25, "lo": 0.0, "hi": 0.75, "seed_sd": 0.0}, "hit_per_seed": [0.25]},
         "CoARS": {"hit": {"mean": 0.5, "lo": 0.125, "hi": 0.875, "seed_sd": 0.05}, "hit_per_seed": [0.45, 0.55],
@@ -1953,9 +1954,9 @@ def test_suite_table_writer():
 
 
 def test_pool_runs_averages_each_user_over_the_seeds(tmp_path):
-    """extras/suite.py --pool: per method the per-user hit averaged over the runs, the per-seed
+    """tools/suite.py --pool: per method the per-user hit averaged over the runs, the per-seed
     means, paired CoARS - other intervals from the averaged hits, F1 per seed, returns per seed."""
-    from extras import suite
+    from tools import suite
     hits = {0: {"Random": [0, 0, 1, 0], "Pop": [1, 0, 0, 0], "SASRec top-1": [1, 1, 0, 0], "CoARS": [1, 1, 1, 0]},
             1: {"Random": [0, 0, 0, 0], "Pop": [1, 0, 0, 0], "SASRec top-1": [1, 0, 0, 1], "CoARS": [1, 1, 0, 0]}}
     dirs = []
@@ -1981,7 +1982,7 @@ def test_pool_runs_averages_each_user_over_the_seeds(tmp_path):
 
 
 def test_suite_orchestration_on_tiny_data(synth, tmp_path, monkeypatch):
-    from extras import suite
+    from tools import suite
     monkeypatch.setitem(suite.SUITES, "tiny", [("No distill", dict(lam=0.0)), ("CoARS", dict())])
     cfg = Config(dataset="ml-1m", data_url=synth["url"], data_sha256=synth["sha"], data_dir=str(tmp_path / "d"),
                        sasrec_epochs=1, pretrain_steps=6, pretrain_batch=4, pretrain_dialogues=4, steps=2, batch=3, eval_every=1,
@@ -2053,9 +2054,9 @@ def test_show_and_interactive_on_a_run(synth, tmp_path, capsys, monkeypatch):
     assert all(t.rec_valid and t.item in tr.cands for t in tr.turns) and tr.turns[0].action == "skip"
     assert tr.turns[-1].action == "click" and tr.done and "conversation over" in said[-1]
     assert all(env.message_grammar(tok, tr, "rec").allowed(t.rec_out) == [] for t in tr.turns)   # whole messages
-    # extras/headroom.py on the same run: 8 rows; with the oracle user a right first pick is always
+    # tools/headroom.py on the same run: 8 rows; with the oracle user a right first pick is always
     # kept (final Hit@1 >= turn-1 Hit@1), and with the exclusion no turned-down item is named again
-    from extras import headroom
+    from tools import headroom
     monkeypatch.undo()
     cfg, model, tok, data = load_run(tmp_path / "o" / "r")
     rows, peers = headroom.headroom(model, tok, data, "valid", cfg.t_max, "cpu", n_boot=20)
@@ -2091,14 +2092,14 @@ def _rec_agent_and_episodes(data, n, seed):
     return tok, m, trajs
 
 
-def test_coars_loss_in_groups_gives_the_whole_batch_gradient(data):
-    """coars_loss with micro-batches back-propagated one by one = the whole batch at once."""
+def test_agent_loss_in_groups_gives_the_whole_batch_gradient(data):
+    """train.agent_loss with micro-batches back-propagated one by one = the whole batch at once."""
     tok, m, trajs = _rec_agent_and_episodes(data, 6, 0)
     rcfg = dict(mode="interaction", alpha=0.1, use_filter=True, stage_gamma=None)
     params = m.adapter_parameters("rec")
-    whole, st = distill.coars_loss(m, tok, trajs, distill.ReferenceBuffer(), "rec", rcfg, 0.1, "mean")
+    whole, st = train.agent_loss(m, tok, trajs, distill.ReferenceBuffer(), "rec", rcfg, 0.1, "mean")
     g_whole = torch.autograd.grad(whole, params)
-    parts, st2 = distill.coars_loss(m, tok, trajs, distill.ReferenceBuffer(), "rec", rcfg, 0.1, "mean",
+    parts, st2 = train.agent_loss(m, tok, trajs, distill.ReferenceBuffer(), "rec", rcfg, 0.1, "mean",
                                     micro=4, backward=True)
     assert st["messages"] == st2["messages"] > 4 and abs(st["credit"] - st2["credit"]) < 1e-6
     assert torch.allclose(parts, whole.detach(), atol=1e-6)
@@ -2107,8 +2108,8 @@ def test_coars_loss_in_groups_gives_the_whole_batch_gradient(data):
         assert torch.allclose(p.grad, g, atol=1e-6)
 
 
-def test_coars_loss_is_eq11_over_the_collected_messages(data):
-    """coars_loss = agent_objective (Eq. 11 / 12) of the agent's messages: rewards from turn_rewards
+def test_agent_loss_is_eq11_over_the_collected_messages(data):
+    """train.agent_loss = agent_objective (Eq. 11 / 12) of the agent's messages: rewards from turn_rewards
     with the given options, credits from teacher and student passes over the SAME support (the 20
     candidates for the RecAgent's first token, the whole vocabulary with free_answer), lam as
     given; its statistics and timing describe exactly that; no messages -> (0, messages 0)."""
@@ -2117,7 +2118,7 @@ def test_coars_loss_is_eq11_over_the_collected_messages(data):
     for rcfg, lam, dec in ((dict(mode="interaction", alpha=0.1, use_filter=True), 0.5, "grammar"),
                            (dict(mode="outcome"), 0.1, "item"), (dict(mode="interaction"), 0.1, "free")):
         timing = {}
-        loss, st = distill.coars_loss(m, tok, trajs, buf, "rec", rcfg, lam, device="cpu", timing=timing,
+        loss, st = train.agent_loss(m, tok, trajs, buf, "rec", rcfg, lam, device="cpu", timing=timing,
                                       decoding=dec)
         with torch.no_grad():
             sp, tp, ys, rs, first = zip(*[(tr.turns[t].rec_prompt, tok.render_rec(tr, t, distill.hindsight_reference(tok, tr)),
@@ -2146,23 +2147,23 @@ def test_coars_loss_is_eq11_over_the_collected_messages(data):
         assert st["credit_abs"] == pytest.approx(float(flat.abs().mean()), abs=1e-6) and st["credit_abs"] > 1e-4
         assert 0 <= timing["teacher_s"] and 0 <= timing["student_s"] and timing["teacher_s"] + timing["student_s"] < 60
     # the restricted and the free support give different credits, so the test above can tell them apart
-    losses = [distill.coars_loss(m, tok, trajs, buf, "rec", {}, 0.1, decoding=d)[0].item() for d in env.DECODING]
+    losses = [train.agent_loss(m, tok, trajs, buf, "rec", {}, 0.1, decoding=d)[0].item() for d in env.DECODING]
     assert len({round(x, 5) for x in losses}) == 3
     # whole batch back-propagated at once (micro = 0) = the same loss
     m.zero_grad()
-    assert distill.coars_loss(m, tok, trajs, buf, "rec", {}, 0.1, backward=True)[0].item() == pytest.approx(
-        distill.coars_loss(m, tok, trajs, buf, "rec", {}, 0.1)[0].item(), abs=1e-6)
+    assert train.agent_loss(m, tok, trajs, buf, "rec", {}, 0.1, backward=True)[0].item() == pytest.approx(
+        train.agent_loss(m, tok, trajs, buf, "rec", {}, 0.1)[0].item(), abs=1e-6)
     # an agent with nothing to learn from
     for tr in trajs:
         for turn in tr.turns:
             turn.rec_valid, turn.user_out = False, None
-    loss, st = distill.coars_loss(m, tok, trajs, buf, "user", {}, 0.1)
+    loss, st = train.agent_loss(m, tok, trajs, buf, "user", {}, 0.1)
     assert loss.item() == 0.0 and loss.shape == () and st == dict(messages=0)
     assert distill.agent_objective([], [], []).item() == 0.0
 
 
 def test_user_kl_extension_adds_k3_against_the_base_and_leaves_the_adapter_active(data):
-    """--user-kl [ours, extension]: coars_loss(kl=b) = coars_loss(kl=0) + b * the mean over each
+    """--user-kl [ours, extension]: agent_loss(kl=b) = agent_loss(kl=0) + b * the mean over each
     message's tokens of exp(base - agent) - (base - agent) - 1, the base taken with no adapter;
     zero (with zero gradient) for an adapter that has not moved; in micro-batches the same."""
     assert distill.kl_to_base([torch.log(torch.tensor([0.5]))], [torch.log(torch.tensor([0.25]))]).item() == \
@@ -2172,8 +2173,8 @@ def test_user_kl_extension_adds_k3_against_the_base_and_leaves_the_adapter_activ
         p.data.normal_(0, 0.3)
     rcfg = dict(mode="interaction", alpha=0.1, use_filter=True)
     buf = distill.ReferenceBuffer()
-    plain, _ = distill.coars_loss(m, tok, trajs, buf, "rec", rcfg, 0.1)
-    with_kl, st = distill.coars_loss(m, tok, trajs, buf, "rec", rcfg, 0.1, kl=0.3)
+    plain, _ = train.agent_loss(m, tok, trajs, buf, "rec", rcfg, 0.1)
+    with_kl, st = train.agent_loss(m, tok, trajs, buf, "rec", rcfg, 0.1, kl=0.3)
     assert all(lin.active == "rec" for lin in m.lora_modules())
     with torch.no_grad():
         sp, ys, g = zip(*[(tr.turns[t].rec_prompt, tr.turns[t].rec_out, env.message_grammar(tok, tr, "rec"))
@@ -2185,7 +2186,7 @@ def test_user_kl_extension_adds_k3_against_the_base_and_leaves_the_adapter_activ
         want = sum(((b - a).exp() - (b - a) - 1).mean() for a, b in zip(s_lp, b_lp)) / len(trajs)
     assert want.item() > 1e-3 and st["kl"] == pytest.approx(want.item(), rel=1e-4)
     assert with_kl.item() == pytest.approx(plain.item() + 0.3 * want.item(), abs=1e-5)
-    parts, st2 = distill.coars_loss(m, tok, trajs, buf, "rec", rcfg, 0.1, kl=0.3, micro=3, backward=True)
+    parts, st2 = train.agent_loss(m, tok, trajs, buf, "rec", rcfg, 0.1, kl=0.3, micro=3, backward=True)
     assert parts.item() == pytest.approx(with_kl.item(), abs=1e-5) and st2["kl"] == pytest.approx(st["kl"], rel=1e-4)
     # an adapter that has not moved (B = 0) is the base: no penalty, no gradient from it
     m.set_adapter("user")
@@ -2249,7 +2250,7 @@ def test_keyed_sampling_follows_softmax_and_ignores_the_batch():
 
 
 # --------------------------------------------------------------------------------------------------
-# Hugging Face backbones (extras/hf.py) and the natural-language format (extras/chat.py)
+# Hugging Face backbones (support/hf.py) and the natural-language format (support/chat.py)
 
 def _chat_texts(data):
     return list(data.titles) + [chat.REC_SYSTEM, chat.USER_SYSTEM] + chat.REC_FORM + chat.USER_FORM
@@ -2397,7 +2398,7 @@ def test_hf_model_runs_the_whole_pipeline(synth, tmp_path, tiny_hf, capsys, monk
     assert "stage 1 skipped" in r.stdout and "warm-up: 1 steps" in r.stdout and "| CoARS |" in r.stdout
     run_dir = tmp_path / "out" / "ml-1m"
     assert not (run_dir / "base.pt").exists()
-    r = run(["extras/viewer.py", "--run", str(run_dir), "--show", "1"])
+    r = run(["tools/viewer.py", "--run", str(run_dir), "--show", "1"])
     assert r.returncode == 0 and "=== conversation 1" in r.stdout and "mean token credit" in r.stdout, r.stderr[-3000:]
 
     real_generate = env.generate
@@ -2432,7 +2433,7 @@ def test_hf_model_runs_the_whole_pipeline(synth, tmp_path, tiny_hf, capsys, monk
     lora_b = [v for k, v in ad.items() if k.endswith("adapters.rec.1.weight")]
     assert lora_b and any(float(v.abs().max()) > 0 for v in lora_b)                  # the RecAgent learned
     assert any(float(v.abs().max()) > 0 for k, v in ad.items() if k.endswith("adapters.user.1.weight"))
-    for agent in ("rec", "user"):                       # each adapter in PEFT's format too (extras/hf.export_peft)
+    for agent in ("rec", "user"):                       # each adapter in PEFT's format too (support/hf.export_peft)
         peft_dir = tmp_path / "out" / "scripted" / "peft" / agent
         assert (peft_dir / "adapter_model.safetensors").is_file()
         assert json.loads((peft_dir / "adapter_config.json").read_text())["base_model_name_or_path"] == tiny_hf["qwen2"]
@@ -2539,7 +2540,7 @@ def _chat_rollout_checks(m, tok, data, trajs, temperature):
 
 @pytest.mark.parametrize("arch", ["qwen2", "llama"])
 def test_chat_grammar_decoding_is_always_valid_and_scores_over_the_same_support(data, tiny_hf, arch):
-    """extras/chat.py's grammars on tiny random Qwen2 / Llama models: at temperature 1 every message
+    """support/chat.py's grammars on tiny random Qwen2 / Llama models: at temperature 1 every message
     names one of the 20 candidates (the UserAgent an action with a score inside its interval) and
     ends with a stop id, also when the reason's length limit is what ends it; without the grammar
     the same model writes almost none valid. The KV-cache generate equals the no-cache reference
@@ -2578,7 +2579,7 @@ def test_chat_grammar_decoding_is_always_valid_and_scores_over_the_same_support(
 
 
 def test_exported_adapter_loads_with_peft_and_gives_the_same_logits(data, tiny_hf, tmp_path):
-    """extras/hf.export_peft: a RecAgent adapter trained one step on a tiny Qwen2, written as a PEFT
+    """support/hf.export_peft: a RecAgent adapter trained one step on a tiny Qwen2, written as a PEFT
     folder, loaded by peft.PeftModel.from_pretrained onto a fresh copy of the same base, gives the
     logits our own adapter gives (float32)."""
     peft = pytest.importorskip("peft", reason="peft is not installed (pip install peft; .ci/run installs it)")
@@ -2643,11 +2644,11 @@ def test_real_smollm2_writes_only_valid_messages_under_the_grammar(data):
 
 
 def test_chat_check_measures_format_and_knowledge_of_a_chat_model(synth, tmp_path, tiny_hf):
-    """extras/chat_check.py on a tiny Qwen2: under the grammar every message of the untrained pair is
+    """tools/chat_check.py on a tiny Qwen2: under the grammar every message of the untrained pair is
     valid (free decoding: almost none), on the fixed subset eval.py --max-samples draws; the
     constrained candidate ranking with and without the hint, summed and per-token mean."""
     out = tmp_path / "cc.json"
-    r = run(["extras/chat_check.py", "--model", tiny_hf["qwen2"], "--dataset", "ml-1m", "--data-url", synth["url"],
+    r = run(["tools/chat_check.py", "--model", tiny_hf["qwen2"], "--dataset", "ml-1m", "--data-url", synth["url"],
              "--data-sha256", synth["sha"], "--data-dir", str(tmp_path / "data"), "--n", "6", "--t-max", "2", "--out", str(out)])
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(out.read_text())
@@ -2657,7 +2658,7 @@ def test_chat_check_measures_format_and_knowledge_of_a_chat_model(synth, tmp_pat
     for name in ("candidate ranking, with the hint", "candidate ranking, no hint"):
         assert 0 <= res["results"][name]["HR@1 summed"]["mean"] <= 1
     assert "| untrained pair, --decoding grammar |" in r.stdout and "peak RSS" in r.stdout
-    r = run(["extras/chat_check.py", "--model", tiny_hf["qwen2"], "--decoding", "greedy"])
+    r = run(["tools/chat_check.py", "--model", tiny_hf["qwen2"], "--decoding", "greedy"])
     assert r.returncode != 0 and "error: --decoding 'greedy'" in r.stderr and "Traceback" not in r.stderr
 
 
@@ -2684,7 +2685,7 @@ def test_grad_checkpointing_gives_the_same_gradient(tiny_hf):
 
 def test_suite_shares_a_hugging_face_backbone(synth, tmp_path, tiny_hf, monkeypatch):
     """A suite on a chat model: no stage 1, every method starts from the same frozen model."""
-    from extras import suite
+    from tools import suite
     monkeypatch.setitem(suite.SUITES, "tiny", [("No distill", dict(lam=0.0)), ("CoARS", dict())])
     cfg = Config(model=tiny_hf["qwen2"], dataset="ml-1m", data_url=synth["url"], data_sha256=synth["sha"],
                        data_dir=str(tmp_path / "d"), sasrec_epochs=1, steps=1, batch=2, eval_every=0,
@@ -2909,7 +2910,7 @@ def test_train_end_to_end_on_a_published_split(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------------
-# Watching a run (extras/watch.py): TensorBoard, W&B, curves.png, --config
+# Watching a run (support/watch.py): TensorBoard, W&B, curves.png, --config
 
 
 def _watch_args(small_run, out):
@@ -3007,3 +3008,93 @@ def test_config_flag_repeats_a_run_and_names_a_wrong_key(small_run, tmp_path, ca
     assert r.returncode != 0 and "'steps' is 'many', expected a int" in r.stderr
     r = run(["train.py", "--config", str(tmp_path / "missing.json")])
     assert r.returncode != 0 and "cannot read it" in r.stderr and "Traceback" not in r.stderr
+
+
+# --------------------------------------------------------------------------------------------------
+# The layout: floors of imports (README "Layout")
+
+# Each project file's floor; a file may import files of its own floor or lower ones, never a higher
+# one, and the imports have no cycle. tools/ stands on the core; the core's loop (the run, the
+# objective, the metrics) leans on support/; support/ and the loop stand on the core's base.
+FLOORS = {"tools": 3, "train.py": 2, "eval.py": 2, "pretrain.py": 2, "distill.py": 2, "support": 1,
+          "model.py": 0, "sampling.py": 0, "env.py": 0, "reward.py": 0, "config.py": 0, "data": 0}
+
+
+def project_imports(root):
+    """{file: set of project files it imports anywhere in it (function bodies too)}, parsed with ast,
+    for every .py file of the project but the tests."""
+    import ast
+    root = Path(root)
+    files = [p for p in root.rglob("*.py") if ".venv" not in p.parts and p.name != "test_all.py"
+             and not any(part.startswith(".") for part in p.relative_to(root).parts)]
+    rel = {p.relative_to(root).as_posix() for p in files}
+
+    def resolve(mod):
+        for cand in (mod.replace(".", "/") + ".py", mod.replace(".", "/") + "/__init__.py"):
+            if cand in rel:
+                return cand
+        return None
+    out = {}
+    for p in files:
+        got = set()
+        for node in ast.walk(ast.parse(p.read_text(), str(p))):
+            if isinstance(node, ast.Import):
+                mods = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                mods = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            else:
+                continue
+            got |= {r for r in map(resolve, mods) if r}
+        me = p.relative_to(root).as_posix()
+        out[me] = got - {me}
+    return out
+
+
+def floor_of(path):
+    return FLOORS[path.split("/")[0]]
+
+
+def floor_problems(imports):
+    """What breaks the layout in an import graph: every upward import ("a imports b (floor 1 -> 2)")
+    and one import cycle if there is one ("cycle: a -> b -> a")."""
+    out = [f"{a} imports {b} (floor {floor_of(a)} -> {floor_of(b)})"
+           for a, bs in sorted(imports.items()) for b in sorted(bs) if floor_of(b) > floor_of(a)]
+    state = {}
+
+    def visit(f, path):                     # depth-first; meeting a file still open is a cycle
+        state[f] = "open"
+        for g in sorted(imports.get(f, ())):
+            if state.get(g) == "open":
+                return path + [f, g]
+            if g not in state:
+                cyc = visit(g, path + [f])
+                if cyc:
+                    return cyc
+        state[f] = "done"
+    for f in sorted(imports):
+        if f not in state:
+            cyc = visit(f, [])
+            if cyc:
+                return out + ["cycle: " + " -> ".join(cyc[cyc.index(cyc[-1]):])]
+    return out
+
+
+def test_imports_go_down_the_floors_and_have_no_cycles():
+    imports = project_imports(ROOT)
+    assert {"train.py", "support/hf.py", "tools/suite.py", "data/prepare.py"} <= set(imports)
+    assert all(f.split("/")[0] in FLOORS for f in imports), sorted(f for f in imports if f.split("/")[0] not in FLOORS)
+    assert floor_problems(imports) == []
+
+
+def test_the_floor_check_can_fail(tmp_path):
+    """The checker on a small tree: an upward import inside a function and a cycle are both found."""
+    (tmp_path / "support").mkdir()
+    (tmp_path / "support" / "__init__.py").write_text("")
+    (tmp_path / "support" / "a.py").write_text("def f():\n    import train\n")
+    (tmp_path / "train.py").write_text("from support import a\nimport eval\n")
+    (tmp_path / "eval.py").write_text("from train import x\n")
+    imp = project_imports(tmp_path)
+    assert imp["support/a.py"] == {"train.py"} and imp["train.py"] == {"support/__init__.py", "support/a.py", "eval.py"}
+    problems = floor_problems(imp)
+    assert problems[0] == "support/a.py imports train.py (floor 1 -> 2)"
+    assert any(p.startswith("cycle: ") and "eval.py -> train.py" in p for p in problems), problems

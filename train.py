@@ -3,7 +3,7 @@ Train CoARS end to end (PAPER.md section 5) and print the results table.
 
     python train.py --dataset ml-latest-small --data-url file:///path/to/ml-latest-small.zip
     python train.py --dataset ml-1m                       # downloads ml-1m from GroupLens
-    python train.py --model smollm2-135m --warmup-steps 20 ...   # a Hugging Face chat model (extras/hf.py)
+    python train.py --model smollm2-135m --warmup-steps 20 ...   # a Hugging Face chat model (support/hf.py)
     torchrun --nproc_per_node=2 train.py ...              # DDP over 2 processes (GPUs, or gloo on CPU)
     python train.py --help                                # every option, with its default
 
@@ -21,10 +21,10 @@ Stages:
 This is the REINFORCE-style objective of the paper (no PPO ratio, no KL, no group normalisation);
 see distill.py for the one optional extension.
 
-Several processes (torchrun, extras/distributed.py): each rank rolls out its share of the batch and the
+Several processes (torchrun, support/distributed.py): each rank rolls out its share of the batch and the
 adapters' gradients are summed over ranks; with keyed sampling (sampling.sample_next) the run equals
 a single-process one (the test checks it). Rank 0 alone prepares the data first, pretrains the
-base, logs, evaluates and writes checkpoints. Checkpoints, resumption and stops: extras/checkpoint.py.
+base, logs, evaluates and writes checkpoints. Checkpoints, resumption and stops: support/checkpoint.py.
 """
 
 import argparse
@@ -40,16 +40,16 @@ from tqdm import tqdm
 from config import (Config, UserError, add_config_args, config_defaults, config_from, lora_targets, loss_group,
                     validate)
 from data.prepare import DataError, prepare, probe_writable
-from distill import ReferenceBuffer, coars_loss
+from distill import ReferenceBuffer, coars_objective, collect_messages
 from env import closest_history_item, message_grammar, new_trajectory, rollout
 from eval import evaluate_run, results_table, run_ars, write_results
-from extras.checkpoint import (CKPT_NAMES, SINKS, STOP, BadSteps, Stopped, buffer_state, check_bad_streak, data_fingerprint,
+from support.checkpoint import (CKPT_NAMES, SINKS, STOP, BadSteps, Stopped, buffer_state, check_bad_streak, data_fingerprint,
                                finite, load_checkpoint, log_jsonl, metrics_lines, plain_progress, rng_state,
                                save_checkpoint, set_buffer_state, set_rng_state, truncate_metrics)
-from extras.distributed import all_gather, all_reduce_grads, barrier, dist_info, init_distributed, merge_stats
-from extras import hf
-from extras.runs import chat_backbone
-from extras.watch import TrackerError, Trackers, plot_run
+from support.distributed import all_gather, all_reduce_grads, barrier, dist_info, init_distributed, merge_stats
+from support import hf
+from support.runs import chat_backbone
+from support.watch import TrackerError, Trackers, plot_run
 from env import Tokenizer
 from model import token_logprobs
 from pretrain import autocast, stage1, stage2_rows, warmup
@@ -168,7 +168,7 @@ def stage2(cfg, model, tok, data, device, run_dir, log, ck=None):
             model.set_adapter(agent)
             timing = {}
             with autocast(device, cfg.precision):   # back-propagates loss_batch messages at a time
-                loss, st = coars_loss(model, tok, trajs, buffer, agent, reward_cfg, cfg.lam, cfg.baseline, device,
+                loss, st = agent_loss(model, tok, trajs, buffer, agent, reward_cfg, cfg.lam, cfg.baseline, device,
                                       timing=timing, micro=loss_group(cfg), backward=True, n_episodes=cfg.batch,
                                       decoding=cfg.decoding, kl=cfg.user_kl if agent == "user" else 0.0,
                                       temperature=cfg.temperature)
@@ -309,9 +309,70 @@ def adapter_state(model):
     return {k: v for k, v in model.state_dict().items() if ".adapters." in k}
 
 
+def agent_loss(model, tok, trajs, buffer, agent, reward_cfg, lam=0.1, baseline="none", device="cpu", timing=None,
+               micro=0, backward=False, n_episodes=None, decoding="grammar", kl=0.0, temperature=1.0):
+    """One agent's CoARS loss on a batch of finished trajectories (distill.coars_objective, Eq.
+    10-12, over its messages from distill.collect_messages), and its statistics.
+
+    The agent's adapter must be active. Per group of messages: the teacher pass (reference in the
+    prompt) without gradient, the student pass with it, for kl > 0 the base's pass (no adapter,
+    without gradient; the agent's adapter is active again afterwards), then the objective.
+    timing: an optional dict that receives teacher_s and student_s (with backward=True the
+    student time includes the backward and the base's pass).
+    micro > 0 with backward=True: the messages go through the passes `micro` at a time and each
+    group's part of the loss is back-propagated at once, so only one group's activations are alive.
+    Eq. 11 / 12 is a sum over messages divided by the number of episodes, so the gradient is that
+    of the whole batch (up to the order of floating-point sums); the returned loss is then detached.
+    n_episodes: the episodes the expectation is over (default len(trajs); under torchrun the whole
+    batch, of which trajs is this rank's share). decoding: the rollout's --decoding (env.py), so
+    that every token is scored over the support it was drawn from; temperature: the rollout's, so
+    that the log-probs (teacher's, student's and the base's alike) are those of the distribution
+    the tokens were drawn from."""
+    msgs = collect_messages(tok, trajs, buffer, agent, reward_cfg, decoding)
+    if not msgs:
+        return torch.zeros((), device=device), dict(messages=0)
+    rs_all = [m[3] for m in msgs]
+    b = sum(rs_all) / len(rs_all) if baseline == "mean" else 0.0
+    n = n_episodes or len(trajs)
+    step = micro if (micro and backward) else len(msgs)
+    total, credits, t_teacher, t_student, kl_sum = 0.0, [], 0.0, 0.0, 0.0
+    for s in range(0, len(msgs), step):
+        student_p, teacher_p, ys, rs, grammar = zip(*msgs[s:s + step])
+        opts = dict(grammar=grammar, temperature=temperature)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            t_lp = token_logprobs(model, teacher_p, ys, tok.pad_id, device, **opts) if lam else None
+        t1 = time.perf_counter()
+        s_lp = token_logprobs(model, student_p, ys, tok.pad_id, device, **opts)
+        b_lp = None
+        if kl:
+            model.set_adapter(None)
+            with torch.no_grad():
+                b_lp = token_logprobs(model, student_p, ys, tok.pad_id, device, **opts)
+            model.set_adapter(agent)
+        loss, cr, pen = coars_objective(s_lp, t_lp, rs, lam, n_episodes=n, baseline=b, base_lp=b_lp, kl=kl)
+        if kl:
+            kl_sum = kl_sum + float(pen.detach())
+        if backward:
+            loss.backward()
+            loss = loss.detach()
+        total = total + loss
+        credits += cr
+        t_teacher += t1 - t0
+        t_student += time.perf_counter() - t1
+    if timing is not None:
+        timing.update(teacher_s=t_teacher, student_s=t_student)
+    flat = torch.cat(credits)
+    stats = dict(messages=len(msgs), reward=sum(rs_all) / len(rs_all), credit=float(flat.mean()),
+                 credit_abs=float(flat.abs().mean()))
+    if kl:
+        stats["kl"] = kl_sum          # the penalty before its weight (per episode)
+    return total, stats
+
+
 def save_adapters(model, cfg, path):
     """coars.pt (every adapter and the config; what eval.py and the tools load); for a Hugging Face
-    backbone also each adapter as a PEFT folder, out/<run>/peft/<agent>/ (extras/hf.export_peft)."""
+    backbone also each adapter as a PEFT folder, out/<run>/peft/<agent>/ (support/hf.export_peft)."""
     tmp = path.with_suffix(".tmp")
     torch.save({"adapters": adapter_state(model), "config": dataclasses.asdict(cfg)}, tmp)
     tmp.replace(path)
@@ -346,7 +407,7 @@ def rollout_with_retry(model, tok, data, rows, keys, cfg, device, micro, log):
 
 def backbone(cfg, data, device, run_dir, log, ck=None):
     """(frozen base model, tokenizer): the built-in GPT, pretrained or loaded by stage 1 (rank 0
-    first, the others then load its base.pt), or a Hugging Face chat model (extras/runs.py)."""
+    first, the others then load its base.pt), or a Hugging Face chat model (support/runs.py)."""
     if not cfg.model:
         tok = Tokenizer(data.n_items)
         if dist_info()[0] == 0:
@@ -363,7 +424,7 @@ def main(argv=None):
     try:
         validate(cfg)
         if cfg.model:
-            from extras import hf
+            from support import hf
             try:
                 hf.check(cfg.model)
             except hf.ModelLoadError as e:

@@ -10,8 +10,8 @@ per position, batch 256.
 
 Items are 0-based indices; inside the model index 0 is padding, so item i is row i+1.
 
-Its check against the SASRec paper's own protocol and numbers is extras/sasrec_check.py:
-    python extras/sasrec_check.py --dataset ml-1m
+Its check against the SASRec paper's own protocol and numbers is tools/sasrec_check.py:
+    python tools/sasrec_check.py --dataset ml-1m
 """
 
 from dataclasses import dataclass

@@ -4,10 +4,10 @@ per-token log-probs (teacher and student passes). A file of its own because it i
 method: it measures model.py's fast paths against what people would use instead, in one process,
 and prints ratios.
 
-    python extras/bench.py                    # everything (about 45 min on 2 CPU cores)
-    python extras/bench.py --only gen         # one part: gen, logprob, iter
-    python extras/bench.py --quick            # small sizes, for a smoke test
-    python extras/bench.py --table f.json     # docs/benchmarks.md's tables from a run saved with --out f.json
+    python tools/bench.py                    # everything (about 45 min on 2 CPU cores)
+    python tools/bench.py --only gen         # one part: gen, logprob, iter
+    python tools/bench.py --quick            # small sizes, for a smoke test
+    python tools/bench.py --table f.json     # docs/benchmarks.md's tables from a run saved with --out f.json
 
 1. Generation: sampling.generate (static KV cache, left padding, head on the last position only),
    eager and with its decode steps through torch.compile (compile=True), against Hugging Face
@@ -42,7 +42,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent          # the repository: `python extras/bench.py` works from anywhere
+ROOT = Path(__file__).resolve().parent.parent          # the repository: `python tools/bench.py` works from anywhere
 sys.path.insert(0, str(ROOT))
 
 from model import GPT, GPTConfig, logprobs_of  # noqa: E402
@@ -280,7 +280,7 @@ def reset_peak():
 def logprob_subprocess(impl, V, T, B, C, device, dtype):
     """logprob_case in a fresh Python process; on CPU its peak memory is the rise of VmHWM over
     the resident size just before the case (after the imports)."""
-    code = (f"from extras import bench;import json,torch;torch.manual_seed(0);"
+    code = (f"from tools import bench;import json,torch;torch.manual_seed(0);"
             f"r=bench.logprob_case({impl!r},{V},{T},{B},{C},{device!r},torch.{str(dtype).split('.')[1]});"
             f"print(json.dumps(r))")
     p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
@@ -327,7 +327,8 @@ def bench_iteration(batch=48, steps=3, device="cpu"):
     from data.sasrec import SASRecConfig
     from data.synthetic import make_ml1m_zip
     from config import Config, loss_group
-    from distill import ReferenceBuffer, coars_loss
+    from distill import ReferenceBuffer
+    from train import agent_loss
     from env import new_trajectory, rollout
     from env import Tokenizer
     from model import build_model, freeze
@@ -381,7 +382,7 @@ def bench_iteration(batch=48, steps=3, device="cpu"):
             model.set_adapter(agent)
             timing = {}
             with autocast(device, cfg.precision):   # as train.py: groups of loss_batch messages
-                coars_loss(model, tok, trajs, buffer, agent, reward_cfg, cfg.lam, "none", device, timing=timing,
+                agent_loss(model, tok, trajs, buffer, agent, reward_cfg, cfg.lam, "none", device, timing=timing,
                            micro=loss_group(cfg), backward=True)
             split["teacher"] += timing.get("teacher_s", 0.0)
             split["student"] += timing.get("student_s", 0.0)          # forward and backward
@@ -452,7 +453,7 @@ def main(argv=None):
         try:
             print(markdown(json.loads(Path(a.table).read_text())))
         except (OSError, ValueError, KeyError) as e:
-            sys.exit(f"error: {a.table} is not a file written by extras/bench.py --out ({type(e).__name__}: {e}).")
+            sys.exit(f"error: {a.table} is not a file written by tools/bench.py --out ({type(e).__name__}: {e}).")
         return
     parts = a.only or ["gen", "logprob", "iter"]
     dev = a.device

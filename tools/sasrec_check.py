@@ -2,7 +2,7 @@
 SASRec against its own paper (Kang & McAuley 2018, section IV), a check of data/sasrec.py beside
 the method, not part of it:
 
-    python extras/sasrec_check.py --dataset ml-1m        # the paper: HR@10 0.8245, NDCG@10 0.5905
+    python tools/sasrec_check.py --dataset ml-1m        # the paper: HR@10 0.8245, NDCG@10 0.5905
 
 Each user's last item is the test target and the one before it the validation target; the model is
 trained on the rest; each target is ranked against 100 items drawn uniformly from those the user
@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))                      # `python extras/sasrec_check.py` from anywhere
+sys.path.insert(0, str(ROOT))                      # `python tools/sasrec_check.py` from anywhere
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402

@@ -1,7 +1,7 @@
 """
 Watching a run: live curves where researchers look for them, and a picture of every run. Its own
 file because it is the one place the training loops' metrics leave the run folder; the loops
-themselves only append to metrics.jsonl (extras/checkpoint.log_jsonl), and everything here reads
+themselves only append to metrics.jsonl (support/checkpoint.log_jsonl), and everything here reads
 what they wrote.
 
     python train.py --dataset ml-latest-small --tensorboard      # then: tensorboard --logdir out

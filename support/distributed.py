@@ -71,7 +71,7 @@ def all_reduce_grads(params):
 
 
 def merge_stats(stats):
-    """One agent's coars_loss statistics from every rank -> those of the whole batch."""
+    """One agent's train.agent_loss statistics from every rank -> those of the whole batch."""
     n = sum(st["messages"] for st in stats)
     out = dict(messages=n)
     for k in ("reward", "credit", "credit_abs"):

@@ -2,8 +2,8 @@
 How much the conversation itself could add to a finished run, and what stands in the way (an
 analysis beside the method, not part of it; docs/results.md reads its numbers):
 
-    python extras/headroom.py --run out/ml-latest-small                 # validation split (default)
-    python extras/headroom.py --run out/ml-latest-small --split test
+    python tools/headroom.py --run out/ml-latest-small                 # validation split (default)
+    python tools/headroom.py --run out/ml-latest-small --split test
 
 The final Hit@1 of the loop is the first pick, minus the right first picks the user turns down,
 plus the wrong ones the later turns recover. This replays greedy episodes of the untrained pair
@@ -25,7 +25,7 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # `python extras/headroom.py` from anywhere
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # `python tools/headroom.py` from anywhere
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -33,8 +33,8 @@ import torch  # noqa: E402
 from config import UserError  # noqa: E402
 from env import POSITIVE, peer_opinion  # noqa: E402
 from eval import mean_ci, paired_diff_ci, run_ars  # noqa: E402
-from extras.distributed import device_of  # noqa: E402
-from extras.runs import load_run  # noqa: E402
+from support.distributed import device_of  # noqa: E402
+from support.runs import load_run  # noqa: E402
 
 
 def oracle_user(traj, turn):
@@ -114,7 +114,7 @@ def main(argv=None):
     try:
         cfg, model, tok, data = load_run(Path(a.run), a.device)
         if tok.chat:
-            raise UserError("extras/headroom.py works on runs of the built-in model only (its RecAgent answers with "
+            raise UserError("tools/headroom.py works on runs of the built-in model only (its RecAgent answers with "
                             "item tokens); this run used --model.")
     except UserError as e:
         sys.exit(f"error: {e}")

@@ -126,7 +126,7 @@ def finite(*xs):
     return all(bool(torch.isfinite(torch.as_tensor(x)).all()) for x in xs)
 
 
-# Where each metrics record goes besides metrics.jsonl: the run's live trackers (extras/watch.py,
+# Where each metrics record goes besides metrics.jsonl: the run's live trackers (support/watch.py,
 # --tensorboard / --wandb), registered by train.py on rank 0 for the length of the run.
 SINKS = []
 

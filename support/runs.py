@@ -1,10 +1,10 @@
 """
 Loading what train.py built, for everything that works on a finished run (eval.py's re-evaluation,
-extras/viewer.py, extras/suite.py): the frozen backbone of a run and a run folder's adapters.
+tools/viewer.py, tools/suite.py): the frozen backbone of a run and a run folder's adapters.
 A file of its own so that those tools need not import train.py (which imports them).
 
-  - chat_backbone(): a Hugging Face chat model and its natural-language format (extras/hf.py,
-    extras/chat.py), the backbone train.py uses when --model is given.
+  - chat_backbone(): a Hugging Face chat model and its natural-language format (support/hf.py,
+    support/chat.py), the backbone train.py uses when --model is given.
   - load_run(): (config, model with both adapters, tokenizer, data) of a run folder.
 """
 
@@ -14,9 +14,9 @@ import torch
 
 from config import Config, UserError, lora_targets, saved_options
 from data.prepare import DataError, prepare
-from extras import hf
-from extras.chat import ChatTokenizer
-from extras.distributed import device_of
+from support import hf
+from support.chat import ChatTokenizer
+from support.distributed import device_of
 from env import Tokenizer
 from model import build_model, freeze
 

@@ -3,7 +3,7 @@ Does a Hugging Face chat model answer in the format, and does it know the users?
 numbers of docs/huggingface-and-gpus.md). Its own file because it measures a backbone before any
 training, which neither train.py nor eval.py does: train.py needs a run, eval.py a finished one.
 
-    python extras/chat_check.py --model smollm2-135m --dataset ml-latest-small --n 100
+    python tools/chat_check.py --model smollm2-135m --dataset ml-latest-small --n 100
 
 On a fixed random subset of --n test samples (the subset eval.py --max-samples draws with the same
 --seed), for the untrained pair (the base model as both agents, no adapter) and each --decoding:
@@ -33,8 +33,8 @@ from config import Config, UserError  # noqa: E402
 from data.prepare import DataError, prepare  # noqa: E402
 from env import DECODING  # noqa: E402
 from eval import baseline_hits, mean_ci, rank_metrics, run_ars  # noqa: E402
-from extras.distributed import device_of  # noqa: E402
-from extras.runs import chat_backbone  # noqa: E402
+from support.distributed import device_of  # noqa: E402
+from support.runs import chat_backbone  # noqa: E402
 
 
 def ci(x):
@@ -80,7 +80,7 @@ def table(res):
 def main(argv=None):
     p = argparse.ArgumentParser(description="A Hugging Face chat model's format and knowledge before training "
                                             "(module docstring).")
-    p.add_argument("--model", required=True, help="hub id, local folder, .gguf file or smollm2-135m (extras/hf.py)")
+    p.add_argument("--model", required=True, help="hub id, local folder, .gguf file or smollm2-135m (support/hf.py)")
     p.add_argument("--dataset", default="ml-latest-small")
     p.add_argument("--data-url", default="")
     p.add_argument("--data-sha256", default="", help="as train.py's")

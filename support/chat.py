@@ -1,5 +1,5 @@
 """
-The agents' messages in natural language, for Hugging Face chat models (extras/hf.py). env.py holds the
+The agents' messages in natural language, for Hugging Face chat models (support/hf.py). env.py holds the
 built-in model's token-level format and the loop; its format functions hand over to this file's
 ChatTokenizer when `tok.chat` is true. Same content, same rules (PAPER.md section 2), in words:
 

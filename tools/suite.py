@@ -2,11 +2,11 @@
 The paper's experiment in one command: baselines, ablations, seeds, intervals, plots
 (PAPER.md section 6). A file of its own because it orchestrates many training runs:
 
-    python extras/suite.py --suite paper --dataset ml-latest-small --data-url file:///path/ml-latest-small.zip
-    python extras/suite.py --suite lambda --dataset lastfm --seeds 1          # sensitivity to lambda
-    python extras/suite.py --suite paper --seeds 3 --steps 50                 # any train.py option
-    python extras/suite.py --suite paper --seeds 3 --full-seeds               # seeds over the whole pipeline
-    python extras/suite.py --pool out/r-s0 out/r-s1 out/r-s2                  # pool train.py runs of 3 seeds
+    python tools/suite.py --suite paper --dataset ml-latest-small --data-url file:///path/ml-latest-small.zip
+    python tools/suite.py --suite lambda --dataset lastfm --seeds 1          # sensitivity to lambda
+    python tools/suite.py --suite paper --seeds 3 --steps 50                 # any train.py option
+    python tools/suite.py --suite paper --seeds 3 --full-seeds               # seeds over the whole pipeline
+    python tools/suite.py --pool out/r-s0 out/r-s1 out/r-s2                  # pool train.py runs of 3 seeds
 
 Seeds, two ways:
   --full-seeds (PAPER.md section 6: seeds cover the whole pipeline) each seed s (0 .. --seeds - 1)
@@ -48,7 +48,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # `python extras/suite.py` from anywhere
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # `python tools/suite.py` from anywhere
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -56,8 +56,8 @@ import torch  # noqa: E402
 from config import UserError, add_config_args, config_from, validate  # noqa: E402
 from data.prepare import DataError, prepare  # noqa: E402
 from eval import baseline_hits, evaluate, mean_ci, paired_diff_ci, prf, run_user_returns  # noqa: E402
-from extras.bench import machine  # noqa: E402
-from extras.distributed import device_of  # noqa: E402
+from tools.bench import machine  # noqa: E402
+from support.distributed import device_of  # noqa: E402
 from train import backbone, sft_reference, stage2  # noqa: E402
 
 PAPER = [

@@ -1,8 +1,8 @@
 """
 Looking at a trained run's conversations (a tool beside the method, not part of it):
 
-    python extras/viewer.py --run out/ml-latest-small --show 3         # 3 whole greedy conversations
-    python extras/viewer.py --run out/ml-latest-small --interactive    # play the user yourself
+    python tools/viewer.py --run out/ml-latest-small --show 3         # 3 whole greedy conversations
+    python tools/viewer.py --run out/ml-latest-small --interactive    # play the user yourself
 
 --show prints the history, the candidates (target and SASRec prior marked), every message as text,
 each turn's rewards (reward.py) and each message's mean token credit (distill.py, with the finished
@@ -14,7 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # `python extras/viewer.py` from anywhere
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # `python tools/viewer.py` from anywhere
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -23,8 +23,8 @@ from config import UserError  # noqa: E402
 from distill import hindsight_reference, token_credit  # noqa: E402
 from env import (ACTION_RANGE, Turn, finish_turn, message_grammar, new_trajectory, record_user, rollout,  # noqa: E402
                  score_fits, write_messages)
-from extras.distributed import device_of  # noqa: E402
-from extras.runs import load_run  # noqa: E402
+from support.distributed import device_of  # noqa: E402
+from support.runs import load_run  # noqa: E402
 from model import token_logprobs  # noqa: E402
 from reward import turn_rewards  # noqa: E402
 
