@@ -2140,7 +2140,7 @@ def test_agent_loss_is_eq11_over_the_collected_messages(data):
             s_lp, t_lp = [x.float() for x in s_lp], [x.float() for x in t_lp]
             cr = [(t - s_).clamp(-1, 1) for t, s_ in zip(t_lp, s_lp)]
             want = -sum(((r + lam * a) * lp).sum() / len(lp) for lp, r, a in zip(s_lp, rs, cr)) / len(trajs)
-        assert loss.item() == pytest.approx(want.item(), abs=1e-5), (rcfg, lam, free)
+        assert loss.item() == pytest.approx(want.item(), abs=1e-5), (rcfg, lam, dec)
         flat = torch.cat(cr)
         assert st["messages"] == len(rs) and st["reward"] == pytest.approx(sum(rs) / len(rs))
         assert st["credit"] == pytest.approx(float(flat.mean()), abs=1e-6)

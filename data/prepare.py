@@ -50,9 +50,10 @@ import torch
 if __package__ in (None, ""):  # run as a script: make `data.sasrec` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from data.sasrec import SASRecConfig, last_hidden, score_all, train_sasrec  # noqa: E402
-# the raw files of every source (data/sources.py); Raw, the parsers and probe_writable are re-exported
-from data.sources import (SOURCES, DataError, Parsed, Raw, is_custom, locate, parse_lastfm,  # noqa: E402,F401
-                          parse_ml100k, probe_writable)
+# the raw files of every source (data/sources.py) and getting them (data/fetch.py); Raw, the parsers
+# and probe_writable are re-exported
+from data.fetch import is_custom, locate, probe_writable  # noqa: E402,F401
+from data.sources import SOURCES, DataError, Parsed, Raw, parse_lastfm, parse_ml100k  # noqa: E402,F401
 
 CACHE_VERSION = 4
 DATA_DIR = Path(__file__).resolve().parent
