@@ -510,7 +510,7 @@ def main(argv=None):
         agents = (("Memory-based ARS", (None, None)),) + ((("SFT on stage-2 samples", ("sft", None)),)
                                                           if model.has_adapter("sft") else ()) + (("CoARS", ("rec", "user")),)
         res = evaluate(model, tok, data, a.split, cfg.t_max, device, cfg.n_boot, cfg.seed, agents=agents,
-                       max_samples=a.max_samples, decoding=cfg.decoding)
+                       max_samples=a.max_samples, decoding=cfg.decoding, per_sample=True)
     # the full test evaluation is the run's results.json (as train.py writes it); any other goes beside it
     name = "results" if a.split == "test" and not a.max_samples else \
         f"results_{a.split}" + (f"_{a.max_samples}" if a.max_samples else "")

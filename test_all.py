@@ -1478,6 +1478,7 @@ def test_train_and_eval_end_to_end_on_synthetic_ml1m(synth, tmp_path):
     # a validation evaluation goes beside the run's test results, never over them
     r4 = run(["eval.py", "--run", str(run_dir), "--split", "valid"])
     assert r4.returncode == 0 and json.loads((run_dir / "results_valid.json").read_text())["split"] == "valid"
+    assert "per_sample" in json.loads((run_dir / "results_valid.json").read_text())   # for tools/suite.py --against
     assert json.loads((run_dir / "results.json").read_text())["split"] == "test"
 
 
@@ -1976,6 +1977,19 @@ def test_pool_runs_averages_each_user_over_the_seeds(tmp_path):
     assert p["methods"]["CoARS"]["user_f1_per_seed"] == pytest.approx([0.5, 0.4])     # P 1/2, R 1/2; P 1/3, R 1/2
     assert p["user_returns"] == {"always click (1.00)": [0.0, 0.1]}
     assert "| CoARS | 0.6250 [" in suite.pool_table(p)
+    # two settings on the same seeds, on validation: paired A - B of the seed-averaged hits
+    for k in (0, 1):
+        for name, shift in (("a", 0), ("b", 1)):
+            d = tmp_path / f"{name}{k}"
+            d.mkdir()
+            ps = {n: {"hit": h[shift:] + h[:shift]} for n, h in hits[k].items()}
+            (d / "results_valid.json").write_text(json.dumps(dict(rows=[0, 1, 2, 3], per_sample=ps)))
+    c = suite.compare_pools([tmp_path / "a0", tmp_path / "a1"], [tmp_path / "b0", tmp_path / "b1"], "valid", n_boot=50)
+    assert c["methods"]["CoARS"]["a"] == pytest.approx(5 / 8) and c["methods"]["CoARS"]["b"] == pytest.approx(5 / 8)
+    assert c["methods"]["SASRec top-1"]["b_per_seed"] == [0.5, 0.5] and c["methods"]["CoARS"]["diff"]["mean"] == 0
+    assert "| CoARS | 0.6250 (0.750, 0.500) |" in suite.compare_table(c)
+    with pytest.raises(UserError, match=r"results\.json does not exist: evaluate the run with `python eval\.py"):
+        suite.pool_runs([tmp_path / "a0"])                   # a test pool needs each run's results.json
     (tmp_path / "r1" / "results.json").write_text(json.dumps(dict(rows=[0, 1], per_sample={})))
     with pytest.raises(UserError, match="no per-sample results"):
         suite.pool_runs(dirs)

@@ -7,6 +7,7 @@ The paper's experiment in one command: baselines, ablations, seeds, intervals, p
     python tools/suite.py --suite paper --seeds 3 --steps 50                 # any train.py option
     python tools/suite.py --suite paper --seeds 3 --full-seeds               # seeds over the whole pipeline
     python tools/suite.py --pool out/r-s0 out/r-s1 out/r-s2                  # pool train.py runs of 3 seeds
+    python tools/suite.py --pool out/a-s0 out/a-s1 --against out/b-s0 out/b-s1 --split valid   # setting A - B
 
 Seeds, two ways:
   --full-seeds (PAPER.md section 6: seeds cover the whole pipeline) each seed s (0 .. --seeds - 1)
@@ -198,24 +199,71 @@ def run_suite(cfg, suite, seeds, suite_dir, log=print, full_seeds=False):
     return summary
 
 
-def pool_runs(run_dirs, n_boot=1000, seed=0):
+def load_results(run_dirs, split="test"):
+    """The results of finished train.py runs on `split`: results.json (test, as train.py writes it)
+    or results_valid.json (python eval.py --run RUN --split valid), with per-sample hits of every
+    method, all on the same samples."""
+    name = "results.json" if split == "test" else f"results_{split}.json"
+    again = f"python eval.py --run {{}}" + ("" if split == "test" else f" --split {split}")
+    res = []
+    for d in run_dirs:
+        path = Path(d) / name
+        if not path.exists():
+            raise UserError(f"{path} does not exist: evaluate the run with `{again.format(d)}`.")
+        r = json.loads(path.read_text())
+        if "per_sample" not in r or "SASRec top-1" not in r["per_sample"]:
+            raise UserError(f"{path} has no per-sample results of every method: evaluate the run again "
+                            f"with `{again.format(d)}`.")
+        res.append(r)
+    if any(r["rows"] != res[0]["rows"] for r in res):
+        raise UserError(f"the runs were evaluated on different {split} samples (another dataset or --eval-test-n).")
+    return res
+
+
+def compare_pools(a_dirs, b_dirs, split="valid", n_boot=1000, seed=0):
+    """Runs of one setting (a_dirs, e.g. --seed 0, 1, 2) against runs of another (b_dirs, the same
+    seeds): per method, the per-user hit averaged over each pool's seeds and the paired difference
+    A - B with its bootstrap interval over users (the way to choose a setting on validation)."""
+    a, b = load_results(a_dirs, split), load_results(b_dirs, split)
+    if a[0]["rows"] != b[0]["rows"]:
+        raise UserError(f"the two pools were evaluated on different {split} samples.")
+    names = [n for n in a[0]["per_sample"] if all(n in r["per_sample"] for r in a + b)]
+    out = {"split": split, "n_samples": len(a[0]["rows"]), "n_a": len(a), "n_b": len(b), "methods": {}}
+    for n in names:
+        ha = np.mean([r["per_sample"][n]["hit"] for r in a], axis=0)
+        hb = np.mean([r["per_sample"][n]["hit"] for r in b], axis=0)
+        mu, lo, hi = paired_diff_ci(ha, hb, n_boot, seed)
+        out["methods"][n] = {"a": float(ha.mean()), "b": float(hb.mean()), "diff": {"mean": mu, "lo": lo, "hi": hi},
+                             "a_per_seed": [float(np.mean(r["per_sample"][n]["hit"])) for r in a],
+                             "b_per_seed": [float(np.mean(r["per_sample"][n]["hit"])) for r in b]}
+    return out
+
+
+def compare_table(c, a_name="A", b_name="B"):
+    lines = [f"| method | Hit@1 {a_name} (per seed) | Hit@1 {b_name} (per seed) | {a_name} - {b_name} [95% CI] |",
+             "|---|---|---|---|"]
+    for n, m in c["methods"].items():
+        per = lambda xs: ", ".join(f"{x:.3f}" for x in xs)  # noqa: E731
+        d = m["diff"]
+        lines.append(f"| {n} | {m['a']:.4f} ({per(m['a_per_seed'])}) | {m['b']:.4f} ({per(m['b_per_seed'])}) | "
+                     f"{d['mean']:+.4f} [{d['lo']:+.4f}, {d['hi']:+.4f}] |")
+    lines += ["", f"{c['split']} split, {c['n_samples']} users; {c['n_a']} and {c['n_b']} runs; paired bootstrap over "
+              f"users of the seed-averaged hits."]
+    return "\n".join(lines)
+
+
+def pool_runs(run_dirs, n_boot=1000, seed=0, split="test"):
     """Pool finished train.py runs of one dataset over seeds (e.g. --seed 0, 1, 2: full-pipeline
     seeds, PAPER.md section 6) from their results.json: per method, the per-user hit averaged over
     the runs (the users are the same; each run has its own candidate draws), a bootstrap interval
     over users, the per-seed values, paired intervals of CoARS against every other method; UserAgent
     F1 per seed beside accept-all's; the UserAgent returns beside the constant users' (seed means)."""
-    res = [json.loads((Path(d) / "results.json").read_text()) for d in run_dirs]
-    for d, r in zip(run_dirs, res):
-        if "per_sample" not in r or "SASRec top-1" not in r["per_sample"]:
-            raise UserError(f"{d}/results.json has no per-sample results of every method: evaluate the run again "
-                            f"with `python eval.py --run {d}`.")
-    if any(r["rows"] != res[0]["rows"] for r in res):
-        raise UserError("the runs were evaluated on different test samples (another dataset or --eval-test-n).")
+    res = load_results(run_dirs, split)
     names = [n for n in res[0]["per_sample"] if all(n in r["per_sample"] for r in res)]
     names = [n for n in ("Random", "Pop", "SASRec top-1") if n in names] + [n for n in names if n not in
                                                                               ("Random", "Pop", "SASRec top-1")]
     hits = {n: np.mean([r["per_sample"][n]["hit"] for r in res], axis=0) for n in names}
-    out = {"n_runs": len(res), "n_samples": len(res[0]["rows"]), "methods": {}, "paired": {}}
+    out = {"n_runs": len(res), "n_samples": len(res[0]["rows"]), "split": split, "methods": {}, "paired": {}}
     for n in names:
         mu, lo, hi = mean_ci(hits[n], n_boot, seed)
         m = {"hit": {"mean": mu, "lo": lo, "hi": hi},
@@ -248,7 +296,7 @@ def pool_table(p):
                      + ", ".join(f"{x:.3f}" for x in m["hit_per_seed"]) + f" | "
                      + (f"{m['turns']:.2f}" if "turns" in m else "-") + f" | {f1} |")
     lines.append(f"| Accept everything (UserAgent) | | | | " + ", ".join(f"{x:.3f}" for x in p["accept_all_f1"]) + " |")
-    lines += ["", f"test split, {p['n_samples']} users; each seed its own data draws, SASRec, stage 1 and stage 2; "
+    lines += ["", f"{p.get('split', 'test')} split, {p['n_samples']} users; each seed its own data draws, SASRec, stage 1 and stage 2; "
               "interval: 95% bootstrap over users of the seed-averaged hit.", "",
               "| paired difference (Hit@1) | mean | 95% CI |", "|---|---|---|"]
     for k, v in p["paired"].items():
@@ -414,6 +462,10 @@ def main(argv=None):
     p.add_argument("--suite", help=f"one of {', '.join(SUITES)}")
     p.add_argument("--pool", nargs="+", metavar="RUN", help="instead of a suite: pool finished train.py runs over "
                    "their seeds (e.g. out/r-s0 out/r-s1 out/r-s2) into one table (pool_runs)")
+    p.add_argument("--against", nargs="+", metavar="RUN", help="with --pool: runs of another setting on the same "
+                   "seeds; prints the paired differences (the --pool runs minus these) per method (compare_pools)")
+    p.add_argument("--split", default="test", choices=["test", "valid"], help="with --pool: the results to read "
+                   "(valid: each run's results_valid.json from `eval.py --run RUN --split valid`)")
     p.add_argument("--seeds", type=int, default=3, help="seeds per trained method (stage 2's, or with --full-seeds "
                    "the whole pipeline's)")
     p.add_argument("--full-seeds", action="store_true", help="each seed reruns the whole pipeline (data draws, "
@@ -421,12 +473,16 @@ def main(argv=None):
     p.add_argument("--suite-dir", default="", help="output folder (default: out/<dataset>-<suite>)")
     add_config_args(p, SUITE_DEFAULTS)
     a = p.parse_args(argv)
+    if a.against and not a.pool:
+        p.error("--against compares with the runs of --pool RUN ...")
     if a.pool:
         try:
-            pooled = pool_runs(a.pool)
+            if a.against:
+                print(compare_table(compare_pools(a.pool, a.against, a.split), "--pool", "--against"))
+            else:
+                print(pool_table(pool_runs(a.pool, split=a.split)))
         except (UserError, OSError, json.JSONDecodeError) as e:
             sys.exit(f"error: {e}")
-        print(pool_table(pooled))
         return
     if not a.suite:
         p.error("give --suite NAME (or --pool RUN ...)")
