@@ -32,7 +32,7 @@ import torch
 from data.prepare import stage2_rows
 from env import (POSITIVE, Trajectory, Turn, closest_history_item, new_trajectory, record_user, rejected_items,
                  rollout, write_messages)
-from model import Grammar, causal_mask, positions, restricted_logprobs, token_logprobs_reference
+from model import Grammar, causal_mask, padded_supports, positions, restricted_logprobs, token_logprobs_reference
 from reward import turn_rewards
 
 # --------------------------------------------------------------------------------------------------
@@ -231,9 +231,7 @@ def chat_candidate_scores(model, tok, trajs, prompts, device):
         h = model(y, (P + torch.arange(L, device=device)).expand(n, L), mask, cache, P)  # (n,L,C)
         hs = torch.cat([h0.expand(n, 1, -1), h[:, :-1]], 1)                         # row n predicts y_n
         support = [g.allowed(c[:k]) for c in comps for k in range(len(c))]         # row-major, as hs[cv]
-        K = max(len(a) for a in support)
-        allowed = torch.tensor([a + [0] * (K - len(a)) for a in support], device=device)
-        keep = torch.tensor([[k < len(a) for k in range(K)] for a in support], device=device)
+        allowed, keep = padded_supports(support, device)
         lp = restricted_logprobs(hs[cv], model.head_weight, allowed, y[cv], keep)   # (N,)
         per = lp.split([len(c) for c in comps])
         sums.append(torch.stack([x.sum() for x in per]))

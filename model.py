@@ -469,6 +469,15 @@ def restricted_logprobs(hidden, weight, allowed, targets, keep=None, temperature
         return z.masked_fill(~hit, float("-inf")).logsumexp(1) - z.logsumexp(1)
 
 
+def padded_supports(supports, device):
+    """(allowed (M,K) ids, keep (M,K) bool) from M id lists of any lengths, padded to the longest:
+    restricted_logprobs' inputs."""
+    K = max(len(a) for a in supports)
+    allowed = torch.tensor([list(a) + [0] * (K - len(a)) for a in supports], device=device)
+    keep = torch.tensor([[k < len(a) for k in range(K)] for a in supports], device=device)
+    return allowed, keep
+
+
 def row_supports(grammars, completions):
     """Per pair b and completion position n, the ids grammars[b] allows there
     (grammars[b].allowed(completions[b][:n]); None = the whole vocabulary): the support that
@@ -510,9 +519,7 @@ def token_logprobs(model, prompts, completions, pad_id, device="cpu", chunk=1024
         free = torch.tensor(free, device=device)
         lp = lp.index_put((free,), logprobs_of(hs[free], model.head_weight, tgt[free], chunk).to(lp.dtype))
     if rows:
-        K = max(len(supports[n]) for n in rows)
-        allowed = torch.tensor([supports[n] + [0] * (K - len(supports[n])) for n in rows], device=device)
-        keep = torch.tensor([[k < len(supports[n]) for k in range(K)] for n in rows], device=device)
+        allowed, keep = padded_supports([supports[n] for n in rows], device)
         rows = torch.tensor(rows, device=device)                          # (M,)
         lp = lp.index_put((rows,), restricted_logprobs(hs[rows], model.head_weight, allowed, tgt[rows],
                                                        keep).to(lp.dtype))
