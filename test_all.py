@@ -2376,6 +2376,23 @@ def test_title_matching_rules():
     assert m("4. Toy Story") == 3 and m("2. Jumanji") is None
 
 
+def test_chat_titles_shared_by_two_items_stay_two_valid_answers(data, tiny_hf):
+    """Two candidates with one title (ml-latest-small has five such pairs): each is a distinct path of
+    the grammar's title trie and its message parses to that item, not to an ambiguous invalid one."""
+    from transformers import AutoTokenizer
+    titles = list(data.titles)
+    titles[5] = titles[3] = "Emma (1996)"
+    assert chat.distinct_titles(["a", "b", "a", "a"]) == ["a", "b", "a [2]", "a [3]"]
+    tok = chat.ChatTokenizer(AutoTokenizer.from_pretrained(tiny_hf["qwen2"]), titles)
+    cands = list(range(20))
+    assert tok.parse_rec(tok.rec_message(3, 1), cands) == 3 and tok.parse_rec(tok.rec_message(5, 1), cands) == 5
+    assert tok.title_ids(3) != tok.title_ids(5)
+    tr = env.new_trajectory(data, "train", 0)
+    tr.cands = cands
+    g = tok.rec_grammar(tr)
+    assert sorted(g.allowed(tok.title_ids(5)[:-1])) == [tok.title_ids(5)[-1]]   # the " [2]" path goes on alone
+
+
 def test_chat_message_parsing(data, tiny_hf):
     from transformers import AutoTokenizer
     tok = chat.ChatTokenizer(AutoTokenizer.from_pretrained(tiny_hf["qwen2"]), data.titles)

@@ -48,6 +48,11 @@ length limit). The Reason lines are optional [ours]: the RecAgent's message is v
 exactly one candidate, the UserAgent's when its action and score agree. Measured reason:
 SmolLM2-135M-Instruct, greedy, named a real candidate and stopped without a reason in most of its
 first messages; the item and the reaction are what the environment and the rewards use.
+
+Titles are made distinct first [ours] (distinct_titles): a title several items share gets " [2]",
+" [3]", ... on its second and later items (ml-latest-small has five such pairs, one film under two
+ids). Without it two candidates with one title would give the grammar two equal paths, and the
+message naming them would match both and be invalid.
 """
 
 import re
@@ -72,6 +77,15 @@ REASON_MAX = 48     # tokens of a message's free-text reason under the grammar [
 _ARTICLES = ("the", "a", "an")
 # end-of-turn tokens of common chat templates: any of them present in the vocabulary stops a message
 _END_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "</s>")
+
+
+def distinct_titles(titles):
+    """The titles with a title's second, third, ... item marked " [2]", " [3]", ... (module docstring)."""
+    seen, out = {}, []
+    for t in titles:
+        seen[t] = seen.get(t, 0) + 1
+        out.append(t if seen[t] == 1 else f"{t} [{seen[t]}]")
+    return out
 
 
 def normalise_title(t):
@@ -118,7 +132,7 @@ class ChatTokenizer:
 
     def __init__(self, hf_tokenizer, titles, item_word="item"):
         self.hf = hf_tokenizer
-        self.titles = list(titles)
+        self.titles = distinct_titles(titles)    # every prompt, message and match uses these
         self.item_word = item_word
         self.end_id = hf_tokenizer.eos_token_id
         vocab = hf_tokenizer.get_vocab()
