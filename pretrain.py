@@ -332,7 +332,10 @@ def warmup(cfg, model, tok, data, device, log):
     """[ours, optional] cfg.warmup_steps supervised steps for each agent's adapter on scripted
     dialogues (dialogue_doc: the agent's own prompts and the scripted answers, half with a hindsight
     reference), so that a chat model writes the message format before CoARS. The base stays frozen.
-    Returns the mean loss of the last step per agent."""
+    Its loss is plain next-token cross-entropy over the whole vocabulary, not the grammar's
+    restricted softmax: under --decoding grammar (the default) the format is given by construction
+    and the warm-up is needed only with --decoding free / item. Returns the mean loss of the last
+    step per agent."""
     rng = np.random.default_rng(cfg.seed + 7)
     parts, rows = stage1_parts(data, cfg.stage2_last)
     agents = [a for a, on in (("rec", cfg.train_rec), ("user", cfg.train_user)) if on]
