@@ -3,7 +3,7 @@ Train CoARS end to end (PAPER.md section 5) and print the results table.
 
     python train.py --dataset ml-latest-small --data-url file:///path/to/ml-latest-small.zip
     python train.py --dataset ml-1m                       # downloads ml-1m from GroupLens
-    python train.py --model smollm2-135m --warmup-steps 20 ...   # a Hugging Face chat model (support/hf.py)
+    python train.py --model smollm2-135m ...               # a Hugging Face chat model (support/hf.py)
     torchrun --nproc_per_node=2 train.py ...              # DDP over 2 processes (GPUs, or gloo on CPU)
     python train.py --help                                # every option, with its default
 
