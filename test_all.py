@@ -2030,6 +2030,14 @@ def test_suite_orchestration_on_tiny_data(synth, tmp_path, monkeypatch):
     logs.clear()
     s2 = suite.run_suite(cfg, "tiny", 2, tmp_path / "s", logs.append)
     assert sum("done before" in m for m in logs) == 6 and s2["methods"] == s["methods"]
+    # --methods: a part of the suite (two processes can share one suite dir); no table until all are done
+    logs.clear()
+    assert suite.run_suite(cfg, "tiny", 2, tmp_path / "s", logs.append, methods=["coars"]) is None
+    assert sum("done before" in m for m in logs) == 2 and not any("No distill" in m for m in logs)
+    assert any("run the suite again without --methods" in m for m in logs)
+    with pytest.raises(UserError, match="unknown method coars-typo in suite tiny: choose among sft-on-stage-2-samples, "
+                       "no-distill, coars"):
+        suite.run_suite(cfg, "tiny", 2, tmp_path / "s", logs.append, methods=["coars-typo"])
     # --full-seeds: each seed its own data draws and base (stage 1), stage 2 seeded by --seed; the
     # same users in every seed, so the per-user hits average over the seeds
     f = suite.run_suite(dataclasses.replace(cfg, steps=1), "tiny", 2, tmp_path / "f", logs.append, full_seeds=True)

@@ -6,6 +6,7 @@ The paper's experiment in one command: baselines, ablations, seeds, intervals, p
     python tools/suite.py --suite lambda --dataset lastfm --seeds 1          # sensitivity to lambda
     python tools/suite.py --suite paper --seeds 3 --steps 50                 # any train.py option
     python tools/suite.py --suite paper --seeds 3 --full-seeds               # seeds over the whole pipeline
+    python tools/suite.py --suite paper --methods coars,coars-w-o-filter     # a part of it (e.g. one per process)
     python tools/suite.py --pool out/r-s0 out/r-s1 out/r-s2                  # pool train.py runs of 3 seeds
     python tools/suite.py --pool out/a-s0 out/a-s1 --against out/b-s0 out/b-s1 --split valid   # setting A - B
 
@@ -30,6 +31,10 @@ Methods:
   CoARS w/o filter                  the filter off
   CoARS, user trained on filtered   [ours, extension] the filter spares the RecAgent only (--no-user-filter)
   CoARS                             the full method
+--methods trains only the named methods (their folder names, e.g. coars, sft-on-stage-2-samples), so
+that two processes can share a suite's work in one --suite-dir; the table is written by the run
+that finds every method finished (run the suite once more without --methods: finished runs are
+reused).
 Sensitivity suites: lambda (0, 0.05, 0.1, 0.2, 0.5), alpha (0, 0.1, 0.3), tmax (1, 3, 5).
 
 Results: Hit@1 with a 95% bootstrap interval over test samples of the per-sample hit averaged
@@ -142,12 +147,19 @@ def run_sft(cfg, base, data, tok, device, folder, log):
 SFT = "SFT on stage-2 samples"
 
 
-def run_suite(cfg, suite, seeds, suite_dir, log=print, full_seeds=False):
+def run_suite(cfg, suite, seeds, suite_dir, log=print, full_seeds=False, methods=None):
     """Train and evaluate every method of the suite for every seed; returns the summary dict.
     full_seeds: each seed is --seed (the whole pipeline: data draws, SASRec, stage 1, stage 2);
-    else the seeds are stage-2 seeds over one base (module docstring)."""
+    else the seeds are stage-2 seeds over one base (module docstring). methods: the slugs of the
+    methods to train (None: all); when some are left out, returns None after training the others."""
     if suite not in SUITES:
         raise UserError(f"unknown suite {suite!r}: choose one of {', '.join(SUITES)}.")
+    known = [slug(SFT)] + [slug(n) for n, _ in SUITES[suite]]
+    if methods is not None:
+        wrong = [m for m in methods if m not in known]
+        if wrong or not methods:
+            raise UserError(f"--methods: unknown method {', '.join(wrong) or '(none given)'} in suite {suite}: "
+                            f"choose among {', '.join(known)}.")
     if seeds < 1:
         raise UserError("--seeds must be at least 1.")
     validate(cfg)
@@ -179,9 +191,12 @@ def run_suite(cfg, suite, seeds, suite_dir, log=print, full_seeds=False):
             if not bcfg.model and bcfg.sft_reference and bcfg.steps:
                 scfg = dataclasses.replace(bcfg, stage2_seed=s)
                 folder = (bdir if full_seeds else suite_dir) / f"sft-{tag}"
-                log(f"{SFT}, {tag} -> {folder}")
-                runs.setdefault(SFT, []).append(run_sft(scfg, base, data, tok, device, folder, log))
+                if methods is None or slug(SFT) in methods:
+                    log(f"{SFT}, {tag} -> {folder}")
+                    runs.setdefault(SFT, []).append(run_sft(scfg, base, data, tok, device, folder, log))
             for name, over in SUITES[suite]:
+                if methods is not None and slug(name) not in methods:
+                    continue
                 vcfg = dataclasses.replace(bcfg, stage2_seed=s, **over)
                 validate(vcfg)
                 folder = (bdir if full_seeds else suite_dir) / f"{slug(name)}-{tag}"
@@ -189,6 +204,11 @@ def run_suite(cfg, suite, seeds, suite_dir, log=print, full_seeds=False):
                 runs.setdefault(name, []).append(run_variant(vcfg, name, base, data, tok, device, folder, log))
         per_base.append((data, bcfg, mem, runs))
     base_seconds = time.time() - t_base
+    wanted = known if not cfg.model and cfg.sft_reference and cfg.steps else known[1:]
+    if methods is not None and set(wanted) - set(methods):
+        log(f"trained {', '.join(methods)}; the table needs every method: run the suite again without --methods "
+            f"(finished runs are reused)")
+        return None
     summary = summarise(per_base, cfg, seeds, suite, full_seeds)
     summary.update(suite=suite, dataset=cfg.dataset, suite_seconds=round(base_seconds, 1), device=device,
                    machine=machine(), options={k: v for k, v in dataclasses.asdict(cfg).items()})
@@ -471,6 +491,8 @@ def main(argv=None):
     p.add_argument("--full-seeds", action="store_true", help="each seed reruns the whole pipeline (data draws, "
                    "SASRec, stage 1, stage 2), so the intervals include stage 1's variance (PAPER.md section 6)")
     p.add_argument("--suite-dir", default="", help="output folder (default: out/<dataset>-<suite>)")
+    p.add_argument("--methods", default="", help="comma-separated folder names of the methods to train (e.g. "
+                   "coars,sft-on-stage-2-samples; default: all); the table is written once every method is done")
     add_config_args(p, SUITE_DEFAULTS)
     a = p.parse_args(argv)
     if a.against and not a.pool:
@@ -490,9 +512,12 @@ def main(argv=None):
     suite_dir = Path(a.suite_dir or Path(cfg.out_dir) / f"{Path(cfg.dataset).name}-{a.suite}")
     t0 = time.time()
     try:
-        s = run_suite(cfg, a.suite, a.seeds, suite_dir, full_seeds=a.full_seeds)
+        methods = [m.strip() for m in a.methods.split(",") if m.strip()] if a.methods else None
+        s = run_suite(cfg, a.suite, a.seeds, suite_dir, full_seeds=a.full_seeds, methods=methods)
     except (UserError, DataError) as e:
         sys.exit(f"error: {e}")
+    if s is None:
+        return
     print(suite_table(s))
     print(f"\nsuite {a.suite} on {cfg.dataset}: {time.time() - t0:.0f} s; results in {suite_dir}/suite.md, suite.json")
 
