@@ -99,7 +99,7 @@ def kl_to_base(student_lp, base_lp, n_episodes=None):
 
 def collect_messages(tok, trajs, buffer, agent, reward_cfg, decoding="grammar"):
     """Gather one agent's trainable messages: (student prompt, teacher prompt, tokens, R_t, grammar),
-    grammar = the model.Grammar the message was decoded under (env.message_grammar; None = the whole
+    grammar = the grammar.Grammar the message was decoded under (env.message_grammar; None = the whole
     vocabulary), so that teacher and student score it over the policy's own support.
     reward_cfg: turn_rewards' options, plus user_balance (see balance_user)."""
     reward_cfg = dict(reward_cfg)

@@ -16,7 +16,7 @@ history, so the first answer token is predicted exactly where stage 1's next-ite
 predicts the item after a history (pretrain.py): the base's knowledge of what users take next is
 the RecAgent's answer distribution. The SASRec prior appears in turn 1 only (Trajectory.prior None:
 no hint).
-[ours] Messages are decoded under their grammar (PAPER.md section 5; model.Grammar), --decoding:
+[ours] Messages are decoded under their grammar (PAPER.md section 5; grammar.Grammar), --decoding:
   grammar  (default) RecAgent: ITEM among the 20 candidates, <|why|>, one history item, <|end|>;
            UserAgent: ACTION, a score d.dd inside that action's interval, <|why|>, one history
            item, <|end|>. Every message is valid by construction.
@@ -41,7 +41,7 @@ import numpy as np
 import tiktoken
 import torch
 
-from model import FREE, Grammar, trie
+from grammar import FREE, Grammar, trie
 from sampling import generate, hash32
 
 ACTION_RANGE = {"dislike": (0.0, 0.25), "skip": (0.25, 0.5), "star": (0.5, 0.75), "click": (0.75, 1.0)}
@@ -217,7 +217,7 @@ class Tokenizer:
         return [self.item(i) for i in traj.cands]
 
     # ---------------------------------------------------------------------------------------------
-    # Grammars of the messages (model.Grammar; PAPER.md section 5, [ours])
+    # Grammars of the messages (grammar.Grammar; PAPER.md section 5, [ours])
 
     def rec_grammar(self, traj, items=None):
         """ITEM <|why|> RATIONALE <|end|>: ITEM among `items` (default the candidates), RATIONALE a
@@ -305,7 +305,7 @@ def finish_turn(traj, tr, t_max):
 
 
 def message_grammar(tok, traj, agent, decoding="grammar", items=None):
-    """The Grammar (model.Grammar) of the message `agent` ("rec" / "user") writes next in traj under
+    """The Grammar (grammar.Grammar) of the message `agent` ("rec" / "user") writes next in traj under
     --decoding (module docstring), or None (unconstrained). items: the RecAgent's choices (default
     the candidates). The same for a chat model (support/chat.ChatTokenizer's grammars: the title
     among the candidates' titles, the action and a score inside its interval, a bounded reason)."""

@@ -32,7 +32,8 @@ import torch
 from data.prepare import stage2_rows
 from env import (POSITIVE, Trajectory, Turn, closest_history_item, new_trajectory, record_user, rejected_items,
                  rollout, write_messages)
-from model import Grammar, causal_mask, padded_supports, positions, restricted_logprobs, token_logprobs_reference
+from grammar import Grammar
+from model import causal_mask, padded_supports, positions, restricted_logprobs, token_logprobs_reference
 from reward import turn_rewards
 
 # --------------------------------------------------------------------------------------------------
@@ -200,7 +201,7 @@ def target_rank(scores, trajs):
 
 def title_grammar(tok, traj):
     """The title part of a chat RecAgent's grammar alone: the tokens of one of traj's candidates'
-    titles (model.Grammar; its softmax restricted per position to the titles' next tokens)."""
+    titles (grammar.Grammar; its softmax restricted per position to the titles' next tokens)."""
     return Grammar([tok.rec_grammar(traj).parts[0]])
 
 

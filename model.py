@@ -7,8 +7,8 @@ What is here (the built-in tokenizer is the message format's vocabulary: env.Tok
     agent is the base plus its own adapter; with no adapter active the model is the base.
   - GPT.decode: one generation step with fixed shapes (static KV cache), which sampling.py's
     generate() runs, eagerly or through torch.compile.
-  - Grammar: the tokens a message may hold at each position [ours, PAPER.md section 5]; sampling
-    and every log-prob use the softmax restricted to them (restricted_logprobs).
+  - restricted_logprobs: the softmax restricted to the tokens a message's grammar allows at each
+    position (grammar.Grammar [ours, PAPER.md section 5]); sampling and every log-prob use it.
   - token_logprobs(): per-token log-probs of given completion tokens, the quantity every loss in
     CoARS needs (Eq. 10-12). The output head runs only on the scored positions and the
     log-sum-exp is taken in row chunks with a hand-written backward, so no float32
@@ -24,6 +24,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from grammar import row_grammars, row_supports
 
 # --------------------------------------------------------------------------------------------------
 # LoRA
@@ -339,125 +341,13 @@ def pack(prompts, completions, pad_id):
 
 
 # --------------------------------------------------------------------------------------------------
-# Grammars [ours, PAPER.md section 5]. A message is a sequence of parts; each part is a prefix-free
-# set of token sequences (stored as a trie of nested dicts), FREE (any tokens until a stop id, to the end of
-# the message), or Text(limit, stops) (free text of at most `limit` tokens, then one of the stop ids: the
-# reason of a chat model's message, support/chat.py). The built-in RecAgent's grammar is four one-token
-# parts: its item among the 20 candidates, <|why|>, a history item, <|end|> (env.Tokenizer.rec_grammar).
-# allowed(prefix) is the one definition of a position's support: sampling.generate and every log-prob
-# here read it.
-
-FREE = None
-
-
-class Text:
-    """A grammar part of free text: any tokens, a stop id ends the part (and is part of it); after
-    `limit` tokens without one, only the stop ids may come. A message whose last part is a Text
-    therefore always ends with a stop id, never cut off at a length limit."""
-
-    def __init__(self, limit, stops):
-        self.limit, self.stops = int(limit), tuple(int(s) for s in stops)
-        assert self.limit >= 0 and self.stops, "a Text part needs a length limit and at least one stop id"
-
-    def __eq__(self, other):
-        return isinstance(other, Text) and (self.limit, self.stops) == (other.limit, other.stops)
-
-    __hash__ = None
-
-
-def trie(seqs):
-    """Nested dicts over token sequences; a leaf is {}. The set must be prefix-free (so a part ends
-    exactly where one of its sequences does); repeats are fine."""
-    root = {}
-    seqs = [tuple(int(t) for t in s) for s in seqs]
-    if not seqs or not all(seqs):
-        raise ValueError("a grammar part needs at least one sequence, none of them empty")
-    for sq in seqs:
-        node = root
-        for t in sq[:-1]:
-            if t in node and not node[t]:
-                raise ValueError(f"grammar part is not prefix-free: a sequence ends inside {sq}")
-            node = node.setdefault(t, {})
-        if node.get(sq[-1]):
-            raise ValueError(f"grammar part is not prefix-free: {sq} is the start of another sequence")
-        node[sq[-1]] = {}
-    return root
-
-
-class Grammar:
-    """The messages an agent may write: parts in order, each a list of token sequences (or its
-    trie), FREE, or a Text part.
-    allowed(prefix) -> the ids that may come next after `prefix` (a list of ids the message holds
-    so far), in the order the part lists them; None where any token may (a FREE part, a Text part
-    under its limit); a prefix the grammar cannot produce is an error."""
-
-    def __init__(self, parts):
-        # a part may be given as a trie already (a dict from trie()), shared read-only between grammars
-        self.parts = [p if p is FREE or isinstance(p, (dict, Text)) else trie(p) for p in parts]
-
-    def __eq__(self, other):
-        return isinstance(other, Grammar) and self.parts == other.parts
-
-    __hash__ = None
-
-    def allowed(self, prefix):
-        k, node, n = 0, self.parts[0], 0       # part k, where in its trie, tokens of its text so far
-        for t in prefix:
-            t = int(t)
-            if node is FREE:
-                return None
-            if isinstance(node, Text):
-                if t not in node.stops:
-                    n += 1
-                    if n > node.limit:
-                        raise ValueError(f"token {t} at position {len(prefix)}: the text part is longer than "
-                                         f"its limit of {node.limit} tokens")
-                    continue
-                node = {}                   # a stop id ends the text part
-            else:
-                node = node.get(t)
-                if node is None:
-                    raise ValueError(f"token {t} at position {len(prefix)} is outside the message's grammar")
-            if not node:                    # a part is complete: the next one starts
-                k, n = k + 1, 0
-                if k == len(self.parts):
-                    return []               # the message is complete
-                node = self.parts[k]
-        if isinstance(node, Text):
-            return None if n < node.limit else list(node.stops)
-        return None if node is FREE else list(node)
-
-    def max_len(self):
-        """The longest message the grammar allows (tokens), or None when a part is FREE."""
-        def depth(node):
-            return 1 + max(depth(c) for c in node.values()) if node else 0
-        if any(p is FREE for p in self.parts):
-            return None
-        return sum(p.limit + 1 if isinstance(p, Text) else depth(p) for p in self.parts)
-
-
-def first_token_grammar(ids):
-    """Only the first token restricted (to ids), the rest free: the RecAgent's item among the
-    candidates, the message otherwise unconstrained (--decoding item)."""
-    return Grammar([[[int(i)] for i in ids], FREE])
-
-
-def row_grammars(grammar, first, B):
-    """generate()'s per-row grammars: `grammar` as given, or first_token_grammar of each row's
-    `first` ids (rows whose entry is None: unconstrained); None when no row is restricted."""
-    if grammar is None and first is not None:
-        grammar = [None if f is None else first_token_grammar(f) for f in first]
-    if grammar is None or all(g is None for g in grammar):
-        return None
-    assert len(grammar) == B, "one grammar (or None) per prompt"
-    return list(grammar)
-
+# Log-probs under a grammar (grammar.py: which tokens a message may hold at each position)
 
 def restricted_logprobs(hidden, weight, allowed, targets, keep=None, temperature=1.0):
     """log-softmax over the `allowed` tokens only, at the target: hidden (M,C), weight (V,C), allowed
     (M,K) token ids (each row's choices, e.g. the 20 candidates' item tokens), targets (M,) -> (M,).
     keep (M,K) bool marks the real entries of rows padded to K (None = all). This is the
-    distribution a message's token is sampled from under its grammar (sampling.Grammar, PAPER.md
+    distribution a message's token is sampled from under its grammar (grammar.Grammar, PAPER.md
     section 5, [ours]), at the sampling temperature: logits / temperature. A target outside its
     row's allowed ids gets -inf. Float32 logits, as logprobs_of."""
     with torch.autocast(hidden.device.type, enabled=False):
@@ -478,25 +368,15 @@ def padded_supports(supports, device):
     return allowed, keep
 
 
-def row_supports(grammars, completions):
-    """Per pair b and completion position n, the ids grammars[b] allows there
-    (grammars[b].allowed(completions[b][:n]); None = the whole vocabulary): the support that
-    sampling.generate drew each token from."""
-    out = []
-    for g, c in zip(grammars, completions):
-        out.append([None] * len(c) if g is None else [g.allowed(c[:n]) for n in range(len(c))])
-    return out
-
-
 def token_logprobs(model, prompts, completions, pad_id, device="cpu", chunk=1024, first=None, grammar=None,
                    temperature=1.0):
     """log pi(y_n | x, y_<n) for every completion token, fast path.
 
     prompts, completions: lists of id lists. grammar: optional list, one per pair, of the
-    sampling.Grammar its completion was decoded under (None = the whole vocabulary): every token is
+    grammar.Grammar its completion was decoded under (None = the whole vocabulary): every token is
     scored over the restricted softmax generate() drew it from (restricted_logprobs), so policy,
     teacher and student log-probs share the policy's support. first: per pair, the ids its first
-    token was chosen among (shorthand for sampling.first_token_grammar). temperature: the
+    token was chosen among (shorthand for grammar.first_token_grammar). temperature: the
     sampling temperature; the log-probs are those of softmax(logits / temperature), the
     distribution the tokens were drawn from. Returns a list of 1-D tensors (one per pair, length
     len(completion)), differentiable w.r.t. the model's trainable parameters. The head runs only

@@ -10,7 +10,7 @@ What is here:
     (model.decode) has fixed shapes, so it can run through torch.compile (compile=True).
   - generate_nocache(): the plain reference, one prompt at a time and a full forward per token; the
     tests check generate() against it token for token, compiled or not.
-  - decoding under a grammar [ours, PAPER.md section 5] (model.Grammar: which tokens may come next
+  - decoding under a grammar [ours, PAPER.md section 5] (grammar.Grammar: which tokens may come next
     in one message, given what it holds so far): generate() samples each token from the softmax
     restricted to those tokens, and model.token_logprobs() scores every token over the same restricted softmax (policy, teacher,
     student, base), so a message decoded under its grammar is valid by construction and RL's
@@ -23,7 +23,8 @@ import weakref
 
 import torch
 
-from model import GPT, causal_mask, positions, row_grammars
+from grammar import row_grammars
+from model import GPT, causal_mask, positions
 
 
 # Keyed sampling [ours]. An episode's random draws depend only on its own key and the token's step,
@@ -129,7 +130,7 @@ def generate(model, prompts, max_new, pad_id, stop_ids=(), temperature=1.0, gene
     keys: optional list of per-row ints for keyed sampling (see sample_next). compile: run the
     decode steps through torch.compile (built-in GPT only; same tokens, see decoder()). first:
     optional list, per row, of the ids its first token is drawn among (None = any), a shorthand for
-    model.first_token_grammar. grammar: optional list, per row, of a Grammar (None = unconstrained):
+    grammar.first_token_grammar. grammar: optional list, per row, of a Grammar (None = unconstrained):
     each token is drawn from the softmax restricted to grammar.allowed(what the row wrote so far),
     the support model.token_logprobs scores the same token over. Returns a list of id lists."""
     B = len(prompts)

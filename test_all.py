@@ -497,7 +497,7 @@ def test_grammar_decoding_never_writes_an_invalid_message_and_scores_over_the_sa
 
 
 def test_grammar_parts_are_prefix_free_and_refuse_what_they_cannot_produce():
-    from model import Grammar, FREE
+    from grammar import Grammar, FREE
     g = Grammar([[[1, 2], [1, 3], [4]], [[9]], FREE])
     assert g.allowed([]) == [1, 4] and g.allowed([1]) == [2, 3] and g.allowed([1, 3]) == [9]
     assert g.allowed([4, 9]) is None and g.allowed([4, 9, 77, 5]) is None     # a free part: anything
@@ -1567,8 +1567,11 @@ def run_metrics(run_dir):
     return lines, json.dumps(res["methods"], sort_keys=True), json.dumps(res["paired"], sort_keys=True)
 
 
-def start(args, out, name):
+def start(args, out, name, threads=None):
+    """train.py in a subprocess; threads: its OMP_NUM_THREADS (runs compared bit for bit must share it)."""
     env_ = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    if threads:
+        env_["OMP_NUM_THREADS"] = str(threads)
     return subprocess.Popen([sys.executable, "train.py"] + args + ["--out-dir", str(out), "--run-name", name],
                             cwd=ROOT, env=env_, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -1589,38 +1592,40 @@ def stage2_steps(run_dir):
 
 
 def test_killed_and_resumed_runs_end_with_identical_metrics(small_run, tmp_path):
+    # every process at one thread, so that they can run side by side (two cores: two at a time) and
+    # still be compared bit for bit (the thread count changes float round-off)
     out = tmp_path / "out"
-    a = start(small_run, out, "whole")
-    assert a.wait(600) == 0, a.communicate()[1][-2000:]
-    whole = run_metrics(out / "whole")
-    # the same seed gives the same run, bit for bit
-    a2 = start(small_run, out, "again")
-    assert a2.wait(600) == 0
-    assert run_metrics(out / "again") == whole
+    a, a2 = start(small_run, out, "whole", 1), start(small_run, out, "again", 1)
     # SIGKILL in stage 1 (as soon as its first checkpoint exists), then --resume
-    b = start(small_run, out, "k1")
+    b = start(small_run, out, "k1", 1)
     wait_for(lambda: (out / "k1" / "ckpt.pt").exists(), b)
     b.kill()
     b.wait()
     assert not (out / "k1" / "coars.pt").exists()
-    # SIGKILL in stage 2, between two checkpoints
-    c = start(small_run, out, "k2")
-    wait_for(lambda: 3 in stage2_steps(out / "k2"), c)
-    c.kill()
-    c.wait()
-    # SIGTERM: a checkpoint is written before exiting
-    d = start(small_run, out, "term")
+    for p in (a, a2):
+        assert p.wait(600) == 0, p.communicate()[1][-2000:]
+    whole = run_metrics(out / "whole")
+    # the same seed gives the same run, bit for bit
+    assert run_metrics(out / "again") == whole
+    # SIGKILL in stage 2, between two checkpoints; SIGTERM: a checkpoint is written before exiting
+    c, d = start(small_run, out, "k2", 1), start(small_run, out, "term", 1)
     wait_for(lambda: 1 in stage2_steps(out / "term"), d)
     d.send_signal(signal.SIGTERM)
     _, err = d.communicate(timeout=300)
     assert d.returncode == 128 + signal.SIGTERM
-    for name, where in (("k1", "stage 1: resuming after step"), ("k2", "stage 2: resuming after step 2"),
-                        ("term", "stage 2: resuming after step")):
+    wait_for(lambda: 3 in stage2_steps(out / "k2"), c)
+    c.kill()
+    c.wait()
+    resumed = {}
+    for name in ("k1", "k2", "term"):
         # k2 resumes with compiled decode steps (--compile may change on resume): the same tokens
         extra = ["--compile"] if name == "k2" and torch_compile_works() else []
-        r = run(["train.py"] + small_run + ["--out-dir", str(out), "--run-name", name, "--resume"] + extra)
-        assert r.returncode == 0, r.stderr[-2000:]
-        assert where in r.stdout, (name, r.stdout[-2000:])
+        resumed[name] = start(small_run + ["--resume"] + extra, out, name, 1)
+    for name, where in (("k1", "stage 1: resuming after step"), ("k2", "stage 2: resuming after step 2"),
+                        ("term", "stage 2: resuming after step")):
+        stdout, stderr = resumed[name].communicate(timeout=600)
+        assert resumed[name].returncode == 0, stderr[-2000:]
+        assert where in stdout, (name, stdout[-2000:])
         assert run_metrics(out / name) == whole, name
 
 
@@ -2547,7 +2552,7 @@ def test_chat_candidate_ranking_fast_path_matches_reference(data, tiny_hf):
 
 
 def test_text_part_bounds_free_text_and_ends_it_with_a_stop():
-    from model import Grammar, Text
+    from grammar import Grammar, Text
     g = Grammar([[[5, 6], [7]], [[9]], Text(3, (1, 2))])
     assert g.allowed([]) == [5, 7] and g.allowed([5]) == [6] and g.allowed([7]) == [9]
     assert g.allowed([7, 9]) is None and g.allowed([7, 9, 40, 41]) is None   # free text under the limit
@@ -3056,7 +3061,7 @@ def test_config_flag_repeats_a_run_and_names_a_wrong_key(small_run, tmp_path, ca
 # one, and the imports have no cycle. tools/ stands on the core; the core's loop (the run, the
 # objective, the metrics) leans on support/; support/ and the loop stand on the core's base.
 FLOORS = {"tools": 3, "train.py": 2, "eval.py": 2, "pretrain.py": 2, "distill.py": 2, "support": 1,
-          "model.py": 0, "sampling.py": 0, "env.py": 0, "reward.py": 0, "config.py": 0, "data": 0}
+          "model.py": 0, "grammar.py": 0, "sampling.py": 0, "env.py": 0, "reward.py": 0, "config.py": 0, "data": 0}
 
 
 def project_imports(root):

@@ -27,7 +27,7 @@ the reference's tokens inserted (the test checks this against the template; othe
 self-distillation code has differed in more than the reference, e.g. through re-tokenised
 boundaries or per-call system text).
 
-Decoding under a grammar [ours] (--decoding grammar, the default; model.Grammar, as the built-in
+Decoding under a grammar [ours] (--decoding grammar, the default; grammar.Grammar, as the built-in
 format's): the RecAgent's message is one candidate's title as the tokenizer writes " <title>\n"
 after "Recommendation:" (a trie over the episode's 20 candidates' title tokens; --decoding item
 restricts only this part), then "Reason:" and free text of at most REASON_MAX tokens ended by an
@@ -58,7 +58,7 @@ message naming them would match both and be invalid.
 import re
 
 from env import ACTION_RANGE, action_of_score, score_fits
-from model import Grammar, Text, trie
+from grammar import Grammar, Text, trie
 
 REF_MARK = "@@REFERENCE@@"
 REC_PRIMER = "Recommendation:"     # the assistant's turn starts with the first field (module docstring)
