@@ -649,7 +649,7 @@ def test_outcome_mode_has_no_filter():
     assert reward.turn_rewards(tr, mode="outcome", use_filter=True)[0] == (1.0, 1.0)
 
 
-def test_each_agent_is_clipped_by_its_own_norm(small_run, tmp_path, capsys, monkeypatch):
+def test_each_agent_is_clipped_by_its_own_norm(small_run, small_base, tmp_path, capsys, monkeypatch):
     """Scaling the UserAgent's gradient up 1000x leaves the RecAgent's update exactly as it was."""
     real = train.agent_loss
 
@@ -662,6 +662,7 @@ def test_each_agent_is_clipped_by_its_own_norm(small_run, tmp_path, capsys, monk
         return out
     monkeypatch.setattr(train, "agent_loss", louder_user)
     ads = {}
+    with_base(small_base, tmp_path, "s1", "s1000")
     for scale in (1, 1000):
         louder_user.scale = scale
         code, _, err = in_process(small_run + ["--out-dir", str(tmp_path), "--run-name", f"s{scale}", "--steps", "2",
@@ -1559,6 +1560,26 @@ def small_run(synth, tmp_path_factory):
             "--pretrain-prefixed", "0"]
 
 
+@pytest.fixture(scope="session")
+def small_base(small_run, tmp_path_factory):
+    """small_run's stage 1, trained once (train.py in a subprocess, as a user runs it): the tests
+    whose subject is stage 2 or the run's machinery copy it into their run folders (with_base), and
+    train.py reuses it as it reuses any base of the same data and stage-1 options."""
+    out = tmp_path_factory.mktemp("small_base")
+    r = run(["train.py"] + small_run + ["--out-dir", str(out), "--run-name", "b", "--steps", "0", "--skip-eval",
+                                        "--eval-every", "0", "--ckpt-every", "0", "--eval-returns-n", "0",
+                                        "--no-sft-reference"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    return out / "b" / "base.pt"
+
+
+def with_base(base, out, *names):
+    """Copy a pretrained base.pt into out/<name>/ for each run name: stage 1 is then reused."""
+    for name in names:
+        (Path(out) / name).mkdir(parents=True, exist_ok=True)
+        (Path(out) / name / "base.pt").write_bytes(Path(base).read_bytes())
+
+
 def run_metrics(run_dir):
     """metrics.jsonl without the wall-clock fields, and the results without timings."""
     lines = [{k: v for k, v in json.loads(l).items() if k not in TIMING}
@@ -1642,8 +1663,9 @@ def test_truncated_checkpoint_is_refused_and_the_previous_one_used(tmp_path):
     assert load_checkpoint(tmp_path, logs.append) is None
 
 
-def test_resume_refuses_other_options_or_data(small_run, tmp_path):
+def test_resume_refuses_other_options_or_data(small_run, small_base, tmp_path):
     out = tmp_path / "out"
+    with_base(small_base, out, "r")
     r = run(["train.py"] + small_run + ["--out-dir", str(out), "--run-name", "r", "--steps", "2", "--skip-eval"])
     assert r.returncode == 0, r.stderr[-2000:]
     r = run(["train.py"] + small_run + ["--out-dir", str(out), "--run-name", "r", "--steps", "2", "--lam", "0.3",
@@ -1712,6 +1734,7 @@ def test_nan_steps_are_skipped_counted_and_repeated_ones_stop(small_run, tmp_pat
     assert s2[1]["skipped"] == 0 and s2[2]["skipped"] == 1 and s2[6]["skipped"] == 1
     assert "stage 2 step 2: non-finite loss or gradient, update skipped (1 in a row)" in so
     # three in a row stop the run, with the last good state (after step 1) checkpointed
+    with_base(out / "one" / "base.pt", out, "good", "bad")           # stage 1 as "one" left it
     code, _, _ = in_process(base + ["--run-name", "good", "--steps", "1"], capsys)
     good = torch.load(out / "good" / "coars.pt", weights_only=True)["adapters"]
     with monkeypatch.context() as m:
@@ -1723,8 +1746,9 @@ def test_nan_steps_are_skipped_counted_and_repeated_ones_stop(small_run, tmp_pat
     assert all(torch.equal(ck["adapters"][k], v) for k, v in good.items())
 
 
-def test_out_of_memory_in_rollout_halves_the_micro_batch(small_run, tmp_path, capsys, monkeypatch):
+def test_out_of_memory_in_rollout_halves_the_micro_batch(small_run, small_base, tmp_path, capsys, monkeypatch):
     real = train.rollout
+    with_base(small_base, tmp_path, "oom")
 
     def small_memory(*a, batch=256, **k):
         if batch > 2:
@@ -2505,14 +2529,15 @@ def test_torchrun_two_processes_match_one(small_run, tmp_path):
                         "--ckpt-every", "0", "--precision", "fp32", "--no-use-filter"]   # both agents train every step
     r = run(["train.py"] + args + ["--run-name", "one"])
     assert r.returncode == 0, r.stderr[-3000:]
-    for name in ("two", "other-seed"):      # the same pretrained base (stage 1 is not what is compared)
-        (tmp_path / name).mkdir()
-        (tmp_path / name / "base.pt").write_bytes((tmp_path / "one" / "base.pt").read_bytes())
+    # the same pretrained base (stage 1 is not what is compared; its key holds --precision fp32)
+    with_base(tmp_path / "one" / "base.pt", tmp_path, "two", "other-seed")
+    other = subprocess.Popen([sys.executable, "train.py"] + args + ["--run-name", "other-seed", "--stage2-seed", "5"],
+                             cwd=ROOT, env=dict(os.environ, HF_HUB_OFFLINE="1"), stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)           # beside torchrun's: only told apart
     r = run(["-m", "torch.distributed.run", "--nproc_per_node=2", "train.py"] + args + ["--run-name", "two"])
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[:3000]
     assert "x 2 processes" in r.stdout and r.stdout.count("reusing the pretrained base") == 1   # rank 0 logs
-    r = run(["train.py"] + args + ["--run-name", "other-seed", "--stage2-seed", "5"])
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert other.wait(600) == 0, other.communicate()[1][-3000:]
 
     def stage2(name):
         return [json.loads(l) for l in (tmp_path / name / "metrics.jsonl").read_text().splitlines()
