@@ -405,6 +405,23 @@ def test_candidate_protocols_random_and_sasrec(monkeypatch):
     assert len({int(np.argmin(c)) for c in [cands[0], cands[1]]}) >= 1
 
 
+def test_left_pad_matches_a_plain_per_row_loop():
+    """data.sasrec.left_pad (one scatter) against the plain loop: each row the last maxlen items + 1,
+    zeros on the left; lists and arrays, empty and longer-than-maxlen histories."""
+    from data.sasrec import left_pad
+    rng = np.random.default_rng(0)
+    hists = [rng.integers(0, 50, int(n)).tolist() for n in rng.integers(0, 12, 40)] + [[], np.arange(30), [7]]
+    for maxlen in (1, 5, 8, 40):
+        ref = torch.zeros(len(hists), maxlen, dtype=torch.long)
+        for r, h in enumerate(hists):
+            h = list(h)[-maxlen:]
+            if h:
+                ref[r, maxlen - len(h):] = torch.tensor(h) + 1
+        got = left_pad(hists, maxlen)
+        assert got.dtype == torch.long and torch.equal(got, ref), maxlen
+    assert left_pad([], 4).shape == (0, 4) and torch.equal(left_pad([[], []], 3), torch.zeros(2, 3, dtype=torch.long))
+
+
 def test_sasrec_candidates_print_the_ceiling(synth, tmp_path):
     cfg = DataConfig(dataset="ml-1m", data_dir=str(tmp_path), data_url=synth["url"], data_sha256=synth["sha"],
                      sasrec=SASRecConfig(epochs=1), candidates="sasrec")

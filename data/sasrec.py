@@ -74,13 +74,20 @@ class SASRec(nn.Module):
 
 
 def left_pad(histories, maxlen):
-    """list of item-index lists -> (N, maxlen) LongTensor of rows (item+1), left-padded with 0."""
-    out = torch.zeros(len(histories), maxlen, dtype=torch.long)
-    for r, h in enumerate(histories):
-        h = list(h)[-maxlen:]
-        if h:
-            out[r, maxlen - len(h):] = torch.tensor(h) + 1
-    return out
+    """list of item-index lists -> (N, maxlen) LongTensor of rows (item+1), left-padded with 0:
+    row r ends with the last maxlen items of histories[r]. One scatter of all rows at once (a
+    per-row tensor copy was a fifth of data preparation on ML-100K); the plain per-row loop is
+    the test's reference."""
+    tails = [np.asarray(h, dtype=np.int64).reshape(-1)[-maxlen:] if maxlen else np.zeros(0, np.int64)
+             for h in histories]
+    lens = np.array([len(t) for t in tails], dtype=np.int64)                  # (N,)
+    out = np.zeros((len(histories), maxlen), dtype=np.int64)
+    if lens.sum():
+        rows = np.repeat(np.arange(len(tails)), lens)                         # (total,)
+        ends = np.cumsum(lens)
+        cols = np.arange(int(ends[-1])) - np.repeat(ends - lens, lens) + np.repeat(maxlen - lens, lens)
+        out[rows, cols] = np.concatenate(tails) + 1
+    return torch.from_numpy(out)
 
 
 def training_windows(seqs, maxlen):

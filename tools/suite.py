@@ -420,8 +420,9 @@ def suite_table(s):
     rets = {n: m["user_returns"] for n, m in s["methods"].items() if m.get("user_returns")}
     if rets:
         cols = list(next(iter(rets.values())))
-        lines += ["", "UserAgent's Eq. 8 return per episode on stage-2 samples (training temperature), against "
-                  "the method's RecAgent, seed mean:", "", "| method | " + " | ".join(cols) + " |",
+        lines += ["", "UserAgent's return per episode on stage-2 samples (training temperature), against the "
+                  "method's RecAgent, seed mean; the return of the reward the method trains on: Eq. 8, the outcome "
+                  "reward for --reward-mode outcome:", "", "| method | " + " | ".join(cols) + " |",
                   "|---" * (len(cols) + 1) + "|"]
         for n, r in rets.items():
             lines.append(f"| {n} | " + " | ".join(f"{r[c]:+.3f}" for c in cols) + " |")
