@@ -860,6 +860,7 @@ def test_the_user_never_sees_the_target(data, tiny_hf):
     """No UserAgent prompt carries the target unless a RecAgent message named it (built-in tokens and
     the natural-language format)."""
     tok = Tokenizer(data.n_items)
+    ctoks = [chat.ChatTokenizer(hft, data.titles) for _, hft in _chat_tokenizers(tiny_hf)]   # built once: slow
     rng = np.random.default_rng(0)
     checked = 0
     for r in range(40):
@@ -870,8 +871,7 @@ def test_the_user_never_sees_the_target(data, tiny_hf):
         for t in range(3):
             assert tok.item(tr.target) not in tok.render_user(tr, t)
             checked += 1
-        for name, hft in _chat_tokenizers(tiny_hf):
-            ctok = chat.ChatTokenizer(hft, data.titles)
+        for ctok in ctoks:
             text = ctok.decode(ctok.render_user(tr, 2))
             assert f"- {data.titles[tr.target]}\n" not in text + "\n" and f": {data.titles[tr.target]}\n" not in text
     assert checked > 60
