@@ -147,6 +147,11 @@ def run_sft(cfg, base, data, tok, device, folder, log):
 SFT = "SFT on stage-2 samples"
 
 
+def has_sft(cfg):
+    """Whether the suite has the SFT reference row: built-in model, --sft-reference, stage-2 steps."""
+    return bool(not cfg.model and cfg.sft_reference and cfg.steps)
+
+
 def run_suite(cfg, suite, seeds, suite_dir, log=print, full_seeds=False, methods=None):
     """Train and evaluate every method of the suite for every seed; returns the summary dict.
     full_seeds: each seed is --seed (the whole pipeline: data draws, SASRec, stage 1, stage 2);
@@ -154,7 +159,7 @@ def run_suite(cfg, suite, seeds, suite_dir, log=print, full_seeds=False, methods
     methods to train (None: all); when some are left out, returns None after training the others."""
     if suite not in SUITES:
         raise UserError(f"unknown suite {suite!r}: choose one of {', '.join(SUITES)}.")
-    known = [slug(SFT)] + [slug(n) for n, _ in SUITES[suite]]
+    known = [slug(SFT)] * has_sft(cfg) + [slug(n) for n, _ in SUITES[suite]]
     if methods is not None:
         wrong = [m for m in methods if m not in known]
         if wrong or not methods:
@@ -188,7 +193,7 @@ def run_suite(cfg, suite, seeds, suite_dir, log=print, full_seeds=False, methods
         stage2_seeds = [-1] if full_seeds else list(range(seeds))      # -1: stage 2 takes --seed
         for s in stage2_seeds:
             tag = f"seed{bcfg.seed if s < 0 else s}"
-            if not bcfg.model and bcfg.sft_reference and bcfg.steps:
+            if has_sft(bcfg):
                 scfg = dataclasses.replace(bcfg, stage2_seed=s)
                 folder = (bdir if full_seeds else suite_dir) / f"sft-{tag}"
                 if methods is None or slug(SFT) in methods:
@@ -204,8 +209,7 @@ def run_suite(cfg, suite, seeds, suite_dir, log=print, full_seeds=False, methods
                 runs.setdefault(name, []).append(run_variant(vcfg, name, base, data, tok, device, folder, log))
         per_base.append((data, bcfg, mem, runs))
     base_seconds = time.time() - t_base
-    wanted = known if not cfg.model and cfg.sft_reference and cfg.steps else known[1:]
-    if methods is not None and set(wanted) - set(methods):
+    if methods is not None and set(known) - set(methods):
         log(f"trained {', '.join(methods)}; the table needs every method: run the suite again without --methods "
             f"(finished runs are reused)")
         return None
