@@ -2035,6 +2035,18 @@ def test_pool_runs_averages_each_user_over_the_seeds(tmp_path):
     assert c["methods"]["CoARS"]["a"] == pytest.approx(5 / 8) and c["methods"]["CoARS"]["b"] == pytest.approx(5 / 8)
     assert c["methods"]["SASRec top-1"]["b_per_seed"] == [0.5, 0.5] and c["methods"]["CoARS"]["diff"]["mean"] == 0
     assert "| CoARS | 0.6250 (0.750, 0.500) |" in suite.compare_table(c)
+    # --trained: each run's trained pair, whether a train.py run (CoARS beside the untrained rows) or a
+    # suite's method folder (its one method), so an ablation's two kinds of runs pool together
+    (tmp_path / "b1" / "results_valid.json").write_text(json.dumps(dict(rows=[0, 1, 2, 3], per_sample={
+        "Outcome-reward RL": {"hit": [0, 0, 0, 1]}, "Random": {"hit": [0, 0, 0, 0]}, "SASRec top-1": {"hit": [1, 0, 0, 0]}})))
+    c = suite.compare_pools([tmp_path / "a0", tmp_path / "a1"], [tmp_path / "b0", tmp_path / "b1"], "valid",
+                            n_boot=50, trained=True)
+    assert list(c["methods"]) == ["trained pair"] and c["methods"]["trained pair"]["b_per_seed"] == [0.75, 0.25]
+    assert c["methods"]["trained pair"]["diff"]["mean"] == pytest.approx(5 / 8 - 4 / 8)
+    (tmp_path / "b1" / "results_valid.json").write_text(json.dumps(dict(rows=[0, 1, 2, 3], per_sample={
+        "A": {"hit": [0, 0, 0, 1]}, "B": {"hit": [0, 0, 0, 1]}, "SASRec top-1": {"hit": [1, 0, 0, 0]}})))
+    with pytest.raises(UserError, match=r"holds 2 trained methods \(A, B\)"):
+        suite.compare_pools([tmp_path / "a0"], [tmp_path / "b1"], "valid", trained=True)
     with pytest.raises(UserError, match=r"results\.json does not exist: evaluate the run with `python eval\.py"):
         suite.pool_runs([tmp_path / "a0"])                   # a test pool needs each run's results.json
     (tmp_path / "r1" / "results.json").write_text(json.dumps(dict(rows=[0, 1], per_sample={})))

@@ -9,6 +9,7 @@ The paper's experiment in one command: baselines, ablations, seeds, intervals, p
     python tools/suite.py --suite paper --methods coars,coars-w-o-filter     # a part of it (e.g. one per process)
     python tools/suite.py --pool out/r-s0 out/r-s1 out/r-s2                  # pool train.py runs of 3 seeds
     python tools/suite.py --pool out/a-s0 out/a-s1 --against out/b-s0 out/b-s1 --split valid   # setting A - B
+    python tools/suite.py --pool out/r-s1 S/seed0/coars-seed0 --against out/a-s1 S/seed0/outcome-reward-rl-seed0 --trained
 
 Seeds, two ways:
   --full-seeds (PAPER.md section 6: seeds cover the whole pipeline) each seed s (0 .. --seeds - 1)
@@ -244,14 +245,36 @@ def load_results(run_dirs, split="test"):
     return res
 
 
-def compare_pools(a_dirs, b_dirs, split="valid", n_boot=1000, seed=0):
+UNTRAINED = ("Random", "Pop", "SASRec top-1", "Memory-based ARS", SFT)
+
+
+def trained_method(r, path):
+    """The trained agent pair of one run's results: "CoARS" in a train.py run; in a suite's method
+    folder (e.g. <suite dir>/seed0/outcome-reward-rl-seed0) its one method."""
+    if "CoARS" in r["per_sample"]:
+        return "CoARS"
+    names = [n for n in r["per_sample"] if n not in UNTRAINED]
+    if len(names) != 1:
+        raise UserError(f"{path} holds {len(names)} trained methods ({', '.join(names) or 'none'}): --trained "
+                        f"needs a train.py run or one method folder of a suite.")
+    return names[0]
+
+
+def compare_pools(a_dirs, b_dirs, split="valid", n_boot=1000, seed=0, trained=False):
     """Runs of one setting (a_dirs, e.g. --seed 0, 1, 2) against runs of another (b_dirs, the same
     seeds): per method, the per-user hit averaged over each pool's seeds and the paired difference
-    A - B with its bootstrap interval over users (the way to choose a setting on validation)."""
+    A - B with its bootstrap interval over users (the way to choose a setting on validation).
+    trained: one row only, each run's trained pair (trained_method) against the other pool's, so
+    train.py runs of an ablation's options and a suite's method folders can be pooled together."""
     a, b = load_results(a_dirs, split), load_results(b_dirs, split)
     if a[0]["rows"] != b[0]["rows"]:
         raise UserError(f"the two pools were evaluated on different {split} samples.")
-    names = [n for n in a[0]["per_sample"] if all(n in r["per_sample"] for r in a + b)]
+    if trained:
+        for r, d in zip(a + b, list(a_dirs) + list(b_dirs)):
+            r["per_sample"]["trained pair"] = r["per_sample"][trained_method(r, d)]
+        names = ["trained pair"]
+    else:
+        names = [n for n in a[0]["per_sample"] if all(n in r["per_sample"] for r in a + b)]
     out = {"split": split, "n_samples": len(a[0]["rows"]), "n_a": len(a), "n_b": len(b), "methods": {}}
     for n in names:
         ha = np.mean([r["per_sample"][n]["hit"] for r in a], axis=0)
@@ -489,6 +512,8 @@ def main(argv=None):
                    "their seeds (e.g. out/r-s0 out/r-s1 out/r-s2) into one table (pool_runs)")
     p.add_argument("--against", nargs="+", metavar="RUN", help="with --pool: runs of another setting on the same "
                    "seeds; prints the paired differences (the --pool runs minus these) per method (compare_pools)")
+    p.add_argument("--trained", action="store_true", help="with --against: compare only each run's trained pair "
+                   "(CoARS of a train.py run, or the one method of a suite's method folder)")
     p.add_argument("--split", default="test", choices=["test", "valid"], help="with --pool: the results to read "
                    "(valid: each run's results_valid.json from `eval.py --run RUN --split valid`)")
     p.add_argument("--seeds", type=int, default=3, help="seeds per trained method (stage 2's, or with --full-seeds "
@@ -502,10 +527,13 @@ def main(argv=None):
     a = p.parse_args(argv)
     if a.against and not a.pool:
         p.error("--against compares with the runs of --pool RUN ...")
+    if a.trained and not a.against:
+        p.error("--trained goes with --pool RUN ... --against RUN ...")
     if a.pool:
         try:
             if a.against:
-                print(compare_table(compare_pools(a.pool, a.against, a.split), "--pool", "--against"))
+                print(compare_table(compare_pools(a.pool, a.against, a.split, trained=a.trained), "--pool",
+                                    "--against"))
             else:
                 print(pool_table(pool_runs(a.pool, split=a.split)))
         except (UserError, OSError, json.JSONDecodeError) as e:
