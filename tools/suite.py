@@ -146,6 +146,8 @@ def run_sft(cfg, base, data, tok, device, folder, log):
 
 
 SFT = "SFT on stage-2 samples"
+BASELINES = ("Random", "Pop", "SASRec top-1")      # eval.baseline_hits' rows, first in every table
+UNTRAINED = BASELINES + ("Memory-based ARS", SFT)   # the rows beside a run's trained pair
 
 
 def has_sft(cfg):
@@ -245,9 +247,6 @@ def load_results(run_dirs, split="test"):
     return res
 
 
-UNTRAINED = ("Random", "Pop", "SASRec top-1", "Memory-based ARS", SFT)
-
-
 def trained_method(r, path):
     """The trained agent pair of one run's results: "CoARS" in a train.py run; in a suite's method
     folder (e.g. <suite dir>/seed0/outcome-reward-rl-seed0) its one method."""
@@ -307,8 +306,7 @@ def pool_runs(run_dirs, n_boot=1000, seed=0, split="test"):
     F1 per seed beside accept-all's; the UserAgent returns beside the constant users' (seed means)."""
     res = load_results(run_dirs, split)
     names = [n for n in res[0]["per_sample"] if all(n in r["per_sample"] for r in res)]
-    names = [n for n in ("Random", "Pop", "SASRec top-1") if n in names] + [n for n in names if n not in
-                                                                              ("Random", "Pop", "SASRec top-1")]
+    names = [n for n in BASELINES if n in names] + [n for n in names if n not in BASELINES]
     hits = {n: np.mean([r["per_sample"][n]["hit"] for r in res], axis=0) for n in names}
     out = {"n_runs": len(res), "n_samples": len(res[0]["rows"]), "split": split, "methods": {}, "paired": {}}
     for n in names:
@@ -368,7 +366,7 @@ def summarise(per_base, cfg, seeds, suite, full_seeds=False):
     per base (one base unless full_seeds)."""
     rows = np.array(per_base[0][2]["rows"])
     per_sample, methods = {}, {}
-    for name in ("Random", "Pop", "SASRec top-1"):
+    for name in BASELINES:
         hits = [baseline_hits(d, "test", b.seed)[name][rows] for d, b, _, _ in per_base]
         per_sample[name] = np.mean(hits, axis=0)
         methods[name] = {"hit_per_seed": [float(h.mean()) for h in hits]}
