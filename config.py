@@ -137,7 +137,7 @@ class Config:
     stage_gamma: float = -1.0
     """D_t = stage_gamma^(t-1) in Eq. 7; negative = D_t = 1 [ours]"""
     decoding: str = "grammar"
-    """how messages are decoded [ours, PAPER.md section 5; env.py]: 'grammar' (each agent's message under its grammar,
+    """how messages are decoded [ours, docs/method.md section 5; env.py]: 'grammar' (each agent's message under its grammar,
     valid by construction), 'item' (only the RecAgent's item restricted to the candidates: invalid messages happen,
     the default before the grammar) or 'free' (nothing restricted). Sampling and every log-prob use the same support"""
     use_filter: bool = True

@@ -1,5 +1,5 @@
 """
-Self-distilled credit assignment of CoARS (PAPER.md section 4, Eq. 10-12).
+Self-distilled credit assignment of CoARS (docs/method.md section 4, Eq. 10-12).
 
 Teacher and student are the SAME agent (same base, same adapter, same weights). The student sees
 the normal prompt x_t; the teacher sees x_t plus a hindsight reference d, an earlier trajectory of

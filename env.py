@@ -1,5 +1,5 @@
 """
-The multi-turn environment of CoARS (PAPER.md section 2): what each agent sees, what it must write,
+The multi-turn environment of CoARS (docs/method.md section 2): what each agent sees, what it must write,
 and the batched loop in which a RecAgent and a UserAgent talk.
 
 Message formats of the built-in model (token level; `tok.decode` shows them as text):
@@ -16,7 +16,7 @@ history, so the first answer token is predicted exactly where stage 1's next-ite
 predicts the item after a history (pretrain.py): the base's knowledge of what users take next is
 the RecAgent's answer distribution. The SASRec prior appears in turn 1 only (Trajectory.prior None:
 no hint).
-[ours] Messages are decoded under their grammar (PAPER.md section 5; grammar.Grammar), --decoding:
+[ours] Messages are decoded under their grammar (docs/method.md section 5; grammar.Grammar), --decoding:
   grammar  (default) RecAgent: ITEM among the 20 candidates, <|why|>, one history item, <|end|>;
            UserAgent: ACTION, a score d.dd inside that action's interval, <|why|>, one history
            item, <|end|>. Every message is valid by construction.
@@ -51,7 +51,7 @@ DECODING = ("grammar", "item", "free")      # --decoding (module docstring)
 
 
 def action_of_score(s):
-    """The action whose interval holds score s (PAPER.md section 2, [ours])."""
+    """The action whose interval holds score s (docs/method.md section 2, [ours])."""
     for a in ("dislike", "skip", "star"):
         if s < ACTION_RANGE[a][1]:
             return a
@@ -60,7 +60,7 @@ def action_of_score(s):
 
 def score_fits(action, s):
     """True when score s lies in the action's interval (click includes 1.0): a UserAgent message
-    whose action contradicts its score is invalid (PAPER.md section 2, [ours])."""
+    whose action contradicts its score is invalid (docs/method.md section 2, [ours])."""
     lo, hi = ACTION_RANGE[action]
     return lo <= s < hi or (action == "click" and s == 1.0)
 
@@ -75,7 +75,7 @@ class Turn:
     score: float = None
     user_valid: bool = False
     hit: int = 0
-    q: float = 0.0                # peer signal q_t in [-1, 1] (PAPER.md section 2)
+    q: float = 0.0                # peer signal q_t in [-1, 1] (docs/method.md section 2)
     peer_text: str = ""
     rec_prompt: list = None       # the student prompts the messages were written from
     user_prompt: list = None
@@ -217,7 +217,7 @@ class Tokenizer:
         return [self.item(i) for i in traj.cands]
 
     # ---------------------------------------------------------------------------------------------
-    # Grammars of the messages (grammar.Grammar; PAPER.md section 5, [ours])
+    # Grammars of the messages (grammar.Grammar; docs/method.md section 5, [ours])
 
     def rec_grammar(self, traj, items=None):
         """ITEM <|why|> RATIONALE <|end|>: ITEM among `items` (default the candidates), RATIONALE a
@@ -273,7 +273,7 @@ class Tokenizer:
 
 def peer_opinion(data, user, item):
     """(text, q_t): how many of the user's peers interacted with the item (and their mean rating),
-    and q_t = sum_j w_j * (+1 if peer j interacted else -1) (PAPER.md section 2, [ours])."""
+    and q_t = sum_j w_j * (+1 if peer j interacted else -1) (docs/method.md section 2, [ours])."""
     sets = data.train_sets()
     peers, w = data.peers[user], data.peer_w[user]
     hits = [item in sets[p] for p in peers]

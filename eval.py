@@ -1,5 +1,5 @@
 """
-Evaluation of CoARS and its baselines (PAPER.md section 6).
+Evaluation of CoARS and its baselines (docs/method.md section 6).
 
     python eval.py --run out/ml-latest-small            # evaluate a finished training run
     python eval.py --run out/ml-latest-small --split valid
@@ -273,7 +273,7 @@ def user_judgements(model, tok, data, adapter, device, batch=256, f1_rows=None, 
 
 
 # --------------------------------------------------------------------------------------------------
-# Reference rows [ours, PAPER.md section 6]: does the UserAgent game Eq. 8?
+# Reference rows [ours, docs/method.md section 6]: does the UserAgent game Eq. 8?
 
 CONSTANT_USERS = {"always click (1.00)": lambda traj, turn: ("click", 1.0),
                   "always dislike (0.00)": lambda traj, turn: ("dislike", 0.0)}
@@ -328,7 +328,7 @@ def evaluate(model, tok, data, split="test", t_max=5, device="cpu", n_boot=1000,
     max_samples > 0 evaluates a fixed random subset of the split (the same for every method).
     per_sample: also return the evaluated rows and, per method, its per-sample hits (and, per agent
     pair, its F1-set judgements), for pooling over seeds (tools/suite.py). Two chance references are rows of every table
-    (PAPER.md section 6): a random pick's Hit@1 is 1/K whatever the number of turns (the last of up
+    (docs/method.md section 6): a random pick's Hit@1 is 1/K whatever the number of turns (the last of up
     to 5 distinct random picks is still uniform over the K candidates), and a UserAgent that accepts
     everything has the F1 of the "Accept everything" row (2/3 with one negative per positive)."""
     t0 = time.time()

@@ -1,5 +1,5 @@
 """
-Grammars of the agents' messages [ours, PAPER.md section 5]: which tokens a message may hold at
+Grammars of the agents' messages [ours, docs/method.md section 5]: which tokens a message may hold at
 each position. Sampling (sampling.generate) and every log-prob (model.token_logprobs: policy,
 teacher, student, the --user-kl base) read the same Grammar.allowed, so a message is decoded from,
 and scored under, one restricted softmax. A file of its own because env.py (the built-in message

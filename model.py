@@ -1,5 +1,5 @@
 """
-The language model both CoARS agents run on (PAPER.md section 5).
+The language model both CoARS agents run on (docs/method.md section 5).
 
 What is here (the built-in tokenizer is the message format's vocabulary: env.Tokenizer):
   - GPT: a small decoder-only transformer in plain PyTorch (the built-in backbone [ours]).
@@ -8,7 +8,7 @@ What is here (the built-in tokenizer is the message format's vocabulary: env.Tok
   - GPT.decode: one generation step with fixed shapes (static KV cache), which sampling.py's
     generate() runs, eagerly or through torch.compile.
   - restricted_logprobs: the softmax restricted to the tokens a message's grammar allows at each
-    position (grammar.Grammar [ours, PAPER.md section 5]); sampling and every log-prob use it.
+    position (grammar.Grammar [ours, docs/method.md section 5]); sampling and every log-prob use it.
   - token_logprobs(): per-token log-probs of given completion tokens, the quantity every loss in
     CoARS needs (Eq. 10-12). The output head runs only on the scored positions and the
     log-sum-exp is taken in row chunks with a hand-written backward, so no float32
@@ -347,7 +347,7 @@ def restricted_logprobs(hidden, weight, allowed, targets, keep=None, temperature
     """log-softmax over the `allowed` tokens only, at the target: hidden (M,C), weight (V,C), allowed
     (M,K) token ids (each row's choices, e.g. the 20 candidates' item tokens), targets (M,) -> (M,).
     keep (M,K) bool marks the real entries of rows padded to K (None = all). This is the
-    distribution a message's token is sampled from under its grammar (grammar.Grammar, PAPER.md
+    distribution a message's token is sampled from under its grammar (grammar.Grammar, docs/method.md
     section 5, [ours]), at the sampling temperature: logits / temperature. A target outside its
     row's allowed ids gets -inf. Float32 logits, as logprobs_of."""
     with torch.autocast(hidden.device.type, enabled=False):

@@ -1,6 +1,6 @@
 """
 Stage 1 of train.py [ours]: making the built-in base GPT a sequential recommender that can read and
-write the agents' messages (PAPER.md section 5), on the training split only; and the optional
+write the agents' messages (docs/method.md section 5), on the training split only; and the optional
 warm-up of a Hugging Face model's adapters. Not part of CoARS itself: the built-in GPT has no world
 knowledge, and this is what a pretrained LLM brings to the paper.
 
@@ -20,7 +20,7 @@ What stage 1 trains on, every step (one batch):
     [ours] With a reference in the prompt, only the target is positive (a near-future item is
     then negative): the reference names the target, the teacher's judgement is the one Eq. 8
     rewards (accepting the target, sigma = +1; accepting any other item, sigma = -1), and the
-    student prompt, without a reference, keeps PAPER.md section 5's rule (near-future items
+    student prompt, without a reference, keeps docs/method.md section 5's rule (near-future items
     positive).
 Samples [ours]: the last --stage2-last training samples of each user are stage 2's (stage2_rows);
 stage 1 sees each user's training part without those targets, so stage 2 does not replay answers

@@ -1,5 +1,5 @@
 """
-Interaction reward of CoARS (PAPER.md section 3, Eq. 7 and 8): one task-level reward per turn for
+Interaction reward of CoARS (docs/method.md section 3, Eq. 7 and 8): one task-level reward per turn for
 each agent, taken from the same turn of the same conversation, each agent's behaviour scaling or
 signing the other's.
 
@@ -16,7 +16,7 @@ signing the other's.
     reward uses s_t = 0 (nothing was accepted).
   - The outcome-only reward (the "outcome-reward RL" baseline and the "w/o interaction reward"
     ablation): every message of the episode gets 2 * hit(final item) - 1, with no filter (the
-    filter is part of the interaction reward, PAPER.md section 6).
+    filter is part of the interaction reward, docs/method.md section 6).
 A turn's reward applies to every token of that turn's message (distill.py does that).
 """
 

@@ -10,7 +10,7 @@ What is here:
     (model.decode) has fixed shapes, so it can run through torch.compile (compile=True).
   - generate_nocache(): the plain reference, one prompt at a time and a full forward per token; the
     tests check generate() against it token for token, compiled or not.
-  - decoding under a grammar [ours, PAPER.md section 5] (grammar.Grammar: which tokens may come next
+  - decoding under a grammar [ours, docs/method.md section 5] (grammar.Grammar: which tokens may come next
     in one message, given what it holds so far): generate() samples each token from the softmax
     restricted to those tokens, and model.token_logprobs() scores every token over the same restricted softmax (policy, teacher,
     student, base), so a message decoded under its grammar is valid by construction and RL's

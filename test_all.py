@@ -2,7 +2,7 @@
 The tests, read as a specification of the paper: one test per equation and rule with small
 hand-checkable numbers, every fast path against its plain reference, and end-to-end runs of the
 real commands on small synthetic data in ml-1m's exact file format. The specification comes first
-(the equations, the rules of PAPER.md, the pins of its defaults), the machinery after it.
+(the equations, the rules of docs/method.md, the pins of its defaults), the machinery after it.
 
     python -m pytest -q test_all.py
 
@@ -376,7 +376,7 @@ def test_rollout_analysis_hooks_oracle_user_and_excluding_rejected_items(data, m
         assert all(tok.parse_user(t.user_out) == (t.action, t.score) for t in tr.turns)
 
 # --------------------------------------------------------------------------------------------------
-# A base that knows users (PAPER.md sections 1, 5, 6): candidate protocols, restricted answers,
+# A base that knows users (docs/method.md sections 1, 5, 6): candidate protocols, restricted answers,
 # disjoint stages, outcome without filter, per-agent clipping
 
 
@@ -465,7 +465,7 @@ def test_restricted_decoding_names_only_candidates_and_matches_its_reference():
 
 
 def test_grammar_decoding_never_writes_an_invalid_message_and_scores_over_the_same_support(data):
-    """PAPER.md section 5, [ours]: both built-in agents' messages decoded under their grammar are
+    """docs/method.md section 5, [ours]: both built-in agents' messages decoded under their grammar are
     valid at temperature 1 (random weights: without the grammar they almost never are), the KV-cache
     generate matches the no-cache reference token for token, and token_logprobs under the grammar
     equals a plain float64 log_softmax with every position's disallowed logits at -inf."""
@@ -587,7 +587,7 @@ def test_train_prior_option_changes_the_training_prior_only(synth, tmp_path):
 
 
 def test_user_f1_set_covers_every_test_user(data):
-    """PAPER.md section 6: the F1 set has every test user, each with as many negatives as positives,
+    """docs/method.md section 6: the F1 set has every test user, each with as many negatives as positives,
     the positives its real future (the validation and test items, or the test item alone)."""
     assert set(data.f1_user.tolist()) == set(data.test_user.tolist())
     for u in set(data.test_user.tolist()):
@@ -629,7 +629,7 @@ def test_stage1_and_stage2_samples_are_disjoint(data):
 
 def test_stage1_answers_name_the_true_next_item_and_judge_it(data):
     """The scripted RecAgent answers with the target; the scripted UserAgent accepts the target and
-    turns down a random item (PAPER.md section 5)."""
+    turns down a random item (docs/method.md section 5)."""
     tok = Tokenizer(data.n_items)
     cfg = Config(t_max=3, p_reference=0.0)
     parts, rows = pretrain.stage1_parts(data, 3)
@@ -738,7 +738,7 @@ def test_user_balance_weighs_right_and_wrong_items_the_same():
 
 
 # --------------------------------------------------------------------------------------------------
-# Specification pins: each rule of PAPER.md that a one-line change could break unnoticed
+# Specification pins: each rule of docs/method.md that a one-line change could break unnoticed
 
 
 def test_paper_defaults_are_pinned():
@@ -1833,7 +1833,7 @@ def test_every_config_validation_rule(kw, msg):
 
 
 def test_constant_users_returns_are_eq8_summed_over_their_turns(data):
-    """eval.user_returns (PAPER.md section 6's reference rows): the always-dislike user's Eq. 8
+    """eval.user_returns (docs/method.md section 6's reference rows): the always-dislike user's Eq. 8
     return, by hand: it never clicks, so each episode runs T_max turns, each unfiltered with
     s = 0: R_user = -sigma_t (1 + alpha q_t); always-click: one turn, filtered on a miss (0),
     1 - alpha q_1 on a hit."""

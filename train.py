@@ -1,5 +1,5 @@
 """
-Train CoARS end to end (PAPER.md section 5) and print the results table.
+Train CoARS end to end (docs/method.md section 5) and print the results table.
 
     python train.py --dataset ml-latest-small --data-url file:///path/to/ml-latest-small.zip
     python train.py --dataset ml-1m                       # downloads ml-1m from GroupLens
@@ -105,7 +105,7 @@ def check_resumable(ck, cfg, data):
 
 
 def stage2(cfg, model, tok, data, device, run_dir, log, ck=None):
-    """Train both adapters with CoARS from the same rollouts (PAPER.md section 5).
+    """Train both adapters with CoARS from the same rollouts (docs/method.md section 5).
     ck: a stage-2 checkpoint to continue from."""
     seed = cfg.stage2_seed if cfg.stage2_seed >= 0 else cfg.seed
     rank, world = dist_info()
@@ -182,7 +182,7 @@ def stage2(cfg, model, tok, data, device, run_dir, log, ck=None):
         t2 = time.time()
         if opt:
             all_reduce_grads(params)
-            # each agent is its own learner (PAPER.md section 4): its gradient is clipped by its own
+            # each agent is its own learner (docs/method.md section 4): its gradient is clipped by its own
             # norm, so one agent's large gradient never shrinks the other's step
             norms = {a: clip_agent(model.adapter_parameters(a), cfg.grad_clip, ok) for a in agents}
             ok = ok and all(finite(g) for g in norms.values())
@@ -234,7 +234,7 @@ def stage2(cfg, model, tok, data, device, run_dir, log, ck=None):
 
 
 # --------------------------------------------------------------------------------------------------
-# Reference rows [ours, PAPER.md section 6]
+# Reference rows [ours, docs/method.md section 6]
 
 
 def stage2_draws(cfg, data):
@@ -251,7 +251,7 @@ def stage2_draws(cfg, data):
 
 
 def sft_reference(cfg, model, tok, data, device, log=print):
-    """The reference row 'SFT on stage-2 samples' (PAPER.md section 6, [ours]): a third adapter,
+    """The reference row 'SFT on stage-2 samples' (docs/method.md section 6, [ours]): a third adapter,
     "sft", trained by cross-entropy on the RecAgent's turn-1 message naming the target (rationale:
     the closest history item) for exactly the samples stage 2 draws, with stage 2's budget (steps,
     batch, optimiser, learning rate, clipping). Its log-probs are taken under the message's grammar,

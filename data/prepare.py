@@ -1,5 +1,5 @@
 """
-Datasets for CoARS (PAPER.md sections 1 and 6): download, verify, parse, split, SASRec candidates,
+Datasets for CoARS (docs/method.md sections 1 and 6): download, verify, parse, split, SASRec candidates,
 SASRec prior, peers, and a cache in plain NPZ + JSON.
 
     python data/prepare.py --dataset ml-latest-small --data-url file:///path/to/ml-latest-small.zip --stats
@@ -9,13 +9,13 @@ train.py calls prepare() itself when the processed data is missing or was built 
 Reading each source's raw files (formats, checksums, downloads) is in data/sources.py; everything
 after parsing is the same for every source and is here.
 
-The protocol ([ours] where PAPER.md marks it so):
+The protocol ([ours] where docs/method.md section 1 marks it so):
   - Each user's interactions sorted by (timestamp, item id): ties in time are broken by item id so
     the order is deterministic. Repeated (user, item) events keep the first.
   - Leave-one-out: last item = test target, the one before = validation target, the rest = the
     training part. A sample's history is the <= 10 items before its target; samples with < 3
     history items are dropped. Training samples are all positions of every training part.
-  - SASRec (data/sasrec.py) is trained on the training parts only. Candidates (PAPER.md section 1),
+  - SASRec (data/sasrec.py) is trained on the training parts only. Candidates (docs/method.md section 1),
     shuffled with the seed: "random" (default), the target plus 19 items drawn uniformly from those
     not in the history (the AFL / LLaRA protocol); or "sasrec", SASRec's 20 highest-scoring items not
     in the history as they are, the target NOT forced in (where SASRec missed it no agent can hit;
@@ -78,7 +78,7 @@ class DataConfig:
     n_candidates: int = 20
     """candidate list length, target included"""
     train_prior: str = "crossfit"
-    """[ours, PAPER.md section 5] the SASRec that gives training samples their candidates (with 'sasrec' candidates)
+    """[ours, docs/method.md section 5] the SASRec that gives training samples their candidates (with 'sasrec' candidates)
     and their prior: 'crossfit' (one trained on the other half of the users, so the hint is no better on training
     samples than at test time) or 'full' (the SASRec of validation and test, which trained on those samples)"""
     history: int = 10
@@ -145,7 +145,7 @@ def _options(cfg: DataConfig):
 
 def peer_weights(sim, k):
     """Each user's k most similar users (sim: (U,U) cosine similarities, -inf on the diagonal) and
-    their weights w_j (PAPER.md section 2): negative similarities count as 0, the rest are
+    their weights w_j (docs/method.md section 2): negative similarities count as 0, the rest are
     normalised to sum to 1, and a user whose k similarities are all <= 0 weighs them equally."""
     peers = np.argsort(-sim, axis=1, kind="stable")[:, :k]
     w = np.maximum(np.take_along_axis(sim, peers, 1), 0)
@@ -321,7 +321,7 @@ def build(parsed: Parsed, cfg: DataConfig, log=print):
     sim[:, ~is_train] = -np.inf
     peers, w = peer_weights(sim, min(cfg.n_peers, int(is_train.sum()) - 1))
 
-    # UserAgent F1 set (PAPER.md section 6): every test user. Its history is the one before its
+    # UserAgent F1 set (docs/method.md section 6): every test user. Its history is the one before its
     # validation sample where it has one (its positives are then the validation and test items, the
     # user's real future), else the one before its test item (a test user with too short a history
     # for a validation sample, or a test user of users.csv: one positive, the test item).

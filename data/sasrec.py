@@ -1,6 +1,6 @@
 """
 SASRec (Kang & McAuley 2018): the small self-attentive sequence model that CoARS uses for its
-candidate lists, its turn-1 "prior" hint and the user embeddings that pick peers (PAPER.md
+candidate lists, its turn-1 "prior" hint and the user embeddings that pick peers (docs/method.md
 sections 1 and 2). It lives in its own file because it is a model of its own, trained on the
 training split only, before and apart from the language-model agents.
 
@@ -136,7 +136,7 @@ def train_sasrec(seqs, n_items, cfg: SASRecConfig, seed=0, progress=None):
 @torch.no_grad()
 def last_hidden(model, histories, batch=4096):
     """Hidden state at the last position for each history: (N, H) numpy float32 (the user
-    embedding of PAPER.md section 1 when the history is the user's latest items)."""
+    embedding of docs/method.md section 1 when the history is the user's latest items)."""
     out = []
     for s in range(0, len(histories), batch):
         x = left_pad(histories[s:s + batch], model.cfg.maxlen)

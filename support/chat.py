@@ -1,7 +1,7 @@
 """
 The agents' messages in natural language, for Hugging Face chat models (support/hf.py). env.py holds the
 built-in model's token-level format and the loop; its format functions hand over to this file's
-ChatTokenizer when `tok.chat` is true. Same content, same rules (PAPER.md section 2), in words:
+ChatTokenizer when `tok.chat` is true. Same content, same rules (docs/method.md section 2), in words:
 
   RecAgent   system: its role.  user: the history (titles, oldest first), the 20 candidates
              (numbered titles), in turn 1 the sequential recommender's suggestion, the conversation

@@ -1,5 +1,5 @@
 """
-Hugging Face backbones for the two CoARS agents (PAPER.md section 5: "any Hugging Face causal LM can
+Hugging Face backbones for the two CoARS agents (docs/method.md section 5: "any Hugging Face causal LM can
 replace" the built-in GPT). Its own file because it is the one place that talks to transformers.
 
     python train.py --model smollm2-135m --dataset ml-latest-small ...        # the offline shortcut below

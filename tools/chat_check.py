@@ -11,7 +11,7 @@ On a fixed random subset of --n test samples (the subset eval.py --max-samples d
     and UserAgent messages, seconds;
   - SASRec top-1's Hit@1 on the same samples (the hint the RecAgent is shown in turn 1);
   - the candidates ranked by the constrained title log-probs (eval.rank_metrics): HR@1 with the
-    hint and without it (does the base know the user by itself, PAPER.md section 5), each summed
+    hint and without it (does the base know the user by itself, docs/method.md section 5), each summed
     over the title's tokens and as the per-token mean.
 95% bootstrap intervals over the samples. Peak memory of the process at the end. Writes the table
 and a JSON file (--out, default chat_check_<model>.json).

@@ -1,6 +1,6 @@
 """
 The paper's experiment in one command: baselines, ablations, seeds, intervals, plots
-(PAPER.md section 6). A file of its own because it orchestrates many training runs:
+(docs/method.md section 6). A file of its own because it orchestrates many training runs:
 
     python tools/suite.py --suite paper --dataset ml-latest-small --data-url file:///path/ml-latest-small.zip
     python tools/suite.py --suite lambda --dataset lastfm --seeds 1          # sensitivity to lambda
@@ -12,7 +12,7 @@ The paper's experiment in one command: baselines, ablations, seeds, intervals, p
     python tools/suite.py --pool out/r-s1 S/seed0/coars-seed0 --against out/a-s1 S/seed0/outcome-reward-rl-seed0 --trained
 
 Seeds, two ways:
-  --full-seeds (PAPER.md section 6: seeds cover the whole pipeline) each seed s (0 .. --seeds - 1)
+  --full-seeds (docs/method.md section 6: seeds cover the whole pipeline) each seed s (0 .. --seeds - 1)
       is --seed s for everything: SASRec, the candidate lists, stage 1 (its own base, kept in
       <suite dir>/seed<s>/base.pt and reused), stage 2 and the bootstrap. Every method of a seed
       meets that seed's test candidates; the users are the same in every seed, so per-user results
@@ -300,7 +300,7 @@ def compare_table(c, a_name="A", b_name="B"):
 
 def pool_runs(run_dirs, n_boot=1000, seed=0, split="test"):
     """Pool finished train.py runs of one dataset over seeds (e.g. --seed 0, 1, 2: full-pipeline
-    seeds, PAPER.md section 6) from their results.json: per method, the per-user hit averaged over
+    seeds, docs/method.md section 6) from their results.json: per method, the per-user hit averaged over
     the runs (the users are the same; each run has its own candidate draws), a bootstrap interval
     over users, the per-seed values, paired intervals of CoARS against every other method; UserAgent
     F1 per seed beside accept-all's; the UserAgent returns beside the constant users' (seed means)."""
@@ -388,7 +388,7 @@ def summarise(per_base, cfg, seeds, suite, full_seeds=False):
     for name, m in methods.items():
         mu, lo, hi = mean_ci(per_sample[name], cfg.n_boot, cfg.seed)
         m["hit"] = {"mean": mu, "lo": lo, "hi": hi, "seed_sd": float(np.std(m["hit_per_seed"]))}
-    # the chance references (PAPER.md section 6): a 1/K pick, and a UserAgent that accepts everything
+    # the chance references (docs/method.md section 6): a 1/K pick, and a UserAgent that accepts everything
     label = np.array(mems[0]["per_sample"]["Memory-based ARS"]["f1_label"])
     p, rc, f = prf(np.ones(len(label), bool), label)
     k = 1.0 / per_base[0][0].test_cands.shape[1]
@@ -517,7 +517,7 @@ def main(argv=None):
     p.add_argument("--seeds", type=int, default=3, help="seeds per trained method (stage 2's, or with --full-seeds "
                    "the whole pipeline's)")
     p.add_argument("--full-seeds", action="store_true", help="each seed reruns the whole pipeline (data draws, "
-                   "SASRec, stage 1, stage 2), so the intervals include stage 1's variance (PAPER.md section 6)")
+                   "SASRec, stage 1, stage 2), so the intervals include stage 1's variance (docs/method.md section 6)")
     p.add_argument("--suite-dir", default="", help="output folder (default: out/<dataset>-<suite>)")
     p.add_argument("--methods", default="", help="comma-separated folder names of the methods to train (e.g. "
                    "coars,sft-on-stage-2-samples; default: all); the table is written once every method is done")
