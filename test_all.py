@@ -754,8 +754,8 @@ def test_paper_defaults_are_pinned():
     lp, a = torch.tensor([-1.0, -3.0]), torch.tensor([1.0, 1.0])
     assert distill.agent_objective([lp], [0.0], [a], n_episodes=1).item() == pytest.approx(0.1 * 2.0)
     import inspect as _inspect
-    assert _inspect.signature(train.agent_loss).parameters["lam"].default == 0.1
-    assert _inspect.signature(train.agent_loss).parameters["baseline"].default == "none"
+    assert train.LossOptions().lam == 0.1 and train.LossOptions().baseline == "none"
+    assert train.LossOptions().kl == 0.0 and train.LossOptions().temperature == 1.0
     assert _inspect.signature(distill.coars_objective).parameters["lam"].default == 0.1
 
 
@@ -795,8 +795,8 @@ def test_mean_baseline_is_subtracted(data):
     rcfg = dict(mode="interaction", alpha=0.1, use_filter=False, stage_gamma=None)
     m.set_adapter("rec")
     with torch.no_grad():
-        none, st = train.agent_loss(m, tok, trajs, distill.ReferenceBuffer(), "rec", rcfg, 0.0, "none")
-        mean, _ = train.agent_loss(m, tok, trajs, distill.ReferenceBuffer(), "rec", rcfg, 0.0, "mean")
+        none, st = train.agent_loss(m, tok, trajs, distill.ReferenceBuffer(), "rec", train.LossOptions(rcfg, 0.0, baseline="none"))
+        mean, _ = train.agent_loss(m, tok, trajs, distill.ReferenceBuffer(), "rec", train.LossOptions(rcfg, 0.0, baseline="mean"))
         msgs = distill.collect_messages(tok, trajs, distill.ReferenceBuffer(), "rec", rcfg)
         lps = model_mod.token_logprobs(m, [x[0] for x in msgs], [x[2] for x in msgs], tok.pad_id,
                                        grammar=[x[4] for x in msgs])
@@ -2178,10 +2178,9 @@ def test_agent_loss_in_groups_gives_the_whole_batch_gradient(data):
     tok, m, trajs = _rec_agent_and_episodes(data, 6, 0)
     rcfg = dict(mode="interaction", alpha=0.1, use_filter=True, stage_gamma=None)
     params = m.adapter_parameters("rec")
-    whole, st = train.agent_loss(m, tok, trajs, distill.ReferenceBuffer(), "rec", rcfg, 0.1, "mean")
+    whole, st = train.agent_loss(m, tok, trajs, distill.ReferenceBuffer(), "rec", train.LossOptions(rcfg, 0.1, baseline="mean"))
     g_whole = torch.autograd.grad(whole, params)
-    parts, st2 = train.agent_loss(m, tok, trajs, distill.ReferenceBuffer(), "rec", rcfg, 0.1, "mean",
-                                    micro=4, backward=True)
+    parts, st2 = train.agent_loss(m, tok, trajs, distill.ReferenceBuffer(), "rec", train.LossOptions(rcfg, 0.1, baseline="mean", micro=4), backward=True)
     assert st["messages"] == st2["messages"] > 4 and abs(st["credit"] - st2["credit"]) < 1e-6
     assert torch.allclose(parts, whole.detach(), atol=1e-6)
     assert sum(float(g.abs().sum()) for g in g_whole) > 1e-3                # a gradient worth comparing
@@ -2199,8 +2198,8 @@ def test_agent_loss_is_eq11_over_the_collected_messages(data):
     for rcfg, lam, dec in ((dict(mode="interaction", alpha=0.1, use_filter=True), 0.5, "grammar"),
                            (dict(mode="outcome"), 0.1, "item"), (dict(mode="interaction"), 0.1, "free")):
         timing = {}
-        loss, st = train.agent_loss(m, tok, trajs, buf, "rec", rcfg, lam, device="cpu", timing=timing,
-                                      decoding=dec)
+        loss, st = train.agent_loss(m, tok, trajs, buf, "rec", train.LossOptions(rcfg, lam, decoding=dec),
+                                    device="cpu", timing=timing)
         with torch.no_grad():
             sp, tp, ys, rs, first = zip(*[(tr.turns[t].rec_prompt, tok.render_rec(tr, t, distill.hindsight_reference(tok, tr)),
                                           tr.turns[t].rec_out, rr[0], None if dec == "free" else tok.answer_choices(tr))
@@ -2228,17 +2227,17 @@ def test_agent_loss_is_eq11_over_the_collected_messages(data):
         assert st["credit_abs"] == pytest.approx(float(flat.abs().mean()), abs=1e-6) and st["credit_abs"] > 1e-4
         assert 0 <= timing["teacher_s"] and 0 <= timing["student_s"] and timing["teacher_s"] + timing["student_s"] < 60
     # the restricted and the free support give different credits, so the test above can tell them apart
-    losses = [train.agent_loss(m, tok, trajs, buf, "rec", {}, 0.1, decoding=d)[0].item() for d in env.DECODING]
+    losses = [train.agent_loss(m, tok, trajs, buf, "rec", train.LossOptions({}, 0.1, decoding=d))[0].item() for d in env.DECODING]
     assert len({round(x, 5) for x in losses}) == 3
     # whole batch back-propagated at once (micro = 0) = the same loss
     m.zero_grad()
-    assert train.agent_loss(m, tok, trajs, buf, "rec", {}, 0.1, backward=True)[0].item() == pytest.approx(
-        train.agent_loss(m, tok, trajs, buf, "rec", {}, 0.1)[0].item(), abs=1e-6)
+    assert train.agent_loss(m, tok, trajs, buf, "rec", train.LossOptions({}, 0.1), backward=True)[0].item() == pytest.approx(
+        train.agent_loss(m, tok, trajs, buf, "rec", train.LossOptions({}, 0.1))[0].item(), abs=1e-6)
     # an agent with nothing to learn from
     for tr in trajs:
         for turn in tr.turns:
             turn.rec_valid, turn.user_out = False, None
-    loss, st = train.agent_loss(m, tok, trajs, buf, "user", {}, 0.1)
+    loss, st = train.agent_loss(m, tok, trajs, buf, "user", train.LossOptions({}, 0.1))
     assert loss.item() == 0.0 and loss.shape == () and st == dict(messages=0)
     assert distill.agent_objective([], [], []).item() == 0.0
 
@@ -2254,8 +2253,8 @@ def test_user_kl_extension_adds_k3_against_the_base_and_leaves_the_adapter_activ
         p.data.normal_(0, 0.3)
     rcfg = dict(mode="interaction", alpha=0.1, use_filter=True)
     buf = distill.ReferenceBuffer()
-    plain, _ = train.agent_loss(m, tok, trajs, buf, "rec", rcfg, 0.1)
-    with_kl, st = train.agent_loss(m, tok, trajs, buf, "rec", rcfg, 0.1, kl=0.3)
+    plain, _ = train.agent_loss(m, tok, trajs, buf, "rec", train.LossOptions(rcfg, 0.1))
+    with_kl, st = train.agent_loss(m, tok, trajs, buf, "rec", train.LossOptions(rcfg, 0.1, kl=0.3))
     assert all(lin.active == "rec" for lin in m.lora_modules())
     with torch.no_grad():
         sp, ys, g = zip(*[(tr.turns[t].rec_prompt, tr.turns[t].rec_out, env.message_grammar(tok, tr, "rec"))
@@ -2267,7 +2266,7 @@ def test_user_kl_extension_adds_k3_against_the_base_and_leaves_the_adapter_activ
         want = sum(((b - a).exp() - (b - a) - 1).mean() for a, b in zip(s_lp, b_lp)) / len(trajs)
     assert want.item() > 1e-3 and st["kl"] == pytest.approx(want.item(), rel=1e-4)
     assert with_kl.item() == pytest.approx(plain.item() + 0.3 * want.item(), abs=1e-5)
-    parts, st2 = train.agent_loss(m, tok, trajs, buf, "rec", rcfg, 0.1, kl=0.3, micro=3, backward=True)
+    parts, st2 = train.agent_loss(m, tok, trajs, buf, "rec", train.LossOptions(rcfg, 0.1, kl=0.3, micro=3), backward=True)
     assert parts.item() == pytest.approx(with_kl.item(), abs=1e-5) and st2["kl"] == pytest.approx(st["kl"], rel=1e-4)
     # an adapter that has not moved (B = 0) is the base: no penalty, no gradient from it
     m.set_adapter("user")

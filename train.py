@@ -101,16 +101,156 @@ def check_resumable(ck, cfg, data):
 
 
 # --------------------------------------------------------------------------------------------------
-# Stage 2: CoARS
+# Stage 2: CoARS (docs/method.md sections 3-5)
 
 
 def stage2(cfg, model, tok, data, device, run_dir, log, ck=None):
-    """Train both adapters with CoARS from the same rollouts (docs/method.md section 5).
-    ck: a stage-2 checkpoint to continue from."""
-    seed = cfg.stage2_seed if cfg.stage2_seed >= 0 else cfg.seed
-    rank, world = dist_info()
-    lead = rank == 0
-    torch.manual_seed(seed)
+    """Train both agents' adapters with CoARS from the same rollouts; ck: a stage-2 checkpoint to
+    continue from. The loop is the method; Stage2Run (below) holds what a run needs around it."""
+    torch.manual_seed(stage2_seed(cfg))
+    agents, params = add_agents(cfg, model)          # a LoRA adapter per agent on the frozen base
+    opt = torch.optim.Adam(params, lr=cfg.lr) if params else None
+    rng = np.random.default_rng(stage2_seed(cfg) + 1)    # the samples and the episodes' keys
+    buffer = ReferenceBuffer()                       # each sample's latest trajectory (section 4)
+    train_rows = stage2_rows(data, cfg.stage2_last)  # samples whose targets stage 1 never saw
+    run = Stage2Run(cfg, model, tok, data, device, run_dir, log, opt, rng, buffer, train_rows, ck)
+    for step in run.steps():
+        # 1. draw a batch of training samples, and a sampling key per episode
+        rows = train_rows[rng.integers(0, len(train_rows), cfg.batch)]
+        keys = rng.integers(0, 1 << 31, cfg.batch)
+        # 2. roll out this rank's share of the episodes: the multi-turn loop (section 2)
+        trajs = run.rollout(rows, keys)
+        # 3. per agent: rewards (Eq. 7, 8), token credits (Eq. 10), loss (Eq. 11, 12), backward
+        for agent in agents:
+            model.set_adapter(agent)
+            with autocast(device, cfg.precision):
+                loss, stats = agent_loss(model, tok, trajs, buffer, agent, loss_options(cfg, agent),
+                                         device, backward=True, n_episodes=cfg.batch,
+                                         timing=run.split)
+            run.record(agent, loss, stats)
+        model.set_adapter(None)
+        # 4. each agent is its own learner: its gradient clipped by its own norm, then one step
+        if opt:
+            all_reduce_grads(params)
+            norms = {a: clip_agent(model.adapter_parameters(a), cfg.grad_clip, run.ok)
+                     for a in agents}
+            if run.finite_update(norms):             # a non-finite loss or gradient: no step
+                opt.step()
+            opt.zero_grad(set_to_none=True)
+        # 5. the finished episodes are their samples' next hindsight references
+        trajs = run.whole_batch(trajs)
+        buffer.add(trajs)
+        # 6. log; validate every --eval-every steps; checkpoint; honour a stop
+        run.end_step(step, trajs)
+    if run.lead:
+        save_adapters(model, cfg, run_dir / "coars.pt")
+    return model
+
+
+@dataclasses.dataclass
+class LossOptions:
+    """How agent_loss scores an agent's messages: reward = reward.turn_rewards' options (plus
+    user_balance, distill.collect_messages); lam the credit's weight (Eq. 11, 12); baseline 'none'
+    or 'mean' [ext]; decoding and temperature those of the rollout, so that every token is scored
+    over the distribution it was drawn from; kl the --user-kl weight [ext]; micro > 0: messages
+    per teacher / student pass when back-propagating group by group."""
+    reward: dict = dataclasses.field(default_factory=dict)
+    lam: float = 0.1
+    baseline: str = "none"
+    decoding: str = "grammar"
+    temperature: float = 1.0
+    kl: float = 0.0
+    micro: int = 0
+
+
+def loss_options(cfg, agent):
+    """One agent's LossOptions under the run's options."""
+    return LossOptions(reward=dict(cfg.reward_options(), user_balance=cfg.user_balance),
+                       lam=cfg.lam, baseline=cfg.baseline, decoding=cfg.decoding,
+                       temperature=cfg.temperature, kl=cfg.user_kl if agent == "user" else 0.0,
+                       micro=loss_group(cfg))
+
+
+def agent_loss(model, tok, trajs, buffer, agent, opts=None, device="cpu", backward=False,
+               n_episodes=None, timing=None):
+    """One agent's CoARS loss on a batch of finished trajectories (distill.coars_objective, Eq.
+    10-12, over its messages from distill.collect_messages), and its statistics.
+
+    The agent's adapter must be active. Per group of messages: the teacher pass (the hindsight
+    reference in the prompt) without gradient, the student pass with it, for opts.kl > 0 the
+    base's pass (no adapter, without gradient; the agent's adapter is active again afterwards),
+    then the objective. With backward=True and opts.micro > 0 the messages go through the passes
+    `micro` at a time and each group's part is back-propagated at once, so only one group's
+    activations are alive: Eq. 11 / 12 is a sum over messages divided by the number of episodes,
+    so the gradient is the whole batch's (up to the order of sums); the returned loss is then
+    detached. n_episodes: the episodes the expectation is over (default len(trajs); under torchrun
+    the whole batch, of which trajs is this rank's share). timing: an optional dict to which
+    teacher_s and student_s are added (with backward=True the student's includes the backward and
+    the base's pass). opts: LossOptions (None = the paper's defaults)."""
+    opts = opts or LossOptions()
+    msgs = collect_messages(tok, trajs, buffer, agent, opts.reward, opts.decoding)
+    if not msgs:
+        return torch.zeros((), device=device), dict(messages=0)
+    rs_all = [m[3] for m in msgs]
+    b = sum(rs_all) / len(rs_all) if opts.baseline == "mean" else 0.0
+    n = n_episodes or len(trajs)
+    step = opts.micro if (opts.micro and backward) else len(msgs)
+    total, credits, t_teacher, t_student, kl_sum = 0.0, [], 0.0, 0.0, 0.0
+    for s in range(0, len(msgs), step):
+        student_p, teacher_p, ys, rs, grammar = zip(*msgs[s:s + step])
+        lp = dict(grammar=grammar, temperature=opts.temperature)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            t_lp = token_logprobs(model, teacher_p, ys, tok.pad_id, device, **lp) if opts.lam else None
+        t1 = time.perf_counter()
+        s_lp = token_logprobs(model, student_p, ys, tok.pad_id, device, **lp)
+        b_lp = None
+        if opts.kl:
+            model.set_adapter(None)
+            with torch.no_grad():
+                b_lp = token_logprobs(model, student_p, ys, tok.pad_id, device, **lp)
+            model.set_adapter(agent)
+        loss, cr, pen = coars_objective(s_lp, t_lp, rs, opts.lam, n_episodes=n, baseline=b,
+                                        base_lp=b_lp, kl=opts.kl)
+        if opts.kl:
+            kl_sum = kl_sum + float(pen.detach())
+        if backward:
+            loss.backward()
+            loss = loss.detach()
+        total = total + loss
+        credits += cr
+        t_teacher += t1 - t0
+        t_student += time.perf_counter() - t1
+    if timing is not None:
+        timing["teacher_s"] = timing.get("teacher_s", 0.0) + t_teacher
+        timing["student_s"] = timing.get("student_s", 0.0) + t_student
+    flat = torch.cat(credits)
+    stats = dict(messages=len(msgs), reward=sum(rs_all) / len(rs_all), credit=float(flat.mean()),
+                 credit_abs=float(flat.abs().mean()))
+    if opts.kl:
+        stats["kl"] = kl_sum          # the penalty before its weight (per episode)
+    return total, stats
+
+
+def clip_agent(params, max_norm, ok=True):
+    """Clip one agent's adapter gradient by its own norm; returns the norm before clipping (nan when
+    the step is already known to be bad)."""
+    return torch.nn.utils.clip_grad_norm_(params, max_norm) if ok else torch.tensor(float("nan"))
+
+
+# --------------------------------------------------------------------------------------------------
+# What a stage-2 run needs around the method (a reader can skip it): the adapters' set-up,
+# checkpoints and resumption, torchrun's shares and gathering, the rollout's out-of-memory retry,
+# non-finite steps, timing, metrics, the validation curve and the progress bar.
+
+
+def stage2_seed(cfg):
+    return cfg.stage2_seed if cfg.stage2_seed >= 0 else cfg.seed
+
+
+def add_agents(cfg, model):
+    """The RecAgent's and the UserAgent's LoRA adapters on the frozen base: (the trained agents,
+    their parameters, which now require gradients)."""
     try:
         model.add_lora(("rec", "user"), r=cfg.lora_r, alpha=cfg.lora_alpha, targets=lora_targets(cfg))
     except ValueError as e:
@@ -119,119 +259,146 @@ def stage2(cfg, model, tok, data, device, run_dir, log, ck=None):
     params = [p for a in agents for p in model.adapter_parameters(a)]
     for p in params:
         p.requires_grad_(True)
-    opt = torch.optim.Adam(params, lr=cfg.lr) if params else None
-    rng = np.random.default_rng(seed + 1)
-    buffer = ReferenceBuffer()
-    reward_cfg = dict(cfg.reward_options(), user_balance=cfg.user_balance)   # collect_messages' options
-    valid_rows = np.random.default_rng(cfg.seed).permutation(len(data.valid_user))[:cfg.eval_valid_n]
-    train_rows = stage2_rows(data, cfg.stage2_last)      # samples whose targets stage 1 never trained on
-    # the same number of them, evaluated greedily beside validation: a gap would show memorised answers
-    train_check = np.random.default_rng(cfg.seed).permutation(train_rows)[:cfg.eval_valid_n]
-    start, n_bad, streak = 0, 0, 0
-    share = slice(rank * cfg.batch // world, (rank + 1) * cfg.batch // world)   # this rank's episodes
-    micro = cfg.rollout_batch or cfg.batch
+    return agents, params
 
-    def checkpoint(step):
-        if lead:
-            save_checkpoint(run_dir, dict(stage=2, step=step, adapters=adapter_state(model),
-                                          opt=opt.state_dict() if opt else {}, rng=rng_state(rng),
-                                          torch_rng=torch.get_rng_state(), buffer=buffer_state(buffer),
-                                          n_bad=n_bad, config=dataclasses.asdict(cfg), data=data_fingerprint(data),
-                                          metrics_lines=metrics_lines(run_dir)))
 
-    if ck and ck["stage"] == 2:
-        model.load_state_dict(ck["adapters"], strict=False)
-        if opt:
-            opt.load_state_dict(ck["opt"])
-        set_rng_state(rng, ck["rng"])
-        torch.set_rng_state(ck["torch_rng"])
-        set_buffer_state(buffer, ck["buffer"])
-        start, n_bad = ck["step"], ck["n_bad"]
-        log(f"stage 2: resuming after step {start}")
-    else:
-        if cfg.warmup_steps:
-            warmup(cfg, model, tok, data, device, log)
-        checkpoint(0)                 # stage 1 is done: a resume starts from here, not from stage 1
-    t_stage = time.time()
-    bar = tqdm(range(start + 1, cfg.steps + 1), desc="stage 2 CoARS", dynamic_ncols=True, disable=None if lead else True,
-               initial=start, total=cfg.steps)
-    for step in bar:
-        t0 = time.time()
-        rows = train_rows[rng.integers(0, len(train_rows), cfg.batch)]
-        keys = rng.integers(0, 1 << 31, cfg.batch)        # each episode's sampling key (sampling.sample_next)
-        trajs, micro = rollout_with_retry(model, tok, data, rows[share], keys[share], cfg, device, micro, log)
-        t1 = time.time()
-        rec = dict(stage=2, step=step)
-        ok = True
-        split = dict(teacher_s=0.0, student_s=0.0)
-        for agent in agents:
-            model.set_adapter(agent)
-            timing = {}
-            with autocast(device, cfg.precision):   # back-propagates loss_batch messages at a time
-                loss, st = agent_loss(model, tok, trajs, buffer, agent, reward_cfg, cfg.lam, cfg.baseline, device,
-                                      timing=timing, micro=loss_group(cfg), backward=True, n_episodes=cfg.batch,
-                                      decoding=cfg.decoding, kl=cfg.user_kl if agent == "user" else 0.0,
-                                      temperature=cfg.temperature)
-            split["teacher_s"] += timing.get("teacher_s", 0.0)
-            split["student_s"] += timing.get("student_s", 0.0)
-            losses, stats = zip(*all_gather((loss.item(), st)))
-            loss = sum(losses)                     # each rank's part is already divided by the whole batch
-            ok = ok and finite(loss)
-            rec.update({f"{agent}_{k}": v for k, v in merge_stats(stats).items()}, **{f"{agent}_loss": loss})
-        model.set_adapter(None)
-        t2 = time.time()
-        if opt:
-            all_reduce_grads(params)
-            # each agent is its own learner (docs/method.md section 4): its gradient is clipped by its own
-            # norm, so one agent's large gradient never shrinks the other's step
-            norms = {a: clip_agent(model.adapter_parameters(a), cfg.grad_clip, ok) for a in agents}
-            ok = ok and all(finite(g) for g in norms.values())
-            if ok:
-                opt.step()
-            opt.zero_grad(set_to_none=True)
-            rec.update({f"{a}_grad_norm": float(g) for a, g in norms.items()})
-            rec["grad_norm"] = float(torch.stack(list(norms.values())).norm())
-        if ok:
-            streak = 0
-        else:  # skip the update: the adapters and the optimiser stay as they were
-            n_bad, streak = n_bad + 1, streak + 1
-            log(f"warning: stage 2 step {step}: non-finite loss or gradient, update skipped ({streak} in a row)")
-        rec.update(skipped=n_bad, rollout_batch=micro, update_s=round(time.time() - t2, 3),
-                   **{k: round(v, 3) for k, v in split.items()})
-        trajs = [tr for part in all_gather(trajs) for tr in part]    # the whole batch, in row order
-        buffer.add(trajs)
+class Stage2Run:
+    """The run around stage 2's loop: it resumes from a checkpoint (or warms a Hugging Face model's
+    adapters up and checkpoints step 0), iterates the steps with a progress bar, rolls out this
+    rank's share, gathers statistics and trajectories over ranks, counts non-finite steps, logs
+    metrics.jsonl, measures the validation curve and writes checkpoints."""
+
+    def __init__(self, cfg, model, tok, data, device, run_dir, log, opt, rng, buffer, train_rows,
+                 ck=None):
+        self.cfg, self.model, self.tok, self.data, self.device = cfg, model, tok, data, device
+        self.run_dir, self.log, self.opt, self.rng, self.buffer = run_dir, log, opt, rng, buffer
+        rank, world = dist_info()
+        self.lead = rank == 0
+        self.share = slice(rank * cfg.batch // world, (rank + 1) * cfg.batch // world)
+        self.micro = cfg.rollout_batch or cfg.batch
+        pick = np.random.default_rng(cfg.seed).permutation
+        self.valid_rows = pick(len(data.valid_user))[:cfg.eval_valid_n]
+        # as many stage-2 training samples, evaluated greedily beside validation: a gap between
+        # the two would show memorised answers
+        self.train_check = pick(train_rows)[:cfg.eval_valid_n]
+        self.start, self.n_bad, self.streak = 0, 0, 0
+        if ck and ck["stage"] == 2:
+            model.load_state_dict(ck["adapters"], strict=False)
+            if opt:
+                opt.load_state_dict(ck["opt"])
+            set_rng_state(rng, ck["rng"])
+            torch.set_rng_state(ck["torch_rng"])
+            set_buffer_state(buffer, ck["buffer"])
+            self.start, self.n_bad = ck["step"], ck["n_bad"]
+            log(f"stage 2: resuming after step {self.start}")
+        else:
+            if cfg.warmup_steps:
+                warmup(cfg, model, tok, data, device, log)
+            self.checkpoint(0)        # stage 1 is done: a resume starts from here, not from stage 1
+
+    def steps(self):
+        cfg = self.cfg
+        self.t_stage = time.time()
+        self.bar = tqdm(range(self.start + 1, cfg.steps + 1), desc="stage 2 CoARS", dynamic_ncols=True,
+                        disable=None if self.lead else True, initial=self.start, total=cfg.steps)
+        for step in self.bar:
+            self.t0 = time.time()
+            self.rec = dict(stage=2, step=step)
+            self.ok = True
+            self.split = dict(teacher_s=0.0, student_s=0.0)
+            yield step
+
+    def rollout(self, rows, keys):
+        """This rank's episodes, played to their end (rollout_with_retry)."""
+        trajs, self.micro = rollout_with_retry(self.model, self.tok, self.data, rows[self.share],
+                                               keys[self.share], self.cfg, self.device, self.micro,
+                                               self.log)
+        self.t1 = time.time()
+        return trajs
+
+    def record(self, agent, loss, stats):
+        """One agent's loss and statistics, summed over ranks (each rank's part of the loss is
+        already divided by the whole batch)."""
+        losses, stats = zip(*all_gather((loss.item(), stats)))
+        loss = sum(losses)
+        self.ok = self.ok and finite(loss)
+        self.rec.update({f"{agent}_{k}": v for k, v in merge_stats(stats).items()},
+                        **{f"{agent}_loss": loss})
+        self.t2 = time.time()
+
+    def finite_update(self, norms):
+        """Record the agents' gradient norms; True when the step may update the adapters."""
+        self.ok = self.ok and all(finite(g) for g in norms.values())
+        self.rec.update({f"{a}_grad_norm": float(g) for a, g in norms.items()})
+        self.rec["grad_norm"] = float(torch.stack(list(norms.values())).norm())
+        return self.ok
+
+    def whole_batch(self, trajs):
+        """The whole batch's trajectories, in row order (gathered over ranks)."""
+        if self.ok:
+            self.streak = 0
+        else:         # the update was skipped: the adapters and the optimiser stay as they were
+            self.n_bad, self.streak = self.n_bad + 1, self.streak + 1
+            self.log(f"warning: stage 2 step {self.rec['step']}: non-finite loss or gradient, "
+                     f"update skipped ({self.streak} in a row)")
+        self.rec.update(skipped=self.n_bad, rollout_batch=self.micro,
+                        update_s=round(time.time() - self.t2, 3),
+                        **{k: round(v, 3) for k, v in self.split.items()})
+        return [tr for part in all_gather(trajs) for tr in part]
+
+    def end_step(self, step, trajs):
+        """The step's metrics, the validation curve, metrics.jsonl, checkpoints and stops."""
+        cfg, rec, t0, t1 = self.cfg, self.rec, self.t0, self.t1
         n_tok = sum(len(t.rec_out) + len(t.user_out or []) for tr in trajs for t in tr.turns)
         turns = [t for tr in trajs for t in tr.turns]
+        user_valid = [t.user_valid for t in turns if t.user_out is not None] or [0]
         rec.update(train_hit=float(np.mean([tr.hit for tr in trajs])),
                    rec_valid=float(np.mean([t.rec_valid for t in turns])),
-                   user_valid=float(np.mean([t.user_valid for t in turns if t.user_out is not None] or [0])),
-                   turns=len(turns) / len(trajs), rollout_s=round(t1 - t0, 3), loss_s=round(t2 - t1, 3),
-                   step_s=round(time.time() - t0, 3), gen_tokens_per_s=round(n_tok / max(t1 - t0, 1e-9)),
+                   user_valid=float(np.mean(user_valid)),
+                   turns=len(turns) / len(trajs), rollout_s=round(t1 - t0, 3),
+                   loss_s=round(self.t2 - t1, 3), step_s=round(time.time() - t0, 3),
+                   gen_tokens_per_s=round(n_tok / max(t1 - t0, 1e-9)),
                    tokens_per_s=round(n_tok / max(time.time() - t0, 1e-9)))
-        if lead and cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
-            _, m = run_ars(model, tok, data, "valid", valid_rows, ("rec", "user"), cfg.t_max, device, batch=tok.eval_batch,
-                           decoding=cfg.decoding)
-            _, mt = run_ars(model, tok, data, "train", train_check, ("rec", "user"), cfg.t_max, device,
-                            batch=tok.eval_batch, decoding=cfg.decoding)
-            rec["valid_hit"], rec["train_greedy_hit"] = float(m["hit"].mean()), float(mt["hit"].mean())
-            log(f"step {step}: greedy Hit@1 validation {rec['valid_hit']:.4f}, stage-2 training samples "
-                f"{rec['train_greedy_hit']:.4f} ({len(valid_rows)} samples each)")
-        bar.set_postfix(hit=f"{rec['train_hit']:.2f}", R_rec=f"{rec.get('rec_reward', 0):+.2f}",
-                        A=f"{rec.get('rec_credit', 0):+.2f}", s=f"{rec['step_s']:.1f}", tok_s=rec["tokens_per_s"],
-                        split=f"roll {rec['rollout_s']:.1f}/teach {rec['teacher_s']:.1f}/stud {rec['student_s']:.1f}")
-        if lead:
-            log_jsonl(run_dir / "metrics.jsonl", rec)
-            plain_progress(log, "stage 2", step, cfg.steps, t_stage, start, f" (training Hit@1 {rec['train_hit']:.3f})")
-        if not ok:
-            check_bad_streak(cfg, streak, 2, step, run_dir, log, lambda: checkpoint(step))
+        if self.lead and cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
+            self.validate(step)
+        self.bar.set_postfix(hit=f"{rec['train_hit']:.2f}", R_rec=f"{rec.get('rec_reward', 0):+.2f}",
+                             A=f"{rec.get('rec_credit', 0):+.2f}", s=f"{rec['step_s']:.1f}",
+                             tok_s=rec["tokens_per_s"],
+                             split=f"roll {rec['rollout_s']:.1f}/teach {rec['teacher_s']:.1f}"
+                                   f"/stud {rec['student_s']:.1f}")
+        if self.lead:
+            log_jsonl(self.run_dir / "metrics.jsonl", rec)
+            plain_progress(self.log, "stage 2", step, cfg.steps, self.t_stage, self.start,
+                           f" (training Hit@1 {rec['train_hit']:.3f})")
+        if not self.ok:
+            check_bad_streak(cfg, self.streak, 2, step, self.run_dir, self.log,
+                             lambda: self.checkpoint(step))
         if STOP.signum or step == cfg.steps or (cfg.ckpt_every and step % cfg.ckpt_every == 0):
-            checkpoint(step)
+            self.checkpoint(step)
             if STOP.signum and step < cfg.steps:
                 raise Stopped(f"stage 2 step {step}")
-    if lead:
-        save_adapters(model, cfg, run_dir / "coars.pt")
-    return model
 
+    def validate(self, step):
+        """Greedy Hit@1 of the pair on validation samples and on as many stage-2 training samples."""
+        m, tok, data, cfg, rec = self.model, self.tok, self.data, self.cfg, self.rec
+        opts = dict(batch=tok.eval_batch, decoding=cfg.decoding)
+        _, v = run_ars(m, tok, data, "valid", self.valid_rows, ("rec", "user"), cfg.t_max,
+                       self.device, **opts)
+        _, t = run_ars(m, tok, data, "train", self.train_check, ("rec", "user"), cfg.t_max,
+                       self.device, **opts)
+        rec["valid_hit"], rec["train_greedy_hit"] = float(v["hit"].mean()), float(t["hit"].mean())
+        self.log(f"step {step}: greedy Hit@1 validation {rec['valid_hit']:.4f}, stage-2 training "
+                 f"samples {rec['train_greedy_hit']:.4f} ({len(self.valid_rows)} samples each)")
+
+    def checkpoint(self, step):
+        if self.lead:
+            opt, cfg = self.opt, self.cfg
+            save_checkpoint(self.run_dir, dict(
+                stage=2, step=step, adapters=adapter_state(self.model),
+                opt=opt.state_dict() if opt else {}, rng=rng_state(self.rng),
+                torch_rng=torch.get_rng_state(), buffer=buffer_state(self.buffer), n_bad=self.n_bad,
+                config=dataclasses.asdict(cfg), data=data_fingerprint(self.data),
+                metrics_lines=metrics_lines(self.run_dir)))
 
 # --------------------------------------------------------------------------------------------------
 # Reference rows [ours, docs/method.md section 6]
@@ -240,7 +407,7 @@ def stage2(cfg, model, tok, data, device, run_dir, log, ck=None):
 def stage2_draws(cfg, data):
     """(rows, keys) of every stage-2 step, as stage2() draws them from its seed: the samples an
     SFT reference trains on and the keys of their episodes."""
-    seed = cfg.stage2_seed if cfg.stage2_seed >= 0 else cfg.seed
+    seed = stage2_seed(cfg)
     rng = np.random.default_rng(seed + 1)
     train_rows = stage2_rows(data, cfg.stage2_last)
     out = []
@@ -257,7 +424,7 @@ def sft_reference(cfg, model, tok, data, device, log=print):
     batch, optimiser, learning rate, clipping). Its log-probs are taken under the message's grammar,
     the policy's own support. What those samples can teach the RecAgent at all: an RL gain on them
     is read against it. The base stays frozen; model has the adapter afterwards."""
-    seed = cfg.stage2_seed if cfg.stage2_seed >= 0 else cfg.seed
+    seed = stage2_seed(cfg)
     torch.manual_seed(seed)
     model.add_lora(("sft",), r=cfg.lora_r, alpha=cfg.lora_alpha, targets=lora_targets(cfg))
     params = model.adapter_parameters("sft")
@@ -299,75 +466,8 @@ def final_evaluation(cfg, model, tok, data, device, log=print):
     return evaluate_run(cfg, model, tok, data, device, log)
 
 
-def clip_agent(params, max_norm, ok=True):
-    """Clip one agent's adapter gradient by its own norm; returns the norm before clipping (nan when
-    the step is already known to be bad)."""
-    return torch.nn.utils.clip_grad_norm_(params, max_norm) if ok else torch.tensor(float("nan"))
-
-
 def adapter_state(model):
     return {k: v for k, v in model.state_dict().items() if ".adapters." in k}
-
-
-def agent_loss(model, tok, trajs, buffer, agent, reward_cfg, lam=0.1, baseline="none", device="cpu", timing=None,
-               micro=0, backward=False, n_episodes=None, decoding="grammar", kl=0.0, temperature=1.0):
-    """One agent's CoARS loss on a batch of finished trajectories (distill.coars_objective, Eq.
-    10-12, over its messages from distill.collect_messages), and its statistics.
-
-    The agent's adapter must be active. Per group of messages: the teacher pass (reference in the
-    prompt) without gradient, the student pass with it, for kl > 0 the base's pass (no adapter,
-    without gradient; the agent's adapter is active again afterwards), then the objective.
-    timing: an optional dict that receives teacher_s and student_s (with backward=True the
-    student time includes the backward and the base's pass).
-    micro > 0 with backward=True: the messages go through the passes `micro` at a time and each
-    group's part of the loss is back-propagated at once, so only one group's activations are alive.
-    Eq. 11 / 12 is a sum over messages divided by the number of episodes, so the gradient is that
-    of the whole batch (up to the order of floating-point sums); the returned loss is then detached.
-    n_episodes: the episodes the expectation is over (default len(trajs); under torchrun the whole
-    batch, of which trajs is this rank's share). decoding: the rollout's --decoding (env.py), so
-    that every token is scored over the support it was drawn from; temperature: the rollout's, so
-    that the log-probs (teacher's, student's and the base's alike) are those of the distribution
-    the tokens were drawn from."""
-    msgs = collect_messages(tok, trajs, buffer, agent, reward_cfg, decoding)
-    if not msgs:
-        return torch.zeros((), device=device), dict(messages=0)
-    rs_all = [m[3] for m in msgs]
-    b = sum(rs_all) / len(rs_all) if baseline == "mean" else 0.0
-    n = n_episodes or len(trajs)
-    step = micro if (micro and backward) else len(msgs)
-    total, credits, t_teacher, t_student, kl_sum = 0.0, [], 0.0, 0.0, 0.0
-    for s in range(0, len(msgs), step):
-        student_p, teacher_p, ys, rs, grammar = zip(*msgs[s:s + step])
-        opts = dict(grammar=grammar, temperature=temperature)
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            t_lp = token_logprobs(model, teacher_p, ys, tok.pad_id, device, **opts) if lam else None
-        t1 = time.perf_counter()
-        s_lp = token_logprobs(model, student_p, ys, tok.pad_id, device, **opts)
-        b_lp = None
-        if kl:
-            model.set_adapter(None)
-            with torch.no_grad():
-                b_lp = token_logprobs(model, student_p, ys, tok.pad_id, device, **opts)
-            model.set_adapter(agent)
-        loss, cr, pen = coars_objective(s_lp, t_lp, rs, lam, n_episodes=n, baseline=b, base_lp=b_lp, kl=kl)
-        if kl:
-            kl_sum = kl_sum + float(pen.detach())
-        if backward:
-            loss.backward()
-            loss = loss.detach()
-        total = total + loss
-        credits += cr
-        t_teacher += t1 - t0
-        t_student += time.perf_counter() - t1
-    if timing is not None:
-        timing.update(teacher_s=t_teacher, student_s=t_student)
-    flat = torch.cat(credits)
-    stats = dict(messages=len(msgs), reward=sum(rs_all) / len(rs_all), credit=float(flat.mean()),
-                 credit_abs=float(flat.abs().mean()))
-    if kl:
-        stats["kl"] = kl_sum          # the penalty before its weight (per episode)
-    return total, stats
 
 
 def save_adapters(model, cfg, path):

@@ -328,7 +328,7 @@ def bench_iteration(batch=48, steps=3, device="cpu"):
     from data.synthetic import make_ml1m_zip
     from config import Config, loss_group
     from distill import ReferenceBuffer
-    from train import agent_loss
+    from train import LossOptions, agent_loss
     from env import new_trajectory, rollout
     from env import Tokenizer
     from model import build_model, freeze
@@ -382,8 +382,9 @@ def bench_iteration(batch=48, steps=3, device="cpu"):
             model.set_adapter(agent)
             timing = {}
             with autocast(device, cfg.precision):   # as train.py: groups of loss_batch messages
-                agent_loss(model, tok, trajs, buffer, agent, reward_cfg, cfg.lam, "none", device, timing=timing,
-                           micro=loss_group(cfg), backward=True)
+                agent_loss(model, tok, trajs, buffer, agent,
+                           LossOptions(reward_cfg, cfg.lam, micro=loss_group(cfg)), device,
+                           timing=timing, backward=True)
             split["teacher"] += timing.get("teacher_s", 0.0)
             split["student"] += timing.get("student_s", 0.0)          # forward and backward
         model.set_adapter(None)
