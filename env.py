@@ -347,17 +347,17 @@ def write_messages(model, tok, trajs, agent, adapter, prompts, temperature=0.0, 
 @torch.no_grad()
 def rollout(model, tok, data, trajs, t_max=5, temperature=1.0, generator=None, device="cpu",
             rec_adapter="rec", user_adapter="user", batch=256, compile=False, decoding="grammar",
-            user=None, exclude_rejected=False):
+            user=None, rec_items=None):
     """Play every trajectory in trajs to its end. All live episodes take each turn together (one
     batched generate per agent per turn); finished ones drop out. Trajectories are filled in place
     and returned. Sampling is keyed by each trajectory's `key` (so an episode is the same in any
     batch); a torch `generator` instead draws for the whole batch at once. compile: generate's
     decode steps through torch.compile (sampling.decoder). decoding: "grammar", "item" or "free"
     (module docstring).
-    Two hooks for analysis only (tools/headroom.py; never used in training): user, a function
-    (traj, turn) -> (action, score) that plays the user instead of the UserAgent (an oracle user);
-    exclude_rejected, the RecAgent's item is decoded among the candidates the user has not turned
-    down in this episode (built-in format only)."""
+    Two seams, never used in training: user, a function (traj, turn) -> (action, score) that plays
+    the user instead of the UserAgent (eval.user_returns' constant users, tools/headroom.py's
+    oracle); rec_items, a function traj -> the items the RecAgent's item is decoded among this turn
+    (default the candidates; built-in format, grammar or item decoding only)."""
     for _ in range(t_max):
         live = [tr for tr in trajs if not tr.done]
         if not live:
@@ -365,9 +365,8 @@ def rollout(model, tok, data, trajs, t_max=5, temperature=1.0, generator=None, d
         # RecAgent writes m_rec for every live episode
         prompts = [tok.render_rec(tr, len(tr.turns)) for tr in live]
         items = None
-        if exclude_rejected and decoding != "free" and not tok.chat:
-            rejected = [rejected_items(tr.turns) for tr in live]          # once per episode
-            items = [[i for i in tr.cands if i not in r] or tr.cands for tr, r in zip(live, rejected)]
+        if rec_items is not None and decoding != "free" and not tok.chat:
+            items = [rec_items(tr) for tr in live]
         outs = write_messages(model, tok, live, "rec", rec_adapter, prompts, temperature, generator, device, batch,
                               compile, decoding, items)
         for tr, p, o in zip(live, prompts, outs):
@@ -377,7 +376,7 @@ def rollout(model, tok, data, trajs, t_max=5, temperature=1.0, generator=None, d
         answer = [tr for tr in live if tr.turns[-1].rec_valid]
         for tr in answer:
             record_user(data, tr, tr.turns[-1])
-        if user is not None:                  # analysis: a scripted user instead of the UserAgent
+        if user is not None:                  # a scripted user instead of the UserAgent
             for tr in answer:
                 turn = tr.turns[-1]
                 turn.action, turn.score = user(tr, turn)

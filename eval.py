@@ -32,9 +32,10 @@ import torch
 from data.prepare import stage2_rows
 from env import (POSITIVE, Trajectory, Turn, closest_history_item, new_trajectory, record_user, rejected_items,
                  rollout, write_messages)
-from grammar import Grammar
-from model import causal_mask, padded_supports, positions, restricted_logprobs, token_logprobs_reference
+from model import next_token_scores
 from reward import turn_rewards
+from support.chat import chat_candidate_scores
+from support.report import results_table, write_results
 
 # --------------------------------------------------------------------------------------------------
 # Uncertainty
@@ -114,7 +115,7 @@ def baseline_hits(data, split, seed=0):
 
 def run_ars(model, tok, data, split, rows, adapters, t_max, device, batch=256, decoding="grammar", **hooks):
     """Greedy episodes of the agent pair on the given samples -> per-sample metric arrays. hooks:
-    rollout's analysis hooks (user, exclude_rejected; tools/headroom.py)."""
+    env.rollout's seams (user, rec_items; tools/headroom.py)."""
     trajs = [new_trajectory(data, split, r) for r in rows]
     rollout(model, tok, data, trajs, t_max=t_max, temperature=0.0, device=device,
             rec_adapter=adapters[0], user_adapter=adapters[1], batch=batch, decoding=decoding, **hooks)
@@ -138,23 +139,6 @@ def repeats_rejected(traj):
         return float("nan")
     n = sum(tr.item is not None and tr.item in rejected_items(traj.turns[:k]) for k, tr in enumerate(later, 1))
     return n / len(later)
-
-
-@torch.no_grad()
-def next_token_scores(model, prompts, choices, pad_id, device="cpu"):
-    """(B,K) logits of the ids choices[b] (K per row) as the token after prompts[b]: one forward pass
-    over the left-padded batch. The built-in RecAgent's ranking of its candidates (rank_metrics, which is also
-    stage 1's validation metric in pretrain.py); its softmax is restricted_logprobs' distribution."""
-    T = max(len(p) for p in prompts)
-    idx = torch.full((len(prompts), T), pad_id, dtype=torch.long)
-    valid = torch.zeros(len(prompts), T, dtype=torch.bool)
-    for b, p in enumerate(prompts):              # left-pad so every row's last position is its own
-        idx[b, T - len(p):] = torch.tensor(p)
-        valid[b, T - len(p):] = True
-    idx, valid = idx.to(device), valid.to(device)
-    h = model(idx, positions(valid), causal_mask(valid))[:, -1].float()          # (B,C)
-    w = model.head_weight.float()[torch.tensor(choices, device=device)]          # (B,K,C)
-    return torch.einsum("bc,bkc->bk", h, w)
 
 
 def rank_metrics(model, tok, data, split, rows, adapter, device, ks=(1, 5, 10), batch=256, hint=True):
@@ -197,57 +181,6 @@ def target_rank(scores, trajs):
     rank = (scores > scores.gather(1, tpos[:, None])).sum(1).cpu().numpy().astype(float)   # 0 = first
     rank[[tr.target not in tr.cands for tr in trajs]] = np.inf
     return rank
-
-
-def title_grammar(tok, traj):
-    """The title part of a chat RecAgent's grammar alone: the tokens of one of traj's candidates'
-    titles (grammar.Grammar; its softmax restricted per position to the titles' next tokens)."""
-    return Grammar([tok.rec_grammar(traj).parts[0]])
-
-
-def chat_candidate_scores(model, tok, trajs, prompts, device):
-    """(sums, means), each (B,20): the log-prob of the answer naming each candidate's title under
-    title_grammar, the restricted softmax the RecAgent decodes its title from (tokens that no other
-    candidate's title shares cost nothing, and the 20 probabilities sum to 1), summed over the
-    title's tokens and its per-token mean. Fast path: each prompt runs once and its KV cache is
-    repeated for the 20 answers (the plain reference, chat_candidate_scores_reference, scores each
-    whole sequence; the tests compare them)."""
-    sums, means = [], []
-    for p, tr in zip(prompts, trajs):
-        comps = [tok.answer_ids(i) for i in tr.cands]
-        g = title_grammar(tok, tr)
-        n, P, L = len(comps), len(p), max(len(c) for c in comps)
-        cache = model.new_cache(1, P + L, device)
-        ids = torch.tensor([p], device=device)
-        ones = torch.ones_like(ids, dtype=torch.bool)
-        h0 = model(ids, positions(ones), causal_mask(ones), cache, 0)[:, -1:]        # (1,1,C) predicts y_0
-        cache.batch_repeat_interleave(n)
-        y = torch.full((n, L), tok.pad_id, dtype=torch.long, device=device)
-        cv = torch.zeros(n, L, dtype=torch.bool, device=device)
-        for k, c in enumerate(comps):
-            y[k, :len(c)] = torch.tensor(c, device=device)
-            cv[k, :len(c)] = True
-        mask = torch.ones(n, 1, L, P + L, dtype=torch.bool, device=device)          # the prompt: all visible
-        mask[:, :, :, P:] = causal_mask(cv)
-        h = model(y, (P + torch.arange(L, device=device)).expand(n, L), mask, cache, P)  # (n,L,C)
-        hs = torch.cat([h0.expand(n, 1, -1), h[:, :-1]], 1)                         # row n predicts y_n
-        support = [g.allowed(c[:k]) for c in comps for k in range(len(c))]         # row-major, as hs[cv]
-        allowed, keep = padded_supports(support, device)
-        lp = restricted_logprobs(hs[cv], model.head_weight, allowed, y[cv], keep)   # (N,)
-        per = lp.split([len(c) for c in comps])
-        sums.append(torch.stack([x.sum() for x in per]))
-        means.append(torch.stack([x.mean() for x in per]))
-    return torch.stack(sums).float(), torch.stack(means).float()
-
-
-def chat_candidate_scores_reference(model, tok, trajs, prompts, device):
-    """Plain reference of chat_candidate_scores: token_logprobs_reference (float64, one pair at a
-    time) of each whole prompt + answer under title_grammar."""
-    pairs = [(p, tok.answer_ids(i), title_grammar(tok, tr)) for p, tr in zip(prompts, trajs) for i in tr.cands]
-    prompts_, comps, grammars = zip(*pairs)
-    lp = token_logprobs_reference(model, prompts_, comps, tok.pad_id, device, grammar=list(grammars))
-    view = lambda xs: torch.stack(xs).view(len(trajs), -1).float()  # noqa: E731
-    return view([x.sum() for x in lp]), view([x.mean() for x in lp])
 
 
 @torch.no_grad()
@@ -304,16 +237,6 @@ def user_returns(model, tok, data, rows, keys, reward_cfg, t_max, device, rec_ad
                          if answered else float("nan"), train_hit=float(np.mean([tr.hit for tr in trajs])))
     model.set_adapter(None)
     return out
-
-
-def user_returns_table(ret):
-    """Markdown lines of user_returns' result."""
-    lines = ["| UserAgent, on stage-2 samples at the training temperature | Eq. 8 return per episode [95% CI] | "
-             "accepts | Hit@1 |", "|---|---|---|---|"]
-    for name, r in ret.items():
-        lines.append(f"| {name} | {r['mean']:+.3f} [{r['lo']:+.3f}, {r['hi']:+.3f}] | {r['accept']:.2f} | "
-                     f"{r['train_hit']:.3f} |")
-    return lines
 
 
 # --------------------------------------------------------------------------------------------------
@@ -430,50 +353,6 @@ def returns_sample(cfg, data):
     rng = np.random.default_rng(cfg.seed + 7)
     rows = rng.permutation(stage2_rows(data, cfg.stage2_last))[:cfg.eval_returns_n]
     return rows, rng.integers(0, 1 << 31, len(rows))
-
-
-def _fmt(d, key):
-    if key not in d:
-        return "-"
-    v = d[key]
-    if "lo" in v:
-        return f"{v['mean']:.4f} [{v['lo']:.4f}, {v['hi']:.4f}]"
-    return f"{v['mean']:.3f}"
-
-
-def results_table(res):
-    """Markdown table of a results dict from evaluate()."""
-    cols = [("Hit@1 [95% CI]", "hit"), ("turn-1 Hit@1", "hit_turn1"), ("turns", "turns"),
-            ("Rec valid", "rec_valid"), ("User valid", "user_valid"), ("repeats a rejected item", "repeat_rejected"),
-            ("HR@1 no hint", "HR@1 no hint"), ("HR@5", "HR@5"), ("NDCG@5", "NDCG@5"),
-            ("User P", "user_precision"), ("User R", "user_recall"), ("User F1 [95% CI]", "user_f1")]
-    if any("HR@1 no hint (token mean)" in m for m in res["methods"].values()):     # a chat model (rank_metrics)
-        cols.insert(7, ("HR@1 no hint, token mean", "HR@1 no hint (token mean)"))
-    lines = ["| method | " + " | ".join(c for c, _ in cols) + " |", "|---" * (len(cols) + 1) + "|"]
-    for name, m in res["methods"].items():
-        cells = []
-        for _, k in cols:
-            if k in m and "lo" in m[k] and k not in ("hit", "user_f1"):
-                cells.append(f"{m[k]['mean']:.3f}")
-            else:
-                cells.append(_fmt(m, k))
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    ceiling = res.get("ceiling", 1.0)
-    lines += ["", f"{res['split']} split, {res['n_samples']} samples (one per user); intervals: 95% bootstrap."
-              + (f" Ceiling: the target is among the candidates in {ceiling:.3f} of the samples." if ceiling < 1 else ""),
-              "", "| paired difference | mean | 95% CI |", "|---|---|---|"]
-    for k, v in res["paired"].items():
-        lines.append(f"| {k} | {v['mean']:+.4f} | [{v['lo']:+.4f}, {v['hi']:+.4f}] |")
-    if res.get("user_returns"):
-        lines += ["", "Constant users against the trained RecAgent (a trained UserAgent that earns no more than a "
-                  "constant is gaming Eq. 8):", ""] + user_returns_table(res["user_returns"])
-    return "\n".join(lines)
-
-
-def write_results(res, folder, name="results"):
-    folder = Path(folder)
-    (folder / f"{name}.json").write_text(json.dumps(res, indent=1))
-    (folder / f"{name}.md").write_text(results_table(res) + "\n")
 
 
 def main(argv=None):

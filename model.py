@@ -428,3 +428,20 @@ def token_logprobs_reference(model, prompts, completions, pad_id, device="cpu", 
         lp = torch.log_softmax(logits, dim=-1)
         out.append(lp.gather(1, torch.tensor(c, device=device)[:, None])[:, 0])
     return out
+
+
+@torch.no_grad()
+def next_token_scores(model, prompts, choices, pad_id, device="cpu"):
+    """(B,K) logits of the ids choices[b] (K per row) as the token after prompts[b]: one forward pass
+    over the left-padded batch. The built-in RecAgent's ranking of its candidates (eval.rank_metrics, and
+    stage 1's validation in pretrain.py); its softmax is restricted_logprobs' distribution."""
+    T = max(len(p) for p in prompts)
+    idx = torch.full((len(prompts), T), pad_id, dtype=torch.long)
+    valid = torch.zeros(len(prompts), T, dtype=torch.bool)
+    for b, p in enumerate(prompts):              # left-pad so every row's last position is its own
+        idx[b, T - len(p):] = torch.tensor(p)
+        valid[b, T - len(p):] = True
+    idx, valid = idx.to(device), valid.to(device)
+    h = model(idx, positions(valid), causal_mask(valid))[:, -1].float()          # (B,C)
+    w = model.head_weight.float()[torch.tensor(choices, device=device)]          # (B,K,C)
+    return torch.einsum("bc,bkc->bk", h, w)

@@ -120,17 +120,15 @@ class CompileError(RuntimeError):
 
 @torch.no_grad()
 def generate(model, prompts, max_new, pad_id, stop_ids=(), temperature=1.0, generator=None,
-             device="cpu", allowed=None, keys=None, compile=False, first=None, grammar=None):
+             device="cpu", keys=None, compile=False, grammar=None):
     """Sample completions for a batch of prompts with a KV cache (the built-in GPT's is static,
     model.new_cache; a Hugging Face model's is its own cache object).
 
     prompts: list of id lists (any lengths: they are left-padded so every row's next token is at
     the same column). temperature 0 = greedy. A row stops after emitting a stop id (kept in its
-    output) or after max_new tokens. allowed: optional (V,) bool mask of tokens that may be sampled.
-    keys: optional list of per-row ints for keyed sampling (see sample_next). compile: run the
-    decode steps through torch.compile (built-in GPT only; same tokens, see decoder()). first:
-    optional list, per row, of the ids its first token is drawn among (None = any), a shorthand for
-    grammar.first_token_grammar. grammar: optional list, per row, of a Grammar (None = unconstrained):
+    output) or after max_new tokens. keys: optional list of per-row ints for keyed sampling (see
+    sample_next). compile: run the decode steps through torch.compile (built-in GPT only; same
+    tokens, see decoder()). grammar: optional list, per row, of a Grammar (None = unconstrained):
     each token is drawn from the softmax restricted to grammar.allowed(what the row wrote so far),
     the support model.token_logprobs scores the same token over. Returns a list of id lists."""
     B = len(prompts)
@@ -156,12 +154,10 @@ def generate(model, prompts, max_new, pad_id, stop_ids=(), temperature=1.0, gene
     done = torch.zeros(B, dtype=torch.bool, device=device)
     stop = torch.tensor(list(stop_ids) or [-1], device=device)
     head_t = model.head_weight.t()                                       # normalised once, not per step
-    grammar = row_grammars(grammar, first, B)
+    grammar = row_grammars(grammar, None, B)
     written = [[] for _ in range(B)]                                     # each row's tokens so far (grammar)
     for t in range(max_new):
         logits = (last @ head_t).float()                                 # (B,V) head on last only
-        if allowed is not None:
-            logits = logits.masked_fill(~allowed, float("-inf"))
         gmask = grammar_mask(grammar, written, logits.shape[1], device, done.tolist())   # (B,V) or None
         if gmask is not None:
             logits = logits.masked_fill(~gmask, float("-inf"))
@@ -184,12 +180,12 @@ def generate(model, prompts, max_new, pad_id, stop_ids=(), temperature=1.0, gene
 
 @torch.no_grad()
 def generate_nocache(model, prompts, max_new, pad_id, stop_ids=(), temperature=1.0, generator=None,
-                     device="cpu", allowed=None, keys=None, first=None, grammar=None):
+                     device="cpu", keys=None, grammar=None):
     """Plain reference for generate(): one prompt at a time, full forward at every step, no cache.
     With temperature 0, or with keys, it must give exactly generate()'s tokens. A grammar's support
     is applied as a plain -inf mask over the row's allowed ids."""
     out = []
-    grammar = row_grammars(grammar, first, len(prompts)) or [None] * len(prompts)
+    grammar = row_grammars(grammar, None, len(prompts)) or [None] * len(prompts)
     for b, p in enumerate(prompts):
         seq = list(p)
         res = []
@@ -199,8 +195,6 @@ def generate_nocache(model, prompts, max_new, pad_id, stop_ids=(), temperature=1
             valid = torch.ones_like(s, dtype=torch.bool)
             h = model(s, positions(valid), causal_mask(valid))[0, -1]
             logits = (h @ model.head_weight.t()).float()[None]
-            if allowed is not None:
-                logits = logits.masked_fill(~allowed, float("-inf"))
             support = None if grammar[b] is None else grammar[b].allowed(res)
             if support is not None:
                 keep = torch.zeros_like(logits, dtype=torch.bool)

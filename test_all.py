@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 from support import chat  # noqa: E402
 import distill  # noqa: E402
 import env  # noqa: E402
-from support import hf  # noqa: E402
+from support import hf, report  # noqa: E402
 import model as model_mod  # noqa: E402
 import pretrain  # noqa: E402
 import sampling  # noqa: E402
@@ -45,6 +45,7 @@ from data.synthetic import make_ml1m_zip  # noqa: E402
 from env import Tokenizer  # noqa: E402
 from model import (GPT, GPTConfig, causal_mask, logprobs_of, positions, token_logprobs,  # noqa: E402
                    token_logprobs_reference)
+from grammar import first_token_grammar  # noqa: E402
 from sampling import generate, generate_nocache  # noqa: E402
 
 
@@ -290,9 +291,9 @@ def _first_ids(grammar):
 def _scripted_generate(rec_item_index, action, score):
     """A stand-in for sampling.generate that writes fixed valid messages (to test the loop alone):
     the RecAgent names its rec_item_index-th candidate (one of the ids it may choose among)."""
-    def fake(model, prompts, max_new, pad_id, stop_ids=(), temperature=1.0, generator=None, device="cpu", allowed=None,
-             keys=None, compile=False, first=None, grammar=None):
-        first = _first_ids(grammar) if grammar is not None else first
+    def fake(model, prompts, max_new, pad_id, stop_ids=(), temperature=1.0, generator=None, device="cpu",
+             keys=None, compile=False, grammar=None):
+        first = _first_ids(grammar) if grammar is not None else None
         tok = fake.tok
         outs = []
         for b, p in enumerate(prompts):
@@ -330,19 +331,20 @@ def test_rollout_ends_at_click_or_turn_limit(data, monkeypatch):
 
 
 
-def test_rollout_analysis_hooks_oracle_user_and_excluding_rejected_items(data, monkeypatch):
-    """tools/headroom.py's two hooks: exclude_rejected decodes the RecAgent's item among exactly the
-    candidates not yet turned down (checked against the list rebuilt from the turns), and `user`
-    replaces the UserAgent (an oracle that clicks only the target ends the episode on a hit)."""
+def test_rollout_seams_scripted_user_and_the_recagents_items(data, monkeypatch):
+    """env.rollout's two seams, as tools/headroom.py uses them: rec_items=headroom.not_rejected
+    decodes the RecAgent's item among exactly the candidates not yet turned down (checked against
+    the list rebuilt from the turns), and `user` replaces the UserAgent (an oracle that clicks only
+    the target ends the episode on a hit)."""
+    from tools.headroom import not_rejected
     tok = Tokenizer(data.n_items)
     m = tiny_model(tok.vocab_size)
     m.add_lora()
     seen = []
 
-    def fake(model, prompts, max_new, pad_id, stop_ids=(), temperature=1.0, generator=None, device="cpu", allowed=None,
-             keys=None, compile=False, first=None, grammar=None):
-
-        first = _first_ids(grammar) if grammar is not None else first
+    def fake(model, prompts, max_new, pad_id, stop_ids=(), temperature=1.0, generator=None, device="cpu",
+             keys=None, compile=False, grammar=None):
+        first = _first_ids(grammar) if grammar is not None else None
         outs = []
         for b, p in enumerate(prompts):
             if p[0] == tok.sp("rec"):
@@ -355,7 +357,7 @@ def test_rollout_analysis_hooks_oracle_user_and_excluding_rejected_items(data, m
     for exclude in (False, True):
         trajs = [env.new_trajectory(data, "test", r) for r in range(6)]
         seen.clear()
-        env.rollout(m, tok, data, trajs, t_max=4, exclude_rejected=exclude)
+        env.rollout(m, tok, data, trajs, t_max=4, rec_items=not_rejected if exclude else None)
         for tr in trajs:
             assert len(tr.turns) == 4 and all(t.action == "dislike" for t in tr.turns)
             items = [t.item for t in tr.turns]
@@ -368,7 +370,7 @@ def test_rollout_analysis_hooks_oracle_user_and_excluding_rejected_items(data, m
     # the oracle user: clicks the target (the episode ends), dislikes the rest; the UserAgent is not asked
     calls = []
     trajs = [env.new_trajectory(data, "test", r) for r in range(6)]
-    env.rollout(m, tok, data, trajs, t_max=20, exclude_rejected=True,
+    env.rollout(m, tok, data, trajs, t_max=20, rec_items=not_rejected,
                 user=lambda tr, t: calls.append(t) or (("click", 0.9) if t.item == tr.target else ("dislike", 0.1)))
     assert len(calls) == sum(len(tr.turns) for tr in trajs)
     for tr in trajs:
@@ -432,7 +434,7 @@ def test_sasrec_candidates_print_the_ceiling(synth, tmp_path):
     assert any("ceiling (target among the candidates)" in m for m in logs)
     res = ev.evaluate(tiny_model(Tokenizer(d.n_items).vocab_size), Tokenizer(d.n_items), d, "test", 1, n_boot=5,
                       agents=(("CoARS", (None, None)),), log=lambda *a: None, max_samples=8)
-    assert "Ceiling: the target is among the candidates in" in ev.results_table(res)
+    assert "Ceiling: the target is among the candidates in" in report.results_table(res)
 
 
 def test_restricted_decoding_names_only_candidates_and_matches_its_reference():
@@ -442,12 +444,13 @@ def test_restricted_decoding_names_only_candidates_and_matches_its_reference():
     prompts = [rng.integers(256, tok.vocab_size, n).tolist() for n in (5, 11, 8)]
     first = [[tok.item(i) for i in rng.choice(60, 20, replace=False)] for _ in prompts]
     keys = list(range(100, 100 + len(prompts)))
+    g1 = [first_token_grammar(f) for f in first]
     for temperature in (0.0, 1.0):
         for rep in range(20):
             ks = [k + 1000 * rep for k in keys]
-            a = generate(m, prompts, 4, tok.pad_id, temperature=temperature, keys=ks, first=first)
+            a = generate(m, prompts, 4, tok.pad_id, temperature=temperature, keys=ks, grammar=g1)
             assert all(o[0] in f for o, f in zip(a, first))                  # never a non-candidate
-            assert a == generate_nocache(m, prompts, 4, tok.pad_id, temperature=temperature, keys=ks, first=first)
+            assert a == generate_nocache(m, prompts, 4, tok.pad_id, temperature=temperature, keys=ks, grammar=g1)
     # without the restriction the first token is mostly not a candidate (the restriction does the work)
     free = generate(m, prompts * 10, 1, tok.pad_id, temperature=1.0, keys=list(range(30)))
     assert sum(o[0] in f for o, f in zip(free, first * 10)) < 15
@@ -460,8 +463,24 @@ def test_restricted_decoding_names_only_candidates_and_matches_its_reference():
         assert torch.allclose(f.double(), r, atol=1e-5)
         assert f[0] > u[0] + 0.5 and torch.allclose(f[1:].double(), u[1:], atol=1e-5)
     # by hand: the restricted log-prob is log softmax over the 20 candidates' logits
-    z = ev.next_token_scores(m, prompts[:1], [first[0]], tok.pad_id)[0].double()
+    z = model_mod.next_token_scores(m, prompts[:1], [first[0]], tok.pad_id)[0].double()
     assert float(fast[0][0].detach()) == pytest.approx(float(torch.log_softmax(z, 0)[3]), abs=1e-5)
+
+
+def test_stage1_validation_is_eval_rank_metrics_without_the_hint(data):
+    """pretrain.valid_hr1 (stage 1's early-stopping measure, kept apart so that stage 1 needs no
+    evaluation code) = eval.rank_metrics' HR@1 without the prior, and differs from it with the
+    prior (so the hint really is left out)."""
+    tok = Tokenizer(data.n_items)
+    m = tiny_model(tok.vocab_size, scale=0.5)
+    rows = np.arange(len(data.valid_user))
+    want = ev.rank_metrics(m, tok, data, "valid", rows, None, "cpu", ks=(1,), hint=False)["HR@1"].mean()
+    assert pretrain.valid_hr1(m, tok, data, rows, "cpu", batch=7) == pytest.approx(float(want), abs=1e-12)
+    for tr in (env.new_trajectory(data, "valid", r) for r in rows):   # a target always among the cands
+        assert tr.target in tr.cands
+    hinted = ev.rank_metrics(m, tok, data, "valid", rows, None, "cpu", ks=(1,), hint=True)["HR@1"]
+    nohint = ev.rank_metrics(m, tok, data, "valid", rows, None, "cpu", ks=(1,), hint=False)["HR@1"]
+    assert (hinted != nohint).any()
 
 
 def test_grammar_decoding_never_writes_an_invalid_message_and_scores_over_the_same_support(data):
@@ -829,7 +848,7 @@ def test_hit_at_1_counts_an_invalid_final_answer_as_a_miss(data, monkeypatch):
     targets = {tuple(data.test_hist[r][data.test_hist[r] >= 0].tolist()): int(data.test_target[r]) for r in rows}
 
     def fake(model, prompts, max_new, pad_id, stop_ids=(), temperature=1.0, generator=None, device="cpu",
-             allowed=None, keys=None, compile=False, first=None, grammar=None):
+             keys=None, compile=False, grammar=None):
 
         first = _first_ids(grammar) if grammar is not None else first
         outs = []
@@ -975,7 +994,7 @@ def test_evaluate_end_to_end_with_known_answers(data, monkeypatch):
     liked = set(data.test_target.tolist())
 
     def fake(model, prompts, max_new, pad_id, stop_ids=(), temperature=1.0, generator=None, device="cpu",
-             allowed=None, keys=None, compile=False, first=None, grammar=None):
+             keys=None, compile=False, grammar=None):
 
         first = _first_ids(grammar) if grammar is not None else first
         outs = []
@@ -2501,7 +2520,7 @@ def test_hf_model_runs_the_whole_pipeline(synth, tmp_path, tiny_hf, capsys, monk
     real_generate = env.generate
 
     def scripted(model, prompts, max_new, pad_id, stop_ids=(), temperature=1.0, generator=None, device="cpu",
-                 allowed=None, keys=None, compile=False, first=None, grammar=None):
+                 keys=None, compile=False, grammar=None):
 
         assert grammar is not None and all(g is not None for g in grammar)   # every message under its grammar
         tok = scripted.tok
@@ -2593,8 +2612,8 @@ def test_chat_candidate_ranking_fast_path_matches_reference(data, tiny_hf):
     trajs = [env.new_trajectory(data, "test", r) for r in (0, 3)]
     prompts = [tok.render_rec(tr, 0) for tr in trajs]
     with torch.no_grad():
-        fast, fast_mean = ev.chat_candidate_scores(m, tok, trajs, prompts, "cpu")
-        slow, slow_mean = ev.chat_candidate_scores_reference(m, tok, trajs, prompts, "cpu")
+        fast, fast_mean = chat.chat_candidate_scores(m, tok, trajs, prompts, "cpu")
+        slow, slow_mean = chat.chat_candidate_scores_reference(m, tok, trajs, prompts, "cpu")
     assert fast.shape == (2, 20) and torch.allclose(fast, slow, atol=1e-4)
     assert torch.allclose(fast_mean, slow_mean, atol=1e-4)
     assert fast.std() > 0.01                                   # the candidates get different scores

@@ -42,7 +42,8 @@ from config import (Config, UserError, add_config_args, config_defaults, config_
 from data.prepare import DataError, prepare, probe_writable
 from distill import ReferenceBuffer, coars_objective, collect_messages
 from env import closest_history_item, message_grammar, new_trajectory, rollout
-from eval import evaluate_run, results_table, run_ars, write_results
+from eval import evaluate_run, run_ars
+from support.report import results_table, write_results
 from support.checkpoint import (CKPT_NAMES, SINKS, STOP, BadSteps, Stopped, buffer_state, check_bad_streak, data_fingerprint,
                                finite, load_checkpoint, log_jsonl, metrics_lines, plain_progress, rng_state,
                                save_checkpoint, set_buffer_state, set_rng_state, truncate_metrics)

@@ -57,8 +57,11 @@ message naming them would match both and be invalid.
 
 import re
 
+import torch
+
 from env import ACTION_RANGE, action_of_score, score_fits
 from grammar import Grammar, Text, trie
+from model import causal_mask, padded_supports, positions, restricted_logprobs, token_logprobs_reference
 
 REF_MARK = "@@REFERENCE@@"
 REC_PRIMER = "Recommendation:"     # the assistant's turn starts with the first field (module docstring)
@@ -302,3 +305,58 @@ class ChatTokenizer:
     def answer_ids(self, item):
         """The start of a RecAgent answer naming `item`, for ranking candidates by log-prob (eval.py)."""
         return self.title_ids(item)
+
+
+# --------------------------------------------------------------------------------------------------
+# Scoring the 20 candidates' titles (eval.rank_metrics for a chat model)
+
+
+def title_grammar(tok, traj):
+    """The title part of a chat RecAgent's grammar alone: the tokens of one of traj's candidates'
+    titles (grammar.Grammar; its softmax restricted per position to the titles' next tokens)."""
+    return Grammar([tok.rec_grammar(traj).parts[0]])
+
+
+def chat_candidate_scores(model, tok, trajs, prompts, device):
+    """(sums, means), each (B,20): the log-prob of the answer naming each candidate's title under
+    title_grammar, the restricted softmax the RecAgent decodes its title from (tokens that no other
+    candidate's title shares cost nothing, and the 20 probabilities sum to 1), summed over the
+    title's tokens and its per-token mean. Fast path: each prompt runs once and its KV cache is
+    repeated for the 20 answers (the plain reference, chat_candidate_scores_reference, scores each
+    whole sequence; the tests compare them)."""
+    sums, means = [], []
+    for p, tr in zip(prompts, trajs):
+        comps = [tok.answer_ids(i) for i in tr.cands]
+        g = title_grammar(tok, tr)
+        n, P, L = len(comps), len(p), max(len(c) for c in comps)
+        cache = model.new_cache(1, P + L, device)
+        ids = torch.tensor([p], device=device)
+        ones = torch.ones_like(ids, dtype=torch.bool)
+        h0 = model(ids, positions(ones), causal_mask(ones), cache, 0)[:, -1:]        # (1,1,C) predicts y_0
+        cache.batch_repeat_interleave(n)
+        y = torch.full((n, L), tok.pad_id, dtype=torch.long, device=device)
+        cv = torch.zeros(n, L, dtype=torch.bool, device=device)
+        for k, c in enumerate(comps):
+            y[k, :len(c)] = torch.tensor(c, device=device)
+            cv[k, :len(c)] = True
+        mask = torch.ones(n, 1, L, P + L, dtype=torch.bool, device=device)          # the prompt: all visible
+        mask[:, :, :, P:] = causal_mask(cv)
+        h = model(y, (P + torch.arange(L, device=device)).expand(n, L), mask, cache, P)  # (n,L,C)
+        hs = torch.cat([h0.expand(n, 1, -1), h[:, :-1]], 1)                         # row n predicts y_n
+        support = [g.allowed(c[:k]) for c in comps for k in range(len(c))]         # row-major, as hs[cv]
+        allowed, keep = padded_supports(support, device)
+        lp = restricted_logprobs(hs[cv], model.head_weight, allowed, y[cv], keep)   # (N,)
+        per = lp.split([len(c) for c in comps])
+        sums.append(torch.stack([x.sum() for x in per]))
+        means.append(torch.stack([x.mean() for x in per]))
+    return torch.stack(sums).float(), torch.stack(means).float()
+
+
+def chat_candidate_scores_reference(model, tok, trajs, prompts, device):
+    """Plain reference of chat_candidate_scores: token_logprobs_reference (float64, one pair at a
+    time) of each whole prompt + answer under title_grammar."""
+    pairs = [(p, tok.answer_ids(i), title_grammar(tok, tr)) for p, tr in zip(prompts, trajs) for i in tr.cands]
+    prompts_, comps, grammars = zip(*pairs)
+    lp = token_logprobs_reference(model, prompts_, comps, tok.pad_id, device, grammar=list(grammars))
+    view = lambda xs: torch.stack(xs).view(len(trajs), -1).float()  # noqa: E731
+    return view([x.sum() for x in lp]), view([x.mean() for x in lp])

@@ -31,7 +31,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from config import UserError  # noqa: E402
-from env import POSITIVE, peer_opinion  # noqa: E402
+from env import POSITIVE, peer_opinion, rejected_items  # noqa: E402
 from eval import mean_ci, paired_diff_ci, run_ars  # noqa: E402
 from support.distributed import device_of  # noqa: E402
 from support.runs import load_run  # noqa: E402
@@ -40,6 +40,13 @@ from support.runs import load_run  # noqa: E402
 def oracle_user(traj, turn):
     """A user who knows the target: click it, dislike everything else."""
     return ("click", 0.90) if turn.item == traj.target else ("dislike", 0.10)
+
+
+def not_rejected(traj):
+    """The memory forced: the candidates the user has not turned down in this episode (all of them
+    when it turned every one down), the items env.rollout's RecAgent may then name."""
+    rejected = rejected_items(traj.turns)
+    return [i for i in traj.cands if i not in rejected] or traj.cands
 
 
 def auc(pos, neg):
@@ -66,7 +73,8 @@ def headroom(model, tok, data, split, t_max, device, n_boot=1000, decoding="gram
         for user in ("UserAgent", "oracle"):
             for exclude in (False, True):
                 trajs, m = run_ars(model, tok, data, split, rows, adapters, t_max, device, batch=tok.eval_batch,
-                                   user=oracle_user if user == "oracle" else None, exclude_rejected=exclude,
+                                   user=oracle_user if user == "oracle" else None,
+                                   rec_items=not_rejected if exclude else None,
                                    decoding=decoding)
                 r = dict(pair=pair, user=user, exclude=exclude, hit=mean_ci(m["hit"], n_boot),
                          turn1=float(m["hit_turn1"].mean()), turns=float(m["turns"].mean()),
