@@ -41,25 +41,12 @@ class Config:
     """candidate lists: 'random' (target + 19 uniform non-history items, the AFL / LLaRA protocol) or 'sasrec'
     (SASRec's top 20, the target not forced in; the results print the ceiling)"""
     train_prior: str = "crossfit"
-    """[ours] the SASRec behind the training samples' prior (and 'sasrec' candidates): 'crossfit' (trained on the other
-    half of the users, so the hint is no better on training samples than at test time) or 'full' (the one SASRec of
-    validation and test, which trained on those samples; on ml-latest-small's validation split it is no better over 2
-    seeds and in one it taught the UserAgent to accept everything: docs/results.md)"""
+    """[ours] the SASRec behind the training samples' prior (and 'sasrec' candidates): 'crossfit'
+    (trained on the other half of the users, so the hint is no better on training samples than at
+    test time) or 'full' (the one SASRec of validation and test, which trained on those samples)"""
     sasrec_epochs: int = 20
     """SASRec training epochs"""
-    # ---- run ----
-    out_dir: str = "out"
-    """runs are written to out_dir/run_name"""
-    run_name: str = ""
-    """run folder name ('' = the dataset name)"""
-    device: str = "auto"
-    """'cpu', 'cuda' or 'auto' (cuda when available)"""
-    seed: int = 0
-    """seed for data, initialisation, sampling and bootstrap"""
-    stage2_seed: int = -1
-    """seed of stage 2 alone (adapter initialisation, training samples, rollouts; -1 = --seed): seeds
-    over a fixed dataset and base"""
-    # ---- the language model ----
+    # ---- model ----
     model: str = ""
     """'' = the built-in GPT; else a Hugging Face chat model: hub id, local folder, .gguf file, or the shortcut
     smollm2-135m (support/hf.py)"""
@@ -69,11 +56,11 @@ class Config:
     grad_checkpointing: bool = False
     """recompute a Hugging Face model's activations in the backward pass (less memory, ~30% more time)"""
     precision: str = "auto"
-    """dtype of the training passes (stage 1, warm-up, CoARS losses): 'bf16' autocast, 'fp32', or 'auto' (bf16 on
-    a GPU, fp32 on a CPU, where bf16 measured no faster; see pretrain.autocast)"""
+    """dtype of the training passes (stage 1, warm-up, CoARS losses): 'bf16' autocast, 'fp32', or
+    'auto' (bf16 on a GPU, fp32 on a CPU; pretrain.autocast says why)"""
     compile: bool = False
-    """run the built-in GPT's decode steps in rollouts through torch.compile (same tokens; 15-30 s to compile; no gain
-    measured on CPU with the default short messages, see docs/benchmarks.md)"""
+    """run the built-in GPT's decode steps in rollouts through torch.compile (the same tokens; it
+    pays only where decode steps dominate: docs/benchmarks.md)"""
     warmup_steps: int = 0
     """supervised warm-up steps of the adapters on scripted dialogues before CoARS (for --model; 0 = none)"""
     n_layer: int = 4
@@ -82,7 +69,7 @@ class Config:
     """attention heads"""
     n_embd: int = 128
     """width"""
-    # ---- stage 1: pretraining the base [ours] ----
+    # ---- stage 1: pretraining the built-in base [ours] ----
     pretrain_steps: int = 1000
     """most optimiser steps of stage 1 (it stops earlier on validation; 0 = skip: only sensible with a base from an
     earlier run)"""
@@ -120,8 +107,8 @@ class Config:
     lr: float = 5e-4
     """adapter learning rate (Adam)"""
     loss_batch: int = 0
-    """messages per teacher / student pass, back-propagated group by group to bound memory (0 = 32 for the
-    built-in GPT, 4 for a Hugging Face model: one SmolLM2-135M step on a CPU peaked at 19.4 GB with 32, 5.2 GB with 4)"""
+    """messages per teacher / student pass, back-propagated group by group to bound memory (0 = 32
+    for the built-in GPT, 4 for a Hugging Face model, whose activations are far larger)"""
     lora_r: int = 8
     """LoRA rank"""
     lora_alpha: float = 16.0
@@ -143,17 +130,14 @@ class Config:
     use_filter: bool = True
     """leave out turns with a wrong item that the user met positively"""
     user_filter: bool = True
-    """the filter also leaves the turn out of the UserAgent's loss (paper); --no-user-filter [ours, extension]: the
-    UserAgent is still trained on wrong items it accepted, so accepting everything is not free (measured: it then
-    turns down nearly everything instead; docs/results.md)"""
+    """the filter also leaves the turn out of the UserAgent's loss (paper); --no-user-filter [ext]:
+    the UserAgent is still trained on wrong items it accepted, so accepting everything is not free"""
     user_balance: bool = False
-    """[ours, extension] the UserAgent's turns on right and on wrong items weigh the same in its loss
-    (distill.balance_user); meant with --no-user-filter. Measured: it did not keep the user aligned
-    (docs/results.md)"""
+    """[ext] the UserAgent's turns on right and on wrong items weigh the same in its loss
+    (distill.balance_user); meant with --no-user-filter"""
     user_kl: float = 0.0
-    """[ours, extension] weight of a penalty keeping the UserAgent near the untrained one (distill.kl_to_base,
-    an estimate of KL(user || base user) on its own messages); 0 = off, as in the paper. Measured with 1 on
-    Last.fm, 3 seeds: user F1 0.51-0.55 instead of 0.00-0.22, Hit@1 0.250 instead of 0.216 (docs/results.md)"""
+    """[ext] weight of a penalty keeping the UserAgent near the untrained one (distill.kl_to_base,
+    an estimate of KL(user || base user) on its own messages); 0 = off, as in the paper"""
     reward_mode: str = "interaction"
     """'interaction' (Eq. 7-8) or 'outcome' (final hit only, the ablation/baseline)"""
     train_rec: bool = True
@@ -181,13 +165,25 @@ class Config:
     """bootstrap resamples for the intervals"""
     skip_eval: bool = False
     """do not run the final test evaluation"""
-    # ---- watching a run (support/watch.py) ----
+    # ---- run and output ----
+    out_dir: str = "out"
+    """runs are written to out_dir/run_name"""
+    run_name: str = ""
+    """run folder name ('' = the dataset name)"""
+    device: str = "auto"
+    """'cpu', 'cuda' or 'auto' (cuda when available)"""
+    seed: int = 0
+    """seed for data, initialisation, sampling and bootstrap"""
+    stage2_seed: int = -1
+    """seed of stage 2 alone (adapter initialisation, training samples, rollouts; -1 = --seed): seeds
+    over a fixed dataset and base"""
+    # watching a run (support/watch.py)
     tensorboard: bool = False
     """write every metric to TensorBoard event files under out_dir/run_name/tensorboard (needs the tensorboard
     package)"""
     wandb: str = ""
     """log every metric to this Weights & Biases project ('' = off; needs the wandb package; WANDB_MODE=offline works)"""
-    # ---- surviving long runs ----
+    # surviving long runs (support/checkpoint.py)
     resume: bool = False
     """continue the run in out_dir/run_name from its last checkpoint"""
     ckpt_every: int = 50
@@ -219,16 +215,28 @@ def field_docs(cls):
             if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant)}
 
 
+# --help's groups: (title, the first Config field of the group), in the order of the fields
+HELP_GROUPS = [("data", "dataset"), ("model", "model"), ("stage 1: pretraining the built-in base [ours]",
+               "pretrain_steps"), ("stage 2: CoARS", "steps"), ("evaluation", "eval_every"),
+               ("run and output", "out_dir")]
+
+
 def add_config_args(p: argparse.ArgumentParser, defaults=None):
-    """One flag per Config field, documented by the field's docstring (defaults may be overridden)."""
+    """One flag per Config field, documented by the field's docstring and its default (defaults
+    may be overridden), in --help's groups (HELP_GROUPS)."""
     docs = {k: v.replace("%", "%%") for k, v in field_docs(Config).items()}     # argparse formats help with %
+    starts = {first: title for title, first in HELP_GROUPS}
+    group = p
     for f in dataclasses.fields(Config):
+        if f.name in starts:
+            group = p.add_argument_group(starts[f.name])
         flag = "--" + f.name.replace("_", "-")
         default = (defaults or {}).get(f.name, f.default)
+        text = " ".join(docs.get(f.name, "").split()) + " (default: %(default)s)"
         if f.type is bool or f.type == "bool":
-            p.add_argument(flag, default=default, action=argparse.BooleanOptionalAction, help=docs.get(f.name))
+            group.add_argument(flag, default=default, action=argparse.BooleanOptionalAction, help=text)
         else:
-            p.add_argument(flag, default=default, type=type(f.default), help=f"{docs.get(f.name)} (default: %(default)s)")
+            group.add_argument(flag, default=default, type=type(f.default), help=text)
 
 
 def saved_options(saved):

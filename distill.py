@@ -127,10 +127,8 @@ def balance_user(rewards, hits):
     (n = the batch's user messages). Without it, the wrong items outnumber the right ones (an episode
     goes on after a miss and stops at a click), and Eq. 8 drives the user to turn everything down
     when the filter does not hide its accepted misses (--no-user-filter), or to accept everything
-    when it does (measured with run 3's base, docs/results.md). Measured with the default base
-    (docs/results.md): with --no-user-filter it does NOT keep the user aligned (F1 0.706 -> 0.592,
-    recall 0.64 -> 0.45), while the default (filter on both losses) raised F1 to 0.736; kept as a
-    documented extension, not a fix. Under torchrun the counts are each rank's own."""
+    when it does. What it did in practice is in docs/results.md: it is an extension, not a fix.
+    Under torchrun the counts are each rank's own."""
     n, n_hit = len(hits), sum(hits)
     if n_hit in (0, n):
         return list(rewards)

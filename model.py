@@ -100,7 +100,7 @@ class Block(nn.Module):
             # One decode step (GPT.decode): static shapes, so one compiled graph serves every step.
             # k, v go in at column `start` ((1,) long tensor) and the query attends over the whole
             # buffer under the mask (B,1,1,Tmax). A plain masked softmax for the single query:
-            # torch.compile fuses it (measured on CPU: faster than the sdpa kernel). Scores and
+            # torch.compile fuses it (faster than the sdpa kernel on CPU; docs/benchmarks.md). Scores and
             # softmax in float32 whatever the weights' dtype, as sdpa's kernels do.
             ck, cv = cache
             ck.index_copy_(2, start, k)

@@ -76,8 +76,8 @@ def wrong_turns(data, tok, traj, rng, n):
     turns it down; these fill the memory of a dialogue document. Half the time the wrong item is the
     most plausible one (closest to the history by SASRec item embeddings), a quarter the SASRec prior
     when it is wrong, else a uniform one: a model that knows the user would pick such items itself,
-    so the documents teach it that an item the user turned down is not named again (measured: with
-    uniform wrong items only, the trained pair repeated a turned-down item in 86% of later turns)."""
+    so the documents teach it that an item the user turned down is not named again (with uniform
+    wrong items only, the trained pair repeated turned-down items; docs/results.md)."""
     v = data.item_vec
     taste = v[traj.hist].mean(0)                                          # (d,)
     for _ in range(n):
@@ -110,8 +110,8 @@ def scripted_reaction(rng, positive):
     """(action, score): click (3 in 4) or star for an item the user wants, skip or dislike (1 in 2
     each) otherwise, the score uniform inside the action's interval (env.ACTION_RANGE). A greedy
     UserAgent then accepts where it believes the item wanted with probability above 0.4 (click's
-    0.75 p against dislike's or skip's 0.5 (1 - p)); with 0.6 / 0.4 the threshold was 0.45 and the
-    base's recall on the F1 set was 0.51 (F1 0.63, below accept-all's 0.67)."""
+    0.75 p against dislike's or skip's 0.5 (1 - p)), below an even split: a user that accepts only
+    what it is sure of misses most of the F1 set's positives."""
     action = ("click" if rng.random() < 0.75 else "star") if positive else ("dislike" if rng.random() < 0.5 else "skip")
     lo, hi = ACTION_RANGE[action]
     return action, round(min(hi - 0.01, lo + float(rng.random()) * (hi - lo)), 2)
@@ -171,9 +171,8 @@ def sequence_doc(tok, rng, parts, weights, window, prefixed=0.0, n_cands=20):
     probability `prefixed` the window follows the head of a RecAgent prompt (env.Tokenizer.render_rec) whose
     candidates are random items outside the window and whose memory is empty: the RecAgent's answer
     is the item after `<|hist|> h1..h10` in a prompt that starts with 20 candidates, and a base
-    trained only on bare windows reads those candidates as more history (measured: the same base
-    ranked the validation candidates at HR@1 0.44 from the RecAgent prompt, 0.51 from the bare
-    history; docs/results.md)."""
+    trained only on bare windows reads those candidates as more history (it then ranks the
+    candidates worse from the RecAgent prompt than from the bare history; docs/results.md)."""
     u = int(rng.choice(len(parts), p=weights))
     items = parts[u]
     s = int(rng.integers(max(1, len(items) - window + 1)))
@@ -200,11 +199,9 @@ def lm_loss(model, docs, tok, device, precision="auto"):
 
 def autocast(device, precision="auto"):
     """The training passes' dtype (--precision): bf16 autocast, or float32. 'auto' = bf16 on a GPU,
-    float32 on a CPU. Measured on a 2-core AMD EPYC with native bf16 (avx512_bf16): bf16 only 1.06x
-    faster for a stage-1 step, and 4x SLOWER where oneDNN may not use those instructions
-    (ONEDNN_MAX_CPU_ISA=AVX2, as on CPUs without them); an Intel AMX machine measured float32
-    faster. float32 on a CPU also gives the same losses whatever the batch split (torchrun ranks,
-    micro-batches) up to float32 round-off, which bf16 does not (docs/reproducibility.md)."""
+    float32 on a CPU: bf16 is barely faster on CPUs with native bf16 and much slower on CPUs
+    without it (docs/benchmarks.md), and float32 gives the same losses whatever the batch split
+    (torchrun ranks, micro-batches) up to round-off, which bf16 does not (docs/reproducibility.md)."""
     cuda = str(device).startswith("cuda")
     on = precision == "bf16" or (precision == "auto" and cuda)
     return torch.autocast("cuda" if cuda else "cpu", dtype=torch.bfloat16, enabled=on)

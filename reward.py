@@ -47,10 +47,9 @@ def turn_rewards(traj, mode="interaction", alpha=0.1, stage_gamma=None, use_filt
     filter. mode: "interaction" (Eq. 7, 8) or "outcome" (final hit only, never filtered).
     user_filter=False [ours, extension, off by default]: the filter leaves out only the RecAgent's
     message, and the UserAgent is still trained on a wrong item it accepted (Eq. 8 is then
-    negative). Measured reason: with the filter on both losses nothing ever penalises the user for
-    accepting a wrong item, and on ml-latest-small stage 2 drove it to accept everything (recall
-    0.995, F1 equal to accept-all's). Measured with this option: it overshoots, the user then turns
-    down nearly everything (recall 0.12, F1 0.21; docs/results.md), so it is no fix yet."""
+    negative). Why: with the filter on both losses nothing ever penalises the user for accepting a
+    wrong item, so stage 2 can drive it to accept everything. With this option it can overshoot
+    and turn down nearly everything instead (docs/results.md): it is no fix."""
     out = []
     final = 2 * traj.hit - 1
     for t, tr in enumerate(traj.turns, 1):

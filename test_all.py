@@ -12,6 +12,7 @@ HF_HUB_OFFLINE=1 is set for any Hugging Face code.
 
 import dataclasses
 import datetime
+import re
 import functools
 import json
 import math
@@ -1547,10 +1548,30 @@ def test_train_end_to_end_on_every_source(source, tmp_path):
 
 @pytest.mark.parametrize("script", ["train.py", "eval.py", "tools/suite.py", "tools/bench.py", "tools/viewer.py", "data/prepare.py",
                                     "tools/sasrec_check.py", "tools/headroom.py", "data/synthetic.py", "data/llara.py",
-                                    "tools/chat_check.py"])
+                                    "tools/chat_check.py", "tools/prior_use.py"])
 def test_every_command_line_prints_its_help(script):
     r = run([script, "--help"])
     assert r.returncode == 0 and "usage:" in r.stdout and "Traceback" not in r.stderr, r.stderr[-1500:]
+
+
+def test_train_help_is_grouped_and_shows_every_default():
+    """train.py --help: the option groups in the method's order, each Config field in its group
+    with its default (on/off flags too), and no measurement in a help text (numbers go stale)."""
+    import argparse
+    import config
+    p = argparse.ArgumentParser()
+    config.add_config_args(p)
+    groups = {g.title: [a.dest for a in g._group_actions] for g in p._action_groups
+              if g.title in dict(config.HELP_GROUPS)}
+    assert list(groups) == [title for title, _ in config.HELP_GROUPS]
+    assert sorted(d for ds in groups.values() for d in ds) == sorted(
+        f.name for f in dataclasses.fields(config.Config))
+    assert "lam" in groups["stage 2: CoARS"] and "pretrain_steps" in groups[
+        "stage 1: pretraining the built-in base [ours]"] and "resume" in groups["run and output"]
+    for a in p._actions:
+        if a.dest != "help":
+            assert "(default: %(default)s)" in a.help, a.dest
+            assert not re.search(r"[Mm]easured|\d+(\.\d+)? ?(GB|s to)", a.help), a.dest
 
 
 @pytest.mark.parametrize("args,msg", [

@@ -19,8 +19,9 @@ ChatTokenizer when `tok.chat` is true. Same content, same rules (docs/method.md 
 
 Prompts are the model's own chat template applied to these two messages, followed by the answer's
 first field name ("Recommendation:" / "Action:") as the start of the assistant's turn [ours]: the
-message the agent writes is the rest. Measured reason: SmolLM2-135M-Instruct, greedy, without this
-primer repeated the prompt's history in every one of its messages (valid ratio 0). The reference is spliced
+message the agent writes is the rest. Why: a small chat model (SmolLM2-135M-Instruct, greedy)
+without this primer repeated the prompt's history instead of answering
+(docs/huggingface-and-gpus.md). The reference is spliced
 in as token ids at one fixed point of the user message: the template is rendered once with a marker
 line, split there, and both halves encoded, so a teacher prompt is exactly its student prompt with
 the reference's tokens inserted (the test checks this against the template; other
@@ -45,9 +46,8 @@ dropping an echoed list number ("3. ") and normalising both sides (match_title):
 quotes and markdown asterisks dropped; white space collapsed. An answer that matches no candidate,
 or several, is invalid. A message must also end with the end-of-turn token (not cut off at the
 length limit). The Reason lines are optional [ours]: the RecAgent's message is valid when it names
-exactly one candidate, the UserAgent's when its action and score agree. Measured reason:
-SmolLM2-135M-Instruct, greedy, named a real candidate and stopped without a reason in most of its
-first messages; the item and the reaction are what the environment and the rewards use.
+exactly one candidate, the UserAgent's when its action and score agree. Why: a small chat model
+often names a real candidate and stops without a reason; the item and the reaction are what the environment and the rewards use.
 
 Titles are made distinct first [ours] (distinct_titles): a title several items share gets " [2]",
 " [3]", ... on its second and later items (ml-latest-small has five such pairs, one film under two

@@ -1,0 +1,114 @@
+"""
+How the RecAgent uses the SASRec prior its turn-1 prompt shows it (docs/method.md section 2).
+
+    python tools/prior_use.py --run out/ml-latest-small --split valid
+
+For every sample of the split, the RecAgent's first pick (the top candidate by the logit of its
+item token at the answer position, which is what greedy decoding under the grammar names) is taken
+twice: from the prompt with the prior and from the same prompt without it (its own ranking). The
+table says how often each pick is the prior, separately where the prior is right and where it is
+wrong, and the Hit@1 of the prior, of the agent's own ranking, of the hinted pick and of the better
+of the first two per sample (an upper bound on what combining them could give). A RecAgent that
+used the prior would follow it more where it is right than where it is wrong, and more than its
+own ranking already agrees with it. Works on a run folder with base.pt (the untrained agent, the
+adapter-free base) and, where coars.pt exists too, the trained RecAgent.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # run from anywhere
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from config import Config, UserError, config_from, add_config_args  # noqa: E402
+from data.prepare import DataError, prepare  # noqa: E402
+from env import Tokenizer, new_trajectory  # noqa: E402
+from eval import mean_ci  # noqa: E402
+from model import build_model, freeze, next_token_scores  # noqa: E402
+from support.distributed import device_of  # noqa: E402
+
+
+def first_picks(model, tok, data, split, rows, adapter, device, hint, batch=256):
+    """(N,) the candidate each sample's RecAgent names first (argmax of its item-token logits)."""
+    model.set_adapter(adapter)
+    out = []
+    for s in range(0, len(rows), batch):
+        trajs = [new_trajectory(data, split, r) for r in rows[s:s + batch]]
+        for tr in trajs:
+            tr.prior = tr.prior if hint else None
+        scores = next_token_scores(model, [tok.render_rec(tr, 0) for tr in trajs],
+                                   [[tok.item(c) for c in tr.cands] for tr in trajs], tok.pad_id, device)
+        out += [tr.cands[int(k)] for tr, k in zip(trajs, scores.argmax(1).tolist())]
+    model.set_adapter(None)
+    return np.array(out)
+
+
+def prior_use(model, tok, data, split, adapter, device, n_boot=1000):
+    """The measurements of the module docstring, as a dict of (mean, lo, hi) or counts."""
+    rows = np.arange(len(getattr(data, f"{split}_user")))
+    target, prior = getattr(data, f"{split}_target")[rows], getattr(data, f"{split}_prior")[rows]
+    hinted = first_picks(model, tok, data, split, rows, adapter, device, True)
+    own = first_picks(model, tok, data, split, rows, adapter, device, False)
+    right = prior == target
+    ci = lambda x: mean_ci(x, n_boot)  # noqa: E731
+    return {"samples": int(len(rows)), "prior right": float(right.mean()),
+            "first pick = prior | prior right": ci(hinted[right] == prior[right]),
+            "first pick = prior | prior wrong": ci(hinted[~right] == prior[~right]),
+            "own ranking = prior | prior right": ci(own[right] == prior[right]),
+            "own ranking = prior | prior wrong": ci(own[~right] == prior[~right]),
+            "first pick = own ranking": ci(hinted == own),
+            "Hit@1 SASRec prior": ci(right),
+            "Hit@1 own ranking (no hint)": ci(own == target),
+            "Hit@1 first pick (with the prior)": ci(hinted == target),
+            "Hit@1 better of prior and own, per sample (bound)": ci((own == target) | right)}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", required=True, help="a run folder written by train.py (holds config.json, base.pt)")
+    p.add_argument("--split", default="valid", choices=["valid", "test"], help="the split measured")
+    p.add_argument("--device", default="auto", help="'cpu', 'cuda' or 'auto'")
+    p.add_argument("--out", default="", help="also write the table as JSON to this file")
+    a = p.parse_args(argv)
+    run = Path(a.run)
+    try:
+        if not (run / "config.json").exists() or not (run / "base.pt").exists():
+            raise UserError(f"{run} has no config.json and base.pt: point --run at a built-in run of train.py.")
+        ap = argparse.ArgumentParser()
+        add_config_args(ap, json.loads((run / "config.json").read_text()))
+        cfg: Config = config_from(ap.parse_args([]))
+        if cfg.model:
+            raise UserError("tools/prior_use.py measures the built-in model's item tokens; this run used --model.")
+        data = prepare(cfg.data_config(), log=lambda *x: None)
+    except (UserError, DataError) as e:
+        sys.exit(f"error: {e}")
+    device = device_of(a.device)
+    tok = Tokenizer(data.n_items)
+    model = build_model(cfg, tok.vocab_size, device)
+    model.load_state_dict(torch.load(run / "base.pt", map_location=device, weights_only=True)["model"])
+    freeze(model)
+    agents = [("untrained RecAgent", None)]
+    if (run / "coars.pt").exists():
+        from train import lora_targets
+        saved = torch.load(run / "coars.pt", map_location=device, weights_only=True)["adapters"]
+        model.add_lora(("rec", "user"), r=cfg.lora_r, alpha=cfg.lora_alpha, targets=lora_targets(cfg))
+        model.load_state_dict({k: v for k, v in saved.items() if ".adapters.sft." not in k}, strict=False)
+        agents.append(("CoARS RecAgent", "rec"))
+    table = {name: prior_use(model, tok, data, a.split, ad, device) for name, ad in agents}
+    keys = list(next(iter(table.values())))
+    print(f"| {run.name}, {a.split} split | " + " | ".join(n for n, _ in agents) + " |")
+    print("|---" * (len(agents) + 1) + "|")
+    for k in keys:
+        cells = [v[k] for v in table.values()]
+        print(f"| {k} | " + " | ".join(f"{c[0]:.3f} [{c[1]:.3f}, {c[2]:.3f}]" if isinstance(c, tuple)
+                                       else (f"{c:.3f}" if isinstance(c, float) else str(c)) for c in cells) + " |")
+    if a.out:
+        Path(a.out).write_text(json.dumps(table, indent=1))
+
+
+if __name__ == "__main__":
+    main()
