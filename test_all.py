@@ -3235,3 +3235,38 @@ def test_the_floor_check_can_fail(tmp_path):
     problems = floor_problems(imp)
     assert problems[0] == "support/a.py imports train.py (floor 1 -> 2)"
     assert any(p.startswith("cycle: ") and "eval.py -> train.py" in p for p in problems), problems
+
+
+# --------------------------------------------------------------------------------------------------
+# The method the code cites is in the repository (docs/method.md)
+
+def method_citations(text):
+    """Every section number a text cites as "docs/method.md section N" / "sections N, M and K" /
+    "sections N-M" (ranges expanded), across line breaks and comment markers."""
+    flat = " ".join(re.sub(r"^\s*(#|//|\*)?\s*", "", line) for line in text.splitlines())
+    out = []
+    for m in re.finditer(r"method\.md,? sections? ((?:\d+(?:\s*-\s*\d+)?(?:,\s*|\s+and\s+)?)+)", flat):
+        for part in re.findall(r"\d+(?:\s*-\s*\d+)?", m.group(1)):
+            a, _, b = part.partition("-")
+            out += list(range(int(a), int(b or a) + 1))
+    return out
+
+
+def test_every_citation_of_the_method_names_one_of_its_sections():
+    """No tracked file cites a file outside the repository for the method, and every "docs/method.md
+    section N" names a section docs/method.md has."""
+    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True).stdout.split()
+    texts = {f: (ROOT / f).read_text() for f in files if f.endswith((".py", ".md", ".txt"))}
+    outside = "PAPER" + ".md"                      # spelled apart so that this file does not cite it
+    assert not [f for f, t in texts.items() if outside in t]
+    sections = {int(n) for n in re.findall(r"^## (\d+)\.", texts["docs/method.md"], re.M)}
+    assert sections == set(range(1, 7))
+    cited = {f: method_citations(t) for f, t in texts.items()}
+    assert sum(map(len, cited.values())) > 40          # the code does cite it, and the parser finds it
+    assert {f: [n for n in ns if n not in sections] for f, ns in cited.items() if set(ns) - sections} == {}
+
+
+def test_the_citation_check_can_fail():
+    text = ("x = 1  # docs/method" ".md section 9 says so\n# see docs/method.md\n# sections 1, 3 and 4-6\n"
+            "\"\"\"(docs/method.md section 2)\"\"\"")
+    assert method_citations(text) == [9, 1, 3, 4, 5, 6, 2]
