@@ -30,16 +30,19 @@ class UserError(Exception):
 class Config:
     # ---- data ----
     dataset: str = "ml-latest-small"
-    """ml-1m, ml-100k, ml-latest-small, lastfm, instruments, or the path of a folder in the custom format (docs/datasets.md)"""
+    """ml-1m, ml-100k, ml-latest-small, lastfm, instruments, or the path of a folder in the custom
+    format (docs/datasets.md)"""
     data_dir: str = str(Path(__file__).resolve().parent / "data")
     """folder for downloads and processed caches"""
     data_url: str = ""
-    """address of the raw dataset file ('' = official; file:// works; a local folder of extracted files is read in place)"""
+    """address of the raw dataset file ('' = official; file:// works; a local folder of extracted
+    files is read in place)"""
     data_sha256: str = ""
-    """expected sha256 of the raw file ('' = the official file's where published, 'none' = skip the check)"""
+    """expected sha256 of the raw file ('' = the official file's where published, 'none' = skip the
+    check)"""
     candidates: str = "random"
-    """candidate lists: 'random' (target + 19 uniform non-history items, the AFL / LLaRA protocol) or 'sasrec'
-    (SASRec's top 20, the target not forced in; the results print the ceiling)"""
+    """candidate lists: 'random' (target + 19 uniform non-history items, the AFL / LLaRA protocol)
+    or 'sasrec' (SASRec's top 20, the target not forced in; the results print the ceiling)"""
     train_prior: str = "crossfit"
     """[ours] the SASRec behind the training samples' prior (and 'sasrec' candidates): 'crossfit'
     (trained on the other half of the users, so the hint is no better on training samples than at
@@ -48,13 +51,15 @@ class Config:
     """SASRec training epochs"""
     # ---- model ----
     model: str = ""
-    """'' = the built-in GPT; else a Hugging Face chat model: hub id, local folder, .gguf file, or the shortcut
-    smollm2-135m (support/hf.py)"""
+    """'' = the built-in GPT; else a Hugging Face chat model: hub id, local folder, .gguf file, or
+    the shortcut smollm2-135m (support/hf.py)"""
     lora_targets: str = ""
-    """comma-separated names of the linear layers that get LoRA ('' = the model's default: qkv,proj,fc,fc2 for
-    the built-in GPT, q_proj,v_proj,gate_proj,up_proj,down_proj for a Hugging Face model)"""
+    """comma-separated names of the linear layers that get LoRA ('' = the model's default:
+    qkv,proj,fc,fc2 for the built-in GPT, q_proj,v_proj,gate_proj,up_proj,down_proj for a Hugging
+    Face model)"""
     grad_checkpointing: bool = False
-    """recompute a Hugging Face model's activations in the backward pass (less memory, ~30% more time)"""
+    """recompute a Hugging Face model's activations in the backward pass (less memory, ~30% more
+    time)"""
     precision: str = "auto"
     """dtype of the training passes (stage 1, warm-up, CoARS losses): 'bf16' autocast, 'fp32', or
     'auto' (bf16 on a GPU, fp32 on a CPU; pretrain.autocast says why)"""
@@ -62,7 +67,8 @@ class Config:
     """run the built-in GPT's decode steps in rollouts through torch.compile (the same tokens; it
     pays only where decode steps dominate: docs/benchmarks.md)"""
     warmup_steps: int = 0
-    """supervised warm-up steps of the adapters on scripted dialogues before CoARS (for --model; 0 = none)"""
+    """supervised warm-up steps of the adapters on scripted dialogues before CoARS (for --model; 0 =
+    none)"""
     n_layer: int = 4
     """transformer blocks of the built-in GPT"""
     n_head: int = 4
@@ -71,34 +77,40 @@ class Config:
     """width"""
     # ---- stage 1: pretraining the built-in base [ours] ----
     pretrain_steps: int = 1000
-    """most optimiser steps of stage 1 (it stops earlier on validation; 0 = skip: only sensible with a base from an
-    earlier run)"""
+    """most optimiser steps of stage 1 (it stops earlier on validation; 0 = skip: only sensible with
+    a base from an earlier run)"""
     pretrain_batch: int = 32
-    """item-sequence windows per stage-1 step (next-item language modelling, every position scored)"""
+    """item-sequence windows per stage-1 step (next-item language modelling, every position
+    scored)"""
     pretrain_window: int = 50
     """longest item-sequence window"""
     pretrain_prefixed: float = 0.5
-    """share of those windows that follow the head of a RecAgent prompt (`<|rec|><|cands|>` 20 random items
-    `<|mem|><|hist|>`), so that the base predicts the next item from the history whatever precedes it"""
+    """share of those windows that follow the head of a RecAgent prompt (`<|rec|><|cands|>` 20
+    random items `<|mem|><|hist|>`), so that the base predicts the next item from the history
+    whatever precedes it"""
     pretrain_dialogues: int = 64
-    """scripted dialogue documents per stage-1 step, half per agent (also the warm-up's batch per agent)"""
+    """scripted dialogue documents per stage-1 step, half per agent (also the warm-up's batch per
+    agent)"""
     pretrain_lr: float = 2e-3
     """peak learning rate of stage 1 (cosine decay to 10%), and the learning rate of the warm-up"""
     pretrain_future: int = 5
     """the scripted UserAgent also likes the user's next this-many items after the target"""
     pretrain_eval_every: int = 50
-    """measure validation HR@1 (RecAgent ranking, no hint) every this many stage-1 steps; the best weights are kept
-    (0 = never: the last weights)"""
+    """measure validation HR@1 (RecAgent ranking, no hint) every this many stage-1 steps; the best
+    weights are kept (0 = never: the last weights)"""
     pretrain_eval_n: int = 1000
-    """validation samples of that measurement (a fixed random subset; all when the split is smaller)"""
+    """validation samples of that measurement (a fixed random subset; all when the split is
+    smaller)"""
     pretrain_patience: int = 6
-    """stop stage 1 after this many validation measurements without improvement (0 = never stop early)"""
+    """stop stage 1 after this many validation measurements without improvement (0 = never stop
+    early)"""
     dropout: float = 0.1
     """dropout of the built-in GPT in stage 1 (the frozen base runs without it)"""
     p_reference: float = 0.5
     """fraction of scripted dialogues whose prompt carries a hindsight reference"""
     stage2_last: int = 3
-    """the last this-many training samples of each user are stage 2's; stage 1 never trains on their targets"""
+    """the last this-many training samples of each user are stage 2's; stage 1 never trains on their
+    targets"""
     # ---- stage 2: CoARS ----
     steps: int = 100
     """CoARS optimiser steps"""
@@ -124,14 +136,16 @@ class Config:
     stage_gamma: float = -1.0
     """D_t = stage_gamma^(t-1) in Eq. 7; negative = D_t = 1 [ours]"""
     decoding: str = "grammar"
-    """how messages are decoded [ours, docs/method.md section 5; env.py]: 'grammar' (each agent's message under its grammar,
-    valid by construction), 'item' (only the RecAgent's item restricted to the candidates: invalid messages happen,
-    the default before the grammar) or 'free' (nothing restricted). Sampling and every log-prob use the same support"""
+    """how messages are decoded [ours, docs/method.md section 5; env.py]: 'grammar' (each agent's
+    message under its grammar, valid by construction), 'item' (only the RecAgent's item restricted
+    to the candidates: invalid messages happen, the default before the grammar) or 'free' (nothing
+    restricted). Sampling and every log-prob use the same support"""
     use_filter: bool = True
     """leave out turns with a wrong item that the user met positively"""
     user_filter: bool = True
     """the filter also leaves the turn out of the UserAgent's loss (paper); --no-user-filter [ext]:
-    the UserAgent is still trained on wrong items it accepted, so accepting everything is not free"""
+    the UserAgent is still trained on wrong items it accepted, so accepting everything is not
+    free"""
     user_balance: bool = False
     """[ext] the UserAgent's turns on right and on wrong items weigh the same in its loss
     (distill.balance_user); meant with --no-user-filter"""
@@ -156,11 +170,12 @@ class Config:
     eval_test_n: int = 0
     """final evaluation on this many test samples, a fixed random subset (0 = all)"""
     eval_returns_n: int = 480
-    """stage-2 training samples on which the UserAgent's Eq. 8 return is set beside two constant users' (rolled
-    out as in training; 0 = skip)"""
+    """stage-2 training samples on which the UserAgent's Eq. 8 return is set beside two constant
+    users' (rolled out as in training; 0 = skip)"""
     sft_reference: bool = True
-    """train and evaluate the reference row 'SFT on stage-2 samples': a RecAgent adapter trained by cross-entropy on
-    the targets of the same samples with stage 2's budget (steps x batch, lr), paired with the untrained UserAgent"""
+    """train and evaluate the reference row 'SFT on stage-2 samples': a RecAgent adapter trained by
+    cross-entropy on the targets of the same samples with stage 2's budget (steps x batch, lr),
+    paired with the untrained UserAgent"""
     n_boot: int = 1000
     """bootstrap resamples for the intervals"""
     skip_eval: bool = False
@@ -175,19 +190,21 @@ class Config:
     seed: int = 0
     """seed for data, initialisation, sampling and bootstrap"""
     stage2_seed: int = -1
-    """seed of stage 2 alone (adapter initialisation, training samples, rollouts; -1 = --seed): seeds
-    over a fixed dataset and base"""
+    """seed of stage 2 alone (adapter initialisation, training samples, rollouts; -1 = --seed):
+    seeds over a fixed dataset and base"""
     # watching a run (support/watch.py)
     tensorboard: bool = False
-    """write every metric to TensorBoard event files under out_dir/run_name/tensorboard (needs the tensorboard
-    package)"""
+    """write every metric to TensorBoard event files under out_dir/run_name/tensorboard (needs the
+    tensorboard package)"""
     wandb: str = ""
-    """log every metric to this Weights & Biases project ('' = off; needs the wandb package; WANDB_MODE=offline works)"""
+    """log every metric to this Weights & Biases project ('' = off; needs the wandb package;
+    WANDB_MODE=offline works)"""
     # surviving long runs (support/checkpoint.py)
     resume: bool = False
     """continue the run in out_dir/run_name from its last checkpoint"""
     ckpt_every: int = 50
-    """write a checkpoint every this many steps of either stage (0 = only at the end and on a stop)"""
+    """write a checkpoint every this many steps of either stage (0 = only at the end and on a
+    stop)"""
     max_bad_steps: int = 3
     """stop after this many non-finite losses or gradients in a row (each one is skipped)"""
     rollout_batch: int = 0
@@ -195,36 +212,41 @@ class Config:
 
     def data_config(self):
         return DataConfig(dataset=self.dataset, data_dir=self.data_dir, data_url=self.data_url,
-                          data_sha256=self.data_sha256, candidates=self.candidates, train_prior=self.train_prior,
-                          seed=self.seed,
+                          data_sha256=self.data_sha256, candidates=self.candidates,
+                          train_prior=self.train_prior, seed=self.seed,
                           sasrec=SASRecConfig(epochs=self.sasrec_epochs))
 
     def reward_options(self):
         """reward.turn_rewards' options (stage_gamma < 0: D_t = 1)."""
-        return dict(mode=self.reward_mode, alpha=self.alpha, use_filter=self.use_filter, user_filter=self.user_filter,
-                    stage_gamma=self.stage_gamma if self.stage_gamma >= 0 else None)
+        return dict(mode=self.reward_mode, alpha=self.alpha, use_filter=self.use_filter,
+                    user_filter=self.user_filter, stage_gamma=self.stage_gamma
+                    if self.stage_gamma >= 0 else None)
 
     def run_dir(self):
         return Path(self.out_dir) / (self.run_name or Path(self.dataset).name)
 
 
 def field_docs(cls):
-    """The docstring under each dataclass field, for --help (one source of truth for the defaults)."""
+    """The docstring under each dataclass field, for --help (one source of truth for the
+    defaults)."""
     body = ast.parse(inspect.getsource(cls)).body[0].body
     return {a.target.id: b.value.value for a, b in zip(body, body[1:])
-            if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant)}
+            if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr)
+            and isinstance(b.value, ast.Constant)}
 
 
 # --help's groups: (title, the first Config field of the group), in the order of the fields
-HELP_GROUPS = [("data", "dataset"), ("model", "model"), ("stage 1: pretraining the built-in base [ours]",
-               "pretrain_steps"), ("stage 2: CoARS", "steps"), ("evaluation", "eval_every"),
+HELP_GROUPS = [("data", "dataset"), ("model", "model"),
+               ("stage 1: pretraining the built-in base [ours]", "pretrain_steps"),
+               ("stage 2: CoARS", "steps"), ("evaluation", "eval_every"),
                ("run and output", "out_dir")]
 
 
 def add_config_args(p: argparse.ArgumentParser, defaults=None):
     """One flag per Config field, documented by the field's docstring and its default (defaults
     may be overridden), in --help's groups (HELP_GROUPS)."""
-    docs = {k: v.replace("%", "%%") for k, v in field_docs(Config).items()}     # argparse formats help with %
+    # argparse formats help with %
+    docs = {k: v.replace("%", "%%") for k, v in field_docs(Config).items()}
     starts = {first: title for title, first in HELP_GROUPS}
     group = p
     for f in dataclasses.fields(Config):
@@ -234,7 +256,8 @@ def add_config_args(p: argparse.ArgumentParser, defaults=None):
         default = (defaults or {}).get(f.name, f.default)
         text = " ".join(docs.get(f.name, "").split()) + " (default: %(default)s)"
         if f.type is bool or f.type == "bool":
-            group.add_argument(flag, default=default, action=argparse.BooleanOptionalAction, help=text)
+            group.add_argument(flag, default=default, action=argparse.BooleanOptionalAction,
+                               help=text)
         else:
             group.add_argument(flag, default=default, type=type(f.default), help=text)
 
@@ -249,36 +272,43 @@ def saved_options(saved):
 
 
 def config_defaults(argv):
-    """--config PATH among argv: the options of that saved config.json (a run's, out/<run>/config.json),
-    to be the defaults that the other flags override. Returns ({} or the options, argv without it).
-    A missing or unreadable file, or a key that is no option, is a UserError naming it."""
+    """--config PATH among argv: the options of that saved config.json (a run's,
+    out/<run>/config.json), to be the defaults that the other flags override. Returns ({} or the
+    options, argv without it). A missing or unreadable file, or a key that is no option, is a
+    UserError naming it."""
     argv = list(argv)
     if "--config" not in argv and not any(a.startswith("--config=") for a in argv):
         return {}, argv
     k = next(i for i, a in enumerate(argv) if a == "--config" or a.startswith("--config="))
     if argv[k] == "--config":
         if k + 1 >= len(argv):
-            raise UserError("--config needs the path of a config.json, e.g. --config out/ml-latest-small/config.json.")
+            raise UserError("--config needs the path of a config.json, e.g. --config "
+                            "out/ml-latest-small/config.json.")
         path, rest = argv[k + 1], argv[:k] + argv[k + 2:]
     else:
         path, rest = argv[k].split("=", 1)[1], argv[:k] + argv[k + 1:]
     try:
         saved = json.loads(Path(path).read_text())
     except OSError as e:
-        raise UserError(f"--config {path}: cannot read it ({e.strerror or e}); give the config.json of a run folder.")
+        raise UserError(f"--config {path}: cannot read it ({e.strerror or e}); give the "
+                        f"config.json of a run folder.")
     except json.JSONDecodeError as e:
-        raise UserError(f"--config {path}: not valid JSON (line {e.lineno}); give the config.json of a run folder.")
+        raise UserError(f"--config {path}: not valid JSON (line {e.lineno}); give the "
+                        f"config.json of a run folder.")
     if not isinstance(saved, dict):
-        raise UserError(f"--config {path}: expected an object of options, as train.py writes config.json.")
+        raise UserError(f"--config {path}: expected an object of options, as "
+                        f"train.py writes config.json.")
     saved = saved_options(saved)
     fields = {f.name: f for f in dataclasses.fields(Config)}
     for key, value in saved.items():
         if key not in fields:
             near = difflib.get_close_matches(key, fields, n=1)
-            raise UserError(f"--config {path}: {key!r} is not an option" + (f" (did you mean {near[0]!r}?)" if near
-                                                                             else "") + "; fix or remove it.")
+            raise UserError(f"--config {path}: {key!r} is not an option"
+                            + (f" (did you mean {near[0]!r}?)" if near else "")
+                            + "; fix or remove it.")
         want = type(fields[key].default)
-        if not (isinstance(value, want) or (want is float and isinstance(value, int) and not isinstance(value, bool))):
+        if not (isinstance(value, want)
+                or (want is float and isinstance(value, int) and not isinstance(value, bool))):
             raise UserError(f"--config {path}: {key!r} is {value!r}, expected a {want.__name__}.")
     return saved, rest
 
@@ -291,19 +321,26 @@ def config_from(ns) -> Config:
 def validate(cfg: Config):
     """Refuse impossible options before any work starts, one sentence each."""
     checks = [
-        (cfg.dataset in SOURCES or is_custom(cfg.dataset), f"unknown dataset {cfg.dataset!r}: choose one of "
-                                                         f"{', '.join(sorted(SOURCES))}, or a folder path."),
+        (cfg.dataset in SOURCES or is_custom(cfg.dataset),
+         f"unknown dataset {cfg.dataset!r}: choose one of {', '.join(sorted(SOURCES))}, "
+         "or a folder path."),
         (cfg.candidates in ("sasrec", "random"), "--candidates must be 'sasrec' or 'random'."),
         (cfg.train_prior in ("crossfit", "full"), "--train-prior must be 'crossfit' or 'full'."),
-        (cfg.precision in ("auto", "bf16", "fp32"), "--precision must be 'auto', 'bf16' or 'fp32'."),
+        (cfg.precision in ("auto", "bf16", "fp32"),
+         "--precision must be 'auto', 'bf16' or 'fp32'."),
         (cfg.decoding in DECODING, "--decoding must be 'grammar', 'item' or 'free'."),
-        (cfg.reward_mode in ("interaction", "outcome"), "--reward-mode must be 'interaction' or 'outcome'."),
+        (cfg.reward_mode in ("interaction", "outcome"),
+         "--reward-mode must be 'interaction' or 'outcome'."),
         (cfg.baseline in ("none", "mean"), "--baseline must be 'none' or 'mean'."),
-        (cfg.device in ("auto", "cpu", "cuda") or cfg.device.startswith("cuda:"), "--device must be auto, cpu or cuda."),
-        (not cfg.device.startswith("cuda") or torch.cuda.is_available(), "--device cuda was asked for but no GPU is visible; use --device cpu."),
+        (cfg.device in ("auto", "cpu", "cuda") or cfg.device.startswith("cuda:"),
+         "--device must be auto, cpu or cuda."),
+        (not cfg.device.startswith("cuda") or torch.cuda.is_available(),
+         "--device cuda was asked for but no GPU is visible; use --device cpu."),
         (cfg.t_max >= 1, "--t-max must be at least 1."),
-        (cfg.steps >= 0 and cfg.pretrain_steps >= 0, "--steps and --pretrain-steps cannot be negative."),
-        (cfg.batch >= 1 and cfg.pretrain_batch >= 1, "--batch and --pretrain-batch must be at least 1."),
+        (cfg.steps >= 0 and cfg.pretrain_steps >= 0,
+         "--steps and --pretrain-steps cannot be negative."),
+        (cfg.batch >= 1 and cfg.pretrain_batch >= 1,
+         "--batch and --pretrain-batch must be at least 1."),
         (cfg.lam >= 0, "--lam must be >= 0."),
         (cfg.user_kl >= 0, "--user-kl must be >= 0 (0 = off)."),
         (0 <= cfg.alpha <= 1, "--alpha must be in [0, 1] (Eq. 8)."),
@@ -311,7 +348,8 @@ def validate(cfg: Config):
         (cfg.n_embd % cfg.n_head == 0, "--n-embd must be a multiple of --n-head."),
         (cfg.pretrain_window >= 2 and cfg.pretrain_dialogues >= 0 and cfg.pretrain_future >= 0
          and 0 <= cfg.pretrain_prefixed <= 1,
-         "--pretrain-window must be at least 2, --pretrain-dialogues and --pretrain-future at least 0, "
+         "--pretrain-window must be at least 2, --pretrain-dialogues and "
+         "--pretrain-future at least 0, "
          "--pretrain-prefixed in [0, 1]."),
         (cfg.pretrain_eval_every >= 0 and cfg.pretrain_patience >= 0,
          "--pretrain-eval-every and --pretrain-patience cannot be negative."),
@@ -324,17 +362,22 @@ def validate(cfg: Config):
         (cfg.lr > 0 and cfg.pretrain_lr > 0, "--lr and --pretrain-lr must be positive."),
         (cfg.grad_clip > 0, "--grad-clip must be positive."),
         (cfg.n_boot >= 1, "--n-boot must be at least 1."),
-        (cfg.ckpt_every >= 0, "--ckpt-every cannot be negative (0 = only at the end and on a stop)."),
+        (cfg.ckpt_every >= 0,
+         "--ckpt-every cannot be negative (0 = only at the end and on a stop)."),
         (cfg.max_bad_steps >= 1, "--max-bad-steps must be at least 1."),
         (cfg.rollout_batch >= 0, "--rollout-batch cannot be negative (0 = the whole batch)."),
         (cfg.loss_batch >= 0, "--loss-batch cannot be negative (0 = the backbone's default)."),
         (cfg.train_rec or cfg.train_user or cfg.steps == 0,
-         "--no-train-rec with --no-train-user leaves nothing to train: drop one, or use --steps 0."),
-        (cfg.n_layer >= 1 and cfg.n_head >= 1 and cfg.n_embd >= 1, "--n-layer, --n-head and --n-embd must be at least 1."),
+         "--no-train-rec with --no-train-user leaves nothing to train: drop "
+         "one, or use --steps 0."),
+        (cfg.n_layer >= 1 and cfg.n_head >= 1 and cfg.n_embd >= 1,
+         "--n-layer, --n-head and --n-embd must be at least 1."),
         (0 <= cfg.p_reference <= 1, "--p-reference must be within [0, 1]."),
         (cfg.warmup_steps >= 0, "--warmup-steps cannot be negative."),
-        (not cfg.grad_checkpointing or cfg.model, "--grad-checkpointing applies to a Hugging Face --model only."),
-        (not (cfg.compile and cfg.model), "--compile applies to the built-in model only (not with --model)."),
+        (not cfg.grad_checkpointing or cfg.model,
+         "--grad-checkpointing applies to a Hugging Face --model only."),
+        (not (cfg.compile and cfg.model),
+         "--compile applies to the built-in model only (not with --model)."),
         (all(t.strip() for t in cfg.lora_targets.split(",")) or not cfg.lora_targets,
          "--lora-targets must be comma-separated layer names, e.g. q_proj,v_proj."),
     ]

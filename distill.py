@@ -5,22 +5,24 @@ Teacher and student are the SAME agent (same base, same adapter, same weights). 
 the normal prompt x_t; the teacher sees x_t plus a hindsight reference d, an earlier trajectory of
 the same training sample rewritten with what is known afterwards:
 
-    <|hind|>  for each of its turns  <|turn|> ITEM <|right|>|<|wrong|> ACTION  then  <|target|> i* <|/hind|>
+    <|hind|>  for each of its turns: <|turn|> ITEM <|right|>|<|wrong|> ACTION
+              then: <|target|> i* <|/hind|>
 
 (the true next item, and a templated diagnosis: which recommendation was right or wrong and how
 the user reacted). [ours] d comes from the latest earlier trajectory of this sample (a buffer
 keyed by sample); with none yet, from the current trajectory. d is used only in training.
 
-    Eq. 10   A_{t,n} = clip(log pi_T(y_n | x_t, d, y_<n) - log pi_S(y_n | x_t, y_<n), -1, 1)   (constant)
-    Eq. 11/12  J = E[ sum_t (1/|y_t|) sum_n (R_t + lambda * A_{t,n}) * log pi_S(y_{t,n} | x_t, y_{t,<n}) ]
+    Eq. 10     A_{t,n} = clip(log pi_T(y_n | x_t, d, y_<n) - log pi_S(y_n | x_t, y_<n), -1, 1)
+               (a constant: no gradient through it)
+    Eq. 11/12  J = E[ sum_t (1/|y_t|) sum_n (R_t + lambda * A_{t,n})
+                                             * log pi_S(y_{t,n} | x_t, y_{t,<n}) ]
 
 This is REINFORCE with a per-token advantage R_t + lambda * A_{t,n}: no PPO ratio, no group
 normalisation, no KL penalty, as in the paper. coars_objective is Eq. 10-12 on one group of
 messages; train.agent_loss runs it (the teacher's, the student's and the base's log-prob passes,
-micro-batches, the backward passes and their timing). [ours, extensions, off by default] a batch-mean
-baseline subtracted from R_t (--baseline mean); a penalty that keeps the UserAgent near the
-untrained one (--user-kl, kl_to_base).
-"""
+micro-batches, the backward passes and their timing). [ours, extensions, off by default] a
+batch-mean baseline subtracted from R_t (--baseline mean); a penalty that keeps the UserAgent near
+the untrained one (--user-kl, kl_to_base). """
 
 import torch
 
@@ -30,7 +32,7 @@ from reward import turn_rewards
 
 def hindsight_reference(tok, ref):
     """Token ids of the hindsight reference d built from trajectory `ref` (template [ours])."""
-    if tok.chat:                  # a Hugging Face model: the same content in words (support/chat.py)
+    if tok.chat:  # a Hugging Face model: the same content in words (support/chat.py)
         return tok.hindsight_reference(ref)
     ids = [tok.sp("hind")]
     for tr in ref.turns:
@@ -70,14 +72,15 @@ def token_credit(teacher_lp, student_lp, clip=1.0):
 def agent_objective(student_lp, rewards, credits, lam=0.1, n_episodes=None, baseline=0.0):
     """Eq. 11 / 12 as a loss to minimise (= -J).
 
-    student_lp: list of (|y_t|,) tensors with gradient; rewards: list of floats R_t; credits: list of
-    (|y_t|,) tensors A_{t,n}. The expectation is over episodes: the per-message terms are summed and
-    divided by n_episodes (default: the number of messages)."""
+    student_lp: list of (|y_t|,) tensors with gradient; rewards: list of floats R_t; credits: list
+    of (|y_t|,) tensors A_{t,n}. The expectation is over episodes: the per-message terms are summed
+    and divided by n_episodes (default: the number of messages)."""
     if not student_lp:
         return torch.zeros(())
     total = 0.0
     for lp, r, a in zip(student_lp, rewards, credits):
-        total = total + ((r - baseline + lam * a) * lp).sum() / len(lp)   # (1/|y_t|) sum_n (...) log pi_S
+        # (1/|y_t|) sum_n (...) log pi_S
+        total = total + ((r - baseline + lam * a) * lp).sum() / len(lp)
     return -total / (n_episodes or len(student_lp))
 
 
@@ -98,9 +101,9 @@ def kl_to_base(student_lp, base_lp, n_episodes=None):
 
 
 def collect_messages(tok, trajs, buffer, agent, reward_cfg, decoding="grammar"):
-    """Gather one agent's trainable messages: (student prompt, teacher prompt, tokens, R_t, grammar),
-    grammar = the grammar.Grammar the message was decoded under (env.message_grammar; None = the whole
-    vocabulary), so that teacher and student score it over the policy's own support.
+    """Gather one agent's trainable messages: (student prompt, teacher prompt, tokens, R_t,
+    grammar), grammar = the grammar.Grammar the message was decoded under (env.message_grammar; None
+    = the whole vocabulary), so that teacher and student score it over the policy's own support.
     reward_cfg: turn_rewards' options, plus user_balance (see balance_user)."""
     reward_cfg = dict(reward_cfg)
     user_balance = reward_cfg.pop("user_balance", False)
@@ -124,18 +127,19 @@ def collect_messages(tok, trajs, buffer, agent, reward_cfg, decoding="grammar"):
 def balance_user(rewards, hits):
     """[ours, extension, off by default: --user-balance] the UserAgent's turns on right items and on
     wrong items weigh the same in its loss: each reward is scaled by n / (2 n_hit) or n / (2 n_miss)
-    (n = the batch's user messages). Without it, the wrong items outnumber the right ones (an episode
-    goes on after a miss and stops at a click), and Eq. 8 drives the user to turn everything down
-    when the filter does not hide its accepted misses (--no-user-filter), or to accept everything
-    when it does. What it did in practice is in docs/results.md: it is an extension, not a fix.
-    Under torchrun the counts are each rank's own."""
+    (n = the batch's user messages). Without it, the wrong items outnumber the right ones (an
+    episode goes on after a miss and stops at a click), and Eq. 8 drives the user to turn everything
+    down when the filter does not hide its accepted misses (--no-user-filter), or to accept
+    everything when it does. What it did in practice is in docs/results.md: it is an extension, not
+    a fix. Under torchrun the counts are each rank's own."""
     n, n_hit = len(hits), sum(hits)
     if n_hit in (0, n):
         return list(rewards)
     return [r * n / (2 * (n_hit if h else n - n_hit)) for r, h in zip(rewards, hits)]
 
 
-def coars_objective(student_lp, teacher_lp, rewards, lam=0.1, n_episodes=None, baseline=0.0, base_lp=None, kl=0.0):
+def coars_objective(student_lp, teacher_lp, rewards, lam=0.1, n_episodes=None, baseline=0.0,
+                    base_lp=None, kl=0.0):
     """Eq. 10-12 for a group of one agent's messages, from the log-probs of the tokens the student
     wrote: the student's (with gradient), the teacher's (the same agent shown the hindsight
     reference d; None when lam = 0) and, for --user-kl, the untrained base's.
@@ -150,6 +154,7 @@ def coars_objective(student_lp, teacher_lp, rewards, lam=0.1, n_episodes=None, b
         credits = [token_credit(t, s) for t, s in zip(teacher_lp, student_lp)]
     else:
         credits = [torch.zeros_like(s) for s in student_lp]
-    loss = agent_objective(student_lp, list(rewards), credits, lam, n_episodes=n_episodes, baseline=baseline)
+    loss = agent_objective(student_lp, list(rewards), credits, lam, n_episodes=n_episodes,
+                           baseline=baseline)
     pen = kl_to_base(student_lp, base_lp, n_episodes=n_episodes) if kl else None
     return (loss + kl * pen if kl else loss), credits, pen

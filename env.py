@@ -1,14 +1,17 @@
 """
-The multi-turn environment of CoARS (docs/method.md section 2): what each agent sees, what it must write,
-and the batched loop in which a RecAgent and a UserAgent talk.
+The multi-turn environment of CoARS (docs/method.md section 2): what each agent sees, what it must
+write, and the batched loop in which a RecAgent and a UserAgent talk.
 
 Message formats of the built-in model (token level; `tok.decode` shows them as text):
 
   RecAgent prompt   <|rec|><|cands|>c0..c19[<|prior|>p]<|mem|>MEMORY[REFERENCE]<|hist|>h1..h10
   RecAgent message  ITEM <|why|> RATIONALE <|end|>          e.g. <|item_7|><|why|><|item_3|><|end|>
-  UserAgent prompt  <|user|><|mem|>MEMORY[REFERENCE]<|hist|>h1..h10<|msg|>REC MESSAGE<|peers|>3/5 4.2<|ans|>
-  UserAgent message ACTION SCORE <|why|> JUSTIFICATION <|end|>   e.g. <|skip|>0.31<|why|><|item_5|><|end|>
-  MEMORY            for each earlier turn: <|turn|> rec message <|msg|> user message (without <|end|>)
+  UserAgent prompt  <|user|><|mem|>MEMORY[REFERENCE]<|hist|>h1..h10<|msg|>REC MESSAGE
+                    <|peers|>3/5 4.2<|ans|>
+  UserAgent message ACTION SCORE <|why|> JUSTIFICATION <|end|>
+                    e.g. <|skip|>0.31<|why|><|item_5|><|end|>
+  MEMORY            for each earlier turn: <|turn|> rec message <|msg|> user message
+                    (without <|end|>)
   REFERENCE         the hindsight reference d (distill.py), teacher prompts only
 
 [ours] The RecAgent names its item by the item's own token, and the RecAgent prompt ENDS with the
@@ -16,7 +19,8 @@ history, so the first answer token is predicted exactly where stage 1's next-ite
 predicts the item after a history (pretrain.py): the base's knowledge of what users take next is
 the RecAgent's answer distribution. The SASRec prior appears in turn 1 only (Trajectory.prior None:
 no hint).
-[ours] Messages are decoded under their grammar (docs/method.md section 5; grammar.Grammar), --decoding:
+[ours] Messages are decoded under their grammar (docs/method.md section 5; grammar.Grammar),
+--decoding:
   grammar  (default) RecAgent: ITEM among the 20 candidates, <|why|>, one history item, <|end|>;
            UserAgent: ACTION, a score d.dd inside that action's interval, <|why|>, one history
            item, <|end|>. Every message is valid by construction.
@@ -44,7 +48,8 @@ import torch
 from grammar import FREE, Grammar, trie
 from sampling import generate, hash32
 
-ACTION_RANGE = {"dislike": (0.0, 0.25), "skip": (0.25, 0.5), "star": (0.5, 0.75), "click": (0.75, 1.0)}
+ACTION_RANGE = {"dislike": (0.0, 0.25), "skip": (0.25, 0.5), "star": (0.5, 0.75),
+                "click": (0.75, 1.0)}
 POSITIVE = ("click", "star")
 _SCORE = re.compile(r"^(0\.\d\d|1\.00)$")
 DECODING = ("grammar", "item", "free")      # --decoding (module docstring)
@@ -92,7 +97,7 @@ class Trajectory:
     prior: int
     turns: list = field(default_factory=list)
     done: bool = False
-    key: int = 0                  # sampling key of the episode (sampling.sample_next): its draws depend on it alone
+    key: int = 0  # sampling key of the episode (sampling.sample_next): its draws depend on it alone
 
     @property
     def final_item(self):
@@ -104,8 +109,9 @@ class Trajectory:
 
 
 def new_trajectory(data, split, row):
-    return Trajectory(split, int(row), int(getattr(data, f"{split}_user")[row]), data.history(split, row),
-                      int(getattr(data, f"{split}_target")[row]), getattr(data, f"{split}_cands")[row].tolist(),
+    return Trajectory(split, int(row), int(getattr(data, f"{split}_user")[row]),
+                      data.history(split, row), int(getattr(data, f"{split}_target")[row]),
+                      getattr(data, f"{split}_cands")[row].tolist(),
                       int(getattr(data, f"{split}_prior")[row]))
 
 
@@ -137,9 +143,9 @@ class Tokenizer:
     """
 
     chat = False          # the token-level format (support/chat.ChatTokenizer: natural language)
-    rec_max_new = 8       # longest RecAgent message: ITEM <|why|> RATIONALE <|end|>, with room to spare
+    rec_max_new = 8  # longest RecAgent message: ITEM <|why|> RATIONALE <|end|>, with room to spare
     user_max_new = 12     # longest UserAgent message: ACTION d.dd <|why|> JUSTIFICATION <|end|>
-    eval_batch = 256      # episodes per batched generation in evaluation (short prompts, small model)
+    eval_batch = 256  # episodes per batched generation in evaluation (short prompts, small model)
 
     def __init__(self, n_items):
         self.n_items = n_items
@@ -191,25 +197,32 @@ class Tokenizer:
         """M_{t-1}: every earlier (m_rec, m_user), in order (the same tokens for both agents)."""
         ids = []
         for tr in turns:
-            ids += [self.sp("turn")] + (self._strip_end(tr.rec_out) if tr.rec_valid else [self.sp("invalid")])
+            ids += [self.sp("turn")] + (self._strip_end(tr.rec_out) if tr.rec_valid
+                                        else [self.sp("invalid")])
             if tr.user_out is not None:
-                ids += [self.sp("msg")] + (self._strip_end(tr.user_out) if tr.user_valid else [self.sp("invalid")])
+                ids += [self.sp("msg")] + (self._strip_end(tr.user_out) if tr.user_valid
+                                           else [self.sp("invalid")])
         return ids
 
     def render_rec(self, traj, t, reference=()):
-        """RecAgent prompt x_t for turn t (0-based) of traj; reference = hindsight tokens (teacher only)."""
+        """RecAgent prompt x_t for turn t (0-based) of traj; reference = hindsight tokens (teacher
+        only)."""
         ids = [self.sp("rec"), self.sp("cands")] + [self.item(i) for i in traj.cands]
         if t == 0 and traj.prior is not None:
             ids += [self.sp("prior"), self.item(traj.prior)]
         ids += [self.sp("mem")] + self.memory(traj.turns[:t]) + list(reference)
-        return ids + [self.sp("hist")] + [self.item(i) for i in traj.hist]     # the answer's item comes next
+        # the answer's item comes next
+        return ids + [self.sp("hist")] + [self.item(i) for i in traj.hist]
 
     def render_user(self, traj, t, reference=()):
-        """UserAgent prompt for turn t: memory, history, the RecAgent's message and peer opinions."""
+        """UserAgent prompt for turn t: memory, history, the RecAgent's message and peer
+        opinions."""
         tr = traj.turns[t]
-        ids = [self.sp("user"), self.sp("mem")] + self.memory(traj.turns[:t], for_user=True) + list(reference)
+        ids = [self.sp("user"), self.sp("mem")]
+        ids += self.memory(traj.turns[:t], for_user=True) + list(reference)
         ids += [self.sp("hist")] + [self.item(i) for i in traj.hist]
-        ids += [self.sp("msg")] + self._strip_end(tr.rec_out) + [self.sp("peers")] + self.text(tr.peer_text)
+        ids += [self.sp("msg")] + self._strip_end(tr.rec_out)
+        ids += [self.sp("peers")] + self.text(tr.peer_text)
         return ids + [self.sp("ans")]
 
     def answer_choices(self, traj):
@@ -222,23 +235,25 @@ class Tokenizer:
     def rec_grammar(self, traj, items=None):
         """ITEM <|why|> RATIONALE <|end|>: ITEM among `items` (default the candidates), RATIONALE a
         history item."""
-        return Grammar([[[self.item(i)] for i in (traj.cands if items is None else items)], [[self.sp("why")]],
-                        [[self.item(i)] for i in traj.hist], [[self.end_id]]])
+        return Grammar([[[self.item(i)] for i in (traj.cands if items is None else items)],
+                        [[self.sp("why")]], [[self.item(i)] for i in traj.hist], [[self.end_id]]])
 
     def user_grammar(self, traj):
         """ACTION d.dd <|why|> JUSTIFICATION <|end|>: the score inside the action's interval, the
         justification a history item."""
-        if not hasattr(self, "_scores"):      # the trie of the 101 (action, score) heads, built once
-            self._scores = trie([[self.action_ids[action_of_score(k / 100)]] + self.text(f"{k / 100:.2f}")
-                                 for k in range(101)])
-        return Grammar([self._scores, [[self.sp("why")]], [[self.item(i)] for i in traj.hist], [[self.end_id]]])
+        if not hasattr(self, "_scores"):  # the trie of the 101 (action, score) heads, built once
+            self._scores = trie([[self.action_ids[action_of_score(k / 100)]]
+                                 + self.text(f"{k / 100:.2f}") for k in range(101)])
+        return Grammar([self._scores, [[self.sp("why")]], [[self.item(i)] for i in traj.hist],
+                        [[self.end_id]]])
 
     # ---------------------------------------------------------------------------------------------
     # Messages and their parsing
 
     def parse_rec(self, out, cands):
         """-> the recommended item index, or None (invalid: malformed, or not a candidate)."""
-        if len(out) < 3 or out[-1] != self.end_id or out[1] != self.sp("why") or not self.is_item(out[0]):
+        if (len(out) < 3 or out[-1] != self.end_id or out[1] != self.sp("why")
+                or not self.is_item(out[0])):
             return None
         item = self.item_of(out[0])
         return item if item in cands else None
@@ -267,8 +282,8 @@ class Tokenizer:
 
     def user_message(self, action, score, justification):
         """UserAgent message: an action, its score, and a history item as the justification."""
-        return [self.action_ids[action]] + self.text(f"{score:.2f}") + [self.sp("why"), self.item(justification),
-                                                                      self.end_id]
+        return ([self.action_ids[action]] + self.text(f"{score:.2f}")
+                + [self.sp("why"), self.item(justification), self.end_id])
 
 
 def peer_opinion(data, user, item):
@@ -305,15 +320,17 @@ def finish_turn(traj, tr, t_max):
 
 
 def message_grammar(tok, traj, agent, decoding="grammar", items=None):
-    """The Grammar (grammar.Grammar) of the message `agent` ("rec" / "user") writes next in traj under
-    --decoding (module docstring), or None (unconstrained). items: the RecAgent's choices (default
-    the candidates). The same for a chat model (support/chat.ChatTokenizer's grammars: the title
-    among the candidates' titles, the action and a score inside its interval, a bounded reason)."""
+    """The Grammar (grammar.Grammar) of the message `agent` ("rec" / "user") writes next in traj
+    under --decoding (module docstring), or None (unconstrained). items: the RecAgent's choices
+    (default the candidates). The same for a chat model (support/chat.ChatTokenizer's grammars: the
+    title among the candidates' titles, the action and a score inside its interval, a bounded
+    reason)."""
     if decoding == "free":
         return None
     if agent == "rec":
         g = tok.rec_grammar(traj, items)
-        return Grammar([g.parts[0], FREE]) if decoding == "item" else g     # item: the rest unconstrained
+        # item: the rest unconstrained
+        return Grammar([g.parts[0], FREE]) if decoding == "item" else g
     return tok.user_grammar(traj) if decoding == "grammar" else None
 
 
@@ -327,15 +344,16 @@ def max_new_tokens(tok, agent, grammars):
     return max([limit] + [b for b in bounds if b is not None])
 
 
-def write_messages(model, tok, trajs, agent, adapter, prompts, temperature=0.0, generator=None, device="cpu",
-                   batch=256, compile=False, decoding="grammar", items=None):
+def write_messages(model, tok, trajs, agent, adapter, prompts, temperature=0.0, generator=None,
+                   device="cpu", batch=256, compile=False, decoding="grammar", items=None):
     """The one place a message is decoded: `agent` ("rec" / "user") writes its next message in each
     trajectory from its prompt, under message_grammar, with the LoRA adapter `adapter` active (None:
     the bare base; no adapter is active afterwards). Keyed sampling by message_key unless a torch
     generator is given. items: per trajectory, the RecAgent's choices (None = the candidates).
     Returns the messages (id lists)."""
     model.set_adapter(adapter)
-    keys = [message_key(tr, 0 if agent == "rec" else 1) for tr in trajs] if generator is None else None
+    keys = [message_key(tr, 0 if agent == "rec" else 1)
+            for tr in trajs] if generator is None else None
     grammars = [message_grammar(tok, tr, agent, decoding, None if items is None else items[k])
                 for k, tr in enumerate(trajs)]
     outs = generate_all(model, prompts, max_new_tokens(tok, agent, grammars), tok, temperature,
@@ -367,8 +385,8 @@ def rollout(model, tok, data, trajs, t_max=5, temperature=1.0, generator=None, d
         items = None
         if rec_items is not None and decoding != "free" and not tok.chat:
             items = [rec_items(tr) for tr in live]
-        outs = write_messages(model, tok, live, "rec", rec_adapter, prompts, temperature, generator, device, batch,
-                              compile, decoding, items)
+        outs = write_messages(model, tok, live, "rec", rec_adapter, prompts, temperature, generator,
+                              device, batch, compile, decoding, items)
         for tr, p, o in zip(live, prompts, outs):
             item = tok.parse_rec(o, tr.cands)
             tr.turns.append(Turn(rec_out=o, item=item, rec_valid=item is not None, rec_prompt=p))
@@ -380,12 +398,13 @@ def rollout(model, tok, data, trajs, t_max=5, temperature=1.0, generator=None, d
             for tr in answer:
                 turn = tr.turns[-1]
                 turn.action, turn.score = user(tr, turn)
-                turn.user_out = tok.user_message(turn.action, turn.score, closest_history_item(data, tr.hist, turn.item))
+                turn.user_out = tok.user_message(turn.action, turn.score,
+                                                 closest_history_item(data, tr.hist, turn.item))
                 turn.user_valid = True
             answer = []
         prompts = [tok.render_user(tr, len(tr.turns) - 1) for tr in answer]
-        outs = write_messages(model, tok, answer, "user", user_adapter, prompts, temperature, generator, device,
-                              batch, compile, decoding) if prompts else []
+        outs = write_messages(model, tok, answer, "user", user_adapter, prompts, temperature,
+                              generator, device, batch, compile, decoding) if prompts else []
         for tr, p, o in zip(answer, prompts, outs):
             turn = tr.turns[-1]
             turn.user_out, turn.user_prompt = o, p
@@ -405,10 +424,10 @@ def message_key(traj, agent):
     return hash32(hash32(traj.key) + 2 * len(traj.turns) + agent)
 
 
-def generate_all(model, prompts, max_new, tok, temperature, generator, device, batch, keys=None, compile=False,
-                 grammars=None):
-    """generate() over any number of prompts, `batch` at a time, stopping at the end-of-message token;
-    grammars: per prompt, the Grammar its message is decoded under (or None)."""
+def generate_all(model, prompts, max_new, tok, temperature, generator, device, batch, keys=None,
+                 compile=False, grammars=None):
+    """generate() over any number of prompts, `batch` at a time, stopping at the end-of-message
+    token; grammars: per prompt, the Grammar its message is decoded under (or None)."""
     out = []
     for s in range(0, len(prompts), batch):
         out += generate(model, prompts[s:s + batch], max_new, tok.pad_id, stop_ids=tok.stop_ids,

@@ -30,8 +30,8 @@ import numpy as np
 import torch
 
 from data.prepare import stage2_rows
-from env import (POSITIVE, Trajectory, Turn, closest_history_item, new_trajectory, record_user, rejected_items,
-                 rollout, write_messages)
+from env import (POSITIVE, Trajectory, Turn, closest_history_item, new_trajectory, record_user,
+                 rejected_items, rollout, write_messages)
 from model import next_token_scores
 from reward import turn_rewards
 from support.chat import chat_candidate_scores
@@ -113,12 +113,14 @@ def baseline_hits(data, split, seed=0):
             "SASRec top-1": (getattr(data, f"{split}_prior") == target).astype(float)}
 
 
-def run_ars(model, tok, data, split, rows, adapters, t_max, device, batch=256, decoding="grammar", **hooks):
+def run_ars(model, tok, data, split, rows, adapters, t_max, device, batch=256, decoding="grammar",
+            **hooks):
     """Greedy episodes of the agent pair on the given samples -> per-sample metric arrays. hooks:
     env.rollout's seams (user, rec_items; tools/headroom.py)."""
     trajs = [new_trajectory(data, split, r) for r in rows]
     rollout(model, tok, data, trajs, t_max=t_max, temperature=0.0, device=device,
-            rec_adapter=adapters[0], user_adapter=adapters[1], batch=batch, decoding=decoding, **hooks)
+            rec_adapter=adapters[0], user_adapter=adapters[1], batch=batch, decoding=decoding,
+            **hooks)
     rec_n = np.array([len(tr.turns) for tr in trajs], float)
     rec_ok = np.array([sum(t.rec_valid for t in tr.turns) for tr in trajs], float)
     user_n = np.array([sum(t.user_out is not None for t in tr.turns) for tr in trajs], float)
@@ -137,11 +139,13 @@ def repeats_rejected(traj):
     later = traj.turns[1:]
     if not later:
         return float("nan")
-    n = sum(tr.item is not None and tr.item in rejected_items(traj.turns[:k]) for k, tr in enumerate(later, 1))
+    n = sum(tr.item is not None and tr.item in rejected_items(traj.turns[:k])
+            for k, tr in enumerate(later, 1))
     return n / len(later)
 
 
-def rank_metrics(model, tok, data, split, rows, adapter, device, ks=(1, 5, 10), batch=256, hint=True):
+def rank_metrics(model, tok, data, split, rows, adapter, device, ks=(1, 5, 10), batch=256,
+                 hint=True):
     """HR@k and NDCG@k of the candidates ranked by the RecAgent's turn-1 log-probability of naming
     each one (built-in model: the logit of each candidate's item token at the answer position, one
     forward pass per sample; a chat model: the log-prob of its title after "Recommendation:" under
@@ -160,15 +164,17 @@ def rank_metrics(model, tok, data, split, rows, adapter, device, ks=(1, 5, 10), 
             tr.prior = tr.prior if hint else None
         prompts = [tok.render_rec(tr, 0) for tr in trajs]
         if tok.chat:
-            scores, means = chat_candidate_scores(model, tok, trajs, prompts, device)             # (B,20) each
+            scores, means = chat_candidate_scores(model, tok, trajs, prompts, device)  # (B,20) each
             out["HR@1 (token mean)"] += (target_rank(means, trajs) < 1).astype(float).tolist()
         else:
-            scores = next_token_scores(model, prompts, [[tok.item(c) for c in tr.cands] for tr in trajs],
+            scores = next_token_scores(model, prompts,
+                                       [[tok.item(c) for c in tr.cands] for tr in trajs],
                                        tok.pad_id, device)
         rank = target_rank(scores, trajs)
         for k in ks:
             out[f"HR@{k}"] += (rank < k).astype(float).tolist()
-            out[f"NDCG@{k}"] += np.where(rank < k, 1 / np.log2(np.minimum(rank, 1e9) + 2), 0.0).tolist()
+            out[f"NDCG@{k}"] += np.where(rank < k, 1 / np.log2(np.minimum(rank, 1e9) + 2),
+                                         0.0).tolist()
     model.set_adapter(None)
     return {k: np.array(v) for k, v in out.items()}
 
@@ -178,7 +184,8 @@ def target_rank(scores, trajs):
     favour); inf where the target is not a candidate."""
     tpos = torch.tensor([tr.cands.index(tr.target) if tr.target in tr.cands else 0 for tr in trajs],
                         device=scores.device)
-    rank = (scores > scores.gather(1, tpos[:, None])).sum(1).cpu().numpy().astype(float)   # 0 = first
+    # 0 = first
+    rank = (scores > scores.gather(1, tpos[:, None])).sum(1).cpu().numpy().astype(float)
     rank[[tr.target not in tr.cands for tr in trajs]] = np.inf
     return rank
 
@@ -194,12 +201,14 @@ def user_judgements(model, tok, data, adapter, device, batch=256, f1_rows=None, 
         h = h[h >= 0].tolist()
         item = int(data.f1_item[r])
         tr = Trajectory("f1", r, int(data.f1_user[r]), h, -1, [item], item)
-        turn = Turn(rec_out=tok.rec_message(item, closest_history_item(data, h, item)), item=item, rec_valid=True)
+        turn = Turn(rec_out=tok.rec_message(item, closest_history_item(data, h, item)), item=item,
+                    rec_valid=True)
         tr.turns.append(turn)
         record_user(data, tr, turn)
         trajs.append(tr)
     prompts = [tok.render_user(tr, 0) for tr in trajs]
-    outs = write_messages(model, tok, trajs, "user", adapter, prompts, 0.0, None, device, batch, decoding=decoding)
+    outs = write_messages(model, tok, trajs, "user", adapter, prompts, 0.0, None, device, batch,
+                          decoding=decoding)
     parsed = [tok.parse_user(o) for o in outs]
     return (np.array([p is not None and p[0] in POSITIVE for p in parsed]),
             np.array([p is not None for p in parsed]))
@@ -213,9 +222,9 @@ CONSTANT_USERS = {"always click (1.00)": lambda traj, turn: ("click", 1.0),
 
 
 @torch.no_grad()
-def user_returns(model, tok, data, rows, keys, reward_cfg, t_max, device, rec_adapter="rec", temperature=1.0,
-                 decoding="grammar", batch=256, n_boot=1000, seed=0, users=(("trained UserAgent", "user"),
-                                                                            ("untrained UserAgent", None))):
+def user_returns(model, tok, data, rows, keys, reward_cfg, t_max, device, rec_adapter="rec",
+                 temperature=1.0, decoding="grammar", batch=256, n_boot=1000, seed=0,
+                 users=(("trained UserAgent", "user"), ("untrained UserAgent", None))):
     """The UserAgent's Eq. 8 return per episode (the sum of its turns' R_user; left-out turns 0, an
     invalid message -1) on stage-2 training samples, rolled out as in training (temperature,
     keyed sampling with the given keys) against the RecAgent `rec_adapter`, for each user in
@@ -228,13 +237,15 @@ def user_returns(model, tok, data, rows, keys, reward_cfg, t_max, device, rec_ad
         trajs = [new_trajectory(data, "train", r) for r in rows]
         for tr, k in zip(trajs, keys):
             tr.key = int(k)
-        rollout(model, tok, data, trajs, t_max=t_max, temperature=temperature, device=device, rec_adapter=rec_adapter,
-                user_adapter=adapter, batch=batch, decoding=decoding, user=script)
+        rollout(model, tok, data, trajs, t_max=t_max, temperature=temperature, device=device,
+                rec_adapter=rec_adapter, user_adapter=adapter, batch=batch, decoding=decoding,
+                user=script)
         ret = [sum(r for _, r in turn_rewards(tr, **reward_cfg) if r is not None) for tr in trajs]
         answered = [t for tr in trajs for t in tr.turns if t.user_valid]
         mu, lo, hi = mean_ci(ret, n_boot, seed)
-        out[name] = dict(mean=mu, lo=lo, hi=hi, accept=float(np.mean([t.action in POSITIVE for t in answered]))
-                         if answered else float("nan"), train_hit=float(np.mean([tr.hit for tr in trajs])))
+        out[name] = dict(mean=mu, lo=lo, hi=hi,
+                         accept=float(np.mean([t.action in POSITIVE for t in answered])) if answered
+                         else float("nan"), train_hit=float(np.mean([tr.hit for tr in trajs])))
     model.set_adapter(None)
     return out
 
@@ -244,16 +255,17 @@ def user_returns(model, tok, data, rows, keys, reward_cfg, t_max, device, rec_ad
 
 
 def evaluate(model, tok, data, split="test", t_max=5, device="cpu", n_boot=1000, seed=0,
-             agents=(("Memory-based ARS", (None, None)), ("CoARS", ("rec", "user"))), log=print, max_samples=0,
-             per_sample=False, decoding="grammar"):
+             agents=(("Memory-based ARS", (None, None)), ("CoARS", ("rec", "user"))), log=print,
+             max_samples=0, per_sample=False, decoding="grammar"):
     """Evaluate the baselines and each agent pair in `agents` on a split. Returns a results dict
     (JSON-ready) with per-method metrics and intervals, and paired comparisons to the last pair.
     max_samples > 0 evaluates a fixed random subset of the split (the same for every method).
     per_sample: also return the evaluated rows and, per method, its per-sample hits (and, per agent
-    pair, its F1-set judgements), for pooling over seeds (tools/suite.py). Two chance references are rows of every table
-    (docs/method.md section 6): a random pick's Hit@1 is 1/K whatever the number of turns (the last of up
-    to 5 distinct random picks is still uniform over the K candidates), and a UserAgent that accepts
-    everything has the F1 of the "Accept everything" row (2/3 with one negative per positive)."""
+    pair, its F1-set judgements), for pooling over seeds (tools/suite.py). Two chance references are
+    rows of every table (docs/method.md section 6): a random pick's Hit@1 is 1/K whatever the number
+    of turns (the last of up to 5 distinct random picks is still uniform over the K candidates), and
+    a UserAgent that accepts everything has the F1 of the "Accept everything" row (2/3 with one
+    negative per positive)."""
     t0 = time.time()
     rows = np.arange(len(getattr(data, f"{split}_user")))
     f1_rows = np.arange(len(data.f1_item))
@@ -265,7 +277,8 @@ def evaluate(model, tok, data, split="test", t_max=5, device="cpu", n_boot=1000,
     per = {}      # method -> dict of per-sample arrays
     res = {"split": split, "n_samples": int(len(rows)), "methods": {}}
     cands, target = getattr(data, f"{split}_cands")[rows], getattr(data, f"{split}_target")[rows]
-    res["ceiling"] = float((cands == target[:, None]).any(1).mean())   # < 1 only with --candidates sasrec
+    # < 1 only with --candidates sasrec
+    res["ceiling"] = float((cands == target[:, None]).any(1).mean())
     for name, hits in baseline_hits(data, split, seed).items():
         per[name] = {"hit": hits[rows]}
     f1_preds = {}
@@ -273,16 +286,17 @@ def evaluate(model, tok, data, split="test", t_max=5, device="cpu", n_boot=1000,
         log(f"evaluating {name} on {len(rows)} {split} samples")
         _, m = run_ars(model, tok, data, split, rows, adapters, t_max, device, batch=tok.eval_batch,
                        decoding=decoding)
-        m.update(rank_metrics(model, tok, data, split, rows, adapters[0], device, batch=tok.eval_batch))
+        m.update(rank_metrics(model, tok, data, split, rows, adapters[0], device,
+                              batch=tok.eval_batch))
         # what the RecAgent knows of the user by itself (one more pass per sample)
-        nohint = rank_metrics(model, tok, data, split, rows, adapters[0], device, ks=(1,), batch=tok.eval_batch,
-                              hint=False)
+        nohint = rank_metrics(model, tok, data, split, rows, adapters[0], device, ks=(1,),
+                              batch=tok.eval_batch, hint=False)
         m["HR@1 no hint"] = nohint["HR@1"]
         if tok.chat:
             m["HR@1 no hint (token mean)"] = nohint["HR@1 (token mean)"]
         per[name] = m
-        f1_preds[name] = user_judgements(model, tok, data, adapters[1], device, batch=tok.eval_batch, f1_rows=f1_rows,
-                                         decoding=decoding)
+        f1_preds[name] = user_judgements(model, tok, data, adapters[1], device,
+                                         batch=tok.eval_batch, f1_rows=f1_rows, decoding=decoding)
     for name, m in per.items():
         r = {}
         for k, v in m.items():
@@ -302,7 +316,8 @@ def evaluate(model, tok, data, split="test", t_max=5, device="cpu", n_boot=1000,
     p, rc, f = prf(np.ones(len(f1_label), bool), f1_label)
     lo, hi = f1_ci(np.ones(len(f1_label), bool), f1_label, f1_user, n_boot, seed)
     res["methods"]["Chance: 1/K pick, accept everything"] = {
-        "hit": {"mean": 1.0 / cands.shape[1]}, "user_precision": {"mean": p}, "user_recall": {"mean": rc},
+        "hit": {"mean": 1.0 / cands.shape[1]}, "user_precision": {"mean": p},
+        "user_recall": {"mean": rc},
         "user_f1": {"mean": f, "lo": lo, "hi": hi}}
     f1_preds_all = dict(f1_preds, **{"Accept everything": (np.ones(len(f1_label), bool), None)})
     main = agents[-1][0]
@@ -313,13 +328,16 @@ def evaluate(model, tok, data, split="test", t_max=5, device="cpu", n_boot=1000,
             res["paired"][f"{main} - {name} (Hit@1)"] = {"mean": mu, "lo": lo, "hi": hi}
     for name in f1_preds_all:
         if name != main:
-            mu, lo, hi = f1_diff_ci(f1_preds[main][0], f1_preds_all[name][0], f1_label, f1_user, n_boot, seed)
+            mu, lo, hi = f1_diff_ci(f1_preds[main][0], f1_preds_all[name][0], f1_label, f1_user,
+                                    n_boot, seed)
             res["paired"][f"{main} - {name} (UserAgent F1)"] = {"mean": mu, "lo": lo, "hi": hi}
     if per_sample:
         res["rows"] = rows.tolist()
-        res["per_sample"] = {name: dict(hit=per[name]["hit"].tolist(), f1_accept=f1_preds[name][0].tolist(),
+        res["per_sample"] = {name: dict(hit=per[name]["hit"].tolist(),
+                                        f1_accept=f1_preds[name][0].tolist(),
                                         f1_label=f1_label.tolist()) for name, _ in agents}
-        res["per_sample"].update({name: dict(hit=h[rows].tolist()) for name, h in baseline_hits(data, split, seed).items()})
+        res["per_sample"].update({name: dict(hit=h[rows].tolist())
+                                  for name, h in baseline_hits(data, split, seed).items()})
     res["seconds"] = round(time.time() - t0, 1)
     return res
 
@@ -333,23 +351,26 @@ def evaluate_run(cfg, model, tok, data, device, log=print):
     if model.has_adapter("sft"):
         agents.append(("SFT on stage-2 samples", ("sft", None)))
     agents.append(("CoARS", ("rec", "user")))
-    res = evaluate(model, tok, data, "test", cfg.t_max, device, cfg.n_boot, cfg.seed, agents=tuple(agents),
-                   max_samples=cfg.eval_test_n, decoding=cfg.decoding, log=log, per_sample=True)
+    res = evaluate(model, tok, data, "test", cfg.t_max, device, cfg.n_boot, cfg.seed,
+                   agents=tuple(agents), max_samples=cfg.eval_test_n, decoding=cfg.decoding,
+                   log=log, per_sample=True)
     if cfg.eval_returns_n:
         res["user_returns"] = run_user_returns(cfg, model, tok, data, device)
     return res
 
 
 def run_user_returns(cfg, model, tok, data, device):
-    """user_returns with a run's options, on its --eval-returns-n stage-2 samples (returns_sample)."""
+    """user_returns with a run's options, on its --eval-returns-n stage-2 samples
+    (returns_sample)."""
     rows, keys = returns_sample(cfg, data)
     return user_returns(model, tok, data, rows, keys, cfg.reward_options(), cfg.t_max, device,
-                        temperature=cfg.temperature, decoding=cfg.decoding, batch=tok.eval_batch, n_boot=cfg.n_boot,
-                        seed=cfg.seed)
+                        temperature=cfg.temperature, decoding=cfg.decoding, batch=tok.eval_batch,
+                        n_boot=cfg.n_boot, seed=cfg.seed)
 
 
 def returns_sample(cfg, data):
-    """(rows, keys): a fixed random subset of --eval-returns-n stage-2 samples and their episode keys."""
+    """(rows, keys): a fixed random subset of --eval-returns-n stage-2 samples and their episode
+    keys."""
     rng = np.random.default_rng(cfg.seed + 7)
     rows = rng.permutation(stage2_rows(data, cfg.stage2_last))[:cfg.eval_returns_n]
     return rows, rng.integers(0, 1 << 31, len(rows))
@@ -358,19 +379,24 @@ def returns_sample(cfg, data):
 def main(argv=None):
     from config import UserError
     from support.distributed import device_of
-    from support.runs import load_run                 # loading a saved run is machinery, not a metric
-    p = argparse.ArgumentParser(description="Evaluate a CoARS training run (see the module docstring).")
-    p.add_argument("--run", required=True, help="the run folder written by train.py (holds coars.pt)")
+    from support.runs import load_run  # loading a saved run is machinery, not a metric
+    p = argparse.ArgumentParser(description="Evaluate a CoARS training run (see "
+                                            "the module docstring).")
+    p.add_argument("--run", required=True,
+                   help="the run folder written by train.py (holds coars.pt)")
     p.add_argument("--split", default="test", choices=["valid", "test"])
     p.add_argument("--device", default="auto")
-    p.add_argument("--max-samples", type=int, default=0, help="evaluate a fixed random subset of this size (0 = all)")
-    p.add_argument("--plot", action="store_true", help="only write the run's curves.png from its metrics.jsonl "
-                   "(needs matplotlib), without evaluating")
+    p.add_argument("--max-samples", type=int, default=0,
+                   help="evaluate a fixed random subset of this size (0 = all)")
+    p.add_argument("--plot", action="store_true",
+                   help="only write the run's curves.png from its metrics.jsonl "
+                        "(needs matplotlib), without evaluating")
     a = p.parse_args(argv)
     if a.plot:
         from support.watch import plot_run
         if not (Path(a.run) / "metrics.jsonl").exists():
-            sys.exit(f"error: {Path(a.run) / 'metrics.jsonl'} does not exist: point --run at a folder written by "
+            sys.exit(f"error: {Path(a.run) / 'metrics.jsonl'} does not exist: point --run at "
+                     f"a folder written by "
                      f"train.py.")
         path = plot_run(a.run)
         if path is None:
@@ -385,11 +411,13 @@ def main(argv=None):
     if a.split == "test" and not a.max_samples:
         res = evaluate_run(cfg, model, tok, data, device)
     else:
-        agents = (("Memory-based ARS", (None, None)),) + ((("SFT on stage-2 samples", ("sft", None)),)
-                                                          if model.has_adapter("sft") else ()) + (("CoARS", ("rec", "user")),)
-        res = evaluate(model, tok, data, a.split, cfg.t_max, device, cfg.n_boot, cfg.seed, agents=agents,
-                       max_samples=a.max_samples, decoding=cfg.decoding, per_sample=True)
-    # the full test evaluation is the run's results.json (as train.py writes it); any other goes beside it
+        sft = (("SFT on stage-2 samples", ("sft", None)),) if model.has_adapter("sft") else ()
+        agents = (("Memory-based ARS", (None, None)),) + sft + (("CoARS", ("rec", "user")),)
+        res = evaluate(model, tok, data, a.split, cfg.t_max, device, cfg.n_boot, cfg.seed,
+                       agents=agents, max_samples=a.max_samples, decoding=cfg.decoding,
+                       per_sample=True)
+    # the full test evaluation is the run's results.json (as train.py writes it); any other goes
+    # beside it
     name = "results" if a.split == "test" and not a.max_samples else \
         f"results_{a.split}" + (f"_{a.max_samples}" if a.max_samples else "")
     write_results(res, a.run, name)

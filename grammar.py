@@ -1,6 +1,6 @@
 """
-Grammars of the agents' messages [ours, docs/method.md section 5]: which tokens a message may hold at
-each position. Sampling (sampling.generate) and every log-prob (model.token_logprobs: policy,
+Grammars of the agents' messages [ours, docs/method.md section 5]: which tokens a message may hold
+at each position. Sampling (sampling.generate) and every log-prob (model.token_logprobs: policy,
 teacher, student, the --user-kl base) read the same Grammar.allowed, so a message is decoded from,
 and scored under, one restricted softmax. A file of its own because env.py (the built-in message
 format), support/chat.py (chat models' titles and replies), sampling.py and model.py all build or
@@ -27,7 +27,8 @@ class Text:
 
     def __init__(self, limit, stops):
         self.limit, self.stops = int(limit), tuple(int(s) for s in stops)
-        assert self.limit >= 0 and self.stops, "a Text part needs a length limit and at least one stop id"
+        assert self.limit >= 0 and self.stops, \
+            "a Text part needs a length limit and at least one stop id"
 
     def __eq__(self, other):
         return isinstance(other, Text) and (self.limit, self.stops) == (other.limit, other.stops)
@@ -49,7 +50,8 @@ def trie(seqs):
                 raise ValueError(f"grammar part is not prefix-free: a sequence ends inside {sq}")
             node = node.setdefault(t, {})
         if node.get(sq[-1]):
-            raise ValueError(f"grammar part is not prefix-free: {sq} is the start of another sequence")
+            raise ValueError(f"grammar part is not prefix-free: {sq} is the "
+                             f"start of another sequence")
         node[sq[-1]] = {}
     return root
 
@@ -62,7 +64,8 @@ class Grammar:
     under its limit); a prefix the grammar cannot produce is an error."""
 
     def __init__(self, parts):
-        # a part may be given as a trie already (a dict from trie()), shared read-only between grammars
+        # a part may be given as a trie already (a dict from trie()), shared read-only between
+        # grammars
         self.parts = [p if p is FREE or isinstance(p, (dict, Text)) else trie(p) for p in parts]
 
     def __eq__(self, other):
@@ -71,7 +74,7 @@ class Grammar:
     __hash__ = None
 
     def allowed(self, prefix):
-        k, node, n = 0, self.parts[0], 0       # part k, where in its trie, tokens of its text so far
+        k, node, n = 0, self.parts[0], 0  # part k, where in its trie, tokens of its text so far
         for t in prefix:
             t = int(t)
             if node is FREE:
@@ -80,14 +83,16 @@ class Grammar:
                 if t not in node.stops:
                     n += 1
                     if n > node.limit:
-                        raise ValueError(f"token {t} at position {len(prefix)}: the text part is longer than "
+                        raise ValueError(f"token {t} at position {len(prefix)}: the text "
+                                         f"part is longer than "
                                          f"its limit of {node.limit} tokens")
                     continue
                 node = {}                   # a stop id ends the text part
             else:
                 node = node.get(t)
                 if node is None:
-                    raise ValueError(f"token {t} at position {len(prefix)} is outside the message's grammar")
+                    raise ValueError(f"token {t} at position {len(prefix)} is outside "
+                                     f"the message's grammar")
             if not node:                    # a part is complete: the next one starts
                 k, n = k + 1, 0
                 if k == len(self.parts):

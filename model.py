@@ -100,12 +100,13 @@ class Block(nn.Module):
             # One decode step (GPT.decode): static shapes, so one compiled graph serves every step.
             # k, v go in at column `start` ((1,) long tensor) and the query attends over the whole
             # buffer under the mask (B,1,1,Tmax). A plain masked softmax for the single query:
-            # torch.compile fuses it (faster than the sdpa kernel on CPU; docs/benchmarks.md). Scores and
-            # softmax in float32 whatever the weights' dtype, as sdpa's kernels do.
+            # torch.compile fuses it (faster than the sdpa kernel on CPU; docs/benchmarks.md).
+            # Scores and softmax in float32 whatever the weights' dtype, as sdpa's kernels do.
             ck, cv = cache
             ck.index_copy_(2, start, k)
             cv.index_copy_(2, start, v)
-            att = (q.float() @ ck.transpose(-1, -2).float()) * (C // self.n_head) ** -0.5   # (B,H,1,Tmax)
+            # (B,H,1,Tmax)
+            att = (q.float() @ ck.transpose(-1, -2).float()) * (C // self.n_head) ** -0.5
             y = att.masked_fill(~mask, float("-inf")).softmax(-1).to(cv.dtype) @ cv
         else:
             if cache is not None:
@@ -121,7 +122,8 @@ class Block(nn.Module):
 
 
 class Adapters:
-    """LoRA adapter handling shared by the built-in GPT and the Hugging Face wrapper (support/hf.py)."""
+    """LoRA adapter handling shared by the built-in GPT and the Hugging Face wrapper
+    (support/hf.py)."""
 
     def add_lora(self, names=("rec", "user"), r=8, alpha=16, targets=None):
         """Wrap every nn.Linear whose own name is in `targets` (default: self.lora_targets) with
@@ -171,7 +173,8 @@ class GPT(Adapters, nn.Module):
         # item after <|prior|>, the target in the reference); with learned absolute position
         # embeddings the base had not learned them after 2,400 stage-1 steps.
         D = cfg.n_embd // cfg.n_head
-        self.register_buffer("inv_freq", 1.0 / 10000 ** (torch.arange(0, D, 2).float() / D), persistent=False)
+        self.register_buffer("inv_freq", 1.0 / 10000 ** (torch.arange(0, D, 2).float() / D),
+                             persistent=False)
         self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)])
         self.ln_f = nn.LayerNorm(cfg.n_embd)
         # The output head is tied to the token embedding (fewer parameters; items get one vector).
@@ -208,11 +211,13 @@ class GPT(Adapters, nn.Module):
         cfg, dtype = self.cfg, self.wte.weight.dtype
         D = cfg.n_embd // cfg.n_head
         return [(torch.zeros(B, cfg.n_head, Tmax, D, device=device, dtype=dtype),
-                 torch.zeros(B, cfg.n_head, Tmax, D, device=device, dtype=dtype)) for _ in range(cfg.n_layer)]
+                 torch.zeros(B, cfg.n_head, Tmax, D, device=device, dtype=dtype))
+                for _ in range(cfg.n_layer)]
 
     def forward(self, idx, pos, mask, cache=None, start=0):
         """Hidden states (B,T,C) for token ids idx (B,T) at positions pos (B,T).
-        mask (B,1,T,Tk) bool: which keys each query may see (causal and padding, built by callers)."""
+        mask (B,1,T,Tk) bool: which keys each query may see (causal and padding, built by
+        callers)."""
         x = self.wte(idx)
         ang = pos[:, None, :, None].float() * self.inv_freq                # (B,1,T,D/2)
         rot = (ang.cos(), ang.sin())
@@ -278,13 +283,13 @@ LOGIT_BUDGET = 1 << 25      # elements of one chunk of logits (128 MB in float32
 class _ChunkedTokenLogprob(torch.autograd.Function):
     """logp[n] = h[n] . W[y[n]] - logsumexp_v(h[n] . W[v]), row chunk by row chunk.
 
-    Forward keeps only (N,) results; backward recomputes each chunk's logits, so peak extra memory is
-    one (chunk, V) float32 block instead of (N, V)."""
+    Forward keeps only (N,) results; backward recomputes each chunk's logits, so peak extra memory
+    is one (chunk, V) float32 block instead of (N, V)."""
 
     @staticmethod
     def forward(ctx, h, w, y, chunk):
         acc = _acc(h.dtype)
-        chunk = max(1, min(chunk, LOGIT_BUDGET // w.shape[0]))     # a (chunk, V) block stays ~128 MB
+        chunk = max(1, min(chunk, LOGIT_BUDGET // w.shape[0]))  # a (chunk, V) block stays ~128 MB
         out = torch.empty(h.shape[0], dtype=acc, device=h.device)
         # The logits are computed in float32 (float64 for float64 inputs) even for bf16 inputs and
         # under autocast: bf16 logits of size ~10 are off by ~0.03, which is the size of the
@@ -293,7 +298,8 @@ class _ChunkedTokenLogprob(torch.autograd.Function):
             wa = w.to(acc)
             for s in range(0, h.shape[0], chunk):
                 z = h[s:s + chunk].to(acc) @ wa.t()                      # (n,V)
-                out[s:s + chunk] = z.gather(1, y[s:s + chunk, None])[:, 0] - torch.logsumexp(z, dim=1)
+                out[s:s + chunk] = z.gather(1,
+                                            y[s:s + chunk, None])[:, 0] - torch.logsumexp(z, dim=1)
         ctx.save_for_backward(h, w, y)
         ctx.chunk = chunk
         return out
@@ -309,25 +315,26 @@ class _ChunkedTokenLogprob(torch.autograd.Function):
             for s in range(0, h.shape[0], ctx.chunk):
                 hc = h[s:s + ctx.chunk].to(acc)
                 z = hc @ wa.t()                                          # (n,V) recomputed
-                dz = -torch.softmax(z, dim=1)                            # d logp / dz = onehot - softmax
+                dz = -torch.softmax(z, dim=1)  # d logp / dz = onehot - softmax
                 dz.scatter_add_(1, y[s:s + ctx.chunk, None], torch.ones_like(dz[:, :1]))
                 dz = dz * g[s:s + ctx.chunk, None].to(acc)               # (n,V)
                 if gh is not None:
                     gh[s:s + ctx.chunk] = (dz @ wa).to(h.dtype)
                 if gw is not None:
-                    gw.addmm_(dz.t(), hc)                                # in place: no (V,C) temporary
+                    gw.addmm_(dz.t(), hc)  # in place: no (V,C) temporary
         return gh, (gw.to(w.dtype) if gw is not None else None), None, None
 
 
 def logprobs_of(hidden, weight, targets, chunk=1024):
-    """log-softmax(hidden @ weight^T)[targets] per row: hidden (N,C), weight (V,C), targets (N,) -> (N,)."""
+    """log-softmax(hidden @ weight^T)[targets] per row: hidden (N,C), weight (V,C), targets (N,) ->
+    (N,)."""
     return _ChunkedTokenLogprob.apply(hidden, weight, targets, chunk)
 
 
 def pack(prompts, completions, pad_id):
     """Right-pad prompt+completion pairs into one batch.
-    Returns idx (B,T), valid (B,T) bool, and score (B,T) bool marking the positions whose NEXT token is
-    a completion token (the positions whose output predicts y_n)."""
+    Returns idx (B,T), valid (B,T) bool, and score (B,T) bool marking the positions whose NEXT token
+    is a completion token (the positions whose output predicts y_n)."""
     seqs = [list(p) + list(c) for p, c in zip(prompts, completions)]
     T = max(len(s) for s in seqs)
     idx = torch.full((len(seqs), T), pad_id, dtype=torch.long)
@@ -344,18 +351,19 @@ def pack(prompts, completions, pad_id):
 # Log-probs under a grammar (grammar.py: which tokens a message may hold at each position)
 
 def restricted_logprobs(hidden, weight, allowed, targets, keep=None, temperature=1.0):
-    """log-softmax over the `allowed` tokens only, at the target: hidden (M,C), weight (V,C), allowed
-    (M,K) token ids (each row's choices, e.g. the 20 candidates' item tokens), targets (M,) -> (M,).
-    keep (M,K) bool marks the real entries of rows padded to K (None = all). This is the
-    distribution a message's token is sampled from under its grammar (grammar.Grammar, docs/method.md
-    section 5, [ours]), at the sampling temperature: logits / temperature. A target outside its
-    row's allowed ids gets -inf. Float32 logits, as logprobs_of."""
+    """log-softmax over the `allowed` tokens only, at the target: hidden (M,C), weight (V,C),
+    allowed (M,K) token ids (each row's choices, e.g. the 20 candidates' item tokens), targets (M,)
+    -> (M,). keep (M,K) bool marks the real entries of rows padded to K (None = all). This is the
+    distribution a message's token is sampled from under its grammar (grammar.Grammar,
+    docs/method.md section 5, [ours]), at the sampling temperature: logits / temperature. A target
+    outside its row's allowed ids gets -inf. Float32 logits, as logprobs_of."""
     with torch.autocast(hidden.device.type, enabled=False):
         acc = _acc(hidden.dtype)
-        z = torch.einsum("mc,mkc->mk", hidden.to(acc), weight[allowed].to(acc)) / temperature   # (M,K)
+        # (M,K)
+        z = torch.einsum("mc,mkc->mk", hidden.to(acc), weight[allowed].to(acc)) / temperature
         if keep is not None:
             z = z.masked_fill(~keep, float("-inf"))
-        hit = (allowed == targets[:, None]) & (True if keep is None else keep)                # (M,K)
+        hit = (allowed == targets[:, None]) & (True if keep is None else keep)  # (M,K)
         return z.masked_fill(~hit, float("-inf")).logsumexp(1) - z.logsumexp(1)
 
 
@@ -368,8 +376,8 @@ def padded_supports(supports, device):
     return allowed, keep
 
 
-def token_logprobs(model, prompts, completions, pad_id, device="cpu", chunk=1024, first=None, grammar=None,
-                   temperature=1.0):
+def token_logprobs(model, prompts, completions, pad_id, device="cpu", chunk=1024, first=None,
+                   grammar=None, temperature=1.0):
     """log pi(y_n | x, y_<n) for every completion token, fast path.
 
     prompts, completions: lists of id lists. grammar: optional list, one per pair, of the
@@ -383,31 +391,34 @@ def token_logprobs(model, prompts, completions, pad_id, device="cpu", chunk=1024
     on the N scored positions (not on every prompt position): (N,C) @ (C,V) in chunks."""
     idx, valid, score = (t.to(device) for t in pack(prompts, completions, pad_id))
     h = model(idx, positions(valid), causal_mask(valid))                 # (B,T,C)
-    hs, tgt = h[score], idx[:, 1:][score[:, :-1]]                         # (N,C), (N,) the y_n, row-major
+    hs, tgt = h[score], idx[:, 1:][score[:, :-1]]  # (N,C), (N,) the y_n, row-major
     if temperature != 1.0:
-        hs = hs / temperature                                             # logits / T, as sample_next
+        hs = hs / temperature  # logits / T, as sample_next
     lens = [len(c) for c in completions]
     grammar = row_grammars(grammar, first, len(prompts))
     if grammar is None:
         return list(logprobs_of(hs, model.head_weight, tgt, chunk).split(lens))
-    # each position over its own support: the whole vocabulary (chunked kernel) only where it is free
+    # each position over its own support: the whole vocabulary (chunked kernel) only where it is
+    # free
     supports = [a for row in row_supports(grammar, completions) for a in row]   # (N,) lists or None
     rows = [n for n, a in enumerate(supports) if a is not None]
     free = [n for n, a in enumerate(supports) if a is None]
     lp = torch.zeros(len(supports), dtype=_acc(hs.dtype), device=hs.device)  # (N,)
     if free:
         free = torch.tensor(free, device=device)
-        lp = lp.index_put((free,), logprobs_of(hs[free], model.head_weight, tgt[free], chunk).to(lp.dtype))
+        lp = lp.index_put((free,),
+                          logprobs_of(hs[free], model.head_weight, tgt[free], chunk).to(lp.dtype))
     if rows:
         allowed, keep = padded_supports([supports[n] for n in rows], device)
         rows = torch.tensor(rows, device=device)                          # (M,)
-        lp = lp.index_put((rows,), restricted_logprobs(hs[rows], model.head_weight, allowed, tgt[rows],
+        lp = lp.index_put((rows,),
+                          restricted_logprobs(hs[rows], model.head_weight, allowed, tgt[rows],
                                                        keep).to(lp.dtype))
     return list(lp.split(lens))
 
 
-def token_logprobs_reference(model, prompts, completions, pad_id, device="cpu", first=None, grammar=None,
-                             temperature=1.0):
+def token_logprobs_reference(model, prompts, completions, pad_id, device="cpu", first=None,
+                             grammar=None, temperature=1.0):
     """Plain reference for token_logprobs: each pair alone, full float64 log_softmax of logits / T,
     gather; under a grammar, the logits outside each position's allowed ids set to -inf first."""
     grammar = row_grammars(grammar, first, len(prompts)) or [None] * len(prompts)
@@ -432,9 +443,10 @@ def token_logprobs_reference(model, prompts, completions, pad_id, device="cpu", 
 
 @torch.no_grad()
 def next_token_scores(model, prompts, choices, pad_id, device="cpu"):
-    """(B,K) logits of the ids choices[b] (K per row) as the token after prompts[b]: one forward pass
-    over the left-padded batch. The built-in RecAgent's ranking of its candidates (eval.rank_metrics, and
-    stage 1's validation in pretrain.py); its softmax is restricted_logprobs' distribution."""
+    """(B,K) logits of the ids choices[b] (K per row) as the token after prompts[b]: one forward
+    pass over the left-padded batch. The built-in RecAgent's ranking of its candidates
+    (eval.rank_metrics, and stage 1's validation in pretrain.py); its softmax is
+    restricted_logprobs' distribution."""
     T = max(len(p) for p in prompts)
     idx = torch.full((len(prompts), T), pad_id, dtype=torch.long)
     valid = torch.zeros(len(prompts), T, dtype=torch.bool)

@@ -1,6 +1,6 @@
 """
-Interaction reward of CoARS (docs/method.md section 3, Eq. 7 and 8): one task-level reward per turn for
-each agent, taken from the same turn of the same conversation, each agent's behaviour scaling or
+Interaction reward of CoARS (docs/method.md section 3, Eq. 7 and 8): one task-level reward per turn
+for each agent, taken from the same turn of the same conversation, each agent's behaviour scaling or
 signing the other's.
 
     hit_t   = 1 if i_t == i* else 0,      sigma_t = 2 hit_t - 1
@@ -42,7 +42,8 @@ def filtered(hit, action):
     return hit == 0 and action in ("click", "star")
 
 
-def turn_rewards(traj, mode="interaction", alpha=0.1, stage_gamma=None, use_filter=True, user_filter=True):
+def turn_rewards(traj, mode="interaction", alpha=0.1, stage_gamma=None, use_filter=True,
+                 user_filter=True):
     """Per turn of a finished trajectory: (R_rec, R_user). None = no message, or left out by the
     filter. mode: "interaction" (Eq. 7, 8) or "outcome" (final hit only, never filtered).
     user_filter=False [ours, extension, off by default]: the filter leaves out only the RecAgent's

@@ -10,11 +10,12 @@ What is here:
     (model.decode) has fixed shapes, so it can run through torch.compile (compile=True).
   - generate_nocache(): the plain reference, one prompt at a time and a full forward per token; the
     tests check generate() against it token for token, compiled or not.
-  - decoding under a grammar [ours, docs/method.md section 5] (grammar.Grammar: which tokens may come next
-    in one message, given what it holds so far): generate() samples each token from the softmax
-    restricted to those tokens, and model.token_logprobs() scores every token over the same restricted softmax (policy, teacher,
-    student, base), so a message decoded under its grammar is valid by construction and RL's
-    gradient falls on the decisions (which item, which action and score), not on the format.
+  - decoding under a grammar [ours, docs/method.md section 5] (grammar.Grammar: which tokens may
+    come next in one message, given what it holds so far): generate() samples each token from the
+    softmax restricted to those tokens, and model.token_logprobs() scores every token over the same
+    restricted softmax (policy, teacher, student, base), so a message decoded under its grammar is
+    valid by construction and RL's gradient falls on the decisions (which item, which action and
+    score), not on the format.
 
 Shapes in comments: B batch, T time, C channels, V vocab.
 """
@@ -58,16 +59,16 @@ def sample_next(logits, temperature, generator=None, keys=None, step=0):
         return logits.argmax(-1)
     probs = torch.softmax(logits.float() / temperature, dim=-1)            # (B,V)
     if keys is not None:
-        cdf = probs.double().cumsum(-1)                                     # float64: exact enough at 150k tokens
+        cdf = probs.double().cumsum(-1)  # float64: exact enough at 150k tokens
         u = keyed_uniform(keys, step) * cdf[:, -1]
         return torch.searchsorted(cdf, u[:, None])[:, 0].clamp(max=logits.shape[-1] - 1)
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
 
 def grammar_mask(grammars, prefixes, V, device, done=None):
-    """(B,V) bool, True where row b's next token may be drawn: grammars[b].allowed(prefixes[b]); rows
-    whose grammar is None, whose support is FREE, or that are done, may draw any token. None when no
-    row is restricted."""
+    """(B,V) bool, True where row b's next token may be drawn: grammars[b].allowed(prefixes[b]);
+    rows whose grammar is None, whose support is FREE, or that are done, may draw any token. None
+    when no row is restricted."""
     if grammars is None or all(g is None for g in grammars):
         return None
     mask = torch.ones(len(grammars), V, dtype=torch.bool, device=device)
@@ -79,7 +80,8 @@ def grammar_mask(grammars, prefixes, V, device, done=None):
         if a is None:
             continue
         if not a:
-            raise ValueError("a message is complete under its grammar but generation did not stop: end the "
+            raise ValueError("a message is complete under its grammar but generation "
+                             "did not stop: end the "
                              "grammar with a stop token")
         rows += [b] * len(a)
         cols += a
@@ -99,7 +101,8 @@ def decoder(model, compile=False):
     if not compile:
         return model.decode
     if not isinstance(model, GPT):
-        raise ValueError("compile=True is for the built-in GPT (a Hugging Face model has its own cache)")
+        raise ValueError("compile=True is for the built-in GPT (a Hugging Face "
+                         "model has its own cache)")
     if model not in _COMPILED:
         fn = torch.compile(model.decode)
 
@@ -108,7 +111,8 @@ def decoder(model, compile=False):
                 return fn(*args)
             except torch._dynamo.exc.BackendCompilerFailed as e:
                 why = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-                raise CompileError(f"torch.compile could not build the decode step ({why}); run without "
+                raise CompileError(f"torch.compile could not build the decode step "
+                                   f"({why}); run without "
                                    f"compilation (drop --compile).") from None
         _COMPILED[model] = step
     return _COMPILED[model]
@@ -134,14 +138,16 @@ def generate(model, prompts, max_new, pad_id, stop_ids=(), temperature=1.0, gene
     B = len(prompts)
     P = max(len(p) for p in prompts)
     Tmax = P + max_new
-    assert Tmax <= model.max_len, f"prompt+completion {Tmax} exceeds the model's length {model.max_len}"
+    assert Tmax <= model.max_len, \
+        f"prompt+completion {Tmax} exceeds the model's length {model.max_len}"
     step = decoder(model, compile)
     idx = torch.full((B, P), pad_id, dtype=torch.long, device=device)
     valid = torch.zeros(B, Tmax, dtype=torch.bool, device=device)
     for b, p in enumerate(prompts):
         idx[b, P - len(p):] = torch.tensor(p, device=device)
         valid[b, P - len(p):P] = True
-    keys = None if keys is None else torch.tensor([int(k) for k in keys], dtype=torch.long, device=device)
+    keys = None if keys is None else torch.tensor([int(k) for k in keys], dtype=torch.long,
+                                                  device=device)
     cache = model.new_cache(B, Tmax, device)
     pos_all = positions(valid[:, :P])
     # prefill: all prompt tokens at once
@@ -150,15 +156,16 @@ def generate(model, prompts, max_new, pad_id, stop_ids=(), temperature=1.0, gene
     next_pos = pos_all[:, -1] + 1                                        # (B,)
     cols = torch.arange(Tmax, device=device)
     toks = torch.full((B, max_new), pad_id, dtype=torch.long, device=device)   # what each row wrote
-    lens = torch.zeros(B, dtype=torch.long, device=device)              # how many of them are its output
+    lens = torch.zeros(B, dtype=torch.long, device=device)  # how many of them are its output
     done = torch.zeros(B, dtype=torch.bool, device=device)
     stop = torch.tensor(list(stop_ids) or [-1], device=device)
-    head_t = model.head_weight.t()                                       # normalised once, not per step
+    head_t = model.head_weight.t()  # normalised once, not per step
     grammar = row_grammars(grammar, None, B)
-    written = [[] for _ in range(B)]                                     # each row's tokens so far (grammar)
+    written = [[] for _ in range(B)]  # each row's tokens so far (grammar)
     for t in range(max_new):
         logits = (last @ head_t).float()                                 # (B,V) head on last only
-        gmask = grammar_mask(grammar, written, logits.shape[1], device, done.tolist())   # (B,V) or None
+        # (B,V) or None
+        gmask = grammar_mask(grammar, written, logits.shape[1], device, done.tolist())
         if gmask is not None:
             logits = logits.masked_fill(~gmask, float("-inf"))
         tok = sample_next(logits, temperature, generator, keys, t)
@@ -172,7 +179,8 @@ def generate(model, prompts, max_new, pad_id, stop_ids=(), temperature=1.0, gene
         if t == max_new - 1 or bool(done.all()):
             break
         col = P + t
-        valid[:, col] = True  # finished rows keep feeding pad tokens: harmless, their output is unused
+        # finished rows keep feeding pad tokens: harmless, their output is unused
+        valid[:, col] = True
         last = step(tok, next_pos, valid, cache, cols[col:col + 1])     # (B,C)
         next_pos = next_pos + 1
     return [row[:n] for row, n in zip(toks.tolist(), lens.tolist())]

@@ -2,10 +2,10 @@
 Train CoARS end to end (docs/method.md section 5) and print the results table.
 
     python train.py --dataset ml-latest-small --data-url file:///path/to/ml-latest-small.zip
-    python train.py --dataset ml-1m                       # downloads ml-1m from GroupLens
-    python train.py --model smollm2-135m ...               # a Hugging Face chat model (support/hf.py)
-    torchrun --nproc_per_node=2 train.py ...              # DDP over 2 processes (GPUs, or gloo on CPU)
-    python train.py --help                                # every option, with its default
+    python train.py --dataset ml-1m              # downloads ml-1m from GroupLens
+    python train.py --model smollm2-135m ...      # a Hugging Face chat model (support/hf.py)
+    torchrun --nproc_per_node=2 train.py ...     # DDP over 2 processes (GPUs, or gloo on CPU)
+    python train.py --help                       # every option, with its default
 
 Stages:
   0. data/prepare.py builds (or loads from its cache) the splits, SASRec candidates, prior, peers.
@@ -21,11 +21,11 @@ Stages:
 This is the REINFORCE-style objective of the paper (no PPO ratio, no KL, no group normalisation);
 see distill.py for the one optional extension.
 
-Several processes (torchrun, support/distributed.py): each rank rolls out its share of the batch and the
-adapters' gradients are summed over ranks; with keyed sampling (sampling.sample_next) the run equals
-a single-process one (the test checks it). Rank 0 alone prepares the data first, pretrains the
-base, logs, evaluates and writes checkpoints. Checkpoints, resumption and stops: support/checkpoint.py.
-"""
+Several processes (torchrun, support/distributed.py): each rank rolls out its share of the batch and
+the adapters' gradients are summed over ranks; with keyed sampling (sampling.sample_next) the run
+equals a single-process one (the test checks it). Rank 0 alone prepares the data first, pretrains
+the base, logs, evaluates and writes checkpoints. Checkpoints, resumption and stops:
+support/checkpoint.py. """
 
 import argparse
 import dataclasses
@@ -37,17 +37,20 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from config import (Config, UserError, add_config_args, config_defaults, config_from, lora_targets, loss_group,
-                    validate)
+from config import (Config, UserError, add_config_args, config_defaults, config_from, lora_targets,
+                    loss_group, validate)
 from data.prepare import DataError, prepare, probe_writable
 from distill import ReferenceBuffer, coars_objective, collect_messages
 from env import closest_history_item, message_grammar, new_trajectory, rollout
 from eval import evaluate_run, run_ars
 from support.report import results_table, write_results
-from support.checkpoint import (CKPT_NAMES, SINKS, STOP, BadSteps, Stopped, buffer_state, check_bad_streak, data_fingerprint,
-                               finite, load_checkpoint, log_jsonl, metrics_lines, plain_progress, rng_state,
+from support.checkpoint import (CKPT_NAMES, SINKS, STOP, BadSteps, Stopped, buffer_state,
+                                check_bad_streak, data_fingerprint,
+                               finite, load_checkpoint, log_jsonl, metrics_lines, plain_progress,
+                                rng_state,
                                save_checkpoint, set_buffer_state, set_rng_state, truncate_metrics)
-from support.distributed import all_gather, all_reduce_grads, barrier, dist_info, init_distributed, merge_stats
+from support.distributed import (all_gather, all_reduce_grads, barrier, dist_info, init_distributed,
+                                 merge_stats)
 from support import hf
 from support.runs import chat_backbone
 from support.watch import TrackerError, Trackers, plot_run
@@ -58,10 +61,13 @@ from sampling import CompileError
 
 
 def parse_args(argv=None) -> Config:
-    """The options: --config PATH (a saved config.json) gives the defaults, the other flags override them."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", metavar="PATH", help="start from a saved config.json (e.g. out/<run>/config.json); "
-                   "the flags given with it override it (a new --run-name keeps the old run)")
+    """The options: --config PATH (a saved config.json) gives the defaults, the other flags override
+    them."""
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", metavar="PATH",
+                   help="start from a saved config.json (e.g. out/<run>/config.json); the flags "
+                        "given with it override it (a new --run-name keeps the old run)")
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         saved, _ = config_defaults(argv)
@@ -77,16 +83,19 @@ def check_run_dir(cfg):
     try:
         probe_writable(run_dir)
     except OSError as e:
-        raise UserError(f"cannot write to the run folder {run_dir} ({e.strerror or e}): choose another --out-dir "
+        raise UserError(f"cannot write to the run folder {run_dir} ({e.strerror or e}): "
+                        f"choose another --out-dir "
                         f"or --run-name.")
     if cfg.resume and not any((run_dir / n).exists() for n in CKPT_NAMES):
-        raise UserError(f"--resume: there is no checkpoint in {run_dir}; start the run without --resume.")
+        raise UserError(f"--resume: there is no checkpoint in {run_dir}; start the "
+                        f"run without --resume.")
     return run_dir
 
 
 # options that may change between a run and its resumption (they do not change what is computed)
-RESUMABLE = {"resume", "ckpt_every", "skip_eval", "device", "n_boot", "eval_test_n", "max_bad_steps", "rollout_batch",
-             "loss_batch", "grad_checkpointing", "compile", "tensorboard", "wandb"}
+RESUMABLE = {"resume", "ckpt_every", "skip_eval", "device", "n_boot", "eval_test_n",
+             "max_bad_steps", "rollout_batch", "loss_batch", "grad_checkpointing", "compile",
+             "tensorboard", "wandb"}
 
 
 def check_resumable(ck, cfg, data):
@@ -94,10 +103,13 @@ def check_resumable(ck, cfg, data):
     old, new = ck["config"], dataclasses.asdict(cfg)
     for k in new:
         if k not in RESUMABLE and old.get(k) != new[k]:
-            raise UserError(f"--resume: the run was started with --{k.replace('_', '-')} {old.get(k)!r}, not "
-                            f"{new[k]!r}; resume with the same options or choose another --run-name.")
+            raise UserError(f"--resume: the run was started with --{k.replace('_', '-')} "
+                            f"{old.get(k)!r}, not "
+                            f"{new[k]!r}; resume with the same options or "
+                            f"choose another --run-name.")
     if ck["data"] != data_fingerprint(data):
-        raise UserError("--resume: the data differs from the data the run was started with (other raw files or "
+        raise UserError("--resume: the data differs from the data the run was started with "
+                        "(other raw files or "
                         "data options); resume with the same data or choose another --run-name.")
 
 
@@ -202,7 +214,8 @@ def agent_loss(model, tok, trajs, buffer, agent, opts=None, device="cpu", backwa
         lp = dict(grammar=grammar, temperature=opts.temperature)
         t0 = time.perf_counter()
         with torch.no_grad():
-            t_lp = token_logprobs(model, teacher_p, ys, tok.pad_id, device, **lp) if opts.lam else None
+            t_lp = token_logprobs(model, teacher_p, ys, tok.pad_id, device,
+                                  **lp) if opts.lam else None
         t1 = time.perf_counter()
         s_lp = token_logprobs(model, student_p, ys, tok.pad_id, device, **lp)
         b_lp = None
@@ -253,7 +266,8 @@ def add_agents(cfg, model):
     """The RecAgent's and the UserAgent's LoRA adapters on the frozen base: (the trained agents,
     their parameters, which now require gradients)."""
     try:
-        model.add_lora(("rec", "user"), r=cfg.lora_r, alpha=cfg.lora_alpha, targets=lora_targets(cfg))
+        model.add_lora(("rec", "user"), r=cfg.lora_r, alpha=cfg.lora_alpha,
+                       targets=lora_targets(cfg))
     except ValueError as e:
         raise UserError(f"--lora-targets: {e}; name linear layers of the model.")
     agents = [a for a, on in (("rec", cfg.train_rec), ("user", cfg.train_user)) if on]
@@ -300,8 +314,9 @@ class Stage2Run:
     def steps(self):
         cfg = self.cfg
         self.t_stage = time.time()
-        self.bar = tqdm(range(self.start + 1, cfg.steps + 1), desc="stage 2 CoARS", dynamic_ncols=True,
-                        disable=None if self.lead else True, initial=self.start, total=cfg.steps)
+        self.bar = tqdm(range(self.start + 1, cfg.steps + 1), desc="stage 2 CoARS",
+                        dynamic_ncols=True, disable=None if self.lead else True, initial=self.start,
+                        total=cfg.steps)
         for step in self.bar:
             self.t0 = time.time()
             self.rec = dict(stage=2, step=step)
@@ -362,7 +377,8 @@ class Stage2Run:
                    tokens_per_s=round(n_tok / max(time.time() - t0, 1e-9)))
         if self.lead and cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
             self.validate(step)
-        self.bar.set_postfix(hit=f"{rec['train_hit']:.2f}", R_rec=f"{rec.get('rec_reward', 0):+.2f}",
+        self.bar.set_postfix(hit=f"{rec['train_hit']:.2f}",
+                             R_rec=f"{rec.get('rec_reward', 0):+.2f}",
                              A=f"{rec.get('rec_credit', 0):+.2f}", s=f"{rec['step_s']:.1f}",
                              tok_s=rec["tokens_per_s"],
                              split=f"roll {rec['rollout_s']:.1f}/teach {rec['teacher_s']:.1f}"
@@ -380,7 +396,8 @@ class Stage2Run:
                 raise Stopped(f"stage 2 step {step}")
 
     def validate(self, step):
-        """Greedy Hit@1 of the pair on validation samples and on as many stage-2 training samples."""
+        """Greedy Hit@1 of the pair on validation samples and on as many stage-2 training
+        samples."""
         m, tok, data, cfg, rec = self.model, self.tok, self.data, self.cfg, self.rec
         opts = dict(batch=tok.eval_batch, decoding=cfg.decoding)
         _, v = run_ars(m, tok, data, "valid", self.valid_rows, ("rec", "user"), cfg.t_max,
@@ -419,12 +436,13 @@ def stage2_draws(cfg, data):
 
 
 def sft_reference(cfg, model, tok, data, device, log=print):
-    """The reference row 'SFT on stage-2 samples' (docs/method.md section 6, [ours]): a third adapter,
-    "sft", trained by cross-entropy on the RecAgent's turn-1 message naming the target (rationale:
-    the closest history item) for exactly the samples stage 2 draws, with stage 2's budget (steps,
-    batch, optimiser, learning rate, clipping). Its log-probs are taken under the message's grammar,
-    the policy's own support. What those samples can teach the RecAgent at all: an RL gain on them
-    is read against it. The base stays frozen; model has the adapter afterwards."""
+    """The reference row 'SFT on stage-2 samples' (docs/method.md section 6, [ours]): a third
+    adapter, "sft", trained by cross-entropy on the RecAgent's turn-1 message naming the target
+    (rationale: the closest history item) for exactly the samples stage 2 draws, with stage 2's
+    budget (steps, batch, optimiser, learning rate, clipping). Its log-probs are taken under the
+    message's grammar, the policy's own support. What those samples can teach the RecAgent at all:
+    an RL gain on them is read against it. The base stays frozen; model has the adapter
+    afterwards."""
     seed = stage2_seed(cfg)
     torch.manual_seed(seed)
     model.add_lora(("sft",), r=cfg.lora_r, alpha=cfg.lora_alpha, targets=lora_targets(cfg))
@@ -437,14 +455,16 @@ def sft_reference(cfg, model, tok, data, device, log=print):
     for rows, _ in stage2_draws(cfg, data):
         trajs = [new_trajectory(data, "train", r) for r in rows]
         prompts = [tok.render_rec(tr, 0) for tr in trajs]
-        answers = [tok.rec_message(tr.target, closest_history_item(data, tr.hist, tr.target)) for tr in trajs]
+        answers = [tok.rec_message(tr.target, closest_history_item(data, tr.hist, tr.target))
+                   for tr in trajs]
         grammars = [message_grammar(tok, tr, "rec", cfg.decoding) for tr in trajs]
-        keep = [k for k, tr in enumerate(trajs) if tr.target in tr.cands]      # --candidates sasrec: not always
+        # --candidates sasrec: not always
+        keep = [k for k, tr in enumerate(trajs) if tr.target in tr.cands]
         if not keep:
             continue
         with autocast(device, cfg.precision):
-            lp = token_logprobs(model, [prompts[k] for k in keep], [answers[k] for k in keep], tok.pad_id, device,
-                                grammar=[grammars[k] for k in keep])
+            lp = token_logprobs(model, [prompts[k] for k in keep], [answers[k] for k in keep],
+                                tok.pad_id, device, grammar=[grammars[k] for k in keep])
             loss = -torch.stack([x.sum() for x in lp]).mean()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
@@ -454,8 +474,10 @@ def sft_reference(cfg, model, tok, data, device, log=print):
     model.set_adapter(None)
     for p in params:
         p.requires_grad_(False)
-    log(f"SFT reference: {len(losses)} steps in {time.time() - t0:.0f} s, loss {np.mean(losses[:5]):.3f} -> "
-        f"{np.mean(losses[-5:]):.3f}" if losses else "SFT reference: no step (no target among the candidates)")
+    log(f"SFT reference: {len(losses)} steps in {time.time() - t0:.0f} s, loss "
+        f"{np.mean(losses[:5]):.3f} -> "
+        f"{np.mean(losses[-5:]):.3f}" if losses
+        else "SFT reference: no step (no target among the candidates)")
     return model
 
 
@@ -473,7 +495,8 @@ def adapter_state(model):
 
 def save_adapters(model, cfg, path):
     """coars.pt (every adapter and the config; what eval.py and the tools load); for a Hugging Face
-    backbone also each adapter as a PEFT folder, out/<run>/peft/<agent>/ (support/hf.export_peft)."""
+    backbone also each adapter as a PEFT folder, out/<run>/peft/<agent>/
+    (support/hf.export_peft)."""
     tmp = path.with_suffix(".tmp")
     torch.save({"adapters": adapter_state(model), "config": dataclasses.asdict(cfg)}, tmp)
     tmp.replace(path)
@@ -492,8 +515,8 @@ def rollout_with_retry(model, tok, data, rows, keys, cfg, device, micro, log):
         for tr, k in zip(trajs, keys):
             tr.key = int(k)
         try:
-            rollout(model, tok, data, trajs, t_max=cfg.t_max, temperature=cfg.temperature, device=device,
-                    batch=micro, compile=cfg.compile, decoding=cfg.decoding)
+            rollout(model, tok, data, trajs, t_max=cfg.t_max, temperature=cfg.temperature,
+                    device=device, batch=micro, compile=cfg.compile, decoding=cfg.decoding)
             return trajs, micro
         except CompileError as e:
             raise UserError(str(e))
@@ -533,12 +556,14 @@ def main(argv=None):
         device = init_distributed(cfg)
         rank, world = dist_info()
         lead = rank == 0
-        run_dir = check_run_dir(cfg) if lead else cfg.run_dir()    # one writability probe, not one per rank
+        # one writability probe, not one per rank
+        run_dir = check_run_dir(cfg) if lead else cfg.run_dir()
         ck = None
         if cfg.resume:
             ck = load_checkpoint(run_dir, print if lead else (lambda *a: None))
             if ck is None:
-                raise UserError(f"--resume: every checkpoint in {run_dir} is damaged; start the run again without "
+                raise UserError(f"--resume: every checkpoint in {run_dir} is damaged; start "
+                                f"the run again without "
                                 f"--resume.")
         elif lead:
             for name in CKPT_NAMES + ("metrics.jsonl",):
@@ -553,11 +578,13 @@ def main(argv=None):
             check_resumable(ck, cfg, data)
             if lead:
                 truncate_metrics(run_dir, ck["metrics_lines"])
-                print(f"resuming {run_dir} from its stage-{ck['stage']} checkpoint at step {ck['step']}")
+                print(f"resuming {run_dir} from its stage-{ck['stage']} checkpoint "
+                      f"at step {ck['step']}")
         if lead:
             (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
-            if cfg.tensorboard or cfg.wandb:          # after the resume's truncation of metrics.jsonl
-                SINKS.append(Trackers(run_dir, cfg.tensorboard, cfg.wandb, dataclasses.asdict(cfg), cfg.resume))
+            if cfg.tensorboard or cfg.wandb:  # after the resume's truncation of metrics.jsonl
+                SINKS.append(Trackers(run_dir, cfg.tensorboard, cfg.wandb, dataclasses.asdict(cfg),
+                                      cfg.resume))
     except (UserError, DataError, TrackerError) as e:
         sys.exit(f"error: {e}")
     try:
@@ -584,7 +611,8 @@ def run(cfg, data, device, run_dir, ck, t_start):
     except UserError as e:
         sys.exit(f"error: {e}")
     except Stopped as e:
-        log(f"stopped by {STOP.name} after {e}; checkpoint written in {run_dir}; continue with the same "
+        log(f"stopped by {STOP.name} after {e}; checkpoint written in {run_dir}; "
+            f"continue with the same "
             f"command and --resume")
         sys.exit(128 + STOP.signum)
     except BadSteps as e:

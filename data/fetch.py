@@ -37,11 +37,13 @@ def fetch(url, dest: Path, sha256=None, log=print, md5=None):
     """Download url to dest unless it is there, then verify its sha256 (or md5; None = do not
     check). A download goes to dest.part first, so an interrupted one never looks complete."""
     def check(path, what):
-        for algo, want, flag in (("sha256", sha256, "--data-sha256 {}"), ("md5", md5, "--data-sha256 none")):
+        for algo, want, flag in (("sha256", sha256, "--data-sha256 {}"),
+                                 ("md5", md5, "--data-sha256 none")):
             if want:
                 got = digest(path, algo)
                 if got != want:
-                    return (f"{what} has {algo} {got}, expected {want}: it is corrupt or not the official file "
+                    return (f"{what} has {algo} {got}, expected {want}: it is corrupt or "
+                            f"not the official file "
                             f"(pass {flag.format(digest(path))} if you trust it)")
         return None
 
@@ -55,7 +57,8 @@ def fetch(url, dest: Path, sha256=None, log=print, md5=None):
                     f.write(block)
         except (urllib.error.URLError, OSError, ValueError) as e:
             part.unlink(missing_ok=True)
-            raise DataError(f"could not download {url} ({getattr(e, 'reason', None) or e}): check the address "
+            raise DataError(f"could not download {url} "
+                            f"({getattr(e, 'reason', None) or e}): check the address "
                             f"(--data-url) or put the file at {dest} yourself.")
         bad = check(part, f"the file downloaded from {url}")
         if bad:
@@ -72,7 +75,10 @@ def _local_dir(url):
     """The local folder a --data-url names (a path or file:// address), or None."""
     if not url:
         return None
-    path = Path(urllib.request.url2pathname(urllib.parse.urlparse(url).path)) if url.startswith("file:") else Path(url)
+    if url.startswith("file:"):
+        path = Path(urllib.request.url2pathname(urllib.parse.urlparse(url).path))
+    else:
+        path = Path(url)
     return path if path.is_dir() else None
 
 
@@ -86,7 +92,8 @@ def _files_sha256(paths):
 
 def is_custom(name):
     """A --dataset value that is a folder path rather than a source name."""
-    return name not in SOURCES and ("/" in name or os.sep in name or name.startswith(".") or Path(name).is_dir())
+    return name not in SOURCES and ("/" in name or os.sep in name or name.startswith(".")
+                                    or Path(name).is_dir())
 
 
 def locate(cfg, log=print):
@@ -95,12 +102,14 @@ def locate(cfg, log=print):
     if is_custom(cfg.dataset):
         folder = Path(cfg.dataset).expanduser()
         if not folder.is_dir():
-            raise DataError(f"--dataset {cfg.dataset}: no such folder (a custom dataset is a folder with "
+            raise DataError(f"--dataset {cfg.dataset}: no such folder (a custom "
+                            f"dataset is a folder with "
                             f"interactions.csv and items.csv; see docs/datasets.md).")
         files = [folder / m for m in CUSTOM["members"]]
         for f in files:
             if not f.is_file():
-                raise DataError(f"{f} is missing: a custom dataset folder needs interactions.csv and items.csv "
+                raise DataError(f"{f} is missing: a custom dataset folder needs "
+                                f"interactions.csv and items.csv "
                                 f"(format in docs/datasets.md).")
         files += [folder / m for m in CUSTOM["optional"] if (folder / m).is_file()]
         tag = hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:8]
@@ -108,7 +117,8 @@ def locate(cfg, log=print):
         _check_writable(cache)
         return CUSTOM, Raw(files), cache, _files_sha256(files)
     if cfg.dataset not in SOURCES:
-        raise DataError(f"unknown dataset {cfg.dataset!r}: choose one of {', '.join(sorted(SOURCES))}, or "
+        raise DataError(f"unknown dataset {cfg.dataset!r}: choose one of "
+                        f"{', '.join(sorted(SOURCES))}, or "
                         f"give the path of a folder in the custom format (see docs/datasets.md).")
     src = SOURCES[cfg.dataset]
     cache = Path(cfg.data_dir) / cfg.dataset
@@ -116,14 +126,16 @@ def locate(cfg, log=print):
     members = src.get("member_sha256", {})
     no_check = cfg.data_sha256.lower() == "none"
     if cfg.data_sha256 and not no_check and len(src["files"]) > 1:
-        raise DataError(f"--data-sha256 takes one checksum, but {cfg.dataset} has {len(src['files'])} raw files: "
+        raise DataError(f"--data-sha256 takes one checksum, but {cfg.dataset} has "
+                        f"{len(src['files'])} raw files: "
                         f"use '' or 'none'.")
     local = _local_dir(cfg.data_url)
     if local is not None:                                   # an extracted copy: read it in place
         raw = Raw([local], None if no_check else members)
-        names = set(members) or None                       # only the checked files, if any are named
+        names = set(members) or None  # only the checked files, if any are named
         log(f"reading {cfg.dataset} from the folder {local}")
-        paths = sorted(p for p in local.rglob("*") if p.is_file() and (names is None or p.name in names))
+        paths = sorted(p for p in local.rglob("*") if p.is_file()
+                       and (names is None or p.name in names))
         return src, raw, cache, _files_sha256(paths)
     paths = []
     for rf in src["files"]:
@@ -149,4 +161,5 @@ def _check_writable(folder: Path):
     try:
         probe_writable(folder)
     except OSError as e:
-        raise DataError(f"cannot write to the data folder {folder} ({e.strerror or e}): choose another --data-dir.")
+        raise DataError(f"cannot write to the data folder {folder} ({e.strerror or e}): "
+                        f"choose another --data-dir.")

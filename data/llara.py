@@ -1,7 +1,8 @@
 """
 Converter from the data layout that LLaRA and AFL publish to this project's custom format, so that
-our numbers sit in the same table as theirs (docs/datasets.md, "Comparing with published tables"). Its own
-file because it reads a foreign layout (pickled pandas DataFrames) and is needed only for that.
+our numbers sit in the same table as theirs (docs/datasets.md, "Comparing with published tables").
+Its own file because it reads a foreign layout (pickled pandas DataFrames) and is needed only for
+that.
 
     python data/llara.py --src path/to/their/lastfm --out data/lastfm-llara [--afl-candidates]
     python train.py --dataset data/lastfm-llara
@@ -55,10 +56,13 @@ ALLOWED = {
     ("pandas.core.indexes.base", "_new_Index"), ("pandas.core.indexes.range", "RangeIndex"),
     ("pandas.core.indexes.numeric", "Int64Index"), ("pandas.core.indexes.numeric", "UInt64Index"),
     ("pandas.core.indexes.numeric", "Float64Index"),
-    ("pandas.core.internals.managers", "BlockManager"), ("pandas.core.internals.blocks", "new_block"),
+    ("pandas.core.internals.managers", "BlockManager"),
+           ("pandas.core.internals.blocks", "new_block"),
     ("pandas.core.internals.blocks", "make_block"), ("pandas._libs.internals", "_unpickle_block"),
-    ("pandas", "StringDtype"), ("pandas.arrays", "StringArray"), ("pandas.core.arrays.string_", "StringArray"),
-    ("pandas.core.arrays.string_", "StringDtype"), ("pandas._libs.arrays", "__pyx_unpickle_NDArrayBacked"),
+    ("pandas", "StringDtype"), ("pandas.arrays", "StringArray"),
+           ("pandas.core.arrays.string_", "StringArray"),
+    ("pandas.core.arrays.string_", "StringDtype"),
+           ("pandas._libs.arrays", "__pyx_unpickle_NDArrayBacked"),
 }
 
 
@@ -76,7 +80,8 @@ class _AllowListUnpickler(pickle.Unpickler):
 
     def find_class(self, module, name):
         if (module, name) not in ALLOWED:
-            raise DataError(f"{self.where}: refusing to unpickle {module}.{name}: only DataFrames of plain values "
+            raise DataError(f"{self.where}: refusing to unpickle {module}.{name}: only "
+                            f"DataFrames of plain values "
                             f"are read (is this the published file?).")
         if (module, name) in MOVED and importlib.util.find_spec(module) is None:
             module, name = MOVED[(module, name)]
@@ -90,19 +95,23 @@ def read_frame(path):
     try:
         import pandas  # noqa: F401  (the pickle's classes live there)
     except ImportError:
-        raise DataError("the converter needs pandas to read the .df files: pip install pandas.") from None
+        raise DataError("the converter needs pandas to read the .df "
+                        "files: pip install pandas.") from None
     try:
         u = _AllowListUnpickler(io.BytesIO(Path(path).read_bytes()))
         u.where = str(path)
         df = u.load()
     except FileNotFoundError:
-        raise DataError(f"{path} is missing: a LLaRA-style folder holds train_data.df, Val_data.df, "
+        raise DataError(f"{path} is missing: a LLaRA-style folder holds "
+                        f"train_data.df, Val_data.df, "
                         f"Test_data.df and id2name.txt (or u.item).") from None
-    except (pickle.UnpicklingError, EOFError, AttributeError, TypeError, ValueError, ImportError) as e:
+    except (pickle.UnpicklingError, EOFError, AttributeError, TypeError, ValueError,
+            ImportError) as e:
         raise DataError(f"{path} is not a readable pickled DataFrame ({e}).") from None
     missing = {"seq", "len_seq", "next"} - set(getattr(df, "columns", []))
     if missing:
-        raise DataError(f"{path} has no column {sorted(missing)[0]!r}: expected seq, len_seq and next.")
+        raise DataError(f"{path} has no column {sorted(missing)[0]!r}: expected "
+                        f"seq, len_seq and next.")
     return [dict(seq=[_id(x) for x in r.seq], len_seq=int(r.len_seq), next=_id(r.next))
             for r in df.itertuples(index=False)]
 
@@ -129,7 +138,8 @@ def read_names(src):
                 f = line.split("|")
                 names[int(f[0]) - 1] = f[1]
     else:
-        raise DataError(f"{src} has neither id2name.txt nor u.item: is it a LLaRA-style data folder?")
+        raise DataError(f"{src} has neither id2name.txt nor u.item: is it a "
+                        f"LLaRA-style data folder?")
     return names
 
 
@@ -154,15 +164,18 @@ def convert(src, out, afl_candidates=False, log=print):
     out.mkdir(parents=True, exist_ok=True)
     _write_csv(out / "interactions.csv", ["user", "item", "timestamp"],
                ([u, i, t] for u, _, items in users for t, i in enumerate(items)))
-    _write_csv(out / "items.csv", ["item", "title"], ([i, name or f"item {i}"] for i, name in names.items()))
+    _write_csv(out / "items.csv", ["item", "title"],
+               ([i, name or f"item {i}"] for i, name in names.items()))
     _write_csv(out / "users.csv", ["user", "role"], ([u, role] for u, role, _ in users))
     (out / "candidates.csv").unlink(missing_ok=True)
     if afl_candidates:
         lists = afl_test_candidates(names, kept["test"], pad)
         _write_csv(out / "candidates.csv", ["user", "split", "candidates"],
                    ([f"test{k}", "test", " ".join(map(str, c))] for k, c in enumerate(lists)))
-    log(f"wrote {out}: {sum(r == 'train' for _, r, _ in users)} train, {len(kept['valid'])} valid and "
-        f"{len(kept['test'])} test users, {len(names)} items" + (", AFL's test candidates" if afl_candidates else ""))
+    log(f"wrote {out}: {sum(r == 'train' for _, r, _ in users)} train, "
+        f"{len(kept['valid'])} valid and "
+        f"{len(kept['test'])} test users, {len(names)} items"
+        + (", AFL's test candidates" if afl_candidates else ""))
 
 
 def _write_csv(path, header, rows):
@@ -173,7 +186,8 @@ def _write_csv(path, header, rows):
 
 
 def afl_test_candidates(names, test_rows, pad):
-    """AFL's candidate recipe for the test rows (already filtered to len_seq >= 3, in file order)."""
+    """AFL's candidate recipe for the test rows (already filtered to len_seq >= 3, in file
+    order)."""
     random.seed(303)
     ids = list(names)
     lists = []
@@ -187,10 +201,13 @@ def afl_test_candidates(names, test_rows, pad):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Convert a LLaRA / AFL data folder to the custom format.")
-    p.add_argument("--src", required=True, help="folder with train_data.df, Val_data.df, Test_data.df, id2name.txt")
+    p = argparse.ArgumentParser(description="Convert a LLaRA / AFL data folder "
+                                            "to the custom format.")
+    p.add_argument("--src", required=True,
+                   help="folder with train_data.df, Val_data.df, Test_data.df, id2name.txt")
     p.add_argument("--out", required=True, help="custom-format folder to write")
-    p.add_argument("--afl-candidates", action="store_true", help="also write AFL's test candidate lists")
+    p.add_argument("--afl-candidates", action="store_true",
+                   help="also write AFL's test candidate lists")
     a = p.parse_args(argv)
     try:
         convert(a.src, a.out, a.afl_candidates)

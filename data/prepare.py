@@ -1,8 +1,9 @@
 """
-Datasets for CoARS (docs/method.md sections 1 and 6): download, verify, parse, split, SASRec candidates,
-SASRec prior, peers, and a cache in plain NPZ + JSON.
+Datasets for CoARS (docs/method.md sections 1 and 6): download, verify, parse, split, SASRec
+candidates, SASRec prior, peers, and a cache in plain NPZ + JSON.
 
-    python data/prepare.py --dataset ml-latest-small --data-url file:///path/to/ml-latest-small.zip --stats
+    python data/prepare.py --dataset ml-latest-small --data-url file:///path/to/ml-latest-small.zip
+    python data/prepare.py --dataset lastfm --stats   # the processed data's statistics
     python data/prepare.py --dataset ml-1m            # downloads the official GroupLens zip
 
 train.py calls prepare() itself when the processed data is missing or was built with other options.
@@ -15,13 +16,13 @@ The protocol ([ours] where docs/method.md section 1 marks it so):
   - Leave-one-out: last item = test target, the one before = validation target, the rest = the
     training part. A sample's history is the <= 10 items before its target; samples with < 3
     history items are dropped. Training samples are all positions of every training part.
-  - SASRec (data/sasrec.py) is trained on the training parts only. Candidates (docs/method.md section 1),
-    shuffled with the seed: "random" (default), the target plus 19 items drawn uniformly from those
-    not in the history (the AFL / LLaRA protocol); or "sasrec", SASRec's 20 highest-scoring items not
-    in the history as they are, the target NOT forced in (where SASRec missed it no agent can hit;
-    meta["ceiling"] is the share of samples whose target is among the 20). Never the target plus
-    SASRec's 19 favourites: that makes the target the odd one out. The prior is SASRec's
-    highest-scoring candidate.
+  - SASRec (data/sasrec.py) is trained on the training parts only. Candidates (docs/method.md
+    section 1), shuffled with the seed: "random" (default), the target plus 19 items drawn uniformly
+    from those not in the history (the AFL / LLaRA protocol); or "sasrec", SASRec's 20
+    highest-scoring items not in the history as they are, the target NOT forced in (where SASRec
+    missed it no agent can hit; meta["ceiling"] is the share of samples whose target is among the
+    20). Never the target plus SASRec's 19 favourites: that makes the target the odd one out. The
+    prior is SASRec's highest-scoring candidate.
   - [ours] Cross-fitting: training samples get their candidates and prior from a SASRec trained on
     the OTHER half of the users. A SASRec that was trained on a position ranks that position's
     target first far more often than it ever will at test time; agents trained on such lists
@@ -53,7 +54,8 @@ from data.sasrec import SASRecConfig, last_hidden, score_all, train_sasrec  # no
 # the raw files of every source (data/sources.py) and getting them (data/fetch.py); Raw, the parsers
 # and probe_writable are re-exported
 from data.fetch import is_custom, locate, probe_writable  # noqa: E402,F401
-from data.sources import SOURCES, DataError, Parsed, Raw, parse_lastfm, parse_ml100k  # noqa: E402,F401
+from data.sources import (SOURCES, DataError, Parsed, Raw, parse_lastfm,  # noqa: E402,F401
+                          parse_ml100k)
 
 CACHE_VERSION = 4
 DATA_DIR = Path(__file__).resolve().parent
@@ -74,13 +76,15 @@ class DataConfig:
     data_sha256: str = ""
     """expected sha256 of the raw zip ('' = the official file's; 'none' = do not check)"""
     candidates: str = "random"
-    """'random': target + 19 uniform non-history items; 'sasrec': SASRec's top-20 non-history items (target not forced)"""
+    """'random': target + 19 uniform non-history items; 'sasrec': SASRec's top-20 non-history items
+    (target not forced)"""
     n_candidates: int = 20
     """candidate list length, target included"""
     train_prior: str = "crossfit"
-    """[ours, docs/method.md section 5] the SASRec that gives training samples their candidates (with 'sasrec' candidates)
-    and their prior: 'crossfit' (one trained on the other half of the users, so the hint is no better on training
-    samples than at test time) or 'full' (the SASRec of validation and test, which trained on those samples)"""
+    """[ours, docs/method.md section 5] the SASRec that gives training samples their candidates
+    (with 'sasrec' candidates) and their prior: 'crossfit' (one trained on the other half of the
+    users, so the hint is no better on training samples than at test time) or 'full' (the SASRec of
+    validation and test, which trained on those samples)"""
     history: int = 10
     """longest history shown to the agents"""
     min_history: int = 3
@@ -122,8 +126,9 @@ class Data:
     def train_sets(self):
         """One {item: rating} dict per user (training part), built once, for peer look-ups."""
         if self._train_sets is None:
-            self._train_sets = [dict(zip(self.train_items(u).tolist(),
-                                         self.seq_rating[self.seq_ptr[u]:self.seq_ptr[u + 1]].tolist()))
+            ratings = [self.seq_rating[self.seq_ptr[u]:self.seq_ptr[u + 1]].tolist()
+                       for u in range(self.n_users)]
+            self._train_sets = [dict(zip(self.train_items(u).tolist(), ratings[u]))
                                 for u in range(self.n_users)]
         return self._train_sets
 
@@ -132,7 +137,7 @@ def stage2_rows(data, n_last):
     """Rows of the training split that stage 2 trains on: each user's last n_last training samples.
     (data/prepare.py writes the training rows user by user, each user's in time order.)"""
     u = data.train_user                                                   # (N,) sorted
-    last_row = np.searchsorted(u, u, side="right") - 1                    # (N,) last row of each row's user
+    last_row = np.searchsorted(u, u, side="right") - 1  # (N,) last row of each row's user
     return np.flatnonzero(last_row - np.arange(len(u)) < n_last)
 
 
@@ -149,7 +154,8 @@ def peer_weights(sim, k):
     normalised to sum to 1, and a user whose k similarities are all <= 0 weighs them equally."""
     peers = np.argsort(-sim, axis=1, kind="stable")[:, :k]
     w = np.maximum(np.take_along_axis(sim, peers, 1), 0)
-    w = np.where(w.sum(1, keepdims=True) > 0, w / np.maximum(w.sum(1, keepdims=True), 1e-12), 1.0 / max(k, 1))
+    w = np.where(w.sum(1, keepdims=True) > 0, w / np.maximum(w.sum(1, keepdims=True), 1e-12),
+                 1.0 / max(k, 1))
     return peers, w
 
 
@@ -182,7 +188,8 @@ def prepare(cfg: DataConfig, log=print, rebuild=False) -> Data:
 def write_cache(folder: Path, arrays, meta):
     """Write the arrays, then the JSON that vouches for them: a crash or a full disk between the two
     leaves no JSON, and prepare() does not trust an NPZ without its JSON."""
-    meta_path, npz_path, tmp = folder / "processed.json", folder / "processed.npz", folder / "processed.tmp.npz"
+    meta_path, npz_path = folder / "processed.json", folder / "processed.npz"
+    tmp = folder / "processed.tmp.npz"
     try:
         folder.mkdir(parents=True, exist_ok=True)
         meta_path.unlink(missing_ok=True)
@@ -194,7 +201,8 @@ def write_cache(folder: Path, arrays, meta):
     except OSError as e:
         for f in (tmp, meta_path.with_suffix(".json.part")):
             f.unlink(missing_ok=True)
-        raise DataError(f"cannot write the processed data to {folder} ({e.strerror or e}): free some space or "
+        raise DataError(f"cannot write the processed data to {folder} "
+                        f"({e.strerror or e}): free some space or "
                         f"choose another --data-dir.")
 
 
@@ -212,15 +220,16 @@ def sequences(parsed: Parsed, name, log=print):
         raise DataError(f"{name} has no interactions.")
     users_raw, user = np.unique(np.asarray(parsed.user), return_inverse=True)
     # items that only a published candidate list names (custom format: they must be in items.csv)
-    extra = sorted({i for _, _, ids, _ in parsed.cand_lists or [] for i in ids if i in parsed.titles}
+    extra = sorted({i for _, _, ids, _ in parsed.cand_lists or [] for i in ids
+                    if i in parsed.titles}
                    - set(parsed.item))
     items_raw, item = np.unique(np.asarray(list(parsed.item) + extra), return_inverse=True)
     item = item[:len(parsed.item)]
     rating, ts = np.asarray(parsed.rating, np.float64), np.asarray(parsed.ts, np.float64)
-    order = np.lexsort((item, ts, user))                                  # user, then time, then item
+    order = np.lexsort((item, ts, user))  # user, then time, then item
     user, item, rating = user[order], item[order], rating[order]
     key = user.astype(np.int64) * len(items_raw) + item
-    _, first = np.unique(key, return_index=True)                          # first (user, item) in time
+    _, first = np.unique(key, return_index=True)  # first (user, item) in time
     keep = np.zeros(len(key), bool)
     keep[first] = True
     n_dup = int((~keep).sum())
@@ -243,17 +252,20 @@ def build(parsed: Parsed, cfg: DataConfig, log=print):
     n_untitled = sum(i.item() not in titles for i in items_raw)
     if n_untitled:
         log(f"{n_untitled} items have no title; they are called 'item <id>'")
-    n_short = sum(len(s) < cfg.min_history + 1 for s in seqs)          # a test sample needs min_history + 1
+    n_short = sum(len(s) < cfg.min_history + 1 for s in seqs)  # a test sample needs min_history + 1
     if n_short:
-        log(f"{n_short} users have fewer than {cfg.min_history + 1} interactions and give no test sample "
+        log(f"{n_short} users have fewer than {cfg.min_history + 1} interactions and "
+            f"give no test sample "
             f"(their events still train SASRec)")
     if n_short == n_users:
-        raise DataError(f"{cfg.dataset} is empty after filtering: no user has the {cfg.min_history + 1} "
+        raise DataError(f"{cfg.dataset} is empty after filtering: no user has the "
+                        f"{cfg.min_history + 1} "
                         f"interactions a test sample needs.")
     item = np.concatenate(seqs)
     H, K = cfg.history, cfg.n_candidates
     if n_items < K + H:
-        raise DataError(f"{cfg.dataset} has {n_items} items, too few for {K} candidates beside a {H}-item history.")
+        raise DataError(f"{cfg.dataset} has {n_items} items, too few for {K} candidates "
+                        f"beside a {H}-item history.")
     # users.csv (custom format): each user's role; without it every user is split leave-one-out
     role = None if parsed.roles is None else [parsed.roles[u] for u in users_raw.tolist()]
     samples = {s: ([], [], []) for s in ("train", "valid", "test")}  # user, history, target
@@ -277,19 +289,20 @@ def build(parsed: Parsed, cfg: DataConfig, log=print):
         raise DataError(f"{cfg.dataset} has no usable samples after filtering (users need at least "
                         f"{cfg.min_history + 3} interactions).")
     if role is None:
-        held_out = [2] * n_users                                          # validation and test items
-    else:                                                                 # valid / test users: all of it
+        held_out = [2] * n_users  # validation and test items
+    else:  # valid / test users: all of it
         held_out = [0 if r == "train" else len(seqs[u]) for u, r in enumerate(role)]
     train_seqs = [s[:len(s) - h] if len(s) > h else s[:0] for s, h in zip(seqs, held_out)]
 
     rng = np.random.default_rng(cfg.seed)
-    log(f"{cfg.dataset}: {n_users} users, {n_items} items, {len(item)} interactions; training SASRec")
+    log(f"{cfg.dataset}: {n_users} users, {n_items} items, {len(item)} "
+        f"interactions; training SASRec")
     full = train_sasrec(train_seqs, n_items, cfg.sasrec, seed=cfg.seed)
     fold = rng.permutation(n_users) % 2                                  # cross-fitting halves
     if cfg.train_prior == "crossfit":
-        halves = [train_sasrec([s if fold[u] == f else s[:0] for u, s in enumerate(train_seqs)], n_items,
-                               cfg.sasrec, seed=cfg.seed + 1 + f) for f in (0, 1)]
-    else:           # 'full': the one SASRec; the same halves' order below, so the random draws match
+        halves = [train_sasrec([s if fold[u] == f else s[:0] for u, s in enumerate(train_seqs)],
+                               n_items, cfg.sasrec, seed=cfg.seed + 1 + f) for f in (0, 1)]
+    else:  # 'full': the one SASRec; the same halves' order below, so the random draws match
         halves = [full, full]
 
     arrays = {}
@@ -298,7 +311,8 @@ def build(parsed: Parsed, cfg: DataConfig, log=print):
         cands = np.zeros((len(us), K), np.int64)
         prior = np.zeros(len(us), np.int64)
         fixed = fixed_candidates(parsed, split, us, hs, ts_, users_raw, items_raw, K)
-        if split == "train":  # each half's samples scored by the model that never saw them (or by `full`)
+        # each half's samples scored by the model that never saw them (or by `full`)
+        if split == "train":
             for f in (0, 1):
                 rows_f = np.flatnonzero(fold[us] != f)
                 _candidates(halves[f], [hs[r] for r in rows_f], ts_[rows_f], n_items, cfg, rng,
@@ -314,17 +328,19 @@ def build(parsed: Parsed, cfg: DataConfig, log=print):
     # peers: cosine of SASRec user embeddings after each user's last training items
     # (a valid or test user of users.csv: after its history; only training users are peers)
     is_train = np.array([h == 0 or role is None for h in held_out])
-    emb = last_hidden(full, [s[-H:] if is_train[u] else seqs[u][:-1][-H:] for u, s in enumerate(train_seqs)])
+    emb = last_hidden(full,
+                      [s[-H:] if is_train[u] else seqs[u][:-1][-H:]
+                       for u, s in enumerate(train_seqs)])
     emb = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-8)
     sim = emb @ emb.T
     np.fill_diagonal(sim, -np.inf)
     sim[:, ~is_train] = -np.inf
     peers, w = peer_weights(sim, min(cfg.n_peers, int(is_train.sum()) - 1))
 
-    # UserAgent F1 set (docs/method.md section 6): every test user. Its history is the one before its
-    # validation sample where it has one (its positives are then the validation and test items, the
-    # user's real future), else the one before its test item (a test user with too short a history
-    # for a validation sample, or a test user of users.csv: one positive, the test item).
+    # UserAgent F1 set (docs/method.md section 6): every test user. Its history is the one before
+    # its validation sample where it has one (its positives are then the validation and test items,
+    # the user's real future), else the one before its test item (a test user with too short a
+    # history for a validation sample, or a test user of users.csv: one positive, the test item).
     f1_user, f1_hist, f1_item, f1_label = [], [], [], []
     valid_row = {int(u): r for r, u in enumerate(arrays["valid_user"])}
     for r, u in enumerate(arrays["test_user"]):
@@ -367,14 +383,17 @@ def build(parsed: Parsed, cfg: DataConfig, log=print):
                 split="users.csv" if role is not None else "leave-one-out",
                 fixed_candidates=len(parsed.cand_lists or []),
                 samples={s: int(len(arrays[f"{s}_user"])) for s in samples},
-                prior_hit={s: float((arrays[f"{s}_prior"] == arrays[f"{s}_target"]).mean()) for s in samples},
-                ceiling={s: float((arrays[f"{s}_cands"] == arrays[f"{s}_target"][:, None]).any(1).mean())
+                prior_hit={s: float((arrays[f"{s}_prior"] == arrays[f"{s}_target"]).mean())
+                           for s in samples},
+                ceiling={s: float((arrays[f"{s}_cands"]
+                                   == arrays[f"{s}_target"][:, None]).any(1).mean())
                          for s in samples},
                 build_seconds=round(time.time() - t0, 1))
     log(f"built in {meta['build_seconds']} s; SASRec prior hit rate (train/valid/test): "
         + " / ".join(f"{meta['prior_hit'][s]:.3f}" for s in samples)
-        + ("; ceiling (target among the candidates): " + " / ".join(f"{meta['ceiling'][s]:.3f}" for s in samples)
-           if cfg.candidates == "sasrec" else ""))
+        + ("; ceiling (target among the candidates): "
+           + " / ".join(f"{meta['ceiling'][s]:.3f}" for s in samples) if cfg.candidates == "sasrec"
+           else ""))
     return arrays, meta
 
 
@@ -392,13 +411,16 @@ def fixed_candidates(parsed, split, us, hs, ts_, users_raw, items_raw, K):
             continue
         r = row_of.get(user_index.get(user, -1))
         if r is None:
-            raise DataError(f"{at}: user {user!r} has no {split} sample (unknown user, another role in users.csv, "
+            raise DataError(f"{at}: user {user!r} has no {split} sample (unknown user, "
+                            f"another role in users.csv, "
                             f"or fewer than the history's minimum of events).")
         if len(ids) != K:
-            raise DataError(f"{at}: {len(ids)} candidates, expected {K} item ids separated by spaces.")
+            raise DataError(f"{at}: {len(ids)} candidates, expected {K} item ids "
+                            f"separated by spaces.")
         unknown = [i for i in ids if i not in item_index]
         if unknown:
-            raise DataError(f"{at}: item {unknown[0]!r} is in neither interactions.csv nor items.csv.")
+            raise DataError(f"{at}: item {unknown[0]!r} is in neither "
+                            f"interactions.csv nor items.csv.")
         c = [item_index[i] for i in ids]
         if len(set(c)) != K:
             raise DataError(f"{at}: an item is listed twice.")
@@ -407,12 +429,14 @@ def fixed_candidates(parsed, split, us, hs, ts_, users_raw, items_raw, K):
                             f"{str(items_raw[ts_[r]])!r}).")
         in_hist = set(c) & set(np.asarray(hs[r]).tolist())
         if in_hist:
-            raise DataError(f"{at}: item {str(items_raw[in_hist.pop()])!r} is in the user's history.")
+            raise DataError(f"{at}: item {str(items_raw[in_hist.pop()])!r} is "
+                            f"in the user's history.")
         out[r] = np.array(c, np.int64)
     return out
 
 
-def _candidates(model, hists, targets, n_items, cfg, rng, cands_out, prior_out, rows_out, fixed=None):
+def _candidates(model, hists, targets, n_items, cfg, rng, cands_out, prior_out, rows_out,
+                fixed=None):
     """Fill cands_out[rows_out] and prior_out[rows_out] for the given histories and targets.
     fixed {row: candidate item indices}: those rows take exactly that list (candidates.csv); the
     random draws are the same with or without it, so the other rows' lists do not change."""
@@ -423,7 +447,8 @@ def _candidates(model, hists, targets, n_items, cfg, rng, cands_out, prior_out, 
         excluded = np.zeros_like(scores, dtype=bool)
         for r, h in enumerate(hb):
             excluded[r, h] = True
-        if cfg.candidates == "sasrec":    # the top K as they are: the target only where SASRec ranked it there
+        # the top K as they are: the target only where SASRec ranked it there
+        if cfg.candidates == "sasrec":
             masked = torch.from_numpy(np.where(excluded, -np.inf, scores))
             c = torch.topk(masked, K, dim=1, sorted=False).indices.numpy()            # (b,K)
         else:                             # the target and K-1 uniform items outside the history
@@ -437,7 +462,7 @@ def _candidates(model, hists, targets, n_items, cfg, rng, cands_out, prior_out, 
                         pick.append(i)
                 neg[r] = pick
             c = np.concatenate([tb[:, None], neg], 1)
-        c = rng.permuted(c, axis=1)                                                  # (b,K) shuffled
+        c = rng.permuted(c, axis=1)  # (b,K) shuffled
         for r, row in enumerate(rb):
             if fixed and int(row) in fixed:
                 c[r] = fixed[int(row)]
@@ -459,19 +484,24 @@ def stats(d: Data):
 
 def add_args(p: argparse.ArgumentParser):
     c = DataConfig()
-    p.add_argument("--dataset", default=c.dataset, help=f"one of {', '.join(sorted(SOURCES))}, or the path of a "
-                   f"folder with interactions.csv and items.csv (see docs/datasets.md)")
-    p.add_argument("--data-dir", default=c.data_dir, help="folder for downloads and the processed cache")
-    p.add_argument("--data-url", default=c.data_url, help="address of the raw file (file:// works), or a local folder of extracted files")
-    p.add_argument("--data-sha256", default=c.data_sha256, help="expected sha256 of the raw file ('none' skips the check)")
+    p.add_argument("--dataset", default=c.dataset,
+                   help=f"one of {', '.join(sorted(SOURCES))}, or the path of a folder with "
+                        "interactions.csv and items.csv (see docs/datasets.md)")
+    p.add_argument("--data-dir", default=c.data_dir,
+                   help="folder for downloads and the processed cache")
+    p.add_argument("--data-url", default=c.data_url,
+                   help="address of the raw file (file:// works), or a local "
+                        "folder of extracted files")
+    p.add_argument("--data-sha256", default=c.data_sha256,
+                   help="expected sha256 of the raw file ('none' skips the check)")
     p.add_argument("--candidates", default=c.candidates, choices=["sasrec", "random"])
     p.add_argument("--sasrec-epochs", type=int, default=c.sasrec.epochs)
 
 
 def config_from_args(a) -> DataConfig:
-    return DataConfig(dataset=a.dataset, data_dir=a.data_dir, data_url=a.data_url, data_sha256=a.data_sha256,
-                      candidates=a.candidates, seed=getattr(a, "seed", 0),
-                      sasrec=SASRecConfig(epochs=a.sasrec_epochs))
+    return DataConfig(dataset=a.dataset, data_dir=a.data_dir, data_url=a.data_url,
+                      data_sha256=a.data_sha256, candidates=a.candidates,
+                      seed=getattr(a, "seed", 0), sasrec=SASRecConfig(epochs=a.sasrec_epochs))
 
 
 def main(argv=None):

@@ -54,7 +54,7 @@ class SASRec(nn.Module):
         self.encoder = nn.TransformerEncoder(layer, cfg.blocks, enable_nested_tensor=False)
         self.ln = nn.LayerNorm(cfg.hidden)
         for name, p in self.named_parameters():  # small init as in the reference implementations;
-            if p.dim() > 1:                        # N(0,1) embeddings times sqrt(hidden) never recover
+            if p.dim() > 1:  # N(0,1) embeddings times sqrt(hidden) never recover
                 nn.init.xavier_normal_(p)
         with torch.no_grad():
             self.item_emb.weight[0].zero_()
@@ -62,7 +62,8 @@ class SASRec(nn.Module):
     def forward(self, seq):
         """seq (B,L) of item rows (0 = padding, left-padded) -> hidden states (B,L,H)."""
         L = seq.shape[1]
-        x = self.item_emb(seq) * self.cfg.hidden ** 0.5 + self.pos_emb(torch.arange(L, device=seq.device))
+        pos = self.pos_emb(torch.arange(L, device=seq.device))
+        x = self.item_emb(seq) * self.cfg.hidden ** 0.5 + pos
         x = self.drop(x) * (seq > 0).unsqueeze(-1)
         causal = torch.ones(L, L, dtype=torch.bool, device=seq.device).triu(1)  # True = blocked
         h = self.encoder(x, mask=causal)
@@ -78,14 +79,15 @@ def left_pad(histories, maxlen):
     row r ends with the last maxlen items of histories[r]. One scatter of all rows at once (a
     per-row tensor copy was a fifth of data preparation on ML-100K); the plain per-row loop is
     the test's reference."""
-    tails = [np.asarray(h, dtype=np.int64).reshape(-1)[-maxlen:] if maxlen else np.zeros(0, np.int64)
-             for h in histories]
+    tails = [np.asarray(h, dtype=np.int64).reshape(-1)[-maxlen:] if maxlen
+             else np.zeros(0, np.int64) for h in histories]
     lens = np.array([len(t) for t in tails], dtype=np.int64)                  # (N,)
     out = np.zeros((len(histories), maxlen), dtype=np.int64)
     if lens.sum():
         rows = np.repeat(np.arange(len(tails)), lens)                         # (total,)
         ends = np.cumsum(lens)
-        cols = np.arange(int(ends[-1])) - np.repeat(ends - lens, lens) + np.repeat(maxlen - lens, lens)
+        cols = np.arange(int(ends[-1])) - np.repeat(ends - lens,
+                                                    lens) + np.repeat(maxlen - lens, lens)
         out[rows, cols] = np.concatenate(tails) + 1
     return torch.from_numpy(out)
 

@@ -55,8 +55,10 @@ class Raw:
                         if hits:
                             return zf.read(hits[0]), f"{p.name}:{hits[0]}"
                 except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as e:
-                    raise DataError(f"{p} is not a readable zip ({e}): it may be truncated; delete it and run again.")
-        raise DataError(f"{name} was not found in {', '.join(map(str, self.paths))}: is this the right file "
+                    raise DataError(f"{p} is not a readable zip ({e}): it may be truncated; "
+                                    f"delete it and run again.")
+        raise DataError(f"{name} was not found in {', '.join(map(str, self.paths))}: is "
+                        f"this the right file "
                         f"or folder for the dataset?")
 
     def has(self, name):
@@ -68,17 +70,20 @@ class Raw:
             return False
 
     def data(self, name):
-        """(bytes, where) of the file called name, unpacked if it is gzip, checked if its sha256 is known."""
+        """(bytes, where) of the file called name, unpacked if it is gzip, checked if its sha256 is
+        known."""
         raw, where = self._find(name)
         want = self.member_sha256.get(name)
         if want and hashlib.sha256(raw).hexdigest() != want:
-            raise DataError(f"{where} has sha256 {hashlib.sha256(raw).hexdigest()}, expected {want}: it is not "
+            raise DataError(f"{where} has sha256 {hashlib.sha256(raw).hexdigest()}, "
+                            f"expected {want}: it is not "
                             f"the official file (pass --data-sha256 none if you trust it).")
         if name.endswith(".gz"):
             try:
                 raw = gzip.decompress(raw)
             except (OSError, EOFError, zlib.error) as e:
-                raise DataError(f"{where} is not a readable gzip file ({e}): it may be truncated; delete it and "
+                raise DataError(f"{where} is not a readable gzip file ({e}): it may be "
+                                f"truncated; delete it and "
                                 f"run again.")
         return raw, where
 
@@ -89,7 +94,8 @@ class Raw:
             text = raw.decode(encoding)
         except UnicodeDecodeError as e:
             line = raw[:e.start].count(b"\n") + 1
-            raise DataError(f"{where} is not valid {encoding} text ({e.reason} on line {line}): is it the "
+            raise DataError(f"{where} is not valid {encoding} text ({e.reason} on "
+                            f"line {line}): is it the "
                             f"original file?")
         return where, [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
 
@@ -111,7 +117,8 @@ def _float(value, where):
 def _fields(line, sep, n, where, at_least=False):
     f = line.split(sep)
     if len(f) < n if at_least else len(f) != n:
-        raise DataError(f"{where}: expected {'at least ' if at_least else ''}{n} fields separated by "
+        raise DataError(f"{where}: expected {'at least ' if at_least else ''}{n} "
+                        f"fields separated by "
                         f"{sep!r}, found {len(f)}: is the file in its original format?")
     return f
 
@@ -138,7 +145,8 @@ class Parsed:
 
 
 def _rating_rows(raw, name, sep):
-    """`user<sep>item<sep>rating<sep>timestamp` lines (latin-1, no header) of the GroupLens .dat files."""
+    """`user<sep>item<sep>rating<sep>timestamp` lines (latin-1, no header) of the GroupLens .dat
+    files."""
     p = Parsed([], [], [], [], {}, {})
     where_, lines = raw.lines(name, "latin-1")
     for n, line in lines:
@@ -181,9 +189,9 @@ def parse_ml_latest_small(raw):
     return p
 
 
-ML100K_GENRES = ["unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary",
-                 "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller",
-                 "War", "Western"]
+ML100K_GENRES = ["unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime",
+                 "Documentary", "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery",
+                 "Romance", "Sci-Fi", "Thriller", "War", "Western"]
 
 
 def parse_ml100k(raw):
@@ -243,7 +251,8 @@ def _json_lines(raw, name):
             except (ValueError, SyntaxError, MemoryError, RecursionError):
                 raise DataError(f"{where} line {n}: not a JSON record; is the file complete?")
         if not isinstance(rec, dict):
-            raise DataError(f"{where} line {n}: expected a JSON object, found {type(rec).__name__}.")
+            raise DataError(f"{where} line {n}: expected a JSON object, found "
+                            f"{type(rec).__name__}.")
         yield f"{where} line {n}", rec
 
 
@@ -279,7 +288,8 @@ def parse_custom(raw):
       items.csv         item,title[,description][,genres]   one row per item id.
     Optional, for published benchmark splits (data/prepare.py applies them):
       users.csv         user,role        role train, valid or test; every user listed.
-      candidates.csv    user,split,candidates   split valid or test; 20 item ids separated by spaces."""
+      candidates.csv    user,split,candidates   split valid or test; 20 item ids separated by
+                        spaces."""
     p = Parsed([], [], [], [], {}, {})
     where, rows = _csv_table(raw, "interactions.csv", ["user", "item", "timestamp"], ["rating"])
     first_line = {}
@@ -305,19 +315,22 @@ def parse_custom(raw):
 
 def _csv_table(raw, name, columns, optional=()):
     """(where, [(line number, {column: value})]) of a custom-format CSV file whose header names at
-    least `columns` (and any of `optional`, which are then in the dicts too); values are stripped."""
+    least `columns` (and any of `optional`, which are then in the dicts too); values are
+    stripped."""
     where, lines = raw.lines(name, "utf-8-sig")
     rows = list(csv.reader([t for _, t in lines]))
     head = [h.strip().lower() for h in rows[0]] if rows else []
     if not set(columns) <= set(head):
         also = f" (and optionally {', '.join(optional)})" if optional else ""
-        raise DataError(f"{where} line 1: expected a header naming the columns {','.join(columns)}{also}, "
+        raise DataError(f"{where} line 1: expected a header naming the columns "
+                        f"{','.join(columns)}{also}, "
                         f"comma-separated; found {lines[0][1] if lines else 'nothing'!r}.")
     cols = list(columns) + [c for c in optional if c in head]
     out = []
     for (n, _), f in zip(lines[1:], rows[1:]):
         if len(f) != len(head):
-            raise DataError(f"{where} line {n}: expected {len(head)} comma-separated fields as in the header, "
+            raise DataError(f"{where} line {n}: expected {len(head)} comma-separated "
+                            f"fields as in the header, "
                             f"found {len(f)}.")
         out.append((n, {c: f[head.index(c)].strip() for c in cols}))
     return where, out
@@ -336,7 +349,8 @@ def _custom_roles(raw, first_line):
         roles[r["user"]] = r["role"]
     for u, at in first_line.items():
         if u not in roles:
-            raise DataError(f"{at}: user {u!r} is not in {where}: with users.csv every user needs a role "
+            raise DataError(f"{at}: user {u!r} is not in {where}: with users.csv "
+                            f"every user needs a role "
                             f"(train, valid or test).")
     return roles
 
@@ -349,7 +363,8 @@ def _custom_candidates(raw):
     for n, r in rows:
         at = f"{where} line {n}"
         if r["split"] not in ("valid", "test"):
-            raise DataError(f"{at}: split {r['split']!r} must be valid or test (a training user gives many "
+            raise DataError(f"{at}: split {r['split']!r} must be valid or test (a "
+                            f"training user gives many "
                             f"samples; their candidates follow --candidates).")
         if (r["user"], r["split"]) in seen:
             raise DataError(f"{at}: user {r['user']!r} has a second {r['split']} row.")
@@ -366,7 +381,8 @@ def _timestamp(value, where):
     try:
         return datetime.datetime.fromisoformat(value.strip()).timestamp()
     except ValueError:
-        raise DataError(f"{where}: timestamp {value!r} is neither a number nor an ISO date (2024-05-01).")
+        raise DataError(f"{where}: timestamp {value!r} is neither a number nor an "
+                        f"ISO date (2024-05-01).")
 
 
 @dataclass
@@ -393,17 +409,21 @@ SOURCES = {
         sha256="696d65a3dfceac7c45750ad32df2c259311949efec81f0f144fdfb91ebc9e436")]),
     # The zip's own checksum is not published; its two files' are (taken from the extracted copy).
     "lastfm": dict(parse=parse_lastfm, files=[RawFile(
-        "hetrec2011-lastfm-2k.zip", "https://files.grouplens.org/datasets/hetrec2011/hetrec2011-lastfm-2k.zip")],
+        "hetrec2011-lastfm-2k.zip",
+        "https://files.grouplens.org/datasets/hetrec2011/hetrec2011-lastfm-2k.zip")],
         member_sha256={
-            "user_taggedartists.dat": "c4a9ffae9ab47a9f9b2f0678ab1f7e5c1db4ca818837d8cddd1f5699c5bbf048",
+            "user_taggedartists.dat":
+                "c4a9ffae9ab47a9f9b2f0678ab1f7e5c1db4ca818837d8cddd1f5699c5bbf048",
             "artists.dat": "c173881362c6b28551368fecb3c0be5a6a30a6cd859e1f5775413dfe46d48648"}),
     # No checksums are published for the Amazon files; the sha256 of what was read is kept in
     # processed.json, and --data-sha256 none is not needed.
     "instruments": dict(parse=parse_instruments, files=[
-        RawFile("Musical_Instruments_5.json.gz", "https://datarepo.eng.ucsd.edu/mcauley_group/data/amazon_v2/"
+        RawFile("Musical_Instruments_5.json.gz",
+                "https://datarepo.eng.ucsd.edu/mcauley_group/data/amazon_v2/"
                 "categoryFilesSmall/Musical_Instruments_5.json.gz"),
-        RawFile("meta_Musical_Instruments.json.gz", "https://datarepo.eng.ucsd.edu/mcauley_group/data/amazon_v2/"
+        RawFile("meta_Musical_Instruments.json.gz",
+                "https://datarepo.eng.ucsd.edu/mcauley_group/data/amazon_v2/"
                 "metaFiles2/meta_Musical_Instruments.json.gz")]),
 }
 CUSTOM = dict(parse=parse_custom, files=[], members=["interactions.csv", "items.csv"],
-              optional=["users.csv", "candidates.csv"])      # their contents are part of the cache key
+              optional=["users.csv", "candidates.csv"])  # their contents are part of the cache key

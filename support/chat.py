@@ -1,7 +1,8 @@
 """
-The agents' messages in natural language, for Hugging Face chat models (support/hf.py). env.py holds the
-built-in model's token-level format and the loop; its format functions hand over to this file's
-ChatTokenizer when `tok.chat` is true. Same content, same rules (docs/method.md section 2), in words:
+The agents' messages in natural language, for Hugging Face chat models (support/hf.py). env.py holds
+the built-in model's token-level format and the loop; its format functions hand over to this file's
+ChatTokenizer when `tok.chat` is true. Same content, same rules (docs/method.md section 2), in
+words:
 
   RecAgent   system: its role.  user: the history (titles, oldest first), the 20 candidates
              (numbered titles), in turn 1 the sequential recommender's suggestion, the conversation
@@ -41,13 +42,14 @@ is unconstrained (the model may write anything, and invalid messages happen). Th
 Thinking is turned off where the template has a switch for it (enable_thinking=False, Qwen3's).
 
 Title matching [ours]: the RecAgent's title is matched to the candidates first exactly, then after
-dropping an echoed list number ("3. ") and normalising both sides (match_title): lower case; a trailing "(1995)" year dropped; a trailing
-", The" / ", A" / ", An" (MovieLens style) and a leading "The" / "A" / "An" dropped; punctuation,
-quotes and markdown asterisks dropped; white space collapsed. An answer that matches no candidate,
-or several, is invalid. A message must also end with the end-of-turn token (not cut off at the
-length limit). The Reason lines are optional [ours]: the RecAgent's message is valid when it names
-exactly one candidate, the UserAgent's when its action and score agree. Why: a small chat model
-often names a real candidate and stops without a reason; the item and the reaction are what the environment and the rewards use.
+dropping an echoed list number ("3. ") and normalising both sides (match_title): lower case; a
+trailing "(1995)" year dropped; a trailing ", The" / ", A" / ", An" (MovieLens style) and a leading
+"The" / "A" / "An" dropped; punctuation, quotes and markdown asterisks dropped; white space
+collapsed. An answer that matches no candidate, or several, is invalid. A message must also end with
+the end-of-turn token (not cut off at the length limit). The Reason lines are optional [ours]: the
+RecAgent's message is valid when it names exactly one candidate, the UserAgent's when its action and
+score agree. Why: a small chat model often names a real candidate and stops without a reason; the
+item and the reaction are what the environment and the rewards use.
 
 Titles are made distinct first [ours] (distinct_titles): a title several items share gets " [2]",
 " [3]", ... on its second and later items (ml-latest-small has five such pairs, one film under two
@@ -61,20 +63,26 @@ import torch
 
 from env import ACTION_RANGE, action_of_score, score_fits
 from grammar import Grammar, Text, trie
-from model import causal_mask, padded_supports, positions, restricted_logprobs, token_logprobs_reference
+from model import (causal_mask, padded_supports, positions, restricted_logprobs,
+                   token_logprobs_reference)
 
 REF_MARK = "@@REFERENCE@@"
-REC_PRIMER = "Recommendation:"     # the assistant's turn starts with the first field (module docstring)
+# the assistant's turn starts with the first field (module docstring)
+REC_PRIMER = "Recommendation:"
 USER_PRIMER = "Action:"
-REC_SYSTEM = ("You are a recommender agent. From the candidate list you recommend the one item the user will "
+REC_SYSTEM = ("You are a recommender agent. From the candidate list you recommend the "
+              "one item the user will "
               "most likely choose next, and you say why in one sentence.")
-USER_SYSTEM = ("You play a user of a recommender system, acting as the history shows. You do not know which item "
-               "you will really choose next; you react to each recommendation with an action, a score and a "
+USER_SYSTEM = ("You play a user of a recommender system, acting as the history shows. You do "
+               "not know which item "
+               "you will really choose next; you react to each recommendation with an "
+               "action, a score and a "
                "reason.")
 REC_FORM = ["Answer in exactly this form:", "Recommendation: <the exact title of one candidate>",
             "Reason: <one sentence>"]
 USER_FORM = ["Answer in exactly this form:", "Action: <click, star, skip or dislike>",
-             "Score: <a number from 0.00 to 1.00: dislike below 0.25, skip below 0.50, star below 0.75, "
+             "Score: <a number from 0.00 to 1.00: dislike below 0.25, skip below "
+             "0.50, star below 0.75, "
              "click from 0.75>", "Reason: <one sentence>"]
 REASON_MAX = 48     # tokens of a message's free-text reason under the grammar [ours]: one sentence
 _ARTICLES = ("the", "a", "an")
@@ -83,7 +91,8 @@ _END_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "</s>")
 
 
 def distinct_titles(titles):
-    """The titles with a title's second, third, ... item marked " [2]", " [3]", ... (module docstring)."""
+    """The titles with a title's second, third, ... item marked " [2]", " [3]", ... (module
+    docstring)."""
     seen, out = {}, []
     for t in titles:
         seen[t] = seen.get(t, 0) + 1
@@ -96,7 +105,7 @@ def normalise_title(t):
     t = t.strip().lower()
     t = re.sub(r"\(\s*\d{4}\s*\)\s*$", "", t).strip()               # "(1995)"
     t = re.sub(r",\s*(the|a|an)\s*$", "", t)                          # "Usual Suspects, The"
-    t = re.sub(r"[^\w\s]", " ", t)                                    # punctuation, quotes, asterisks
+    t = re.sub(r"[^\w\s]", " ", t)  # punctuation, quotes, asterisks
     words = t.split()
     if len(words) > 1 and words[0] in _ARTICLES:
         words = words[1:]
@@ -111,14 +120,15 @@ def match_title(text, cands, titles):
         return exact[0]
     if exact:
         return None
-    text = re.sub(r"^\d{1,2}[.)]\s+", "", text)          # "3. Heat (1995)": the list's numbering echoed
+    text = re.sub(r"^\d{1,2}[.)]\s+", "", text)  # "3. Heat (1995)": the list's numbering echoed
     n = normalise_title(text)
     near = {i for i in cands if normalise_title(titles[i]) == n} if n else set()
     return near.pop() if len(near) == 1 else None
 
 
 def _field(text, name):
-    """The value of the first line 'Name: value' (markdown bold around the name allowed), or None."""
+    """The value of the first line 'Name: value' (markdown bold around the name allowed), or
+    None."""
     m = re.search(rf"(?im)^[\s*#-]*{name}[\s*]*:[\s*]*(.+?)\s*$", text)
     return m.group(1).strip() if m else None
 
@@ -128,10 +138,12 @@ class ChatTokenizer:
     env.Tokenizer's format methods). Every method returns or takes token ids."""
 
     chat = True
-    rec_max_new = 64      # a title and a one-sentence reason (unconstrained decoding; a grammar may allow more)
+    # a title and a one-sentence reason (unconstrained decoding; a grammar may allow more)
+    rec_max_new = 64
     user_max_new = 64
     reason_max = REASON_MAX
-    eval_batch = 16       # long prompts: 256 SmolLM2-135M prompts of ~760 tokens hold ~9 GB of float32 KV cache
+    # long prompts: 256 SmolLM2-135M prompts of ~760 tokens hold ~9 GB of float32 KV cache
+    eval_batch = 16
 
     def __init__(self, hf_tokenizer, titles, item_word="item"):
         self.hf = hf_tokenizer
@@ -140,11 +152,12 @@ class ChatTokenizer:
         self.end_id = hf_tokenizer.eos_token_id
         vocab = hf_tokenizer.get_vocab()
         self.stop_ids = tuple(sorted({self.end_id} | {vocab[t] for t in _END_TOKENS if t in vocab}))
-        self.pad_id = hf_tokenizer.pad_token_id if hf_tokenizer.pad_token_id is not None else self.end_id
+        pad = hf_tokenizer.pad_token_id
+        self.pad_id = pad if pad is not None else self.end_id
         self.vocab_size = len(hf_tokenizer)
         self._titles = {}                        # item -> its answer's title tokens (title_ids)
         self._reason = self.text("Reason:")
-        self._scores = None                      # the trie of the 101 (action, score) heads, built once
+        self._scores = None  # the trie of the 101 (action, score) heads, built once
 
     # ---- text <-> ids ----
     def text(self, s):
@@ -157,14 +170,17 @@ class ChatTokenizer:
         """The chat template applied to (system, user) with the generation prompt, then the primer;
         the reference ids go where the REF_MARK line is (see the module docstring)."""
         user = "\n".join(user_lines)
-        # enable_thinking=False: templates with a thinking mode (Qwen3's) then open the assistant's turn
-        # with an empty thought; the others ignore the variable
+        # enable_thinking=False: templates with a thinking mode (Qwen3's) then open the assistant's
+        # turn with an empty thought; the others ignore the variable
         kw = dict(tokenize=False, add_generation_prompt=True, enable_thinking=False)
         try:
-            text = self.hf.apply_chat_template([{"role": "system", "content": system}, {"role": "user", "content": user}],
+            text = self.hf.apply_chat_template([{"role": "system", "content": system},
+                                                {"role": "user", "content": user}],
                                                **kw)
-        except Exception:  # noqa: BLE001 - templates without a system role (e.g. Gemma's) raise their own errors
-            text = self.hf.apply_chat_template([{"role": "user", "content": system + "\n\n" + user}], **kw)
+        except Exception:  # noqa: BLE001 - templates without a system role (e.g. Gemma's)
+            # raise their own errors
+            merged = [{"role": "user", "content": system + "\n\n" + user}]
+            text = self.hf.apply_chat_template(merged, **kw)
         pre, post = text.split(REF_MARK + "\n")
         return self.text(pre) + list(reference) + self.text(post + primer)
 
@@ -195,8 +211,9 @@ class ChatTokenizer:
             if tr.user_out is not None:
                 user = "You" if for_user else "The user"
                 why = self._user_fields(tr)
-                line += (f" {user} answered: {tr.action}, score {tr.score:.2f}" + (f" ({why})." if why else ".")
-                         if tr.user_valid else f" {user} gave an invalid answer.")
+                line += (f" {user} answered: {tr.action}, score {tr.score:.2f}"
+                         + (f" ({why})." if why else ".") if tr.user_valid
+                         else f" {user} gave an invalid answer.")
             lines.append(line)
         return lines
 
@@ -206,7 +223,8 @@ class ChatTokenizer:
     # ---- the format (env.py hands over to these) ----
     def render_rec(self, traj, t, reference=()):
         lines = ["The user's history, oldest first:"] + self._history(traj)
-        lines += ["", f"Candidates ({len(traj.cands)}):"] + [f"{k + 1}. {self.titles[i]}" for k, i in enumerate(traj.cands)]
+        lines += ["", f"Candidates ({len(traj.cands)}):"]
+        lines += [f"{k + 1}. {self.titles[i]}" for k, i in enumerate(traj.cands)]
         if t == 0 and traj.prior is not None:
             lines += ["", f"A sequential recommender suggests: {self.titles[traj.prior]}"]
         mem = self.memory(traj.turns[:t], for_user=False)
@@ -221,9 +239,11 @@ class ChatTokenizer:
         if mem:
             lines += ["", "Conversation so far:"] + mem
         title, why = self._rec_fields(tr)
-        lines += ["", "The recommender now says:", f"Recommendation: {title}"] + ([f"Reason: {why}"] if why else [])
+        lines += ["", "The recommender now says:",
+                  f"Recommendation: {title}"] + ([f"Reason: {why}"] if why else [])
         lines += ["", self.peer_line(tr.peer_text)]
-        return self.chat_ids(USER_SYSTEM, lines + ["", REF_MARK] + USER_FORM, USER_PRIMER, reference)
+        return self.chat_ids(USER_SYSTEM, lines + ["", REF_MARK] + USER_FORM, USER_PRIMER,
+                             reference)
 
     @staticmethod
     def peer_line(peer_text):
@@ -270,23 +290,30 @@ class ChatTokenizer:
         return self._reason + self.text(sentence)[:self.reason_max] + [self.end_id]
 
     def rec_grammar(self, traj, items=None):
-        """A candidate's title (among `items`, default the candidates), "Reason:", a bounded reason."""
+        """A candidate's title (among `items`, default the candidates), "Reason:", a bounded
+        reason."""
         items = traj.cands if items is None else items
-        return Grammar([[self.title_ids(i) for i in items], [self._reason], Text(self.reason_max, self.stop_ids)])
+        return Grammar([[self.title_ids(i) for i in items], [self._reason],
+                        Text(self.reason_max, self.stop_ids)])
 
     def user_grammar(self, traj):
         """An action and a score d.dd inside its interval, "Reason:", a bounded reason."""
         if self._scores is None:
-            self._scores = trie([self._head_ids(action_of_score(k / 100), k / 100) for k in range(101)])
+            self._scores = trie([self._head_ids(action_of_score(k / 100), k / 100)
+                                 for k in range(101)])
         return Grammar([self._scores, [self._reason], Text(self.reason_max, self.stop_ids)])
 
     def rec_message(self, item, rationale):
-        """A scripted RecAgent message (warm-up dialogues, F1 judgements): what follows the primer."""
-        return self.title_ids(item) + self._reason_ids(f" it is close to {self.titles[rationale]}, which the user "
+        """A scripted RecAgent message (warm-up dialogues, F1 judgements): what follows the
+        primer."""
+        return self.title_ids(item) + self._reason_ids(f" it is close to "
+                                                       f"{self.titles[rationale]}, which the user "
                                                        f"chose before.")
 
     def user_message(self, action, score, justification):
-        return self._head_ids(action, score) + self._reason_ids(f" it reminds me of {self.titles[justification]}.")
+        return self._head_ids(action,
+                              score) + self._reason_ids(f" it reminds me of "
+                                                        f"{self.titles[justification]}.")
 
     def hindsight_reference(self, ref):
         """The hindsight reference d built from trajectory `ref` (template [ours]), as token ids."""
@@ -297,13 +324,15 @@ class ChatTokenizer:
             else:
                 line = f"Turn {k}: \"{self.titles[tr.item]}\" was {'right' if tr.hit else 'wrong'}."
             if tr.user_out is not None:
-                line += f" The user answered {tr.action}." if tr.user_valid else " The user's answer was invalid."
+                line += (f" The user answered {tr.action}." if tr.user_valid
+                         else " The user's answer was invalid.")
             lines.append(line)
         lines.append(f"The user's true next {self.item_word}: \"{self.titles[ref.target]}\".")
         return self.text("\n".join(lines) + "\n\n")
 
     def answer_ids(self, item):
-        """The start of a RecAgent answer naming `item`, for ranking candidates by log-prob (eval.py)."""
+        """The start of a RecAgent answer naming `item`, for ranking candidates by log-prob
+        (eval.py)."""
         return self.title_ids(item)
 
 
@@ -332,18 +361,20 @@ def chat_candidate_scores(model, tok, trajs, prompts, device):
         cache = model.new_cache(1, P + L, device)
         ids = torch.tensor([p], device=device)
         ones = torch.ones_like(ids, dtype=torch.bool)
-        h0 = model(ids, positions(ones), causal_mask(ones), cache, 0)[:, -1:]        # (1,1,C) predicts y_0
+        # (1,1,C) predicts y_0
+        h0 = model(ids, positions(ones), causal_mask(ones), cache, 0)[:, -1:]
         cache.batch_repeat_interleave(n)
         y = torch.full((n, L), tok.pad_id, dtype=torch.long, device=device)
         cv = torch.zeros(n, L, dtype=torch.bool, device=device)
         for k, c in enumerate(comps):
             y[k, :len(c)] = torch.tensor(c, device=device)
             cv[k, :len(c)] = True
-        mask = torch.ones(n, 1, L, P + L, dtype=torch.bool, device=device)          # the prompt: all visible
+        # the prompt: all visible
+        mask = torch.ones(n, 1, L, P + L, dtype=torch.bool, device=device)
         mask[:, :, :, P:] = causal_mask(cv)
         h = model(y, (P + torch.arange(L, device=device)).expand(n, L), mask, cache, P)  # (n,L,C)
-        hs = torch.cat([h0.expand(n, 1, -1), h[:, :-1]], 1)                         # row n predicts y_n
-        support = [g.allowed(c[:k]) for c in comps for k in range(len(c))]         # row-major, as hs[cv]
+        hs = torch.cat([h0.expand(n, 1, -1), h[:, :-1]], 1)  # row n predicts y_n
+        support = [g.allowed(c[:k]) for c in comps for k in range(len(c))]  # row-major, as hs[cv]
         allowed, keep = padded_supports(support, device)
         lp = restricted_logprobs(hs[cv], model.head_weight, allowed, y[cv], keep)   # (N,)
         per = lp.split([len(c) for c in comps])
@@ -355,8 +386,10 @@ def chat_candidate_scores(model, tok, trajs, prompts, device):
 def chat_candidate_scores_reference(model, tok, trajs, prompts, device):
     """Plain reference of chat_candidate_scores: token_logprobs_reference (float64, one pair at a
     time) of each whole prompt + answer under title_grammar."""
-    pairs = [(p, tok.answer_ids(i), title_grammar(tok, tr)) for p, tr in zip(prompts, trajs) for i in tr.cands]
+    pairs = [(p, tok.answer_ids(i), title_grammar(tok, tr)) for p, tr in zip(prompts, trajs)
+             for i in tr.cands]
     prompts_, comps, grammars = zip(*pairs)
-    lp = token_logprobs_reference(model, prompts_, comps, tok.pad_id, device, grammar=list(grammars))
+    lp = token_logprobs_reference(model, prompts_, comps, tok.pad_id, device,
+                                  grammar=list(grammars))
     view = lambda xs: torch.stack(xs).view(len(trajs), -1).float()  # noqa: E731
     return view([x.sum() for x in lp]), view([x.mean() for x in lp])

@@ -1,7 +1,7 @@
 """
-Surviving long runs (train.py): checkpoints, stops, non-finite steps and the run folder's metrics log.
-Its own file because none of it is the method: it is what lets a run of hours be killed, resumed and
-end with exactly the numbers of an uninterrupted run (the test checks that).
+Surviving long runs (train.py): checkpoints, stops, non-finite steps and the run folder's metrics
+log. Its own file because none of it is the method: it is what lets a run of hours be killed,
+resumed and end with exactly the numbers of an uninterrupted run (the test checks that).
 
 A checkpoint holds everything a run needs to continue bit for bit: the trained weights (the whole
 base in stage 1, the adapters in stage 2, whose base is base.pt), the optimiser, the step, every
@@ -23,7 +23,7 @@ import torch
 from env import Trajectory, Turn
 
 CKPT_NAMES = ("ckpt.pt", "ckpt.prev.pt")
-CKPT_FORMAT = 2           # 2: sampling is keyed per episode (sampling.sample_next); no torch generator state
+CKPT_FORMAT = 2  # 2: sampling is keyed per episode (sampling.sample_next); no torch generator state
 
 
 class Stopped(Exception):
@@ -96,7 +96,8 @@ def set_rng_state(rng, text):
 
 
 def buffer_state(buffer):
-    return json.dumps([[list(k), dataclasses.asdict(tr)] for k, tr in buffer.last.items()], default=_plain)
+    return json.dumps([[list(k), dataclasses.asdict(tr)] for k, tr in buffer.last.items()],
+                      default=_plain)
 
 
 def set_buffer_state(buffer, text):
@@ -146,7 +147,8 @@ class BadSteps(Exception):
 def check_bad_streak(cfg, streak, stage, step, run_dir, log, checkpoint):
     if streak >= cfg.max_bad_steps:
         checkpoint()
-        raise BadSteps(f"stage {stage} step {step}: {streak} non-finite losses or gradients in a row, so the run "
+        raise BadSteps(f"stage {stage} step {step}: {streak} non-finite losses or gradients "
+                       f"in a row, so the run "
                        f"stopped; the last good state is checkpointed in {run_dir} (lower --lr or "
                        f"--pretrain-lr, then --resume).")
 
@@ -158,4 +160,5 @@ def plain_progress(log, name, done, total, t0, start=0, extra=""):
     if sys.stdout.isatty() or not (done % every == 0 or done == total) or done <= start:
         return
     rate = (time.time() - t0) / (done - start)
-    log(f"{name}: step {done}/{total}, {rate:.2f} s/step, about {rate * (total - done) / 60:.1f} min left" + extra)
+    log(f"{name}: step {done}/{total}, {rate:.2f} s/step, about "
+        f"{rate * (total - done) / 60:.1f} min left" + extra)

@@ -41,7 +41,8 @@ def init_distributed(cfg):
     else:  # share the cores: each rank's threads would otherwise compete for all of them
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     # stage 1 runs on rank 0 while the others wait at a barrier: allow hours, not the default 30 min
-    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo", timeout=datetime.timedelta(hours=12))
+    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo",
+                            timeout=datetime.timedelta(hours=12))
     return device
 
 

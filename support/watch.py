@@ -4,9 +4,9 @@ file because it is the one place the training loops' metrics leave the run folde
 themselves only append to metrics.jsonl (support/checkpoint.log_jsonl), and everything here reads
 what they wrote.
 
-    python train.py --dataset ml-latest-small --tensorboard      # then: tensorboard --logdir out
-    python train.py --dataset ml-latest-small --wandb coars      # WANDB_MODE=offline works
-    python eval.py --run out/ml-latest-small --plot              # curves.png again from metrics.jsonl
+    python train.py --dataset ml-latest-small --tensorboard   # then: tensorboard --logdir out
+    python train.py --dataset ml-latest-small --wandb coars   # WANDB_MODE=offline works
+    python eval.py --run out/ml-latest-small --plot           # curves.png again from metrics.jsonl
 
   - Trackers (--tensorboard, --wandb PROJECT): every metric a stage writes to metrics.jsonl, with
     its step, goes to TensorBoard event files (out/<run>/tensorboard/stage1 and .../stage2, one
@@ -45,8 +45,8 @@ def _records(run_dir):
 
 def _scalars(rec):
     """The numeric metrics of one metrics.jsonl record (not its stage and step)."""
-    return {k: float(v) for k, v in rec.items() if k not in ("stage", "step") and isinstance(v, (int, float))
-            and not isinstance(v, bool) and np.isfinite(v)}
+    return {k: float(v) for k, v in rec.items() if k not in ("stage", "step")
+            and isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)}
 
 
 class Trackers:
@@ -58,26 +58,30 @@ class Trackers:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
-                raise TrackerError("--tensorboard needs the tensorboard package: pip install tensorboard (or drop "
+                raise TrackerError("--tensorboard needs the tensorboard package: pip install "
+                                   "tensorboard (or drop "
                                    "--tensorboard).") from None
             folder = self.run_dir / "tensorboard"
-            shutil.rmtree(folder, ignore_errors=True)       # written again from the kept metrics.jsonl
+            shutil.rmtree(folder, ignore_errors=True)  # written again from the kept metrics.jsonl
             self.tb = {s: SummaryWriter(str(folder / f"stage{s}")) for s in (1, 2)}
         if wandb_project:
             try:
                 import wandb
             except ImportError:
-                raise TrackerError("--wandb needs the wandb package: pip install wandb (or drop --wandb); "
+                raise TrackerError("--wandb needs the wandb package: pip install "
+                                   "wandb (or drop --wandb); "
                                    "WANDB_MODE=offline runs without an account.") from None
             id_file = self.run_dir / "wandb_id"
-            run_id = id_file.read_text().strip() if resume and id_file.exists() else secrets.token_hex(4)
+            resumed = resume and id_file.exists()
+            run_id = id_file.read_text().strip() if resumed else secrets.token_hex(4)
             id_file.write_text(run_id)
             try:
-                self.wb = wandb.init(project=wandb_project, id=run_id, resume="allow", config=config,
-                                     name=self.run_dir.name, dir=str(self.run_dir))
-            except Exception as e:          # wandb raises many kinds (no network, no login, bad project)
+                self.wb = wandb.init(project=wandb_project, id=run_id, resume="allow",
+                                     config=config, name=self.run_dir.name, dir=str(self.run_dir))
+            except Exception as e:  # wandb raises many kinds (no network, no login, bad project)
                 why = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-                raise TrackerError(f"--wandb could not start a run ({why}); set WANDB_MODE=offline, or run "
+                raise TrackerError(f"--wandb could not start a run ({why}); set "
+                                   f"WANDB_MODE=offline, or run "
                                    f"`wandb login`.") from None
             for s in (1, 2):
                 self.wb.define_metric(f"stage{s}/step")
@@ -97,7 +101,8 @@ class Trackers:
             self._tensorboard(rec)
         if self.wb is not None and rec.get("stage") in (1, 2):
             s = rec["stage"]
-            self.wb.log({f"stage{s}/step": rec["step"], **{f"stage{s}/{k}": v for k, v in _scalars(rec).items()}})
+            self.wb.log({f"stage{s}/step": rec["step"],
+                         **{f"stage{s}/{k}": v for k, v in _scalars(rec).items()}})
 
     def close(self):
         for w in self.tb.values():
@@ -109,15 +114,17 @@ class Trackers:
 # --------------------------------------------------------------------------------------------------
 # curves.png
 
-PANELS = [(1, ("loss",), "stage 1: next-token loss"), (1, ("valid_hr1",), "stage 1: validation HR@1 (no hint)"),
+PANELS = [(1, ("loss",), "stage 1: next-token loss"),
+          (1, ("valid_hr1",), "stage 1: validation HR@1 (no hint)"),
           (2, ("rec_reward", "user_reward"), "stage 2: mean reward per agent"),
-          (2, ("rec_valid", "user_valid"), "stage 2: valid ratio"), (2, ("turns",), "stage 2: turns per episode"),
+          (2, ("rec_valid", "user_valid"), "stage 2: valid ratio"),
+          (2, ("turns",), "stage 2: turns per episode"),
           (2, ("valid_hit", "train_greedy_hit"), "stage 2: greedy Hit@1")]
 
 
 def plot_run(run_dir, log=print):
-    """Write run_dir/curves.png from its metrics.jsonl; returns its path, or None (with one sentence)
-    when matplotlib is missing or there is nothing to plot."""
+    """Write run_dir/curves.png from its metrics.jsonl; returns its path, or None (with one
+    sentence) when matplotlib is missing or there is nothing to plot."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -133,13 +140,14 @@ def plot_run(run_dir, log=print):
     fig, axes = plt.subplots(2, 3, figsize=(12, 6))
     for ax, (stage, keys, title) in zip(axes.flat, PANELS):
         for key in keys:
-            pts = [(r["step"], r[key]) for r in recs if r.get("stage") == stage and isinstance(r.get(key), (int, float))]
+            pts = [(r["step"], r[key]) for r in recs if r.get("stage") == stage
+                   and isinstance(r.get(key), (int, float))]
             if not pts:
                 continue
             x, y = np.array(pts, float).T
             dense = key not in ("valid_hr1", "valid_hit", "train_greedy_hit") and len(y) >= 5
             color = None
-            if dense:                     # per-step values are noisy: a moving mean of 5, as the suite's plot
+            if dense:  # per-step values are noisy: a moving mean of 5, as the suite's plot
                 color = ax.plot(x, y, alpha=0.25, lw=0.8)[0].get_color()
                 y, x = np.convolve(y, np.ones(5) / 5, mode="valid"), x[4:]
             ax.plot(x, y, label=key, marker=None if dense else ".", color=color)
