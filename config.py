@@ -291,13 +291,13 @@ def config_defaults(argv):
         saved = json.loads(Path(path).read_text())
     except OSError as e:
         raise UserError(f"--config {path}: cannot read it ({e.strerror or e}); give the "
-                        f"config.json of a run folder.")
+                        "config.json of a run folder.")
     except json.JSONDecodeError as e:
-        raise UserError(f"--config {path}: not valid JSON (line {e.lineno}); give the "
-                        f"config.json of a run folder.")
+        raise UserError(f"--config {path}: not valid JSON (line {e.lineno}); give the config.json "
+                        "of a run folder.")
     if not isinstance(saved, dict):
-        raise UserError(f"--config {path}: expected an object of options, as "
-                        f"train.py writes config.json.")
+        raise UserError(f"--config {path}: expected an object of options, as train.py writes "
+                        "config.json.")
     saved = saved_options(saved)
     fields = {f.name: f for f in dataclasses.fields(Config)}
     for key, value in saved.items():
@@ -322,8 +322,8 @@ def validate(cfg: Config):
     """Refuse impossible options before any work starts, one sentence each."""
     checks = [
         (cfg.dataset in SOURCES or is_custom(cfg.dataset),
-         f"unknown dataset {cfg.dataset!r}: choose one of {', '.join(sorted(SOURCES))}, "
-         "or a folder path."),
+         f"unknown dataset {cfg.dataset!r}: choose one of {', '.join(sorted(SOURCES))}, or a "
+         "folder path."),
         (cfg.candidates in ("sasrec", "random"), "--candidates must be 'sasrec' or 'random'."),
         (cfg.train_prior in ("crossfit", "full"), "--train-prior must be 'crossfit' or 'full'."),
         (cfg.precision in ("auto", "bf16", "fp32"),
@@ -348,9 +348,8 @@ def validate(cfg: Config):
         (cfg.n_embd % cfg.n_head == 0, "--n-embd must be a multiple of --n-head."),
         (cfg.pretrain_window >= 2 and cfg.pretrain_dialogues >= 0 and cfg.pretrain_future >= 0
          and 0 <= cfg.pretrain_prefixed <= 1,
-         "--pretrain-window must be at least 2, --pretrain-dialogues and "
-         "--pretrain-future at least 0, "
-         "--pretrain-prefixed in [0, 1]."),
+         "--pretrain-window must be at least 2, --pretrain-dialogues and --pretrain-future at "
+         "least 0, --pretrain-prefixed in [0, 1]."),
         (cfg.pretrain_eval_every >= 0 and cfg.pretrain_patience >= 0,
          "--pretrain-eval-every and --pretrain-patience cannot be negative."),
         (0 <= cfg.dropout < 1, "--dropout must be in [0, 1)."),
@@ -368,8 +367,8 @@ def validate(cfg: Config):
         (cfg.rollout_batch >= 0, "--rollout-batch cannot be negative (0 = the whole batch)."),
         (cfg.loss_batch >= 0, "--loss-batch cannot be negative (0 = the backbone's default)."),
         (cfg.train_rec or cfg.train_user or cfg.steps == 0,
-         "--no-train-rec with --no-train-user leaves nothing to train: drop "
-         "one, or use --steps 0."),
+         "--no-train-rec with --no-train-user leaves nothing to train: drop one, or use --steps "
+         "0."),
         (cfg.n_layer >= 1 and cfg.n_head >= 1 and cfg.n_embd >= 1,
          "--n-layer, --n-head and --n-embd must be at least 1."),
         (0 <= cfg.p_reference <= 1, "--p-reference must be within [0, 1]."),

@@ -380,8 +380,8 @@ def main(argv=None):
     from config import UserError
     from support.distributed import device_of
     from support.runs import load_run  # loading a saved run is machinery, not a metric
-    p = argparse.ArgumentParser(description="Evaluate a CoARS training run (see "
-                                            "the module docstring).")
+    p = argparse.ArgumentParser(description="Evaluate a CoARS training run (see the module "
+                                            "docstring).")
     p.add_argument("--run", required=True,
                    help="the run folder written by train.py (holds coars.pt)")
     p.add_argument("--split", default="test", choices=["valid", "test"])
@@ -389,15 +389,14 @@ def main(argv=None):
     p.add_argument("--max-samples", type=int, default=0,
                    help="evaluate a fixed random subset of this size (0 = all)")
     p.add_argument("--plot", action="store_true",
-                   help="only write the run's curves.png from its metrics.jsonl "
-                        "(needs matplotlib), without evaluating")
+                   help="only write the run's curves.png from its metrics.jsonl (needs "
+                        "matplotlib), without evaluating")
     a = p.parse_args(argv)
     if a.plot:
         from support.watch import plot_run
         if not (Path(a.run) / "metrics.jsonl").exists():
-            sys.exit(f"error: {Path(a.run) / 'metrics.jsonl'} does not exist: point --run at "
-                     f"a folder written by "
-                     f"train.py.")
+            sys.exit(f"error: {Path(a.run) / 'metrics.jsonl'} does not exist: point --run at a "
+                     "folder written by train.py.")
         path = plot_run(a.run)
         if path is None:
             sys.exit(1)

@@ -50,8 +50,8 @@ def trie(seqs):
                 raise ValueError(f"grammar part is not prefix-free: a sequence ends inside {sq}")
             node = node.setdefault(t, {})
         if node.get(sq[-1]):
-            raise ValueError(f"grammar part is not prefix-free: {sq} is the "
-                             f"start of another sequence")
+            raise ValueError(f"grammar part is not prefix-free: {sq} is the start of another "
+                             "sequence")
         node[sq[-1]] = {}
     return root
 
@@ -83,16 +83,15 @@ class Grammar:
                 if t not in node.stops:
                     n += 1
                     if n > node.limit:
-                        raise ValueError(f"token {t} at position {len(prefix)}: the text "
-                                         f"part is longer than "
-                                         f"its limit of {node.limit} tokens")
+                        raise ValueError(f"token {t} at position {len(prefix)}: the text part is "
+                                         f"longer than its limit of {node.limit} tokens")
                     continue
                 node = {}                   # a stop id ends the text part
             else:
                 node = node.get(t)
                 if node is None:
-                    raise ValueError(f"token {t} at position {len(prefix)} is outside "
-                                     f"the message's grammar")
+                    raise ValueError(f"token {t} at position {len(prefix)} is outside the "
+                                     "message's grammar")
             if not node:                    # a part is complete: the next one starts
                 k, n = k + 1, 0
                 if k == len(self.parts):

@@ -361,16 +361,14 @@ def stage1(cfg, data, tok, device, run_dir, log, ck=None):
             if STOP.signum:
                 raise Stopped(f"stage 1 step {step + 1}")
         if done:
-            log(f"stage 1: validation HR@1 without the hint has not improved for "
-                f"{best['since']} evaluations: "
-                f"stopping after step {step + 1}")
+            log(f"stage 1: validation HR@1 without the hint has not improved for {best['since']} "
+                f"evaluations: stopping after step {step + 1}")
             break
     if cfg.pretrain_steps and start < cfg.pretrain_steps or (ck and ck["stage"] == 1):
         if best["model"] is not None:
             model.load_state_dict(best["model"])
-            log(f"stage 1: keeping the weights of step {best['step']} (validation "
-                f"HR@1 without the hint "
-                f"{best['hr1']:.4f} on {len(valid_rows)} samples)")
+            log(f"stage 1: keeping the weights of step {best['step']} (validation HR@1 without the "
+                f"hint {best['hr1']:.4f} on {len(valid_rows)} samples)")
         tmp = path.with_suffix(".tmp")
         torch.save({"model": model.state_dict(), "key": json.dumps(key, sort_keys=True),
                     "valid_hr1": best["hr1"], "best_step": best["step"]}, tmp)

@@ -80,9 +80,8 @@ def grammar_mask(grammars, prefixes, V, device, done=None):
         if a is None:
             continue
         if not a:
-            raise ValueError("a message is complete under its grammar but generation "
-                             "did not stop: end the "
-                             "grammar with a stop token")
+            raise ValueError("a message is complete under its grammar but generation did not "
+                             "stop: end the grammar with a stop token")
         rows += [b] * len(a)
         cols += a
         mask[b] = False
@@ -101,8 +100,8 @@ def decoder(model, compile=False):
     if not compile:
         return model.decode
     if not isinstance(model, GPT):
-        raise ValueError("compile=True is for the built-in GPT (a Hugging Face "
-                         "model has its own cache)")
+        raise ValueError("compile=True is for the built-in GPT (a Hugging Face model has its own "
+                         "cache)")
     if model not in _COMPILED:
         fn = torch.compile(model.decode)
 
@@ -111,9 +110,8 @@ def decoder(model, compile=False):
                 return fn(*args)
             except torch._dynamo.exc.BackendCompilerFailed as e:
                 why = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-                raise CompileError(f"torch.compile could not build the decode step "
-                                   f"({why}); run without "
-                                   f"compilation (drop --compile).") from None
+                raise CompileError(f"torch.compile could not build the decode step ({why}); run "
+                                   "without compilation (drop --compile).") from None
         _COMPILED[model] = step
     return _COMPILED[model]
 

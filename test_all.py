@@ -1216,6 +1216,31 @@ def test_checksum_mismatch_and_corrupt_zip_are_clear_errors(synth, tmp_path):
         prepare(DataConfig(dataset="ml-2m"), log=lambda *a: None)
 
 
+def test_a_new_data_url_is_fetched_not_replaced_by_the_cached_file(synth, tmp_path):
+    """A cached raw file remembers its address: pointed at another file, prepare() fetches that one
+    (here a corrupt zip: refused with its own error) instead of reading the old file again."""
+    logs = []
+    cfg = DataConfig(dataset="ml-1m", data_dir=str(tmp_path), data_url=synth["url"],
+                     data_sha256=synth["sha"], sasrec=SASRecConfig(epochs=1))
+    prepare(cfg, log=logs.append)
+    assert (tmp_path / "ml-1m" / "ml-1m.zip.source").read_text().strip() == synth["url"]
+    bad = tmp_path / "other" / "ml-1m.zip"
+    bad.parent.mkdir()
+    bad.write_bytes(synth["zip"].read_bytes()[:500])
+    cfg.data_url, cfg.data_sha256 = bad.as_uri(), "none"
+    with pytest.raises(DataError, match="not a readable zip"):
+        prepare(cfg, log=logs.append)
+    assert any(f"came from {synth['url']}, not {bad.as_uri()}: fetching it again" in m for m in logs)
+    # back to the first address: fetched again (the corrupt file had replaced it), then cached
+    cfg.data_url, cfg.data_sha256 = synth["url"], synth["sha"]
+    logs.clear()
+    prepare(cfg, log=logs.append)
+    assert any("downloading" in m for m in logs)
+    logs.clear()
+    prepare(cfg, log=logs.append)
+    assert not any("downloading" in m or "rebuilding" in m for m in logs), logs
+
+
 def test_malformed_row_names_file_and_line(tmp_path):
     z = tmp_path / "m.zip"
     with zipfile.ZipFile(z, "w") as f:
@@ -1505,19 +1530,31 @@ def test_train_and_eval_end_to_end_on_synthetic_ml1m(synth, tmp_path):
     ret = res["user_returns"]
     assert set(ret) == {"trained UserAgent", "untrained UserAgent", "always click (1.00)", "always dislike (0.00)"}
     assert ret["always click (1.00)"]["accept"] == 1.0 and ret["always dislike (0.00)"]["accept"] == 0.0
-    # the base is reused on a second run with the same data and stage-1 options
-    r2 = run(args + ["--steps", "1", "--skip-eval"])
-    assert r2.returncode == 0 and "reusing the pretrained base" in r2.stdout
-    # eval.py on the finished run reproduces the stored numbers (greedy decoding is deterministic)
+    # eval.py on the finished run reproduces the stored numbers of every row, the trained adapters'
+    # (rec, user, sft) included (greedy decoding is deterministic)
     r3 = run(["eval.py", "--run", str(run_dir)])
     assert r3.returncode == 0, r3.stderr[-3000:]
     res3 = json.loads((run_dir / "results.json").read_text())
-    assert res3["methods"]["Memory-based ARS"]["hit"] == res["methods"]["Memory-based ARS"]["hit"]
+    assert set(res3["methods"]) == set(res["methods"])
+    for name in res["methods"]:
+        assert res3["methods"][name] == res["methods"][name], name
+    assert res3["paired"] == res["paired"] and res3["user_returns"] == res["user_returns"]
+    # a coars.pt whose adapters do not fit the model is refused, never loaded as untrained ones
+    ck = torch.load(run_dir / "coars.pt", weights_only=True)
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "base.pt").write_bytes((run_dir / "base.pt").read_bytes())
+    ck["adapters"] = {k.replace(".adapters.user.", ".adapters.usr."): v for k, v in ck["adapters"].items()}
+    torch.save(ck, tmp_path / "bad" / "coars.pt")
+    with pytest.raises(UserError, match="does not fit the model it describes"):
+        load_run(tmp_path / "bad")
     # a validation evaluation goes beside the run's test results, never over them
     r4 = run(["eval.py", "--run", str(run_dir), "--split", "valid"])
     assert r4.returncode == 0 and json.loads((run_dir / "results_valid.json").read_text())["split"] == "valid"
     assert "per_sample" in json.loads((run_dir / "results_valid.json").read_text())   # for tools/suite.py --against
     assert json.loads((run_dir / "results.json").read_text())["split"] == "test"
+    # the base is reused on a second run with the same data and stage-1 options
+    r2 = run(args + ["--steps", "1", "--skip-eval"])
+    assert r2.returncode == 0 and "reusing the pretrained base" in r2.stdout
 
 
 @pytest.mark.parametrize("source", ["ml-100k", "lastfm", "instruments", "custom"])
@@ -1733,6 +1770,9 @@ def test_resume_refuses_other_options_or_data(small_run, small_base, tmp_path):
     r = run(["train.py"] + small_run + ["--out-dir", str(out), "--run-name", "r", "--steps", "2", "--resume",
                                         "--candidates", "sasrec"])
     assert "--candidates 'random', not 'sasrec'" in r.stderr
+    # refused before any data work: the cache built with the run's options is not rebuilt
+    assert "building" not in r.stdout and "SASRec" not in r.stdout, r.stdout
+    assert "--config " + str(out / "r" / "config.json") + " --resume" in r.stderr
     r = run(["train.py"] + small_run + ["--out-dir", str(out), "--run-name", "none", "--resume"])
     assert "error: --resume: there is no checkpoint in" in r.stderr
     # the same options but other data: the fingerprint differs
@@ -2152,7 +2192,15 @@ def test_suite_orchestration_on_tiny_data(synth, tmp_path, monkeypatch):
     assert len(f["methods"]["SASRec top-1"]["hit_per_seed"]) == 2
 
 
-def test_show_and_interactive_on_a_run(synth, tmp_path, capsys, monkeypatch):
+def test_viewer_rounds_a_typed_score_before_it_checks_it():
+    """0.749 is a star's score as typed but a click's as written (two decimals): asked again."""
+    assert viewer.parse_score("0.749", "star") is None and viewer.parse_score("0.7", "star") == 0.7
+    assert viewer.parse_score("0.2499", "dislike") is None and viewer.parse_score("0.4999", "skip") is None
+    assert viewer.parse_score("1", "click") == 1.0 and viewer.parse_score("0.2499", "skip") == 0.25
+    assert viewer.parse_score("high", "click") is None
+
+
+def test_show_and_interactive_on_a_run(synth, tmp_path, capsys):
     args = ["--dataset", "ml-1m", "--data-url", synth["url"], "--data-sha256", synth["sha"], "--data-dir",
             str(tmp_path / "d"), "--out-dir", str(tmp_path / "o"), "--run-name", "r", "--sasrec-epochs", "1",
             "--pretrain-steps", "30", "--pretrain-batch", "8", "--pretrain-dialogues", "6", "--steps", "1", "--batch", "2", "--skip-eval"]
@@ -2175,10 +2223,28 @@ def test_show_and_interactive_on_a_run(synth, tmp_path, capsys, monkeypatch):
     assert all(t.rec_valid and t.item in tr.cands for t in tr.turns) and tr.turns[0].action == "skip"
     assert tr.turns[-1].action == "click" and tr.done and "conversation over" in said[-1]
     assert all(env.message_grammar(tok, tr, "rec").allowed(t.rec_out) == [] for t in tr.turns)   # whole messages
+    # a score that only rounds into the next interval is asked again (it crashed the viewer), so is
+    # an out-of-range reason; --split and --sample are honoured; the end of input stops cleanly
+    script = iter(["star", "0.749", "0.7", "99", "1"])
+
+    def ask(q):
+        try:
+            return next(script)
+        except StopIteration:
+            raise EOFError from None
+    said = []
+    tr = viewer.interactive(tmp_path / "o" / "r", ask=ask, out=said.append, split="valid", sample=3)
+    text = "\n".join(said)
+    assert (tr.split, tr.row) == ("valid", 3) and "valid sample 3" in said[0]
+    assert "a number in the action's interval" in text and "a history number from 0 to" in text
+    assert (tr.turns[0].action, tr.turns[0].score, tr.turns[0].user_valid) == ("star", 0.7, True)
+    assert tr.turns[0].user_out == tok.user_message("star", 0.7, tr.hist[1])
+    assert "input ended" in said[-1] and not tr.done
+    with pytest.raises(UserError, match="--sample 99999: the valid split has samples 0-"):
+        viewer.interactive(tmp_path / "o" / "r", ask=ask, out=said.append, split="valid", sample=99999)
     # tools/headroom.py on the same run: 8 rows; with the oracle user a right first pick is always
     # kept (final Hit@1 >= turn-1 Hit@1), and with the exclusion no turned-down item is named again
     from tools import headroom
-    monkeypatch.undo()
     cfg, model, tok, data = load_run(tmp_path / "o" / "r")
     rows, peers = headroom.headroom(model, tok, data, "valid", cfg.t_max, "cpu", n_boot=20)
     assert len(rows) == 8 and len(peers) == 2

@@ -83,12 +83,11 @@ def check_run_dir(cfg):
     try:
         probe_writable(run_dir)
     except OSError as e:
-        raise UserError(f"cannot write to the run folder {run_dir} ({e.strerror or e}): "
-                        f"choose another --out-dir "
-                        f"or --run-name.")
+        raise UserError(f"cannot write to the run folder {run_dir} ({e.strerror or e}): choose "
+                        "another --out-dir or --run-name.")
     if cfg.resume and not any((run_dir / n).exists() for n in CKPT_NAMES):
-        raise UserError(f"--resume: there is no checkpoint in {run_dir}; start the "
-                        f"run without --resume.")
+        raise UserError(f"--resume: there is no checkpoint in {run_dir}; start the run without "
+                        "--resume.")
     return run_dir
 
 
@@ -98,19 +97,20 @@ RESUMABLE = {"resume", "ckpt_every", "skip_eval", "device", "n_boot", "eval_test
              "tensorboard", "wandb"}
 
 
-def check_resumable(ck, cfg, data):
-    """Refuse to resume with other options or other data, naming the first difference."""
+def check_resumable(ck, cfg, data=None):
+    """Refuse to resume with other options (checked before any data work, so a refusal costs
+    seconds) or, given the data, other data, naming the first difference."""
     old, new = ck["config"], dataclasses.asdict(cfg)
     for k in new:
         if k not in RESUMABLE and old.get(k) != new[k]:
             raise UserError(f"--resume: the run was started with --{k.replace('_', '-')} "
-                            f"{old.get(k)!r}, not "
-                            f"{new[k]!r}; resume with the same options or "
-                            f"choose another --run-name.")
-    if ck["data"] != data_fingerprint(data):
-        raise UserError("--resume: the data differs from the data the run was started with "
-                        "(other raw files or "
-                        "data options); resume with the same data or choose another --run-name.")
+                            f"{old.get(k)!r}, not {new[k]!r}; resume with the same options (python "
+                            f"train.py --config {cfg.run_dir() / 'config.json'} --resume) or "
+                            "choose another --run-name.")
+    if data is not None and ck["data"] != data_fingerprint(data):
+        raise UserError("--resume: the data differs from the data the run was started with (other "
+                        "raw files or data options); resume with the same data or choose another "
+                        "--run-name.")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -381,8 +381,8 @@ class Stage2Run:
                              R_rec=f"{rec.get('rec_reward', 0):+.2f}",
                              A=f"{rec.get('rec_credit', 0):+.2f}", s=f"{rec['step_s']:.1f}",
                              tok_s=rec["tokens_per_s"],
-                             split=f"roll {rec['rollout_s']:.1f}/teach {rec['teacher_s']:.1f}"
-                                   f"/stud {rec['student_s']:.1f}")
+                             split=f"roll {rec['rollout_s']:.1f}/teach {rec['teacher_s']:.1f}/stud "
+                                   f"{rec['student_s']:.1f}")
         if self.lead:
             log_jsonl(self.run_dir / "metrics.jsonl", rec)
             plain_progress(self.log, "stage 2", step, cfg.steps, self.t_stage, self.start,
@@ -475,8 +475,7 @@ def sft_reference(cfg, model, tok, data, device, log=print):
     for p in params:
         p.requires_grad_(False)
     log(f"SFT reference: {len(losses)} steps in {time.time() - t0:.0f} s, loss "
-        f"{np.mean(losses[:5]):.3f} -> "
-        f"{np.mean(losses[-5:]):.3f}" if losses
+        f"{np.mean(losses[:5]):.3f} -> {np.mean(losses[-5:]):.3f}" if losses
         else "SFT reference: no step (no target among the candidates)")
     return model
 
@@ -562,9 +561,9 @@ def main(argv=None):
         if cfg.resume:
             ck = load_checkpoint(run_dir, print if lead else (lambda *a: None))
             if ck is None:
-                raise UserError(f"--resume: every checkpoint in {run_dir} is damaged; start "
-                                f"the run again without "
-                                f"--resume.")
+                raise UserError(f"--resume: every checkpoint in {run_dir} is damaged; start the "
+                                "run again without --resume.")
+            check_resumable(ck, cfg)          # the options, before the data is built
         elif lead:
             for name in CKPT_NAMES + ("metrics.jsonl",):
                 (run_dir / name).unlink(missing_ok=True)
@@ -578,8 +577,8 @@ def main(argv=None):
             check_resumable(ck, cfg, data)
             if lead:
                 truncate_metrics(run_dir, ck["metrics_lines"])
-                print(f"resuming {run_dir} from its stage-{ck['stage']} checkpoint "
-                      f"at step {ck['step']}")
+                print(f"resuming {run_dir} from its stage-{ck['stage']} checkpoint at step "
+                      f"{ck['step']}")
         if lead:
             (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
             if cfg.tensorboard or cfg.wandb:  # after the resume's truncation of metrics.jsonl
@@ -611,9 +610,8 @@ def run(cfg, data, device, run_dir, ck, t_start):
     except UserError as e:
         sys.exit(f"error: {e}")
     except Stopped as e:
-        log(f"stopped by {STOP.name} after {e}; checkpoint written in {run_dir}; "
-            f"continue with the same "
-            f"command and --resume")
+        log(f"stopped by {STOP.name} after {e}; checkpoint written in {run_dir}; continue with the "
+            "same command and --resume")
         sys.exit(128 + STOP.signum)
     except BadSteps as e:
         sys.exit(f"error: {e}")

@@ -35,18 +35,24 @@ def sha256_of(path):
 
 def fetch(url, dest: Path, sha256=None, log=print, md5=None):
     """Download url to dest unless it is there, then verify its sha256 (or md5; None = do not
-    check). A download goes to dest.part first, so an interrupted one never looks complete."""
+    check). A download goes to dest.part first, so an interrupted one never looks complete. The
+    address a file came from is kept beside it (dest.source): a cached file from another address
+    is fetched again, never silently read in place of the one asked for."""
     def check(path, what):
         for algo, want, flag in (("sha256", sha256, "--data-sha256 {}"),
                                  ("md5", md5, "--data-sha256 none")):
             if want:
                 got = digest(path, algo)
                 if got != want:
-                    return (f"{what} has {algo} {got}, expected {want}: it is corrupt or "
-                            f"not the official file "
-                            f"(pass {flag.format(digest(path))} if you trust it)")
+                    return (f"{what} has {algo} {got}, expected {want}: it is corrupt or not the "
+                            f"official file (pass {flag.format(digest(path))} if you trust it)")
         return None
 
+    source = dest.with_name(dest.name + ".source")
+    came_from = source.read_text().strip() if source.is_file() else None
+    if dest.exists() and came_from not in (None, url):
+        log(f"{dest} came from {came_from}, not {url}: fetching it again")
+        dest.unlink()
     if not dest.exists():
         log(f"downloading {url} -> {dest}")
         part = dest.with_name(dest.name + ".part")
@@ -57,14 +63,14 @@ def fetch(url, dest: Path, sha256=None, log=print, md5=None):
                     f.write(block)
         except (urllib.error.URLError, OSError, ValueError) as e:
             part.unlink(missing_ok=True)
-            raise DataError(f"could not download {url} "
-                            f"({getattr(e, 'reason', None) or e}): check the address "
-                            f"(--data-url) or put the file at {dest} yourself.")
+            raise DataError(f"could not download {url} ({getattr(e, 'reason', None) or e}): check "
+                            f"the address (--data-url) or put the file at {dest} yourself.")
         bad = check(part, f"the file downloaded from {url}")
         if bad:
             part.unlink()
             raise DataError(bad + ".")
         os.replace(part, dest)
+        source.write_text(url + "\n")
     else:
         bad = check(dest, str(dest))
         if bad:
@@ -102,15 +108,13 @@ def locate(cfg, log=print):
     if is_custom(cfg.dataset):
         folder = Path(cfg.dataset).expanduser()
         if not folder.is_dir():
-            raise DataError(f"--dataset {cfg.dataset}: no such folder (a custom "
-                            f"dataset is a folder with "
-                            f"interactions.csv and items.csv; see docs/datasets.md).")
+            raise DataError(f"--dataset {cfg.dataset}: no such folder (a custom dataset is a "
+                            "folder with interactions.csv and items.csv; see docs/datasets.md).")
         files = [folder / m for m in CUSTOM["members"]]
         for f in files:
             if not f.is_file():
-                raise DataError(f"{f} is missing: a custom dataset folder needs "
-                                f"interactions.csv and items.csv "
-                                f"(format in docs/datasets.md).")
+                raise DataError(f"{f} is missing: a custom dataset folder needs interactions.csv "
+                                "and items.csv (format in docs/datasets.md).")
         files += [folder / m for m in CUSTOM["optional"] if (folder / m).is_file()]
         tag = hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:8]
         cache = Path(cfg.data_dir) / f"custom-{folder.resolve().name}-{tag}"
@@ -118,8 +122,8 @@ def locate(cfg, log=print):
         return CUSTOM, Raw(files), cache, _files_sha256(files)
     if cfg.dataset not in SOURCES:
         raise DataError(f"unknown dataset {cfg.dataset!r}: choose one of "
-                        f"{', '.join(sorted(SOURCES))}, or "
-                        f"give the path of a folder in the custom format (see docs/datasets.md).")
+                        f"{', '.join(sorted(SOURCES))}, or give the path of a folder in the custom "
+                        "format (see docs/datasets.md).")
     src = SOURCES[cfg.dataset]
     cache = Path(cfg.data_dir) / cfg.dataset
     _check_writable(cache)
@@ -127,8 +131,7 @@ def locate(cfg, log=print):
     no_check = cfg.data_sha256.lower() == "none"
     if cfg.data_sha256 and not no_check and len(src["files"]) > 1:
         raise DataError(f"--data-sha256 takes one checksum, but {cfg.dataset} has "
-                        f"{len(src['files'])} raw files: "
-                        f"use '' or 'none'.")
+                        f"{len(src['files'])} raw files: use '' or 'none'.")
     local = _local_dir(cfg.data_url)
     if local is not None:                                   # an extracted copy: read it in place
         raw = Raw([local], None if no_check else members)
@@ -161,5 +164,5 @@ def _check_writable(folder: Path):
     try:
         probe_writable(folder)
     except OSError as e:
-        raise DataError(f"cannot write to the data folder {folder} ({e.strerror or e}): "
-                        f"choose another --data-dir.")
+        raise DataError(f"cannot write to the data folder {folder} ({e.strerror or e}): choose "
+                        "another --data-dir.")

@@ -80,9 +80,8 @@ class _AllowListUnpickler(pickle.Unpickler):
 
     def find_class(self, module, name):
         if (module, name) not in ALLOWED:
-            raise DataError(f"{self.where}: refusing to unpickle {module}.{name}: only "
-                            f"DataFrames of plain values "
-                            f"are read (is this the published file?).")
+            raise DataError(f"{self.where}: refusing to unpickle {module}.{name}: only DataFrames "
+                            "of plain values are read (is this the published file?).")
         if (module, name) in MOVED and importlib.util.find_spec(module) is None:
             module, name = MOVED[(module, name)]
         if module.startswith(("numpy.core.", "numpy._core.")):     # the name this numpy uses
@@ -95,23 +94,22 @@ def read_frame(path):
     try:
         import pandas  # noqa: F401  (the pickle's classes live there)
     except ImportError:
-        raise DataError("the converter needs pandas to read the .df "
-                        "files: pip install pandas.") from None
+        raise DataError("the converter needs pandas to read the .df files: pip install "
+                        "pandas.") from None
     try:
         u = _AllowListUnpickler(io.BytesIO(Path(path).read_bytes()))
         u.where = str(path)
         df = u.load()
     except FileNotFoundError:
-        raise DataError(f"{path} is missing: a LLaRA-style folder holds "
-                        f"train_data.df, Val_data.df, "
-                        f"Test_data.df and id2name.txt (or u.item).") from None
+        raise DataError(f"{path} is missing: a LLaRA-style folder holds train_data.df, "
+                        "Val_data.df, Test_data.df and id2name.txt (or u.item).") from None
     except (pickle.UnpicklingError, EOFError, AttributeError, TypeError, ValueError,
             ImportError) as e:
         raise DataError(f"{path} is not a readable pickled DataFrame ({e}).") from None
     missing = {"seq", "len_seq", "next"} - set(getattr(df, "columns", []))
     if missing:
-        raise DataError(f"{path} has no column {sorted(missing)[0]!r}: expected "
-                        f"seq, len_seq and next.")
+        raise DataError(f"{path} has no column {sorted(missing)[0]!r}: expected seq, len_seq and "
+                        "next.")
     return [dict(seq=[_id(x) for x in r.seq], len_seq=int(r.len_seq), next=_id(r.next))
             for r in df.itertuples(index=False)]
 
@@ -138,8 +136,8 @@ def read_names(src):
                 f = line.split("|")
                 names[int(f[0]) - 1] = f[1]
     else:
-        raise DataError(f"{src} has neither id2name.txt nor u.item: is it a "
-                        f"LLaRA-style data folder?")
+        raise DataError(f"{src} has neither id2name.txt nor u.item: is it a LLaRA-style data "
+                        "folder?")
     return names
 
 
@@ -172,9 +170,8 @@ def convert(src, out, afl_candidates=False, log=print):
         lists = afl_test_candidates(names, kept["test"], pad)
         _write_csv(out / "candidates.csv", ["user", "split", "candidates"],
                    ([f"test{k}", "test", " ".join(map(str, c))] for k, c in enumerate(lists)))
-    log(f"wrote {out}: {sum(r == 'train' for _, r, _ in users)} train, "
-        f"{len(kept['valid'])} valid and "
-        f"{len(kept['test'])} test users, {len(names)} items"
+    log(f"wrote {out}: {sum(r == 'train' for _, r, _ in users)} train, {len(kept['valid'])} valid "
+        f"and {len(kept['test'])} test users, {len(names)} items"
         + (", AFL's test candidates" if afl_candidates else ""))
 
 
@@ -201,8 +198,8 @@ def afl_test_candidates(names, test_rows, pad):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Convert a LLaRA / AFL data folder "
-                                            "to the custom format.")
+    p = argparse.ArgumentParser(description="Convert a LLaRA / AFL data folder to the custom "
+                                            "format.")
     p.add_argument("--src", required=True,
                    help="folder with train_data.df, Val_data.df, Test_data.df, id2name.txt")
     p.add_argument("--out", required=True, help="custom-format folder to write")

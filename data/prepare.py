@@ -201,9 +201,8 @@ def write_cache(folder: Path, arrays, meta):
     except OSError as e:
         for f in (tmp, meta_path.with_suffix(".json.part")):
             f.unlink(missing_ok=True)
-        raise DataError(f"cannot write the processed data to {folder} "
-                        f"({e.strerror or e}): free some space or "
-                        f"choose another --data-dir.")
+        raise DataError(f"cannot write the processed data to {folder} ({e.strerror or e}): free "
+                        "some space or choose another --data-dir.")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -254,18 +253,16 @@ def build(parsed: Parsed, cfg: DataConfig, log=print):
         log(f"{n_untitled} items have no title; they are called 'item <id>'")
     n_short = sum(len(s) < cfg.min_history + 1 for s in seqs)  # a test sample needs min_history + 1
     if n_short:
-        log(f"{n_short} users have fewer than {cfg.min_history + 1} interactions and "
-            f"give no test sample "
-            f"(their events still train SASRec)")
+        log(f"{n_short} users have fewer than {cfg.min_history + 1} interactions and give no test "
+            "sample (their events still train SASRec)")
     if n_short == n_users:
         raise DataError(f"{cfg.dataset} is empty after filtering: no user has the "
-                        f"{cfg.min_history + 1} "
-                        f"interactions a test sample needs.")
+                        f"{cfg.min_history + 1} interactions a test sample needs.")
     item = np.concatenate(seqs)
     H, K = cfg.history, cfg.n_candidates
     if n_items < K + H:
-        raise DataError(f"{cfg.dataset} has {n_items} items, too few for {K} candidates "
-                        f"beside a {H}-item history.")
+        raise DataError(f"{cfg.dataset} has {n_items} items, too few for {K} candidates beside a "
+                        f"{H}-item history.")
     # users.csv (custom format): each user's role; without it every user is split leave-one-out
     role = None if parsed.roles is None else [parsed.roles[u] for u in users_raw.tolist()]
     samples = {s: ([], [], []) for s in ("train", "valid", "test")}  # user, history, target
@@ -295,8 +292,8 @@ def build(parsed: Parsed, cfg: DataConfig, log=print):
     train_seqs = [s[:len(s) - h] if len(s) > h else s[:0] for s, h in zip(seqs, held_out)]
 
     rng = np.random.default_rng(cfg.seed)
-    log(f"{cfg.dataset}: {n_users} users, {n_items} items, {len(item)} "
-        f"interactions; training SASRec")
+    log(f"{cfg.dataset}: {n_users} users, {n_items} items, {len(item)} interactions; training "
+        "SASRec")
     full = train_sasrec(train_seqs, n_items, cfg.sasrec, seed=cfg.seed)
     fold = rng.permutation(n_users) % 2                                  # cross-fitting halves
     if cfg.train_prior == "crossfit":
@@ -411,16 +408,15 @@ def fixed_candidates(parsed, split, us, hs, ts_, users_raw, items_raw, K):
             continue
         r = row_of.get(user_index.get(user, -1))
         if r is None:
-            raise DataError(f"{at}: user {user!r} has no {split} sample (unknown user, "
-                            f"another role in users.csv, "
-                            f"or fewer than the history's minimum of events).")
+            raise DataError(f"{at}: user {user!r} has no {split} sample (unknown user, another "
+                            "role in users.csv, or fewer than the history's minimum of events).")
         if len(ids) != K:
-            raise DataError(f"{at}: {len(ids)} candidates, expected {K} item ids "
-                            f"separated by spaces.")
+            raise DataError(f"{at}: {len(ids)} candidates, expected {K} item ids separated by "
+                            "spaces.")
         unknown = [i for i in ids if i not in item_index]
         if unknown:
-            raise DataError(f"{at}: item {unknown[0]!r} is in neither "
-                            f"interactions.csv nor items.csv.")
+            raise DataError(f"{at}: item {unknown[0]!r} is in neither interactions.csv nor "
+                            "items.csv.")
         c = [item_index[i] for i in ids]
         if len(set(c)) != K:
             raise DataError(f"{at}: an item is listed twice.")
@@ -429,8 +425,8 @@ def fixed_candidates(parsed, split, us, hs, ts_, users_raw, items_raw, K):
                             f"{str(items_raw[ts_[r]])!r}).")
         in_hist = set(c) & set(np.asarray(hs[r]).tolist())
         if in_hist:
-            raise DataError(f"{at}: item {str(items_raw[in_hist.pop()])!r} is "
-                            f"in the user's history.")
+            raise DataError(f"{at}: item {str(items_raw[in_hist.pop()])!r} is in the user's "
+                            "history.")
         out[r] = np.array(c, np.int64)
     return out
 
@@ -477,8 +473,8 @@ def stats(d: Data):
              f"items            {m['n_items']}", f"interactions     {m['n_interactions']}"]
     for s in ("train", "valid", "test"):
         hl = (getattr(d, f"{s}_hist") >= 0).sum(1)
-        lines.append(f"{s:<6} samples   {m['samples'][s]:<8} mean history {hl.mean():.2f}  "
-                     f"SASRec prior hit {m['prior_hit'][s]:.3f}")
+        lines.append(f"{s:<6} samples   {m['samples'][s]:<8} mean history {hl.mean():.2f}  SASRec "
+                     f"prior hit {m['prior_hit'][s]:.3f}")
     return "\n".join(lines)
 
 
@@ -490,8 +486,8 @@ def add_args(p: argparse.ArgumentParser):
     p.add_argument("--data-dir", default=c.data_dir,
                    help="folder for downloads and the processed cache")
     p.add_argument("--data-url", default=c.data_url,
-                   help="address of the raw file (file:// works), or a local "
-                        "folder of extracted files")
+                   help="address of the raw file (file:// works), or a local folder of extracted "
+                        "files")
     p.add_argument("--data-sha256", default=c.data_sha256,
                    help="expected sha256 of the raw file ('none' skips the check)")
     p.add_argument("--candidates", default=c.candidates, choices=["sasrec", "random"])

@@ -192,19 +192,18 @@ def main():
     a = p.parse_args()
     if a.ml100k_from_recbole:
         sha = recbole_ml100k_zip(a.out)
-        print(f"wrote {a.out}\nsha256 {sha}\nuse: python train.py --dataset ml-100k "
-              f"--data-url file://{a.out} "
-              f"--data-sha256 {sha}")
+        print(f"wrote {a.out}\nsha256 {sha}\nuse: python train.py --dataset ml-100k --data-url "
+              f"file://{a.out} --data-sha256 {sha}")
         return
     if a.instruments:
         make_instruments_files(a.out, a.users, a.items, a.ratings, a.seed)
-        print(f"wrote {a.out}/Musical_Instruments_5.json.gz and meta_Musical_Instruments.json.gz\n"
-              f"use: python train.py --dataset instruments --data-url {a.out}")
+        print(f"wrote {a.out}/Musical_Instruments_5.json.gz and "
+              "meta_Musical_Instruments.json.gz\nuse: python train.py --dataset instruments "
+              f"--data-url {a.out}")
         return
     sha = make_ml1m_zip(a.out, a.users, a.items, a.ratings, a.seed)
-    print(f"wrote {a.out}\nsha256 {sha}\nuse: python train.py --dataset ml-1m "
-          f"--data-url file://{a.out} "
-          f"--data-sha256 {sha} --data-dir <a folder of your own>")
+    print(f"wrote {a.out}\nsha256 {sha}\nuse: python train.py --dataset ml-1m --data-url "
+          f"file://{a.out} --data-sha256 {sha} --data-dir <a folder of your own>")
 
 
 if __name__ == "__main__":

@@ -70,20 +70,16 @@ REF_MARK = "@@REFERENCE@@"
 # the assistant's turn starts with the first field (module docstring)
 REC_PRIMER = "Recommendation:"
 USER_PRIMER = "Action:"
-REC_SYSTEM = ("You are a recommender agent. From the candidate list you recommend the "
-              "one item the user will "
-              "most likely choose next, and you say why in one sentence.")
-USER_SYSTEM = ("You play a user of a recommender system, acting as the history shows. You do "
-               "not know which item "
-               "you will really choose next; you react to each recommendation with an "
-               "action, a score and a "
-               "reason.")
+REC_SYSTEM = ("You are a recommender agent. From the candidate list you recommend the one item "
+              "the user will most likely choose next, and you say why in one sentence.")
+USER_SYSTEM = ("You play a user of a recommender system, acting as the history shows. You do not "
+               "know which item you will really choose next; you react to each recommendation "
+               "with an action, a score and a reason.")
 REC_FORM = ["Answer in exactly this form:", "Recommendation: <the exact title of one candidate>",
             "Reason: <one sentence>"]
 USER_FORM = ["Answer in exactly this form:", "Action: <click, star, skip or dislike>",
-             "Score: <a number from 0.00 to 1.00: dislike below 0.25, skip below "
-             "0.50, star below 0.75, "
-             "click from 0.75>", "Reason: <one sentence>"]
+             "Score: <a number from 0.00 to 1.00: dislike below 0.25, skip below 0.50, star below "
+             "0.75, click from 0.75>", "Reason: <one sentence>"]
 REASON_MAX = 48     # tokens of a message's free-text reason under the grammar [ours]: one sentence
 _ARTICLES = ("the", "a", "an")
 # end-of-turn tokens of common chat templates: any of them present in the vocabulary stops a message
@@ -306,13 +302,12 @@ class ChatTokenizer:
     def rec_message(self, item, rationale):
         """A scripted RecAgent message (warm-up dialogues, F1 judgements): what follows the
         primer."""
-        return self.title_ids(item) + self._reason_ids(f" it is close to "
-                                                       f"{self.titles[rationale]}, which the user "
-                                                       f"chose before.")
+        return self.title_ids(item) + self._reason_ids(f" it is close to {self.titles[rationale]}, "
+                                                       "which the user chose before.")
 
     def user_message(self, action, score, justification):
         return self._head_ids(action,
-                              score) + self._reason_ids(f" it reminds me of "
+                              score) + self._reason_ids(" it reminds me of "
                                                         f"{self.titles[justification]}.")
 
     def hindsight_reference(self, ref):

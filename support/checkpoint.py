@@ -147,10 +147,9 @@ class BadSteps(Exception):
 def check_bad_streak(cfg, streak, stage, step, run_dir, log, checkpoint):
     if streak >= cfg.max_bad_steps:
         checkpoint()
-        raise BadSteps(f"stage {stage} step {step}: {streak} non-finite losses or gradients "
-                       f"in a row, so the run "
-                       f"stopped; the last good state is checkpointed in {run_dir} (lower --lr or "
-                       f"--pretrain-lr, then --resume).")
+        raise BadSteps(f"stage {stage} step {step}: {streak} non-finite losses or gradients in a "
+                       f"row, so the run stopped; the last good state is checkpointed in {run_dir} "
+                       "(lower --lr or --pretrain-lr, then --resume).")
 
 
 def plain_progress(log, name, done, total, t0, start=0, extra=""):
@@ -160,5 +159,5 @@ def plain_progress(log, name, done, total, t0, start=0, extra=""):
     if sys.stdout.isatty() or not (done % every == 0 or done == total) or done <= start:
         return
     rate = (time.time() - t0) / (done - start)
-    log(f"{name}: step {done}/{total}, {rate:.2f} s/step, about "
-        f"{rate * (total - done) / 60:.1f} min left" + extra)
+    log(f"{name}: step {done}/{total}, {rate:.2f} s/step, about {rate * (total - done) / 60:.1f} "
+        "min left" + extra)

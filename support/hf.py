@@ -64,8 +64,8 @@ def resolve(name):
             raise ModelLoadError(f"--model {name} needs the {pkg} package: {how}.")
         folder = Path(list(spec.submodule_search_locations)[0])
         if not (folder / gguf).exists():
-            raise ModelLoadError(f"--model {name}: {folder / gguf} is missing; "
-                                 f"reinstall with {how}.")
+            raise ModelLoadError(f"--model {name}: {folder / gguf} is missing; reinstall with "
+                                 f"{how}.")
         return str(folder), gguf
     if name.endswith(".gguf"):
         p = Path(name)
@@ -82,8 +82,7 @@ def check(name):
     looks_local = name.startswith(("/", ".", "~")) or name.count("/") > 1
     if gguf is None and looks_local and not Path(name).expanduser().is_dir():
         raise ModelLoadError(f"--model {name}: no such folder (give a hub id like "
-                             f"Qwen/Qwen2.5-0.5B-Instruct, a "
-                             f"local folder or a .gguf file).")
+                             "Qwen/Qwen2.5-0.5B-Instruct, a local folder or a .gguf file).")
     return where, gguf
 
 
@@ -103,8 +102,8 @@ def load(name, device="cpu", grad_checkpointing=False):
                    if os.environ.get("HF_HUB_OFFLINE") else "")
         raise ModelLoadError(f"could not load --model {name}{offline}: {first}")
     if tokenizer.chat_template is None:
-        raise ModelLoadError(f"--model {name} has no chat template: use an "
-                             f"instruction-tuned (chat) model.")
+        raise ModelLoadError(f"--model {name} has no chat template: use an instruction-tuned "
+                             "(chat) model.")
     model = HFBackbone(lm).to(device)
     for p in model.parameters():
         p.requires_grad_(False)
@@ -129,9 +128,9 @@ class HFBackbone(Adapters, nn.Module):
         cfg = lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config
         if getattr(cfg, "final_logit_softcapping",
                    None) or getattr(lm.get_output_embeddings(), "bias", None) is not None:
-            raise ModelLoadError(f"{type(lm).__name__}: logits are not a plain product with "
-                                 f"the output embeddings "
-                                 f"(soft-capping or a bias), which the log-prob kernel assumes.")
+            raise ModelLoadError(f"{type(lm).__name__}: logits are not a plain product with the "
+                                 "output embeddings (soft-capping or a bias), which the log-prob "
+                                 "kernel assumes.")
         self.lm = lm
         self.body = lm.get_decoder()
         self.hf_config = cfg
@@ -209,9 +208,8 @@ def export_peft(model, adapter, folder, base_name):
 # --------------------------------------------------------------------------------------------------
 # A tiny model for tests and offline trials
 
-CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] "
-          "}}<|im_end|>\n{% endfor %}"
-          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% "
+          "endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
 def tiny_model(folder, texts, arch="qwen2", vocab=600, hidden=48, layers=2, heads=4, seed=0):

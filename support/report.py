@@ -38,8 +38,8 @@ def results_table(res):
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     ceiling = res.get("ceiling", 1.0)
     lines += ["",
-              f"{res['split']} split, {res['n_samples']} samples (one per user); "
-              f"intervals: 95% bootstrap."
+              f"{res['split']} split, {res['n_samples']} samples (one per user); intervals: 95% "
+              "bootstrap."
               + (f" Ceiling: the target is among the candidates in {ceiling:.3f} of the samples."
                  if ceiling < 1 else ""), "", "| paired difference | mean | 95% CI |",
               "|---|---|---|"]
@@ -47,8 +47,8 @@ def results_table(res):
         lines.append(f"| {k} | {v['mean']:+.4f} | [{v['lo']:+.4f}, {v['hi']:+.4f}] |")
     if res.get("user_returns"):
         lines += ["",
-                  "Constant users against the trained RecAgent (a trained UserAgent that "
-                  "earns no more than a constant is gaming Eq. 8):",
+                  "Constant users against the trained RecAgent (a trained UserAgent that earns no "
+                  "more than a constant is gaming Eq. 8):",
                   ""] + user_returns_table(res["user_returns"])
     return "\n".join(lines)
 
@@ -61,11 +61,9 @@ def write_results(res, folder, name="results"):
 
 def user_returns_table(ret):
     """Markdown lines of user_returns' result."""
-    lines = ["| UserAgent, on stage-2 samples at the training temperature | Eq. 8 return "
-             "per episode [95% CI] | "
-             "accepts | Hit@1 |", "|---|---|---|---|"]
+    lines = ["| UserAgent, on stage-2 samples at the training temperature | Eq. 8 return per "
+             "episode [95% CI] | accepts | Hit@1 |", "|---|---|---|---|"]
     for name, r in ret.items():
         lines.append(f"| {name} | {r['mean']:+.3f} [{r['lo']:+.3f}, {r['hi']:+.3f}] | "
-                     f"{r['accept']:.2f} | "
-                     f"{r['train_hit']:.3f} |")
+                     f"{r['accept']:.2f} | {r['train_hit']:.3f} |")
     return lines

@@ -28,9 +28,8 @@ def chat_backbone(cfg, data, device, log):
         model, hf_tok = hf.load(cfg.model, device, grad_checkpointing=cfg.grad_checkpointing)
     except hf.ModelLoadError as e:
         raise UserError(str(e))
-    log(f"model {cfg.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M "
-        f"parameters, frozen; "
-        f"stage 1 skipped")
+    log(f"model {cfg.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
+        "frozen; stage 1 skipped")
     return model, ChatTokenizer(hf_tok, data.titles)
 
 
@@ -58,5 +57,14 @@ def load_run(run_dir: Path, device="auto"):
     # the SFT reference (train.sft_reference)
     if any(".adapters.sft." in k for k in ck["adapters"]):
         model.add_lora(("sft",), r=cfg.lora_r, alpha=cfg.lora_alpha, targets=lora_targets(cfg))
-    model.load_state_dict(ck["adapters"], strict=False)
+    # every adapter the model has must come from the file and every tensor of the file must land:
+    # a run whose adapters did not load would otherwise evaluate as the untrained pair
+    got = model.load_state_dict(ck["adapters"], strict=False)
+    missing = [k for k in got.missing_keys if ".adapters." in k]
+    if missing or got.unexpected_keys:
+        bad = (missing or got.unexpected_keys)[0]
+        raise UserError(f"{path} does not fit the model it describes ({len(missing)} adapter "
+                        f"tensors missing, {len(got.unexpected_keys)} unexpected, e.g. {bad}): it "
+                        "was written by another version of this code or is damaged; train the run "
+                        "again.")
     return cfg, freeze(model), tok, data

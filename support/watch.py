@@ -59,8 +59,7 @@ class Trackers:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
                 raise TrackerError("--tensorboard needs the tensorboard package: pip install "
-                                   "tensorboard (or drop "
-                                   "--tensorboard).") from None
+                                   "tensorboard (or drop --tensorboard).") from None
             folder = self.run_dir / "tensorboard"
             shutil.rmtree(folder, ignore_errors=True)  # written again from the kept metrics.jsonl
             self.tb = {s: SummaryWriter(str(folder / f"stage{s}")) for s in (1, 2)}
@@ -68,9 +67,9 @@ class Trackers:
             try:
                 import wandb
             except ImportError:
-                raise TrackerError("--wandb needs the wandb package: pip install "
-                                   "wandb (or drop --wandb); "
-                                   "WANDB_MODE=offline runs without an account.") from None
+                raise TrackerError("--wandb needs the wandb package: pip install wandb (or drop "
+                                   "--wandb); WANDB_MODE=offline runs without an "
+                                   "account.") from None
             id_file = self.run_dir / "wandb_id"
             resumed = resume and id_file.exists()
             run_id = id_file.read_text().strip() if resumed else secrets.token_hex(4)
@@ -81,8 +80,7 @@ class Trackers:
             except Exception as e:  # wandb raises many kinds (no network, no login, bad project)
                 why = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
                 raise TrackerError(f"--wandb could not start a run ({why}); set "
-                                   f"WANDB_MODE=offline, or run "
-                                   f"`wandb login`.") from None
+                                   "WANDB_MODE=offline, or run `wandb login`.") from None
             for s in (1, 2):
                 self.wb.define_metric(f"stage{s}/step")
                 self.wb.define_metric(f"stage{s}/*", step_metric=f"stage{s}/step")
@@ -130,8 +128,8 @@ def plot_run(run_dir, log=print):
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        log("curves.png skipped: matplotlib is not installed (pip install matplotlib, then "
-            "python eval.py --run <run> --plot)")
+        log("curves.png skipped: matplotlib is not installed (pip install matplotlib, then python "
+            "eval.py --run <run> --plot)")
         return None
     recs = _records(run_dir)
     if not recs:

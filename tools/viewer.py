@@ -95,13 +95,42 @@ def show(run_dir, n, split="test", device="auto", out=print):
     return trajs
 
 
-def interactive(run_dir, device="auto", ask=input, out=print, seed=None):
+def ask_until(ask, out, question, parse, complaint):
+    """Ask until parse(answer) is not None; None when the input ends (Ctrl-D, a script run dry)."""
+    while True:
+        try:
+            got = parse(ask(question).strip())
+        except (EOFError, KeyboardInterrupt):
+            return None
+        if got is not None:
+            return got
+        out(complaint)
+
+
+def parse_score(text, action):
+    """A typed score, rounded to the message's two decimals FIRST and then checked against the
+    action's interval (0.749 rounds to 0.75, which is a click's, not a star's), or None."""
+    try:
+        score = round(float(text), 2)
+    except ValueError:
+        return None
+    return score if score_fits(action, score) else None
+
+
+def interactive(run_dir, device="auto", ask=input, out=print, seed=None, split="test", sample=None):
     """A person plays the user against the trained RecAgent: each turn, type an action, a score and
-    a reason (the built-in model's reasons are history items, so the reason is a history number)."""
+    a reason (the built-in model's reasons are history items, so the reason is a history number).
+    sample: the split's sample to play (default: a random one drawn with seed). A bad answer is
+    asked again; the end of the input stops the conversation where it is."""
     cfg, model, tok, data = load_run(Path(run_dir), device)
     device = device_of(device)
-    rng = np.random.default_rng(seed)
-    tr = new_trajectory(data, "test", int(rng.integers(len(data.test_user))))
+    n = len(getattr(data, f"{split}_user"))
+    if sample is None:
+        sample = int(np.random.default_rng(seed).integers(n))
+    elif not 0 <= sample < n:
+        raise UserError(f"--sample {sample}: the {split} split has samples 0-{n - 1}.")
+    tr = new_trajectory(data, split, sample)
+    out(f"You are the user of {split} sample {sample}. Your history:")
     out("You are the user. Your history:")
     for j, i in enumerate(tr.hist):
         out(f"  {j}: {data.titles[i]}")
@@ -119,23 +148,22 @@ def interactive(run_dir, device="auto", ask=input, out=print, seed=None):
             continue
         record_user(data, tr, turn)
         out(f"peers: {turn.peer_text}")
-        while True:
-            action = ask(f"action ({'/'.join(ACTION_RANGE)}): ").strip().lower()
-            if action in ACTION_RANGE:
-                break
-            out("please type one of " + ", ".join(ACTION_RANGE))
-        lo, hi = ACTION_RANGE[action]
-        while True:
-            try:
-                score = float(ask(f"score in [{lo:.2f}, {hi:.2f}{']' if action == 'click' else ')'}: "))
-                if score_fits(action, score):
-                    break
-            except ValueError:
-                pass
-            out("a number in the action's interval, please")
-        r = ask(f"reason: a history number 0-{len(tr.hist) - 1} (Enter = {0}): ").strip()
-        reason = tr.hist[int(r)] if r.isdigit() and int(r) < len(tr.hist) else tr.hist[0]
-        turn.user_out = tok.user_message(action, float(f"{score:.2f}"), reason)
+        action = ask_until(ask, out, f"action ({'/'.join(ACTION_RANGE)}): ",
+                           lambda a: a.lower() if a.lower() in ACTION_RANGE else None,
+                           "please type one of " + ", ".join(ACTION_RANGE))
+        lo, hi = ACTION_RANGE.get(action, (0, 1))
+        score = action and ask_until(
+            ask, out, f"score in [{lo:.2f}, {hi:.2f}{']' if action == 'click' else ')'}: ",
+            lambda s: parse_score(s, action), "a number in the action's interval, please")
+        last = len(tr.hist) - 1
+        reason = score is not None and ask_until(
+            ask, out, f"reason: a history number 0-{last} (Enter = 0): ",
+            lambda r: 0 if r == "" else int(r) if r.isdigit() and int(r) <= last else None,
+            f"a history number from 0 to {last}, please")
+        if action is None or score is None or reason is None:
+            out("\ninput ended: the conversation stops here.")
+            return tr
+        turn.user_out = tok.user_message(action, score, tr.hist[reason])
         turn.action, turn.score = tok.parse_user(turn.user_out)
         turn.user_valid = True
         finish_turn(tr, turn, cfg.t_max)
@@ -147,8 +175,12 @@ def interactive(run_dir, device="auto", ask=input, out=print, seed=None):
 def main(argv=None):
     p = argparse.ArgumentParser(description="Look at a trained run's conversations (see the module docstring).")
     p.add_argument("--run", required=True, help="the run folder written by train.py (holds coars.pt)")
-    p.add_argument("--split", default="test", choices=["valid", "test"])
-    p.add_argument("--device", default="auto")
+    p.add_argument("--split", default="test", choices=["valid", "test"],
+                   help="the split whose samples are shown or played (default: %(default)s)")
+    p.add_argument("--device", default="auto",
+                   help="cpu, cuda, cuda:N or auto (default: %(default)s)")
+    p.add_argument("--sample", type=int, default=None, metavar="N",
+                   help="--interactive: the split's sample to play (default: a random one)")
     p.add_argument("--show", type=int, default=0, metavar="N", help="print N whole conversations")
     p.add_argument("--interactive", action="store_true", help="play the user against the trained RecAgent")
     a = p.parse_args(argv)
@@ -158,7 +190,7 @@ def main(argv=None):
         if a.show:
             show(a.run, a.show, a.split, a.device)
         else:
-            interactive(a.run, a.device)
+            interactive(a.run, a.device, split=a.split, sample=a.sample)
     except UserError as e:
         sys.exit(f"error: {e}")
 
