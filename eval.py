@@ -224,16 +224,19 @@ CONSTANT_USERS = {"always click (1.00)": lambda traj, turn: ("click", 1.0),
 @torch.no_grad()
 def user_returns(model, tok, data, rows, keys, reward_cfg, t_max, device, rec_adapter="rec",
                  temperature=1.0, decoding="grammar", batch=256, n_boot=1000, seed=0,
-                 users=(("trained UserAgent", "user"), ("untrained UserAgent", None))):
+                 users=(("trained UserAgent", "user"), ("untrained UserAgent", None)),
+                 log=lambda *a: None):
     """The UserAgent's Eq. 8 return per episode (the sum of its turns' R_user; left-out turns 0, an
     invalid message -1) on stage-2 training samples, rolled out as in training (temperature,
     keyed sampling with the given keys) against the RecAgent `rec_adapter`, for each user in
     `users` (name, adapter) and for the two constant users of CONSTANT_USERS. A trained UserAgent
     whose return is no higher than a constant's is gaming the reward, not judging. Returns
-    {name: {"mean", "lo", "hi"}} plus the share of turns each user accepted."""
+    {name: {"mean", "lo", "hi"}} plus the share of turns each user accepted. log: a progress line
+    per user."""
     out = {}
     players = [(n, a, None) for n, a in users] + [(n, None, f) for n, f in CONSTANT_USERS.items()]
-    for name, adapter, script in players:
+    for k, (name, adapter, script) in enumerate(players, 1):
+        log(f"constant users' returns: {name} ({k}/{len(players)}) on {len(rows)} stage-2 samples")
         trajs = [new_trajectory(data, "train", r) for r in rows]
         for tr, k in zip(trajs, keys):
             tr.key = int(k)
@@ -346,7 +349,8 @@ def evaluate_run(cfg, model, tok, data, device, log=print):
     """The test evaluation of a finished run (train.py's, and eval.py's again): Random, Pop, SASRec
     top-1, the memory-based ARS, the reference row 'SFT on stage-2 samples' when the model has
     that adapter (train.sft_reference), CoARS; then the UserAgent's Eq. 8 return beside the
-    constant users' on --eval-returns-n stage-2 samples (user_returns)."""
+    constant users' on --eval-returns-n stage-2 samples (user_returns). res["phase_s"]: the
+    seconds of each phase. Every phase starts with a log line (a caller may stop there)."""
     agents = [("Memory-based ARS", (None, None))]
     if model.has_adapter("sft"):
         agents.append(("SFT on stage-2 samples", ("sft", None)))
@@ -354,18 +358,21 @@ def evaluate_run(cfg, model, tok, data, device, log=print):
     res = evaluate(model, tok, data, "test", cfg.t_max, device, cfg.n_boot, cfg.seed,
                    agents=tuple(agents), max_samples=cfg.eval_test_n, decoding=cfg.decoding,
                    log=log, per_sample=True)
+    res["phase_s"] = {"test evaluation": res["seconds"]}
     if cfg.eval_returns_n:
-        res["user_returns"] = run_user_returns(cfg, model, tok, data, device)
+        t0 = time.time()
+        res["user_returns"] = run_user_returns(cfg, model, tok, data, device, log)
+        res["phase_s"]["constant users' returns"] = round(time.time() - t0, 1)
     return res
 
 
-def run_user_returns(cfg, model, tok, data, device):
+def run_user_returns(cfg, model, tok, data, device, log=lambda *a: None):
     """user_returns with a run's options, on its --eval-returns-n stage-2 samples
     (returns_sample)."""
     rows, keys = returns_sample(cfg, data)
     return user_returns(model, tok, data, rows, keys, cfg.reward_options(), cfg.t_max, device,
                         temperature=cfg.temperature, decoding=cfg.decoding, batch=tok.eval_batch,
-                        n_boot=cfg.n_boot, seed=cfg.seed)
+                        n_boot=cfg.n_boot, seed=cfg.seed, log=log)
 
 
 def returns_sample(cfg, data):

@@ -1632,9 +1632,10 @@ import signal  # noqa: E402
 import time  # noqa: E402
 
 import train  # noqa: E402
-from config import Config, UserError, validate  # noqa: E402
+from config import QUICK, Config, UserError, validate  # noqa: E402
 from tools import viewer  # noqa: E402
-from support.checkpoint import buffer_state, load_checkpoint, save_checkpoint, set_buffer_state  # noqa: E402
+from support.checkpoint import (STOP, buffer_state, load_checkpoint, save_checkpoint,  # noqa: E402
+                                set_buffer_state)
 from support.runs import load_run  # noqa: E402
 
 TIMING = {"seconds", "rollout_s", "loss_s", "step_s", "gen_tokens_per_s", "tokens_per_s", "teacher_s", "student_s",
@@ -1783,6 +1784,36 @@ def test_resume_refuses_other_options_or_data(small_run, small_base, tmp_path):
     cfg = Config(**ck["config"])
     with pytest.raises(UserError, match="--resume: the data differs from the data the run was started with"):
         train.check_resumable(ck, cfg, data)
+
+
+def test_quick_run_end_to_end_with_every_phase_timed(synth, tmp_path, capsys, monkeypatch):
+    """--quick: every stage, the evaluation and the constant users' returns shrink (flags given
+    with it still win); every phase of the final evaluation says it starts and has its time; a
+    stop during the final evaluation is acted on there, with the trained adapters kept."""
+    base = ["--dataset", "ml-1m", "--data-url", synth["url"], "--data-sha256", synth["sha"],
+            "--data-dir", str(tmp_path / "d"), "--out-dir", str(tmp_path / "o"), "--quick"]
+    r = run(["train.py"] + base + ["--steps", "3"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    cfg = json.loads((tmp_path / "o" / "ml-1m" / "config.json").read_text())
+    assert {k: cfg[k] for k in QUICK if k != "steps"} == {k: v for k, v in QUICK.items() if k != "steps"}
+    assert cfg["steps"] == 3
+    assert "stage 2: step 3/3," in r.stdout and "SFT reference: training" in r.stdout
+    assert r.stdout.count("constant users' returns: ") == 4
+    times = json.loads((tmp_path / "o" / "ml-1m" / "results.json").read_text())["timing_s"]
+    assert {"SFT_reference", "test_evaluation", "constant_users_returns", "total"} <= set(times)
+    # a SIGTERM that arrives during the final evaluation stops it at the next phase
+    import eval as eval_mod
+    real = eval_mod.evaluate_run
+
+    def term_then_evaluate(*a, **k):
+        STOP.signum = signal.SIGTERM
+        return real(*a, **k)
+    monkeypatch.setattr(train, "evaluate_run", term_then_evaluate)
+    code, out, err = in_process(base + ["--run-name", "stopped", "--no-sft-reference"], capsys)
+    STOP.signum = None
+    assert code == 128 + signal.SIGTERM and "stopped by SIGTERM during the final evaluation" in out
+    assert "eval.py --run" in out and (tmp_path / "o" / "stopped" / "coars.pt").exists()
+    assert not (tmp_path / "o" / "stopped" / "results.json").exists()
 
 
 def in_process(args, capsys):

@@ -37,18 +37,17 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from config import (Config, UserError, add_config_args, config_defaults, config_from, lora_targets,
-                    loss_group, validate)
+from config import (QUICK, Config, UserError, add_config_args, config_defaults, config_from,
+                    lora_targets, loss_group, validate)
 from data.prepare import DataError, prepare, probe_writable
 from distill import ReferenceBuffer, coars_objective, collect_messages
 from env import closest_history_item, message_grammar, new_trajectory, rollout
 from eval import evaluate_run, run_ars
 from support.report import results_table, write_results
 from support.checkpoint import (CKPT_NAMES, SINKS, STOP, BadSteps, Stopped, buffer_state,
-                                check_bad_streak, data_fingerprint,
-                               finite, load_checkpoint, log_jsonl, metrics_lines, plain_progress,
-                                rng_state,
-                               save_checkpoint, set_buffer_state, set_rng_state, truncate_metrics)
+                                check_bad_streak, data_fingerprint, finite, load_checkpoint,
+                                log_jsonl, metrics_lines, plain_progress, rng_state,
+                                save_checkpoint, set_buffer_state, set_rng_state, truncate_metrics)
 from support.distributed import (all_gather, all_reduce_grads, barrier, dist_info, init_distributed,
                                  merge_stats)
 from support import hf
@@ -68,11 +67,18 @@ def parse_args(argv=None) -> Config:
     p.add_argument("--config", metavar="PATH",
                    help="start from a saved config.json (e.g. out/<run>/config.json); the flags "
                         "given with it override it (a new --run-name keeps the old run)")
+    p.add_argument("--quick", action="store_true",
+                   help="a first try: every stage, the evaluation and the constant users' returns "
+                        "shrunk (" + " ".join(f"--{k.replace('_', '-')} {v}"
+                                              for k, v in QUICK.items())
+                        + "); the flags given with it override it")
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         saved, _ = config_defaults(argv)
     except UserError as e:
         sys.exit(f"error: {e}")
+    if "--quick" in argv:
+        saved = {**saved, **QUICK}
     add_config_args(p, saved)
     return config_from(p.parse_args(argv))
 
@@ -452,7 +458,10 @@ def sft_reference(cfg, model, tok, data, device, log=print):
     opt = torch.optim.Adam(params, lr=cfg.lr)
     model.set_adapter("sft")
     t0, losses = time.time(), []
-    for rows, _ in stage2_draws(cfg, data):
+    log(f"SFT reference: training the 'sft' adapter for {cfg.steps} steps")
+    for step, (rows, _) in enumerate(stage2_draws(cfg, data), 1):
+        if STOP.signum:
+            raise Stopped(f"SFT reference step {step}")
         trajs = [new_trajectory(data, "train", r) for r in rows]
         prompts = [tok.render_rec(tr, 0) for tr in trajs]
         answers = [tok.rec_message(tr.target, closest_history_item(data, tr.hist, tr.target))
@@ -482,10 +491,19 @@ def sft_reference(cfg, model, tok, data, device, log=print):
 
 def final_evaluation(cfg, model, tok, data, device, log=print):
     """The test evaluation of a finished run, with the reference rows (eval.evaluate_run): the SFT
-    reference is trained first (--sft-reference) and saved with the run's adapters."""
+    reference is trained first (--sft-reference) and saved with the run's adapters. A stop
+    (SIGTERM, Ctrl-C) is acted on at the start of each phase and at each SFT step (Stopped)."""
+    def log_or_stop(msg):
+        if STOP.signum:
+            raise Stopped("at the start of a phase")
+        log(msg)
+    t0 = time.time()
     if cfg.sft_reference and cfg.steps and not cfg.model and not model.has_adapter("sft"):
-        sft_reference(cfg, model, tok, data, device, log)
-    return evaluate_run(cfg, model, tok, data, device, log)
+        sft_reference(cfg, model, tok, data, device, log_or_stop)
+    t_sft = round(time.time() - t0, 1)
+    res = evaluate_run(cfg, model, tok, data, device, log_or_stop)
+    res["phase_s"] = {"SFT reference": t_sft, **res["phase_s"]}
+    return res
 
 
 def adapter_state(model):
@@ -622,10 +640,17 @@ def run(cfg, data, device, run_dir, ck, t_start):
             log(f"training curves: {path}")
     if cfg.skip_eval or not lead:
         return
-    res = final_evaluation(cfg, model, tok, data, device)
+    try:
+        res = final_evaluation(cfg, model, tok, data, device)
+    except Stopped as e:
+        log(f"stopped by {STOP.name} during the final evaluation ({e}); the trained adapters are "
+            f"in {run_dir}/coars.pt: evaluate them with python eval.py --run {run_dir}")
+        sys.exit(128 + STOP.signum)
     save_adapters(model, cfg, run_dir / "coars.pt")          # with the SFT reference's adapter
     res["timing_s"] = dict(data_and_stage1=round(t_s1 - t_start, 1), stage2=round(t_s2 - t_s1, 1),
-                           eval=res["seconds"], total=round(time.time() - t_start, 1))
+                           **{k.replace(" ", "_").replace("'", ""): v
+                              for k, v in res["phase_s"].items()},
+                           total=round(time.time() - t_start, 1))
     res["device"] = device
     write_results(res, run_dir)
     print(results_table(res))
