@@ -391,8 +391,11 @@ def main(argv=None):
                                             "docstring).")
     p.add_argument("--run", required=True,
                    help="the run folder written by train.py (holds coars.pt)")
-    p.add_argument("--split", default="test", choices=["valid", "test"])
-    p.add_argument("--device", default="auto")
+    p.add_argument("--split", default="test", choices=["valid", "test"],
+                   help="the split to evaluate; 'valid' writes results_valid.* beside the run's "
+                        "test results (default: %(default)s)")
+    p.add_argument("--device", default="auto",
+                   help="cpu, cuda, cuda:N or auto (default: %(default)s)")
     p.add_argument("--max-samples", type=int, default=0,
                    help="evaluate a fixed random subset of this size (0 = all)")
     p.add_argument("--plot", action="store_true",

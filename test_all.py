@@ -1597,6 +1597,20 @@ def test_every_command_line_prints_its_help(script):
     assert r.returncode == 0 and "usage:" in r.stdout and "Traceback" not in r.stderr, r.stderr[-1500:]
 
 
+def test_every_option_of_every_script_has_a_help_text():
+    """Each add_argument call in the project (train.py's flags come from Config's docstrings)."""
+    import ast
+    bare = []
+    for p in sorted(ROOT.rglob("*.py")):
+        if ".venv" in p.parts or p.name == "test_all.py":
+            continue
+        for n in ast.walk(ast.parse(p.read_text())):
+            if (isinstance(n, ast.Call) and getattr(n.func, "attr", "") == "add_argument"
+                    and not any(k.arg == "help" for k in n.keywords)):
+                bare.append(f"{p.relative_to(ROOT)}:{n.lineno}")
+    assert bare == []
+
+
 def test_train_help_is_grouped_and_shows_every_default():
     """train.py --help: the option groups in the method's order, each Config field in its group
     with its default (on/off flags too), and no measurement in a help text (numbers go stale)."""

@@ -490,8 +490,11 @@ def add_args(p: argparse.ArgumentParser):
                         "files")
     p.add_argument("--data-sha256", default=c.data_sha256,
                    help="expected sha256 of the raw file ('none' skips the check)")
-    p.add_argument("--candidates", default=c.candidates, choices=["sasrec", "random"])
-    p.add_argument("--sasrec-epochs", type=int, default=c.sasrec.epochs)
+    p.add_argument("--candidates", default=c.candidates, choices=["sasrec", "random"],
+                   help="candidate lists: 'random' (the target and 19 uniform items) or 'sasrec' "
+                        "(SASRec's top 20) (default: %(default)s)")
+    p.add_argument("--sasrec-epochs", type=int, default=c.sasrec.epochs,
+                   help="SASRec training epochs (default: %(default)s)")
 
 
 def config_from_args(a) -> DataConfig:
@@ -504,7 +507,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_args(p)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the split's candidates and of SASRec (default: %(default)s)")
     p.add_argument("--stats", action="store_true", help="print dataset statistics")
     p.add_argument("--rebuild", action="store_true", help="ignore the cache")
     a = p.parse_args(argv)

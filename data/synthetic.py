@@ -185,10 +185,14 @@ def main():
                    help="write Amazon-format instruments files instead")
     p.add_argument("--ml100k-from-recbole", action="store_true",
                    help="write ml-100k.zip from the real files in the recbole==1.2.1 wheel")
-    p.add_argument("--users", type=int, default=6040)
-    p.add_argument("--items", type=int, default=3706)
-    p.add_argument("--ratings", type=int, default=1_000_209)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--users", type=int, default=6040,
+                   help="users (default: ML-1M's %(default)s)")
+    p.add_argument("--items", type=int, default=3706,
+                   help="items (default: ML-1M's %(default)s)")
+    p.add_argument("--ratings", type=int, default=1_000_209,
+                   help="ratings (default: ML-1M's %(default)s)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="random seed (default: %(default)s)")
     a = p.parse_args()
     if a.ml100k_from_recbole:
         sha = recbole_ml100k_zip(a.out)

@@ -446,7 +446,8 @@ def main(argv=None):
     p.add_argument("--only", choices=["gen", "logprob", "iter"], action="append",
                    help="run only these parts (repeatable)")
     p.add_argument("--quick", action="store_true", help="small sizes (a smoke test)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="the device to benchmark on (default: cuda if a GPU is visible, else cpu)")
     p.add_argument("--out", default="", help="also write every number to this JSON file")
     p.add_argument("--table", default="", help="print docs/benchmarks.md's tables from a saved --out file, run nothing")
     a = p.parse_args(argv)

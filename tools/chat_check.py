@@ -81,16 +81,22 @@ def main(argv=None):
     p = argparse.ArgumentParser(description="A Hugging Face chat model's format and knowledge before training "
                                             "(module docstring).")
     p.add_argument("--model", required=True, help="hub id, local folder, .gguf file or smollm2-135m (support/hf.py)")
-    p.add_argument("--dataset", default="ml-latest-small")
-    p.add_argument("--data-url", default="")
+    p.add_argument("--dataset", default="ml-latest-small",
+                   help="the dataset, as train.py --dataset (default: %(default)s)")
+    p.add_argument("--data-url", default="",
+                   help="address of the raw dataset file, as train.py --data-url ('' = official)")
     p.add_argument("--data-sha256", default="", help="as train.py's")
     p.add_argument("--data-dir", default=Config.data_dir, help="as train.py's")
     p.add_argument("--n", type=int, default=100, help="test samples (a fixed random subset; 0 = all)")
-    p.add_argument("--t-max", type=int, default=5)
+    p.add_argument("--t-max", type=int, default=5,
+                   help="most turns per conversation, T_max (default: %(default)s)")
     p.add_argument("--decoding", default="free,grammar", help=f"comma-separated, of {', '.join(DECODING)}")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--out", default="")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the data and the sampled subset (default: %(default)s)")
+    p.add_argument("--device", default="auto",
+                   help="cpu, cuda, cuda:N or auto (default: %(default)s)")
+    p.add_argument("--out", default="",
+                   help="also write the results as JSON to this path ('' = do not)")
     a = p.parse_args(argv)
     decodings = [d for d in a.decoding.split(",") if d]
     if not decodings or any(d not in DECODING for d in decodings):

@@ -115,9 +115,13 @@ def table(out, peers, split, n):
 def main(argv=None):
     p = argparse.ArgumentParser(description="What the conversation could add to a finished run (module docstring).")
     p.add_argument("--run", required=True, help="the run folder written by train.py (holds coars.pt)")
-    p.add_argument("--split", default="valid", choices=["valid", "test"])
-    p.add_argument("--device", default="auto")
-    p.add_argument("--n-boot", type=int, default=1000)
+    p.add_argument("--split", default="valid", choices=["valid", "test"],
+                   help="the split to measure on (default: %(default)s; test only for a final "
+                        "report)")
+    p.add_argument("--device", default="auto",
+                   help="cpu, cuda, cuda:N or auto (default: %(default)s)")
+    p.add_argument("--n-boot", type=int, default=1000,
+                   help="bootstrap resamples of each interval (default: %(default)s)")
     a = p.parse_args(argv)
     try:
         cfg, model, tok, data = load_run(Path(a.run), a.device)

@@ -85,11 +85,15 @@ def main(argv=None):
                                             "(leave-one-out, 100 random negatives, HR@10 and NDCG@10).")
     p.add_argument("--dataset", required=True, help="a source name of data/prepare.py or a custom folder")
     p.add_argument("--protocol", default="sasrec", choices=["sasrec"], help="the evaluation protocol")
-    p.add_argument("--data-dir", default=str(ROOT / "data"))
-    p.add_argument("--data-url", default="")
-    p.add_argument("--data-sha256", default="")
+    p.add_argument("--data-dir", default=str(ROOT / "data"),
+                   help="where raw and processed data are kept (default: %(default)s)")
+    p.add_argument("--data-url", default="",
+                   help="address of the raw dataset file ('' = official)")
+    p.add_argument("--data-sha256", default="",
+                   help="expected sha256 of the raw file ('' = official, 'none' = skip the check)")
     p.add_argument("--epochs", type=int, default=200, help="training epochs (the paper: 200)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of SASRec and of the sampled negatives (default: %(default)s)")
     p.add_argument("--out", default="", help="also write the numbers to this JSON file")
     a = p.parse_args(argv)
     if a.epochs < 1:
