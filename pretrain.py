@@ -218,7 +218,10 @@ def autocast(device, precision="auto"):
     """The training passes' dtype (--precision): bf16 autocast, or float32. 'auto' = bf16 on a GPU,
     float32 on a CPU: bf16 is barely faster on CPUs with native bf16 and much slower on CPUs without
     it (docs/benchmarks.md), and float32 gives the same losses whatever the batch split (torchrun
-    ranks, micro-batches) up to round-off, which bf16 does not (docs/reproducibility.md)."""
+    ranks, micro-batches) up to round-off, which bf16 does not (docs/reproducibility.md). Rollouts
+    always decode in float32, so under bf16 (a GPU's default) the CoARS losses score the sampled
+    messages under a distribution equal to the sampling one only up to bf16 round-off; 'fp32' makes
+    them the same."""
     cuda = str(device).startswith("cuda")
     on = precision == "bf16" or (precision == "auto" and cuda)
     return torch.autocast("cuda" if cuda else "cpu", dtype=torch.bfloat16, enabled=on)
