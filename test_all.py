@@ -537,6 +537,25 @@ def test_grammar_decoding_never_writes_an_invalid_message_and_scores_over_the_sa
                 assert float(f[n]) == pytest.approx(float(want), abs=1e-5)
                 if len(support) == 1:         # a forced token (<|why|>, <|end|>, '.'): no choice, no gradient
                     assert float(f[n]) == 0.0
+        # and no gradient either: d/dtheta of a forced position's log-prob is zero, where a free
+        # position's (the item) is not
+        params = [p for p in m.parameters()]
+        was = [p.requires_grad for p in params]
+        for p in params:
+            p.requires_grad_(True)
+        fast = token_logprobs(m, prompts, ys, tok.pad_id, grammar=grammars)
+        forced = [f[n] for f, y, g in zip(fast, ys, grammars) for n in range(len(y)) if len(g.allowed(y[:n])) == 1]
+        chosen = [f[n] for f, y, g in zip(fast, ys, grammars) for n in range(len(y)) if len(g.allowed(y[:n])) > 1]
+        assert forced and chosen
+
+        def grad_norm(x):
+            if not x.requires_grad:
+                return 0.0
+            gs = torch.autograd.grad(x, params, allow_unused=True, retain_graph=True)
+            return sum(float(g_.abs().sum()) for g_ in gs if g_ is not None)
+        assert grad_norm(torch.stack(forced).sum()) == 0.0 and grad_norm(torch.stack(chosen).sum()) > 0
+        for p, w in zip(params, was):
+            p.requires_grad_(w)
 
 
 def test_grammar_parts_are_prefix_free_and_refuse_what_they_cannot_produce():
@@ -2020,7 +2039,13 @@ def test_sft_reference_trains_on_the_stage2_samples_with_stage2s_budget(small_ru
         return out
     m.add_lora(("sft",), r=cfg.lora_r, alpha=cfg.lora_alpha)
     untrained = lp()
+    made = []                                  # the training samples sft_reference builds, in order
+    real_new = train.new_trajectory
+    monkeypatch.setattr(train, "new_trajectory", lambda d, split, r: (made.append((split, int(r))),
+                                                                       real_new(d, split, r))[1])
     m2 = train.sft_reference(cfg, m, tok, data, "cpu", lambda *a: None)
+    monkeypatch.setattr(train, "new_trajectory", real_new)
+    assert made == [("train", int(r)) for r in rows] and len(rows) == cfg.steps * cfg.batch
     assert m2 is m and m.has_adapter("sft") and lp() > untrained + 0.05
     after = m.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before if ".sft." not in k)
@@ -2383,6 +2408,23 @@ def test_agent_loss_is_eq11_over_the_collected_messages(data):
         assert st["credit"] == pytest.approx(float(flat.mean()), abs=1e-6)
         assert st["credit_abs"] == pytest.approx(float(flat.abs().mean()), abs=1e-6) and st["credit_abs"] > 1e-4
         assert 0 <= timing["teacher_s"] and 0 <= timing["student_s"] and timing["teacher_s"] + timing["student_s"] < 60
+    # at another sampling temperature every log-prob (student and teacher) is over logits / T: the
+    # loss is the reference's at that T, and differs from the loss at T = 1
+    rcfg, T = dict(mode="interaction"), 0.7
+    loss_t, _ = train.agent_loss(m, tok, trajs, buf, "rec", train.LossOptions(rcfg, 0.5, decoding="item",
+                                                                              temperature=T))
+    with torch.no_grad():
+        msgs = [(tr.turns[t].rec_prompt, tok.render_rec(tr, t, distill.hindsight_reference(tok, tr)),
+                 tr.turns[t].rec_out, rr[0], tok.answer_choices(tr))
+                for tr in trajs for t, rr in enumerate(reward.turn_rewards(tr, **rcfg)) if rr[0] is not None]
+        sp, tp, ys, rs, first = zip(*msgs)
+        s_lp = [x.float() for x in token_logprobs_reference(m, sp, ys, tok.pad_id, first=first, temperature=T)]
+        t_lp = [x.float() for x in token_logprobs_reference(m, tp, ys, tok.pad_id, first=first, temperature=T)]
+        want = -sum(((r + 0.5 * (t - s_).clamp(-1, 1)) * s_).sum() / len(s_)
+                    for s_, t, r in zip(s_lp, t_lp, rs)) / len(trajs)
+    assert loss_t.item() == pytest.approx(want.item(), abs=1e-5)
+    loss_1, _ = train.agent_loss(m, tok, trajs, buf, "rec", train.LossOptions(rcfg, 0.5, decoding="item"))
+    assert abs(loss_t.item() - loss_1.item()) > 1e-3
     # the restricted and the free support give different credits, so the test above can tell them apart
     losses = [train.agent_loss(m, tok, trajs, buf, "rec", train.LossOptions({}, 0.1, decoding=d))[0].item() for d in env.DECODING]
     assert len({round(x, 5) for x in losses}) == 3
