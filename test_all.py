@@ -901,6 +901,25 @@ def test_peer_weights_clamp_negative_similarities():
     assert w[2] == pytest.approx([1 / 3] * 3)                      # all negative: uniform weights
 
 
+@pytest.mark.parametrize("chunk", [1, 7, 1024])
+def test_chunked_peers_equal_the_dense_matrixs(chunk):
+    """data.prepare.nearest_peers (chunk rows at a time, no (U,U) matrix) against peer_weights on the
+    dense matrix: the same peers, ties included (small integer embeddings: exact dot products,
+    many ties, broken by the lower index), and the same weights; non-peer users are never peers."""
+    rng = np.random.default_rng(0)
+    emb = rng.integers(-2, 3, (60, 4)).astype(np.float64)
+    emb[10] = emb[3]                                            # identical users: exact ties
+    is_peer = rng.random(60) < 0.8
+    sim = emb @ emb.T
+    np.fill_diagonal(sim, -np.inf)
+    sim[:, ~is_peer] = -np.inf
+    want_p, want_w = data_prepare.peer_weights(sim, 5)
+    got_p, got_w = data_prepare.nearest_peers(emb, is_peer, 5, chunk=chunk)
+    assert np.array_equal(got_p, want_p) and np.allclose(got_w, want_w, atol=1e-12)
+    assert is_peer[got_p].all() and not (got_p == np.arange(60)[:, None]).any()
+    assert any(np.sort(r)[-5] == np.sort(r)[-6] for r in sim)     # ties at the cut, to be broken
+
+
 def test_the_user_never_sees_the_target(data, tiny_hf):
     """No UserAgent prompt carries the target unless a RecAgent message named it (built-in tokens and
     the natural-language format)."""

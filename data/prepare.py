@@ -153,9 +153,31 @@ def peer_weights(sim, k):
     their weights w_j (docs/method.md section 2): negative similarities count as 0, the rest are
     normalised to sum to 1, and a user whose k similarities are all <= 0 weighs them equally."""
     peers = np.argsort(-sim, axis=1, kind="stable")[:, :k]
-    w = np.maximum(np.take_along_axis(sim, peers, 1), 0)
-    w = np.where(w.sum(1, keepdims=True) > 0, w / np.maximum(w.sum(1, keepdims=True), 1e-12),
-                 1.0 / max(k, 1))
+    return peers, _weights(np.take_along_axis(sim, peers, 1), k)
+
+
+def _weights(top, k):
+    w = np.maximum(top, 0)
+    return np.where(w.sum(1, keepdims=True) > 0, w / np.maximum(w.sum(1, keepdims=True), 1e-12),
+                    1.0 / max(k, 1))
+
+
+def nearest_peers(emb, is_peer, k, chunk=1024):
+    """peer_weights of the cosine similarities of the unit rows of emb (a user is never its own
+    peer; only users with is_peer are peers), without the (U,U) matrix: `chunk` rows at a time,
+    and per row only the entries at least its k-th largest are sorted (ties broken by the lower
+    index, as peer_weights' stable sort does). Memory O(chunk x U) instead of O(U^2)."""
+    n = len(emb)
+    peers, w = np.zeros((n, k), np.int64), np.zeros((n, k), np.float64)
+    for s in range(0, n, chunk):
+        sim = emb[s:s + chunk] @ emb.T                                  # (c, U)
+        sim[np.arange(len(sim)), np.arange(s, s + len(sim))] = -np.inf
+        sim[:, ~is_peer] = -np.inf
+        kth = -np.partition(-sim, k - 1, axis=1)[:, k - 1]              # each row's k-th largest
+        for i, row in enumerate(sim):
+            idx = np.flatnonzero(row >= kth[i])                         # ascending: stable ties
+            peers[s + i] = idx[np.argsort(-row[idx], kind="stable")[:k]]
+        w[s:s + len(sim)] = _weights(np.take_along_axis(sim, peers[s:s + len(sim)], 1), k)
     return peers, w
 
 
@@ -329,10 +351,7 @@ def build(parsed: Parsed, cfg: DataConfig, log=print):
                       [s[-H:] if is_train[u] else seqs[u][:-1][-H:]
                        for u, s in enumerate(train_seqs)])
     emb = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-8)
-    sim = emb @ emb.T
-    np.fill_diagonal(sim, -np.inf)
-    sim[:, ~is_train] = -np.inf
-    peers, w = peer_weights(sim, min(cfg.n_peers, int(is_train.sum()) - 1))
+    peers, w = nearest_peers(emb, is_train, min(cfg.n_peers, int(is_train.sum()) - 1))
 
     # UserAgent F1 set (docs/method.md section 6): every test user. Its history is the one before
     # its validation sample where it has one (its positives are then the validation and test items,
