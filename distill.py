@@ -158,3 +158,58 @@ def coars_objective(student_lp, teacher_lp, rewards, lam=0.1, n_episodes=None, b
                            baseline=baseline)
     pen = kl_to_base(student_lp, base_lp, n_episodes=n_episodes) if kl else None
     return (loss + kl * pen if kl else loss), credits, pen
+
+
+# --------------------------------------------------------------------------------------------------
+# Where the credit falls: statistics of A_{t,n} per kind of token, for metrics.jsonl and the viewer
+
+def token_kinds(tok, y, grammar=None):
+    """The kind of each token of a message: 'forced' where its grammar allows one token only (no
+    choice: credit 0); for the built-in model 'item' (the RecAgent's first token), 'action' (the
+    UserAgent's first), 'score' (its digits), 'rationale' (the history item after <|why|>);
+    for a chat model 'chosen' (every other token: the title's and the reason's)."""
+    out = []
+    for n, t in enumerate(int(t) for t in y):
+        allowed = grammar.allowed(list(y[:n])) if grammar is not None else None
+        if allowed is not None and len(allowed) == 1:
+            out.append("forced")
+        elif getattr(tok, "chat", False):
+            out.append("chosen")
+        elif n == 0:
+            out.append("action" if t in tok.action_ids.values() else "item")
+        elif tok.is_item(t):
+            out.append("rationale")
+        elif t < 256:
+            out.append("score")
+        else:
+            out.append("other")
+    return out
+
+
+def credit_stats(kinds, credits, rewards, lam, baseline=0.0):
+    """Statistics of the credit A_{t,n} of a batch of messages (kinds: token_kinds per message,
+    credits: A per message, rewards: R_t per message):
+      credit_<kind>_mean / _std   over the tokens of that kind
+      credit_reward_corr          Pearson correlation of a message's mean credit with its R_t
+                                  (nan with fewer than 2 messages or no spread)
+      credit_share                the credit's share of the per-token weight of Eq. 11:
+                                  sum |lam A_{t,n}| / sum (|R_t - b| + |lam A_{t,n}|)"""
+    by = {}
+    for ks, a in zip(kinds, credits):
+        for k, x in zip(ks, a.tolist()):
+            by.setdefault(k, []).append(x)
+    out = {}
+    for k, xs in sorted(by.items()):
+        x = torch.tensor(xs, dtype=torch.float64)
+        out[f"credit_{k}_mean"] = float(x.mean())
+        out[f"credit_{k}_std"] = float(x.std(unbiased=False))
+    means = torch.tensor([float(a.mean()) for a in credits], dtype=torch.float64)
+    r = torch.tensor(list(rewards), dtype=torch.float64)
+    if len(r) > 1 and float(means.std()) > 0 and float(r.std()) > 0:
+        out["credit_reward_corr"] = float(torch.corrcoef(torch.stack([means, r]))[0, 1])
+    else:
+        out["credit_reward_corr"] = float("nan")
+    cred = sum(float((lam * a).abs().sum()) for a in credits)
+    rew = sum(abs(float(rt) - baseline) * len(a) for a, rt in zip(credits, rewards))
+    out["credit_share"] = cred / (cred + rew) if cred + rew > 0 else 0.0
+    return out

@@ -892,6 +892,32 @@ def test_hit_at_1_counts_an_invalid_final_answer_as_a_miss(data, monkeypatch):
     assert met["rec_valid"][1] == 0.0
 
 
+def test_credit_statistics_of_a_batch_known_by_hand(data):
+    """distill.token_kinds names each token of the built-in messages by its grammar and its place;
+    distill.credit_stats on two hand-made RecAgent messages: per-kind means and spreads, the
+    correlation of a message's mean credit with R_t, and the credit's share of Eq. 11's weights."""
+    tok = Tokenizer(data.n_items)
+    tr = env.new_trajectory(data, "train", 0)
+    rec = tok.rec_message(tr.cands[0], tr.hist[0])
+    assert distill.token_kinds(tok, rec, env.message_grammar(tok, tr, "rec")) == \
+        ["item", "forced", "rationale", "forced"]
+    user = tok.user_message("skip", 0.31, tr.hist[1])
+    ks = distill.token_kinds(tok, user, env.message_grammar(tok, tr, "user"))
+    assert ks[0] == "action" and ks[-2:] == ["rationale", "forced"] and "score" in ks
+    assert set(ks[1:-2]) <= {"score", "forced"} and ks.count("forced") >= 2    # "0", ".", <|why|> ...
+    kinds = [["item", "forced", "rationale", "forced"]] * 2
+    credits = [torch.tensor([0.5, 0.0, -0.25, 0.0]), torch.tensor([-0.5, 0.0, 0.25, 0.0])]
+    st = distill.credit_stats(kinds, credits, [1.0, -1.0], lam=0.1)
+    assert st["credit_item_mean"] == 0.0 and st["credit_item_std"] == pytest.approx(0.5)
+    assert st["credit_rationale_mean"] == 0.0 and st["credit_rationale_std"] == pytest.approx(0.25)
+    assert st["credit_forced_mean"] == 0.0 and st["credit_forced_std"] == 0.0
+    assert st["credit_reward_corr"] == pytest.approx(1.0)            # means +0.0625 / -0.0625
+    assert st["credit_share"] == pytest.approx(0.15 / (0.15 + 8.0))   # sum |lam A| / (that + sum |R|)
+    st = distill.credit_stats(kinds, credits, [1.0, -1.0], lam=0.1, baseline=1.0)
+    assert st["credit_share"] == pytest.approx(0.15 / (0.15 + 8.0))   # |1 - 1| * 4 + |-1 - 1| * 4
+    assert math.isnan(distill.credit_stats(kinds[:1], credits[:1], [1.0], 0.1)["credit_reward_corr"])
+
+
 def test_peer_weights_clamp_negative_similarities():
     sim = np.array([[-np.inf, 0.5, -0.4, 0.3], [0.5, -np.inf, -0.2, -0.1],
                     [-0.4, -0.2, -np.inf, -0.3], [0.3, -0.1, -0.3, -np.inf]])
@@ -1565,6 +1591,8 @@ def test_train_and_eval_end_to_end_on_synthetic_ml1m(synth, tmp_path):
     steps = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [s["step"] for s in steps if s["stage"] == 2] == [1, 2, 3]
     assert "valid_hit" in steps[-1] and "rec_credit" in steps[-1]
+    assert {"rec_credit_item_mean", "rec_credit_rationale_std", "rec_credit_reward_corr", "rec_credit_share",
+            "user_credit_action_mean", "user_credit_score_std"} <= set(steps[-1])
     assert {"rollout_s", "teacher_s", "student_s", "update_s", "tokens_per_s"} <= set(steps[-1])
     # default options: messages under their grammar, so every message of every real stage-2 batch
     # (temperature 1, a base of 20 stage-1 steps) is valid, both agents'

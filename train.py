@@ -40,7 +40,8 @@ from tqdm import tqdm
 from config import (QUICK, Config, UserError, add_config_args, config_defaults, config_from,
                     lora_targets, loss_group, validate)
 from data.prepare import DataError, prepare, probe_writable
-from distill import ReferenceBuffer, coars_objective, collect_messages
+from distill import (ReferenceBuffer, coars_objective, collect_messages, credit_stats,
+                     token_kinds)
 from env import closest_history_item, message_grammar, new_trajectory, rollout
 from eval import evaluate_run, run_ars
 from support.report import results_table, write_results
@@ -215,6 +216,7 @@ def agent_loss(model, tok, trajs, buffer, agent, opts=None, device="cpu", backwa
     n = n_episodes or len(trajs)
     step = opts.micro if (opts.micro and backward) else len(msgs)
     total, credits, t_teacher, t_student, kl_sum = 0.0, [], 0.0, 0.0, 0.0
+    kinds = [token_kinds(tok, m[2], m[4]) for m in msgs]    # where the credit falls (statistics)
     for s in range(0, len(msgs), step):
         student_p, teacher_p, ys, rs, grammar = zip(*msgs[s:s + step])
         lp = dict(grammar=grammar, temperature=opts.temperature)
@@ -246,7 +248,8 @@ def agent_loss(model, tok, trajs, buffer, agent, opts=None, device="cpu", backwa
         timing["student_s"] = timing.get("student_s", 0.0) + t_student
     flat = torch.cat(credits)
     stats = dict(messages=len(msgs), reward=sum(rs_all) / len(rs_all), credit=float(flat.mean()),
-                 credit_abs=float(flat.abs().mean()))
+                 credit_abs=float(flat.abs().mean()),
+                 **credit_stats(kinds, [c.detach() for c in credits], rs_all, opts.lam, b))
     if opts.kl:
         stats["kl"] = kl_sum          # the penalty before its weight (per episode)
     return total, stats

@@ -80,6 +80,14 @@ def merge_stats(stats):
             out[k] = sum(st.get(k, 0.0) * st["messages"] for st in stats) / n
     if any("kl" in st for st in stats):    # each rank's part is already divided by the whole batch
         out["kl"] = sum(st.get("kl", 0.0) for st in stats)
+    # where the credit falls (distill.credit_stats): exact on one rank; over several, each rank's
+    # value weighted by its messages (for the stds, the correlation and the share an approximation)
+    extra = sorted({k for st in stats for k in st if k.startswith("credit_") and k != "credit_abs"})
+    for k in extra:
+        have = [st for st in stats if k in st and st["messages"]]
+        if have:
+            m = sum(st["messages"] for st in have)
+            out[k] = sum(st[k] * st["messages"] for st in have) / m
     return out
 
 
