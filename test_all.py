@@ -2334,6 +2334,8 @@ def test_show_and_interactive_on_a_run(synth, tmp_path, capsys):
     text = "\n".join(lines)
     assert text.count("=== conversation") == 2 and "history: " in text and "(TARGET)" in text
     assert sum(len(t.turns) for t in trajs) == text.count("RecAgent:") and "rewards: Rec" in text
+    assert text.count("credit by token") == text.count("rewards: Rec") and "rec: item " in text
+    assert "rationale " in text
     assert all(t.rec_valid and (t.user_out is None or t.user_valid) for tr in trajs for t in tr.turns)
     # the real trained RecAgent (no stand-in): decoded under its grammar, as in rollouts, so even
     # this short a run writes a valid message naming a candidate, and the person is asked

@@ -5,8 +5,8 @@ Looking at a trained run's conversations (a tool beside the method, not part of 
     python tools/viewer.py --run out/ml-latest-small --interactive    # play the user yourself
 
 --show prints the history, the candidates (target and SASRec prior marked), every message as text,
-each turn's rewards (reward.py) and each message's mean token credit (distill.py, with the finished
-conversation itself as the hindsight reference). --interactive lets a person answer the trained
+each turn's rewards (reward.py), each message's mean token credit and the credit of each of its
+tokens by kind (distill.py, with the finished conversation itself as the hindsight reference). --interactive lets a person answer the trained
 RecAgent turn by turn.
 """
 
@@ -20,7 +20,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from config import UserError  # noqa: E402
-from distill import hindsight_reference, token_credit  # noqa: E402
+from distill import hindsight_reference, token_credit, token_kinds  # noqa: E402
 from env import (ACTION_RANGE, Turn, finish_turn, message_grammar, new_trajectory, record_user, rollout,  # noqa: E402
                  score_fits, write_messages)
 from support.distributed import device_of  # noqa: E402
@@ -70,7 +70,7 @@ def show(run_dir, n, split="test", device="auto", out=print):
         ref = hindsight_reference(tok, tr)
         rewards = turn_rewards(tr, **rcfg)
         for t, (turn, (r_rec, r_user)) in enumerate(zip(tr.turns, rewards)):
-            credit = {}
+            credit, by_token = {}, {}
             for agent, prompt, ans, render in (("rec", turn.rec_prompt, turn.rec_out, tok.render_rec),
                                                ("user", turn.user_prompt, turn.user_out, tok.render_user)):
                 if prompt is None or not ans:
@@ -80,7 +80,10 @@ def show(run_dir, n, split="test", device="auto", out=print):
                 with torch.no_grad():
                     s_lp = token_logprobs(model, [prompt], [ans], tok.pad_id, device, grammar=g)[0]
                     t_lp = token_logprobs(model, [render(tr, t, ref)], [ans], tok.pad_id, device, grammar=g)[0]
-                credit[agent] = float(token_credit(t_lp, s_lp).mean())
+                a = token_credit(t_lp, s_lp)
+                credit[agent] = float(a.mean())
+                by_token[agent] = [(k, float(x)) for k, x in zip(token_kinds(tok, ans, g[0]), a)
+                                   if k != "forced"]
             model.set_adapter(None)
             out(f" turn {t + 1}  RecAgent: {readable(tok, data, turn.rec_out, tr.cands)}"
                 + ("  -> HIT" if turn.hit else "") + ("" if turn.rec_valid else "  (invalid)"))
@@ -90,6 +93,9 @@ def show(run_dir, n, split="test", device="auto", out=print):
             fmt = lambda x: "left out" if x is None else f"{x:+.3f}"  # noqa: E731
             out(f"         rewards: Rec {fmt(r_rec)}  User {fmt(r_user)}   mean token credit: "
                 + "  ".join(f"{a} {c:+.3f}" for a, c in credit.items()))
+            out("         credit by token (forced tokens, always 0, left out): "
+                + "  ".join(f"{a}: " + " ".join(f"{k} {x:+.3f}" for k, x in ks)
+                            for a, ks in by_token.items()))
         out(f" final item: {data.titles[tr.final_item] if tr.final_item is not None else '-'}; "
             f"hit: {bool(tr.hit)}; turns: {len(tr.turns)}")
     return trajs
