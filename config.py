@@ -219,8 +219,8 @@ class Config:
     def reward_options(self):
         """reward.turn_rewards' options (stage_gamma < 0: D_t = 1)."""
         return dict(mode=self.reward_mode, alpha=self.alpha, use_filter=self.use_filter,
-                    user_filter=self.user_filter, stage_gamma=self.stage_gamma
-                    if self.stage_gamma >= 0 else None)
+                    user_filter=self.user_filter,
+                    stage_gamma=self.stage_gamma if self.stage_gamma >= 0 else None)
 
     def run_dir(self):
         return Path(self.out_dir) / (self.run_name or Path(self.dataset).name)

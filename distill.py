@@ -22,7 +22,8 @@ normalisation, no KL penalty, as in the paper. coars_objective is Eq. 10-12 on o
 messages; train.agent_loss runs it (the teacher's, the student's and the base's log-prob passes,
 micro-batches, the backward passes and their timing). [ours, extensions, off by default] a
 batch-mean baseline subtracted from R_t (--baseline mean); a penalty that keeps the UserAgent near
-the untrained one (--user-kl, kl_to_base). """
+the untrained one (--user-kl, kl_to_base).
+"""
 
 import torch
 

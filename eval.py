@@ -351,19 +351,22 @@ def evaluate_run(cfg, model, tok, data, device, log=print):
     that adapter (train.sft_reference), CoARS; then the UserAgent's Eq. 8 return beside the
     constant users' on --eval-returns-n stage-2 samples (user_returns). res["phase_s"]: the
     seconds of each phase. Every phase starts with a log line (a caller may stop there)."""
-    agents = [("Memory-based ARS", (None, None))]
-    if model.has_adapter("sft"):
-        agents.append(("SFT on stage-2 samples", ("sft", None)))
-    agents.append(("CoARS", ("rec", "user")))
     res = evaluate(model, tok, data, "test", cfg.t_max, device, cfg.n_boot, cfg.seed,
-                   agents=tuple(agents), max_samples=cfg.eval_test_n, decoding=cfg.decoding,
+                   agents=run_agents(model), max_samples=cfg.eval_test_n, decoding=cfg.decoding,
                    log=log, per_sample=True)
-    res["phase_s"] = {"test evaluation": res["seconds"]}
+    res["phase_s"] = {"test_evaluation": res["seconds"]}
     if cfg.eval_returns_n:
         t0 = time.time()
         res["user_returns"] = run_user_returns(cfg, model, tok, data, device, log)
-        res["phase_s"]["constant users' returns"] = round(time.time() - t0, 1)
+        res["phase_s"]["constant_users_returns"] = round(time.time() - t0, 1)
     return res
+
+
+def run_agents(model):
+    """The agent pairs a finished run is evaluated with: the memory-based ARS (no adapters), the
+    SFT reference where the model has its adapter, CoARS (last: the paired rows compare to it)."""
+    sft = (("SFT on stage-2 samples", ("sft", None)),) if model.has_adapter("sft") else ()
+    return (("Memory-based ARS", (None, None)),) + sft + (("CoARS", ("rec", "user")),)
 
 
 def run_user_returns(cfg, model, tok, data, device, log=lambda *a: None):
@@ -386,16 +389,11 @@ def returns_sample(cfg, data):
 def main(argv=None):
     from config import UserError
     from support.distributed import device_of
-    from support.runs import load_run  # loading a saved run is machinery, not a metric
+    from support.runs import add_run_args, load_run  # loading a saved run is machinery
     p = argparse.ArgumentParser(description="Evaluate a CoARS training run (see the module "
                                             "docstring).")
-    p.add_argument("--run", required=True,
-                   help="the run folder written by train.py (holds coars.pt)")
-    p.add_argument("--split", default="test", choices=["valid", "test"],
-                   help="the split to evaluate; 'valid' writes results_valid.* beside the run's "
-                        "test results (default: %(default)s)")
-    p.add_argument("--device", default="auto",
-                   help="cpu, cuda, cuda:N or auto (default: %(default)s)")
+    add_run_args(p, "test", "the split to evaluate; 'valid' writes results_valid.* beside the "
+                            "run's test results")
     p.add_argument("--max-samples", type=int, default=0,
                    help="evaluate a fixed random subset of this size (0 = all)")
     p.add_argument("--plot", action="store_true",
@@ -420,10 +418,8 @@ def main(argv=None):
     if a.split == "test" and not a.max_samples:
         res = evaluate_run(cfg, model, tok, data, device)
     else:
-        sft = (("SFT on stage-2 samples", ("sft", None)),) if model.has_adapter("sft") else ()
-        agents = (("Memory-based ARS", (None, None)),) + sft + (("CoARS", ("rec", "user")),)
         res = evaluate(model, tok, data, a.split, cfg.t_max, device, cfg.n_boot, cfg.seed,
-                       agents=agents, max_samples=a.max_samples, decoding=cfg.decoding,
+                       agents=run_agents(model), max_samples=a.max_samples, decoding=cfg.decoding,
                        per_sample=True)
     # the full test evaluation is the run's results.json (as train.py writes it); any other goes
     # beside it

@@ -32,7 +32,8 @@ the stage-1 options are the same.
 
 A Hugging Face chat model skips stage 1; `--warmup-steps N` gives its two adapters N supervised
 steps on the same scripted dialogues (rendered in natural language by support/chat.py) before CoARS,
-so that they can write the message format (warmup()). """
+so that they can write the message format (warmup()).
+"""
 
 import copy
 import dataclasses

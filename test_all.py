@@ -2367,6 +2367,13 @@ def test_show_and_interactive_on_a_run(synth, tmp_path, capsys):
     assert "input ended" in said[-1] and not tr.done
     with pytest.raises(UserError, match="--sample 99999: the valid split has samples 0-"):
         viewer.interactive(tmp_path / "o" / "r", ask=ask, out=said.append, split="valid", sample=99999)
+    # tools/prior_use.py on the same run (through load_run): shares and Hit@1s that fit together
+    from tools import prior_use
+    prior_use.main(["--run", str(tmp_path / "o" / "r"), "--split", "valid", "--out", str(tmp_path / "p.json")])
+    for col in json.loads((tmp_path / "p.json").read_text()).values():
+        assert col["prior right"] == pytest.approx(col["Hit@1 SASRec prior"][0])
+        bound = col["Hit@1 better of prior and own, per sample (bound)"][0]
+        assert bound >= max(col["Hit@1 SASRec prior"][0], col["Hit@1 own ranking (no hint)"][0])
     # tools/headroom.py on the same run: 8 rows; with the oracle user a right first pick is always
     # kept (final Hit@1 >= turn-1 Hit@1), and with the exclusion no turned-down item is named again
     from tools import headroom

@@ -6,6 +6,7 @@ A file of its own so that those tools need not import train.py (which imports th
   - chat_backbone(): a Hugging Face chat model and its natural-language format (support/hf.py,
     support/chat.py), the backbone train.py uses when --model is given.
   - load_run(): (config, model with both adapters, tokenizer, data) of a run folder.
+  - add_run_args(): the --run, --split and --device flags of every script that reads a run.
 """
 
 from pathlib import Path
@@ -19,6 +20,16 @@ from support.chat import ChatTokenizer
 from support.distributed import device_of
 from env import Tokenizer
 from model import build_model, freeze
+
+
+def add_run_args(p, split="test", split_help="the split used"):
+    """--run (a folder train.py wrote), --split (valid / test, default `split`) and --device."""
+    p.add_argument("--run", required=True,
+                   help="the run folder written by train.py (holds coars.pt)")
+    p.add_argument("--split", default=split, choices=["valid", "test"],
+                   help=f"{split_help} (default: %(default)s)")
+    p.add_argument("--device", default="auto",
+                   help="cpu, cuda, cuda:N or auto (default: %(default)s)")
 
 
 def chat_backbone(cfg, data, device, log):

@@ -34,7 +34,7 @@ from config import UserError  # noqa: E402
 from env import POSITIVE, peer_opinion, rejected_items  # noqa: E402
 from eval import mean_ci, paired_diff_ci, run_ars  # noqa: E402
 from support.distributed import device_of  # noqa: E402
-from support.runs import load_run  # noqa: E402
+from support.runs import add_run_args, load_run  # noqa: E402
 
 
 def oracle_user(traj, turn):
@@ -114,12 +114,7 @@ def table(out, peers, split, n):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="What the conversation could add to a finished run (module docstring).")
-    p.add_argument("--run", required=True, help="the run folder written by train.py (holds coars.pt)")
-    p.add_argument("--split", default="valid", choices=["valid", "test"],
-                   help="the split to measure on (default: %(default)s; test only for a final "
-                        "report)")
-    p.add_argument("--device", default="auto",
-                   help="cpu, cuda, cuda:N or auto (default: %(default)s)")
+    add_run_args(p, "valid", "the split to measure on (test only for a final report)")
     p.add_argument("--n-boot", type=int, default=1000,
                    help="bootstrap resamples of each interval (default: %(default)s)")
     a = p.parse_args(argv)

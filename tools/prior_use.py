@@ -10,8 +10,9 @@ table says how often each pick is the prior, separately where the prior is right
 wrong, and the Hit@1 of the prior, of the agent's own ranking, of the hinted pick and of the better
 of the first two per sample (an upper bound on what combining them could give). A RecAgent that
 used the prior would follow it more where it is right than where it is wrong, and more than its
-own ranking already agrees with it. Works on a run folder with base.pt (the untrained agent, the
-adapter-free base) and, where coars.pt exists too, the trained RecAgent.
+own ranking already agrees with it. Works on a finished run of the built-in model (support/runs
+.load_run): the untrained agent (the adapter-free base) and the trained RecAgent (after a run of
+--steps 0, the two are the same).
 """
 
 import argparse
@@ -22,14 +23,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # run from anywhere
 
 import numpy as np  # noqa: E402
-import torch  # noqa: E402
 
-from config import Config, UserError, config_from, add_config_args  # noqa: E402
-from data.prepare import DataError, prepare  # noqa: E402
-from env import Tokenizer, new_trajectory  # noqa: E402
+from config import UserError  # noqa: E402
+from env import new_trajectory  # noqa: E402
 from eval import mean_ci  # noqa: E402
-from model import build_model, freeze, next_token_scores  # noqa: E402
+from model import next_token_scores  # noqa: E402
 from support.distributed import device_of  # noqa: E402
+from support.runs import add_run_args, load_run  # noqa: E402
 
 
 def first_picks(model, tok, data, split, rows, adapter, device, hint, batch=256):
@@ -69,35 +69,19 @@ def prior_use(model, tok, data, split, adapter, device, n_boot=1000):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run", required=True, help="a run folder written by train.py (holds config.json, base.pt)")
-    p.add_argument("--split", default="valid", choices=["valid", "test"], help="the split measured")
-    p.add_argument("--device", default="auto", help="'cpu', 'cuda' or 'auto'")
+    add_run_args(p, "valid", "the split measured")
     p.add_argument("--out", default="", help="also write the table as JSON to this file")
     a = p.parse_args(argv)
     run = Path(a.run)
     try:
-        if not (run / "config.json").exists() or not (run / "base.pt").exists():
-            raise UserError(f"{run} has no config.json and base.pt: point --run at a built-in run of train.py.")
-        ap = argparse.ArgumentParser()
-        add_config_args(ap, json.loads((run / "config.json").read_text()))
-        cfg: Config = config_from(ap.parse_args([]))
-        if cfg.model:
-            raise UserError("tools/prior_use.py measures the built-in model's item tokens; this run used --model.")
-        data = prepare(cfg.data_config(), log=lambda *x: None)
-    except (UserError, DataError) as e:
+        cfg, model, tok, data = load_run(run, a.device)
+        if tok.chat:
+            raise UserError("tools/prior_use.py measures the built-in model's item tokens; this run "
+                            "used --model.")
+    except UserError as e:
         sys.exit(f"error: {e}")
     device = device_of(a.device)
-    tok = Tokenizer(data.n_items)
-    model = build_model(cfg, tok.vocab_size, device)
-    model.load_state_dict(torch.load(run / "base.pt", map_location=device, weights_only=True)["model"])
-    freeze(model)
-    agents = [("untrained RecAgent", None)]
-    if (run / "coars.pt").exists():
-        from train import lora_targets
-        saved = torch.load(run / "coars.pt", map_location=device, weights_only=True)["adapters"]
-        model.add_lora(("rec", "user"), r=cfg.lora_r, alpha=cfg.lora_alpha, targets=lora_targets(cfg))
-        model.load_state_dict({k: v for k, v in saved.items() if ".adapters.sft." not in k}, strict=False)
-        agents.append(("CoARS RecAgent", "rec"))
+    agents = [("untrained RecAgent", None), ("CoARS RecAgent", "rec")]
     table = {name: prior_use(model, tok, data, a.split, ad, device) for name, ad in agents}
     keys = list(next(iter(table.values())))
     print(f"| {run.name}, {a.split} split | " + " | ".join(n for n, _ in agents) + " |")

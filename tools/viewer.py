@@ -6,8 +6,8 @@ Looking at a trained run's conversations (a tool beside the method, not part of 
 
 --show prints the history, the candidates (target and SASRec prior marked), every message as text,
 each turn's rewards (reward.py), each message's mean token credit and the credit of each of its
-tokens by kind (distill.py, with the finished conversation itself as the hindsight reference). --interactive lets a person answer the trained
-RecAgent turn by turn.
+tokens by kind (distill.py, with the finished conversation itself as the hindsight reference).
+--interactive lets a person answer the trained RecAgent turn by turn.
 """
 
 import argparse
@@ -24,7 +24,7 @@ from distill import hindsight_reference, token_credit, token_kinds  # noqa: E402
 from env import (ACTION_RANGE, Turn, finish_turn, message_grammar, new_trajectory, record_user, rollout,  # noqa: E402
                  score_fits, write_messages)
 from support.distributed import device_of  # noqa: E402
-from support.runs import load_run  # noqa: E402
+from support.runs import add_run_args, load_run  # noqa: E402
 from model import token_logprobs  # noqa: E402
 from reward import turn_rewards  # noqa: E402
 
@@ -180,11 +180,7 @@ def interactive(run_dir, device="auto", ask=input, out=print, seed=None, split="
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="Look at a trained run's conversations (see the module docstring).")
-    p.add_argument("--run", required=True, help="the run folder written by train.py (holds coars.pt)")
-    p.add_argument("--split", default="test", choices=["valid", "test"],
-                   help="the split whose samples are shown or played (default: %(default)s)")
-    p.add_argument("--device", default="auto",
-                   help="cpu, cuda, cuda:N or auto (default: %(default)s)")
+    add_run_args(p, "test", "the split whose samples are shown or played")
     p.add_argument("--sample", type=int, default=None, metavar="N",
                    help="--interactive: the split's sample to play (default: a random one)")
     p.add_argument("--show", type=int, default=0, metavar="N", help="print N whole conversations")
