@@ -192,7 +192,8 @@ def credit_stats(kinds, credits, rewards, lam, baseline=0.0):
     credits: A per message, rewards: R_t per message):
       credit_<kind>_mean / _std   over the tokens of that kind
       credit_reward_corr          Pearson correlation of a message's mean credit with its R_t
-                                  (nan with fewer than 2 messages or no spread)
+                                  (None, null in metrics.jsonl, with fewer than 2 messages
+                                  or no spread: undefined, and no tracker can plot a nan)
       credit_share                the credit's share of the per-token weight of Eq. 11:
                                   sum |lam A_{t,n}| / sum (|R_t - b| + |lam A_{t,n}|)"""
     by = {}
@@ -209,7 +210,7 @@ def credit_stats(kinds, credits, rewards, lam, baseline=0.0):
     if len(r) > 1 and float(means.std()) > 0 and float(r.std()) > 0:
         out["credit_reward_corr"] = float(torch.corrcoef(torch.stack([means, r]))[0, 1])
     else:
-        out["credit_reward_corr"] = float("nan")
+        out["credit_reward_corr"] = None
     cred = sum(float((lam * a).abs().sum()) for a in credits)
     rew = sum(abs(float(rt) - baseline) * len(a) for a, rt in zip(credits, rewards))
     out["credit_share"] = cred / (cred + rew) if cred + rew > 0 else 0.0

@@ -915,7 +915,20 @@ def test_credit_statistics_of_a_batch_known_by_hand(data):
     assert st["credit_share"] == pytest.approx(0.15 / (0.15 + 8.0))   # sum |lam A| / (that + sum |R|)
     st = distill.credit_stats(kinds, credits, [1.0, -1.0], lam=0.1, baseline=1.0)
     assert st["credit_share"] == pytest.approx(0.15 / (0.15 + 8.0))   # |1 - 1| * 4 + |-1 - 1| * 4
-    assert math.isnan(distill.credit_stats(kinds[:1], credits[:1], [1.0], 0.1)["credit_reward_corr"])
+    assert distill.credit_stats(kinds[:1], credits[:1], [1.0], 0.1)["credit_reward_corr"] is None
+
+
+def test_merged_credit_statistics_weight_ranks_by_messages_and_keep_an_undefined_one_undefined():
+    from support.distributed import merge_stats
+    a = dict(messages=3, reward=1.0, credit=0.5, credit_abs=1.0, credit_item_mean=0.2, credit_reward_corr=None)
+    b = dict(messages=1, reward=-1.0, credit=-0.5, credit_abs=2.0, credit_item_mean=-0.2, credit_reward_corr=0.8)
+    m = merge_stats([a, b])
+    assert m["messages"] == 4 and m["reward"] == pytest.approx(0.5) and m["credit_abs"] == pytest.approx(1.25)
+    assert m["credit_item_mean"] == pytest.approx(0.1) and m["credit_reward_corr"] == pytest.approx(0.8)
+    assert merge_stats([a, dict(b, credit_reward_corr=None)])["credit_reward_corr"] is None
+    line = json.loads(json.dumps(m | {"credit_reward_corr": None}))   # null in metrics.jsonl, never NaN
+    from support.watch import _scalars
+    assert "credit_reward_corr" not in _scalars(line) and _scalars(line)["reward"] == pytest.approx(0.5)
 
 
 def test_peer_weights_clamp_negative_similarities():
@@ -3288,7 +3301,7 @@ def test_tensorboard_events_hold_the_metrics_of_both_stages_and_a_resume_keeps_t
             keys = {k for r in mine for k, v in r.items() if k not in ("stage", "step") and isinstance(v, (int, float))}
             assert keys and set(acc.Tags()["scalars"]) == keys
             for k in keys:
-                want = [(r["step"], float(r[k])) for r in mine if k in r]
+                want = [(r["step"], float(r[k])) for r in mine if isinstance(r.get(k), (int, float))]
                 got = [(e.step, e.value) for e in acc.Scalars(k)]
                 assert [s for s, _ in got] == [s for s, _ in want], k                  # the same steps, once each
                 assert all(g == pytest.approx(w, rel=1e-6, abs=1e-6) for (_, g), (_, w) in zip(got, want)), k

@@ -84,10 +84,9 @@ def merge_stats(stats):
     # value weighted by its messages (for the stds, the correlation and the share an approximation)
     extra = sorted({k for st in stats for k in st if k.startswith("credit_") and k != "credit_abs"})
     for k in extra:
-        have = [st for st in stats if k in st and st["messages"]]
-        if have:
-            m = sum(st["messages"] for st in have)
-            out[k] = sum(st[k] * st["messages"] for st in have) / m
+        have = [st for st in stats if st.get(k) is not None and st["messages"]]
+        m = sum(st["messages"] for st in have)
+        out[k] = sum(st[k] * st["messages"] for st in have) / m if have else None  # None: undefined
     return out
 
 
