@@ -2336,6 +2336,68 @@ def test_viewer_rounds_a_typed_score_before_it_checks_it():
     assert viewer.parse_score("high", "click") is None
 
 
+def check_credit_page(path, n_messages):
+    """The viewer's HTML page: one row per message, each token a span whose colour follows its
+    credit (green positive, red negative, opacity |A| / the page's largest |A|), the row's mean
+    credit the mean of its spans'; returns the rows [(token texts, credits)]."""
+    import html.parser
+
+    class Rows(html.parser.HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.rows, self.span, self.cells, self.scripts = [], None, [], 0
+
+        def handle_starttag(self, tag, attrs):
+            a = dict(attrs)
+            self.scripts += tag in ("script", "link", "img")
+            if tag == "tr":
+                self.rows.append(([], [], []))
+                self.cells = []
+            elif tag == "span" and "tok" in a.get("class", ""):
+                self.span = [float(a["data-credit"]), a["style"], ""]
+            elif tag == "td":
+                self.cells.append("")
+
+        def handle_data(self, d):
+            if self.span is not None:
+                self.span[2] += d
+            elif self.cells:
+                self.cells[-1] += d
+
+        def handle_endtag(self, tag):
+            if tag == "span" and self.span is not None:
+                x, style, text = self.span
+                self.rows[-1][0].append(text)
+                self.rows[-1][1].append(x)
+                self.rows[-1][2].append(style)
+                self.span = None
+            elif tag == "tr" and self.rows and self.cells:
+                self.rows[-1] = self.rows[-1] + (list(self.cells),)
+
+    page = Path(path).read_text(encoding="utf-8")
+    assert page.startswith("<!doctype html>") and page.rstrip().endswith("</html>")
+    p = Rows()
+    p.feed(page)
+    assert p.scripts == 0                                                  # self-contained
+    rows = [r for r in p.rows if r[1]]
+    assert len(rows) == n_messages
+    credits = [x for r in rows for x in r[1]]
+    scale = max(abs(x) for x in credits)
+    assert scale > 0
+    for texts, xs, styles, cells in rows:
+        assert float(cells[-1]) == pytest.approx(sum(xs) / len(xs), abs=2e-3)      # the mean A column
+        for x, style in zip(xs, styles):
+            m = re.fullmatch(r"background:rgba\((\d+),(\d+),(\d+),([\d.]+)\)", style)
+            r_, g_, _, alpha = int(m[1]), int(m[2]), int(m[3]), float(m[4])
+            assert alpha == pytest.approx(min(1.0, abs(x) / scale), abs=2e-3)
+            if alpha > 0:
+                assert (g_ > r_) == (x > 0)                                # green up, red down
+    # a larger |credit| is never paler
+    pairs = sorted((abs(x), float(re.findall(r"[\d.]+", st)[-1])) for r in rows for x, st in zip(r[1], r[2]))
+    assert all(a2 >= a1 - 1e-3 for (_, a1), (_, a2) in zip(pairs, pairs[1:]))
+    return [(r[0], r[1]) for r in rows]
+
+
 def test_show_and_interactive_on_a_run(synth, tmp_path, capsys):
     args = ["--dataset", "ml-1m", "--data-url", synth["url"], "--data-sha256", synth["sha"], "--data-dir",
             str(tmp_path / "d"), "--out-dir", str(tmp_path / "o"), "--run-name", "r", "--sasrec-epochs", "1",
@@ -2343,8 +2405,10 @@ def test_show_and_interactive_on_a_run(synth, tmp_path, capsys):
     code, _, _ = in_process(args, capsys)
     assert code == 0
     lines = []
-    trajs = viewer.show(tmp_path / "o" / "r", 2, out=lines.append)
+    trajs = viewer.show(tmp_path / "o" / "r", 2, out=lines.append, html=tmp_path / "page.html")
     text = "\n".join(lines)
+    check_credit_page(tmp_path / "page.html", n_messages=sum(len(t.turns) + sum(u.user_out is not None
+                                                                               for u in t.turns) for t in trajs))
     assert text.count("=== conversation") == 2 and "history: " in text and "(TARGET)" in text
     assert sum(len(t.turns) for t in trajs) == text.count("RecAgent:") and "rewards: Rec" in text
     assert text.count("credit by token") == text.count("rewards: Rec") and "rec: item " in text
@@ -2763,8 +2827,15 @@ def test_hf_model_runs_the_whole_pipeline(synth, tmp_path, tiny_hf, capsys, monk
     assert "stage 1 skipped" in r.stdout and "warm-up: 1 steps" in r.stdout and "| CoARS |" in r.stdout
     run_dir = tmp_path / "out" / "ml-1m"
     assert not (run_dir / "base.pt").exists()
-    r = run(["tools/viewer.py", "--run", str(run_dir), "--show", "1"])
+    r = run(["tools/viewer.py", "--run", str(run_dir), "--show", "1", "--html", str(tmp_path / "chat.html")])
     assert r.returncode == 0 and "=== conversation 1" in r.stdout and "mean token credit" in r.stdout, r.stderr[-3000:]
+    said = [line.split("RecAgent: ", 1)[1].split("  -> HIT")[0] for line in r.stdout.splitlines() if "RecAgent: " in line]
+    rows = check_credit_page(tmp_path / "chat.html", n_messages=r.stdout.count("rewards: Rec")
+                             + r.stdout.count("UserAgent: "))
+    # a chat model's tokens, put back together, are the message as the text view shows it (which
+    # adds the field name the prompt ended with, "Recommendation: ")
+    joined = "".join(rows[0][0]).strip().replace("\n", " | ")
+    assert len(joined) > 10 and said[0].endswith(joined)
 
     real_generate = env.generate
 

@@ -194,6 +194,9 @@ def main():
     p.add_argument("--seed", type=int, default=0,
                    help="random seed (default: %(default)s)")
     a = p.parse_args()
+    parent = Path(a.out).resolve().parent
+    if not parent.is_dir():
+        p.error(f"--out {a.out}: its folder {parent} does not exist; create it first")
     if a.ml100k_from_recbole:
         sha = recbole_ml100k_zip(a.out)
         print(f"wrote {a.out}\nsha256 {sha}\nuse: python train.py --dataset ml-100k --data-url "
