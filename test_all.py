@@ -1899,7 +1899,15 @@ def test_quick_run_end_to_end_with_every_phase_timed(synth, tmp_path, capsys, mo
     assert "stage 2: step 3/3," in r.stdout and "SFT reference: training" in r.stdout
     assert r.stdout.count("constant users' returns: ") == 4
     times = json.loads((tmp_path / "o" / "ml-1m" / "results.json").read_text())["timing_s"]
-    assert {"SFT_reference", "test_evaluation", "constant_users_returns", "total"} <= set(times)
+    assert {"data", "stage1", "stage2", "SFT_reference", "test_evaluation", "constant_users_returns",
+            "total"} <= set(times)
+    assert sum(times[k] for k in ("data", "stage1", "stage2")) <= times["total"] + 0.3
+    # the data build's own phases, in the cache's processed.json; SASRec trained three times
+    # (crossfit) with a plain line per 5 epochs where stdout is no terminal
+    build = json.loads((tmp_path / "d" / "ml-1m" / "processed.json").read_text())["phase_s"]
+    assert list(build) == ["parse", "split", "sasrec", "sasrec_halves", "candidates_and_prior", "peers",
+                           "f1_set_and_arrays"] and all(v >= 0 for v in build.values())
+    assert "SASRec (3 models, 1 epoch each)" in r.stdout and "SASRec: epoch 3/3, loss" in r.stdout
     # a SIGTERM that arrives during the final evaluation stops it at the next phase
     import eval as eval_mod
     real = eval_mod.evaluate_run

@@ -593,6 +593,7 @@ def main(argv=None):
         if not lead:
             barrier()                             # rank 0 downloads and builds the data cache first
         data = prepare(cfg.data_config(), log=print if lead else (lambda *a: None))
+        t_data = time.time()
         if lead:
             barrier()
         if ck:
@@ -609,15 +610,16 @@ def main(argv=None):
     except (UserError, DataError, TrackerError) as e:
         sys.exit(f"error: {e}")
     try:
-        run(cfg, data, device, run_dir, ck, t_start)
+        run(cfg, data, device, run_dir, ck, t_start, t_data)
     finally:
         for sink in SINKS:
             sink.close()
         SINKS.clear()
 
 
-def run(cfg, data, device, run_dir, ck, t_start):
-    """Stages 1 and 2, curves.png, the final evaluation (main's options already checked)."""
+def run(cfg, data, device, run_dir, ck, t_start, t_data):
+    """Stages 1 and 2, curves.png, the final evaluation (main's options already checked);
+    t_start, t_data: when the data preparation began and ended (results.json's timing_s)."""
     rank, world = dist_info()
     lead = rank == 0
     log = print if lead else (lambda *a: None)
@@ -651,7 +653,10 @@ def run(cfg, data, device, run_dir, ck, t_start):
             f"in {run_dir}/coars.pt: evaluate them with python eval.py --run {run_dir}")
         sys.exit(128 + STOP.signum)
     save_adapters(model, cfg, run_dir / "coars.pt")          # with the SFT reference's adapter
-    res["timing_s"] = dict(data_and_stage1=round(t_s1 - t_start, 1), stage2=round(t_s2 - t_s1, 1),
+    # data: this run's preparation (building the cache, or loading it); its phases, from the build
+    # that made the cache, are in the data folder's processed.json ("phase_s")
+    res["timing_s"] = dict(data=round(t_data - t_start, 1), stage1=round(t_s1 - t_data, 1),
+                           stage2=round(t_s2 - t_s1, 1),
                            **res["phase_s"], total=round(time.time() - t_start, 1))
     res["device"] = device
     write_results(res, run_dir)

@@ -47,6 +47,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 if __package__ in (None, ""):  # run as a script: make `data.sasrec` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -199,8 +200,11 @@ def prepare(cfg: DataConfig, log=print, rebuild=False) -> Data:
             log(f"{meta_path} was built with other options or data: rebuilding")
         except (ValueError, OSError, KeyError, EOFError, zipfile.BadZipFile) as e:
             log(f"{npz_path} is unreadable ({e}): rebuilding")
+    t0 = time.time()
     parsed = src["parse"](raw)
+    t_parse = time.time() - t0
     arrays, meta = build(parsed, cfg, log)
+    meta["phase_s"] = dict(parse=round(t_parse, 2), **meta["phase_s"])
     meta.update(want)
     meta["dataset"] = cfg.dataset
     write_cache(folder, arrays, meta)
@@ -266,7 +270,14 @@ def sequences(parsed: Parsed, name, log=print):
 def build(parsed: Parsed, cfg: DataConfig, log=print):
     """Everything after parsing, shared by all sources: order, split, SASRec, candidates, prior,
     peers, F1 set. Returns (arrays, meta)."""
-    t0 = time.time()
+    t0 = clock = time.time()
+    phase_s = {}                        # seconds per phase of the build, kept in processed.json
+
+    def lap(name):
+        nonlocal clock
+        phase_s[name] = round(time.time() - clock, 2)
+        clock = time.time()
+
     seqs, rates, users_raw, items_raw, n_dup = sequences(parsed, cfg.dataset, log)
     n_items, n_users = len(items_raw), len(users_raw)
     titles, genres = parsed.titles, parsed.genres
@@ -314,15 +325,23 @@ def build(parsed: Parsed, cfg: DataConfig, log=print):
     train_seqs = [s[:len(s) - h] if len(s) > h else s[:0] for s, h in zip(seqs, held_out)]
 
     rng = np.random.default_rng(cfg.seed)
+    n_models = 3 if cfg.train_prior == "crossfit" else 1
     log(f"{cfg.dataset}: {n_users} users, {n_items} items, {len(item)} interactions; training "
-        "SASRec")
-    full = train_sasrec(train_seqs, n_items, cfg.sasrec, seed=cfg.seed)
+        f"SASRec ({n_models} model{'s' if n_models > 1 else ''}, {cfg.sasrec.epochs} "
+        f"epoch{'s' if cfg.sasrec.epochs > 1 else ''} each)")
+    lap("split")
+    progress = sasrec_progress(log, n_models, cfg.sasrec.epochs)
+    full = train_sasrec(train_seqs, n_items, cfg.sasrec, seed=cfg.seed, progress=progress)
+    lap("sasrec")
     fold = rng.permutation(n_users) % 2                                  # cross-fitting halves
     if cfg.train_prior == "crossfit":
         halves = [train_sasrec([s if fold[u] == f else s[:0] for u, s in enumerate(train_seqs)],
-                               n_items, cfg.sasrec, seed=cfg.seed + 1 + f) for f in (0, 1)]
+                               n_items, cfg.sasrec, seed=cfg.seed + 1 + f, progress=progress)
+                  for f in (0, 1)]
     else:  # 'full': the one SASRec; the same halves' order below, so the random draws match
         halves = [full, full]
+    progress.close()
+    lap("sasrec_halves")
 
     arrays = {}
     for split, (us, hs, ts_) in samples.items():
@@ -344,6 +363,7 @@ def build(parsed: Parsed, cfg: DataConfig, log=print):
         arrays.update({f"{split}_user": us, f"{split}_hist": hist, f"{split}_target": ts_,
                        f"{split}_cands": cands, f"{split}_prior": prior})
 
+    lap("candidates_and_prior")
     # peers: cosine of SASRec user embeddings after each user's last training items
     # (a valid or test user of users.csv: after its history; only training users are peers)
     is_train = np.array([h == 0 or role is None for h in held_out])
@@ -352,6 +372,7 @@ def build(parsed: Parsed, cfg: DataConfig, log=print):
                        for u, s in enumerate(train_seqs)])
     emb = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-8)
     peers, w = nearest_peers(emb, is_train, min(cfg.n_peers, int(is_train.sum()) - 1))
+    lap("peers")
 
     # UserAgent F1 set (docs/method.md section 6): every test user. Its history is the one before
     # its validation sample where it has one (its positives are then the validation and test items,
@@ -394,6 +415,7 @@ def build(parsed: Parsed, cfg: DataConfig, log=print):
         genres=np.array([genres.get(i.item(), "") for i in items_raw]),
         item_raw=items_raw, user_raw=users_raw,
     )
+    lap("f1_set_and_arrays")
     meta = dict(n_users=n_users, n_items=n_items, n_interactions=int(len(item)), n_duplicates=n_dup,
                 n_untitled=n_untitled, n_users_without_test=n_short, has_ratings=has_ratings,
                 split="users.csv" if role is not None else "leave-one-out",
@@ -404,13 +426,35 @@ def build(parsed: Parsed, cfg: DataConfig, log=print):
                 ceiling={s: float((arrays[f"{s}_cands"]
                                    == arrays[f"{s}_target"][:, None]).any(1).mean())
                          for s in samples},
-                build_seconds=round(time.time() - t0, 1))
+                build_seconds=round(time.time() - t0, 1), phase_s=phase_s)
     log(f"built in {meta['build_seconds']} s; SASRec prior hit rate (train/valid/test): "
         + " / ".join(f"{meta['prior_hit'][s]:.3f}" for s in samples)
         + ("; ceiling (target among the candidates): "
            + " / ".join(f"{meta['ceiling'][s]:.3f}" for s in samples) if cfg.candidates == "sasrec"
            else ""))
     return arrays, meta
+
+
+class sasrec_progress:
+    """train_sasrec's progress callback for every SASRec of a build: one bar over all their
+    epochs, or, where stdout is no terminal (tqdm then shows nothing), a plain line every 5
+    epochs with the time left."""
+
+    def __init__(self, log, n_models, epochs):
+        self.log, self.total, self.done, self.t0 = log, n_models * epochs, 0, time.time()
+        self.bar = tqdm(total=self.total, desc="SASRec", dynamic_ncols=True, disable=None)
+
+    def __call__(self, epoch, loss):
+        self.done += 1
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+        if self.bar.disable and (self.done % 5 == 0 or self.done == self.total):
+            rate = (time.time() - self.t0) / self.done
+            self.log(f"SASRec: epoch {self.done}/{self.total}, loss {loss:.3f}, about "
+                     f"{rate * (self.total - self.done) / 60:.1f} min left")
+
+    def close(self):
+        self.bar.close()
 
 
 def fixed_candidates(parsed, split, us, hs, ts_, users_raw, items_raw, K):
