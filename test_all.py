@@ -931,6 +931,17 @@ def test_merged_credit_statistics_weight_ranks_by_messages_and_keep_an_undefined
     assert "credit_reward_corr" not in _scalars(line) and _scalars(line)["reward"] == pytest.approx(0.5)
 
 
+def test_synthetic_data_has_the_size_asked_for():
+    """data/synthetic.py: exactly the ratings asked for (ML-1M's 1,000,209 at its default size is
+    checked by tools/scaling.py's runs; small sizes here), at least min_per_user each."""
+    from data.synthetic import events
+    for users, items, ratings, seed in ((60, 300, 4000, 1), (37, 500, 1111, 2), (200, 90, 4321, 3)):
+        rows, _ = events(users, items, ratings, seed)
+        per_user = np.bincount([u for u, *_ in rows], minlength=users)
+        assert len(rows) == ratings and per_user.min() >= 20 and per_user.max() <= items // 2
+        assert len({(u, i) for u, i, *_ in rows}) == ratings                   # no repeated (user, item)
+
+
 def test_peer_weights_clamp_negative_similarities():
     sim = np.array([[-np.inf, 0.5, -0.4, 0.3], [0.5, -np.inf, -0.2, -0.1],
                     [-0.4, -0.2, -np.inf, -0.3], [0.3, -0.1, -0.3, -np.inf]])

@@ -54,8 +54,10 @@ def events(users, items, ratings, seed=0, min_per_user=20):
         room = np.flatnonzero(counts < items // 2)
         if short <= 0 or not len(room):
             break
-        counts[room] += np.minimum(items // 2 - counts[room], max(1, short // len(room)))
-    counts[np.flatnonzero(counts < items // 2)[:max(0, ratings - counts.sum())]] += 1
+        if short < len(room):                   # one more each for the first `short` of them
+            counts[room[:short]] += 1
+            break
+        counts[room] += np.minimum(items // 2 - counts[room], short // len(room))
     rows = []
     t0 = 956703932
     gsize = np.bincount(genre, minlength=len(GENRES)) / items
