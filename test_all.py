@@ -1681,10 +1681,33 @@ def test_train_end_to_end_on_every_source(source, tmp_path):
 
 @pytest.mark.parametrize("script", ["train.py", "eval.py", "tools/suite.py", "tools/bench.py", "tools/viewer.py", "data/prepare.py",
                                     "tools/sasrec_check.py", "tools/headroom.py", "data/synthetic.py", "data/llara.py",
-                                    "tools/chat_check.py", "tools/prior_use.py"])
+                                    "tools/chat_check.py", "tools/prior_use.py", "tools/scaling.py"])
 def test_every_command_line_prints_its_help(script):
     r = run([script, "--help"])
     assert r.returncode == 0 and "usage:" in r.stdout and "Traceback" not in r.stderr, r.stderr[-1500:]
+
+
+def test_scaling_benchmark_measures_every_phase_of_a_real_run(tmp_path):
+    """tools/scaling.py --quick on one tiny size: the data has the size asked for, every build
+    phase is timed and fits in the build's time, both processes' peaks are read, the stage-1
+    floor is below what was measured, and --table prints the saved run."""
+    out = tmp_path / "s.json"
+    r = run(["tools/scaling.py", "--quick", "--sizes", "60:300:4000", "--work", str(tmp_path / "w"), "--out", str(out)])
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    row = json.loads(out.read_text())["rows"][0]
+    assert row["interactions"] == 4000 and row["users"] == 60
+    assert set(row["build_phase_s"]) == {"parse", "split", "sasrec", "sasrec_halves", "candidates_and_prior",
+                                         "peers", "f1_set_and_arrays"}
+    assert sum(row["build_phase_s"].values()) <= row["build_s"]
+    assert 100 < row["build_rss_mb"] < 24_000 and row["build_rss_mb"] < row["run_rss_mb"] + 500
+    assert row["stage1_step_s"] > 0 and row["stage2_step_s"] > 0 and row["eval_samples"] == 10
+    f = row["floor"]
+    assert 0 < f["step_floor_s"] < f["step_s"] and 0 < f["head_floor_s"] < f["head_s"]
+    assert f["head_gflop"] < f["step_gflop"] and f["vocab"] > 300
+    t = run(["tools/scaling.py", "--table", str(out)])
+    assert t.returncode == 0 and "| 60 users | 60 | 300 | 4,000 |" in t.stdout
+    bad = run(["tools/scaling.py", "--sizes", "10:300:50"])
+    assert bad.returncode == 2 and "at least 20 ratings a user" in bad.stderr
 
 
 def test_every_option_of_every_script_has_a_help_text():
