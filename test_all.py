@@ -942,6 +942,33 @@ def test_synthetic_data_has_the_size_asked_for():
         assert len({(u, i) for u, i, *_ in rows}) == ratings                   # no repeated (user, item)
 
 
+def test_credit_check_statistics_on_conversations_known_by_hand():
+    from tools.credit_check import auc, credit_table
+    rng = np.random.default_rng(0)
+    for _ in range(20):                                          # Mann-Whitney against every pair, ties half
+        pos, neg = rng.integers(0, 4, rng.integers(1, 7)).astype(float), rng.integers(0, 4, rng.integers(1, 7)).astype(float)
+        want = np.mean([(p > q) + 0.5 * (p == q) for p in pos for q in neg])
+        assert auc(pos, neg) == pytest.approx(want)
+    assert auc(np.array([1.0]), np.array([])) is None
+
+    def turn(hit, r_rec, r_user, item_a, act_a):
+        return dict(hit=hit, rewards=dict(rec=r_rec, user=r_user),
+                    msgs=dict(rec=dict(tokens=[("a", "item", item_a), ("", "forced", 0.0)]),
+                              user=dict(tokens=[("b", "action", act_a)])))
+    convs = [dict(turns=[turn(True, 1.0, 0.5, 0.4, -0.2), turn(False, -1.0, None, -0.6, 0.3)]),
+             dict(turns=[turn(False, -1.0, 0.5, 0.2, 0.1)])]
+    t = credit_table(convs, lam=0.1)
+    item = t["rec item"]
+    assert item["tokens"] == 3 and item["mean_right"] == pytest.approx(0.4)
+    assert item["mean_wrong"] == pytest.approx(-0.2) and item["auc_right_vs_wrong"] == 1.0
+    # R_t - mean(R) = +4/3, -2/3, -2/3: signs of A agree on 2 of the 3 tokens
+    assert item["sign_as_reward"] == pytest.approx(2 / 3)
+    assert item["share"] == pytest.approx(0.12 / (0.12 + 8 / 3))
+    assert t["rec forced"]["share"] == 0.0
+    # the user's turn whose reward is left out (None) is not counted
+    assert t["user action"]["tokens"] == 2 and t["user action"]["sign_as_reward"] is None   # R_t - b = 0 for both
+
+
 def test_peer_weights_clamp_negative_similarities():
     sim = np.array([[-np.inf, 0.5, -0.4, 0.3], [0.5, -np.inf, -0.2, -0.1],
                     [-0.4, -0.2, -np.inf, -0.3], [0.3, -0.1, -0.3, -np.inf]])
@@ -1681,7 +1708,8 @@ def test_train_end_to_end_on_every_source(source, tmp_path):
 
 @pytest.mark.parametrize("script", ["train.py", "eval.py", "tools/suite.py", "tools/bench.py", "tools/viewer.py", "data/prepare.py",
                                     "tools/sasrec_check.py", "tools/headroom.py", "data/synthetic.py", "data/llara.py",
-                                    "tools/chat_check.py", "tools/prior_use.py", "tools/scaling.py"])
+                                    "tools/chat_check.py", "tools/prior_use.py", "tools/scaling.py",
+                                    "tools/credit_check.py"])
 def test_every_command_line_prints_its_help(script):
     r = run([script, "--help"])
     assert r.returncode == 0 and "usage:" in r.stdout and "Traceback" not in r.stderr, r.stderr[-1500:]
@@ -2454,6 +2482,13 @@ def test_show_and_interactive_on_a_run(synth, tmp_path, capsys):
     assert text.count("=== conversation") == 2 and "history: " in text and "(TARGET)" in text
     assert sum(len(t.turns) for t in trajs) == text.count("RecAgent:") and "rewards: Rec" in text
     assert text.count("credit by token") == text.count("rewards: Rec") and "rec: item " in text
+    # tools/credit_check.py on the same run, sampled as in training, trained and untrained pair
+    from tools import credit_check
+    for extra in ([], ["--untrained"]):
+        credit_check.main(["--run", str(tmp_path / "o" / "r"), "--n", "4", "--out", str(tmp_path / "cc.json")] + extra)
+        cc = json.loads((tmp_path / "cc.json").read_text())
+        assert {"rec item", "rec forced"} <= set(cc["table"]) and cc["table"]["rec forced"]["mean"] == 0.0
+        assert cc["table"]["rec item"]["tokens"] >= 1
     assert "rationale " in text
     assert all(t.rec_valid and (t.user_out is None or t.user_valid) for tr in trajs for t in tr.turns)
     # the real trained RecAgent (no stand-in): decoded under its grammar, as in rollouts, so even

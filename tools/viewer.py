@@ -77,16 +77,22 @@ def pieces(tok, data, ids):
     return out
 
 
-def conversations(run_dir, n, split="test", device="auto"):
-    """n whole greedy conversations of a trained run, each a dict of what show and write_html
-    print: history, candidates, the hindsight reference, and per turn every message with, for
-    each of its tokens, (text, kind, credit A_{t,n}) (the teacher sees the finished conversation
-    itself as its hindsight reference), the turn's rewards R_t, the peers' opinion."""
-    cfg, model, tok, data = load_run(Path(run_dir), device)
+def conversations(run_dir, n, split="test", device="auto", temperature=0.0, trained=True, loaded=None):
+    """n whole conversations of a run (greedy at temperature 0, else sampled as in training, one
+    key per sample), each a dict of what show and write_html print: history, candidates, the
+    hindsight reference, and per turn every message with, for each of its tokens, (text, kind,
+    credit A_{t,n}) (the teacher sees the finished conversation itself as its hindsight reference,
+    the student and the teacher score at the same temperature as in training's losses), the turn's
+    rewards R_t, the peers' opinion. trained=False: the untrained pair (no adapter) plays and is
+    its own teacher, as at CoARS's first step. loaded: load_run's (cfg, model, tok, data)."""
+    cfg, model, tok, data = loaded or load_run(Path(run_dir), device)
     device = device_of(device)
     rows = np.random.default_rng(cfg.seed).permutation(len(getattr(data, f"{split}_user")))[:n]
     trajs = [new_trajectory(data, split, int(r)) for r in rows]
-    rollout(model, tok, data, trajs, t_max=cfg.t_max, temperature=0.0, device=device, decoding=cfg.decoding)
+    ad = {"rec": "rec" if trained else None, "user": "user" if trained else None}
+    rollout(model, tok, data, trajs, t_max=cfg.t_max, temperature=temperature, device=device,
+            decoding=cfg.decoding, rec_adapter=ad["rec"], user_adapter=ad["user"])
+    scale = temperature if temperature > 0 else 1.0
     rcfg, convs = cfg.reward_options(), []
     for tr in trajs:
         ref = hindsight_reference(tok, tr)
@@ -101,11 +107,13 @@ def conversations(run_dir, n, split="test", device="auto"):
                                                ("user", turn.user_prompt, turn.user_out, tok.render_user)):
                 if prompt is None or not ans:
                     continue
-                model.set_adapter(agent)
+                model.set_adapter(ad[agent])
                 g = [message_grammar(tok, tr, agent, cfg.decoding)]     # the support the message was decoded from
                 with torch.no_grad():
-                    s_lp = token_logprobs(model, [prompt], [ans], tok.pad_id, device, grammar=g)[0]
-                    t_lp = token_logprobs(model, [render(tr, t, ref)], [ans], tok.pad_id, device, grammar=g)[0]
+                    s_lp = token_logprobs(model, [prompt], [ans], tok.pad_id, device, grammar=g,
+                                          temperature=scale)[0]
+                    t_lp = token_logprobs(model, [render(tr, t, ref)], [ans], tok.pad_id, device, grammar=g,
+                                          temperature=scale)[0]
                 a = token_credit(t_lp, s_lp)
                 msgs[agent] = dict(text=readable(tok, data, ans, tr.cands, agent), mean=float(a.mean()),
                                    tokens=list(zip(pieces(tok, data, ans), token_kinds(tok, ans, g[0]),
