@@ -131,6 +131,8 @@ class Config:
     """sampling temperature of training rollouts (evaluation is greedy)"""
     lam: float = 0.1
     """lambda, weight of the token credit (Eq. 11-12; 0 = no self-distillation)"""
+    credit_clip: float = 1.0
+    """[ext] the token credit of Eq. 10 is clipped to [-credit_clip, credit_clip] (1 in the method)"""
     alpha: float = 0.1
     """alpha, weight of the peer signal in Eq. 8"""
     stage_gamma: float = -1.0
@@ -366,6 +368,7 @@ def validate(cfg: Config):
         (cfg.eval_every >= 0, "--eval-every cannot be negative (0 = never)."),
         (cfg.lr > 0 and cfg.pretrain_lr > 0, "--lr and --pretrain-lr must be positive."),
         (cfg.grad_clip > 0, "--grad-clip must be positive."),
+        (cfg.credit_clip > 0, "--credit-clip must be positive."),
         (cfg.n_boot >= 1, "--n-boot must be at least 1."),
         (cfg.ckpt_every >= 0,
          "--ckpt-every cannot be negative (0 = only at the end and on a stop)."),

@@ -140,19 +140,19 @@ def balance_user(rewards, hits):
 
 
 def coars_objective(student_lp, teacher_lp, rewards, lam=0.1, n_episodes=None, baseline=0.0,
-                    base_lp=None, kl=0.0):
+                    base_lp=None, kl=0.0, clip=1.0):
     """Eq. 10-12 for a group of one agent's messages, from the log-probs of the tokens the student
     wrote: the student's (with gradient), the teacher's (the same agent shown the hindsight
     reference d; None when lam = 0) and, for --user-kl, the untrained base's.
 
-        A_{t,n} = clip(log pi_T - log pi_S, -1, 1)                     Eq. 10 (token_credit)
+        A_{t,n} = clip(log pi_T - log pi_S, -c, c)   c = clip (1)      Eq. 10 (token_credit)
         loss    = -J = -(1/n) sum_t (1/|y_t|) sum_n (R_t - b + lam A_{t,n}) log pi_S    Eq. 11 / 12
                   [+ kl * kl_to_base]                                  [ours, extension]
 
     n = n_episodes (the expectation is over episodes, so the losses of groups of messages add up
     to the whole batch's). Returns (loss, credits, the KL penalty before its weight or None)."""
     if lam:
-        credits = [token_credit(t, s) for t, s in zip(teacher_lp, student_lp)]
+        credits = [token_credit(t, s, clip) for t, s in zip(teacher_lp, student_lp)]
     else:
         credits = [torch.zeros_like(s) for s in student_lp]
     loss = agent_objective(student_lp, list(rewards), credits, lam, n_episodes=n_episodes,

@@ -169,6 +169,10 @@ def test_eq10_token_credit_is_clipped_difference_without_gradient():
     a = distill.token_credit(t, s)
     assert torch.allclose(a, torch.tensor([1.0, -1.0, 0.0, -0.3]))
     assert not a.requires_grad
+    # --credit-clip 3 (coars_objective's clip): the same differences, clipped at 3 instead
+    _, (a3,), _ = distill.coars_objective([s], [t], [0.0], lam=0.1, clip=3.0)
+    assert torch.allclose(a3, torch.tensor([2.0, -3.0, 0.0, -0.3]))
+    assert train.loss_options(Config(credit_clip=3.0), "rec").clip == 3.0 and train.LossOptions().clip == 1.0
 
 
 def test_eq11_objective_hand_value_and_gradient():

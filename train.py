@@ -174,7 +174,7 @@ class LossOptions:
     user_balance, distill.collect_messages); lam the credit's weight (Eq. 11, 12); baseline 'none'
     or 'mean' [ext]; decoding and temperature those of the rollout, so that every token is scored
     over the distribution it was drawn from; kl the --user-kl weight [ext]; micro > 0: messages
-    per teacher / student pass when back-propagating group by group."""
+    per teacher / student pass when back-propagating group by group; clip Eq. 10's (--credit-clip)."""
     reward: dict = dataclasses.field(default_factory=dict)
     lam: float = 0.1
     baseline: str = "none"
@@ -182,12 +182,13 @@ class LossOptions:
     temperature: float = 1.0
     kl: float = 0.0
     micro: int = 0
+    clip: float = 1.0
 
 
 def loss_options(cfg, agent):
     """One agent's LossOptions under the run's options."""
     return LossOptions(reward=dict(cfg.reward_options(), user_balance=cfg.user_balance),
-                       lam=cfg.lam, baseline=cfg.baseline, decoding=cfg.decoding,
+                       lam=cfg.lam, clip=cfg.credit_clip, baseline=cfg.baseline, decoding=cfg.decoding,
                        temperature=cfg.temperature, kl=cfg.user_kl if agent == "user" else 0.0,
                        micro=loss_group(cfg))
 
@@ -234,7 +235,7 @@ def agent_loss(model, tok, trajs, buffer, agent, opts=None, device="cpu", backwa
                 b_lp = token_logprobs(model, student_p, ys, tok.pad_id, device, **lp)
             model.set_adapter(agent)
         loss, cr, pen = coars_objective(s_lp, t_lp, rs, opts.lam, n_episodes=n, baseline=b,
-                                        base_lp=b_lp, kl=opts.kl)
+                                        base_lp=b_lp, kl=opts.kl, clip=opts.clip)
         if opts.kl:
             kl_sum = kl_sum + float(pen.detach())
         if backward:

@@ -114,7 +114,7 @@ def conversations(run_dir, n, split="test", device="auto", temperature=0.0, trai
                                           temperature=scale)[0]
                     t_lp = token_logprobs(model, [render(tr, t, ref)], [ans], tok.pad_id, device, grammar=g,
                                           temperature=scale)[0]
-                a = token_credit(t_lp, s_lp)
+                a = token_credit(t_lp, s_lp, cfg.credit_clip)
                 msgs[agent] = dict(text=readable(tok, data, ans, tr.cands, agent), mean=float(a.mean()),
                                    tokens=list(zip(pieces(tok, data, ans), token_kinds(tok, ans, g[0]),
                                                    map(float, a))))
