@@ -168,14 +168,20 @@ def token_kinds(tok, y, grammar=None):
     """The kind of each token of a message: 'forced' where its grammar allows one token only (no
     choice: credit 0); for the built-in model 'item' (the RecAgent's first token), 'action' (the
     UserAgent's first), 'score' (its digits), 'rationale' (the history item after <|why|>);
-    for a chat model 'chosen' (every other token: the title's and the reason's)."""
-    out = []
-    for n, t in enumerate(int(t) for t in y):
+    for a chat model 'answer' (the RecAgent's title, the UserAgent's action and score: every
+    unforced token before the message's "Reason:") and 'reason' (the free text after it)."""
+    out, y = [], [int(t) for t in y]
+    chat = getattr(tok, "chat", False)
+    if chat:                                  # where "Reason:" ends (the message's reason marker)
+        m = tok._reason
+        ends = [k + len(m) for k in range(len(y) - len(m) + 1) if y[k:k + len(m)] == m]
+        reason_from = ends[0] if ends else len(y)
+    for n, t in enumerate(y):
         allowed = grammar.allowed(list(y[:n])) if grammar is not None else None
         if allowed is not None and len(allowed) == 1:
             out.append("forced")
-        elif getattr(tok, "chat", False):
-            out.append("chosen")
+        elif chat:
+            out.append("reason" if n >= reason_from else "answer")
         elif n == 0:
             out.append("action" if t in tok.action_ids.values() else "item")
         elif tok.is_item(t):

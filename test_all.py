@@ -969,6 +969,13 @@ def test_credit_check_statistics_on_conversations_known_by_hand():
     assert item["sign_as_reward"] == pytest.approx(2 / 3)
     assert item["share"] == pytest.approx(0.12 / (0.12 + 8 / 3))
     assert t["rec forced"]["share"] == 0.0
+    from tools.credit_check import in_reference, reference_table
+    assert in_reference(" Matrix", 'Turn 1: "The Matrix" was wrong.') and not in_reference(" the", "the")
+    chat_convs = [dict(reference='"Heat" was right', turns=[dict(msgs=dict(rec=dict(tokens=[
+        (" Heat", "answer", 0.5), (" Reason", "forced", 0.0), (" great", "reason", -0.2), (" Heat", "reason", 0.3)])))])]
+    rt = reference_table(chat_convs)
+    assert rt["rec answer"]["in the reference"] == dict(tokens=1, mean=0.5)
+    assert rt["rec reason"]["not in it"]["mean"] == pytest.approx(-0.2) and rt["rec reason"]["in the reference"]["tokens"] == 1
     # the user's turn whose reward is left out (None) is not counted
     assert t["user action"]["tokens"] == 2 and t["user action"]["sign_as_reward"] is None   # R_t - b = 0 for both
 
@@ -2870,6 +2877,23 @@ def test_chat_titles_shared_by_two_items_stay_two_valid_answers(data, tiny_hf):
     tr.cands = cands
     g = tok.rec_grammar(tr)
     assert sorted(g.allowed(tok.title_ids(5)[:-1])) == [tok.title_ids(5)[-1]]   # the " [2]" path goes on alone
+
+
+def test_chat_token_kinds_split_the_answer_from_the_reason(data, tiny_hf):
+    """A chat message's kinds: its answer (title; action and score) before "Reason:", the marker
+    forced by the grammar, the free reason after it."""
+    for name, hft in _chat_tokenizers(tiny_hf):
+        tok = chat.ChatTokenizer(hft, data.titles)
+        traj = env.new_trajectory(data, "train", 0)
+        for agent, y in (("rec", tok.rec_message(traj.cands[3], traj.hist[0])),
+                         ("user", tok.user_message("skip", 0.31, traj.hist[1]))):
+            g = env.message_grammar(tok, traj, agent)
+            ks = distill.token_kinds(tok, y, g)
+            at = next(k for k in range(len(y)) if y[k:k + len(tok._reason)] == tok._reason)
+            assert ks[at:at + len(tok._reason)] == ["forced"] * len(tok._reason), name     # "Reason:"
+            assert set(ks[:at]) <= {"answer", "forced"} and "answer" in ks[:at], name
+            assert set(ks[at + len(tok._reason):]) == {"reason"}, name
+            assert tok.decode(y[at + len(tok._reason):]).strip().startswith(("it is close", "it reminds")), name
 
 
 def test_chat_message_parsing(data, tiny_hf):

@@ -15,6 +15,8 @@ the turn's R_t minus the batch mean (the direction the reward already pushes), a
 of Eq. 11's per-token weight |lam A| / (|R_t - b| + |lam A|) at the run's lam. A credit that only
 repeats right / wrong adds a tenth of what R_t says (lam 0.1, clip 1); one that varies within
 right turns and within wrong ones, or disagrees with R_t's sign, is information the reward lacks.
+For a chat model (--model runs) a second table asks whether the credit rises on the tokens of the
+free text that the hindsight reference contains (its titles, "right", "wrong", the actions).
 """
 
 import argparse
@@ -44,6 +46,33 @@ def auc(pos, neg):
         at = x == v
         ranks[at] = ranks[at].mean()
     return float((ranks[:len(pos)].sum() - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))
+
+
+def in_reference(piece, reference):
+    """Whether a token's text is a word of the hindsight reference: at least 4 letters or digits
+    once stripped, found in the reference's text (case ignored)."""
+    w = piece.strip().strip("\u00ab\u00bb\"'.,;:!?()").lower()
+    return len(w) >= 4 and any(ch.isalnum() for ch in w) and w in reference.lower()
+
+
+def reference_table(convs):
+    """For a chat model's free text (kinds 'answer' and 'reason'): the mean credit of the tokens
+    whose text the hindsight reference contains (in_reference) and of the others."""
+    out = {}
+    for agent in ("rec", "user"):
+        for kind in ("answer", "reason"):
+            xs = {True: [], False: []}
+            for c in convs:
+                for turn in c["turns"]:
+                    m = turn["msgs"].get(agent)
+                    for piece, k, x in (m["tokens"] if m else []):
+                        if k == kind:
+                            xs[in_reference(piece, c["reference"])].append(x)
+            if xs[True] or xs[False]:
+                out[f"{agent} {kind}"] = {
+                    w: dict(tokens=len(v), mean=float(np.mean(v)) if v else None)
+                    for w, v in (("in the reference", xs[True]), ("not in it", xs[False]))}
+    return out
 
 
 def credit_table(convs, lam):
@@ -107,8 +136,16 @@ def main(argv=None):
     for k, r in table.items():
         print(f"| {k} | {r['tokens']} | {f(r['mean'])} | {f(r['mean_right'])} | {f(r['mean_wrong'])} | "
               f"{g(r['auc_right_vs_wrong'])} | {g(r['sign_as_reward'])} | {g(r['share'])} |")
+    ref = reference_table(convs) if loaded[2].chat else {}
+    if ref:
+        print("\n| chat model: agent, kind | tokens in the reference: n, mean A | other tokens: n, mean A |")
+        print("|---|---|---|")
+        for k, r in ref.items():
+            i, o = r["in the reference"], r["not in it"]
+            print(f"| {k} | {i['tokens']}, {f(i['mean'])} | {o['tokens']}, {f(o['mean'])} |")
     if a.out:
-        Path(a.out).write_text(json.dumps(dict(run=str(a.run), split=a.split, who=who, table=table), indent=1))
+        Path(a.out).write_text(json.dumps(dict(run=str(a.run), split=a.split, who=who, table=table,
+                                               reference=ref), indent=1))
 
 
 if __name__ == "__main__":
