@@ -967,7 +967,8 @@ def test_credit_check_statistics_on_conversations_known_by_hand():
     assert item["mean_wrong"] == pytest.approx(-0.2) and item["auc_right_vs_wrong"] == 1.0
     # R_t - mean(R) = +4/3, -2/3, -2/3: signs of A agree on 2 of the 3 tokens
     assert item["sign_as_reward"] == pytest.approx(2 / 3)
-    assert item["share"] == pytest.approx(0.12 / (0.12 + 8 / 3))
+    assert item["share"] == pytest.approx(0.12 / (0.12 + 3.0))                  # b = 0 (--baseline none)
+    assert credit_table(convs, 0.1, "mean")["rec item"]["share"] == pytest.approx(0.12 / (0.12 + 8 / 3))
     assert t["rec forced"]["share"] == 0.0
     from tools.credit_check import in_reference, reference_table
     assert in_reference(" Matrix", 'Turn 1: "The Matrix" was wrong.') and not in_reference(" the", "the")

@@ -12,7 +12,8 @@ the mean credit on turns whose recommended item is right (the target) and on tho
 wrong, the AUC of the credit for telling the two apart (0.5: no information; 1: the credit is
 higher on every right turn than on every wrong one), how often the credit's sign is the sign of
 the turn's R_t minus the batch mean (the direction the reward already pushes), and the share
-of Eq. 11's per-token weight |lam A| / (|R_t - b| + |lam A|) at the run's lam. A credit that only
+of Eq. 11's per-token weight |lam A| / (|R_t - b| + |lam A|) at the run's lam and --baseline (b = 0
+by default; metrics.jsonl's credit_share). A credit that only
 repeats right / wrong adds a tenth of what R_t says (lam 0.1, clip 1); one that varies within
 right turns and within wrong ones, or disagrees with R_t's sign, is information the reward lacks.
 For a chat model (--model runs) a second table asks whether the credit rises on the tokens of the
@@ -75,8 +76,9 @@ def reference_table(convs):
     return out
 
 
-def credit_table(convs, lam):
-    """Rows (agent, kind) -> the statistics of the module docstring."""
+def credit_table(convs, lam, baseline="none"):
+    """Rows (agent, kind) -> the statistics of the module docstring; baseline: the run's
+    --baseline, the b of the share's |R_t - b| (0 for 'none', as in training's credit_share)."""
     toks = []                                    # (agent, kind, credit, hit, R_t)
     for c in convs:
         for turn in c["turns"]:
@@ -90,11 +92,13 @@ def credit_table(convs, lam):
         if not mine:
             continue
         b = float(np.mean([t[4] for t in mine]))
+        b_loss = b if baseline == "mean" else 0.0
         for kind in sorted({t[1] for t in mine}):
             sel = [t for t in mine if t[1] == kind]
             x = np.array([t[2] for t in sel])
             hit = np.array([t[3] for t in sel])
-            adv = np.array([t[4] for t in sel]) - b
+            r = np.array([t[4] for t in sel])
+            adv = r - b
             moved = (x != 0) & (adv != 0)
             out[f"{agent} {kind}"] = dict(
                 tokens=len(sel), mean=float(x.mean()),
@@ -102,7 +106,7 @@ def credit_table(convs, lam):
                 mean_wrong=float(x[~hit].mean()) if (~hit).any() else None,
                 auc_right_vs_wrong=auc(x[hit], x[~hit]),
                 sign_as_reward=float((np.sign(x[moved]) == np.sign(adv[moved])).mean()) if moved.any() else None,
-                share=float(np.sum(np.abs(lam * x)) / max(np.sum(np.abs(adv) + np.abs(lam * x)), 1e-12)))
+                share=float(np.sum(np.abs(lam * x)) / max(np.sum(np.abs(r - b_loss) + np.abs(lam * x)), 1e-12)))
     return out
 
 
@@ -123,7 +127,7 @@ def main(argv=None):
     cfg = loaded[0]
     convs = conversations(a.run, a.n, a.split, a.device, temperature=cfg.temperature,
                           trained=not a.untrained, loaded=loaded)
-    table = credit_table(convs, cfg.lam if cfg.lam else 0.1)
+    table = credit_table(convs, cfg.lam if cfg.lam else 0.1, cfg.baseline)
     who = "untrained pair" if a.untrained else "trained pair"
     hits = [t["hit"] for c in convs for t in c["turns"]]
     print(f"{Path(a.run).name}, {a.split} split, {who}: {len(convs)} conversations, {len(hits)} turns, "
