@@ -2101,6 +2101,7 @@ VALIDATION_RULES = [
     (dict(eval_every=-1), "--eval-every cannot be negative"),
     (dict(lr=0), "--lr and --pretrain-lr must be positive"),
     (dict(grad_clip=0), "--grad-clip must be positive"),
+    (dict(credit_clip=0), "--credit-clip must be positive"),
     (dict(n_boot=0), "--n-boot must be at least 1"),
     (dict(ckpt_every=-1), "--ckpt-every cannot be negative"),
     (dict(max_bad_steps=0), "--max-bad-steps must be at least 1"),
