@@ -142,6 +142,12 @@ class Config:
     message under its grammar, valid by construction), 'item' (only the RecAgent's item restricted
     to the candidates: invalid messages happen, the default before the grammar) or 'free' (nothing
     restricted). Sampling and every log-prob use the same support"""
+    prior_weight: float = 0.0
+    """[ours, docs/method.md section 2] w: the RecAgent's item is drawn from softmax(logit + w log
+    p_SASRec) over its candidates, p_SASRec SASRec's softmax over the same candidates, at every turn
+    (a product of the two opinions; the prompt still shows the prior). 0 = the paper's agent, which
+    sees SASRec's top candidate in its turn-1 prompt only. Built-in model, --decoding grammar or
+    item"""
     use_filter: bool = True
     """leave out turns with a wrong item that the user met positively"""
     user_filter: bool = True
@@ -369,6 +375,10 @@ def validate(cfg: Config):
         (cfg.lr > 0 and cfg.pretrain_lr > 0, "--lr and --pretrain-lr must be positive."),
         (cfg.grad_clip > 0, "--grad-clip must be positive."),
         (cfg.credit_clip > 0, "--credit-clip must be positive."),
+        (cfg.prior_weight >= 0, "--prior-weight must be >= 0 (0 = off)."),
+        (not cfg.prior_weight or (not cfg.model and cfg.decoding != "free"),
+         "--prior-weight needs the built-in model and --decoding grammar or item (it tilts the "
+         "RecAgent's item token)."),
         (cfg.n_boot >= 1, "--n-boot must be at least 1."),
         (cfg.ckpt_every >= 0,
          "--ckpt-every cannot be negative (0 = only at the end and on a stop)."),

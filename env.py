@@ -18,7 +18,9 @@ Message formats of the built-in model (token level; `tok.decode` shows them as t
 history, so the first answer token is predicted exactly where stage 1's next-item language model
 predicts the item after a history (pretrain.py): the base's knowledge of what users take next is
 the RecAgent's answer distribution. The SASRec prior appears in turn 1 only (Trajectory.prior None:
-no hint).
+no hint). [ours] --prior-weight w > 0: SASRec's log-softmax over the candidates (Trajectory.prior_lp)
+also tilts the RecAgent's item at every turn, w times it added to the item logits in its grammar
+(Tokenizer.prior_bias; docs/method.md section 2).
 [ours] Messages are decoded under their grammar (docs/method.md section 5; grammar.Grammar),
 --decoding:
   grammar  (default) RecAgent: ITEM among the 20 candidates, <|why|>, one history item, <|end|>;
@@ -96,6 +98,7 @@ class Trajectory:
     cands: list
     prior: int
     turns: list = field(default_factory=list)
+    prior_lp: list = None         # SASRec's log-softmax over cands, in their order (--prior-weight)
     done: bool = False
     key: int = 0  # sampling key of the episode (sampling.sample_next): its draws depend on it alone
 
@@ -109,10 +112,12 @@ class Trajectory:
 
 
 def new_trajectory(data, split, row):
+    lp = getattr(data, f"{split}_prior_lp", None)
     return Trajectory(split, int(row), int(getattr(data, f"{split}_user")[row]),
                       data.history(split, row), int(getattr(data, f"{split}_target")[row]),
                       getattr(data, f"{split}_cands")[row].tolist(),
-                      int(getattr(data, f"{split}_prior")[row]))
+                      int(getattr(data, f"{split}_prior")[row]),
+                      prior_lp=None if lp is None else lp[row].tolist())
 
 
 # --------------------------------------------------------------------------------------------------
@@ -147,8 +152,9 @@ class Tokenizer:
     user_max_new = 12     # longest UserAgent message: ACTION d.dd <|why|> JUSTIFICATION <|end|>
     eval_batch = 256  # episodes per batched generation in evaluation (short prompts, small model)
 
-    def __init__(self, n_items):
+    def __init__(self, n_items, prior_weight=0.0):
         self.n_items = n_items
+        self.prior_weight = float(prior_weight)     # --prior-weight (rec_grammar)
         specials = CONTROL_TOKENS + [f"<|item_{i}|>" for i in range(n_items)]
         self.special_ids = {s: 256 + j for j, s in enumerate(specials)}
         # Split text into runs of non-'<' characters so that no byte merges ever apply (there are
@@ -232,11 +238,24 @@ class Tokenizer:
     # ---------------------------------------------------------------------------------------------
     # Grammars of the messages (grammar.Grammar; docs/method.md section 5, [ours])
 
+    def prior_bias(self, traj, items=None):
+        """[ours, --prior-weight w] {item token: w * SASRec's log-softmax of that candidate}: the tilt
+        of the RecAgent's item (grammar.Grammar's bias), so that it is drawn from
+        softmax(logit + w log p_SASRec) over the candidates, a product of the agent's and SASRec's
+        opinions of every candidate, at every turn. None when w = 0 or the trajectory carries no
+        prior (eval's no-hint ranking sets traj.prior None: no SASRec opinion at all)."""
+        if not self.prior_weight or traj.prior is None or traj.prior_lp is None:
+            return None
+        keep = set(traj.cands if items is None else items)
+        return {self.item(c): self.prior_weight * lp for c, lp in zip(traj.cands, traj.prior_lp)
+                if c in keep}
+
     def rec_grammar(self, traj, items=None):
         """ITEM <|why|> RATIONALE <|end|>: ITEM among `items` (default the candidates), RATIONALE a
-        history item."""
+        history item; the item tilted by SASRec's opinion under --prior-weight (prior_bias)."""
         return Grammar([[[self.item(i)] for i in (traj.cands if items is None else items)],
-                        [[self.sp("why")]], [[self.item(i)] for i in traj.hist], [[self.end_id]]])
+                        [[self.sp("why")]], [[self.item(i)] for i in traj.hist], [[self.end_id]]],
+                       self.prior_bias(traj, items))
 
     def user_grammar(self, traj):
         """ACTION d.dd <|why|> JUSTIFICATION <|end|>: the score inside the action's interval, the
@@ -319,6 +338,16 @@ def finish_turn(traj, tr, t_max):
         traj.done = True
 
 
+def candidate_bias(tok, trajs):
+    """(B,20) float tensor: each trajectory's RecAgent tilt (Tokenizer.prior_bias) of its candidates,
+    in cands order, to add to their item-token logits; None when no trajectory is tilted."""
+    bias = [tok.prior_bias(tr) for tr in trajs]
+    if not any(bias):
+        return None
+    return torch.tensor([[(b or {}).get(tok.item(c), 0.0) for c in tr.cands]
+                         for b, tr in zip(bias, trajs)])
+
+
 def message_grammar(tok, traj, agent, decoding="grammar", items=None):
     """The Grammar (grammar.Grammar) of the message `agent` ("rec" / "user") writes next in traj
     under --decoding (module docstring), or None (unconstrained). items: the RecAgent's choices
@@ -330,7 +359,7 @@ def message_grammar(tok, traj, agent, decoding="grammar", items=None):
     if agent == "rec":
         g = tok.rec_grammar(traj, items)
         # item: the rest unconstrained
-        return Grammar([g.parts[0], FREE]) if decoding == "item" else g
+        return Grammar([g.parts[0], FREE], g.bias) if decoding == "item" else g
     return tok.user_grammar(traj) if decoding == "grammar" else None
 
 

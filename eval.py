@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from data.prepare import stage2_rows
-from env import (POSITIVE, Trajectory, Turn, closest_history_item, new_trajectory, record_user,
+from env import (POSITIVE, Trajectory, Turn, candidate_bias, closest_history_item, new_trajectory, record_user,
                  rejected_items, rollout, write_messages)
 from model import next_token_scores
 from reward import turn_rewards
@@ -151,8 +151,9 @@ def rank_metrics(model, tok, data, split, rows, adapter, device, ks=(1, 5, 10), 
     forward pass per sample; a chat model: the log-prob of its title after "Recommendation:" under
     the title part of its grammar, summed over the title's tokens, chat_candidate_scores). A chat
     model also gets "HR@1 (token mean)": the same ranking by the per-token mean, which does not
-    favour short titles the way a sum over the whole vocabulary would. hint=False: the prompt
-    without the SASRec prior. A target that is not among the candidates (--candidates sasrec) is a
+    favour short titles the way a sum over the whole vocabulary would. Under --prior-weight the
+    built-in model's logits carry the grammar's tilt (SASRec's opinion, Tokenizer.prior_bias).
+    hint=False: the prompt without the SASRec prior (and without the tilt). A target that is not among the candidates (--candidates sasrec) is a
     miss at every k."""
     model.set_adapter(adapter)
     out = {f"{m}@{k}": [] for k in ks for m in ("HR", "NDCG")}
@@ -170,6 +171,9 @@ def rank_metrics(model, tok, data, split, rows, adapter, device, ks=(1, 5, 10), 
             scores = next_token_scores(model, prompts,
                                        [[tok.item(c) for c in tr.cands] for tr in trajs],
                                        tok.pad_id, device)
+            bias = candidate_bias(tok, trajs)   # --prior-weight: the logits the item is drawn from
+            if bias is not None:
+                scores = scores + bias.to(scores.device)
         rank = target_rank(scores, trajs)
         for k in ks:
             out[f"HR@{k}"] += (rank < k).astype(float).tolist()

@@ -15,6 +15,11 @@ A message is a sequence of parts; each part is
 The built-in RecAgent's grammar is four one-token parts: its item among the 20 candidates,
 <|why|>, a history item, <|end|> (env.Tokenizer.rec_grammar); --decoding item restricts only the
 first token (first_token_grammar), --decoding free nothing.
+[ours] A grammar may also tilt its first part: `bias` {token id: b} is added to those tokens' logits
+where the message's first token is drawn (before the temperature), so the restricted softmax there
+is softmax(logit + b) over the allowed ids. The built-in RecAgent's item takes SASRec's opinion of
+every candidate this way (--prior-weight, env.Tokenizer.rec_grammar, docs/method.md section 2).
+Sampling and every log-prob read it where they read allowed (Grammar.tilt).
 """
 
 FREE = None          # a part that allows any token, to the end of the message
@@ -61,15 +66,22 @@ class Grammar:
     trie), FREE, or a Text part.
     allowed(prefix) -> the ids that may come next after `prefix` (a list of ids the message holds
     so far), in the order the part lists them; None where any token may (a FREE part, a Text part
-    under its limit); a prefix the grammar cannot produce is an error."""
+    under its limit); a prefix the grammar cannot produce is an error.
+    tilt(prefix) -> {id: bias} added to the logits there, or None (no tilt: every position but the
+    first, and every position of a grammar built without `bias`)."""
 
-    def __init__(self, parts):
+    def __init__(self, parts, bias=None):
         # a part may be given as a trie already (a dict from trie()), shared read-only between
         # grammars
         self.parts = [p if p is FREE or isinstance(p, (dict, Text)) else trie(p) for p in parts]
+        self.bias = {int(t): float(b) for t, b in bias.items()} if bias else None
+        if self.bias and (self.parts[0] is FREE or isinstance(self.parts[0], Text)
+                          or not set(self.bias) <= set(self.parts[0])):
+            raise ValueError("a grammar's bias must name first tokens of its first part")
 
     def __eq__(self, other):
-        return isinstance(other, Grammar) and self.parts == other.parts
+        return (isinstance(other, Grammar) and self.parts == other.parts
+                and self.bias == other.bias)
 
     __hash__ = None
 
@@ -101,6 +113,9 @@ class Grammar:
             return None if n < node.limit else list(node.stops)
         return None if node is FREE else list(node)
 
+    def tilt(self, prefix):
+        return self.bias if self.bias and len(prefix) == 0 else None
+
     def max_len(self):
         """The longest message the grammar allows (tokens), or None when a part is FREE."""
         def depth(node):
@@ -110,10 +125,10 @@ class Grammar:
         return sum(p.limit + 1 if isinstance(p, Text) else depth(p) for p in self.parts)
 
 
-def first_token_grammar(ids):
+def first_token_grammar(ids, bias=None):
     """Only the first token restricted (to ids), the rest free: the RecAgent's item among the
     candidates, the message otherwise unconstrained (--decoding item)."""
-    return Grammar([[[int(i)] for i in ids], FREE])
+    return Grammar([[[int(i)] for i in ids], FREE], bias)
 
 
 def row_grammars(grammar, first, B):
@@ -127,11 +142,13 @@ def row_grammars(grammar, first, B):
     return list(grammar)
 
 
-def row_supports(grammars, completions):
+def row_supports(grammars, completions, tilts=False):
     """Per pair b and completion position n, the ids grammars[b] allows there
     (grammars[b].allowed(completions[b][:n]); None = the whole vocabulary): the support that
-    sampling.generate drew each token from."""
-    out = []
+    sampling.generate drew each token from. tilts=True: also, in the same layout, each position's
+    Grammar.tilt (None = no bias), as a second list."""
+    out, tl = [], []
     for g, c in zip(grammars, completions):
         out.append([None] * len(c) if g is None else [g.allowed(c[:n]) for n in range(len(c))])
-    return out
+        tl.append([None] * len(c) if g is None else [g.tilt(c[:n]) for n in range(len(c))])
+    return (out, tl) if tilts else out

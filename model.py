@@ -350,30 +350,39 @@ def pack(prompts, completions, pad_id):
 # --------------------------------------------------------------------------------------------------
 # Log-probs under a grammar (grammar.py: which tokens a message may hold at each position)
 
-def restricted_logprobs(hidden, weight, allowed, targets, keep=None, temperature=1.0):
+def restricted_logprobs(hidden, weight, allowed, targets, keep=None, temperature=1.0, bias=None):
     """log-softmax over the `allowed` tokens only, at the target: hidden (M,C), weight (V,C),
     allowed (M,K) token ids (each row's choices, e.g. the 20 candidates' item tokens), targets (M,)
     -> (M,). keep (M,K) bool marks the real entries of rows padded to K (None = all). This is the
     distribution a message's token is sampled from under its grammar (grammar.Grammar,
-    docs/method.md section 5, [ours]), at the sampling temperature: logits / temperature. A target
-    outside its row's allowed ids gets -inf. Float32 logits, as logprobs_of."""
+    docs/method.md section 5, [ours]), at the sampling temperature: logits / temperature. bias
+    (M,K): the grammar's tilt of each allowed id (Grammar.tilt), added to its logit before the
+    temperature (None = none). A target outside its row's allowed ids gets -inf. Float32 logits, as
+    logprobs_of."""
     with torch.autocast(hidden.device.type, enabled=False):
         acc = _acc(hidden.dtype)
-        # (M,K)
-        z = torch.einsum("mc,mkc->mk", hidden.to(acc), weight[allowed].to(acc)) / temperature
+        z = torch.einsum("mc,mkc->mk", hidden.to(acc), weight[allowed].to(acc))        # (M,K)
+        z = (z if bias is None else z + bias.to(acc)) / temperature
         if keep is not None:
             z = z.masked_fill(~keep, float("-inf"))
         hit = (allowed == targets[:, None]) & (True if keep is None else keep)  # (M,K)
         return z.masked_fill(~hit, float("-inf")).logsumexp(1) - z.logsumexp(1)
 
 
-def padded_supports(supports, device):
+def padded_supports(supports, device, tilts=None):
     """(allowed (M,K) ids, keep (M,K) bool) from M id lists of any lengths, padded to the longest:
-    restricted_logprobs' inputs."""
+    restricted_logprobs' inputs. tilts: M dicts {id: bias} or None (grammar.row_supports) -> also
+    the (M,K) bias, or None where no position is tilted."""
     K = max(len(a) for a in supports)
     allowed = torch.tensor([list(a) + [0] * (K - len(a)) for a in supports], device=device)
     keep = torch.tensor([[k < len(a) for k in range(K)] for a in supports], device=device)
-    return allowed, keep
+    if tilts is None:
+        return allowed, keep
+    bias = None
+    if any(t for t in tilts):
+        bias = torch.tensor([[(t or {}).get(i, 0.0) for i in a] + [0.0] * (K - len(a))
+                             for a, t in zip(supports, tilts)], device=device)
+    return allowed, keep, bias
 
 
 def token_logprobs(model, prompts, completions, pad_id, device="cpu", chunk=1024, first=None,
@@ -382,8 +391,9 @@ def token_logprobs(model, prompts, completions, pad_id, device="cpu", chunk=1024
 
     prompts, completions: lists of id lists. grammar: optional list, one per pair, of the
     grammar.Grammar its completion was decoded under (None = the whole vocabulary): every token is
-    scored over the restricted softmax generate() drew it from (restricted_logprobs), so policy,
-    teacher and student log-probs share the policy's support. first: per pair, the ids its first
+    scored over the restricted softmax generate() drew it from (restricted_logprobs; a tilted
+    grammar's bias included), so policy, teacher and student log-probs share the policy's support.
+    first: per pair, the ids its first
     token was chosen among (shorthand for grammar.first_token_grammar). temperature: the
     sampling temperature; the log-probs are those of softmax(logits / temperature), the
     distribution the tokens were drawn from. Returns a list of 1-D tensors (one per pair, length
@@ -400,7 +410,9 @@ def token_logprobs(model, prompts, completions, pad_id, device="cpu", chunk=1024
         return list(logprobs_of(hs, model.head_weight, tgt, chunk).split(lens))
     # each position over its own support: the whole vocabulary (chunked kernel) only where it is
     # free
-    supports = [a for row in row_supports(grammar, completions) for a in row]   # (N,) lists or None
+    supports, tilts = row_supports(grammar, completions, tilts=True)
+    supports = [a for row in supports for a in row]                        # (N,) lists or None
+    tilts = [t for row in tilts for t in row]                              # (N,) dicts or None
     rows = [n for n, a in enumerate(supports) if a is not None]
     free = [n for n, a in enumerate(supports) if a is None]
     lp = torch.zeros(len(supports), dtype=_acc(hs.dtype), device=hs.device)  # (N,)
@@ -409,18 +421,21 @@ def token_logprobs(model, prompts, completions, pad_id, device="cpu", chunk=1024
         lp = lp.index_put((free,),
                           logprobs_of(hs[free], model.head_weight, tgt[free], chunk).to(lp.dtype))
     if rows:
-        allowed, keep = padded_supports([supports[n] for n in rows], device)
+        allowed, keep, bias = padded_supports([supports[n] for n in rows], device,
+                                              [tilts[n] for n in rows])
         rows = torch.tensor(rows, device=device)                          # (M,)
+        bias = None if bias is None else bias / temperature               # hs is already / T
         lp = lp.index_put((rows,),
                           restricted_logprobs(hs[rows], model.head_weight, allowed, tgt[rows],
-                                                       keep).to(lp.dtype))
+                                              keep, bias=bias).to(lp.dtype))
     return list(lp.split(lens))
 
 
 def token_logprobs_reference(model, prompts, completions, pad_id, device="cpu", first=None,
                              grammar=None, temperature=1.0):
     """Plain reference for token_logprobs: each pair alone, full float64 log_softmax of logits / T,
-    gather; under a grammar, the logits outside each position's allowed ids set to -inf first."""
+    gather; under a grammar, the logits outside each position's allowed ids set to -inf first, and a
+    tilted grammar's bias added per id (before the temperature)."""
     grammar = row_grammars(grammar, first, len(prompts)) or [None] * len(prompts)
     out = []
     for b, (p, c) in enumerate(zip(prompts, completions)):
@@ -436,6 +451,8 @@ def token_logprobs_reference(model, prompts, completions, pad_id, device="cpu", 
                     keep = torch.zeros(logits.shape[1], dtype=torch.bool, device=device)
                     keep[support] = True
                     logits[n] = logits[n].masked_fill(~keep, float("-inf"))
+                for i, b_ in (grammar[b].tilt(c[:n]) or {}).items():
+                    logits[n, i] += b_ / temperature
         lp = torch.log_softmax(logits, dim=-1)
         out.append(lp.gather(1, torch.tensor(c, device=device)[:, None])[:, 0])
     return out

@@ -90,6 +90,22 @@ def grammar_mask(grammars, prefixes, V, device, done=None):
     return mask
 
 
+def grammar_bias(grammars, prefixes, V, device, done=None):
+    """(B,V) float, each row's Grammar.tilt(prefix) at its ids (0 elsewhere), added to the logits
+    before sampling; None when no row is tilted here."""
+    if grammars is None:
+        return None
+    tilts = [None if g is None or (done is not None and done[b]) else g.tilt(pre)
+             for b, (g, pre) in enumerate(zip(grammars, prefixes))]
+    if all(t is None for t in tilts):
+        return None
+    bias = torch.zeros(len(grammars), V, device=device)
+    for b, t in enumerate(tilts):
+        if t:
+            bias[b, torch.tensor(list(t), device=device)] = torch.tensor(list(t.values()), device=device)
+    return bias
+
+
 _COMPILED = weakref.WeakKeyDictionary()      # model -> its compiled decode step
 
 
@@ -166,6 +182,9 @@ def generate(model, prompts, max_new, pad_id, stop_ids=(), temperature=1.0, gene
         gmask = grammar_mask(grammar, written, logits.shape[1], device, done.tolist())
         if gmask is not None:
             logits = logits.masked_fill(~gmask, float("-inf"))
+        gbias = grammar_bias(grammar, written, logits.shape[1], device, done.tolist())
+        if gbias is not None:   # a tilted grammar (the RecAgent's item under --prior-weight)
+            logits = logits + gbias
         tok = sample_next(logits, temperature, generator, keys, t)
         tok = torch.where(done, torch.full_like(tok, pad_id), tok)
         toks[:, t] = tok
@@ -189,7 +208,7 @@ def generate_nocache(model, prompts, max_new, pad_id, stop_ids=(), temperature=1
                      device="cpu", keys=None, grammar=None):
     """Plain reference for generate(): one prompt at a time, full forward at every step, no cache.
     With temperature 0, or with keys, it must give exactly generate()'s tokens. A grammar's support
-    is applied as a plain -inf mask over the row's allowed ids."""
+    is applied as a plain -inf mask over the row's allowed ids, its tilt as a plain sum per id."""
     out = []
     grammar = row_grammars(grammar, None, len(prompts)) or [None] * len(prompts)
     for b, p in enumerate(prompts):
@@ -206,6 +225,8 @@ def generate_nocache(model, prompts, max_new, pad_id, stop_ids=(), temperature=1
                 keep = torch.zeros_like(logits, dtype=torch.bool)
                 keep[0, support] = True
                 logits = logits.masked_fill(~keep, float("-inf"))
+            for i, bias in ((grammar[b].tilt(res) or {}) if grammar[b] is not None else {}).items():
+                logits[0, i] += bias
             tok = int(sample_next(logits, temperature, generator, key, n)[0])
             res.append(tok)
             seq.append(tok)

@@ -10,6 +10,7 @@ Nothing here touches the network: datasets are generated, zipped and served thro
 HF_HUB_OFFLINE=1 is set for any Hugging Face code.
 """
 
+import csv
 import dataclasses
 import datetime
 import re
@@ -46,6 +47,7 @@ from data.synthetic import make_ml1m_zip  # noqa: E402
 from env import Tokenizer  # noqa: E402
 from model import (GPT, GPTConfig, causal_mask, logprobs_of, positions, token_logprobs,  # noqa: E402
                    token_logprobs_reference)
+import grammar as grammar_mod  # noqa: E402
 from grammar import first_token_grammar  # noqa: E402
 from sampling import generate, generate_nocache  # noqa: E402
 
@@ -477,6 +479,101 @@ def test_restricted_decoding_names_only_candidates_and_matches_its_reference():
     z = model_mod.next_token_scores(m, prompts[:1], [first[0]], tok.pad_id)[0].double()
     assert float(fast[0][0].detach()) == pytest.approx(float(torch.log_softmax(z, 0)[3]), abs=1e-5)
 
+
+def test_prior_weight_tilts_the_recagent_item_everywhere_it_is_drawn_or_scored(data):
+    """--prior-weight w [ours, docs/method.md section 2]: the data carry SASRec's log-softmax over each
+    sample's candidates (its argmax is the prior); the RecAgent's grammar adds w times it to the item's
+    logits, and sampling (cached = no-cache reference), the log-probs (fast = float64 reference = the
+    log-softmax of logit + w lp by hand, at any temperature) and eval's ranking all use that one tilted
+    softmax. A large w makes every first pick the prior; w = 0, or no hint, is the untilted agent."""
+    for split in ("train", "valid", "test"):
+        lp = getattr(data, f"{split}_prior_lp").astype(np.float64)
+        cands, prior = getattr(data, f"{split}_cands"), getattr(data, f"{split}_prior")
+        assert lp.shape == cands.shape and np.allclose(np.exp(lp).sum(1), 1, atol=1e-5)
+        assert np.array_equal(cands[np.arange(len(cands)), lp.argmax(1)], prior)
+        assert (lp.max(1) - lp.min(1) > 0.1).mean() > 0.9                     # an opinion, not uniform
+    w = 1.5
+    tok0, tok = Tokenizer(data.n_items), Tokenizer(data.n_items, prior_weight=w)
+    m = tiny_model(tok.vocab_size)
+    trajs = [env.new_trajectory(data, "train", r) for r in range(10)]
+    g0 = [env.message_grammar(tok0, tr, "rec") for tr in trajs]
+    gw = [env.message_grammar(tok, tr, "rec") for tr in trajs]
+    gi = [env.message_grammar(tok, tr, "rec", "item") for tr in trajs]
+    assert all(a.bias is None and b.bias for a, b in zip(g0, gw)) and g0 != gw
+    assert all(a.parts == b.parts and a.tilt([]) and a.tilt(a.allowed([])[:1]) is None    # the item only
+               for a, b in zip(gw, g0))
+    assert all(g.bias == h.bias for g, h in zip(gi, gw))
+    with pytest.raises(ValueError, match="bias must name first tokens"):
+        grammar_mod.Grammar([[[5], [6]]], bias={7: 1.0})
+    prompts = [tok.render_rec(tr, 0) for tr in trajs]
+    for temperature in (0.0, 0.7, 1.0):
+        for rep in range(4):
+            keys = [1000 * rep + k for k in range(len(trajs))]
+            a = generate(m, prompts, tok.rec_max_new, tok.pad_id, tok.stop_ids, temperature=temperature,
+                         keys=keys, grammar=gw)
+            assert a == generate_nocache(m, prompts, tok.rec_max_new, tok.pad_id, tok.stop_ids,
+                                         temperature=temperature, keys=keys, grammar=gw)
+            assert all(tok.parse_rec(o, tr.cands) is not None for o, tr in zip(a, trajs))
+    ys = a
+    z = model_mod.next_token_scores(m, prompts, [[tok.item(c) for c in tr.cands] for tr in trajs],
+                                    tok.pad_id).double()
+    lpw = torch.tensor([tr.prior_lp for tr in trajs], dtype=torch.float64)
+    for temperature in (1.0, 0.7):
+        fast = token_logprobs(m, prompts, ys, tok.pad_id, grammar=gw, temperature=temperature)
+        ref = token_logprobs_reference(m, prompts, ys, tok.pad_id, grammar=gw, temperature=temperature)
+        plain = token_logprobs(m, prompts, ys, tok.pad_id, grammar=g0, temperature=temperature)
+        by_hand = torch.log_softmax((z + w * lpw) / temperature, 1)
+        for b, (f, r, p0) in enumerate(zip(fast, ref, plain)):
+            assert torch.allclose(f.double(), r, atol=1e-5)
+            k = trajs[b].cands.index(tok.item_of(ys[b][0]))
+            assert float(f[0].detach()) == pytest.approx(float(by_hand[b, k]), abs=1e-5)
+            assert torch.allclose(f[1:], p0[1:], atol=1e-6)            # only the item is tilted
+        assert not all(torch.allclose(f[0], p0[0], atol=1e-3) for f, p0 in zip(fast, plain))
+    # eval's ranking: logit + w lp with the hint, the untilted agent without it
+    rows = np.arange(len(data.valid_user))
+    vt = [env.new_trajectory(data, "valid", r) for r in rows]
+    zv = model_mod.next_token_scores(m, [tok.render_rec(tr, 0) for tr in vt],
+                                     [[tok.item(c) for c in tr.cands] for tr in vt], tok.pad_id).double()
+    pick = (zv + w * torch.tensor(data.valid_prior_lp, dtype=torch.float64)).argmax(1).numpy()
+    want = (data.valid_cands[rows, pick] == data.valid_target).astype(float)
+    got = ev.rank_metrics(m, tok, data, "valid", rows, None, "cpu", ks=(1,))["HR@1"]
+    assert np.array_equal(got, want)
+    assert np.array_equal(ev.rank_metrics(m, tok, data, "valid", rows, None, "cpu", ks=(1,), hint=False)["HR@1"],
+                          ev.rank_metrics(m, tok0, data, "valid", rows, None, "cpu", ks=(1,), hint=False)["HR@1"])
+    big = Tokenizer(data.n_items, prior_weight=1000.0)
+    firsts = generate(m, prompts, 1, tok.pad_id, temperature=0.0,
+                      grammar=[env.message_grammar(big, tr, "rec") for tr in trajs])
+    assert [tok.item_of(o[0]) for o in firsts] == [tr.prior for tr in trajs]
+    assert [tok.item_of(o[0]) for o in generate(m, prompts, 1, tok.pad_id, temperature=0.0, grammar=g0)] \
+        != [tr.prior for tr in trajs]
+
+def test_sparse_variant_cuts_every_user_into_full_chunks_that_train_py_reads(synth, tmp_path, capsys):
+    """tools/sparse.py: each real user's ordered events cut into consecutive chunks of --events, each
+    a user of its own with exactly that many events (a short last chunk dropped), ratings kept; the
+    folder is a custom dataset that prepare() builds; bad flags are one sentence."""
+    from tools import sparse
+    out = tmp_path / "sp"
+    sparse.main(["--dataset", "ml-1m", "--data-url", synth["url"], "--data-sha256", synth["sha"],
+                 "--data-dir", str(tmp_path / "raw"), "--out", str(out), "--events", "6"])
+    assert "users of 6 events" in capsys.readouterr().out
+    src, raw, _, _ = data_prepare.locate(DataConfig(dataset="ml-1m", data_url=synth["url"], data_sha256=synth["sha"],
+                                                    data_dir=str(tmp_path / "raw")), log=lambda *a: None)
+    seqs, rates, users_raw, items_raw, _ = data_prepare.sequences(src["parse"](raw), "ml-1m", lambda *a: None)
+    rows = list(csv.DictReader(open(out / "interactions.csv", encoding="utf-8")))
+    by_user = {}
+    for r in rows:
+        by_user.setdefault(r["user"], []).append((r["item"], float(r["rating"])))
+    assert len(by_user) == sum(len(s) // 6 for s in seqs) and all(len(v) == 6 for v in by_user.values())
+    u = 3
+    for k in range(len(seqs[u]) // 6):              # chunk k of user u = its events 6k .. 6k+5, in order
+        assert [i for i, _ in by_user[f"{users_raw[u]}#{k}"]] == [str(items_raw[i]) for i in seqs[u][6 * k:6 * k + 6]]
+        assert [x for _, x in by_user[f"{users_raw[u]}#{k}"]] == list(rates[u][6 * k:6 * k + 6])
+    d = prepare(DataConfig(dataset=str(out), data_dir=str(tmp_path / "dd"), sasrec=SASRecConfig(epochs=1)),
+                log=lambda *a: None)
+    assert d.meta["n_users"] == len(by_user) and len(d.test_user) == len(by_user)
+    for argv, msg in ((["--events", "3"], "--events must be at least 5"), (["--dataset", "ml-2m"], "unknown dataset")):
+        with pytest.raises(SystemExit, match=msg):
+            sparse.main(["--dataset", "ml-1m", "--out", str(tmp_path / "x")] + argv)
 
 def test_stage1_validation_is_eval_rank_metrics_without_the_hint(data):
     """pretrain.valid_hr1 (stage 1's early-stopping measure, kept apart so that stage 1 needs no
@@ -1721,7 +1818,7 @@ def test_train_end_to_end_on_every_source(source, tmp_path):
 @pytest.mark.parametrize("script", ["train.py", "eval.py", "tools/suite.py", "tools/bench.py", "tools/viewer.py", "data/prepare.py",
                                     "tools/sasrec_check.py", "tools/headroom.py", "data/synthetic.py", "data/llara.py",
                                     "tools/chat_check.py", "tools/prior_use.py", "tools/scaling.py",
-                                    "tools/credit_check.py"])
+                                    "tools/credit_check.py", "tools/sparse.py"])
 def test_every_command_line_prints_its_help(script):
     r = run([script, "--help"])
     assert r.returncode == 0 and "usage:" in r.stdout and "Traceback" not in r.stderr, r.stderr[-1500:]
@@ -2102,6 +2199,8 @@ VALIDATION_RULES = [
     (dict(lr=0), "--lr and --pretrain-lr must be positive"),
     (dict(grad_clip=0), "--grad-clip must be positive"),
     (dict(credit_clip=0), "--credit-clip must be positive"),
+    (dict(prior_weight=-1), "--prior-weight must be >= 0"),
+    (dict(prior_weight=1, decoding="free"), "--prior-weight needs the built-in model"),
     (dict(n_boot=0), "--n-boot must be at least 1"),
     (dict(ckpt_every=-1), "--ckpt-every cannot be negative"),
     (dict(max_bad_steps=0), "--max-bad-steps must be at least 1"),
@@ -2536,9 +2635,13 @@ def test_show_and_interactive_on_a_run(synth, tmp_path, capsys):
         viewer.interactive(tmp_path / "o" / "r", ask=ask, out=said.append, split="valid", sample=99999)
     # tools/prior_use.py on the same run (through load_run): shares and Hit@1s that fit together
     from tools import prior_use
-    prior_use.main(["--run", str(tmp_path / "o" / "r"), "--split", "valid", "--out", str(tmp_path / "p.json")])
+    prior_use.main(["--run", str(tmp_path / "o" / "r"), "--split", "valid", "--out", str(tmp_path / "p.json"),
+                    "--weights", "0,1000"])
     for col in json.loads((tmp_path / "p.json").read_text()).values():
         assert col["prior right"] == pytest.approx(col["Hit@1 SASRec prior"][0])
+        # the sweep: weight 0 is the run's own first pick (it ran without a tilt), a huge one the prior
+        assert col["Hit@1 first pick, --prior-weight 0"] == col["Hit@1 first pick (with the prior)"]
+        assert col["Hit@1 first pick, --prior-weight 1000"][0] == pytest.approx(col["Hit@1 SASRec prior"][0])
         bound = col["Hit@1 better of prior and own, per sample (bound)"][0]
         assert bound >= max(col["Hit@1 SASRec prior"][0], col["Hit@1 own ranking (no hint)"][0])
     # tools/headroom.py on the same run: 8 rows; with the oracle user a right first pick is always

@@ -58,7 +58,7 @@ from data.fetch import is_custom, locate, probe_writable  # noqa: E402,F401
 from data.sources import (SOURCES, DataError, Parsed, Raw, parse_lastfm,  # noqa: E402,F401
                           parse_ml100k)
 
-CACHE_VERSION = 4
+CACHE_VERSION = 5
 DATA_DIR = Path(__file__).resolve().parent
 
 
@@ -103,7 +103,9 @@ class Data:
     """The processed dataset: numpy arrays as attributes, plus meta (dict) and titles (list).
 
     Per split s in ("train", "valid", "test"): s_user (N,), s_hist (N, history) right-padded with
-    -1, s_target (N,), s_cands (N, n_candidates), s_prior (N,). Also: seq_ptr / seq_items /
+    -1, s_target (N,), s_cands (N, n_candidates), s_prior (N,), s_prior_lp (N, n_candidates) float32:
+    the log-softmax of SASRec's scores over the candidates, in s_cands' order (the SASRec that gave
+    the prior; --prior-weight, docs/method.md section 2). Also: seq_ptr / seq_items /
     seq_rating (training parts of all users, CSR), peers / peer_w (U, k), item_vec (I, 64) SASRec
     item embeddings, item_pop (I,), f1_user / f1_hist / f1_item / f1_label."""
 
@@ -348,20 +350,23 @@ def build(parsed: Parsed, cfg: DataConfig, log=print):
         us, ts_ = np.array(us), np.array(ts_)
         cands = np.zeros((len(us), K), np.int64)
         prior = np.zeros(len(us), np.int64)
+        prior_lp = np.zeros((len(us), K), np.float32)
         fixed = fixed_candidates(parsed, split, us, hs, ts_, users_raw, items_raw, K)
         # each half's samples scored by the model that never saw them (or by `full`)
         if split == "train":
             for f in (0, 1):
                 rows_f = np.flatnonzero(fold[us] != f)
                 _candidates(halves[f], [hs[r] for r in rows_f], ts_[rows_f], n_items, cfg, rng,
-                            cands, prior, rows_f)
+                            cands, prior, prior_lp, rows_f)
         else:
-            _candidates(full, hs, ts_, n_items, cfg, rng, cands, prior, np.arange(len(us)), fixed)
+            _candidates(full, hs, ts_, n_items, cfg, rng, cands, prior, prior_lp, np.arange(len(us)),
+                        fixed)
         hist = np.full((len(us), H), -1, np.int64)
         for r, h in enumerate(hs):
             hist[r, :len(h)] = h
         arrays.update({f"{split}_user": us, f"{split}_hist": hist, f"{split}_target": ts_,
-                       f"{split}_cands": cands, f"{split}_prior": prior})
+                       f"{split}_cands": cands, f"{split}_prior": prior,
+                       f"{split}_prior_lp": prior_lp})
 
     lap("candidates_and_prior")
     # peers: cosine of SASRec user embeddings after each user's last training items
@@ -494,9 +499,10 @@ def fixed_candidates(parsed, split, us, hs, ts_, users_raw, items_raw, K):
     return out
 
 
-def _candidates(model, hists, targets, n_items, cfg, rng, cands_out, prior_out, rows_out,
+def _candidates(model, hists, targets, n_items, cfg, rng, cands_out, prior_out, lp_out, rows_out,
                 fixed=None):
-    """Fill cands_out[rows_out] and prior_out[rows_out] for the given histories and targets.
+    """Fill cands_out[rows_out], prior_out[rows_out] and lp_out[rows_out] (SASRec's log-softmax
+    over each row's candidates) for the given histories and targets.
     fixed {row: candidate item indices}: those rows take exactly that list (candidates.csv); the
     random draws are the same with or without it, so the other rows' lists do not change."""
     K = cfg.n_candidates
@@ -526,7 +532,9 @@ def _candidates(model, hists, targets, n_items, cfg, rng, cands_out, prior_out, 
             if fixed and int(row) in fixed:
                 c[r] = fixed[int(row)]
         cands_out[rb] = c
-        prior_out[rb] = c[np.arange(b), np.take_along_axis(scores, c, 1).argmax(1)]
+        sc = np.take_along_axis(scores, c, 1)                                          # (b,K)
+        prior_out[rb] = c[np.arange(b), sc.argmax(1)]
+        lp_out[rb] = torch.log_softmax(torch.from_numpy(sc).double(), 1).numpy().astype(np.float32)
 
 
 def stats(d: Data):

@@ -10,7 +10,9 @@ table says how often each pick is the prior, separately where the prior is right
 wrong, and the Hit@1 of the prior, of the agent's own ranking, of the hinted pick and of the better
 of the first two per sample (an upper bound on what combining them could give). A RecAgent that
 used the prior would follow it more where it is right than where it is wrong, and more than its
-own ranking already agrees with it. Works on a finished run of the built-in model (support/runs
+own ranking already agrees with it. The first pick is under the run's own --prior-weight;
+--weights 0,0.5,1,2 adds the first pick's Hit@1 under each weight (the validation sweep that chooses
+--prior-weight, docs/results.md). Works on a finished run of the built-in model (support/runs
 .load_run): the untrained agent (the adapter-free base) and the trained RecAgent (after a run of
 --steps 0, the two are the same).
 """
@@ -32,45 +34,64 @@ from support.distributed import device_of  # noqa: E402
 from support.runs import add_run_args, load_run  # noqa: E402
 
 
-def first_picks(model, tok, data, split, rows, adapter, device, hint, batch=256):
-    """(N,) the candidate each sample's RecAgent names first (argmax of its item-token logits)."""
+def first_scores(model, tok, data, split, rows, adapter, device, hint, batch=256):
+    """(N,20) each sample's RecAgent logits of its candidates' item tokens at the answer position,
+    untilted (the --prior-weight tilt is added by the caller), from the prompt with or without the
+    prior."""
     model.set_adapter(adapter)
     out = []
     for s in range(0, len(rows), batch):
         trajs = [new_trajectory(data, split, r) for r in rows[s:s + batch]]
         for tr in trajs:
             tr.prior = tr.prior if hint else None
-        scores = next_token_scores(model, [tok.render_rec(tr, 0) for tr in trajs],
-                                   [[tok.item(c) for c in tr.cands] for tr in trajs], tok.pad_id, device)
-        out += [tr.cands[int(k)] for tr, k in zip(trajs, scores.argmax(1).tolist())]
+        out.append(next_token_scores(model, [tok.render_rec(tr, 0) for tr in trajs],
+                                     [[tok.item(c) for c in tr.cands] for tr in trajs], tok.pad_id,
+                                     device).double().cpu().numpy())
     model.set_adapter(None)
-    return np.array(out)
+    return np.concatenate(out)
 
 
-def prior_use(model, tok, data, split, adapter, device, n_boot=1000):
-    """The measurements of the module docstring, as a dict of (mean, lo, hi) or counts."""
+def prior_use(model, tok, data, split, adapter, device, n_boot=1000, weights=()):
+    """The measurements of the module docstring, as a dict of (mean, lo, hi) or counts. The first
+    pick is under the run's own --prior-weight (tok.prior_weight); weights: also the Hit@1 of the
+    first pick under each of these weights instead (the validation sweep of --prior-weight)."""
     rows = np.arange(len(getattr(data, f"{split}_user")))
     target, prior = getattr(data, f"{split}_target")[rows], getattr(data, f"{split}_prior")[rows]
-    hinted = first_picks(model, tok, data, split, rows, adapter, device, True)
-    own = first_picks(model, tok, data, split, rows, adapter, device, False)
+    cands = getattr(data, f"{split}_cands")[rows]
+    lp = getattr(data, f"{split}_prior_lp", None)
+    if lp is None and (weights or tok.prior_weight):
+        raise UserError("this run's data carry no SASRec scores of the candidates (a cache from "
+                        "before --prior-weight): delete its processed.json to rebuild it.")
+    lp = np.zeros(cands.shape) if lp is None else lp[rows]
+    z = first_scores(model, tok, data, split, rows, adapter, device, True)
+    pick = lambda w: cands[np.arange(len(rows)), (z + w * lp).argmax(1)]  # noqa: E731
+    hinted = pick(tok.prior_weight)
+    own = cands[np.arange(len(rows)),
+                first_scores(model, tok, data, split, rows, adapter, device, False).argmax(1)]
     right = prior == target
     ci = lambda x: mean_ci(x, n_boot)  # noqa: E731
-    return {"samples": int(len(rows)), "prior right": float(right.mean()),
-            "first pick = prior | prior right": ci(hinted[right] == prior[right]),
-            "first pick = prior | prior wrong": ci(hinted[~right] == prior[~right]),
-            "own ranking = prior | prior right": ci(own[right] == prior[right]),
-            "own ranking = prior | prior wrong": ci(own[~right] == prior[~right]),
-            "first pick = own ranking": ci(hinted == own),
-            "Hit@1 SASRec prior": ci(right),
-            "Hit@1 own ranking (no hint)": ci(own == target),
-            "Hit@1 first pick (with the prior)": ci(hinted == target),
-            "Hit@1 better of prior and own, per sample (bound)": ci((own == target) | right)}
+    out = {"samples": int(len(rows)), "prior right": float(right.mean()),
+           "first pick = prior | prior right": ci(hinted[right] == prior[right]),
+           "first pick = prior | prior wrong": ci(hinted[~right] == prior[~right]),
+           "own ranking = prior | prior right": ci(own[right] == prior[right]),
+           "own ranking = prior | prior wrong": ci(own[~right] == prior[~right]),
+           "first pick = own ranking": ci(hinted == own),
+           "Hit@1 SASRec prior": ci(right),
+           "Hit@1 own ranking (no hint)": ci(own == target),
+           "Hit@1 first pick (with the prior)": ci(hinted == target),
+           "Hit@1 better of prior and own, per sample (bound)": ci((own == target) | right)}
+    for w in weights:
+        out[f"Hit@1 first pick, --prior-weight {w:g}"] = ci(pick(w) == target)
+    return out
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_run_args(p, "valid", "the split measured")
     p.add_argument("--out", default="", help="also write the table as JSON to this file")
+    p.add_argument("--weights", default="",
+                   help="comma-separated --prior-weight values: the first pick's Hit@1 under each "
+                        "(e.g. 0,0.5,1,2; the choice of --prior-weight on validation)")
     a = p.parse_args(argv)
     run = Path(a.run)
     try:
@@ -82,7 +103,14 @@ def main(argv=None):
         sys.exit(f"error: {e}")
     device = device_of(a.device)
     agents = [("untrained RecAgent", None), ("CoARS RecAgent", "rec")]
-    table = {name: prior_use(model, tok, data, a.split, ad, device) for name, ad in agents}
+    try:
+        weights = [float(w) for w in a.weights.split(",") if w.strip()]
+        table = {name: prior_use(model, tok, data, a.split, ad, device, weights=weights)
+                 for name, ad in agents}
+    except ValueError:
+        sys.exit(f"error: --weights must be comma-separated numbers, not {a.weights!r}.")
+    except UserError as e:
+        sys.exit(f"error: {e}")
     keys = list(next(iter(table.values())))
     print(f"| {run.name}, {a.split} split | " + " | ".join(n for n, _ in agents) + " |")
     print("|---" * (len(agents) + 1) + "|")
