@@ -45,6 +45,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from config import UserError
 from data.prepare import stage2_rows  # noqa: F401  (train.py and the tests take it from here too)
 from distill import hindsight_reference
 from env import (ACTION_RANGE, Turn, closest_history_item, finish_turn, new_trajectory, record_user)
@@ -66,6 +67,19 @@ def stage1_parts(data, n_last):
     parts = [data.train_items(u)[:len(data.train_items(u)) - n2[u]] for u in range(data.n_users)]
     rows = np.setdiff1d(np.arange(len(data.train_user)), s2)
     return parts, rows
+
+
+def check_stage1_rows(cfg, data):
+    """A UserError (one sentence) when the scripted dialogues of stage 1 (or of a chat model's
+    warm-up) would have no training sample of their own: users so short that --stage2-last takes
+    every training sample (tools/sparse.py's variants)."""
+    needs = (cfg.pretrain_dialogues and cfg.pretrain_steps) if not cfg.model else cfg.warmup_steps
+    if needs and len(stage1_parts(data, cfg.stage2_last)[1]) == 0:
+        fix = ("lower --stage2-last, e.g. to 1" if cfg.stage2_last > 1 else
+               "the users are too short for both stages: give them more events")
+        raise UserError(f"stage 1 has no training sample of its own: with --stage2-last "
+                        f"{cfg.stage2_last} every training sample of every user goes to stage 2; "
+                        f"{fix}.")
 
 
 # --------------------------------------------------------------------------------------------------

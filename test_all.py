@@ -554,8 +554,8 @@ def test_sparse_variant_cuts_every_user_into_full_chunks_that_train_py_reads(syn
     from tools import sparse
     out = tmp_path / "sp"
     sparse.main(["--dataset", "ml-1m", "--data-url", synth["url"], "--data-sha256", synth["sha"],
-                 "--data-dir", str(tmp_path / "raw"), "--out", str(out), "--events", "6"])
-    assert "users of 6 events" in capsys.readouterr().out
+                 "--data-dir", str(tmp_path / "raw"), "--out", str(out), "--events", "7"])
+    assert "users of 7 events" in capsys.readouterr().out
     src, raw, _, _ = data_prepare.locate(DataConfig(dataset="ml-1m", data_url=synth["url"], data_sha256=synth["sha"],
                                                     data_dir=str(tmp_path / "raw")), log=lambda *a: None)
     seqs, rates, users_raw, items_raw, _ = data_prepare.sequences(src["parse"](raw), "ml-1m", lambda *a: None)
@@ -563,14 +563,19 @@ def test_sparse_variant_cuts_every_user_into_full_chunks_that_train_py_reads(syn
     by_user = {}
     for r in rows:
         by_user.setdefault(r["user"], []).append((r["item"], float(r["rating"])))
-    assert len(by_user) == sum(len(s) // 6 for s in seqs) and all(len(v) == 6 for v in by_user.values())
+    assert len(by_user) == sum(len(s) // 7 for s in seqs) and all(len(v) == 7 for v in by_user.values())
     u = 3
-    for k in range(len(seqs[u]) // 6):              # chunk k of user u = its events 6k .. 6k+5, in order
-        assert [i for i, _ in by_user[f"{users_raw[u]}#{k}"]] == [str(items_raw[i]) for i in seqs[u][6 * k:6 * k + 6]]
-        assert [x for _, x in by_user[f"{users_raw[u]}#{k}"]] == list(rates[u][6 * k:6 * k + 6])
+    for k in range(len(seqs[u]) // 7):              # chunk k of user u = its events 7k .. 7k+6, in order
+        assert [i for i, _ in by_user[f"{users_raw[u]}#{k}"]] == [str(items_raw[i]) for i in seqs[u][7 * k:7 * k + 7]]
+        assert [x for _, x in by_user[f"{users_raw[u]}#{k}"]] == list(rates[u][7 * k:7 * k + 7])
     d = prepare(DataConfig(dataset=str(out), data_dir=str(tmp_path / "dd"), sasrec=SASRecConfig(epochs=1)),
                 log=lambda *a: None)
     assert d.meta["n_users"] == len(by_user) and len(d.test_user) == len(by_user)
+    # so short that the default --stage2-last 3 leaves stage 1 no sample: one sentence, not a traceback
+    from config import Config as _Config, UserError as _UserError
+    with pytest.raises(_UserError, match="lower --stage2-last"):
+        pretrain.check_stage1_rows(_Config(), d)
+    pretrain.check_stage1_rows(_Config(stage2_last=1), d)
     for argv, msg in ((["--events", "3"], "--events must be at least 5"), (["--dataset", "ml-2m"], "unknown dataset")):
         with pytest.raises(SystemExit, match=msg):
             sparse.main(["--dataset", "ml-1m", "--out", str(tmp_path / "x")] + argv)

@@ -57,7 +57,7 @@ from support.runs import chat_backbone
 from support.watch import TrackerError, Trackers, plot_run
 from env import Tokenizer
 from model import token_logprobs
-from pretrain import autocast, stage1, stage2_rows, warmup
+from pretrain import autocast, check_stage1_rows, stage1, stage2_rows, warmup
 from sampling import CompileError
 
 
@@ -595,6 +595,7 @@ def main(argv=None):
             barrier()                             # rank 0 downloads and builds the data cache first
         data = prepare(cfg.data_config(), log=print if lead else (lambda *a: None))
         t_data = time.time()
+        check_stage1_rows(cfg, data)
         if lead:
             barrier()
         if ck:
