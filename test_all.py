@@ -399,11 +399,14 @@ def test_candidate_protocols_random_and_sasrec(monkeypatch):
     hists, targets = [[0, 1, 2], [5, 6]], np.array([3, 50])                   # target 3 is SASRec's 4th; 50 is low
     for protocol in ("random", "sasrec"):
         cfg = DataConfig(candidates=protocol, n_candidates=K)
-        cands, prior = np.zeros((2, K), np.int64), np.zeros(2, np.int64)
-        dp._candidates(None, hists, targets, n_items, cfg, np.random.default_rng(0), cands, prior, np.arange(2))
+        cands, prior, lp = np.zeros((2, K), np.int64), np.zeros(2, np.int64), np.zeros((2, K), np.float32)
+        dp._candidates(None, hists, targets, n_items, cfg, np.random.default_rng(0), cands, prior, lp, np.arange(2))
         for r in range(2):
             c = set(cands[r].tolist())
             assert len(c) == K and not c & set(hists[r]) and prior[r] == min(c)    # prior: SASRec's favourite
+            # --prior-weight's scores: SASRec's log-softmax over the candidates, in their order
+            z = -cands[r].astype(np.float64)
+            assert np.allclose(lp[r], z - np.log(np.exp(z - z.max()).sum()) - z.max(), atol=1e-5)
             if protocol == "random":
                 assert targets[r] in c
             else:
@@ -416,7 +419,7 @@ def test_candidate_protocols_random_and_sasrec(monkeypatch):
     monkeypatch.setattr(dp, "score_all", lambda model, hists: [(0, many)])
     cands, prior = np.zeros((n, K), np.int64), np.zeros(n, np.int64)
     dp._candidates(None, [[0, 1, 2]] * n, np.full(n, 3), n_items, DataConfig(candidates="sasrec", n_candidates=K),
-                   np.random.default_rng(0), cands, prior, np.arange(n))
+                   np.random.default_rng(0), cands, prior, np.zeros((n, K), np.float32), np.arange(n))
     assert (prior == 3).all() and len({int(np.flatnonzero(c == 3)[0]) for c in cands}) > 1
 
 
@@ -2647,6 +2650,8 @@ def test_show_and_interactive_on_a_run(synth, tmp_path, capsys):
         # the sweep: weight 0 is the run's own first pick (it ran without a tilt), a huge one the prior
         assert col["Hit@1 first pick, --prior-weight 0"] == col["Hit@1 first pick (with the prior)"]
         assert col["Hit@1 first pick, --prior-weight 1000"][0] == pytest.approx(col["Hit@1 SASRec prior"][0])
+        assert col["  --prior-weight 0 minus own ranking (paired)"][0] == pytest.approx(
+            col["Hit@1 first pick (with the prior)"][0] - col["Hit@1 own ranking (no hint)"][0])
         bound = col["Hit@1 better of prior and own, per sample (bound)"][0]
         assert bound >= max(col["Hit@1 SASRec prior"][0], col["Hit@1 own ranking (no hint)"][0])
     # tools/headroom.py on the same run: 8 rows; with the oracle user a right first pick is always

@@ -81,7 +81,11 @@ def prior_use(model, tok, data, split, adapter, device, n_boot=1000, weights=())
            "Hit@1 first pick (with the prior)": ci(hinted == target),
            "Hit@1 better of prior and own, per sample (bound)": ci((own == target) | right)}
     for w in weights:
-        out[f"Hit@1 first pick, --prior-weight {w:g}"] = ci(pick(w) == target)
+        hit = (pick(w) == target).astype(float)
+        out[f"Hit@1 first pick, --prior-weight {w:g}"] = ci(hit)
+        # paired (the same samples): the question is whether the pick beats both of its sources
+        out[f"  --prior-weight {w:g} minus SASRec prior (paired)"] = ci(hit - right)
+        out[f"  --prior-weight {w:g} minus own ranking (paired)"] = ci(hit - (own == target))
     return out
 
 
