@@ -18,9 +18,9 @@ Message formats of the built-in model (token level; `tok.decode` shows them as t
 history, so the first answer token is predicted exactly where stage 1's next-item language model
 predicts the item after a history (pretrain.py): the base's knowledge of what users take next is
 the RecAgent's answer distribution. The SASRec prior appears in turn 1 only (Trajectory.prior None:
-no hint). [ours] --prior-weight w > 0: SASRec's log-softmax over the candidates (Trajectory.prior_lp)
-also tilts the RecAgent's item at every turn, w times it added to the item logits in its grammar
-(Tokenizer.prior_bias; docs/method.md section 2).
+no hint). [ours] --prior-weight w > 0: SASRec's log-softmax over the candidates
+(Trajectory.prior_lp) also tilts the RecAgent's item at every turn, w times it added to the item
+logits in its grammar (Tokenizer.prior_bias; docs/method.md section 2).
 [ours] Messages are decoded under their grammar (docs/method.md section 5; grammar.Grammar),
 --decoding:
   grammar  (default) RecAgent: ITEM among the 20 candidates, <|why|>, one history item, <|end|>;
@@ -239,8 +239,8 @@ class Tokenizer:
     # Grammars of the messages (grammar.Grammar; docs/method.md section 5, [ours])
 
     def prior_bias(self, traj, items=None):
-        """[ours, --prior-weight w] {item token: w * SASRec's log-softmax of that candidate}: the tilt
-        of the RecAgent's item (grammar.Grammar's bias), so that it is drawn from
+        """[ours, --prior-weight w] {item token: w * SASRec's log-softmax of that candidate}: the
+        tilt of the RecAgent's item (grammar.Grammar's bias), so that it is drawn from
         softmax(logit + w log p_SASRec) over the candidates, a product of the agent's and SASRec's
         opinions of every candidate, at every turn. None when w = 0 or the trajectory carries no
         prior (eval's no-hint ranking sets traj.prior None: no SASRec opinion at all)."""
@@ -339,8 +339,9 @@ def finish_turn(traj, tr, t_max):
 
 
 def candidate_bias(tok, trajs):
-    """(B,20) float tensor: each trajectory's RecAgent tilt (Tokenizer.prior_bias) of its candidates,
-    in cands order, to add to their item-token logits; None when no trajectory is tilted."""
+    """(B,20) float tensor: each trajectory's RecAgent tilt (Tokenizer.prior_bias) of its
+    candidates, in cands order, to add to their item-token logits; None when no trajectory is
+    tilted."""
     bias = [tok.prior_bias(tr) for tr in trajs]
     if not any(bias):
         return None

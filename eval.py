@@ -30,8 +30,8 @@ import numpy as np
 import torch
 
 from data.prepare import stage2_rows
-from env import (POSITIVE, Trajectory, Turn, candidate_bias, closest_history_item, new_trajectory, record_user,
-                 rejected_items, rollout, write_messages)
+from env import (POSITIVE, Trajectory, Turn, candidate_bias, closest_history_item, new_trajectory,
+                 record_user, rejected_items, rollout, write_messages)
 from model import next_token_scores
 from reward import turn_rewards
 from support.chat import chat_candidate_scores
@@ -153,8 +153,8 @@ def rank_metrics(model, tok, data, split, rows, adapter, device, ks=(1, 5, 10), 
     model also gets "HR@1 (token mean)": the same ranking by the per-token mean, which does not
     favour short titles the way a sum over the whole vocabulary would. Under --prior-weight the
     built-in model's logits carry the grammar's tilt (SASRec's opinion, Tokenizer.prior_bias).
-    hint=False: the prompt without the SASRec prior (and without the tilt). A target that is not among the candidates (--candidates sasrec) is a
-    miss at every k."""
+    hint=False: the prompt without the SASRec prior (and without the tilt). A target that is not
+    among the candidates (--candidates sasrec) is a miss at every k."""
     model.set_adapter(adapter)
     out = {f"{m}@{k}": [] for k in ks for m in ("HR", "NDCG")}
     if tok.chat:

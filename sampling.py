@@ -102,7 +102,8 @@ def grammar_bias(grammars, prefixes, V, device, done=None):
     bias = torch.zeros(len(grammars), V, device=device)
     for b, t in enumerate(tilts):
         if t:
-            bias[b, torch.tensor(list(t), device=device)] = torch.tensor(list(t.values()), device=device)
+            ids = torch.tensor(list(t), device=device)
+            bias[b, ids] = torch.tensor(list(t.values()), device=device)
     return bias
 
 
@@ -225,7 +226,8 @@ def generate_nocache(model, prompts, max_new, pad_id, stop_ids=(), temperature=1
                 keep = torch.zeros_like(logits, dtype=torch.bool)
                 keep[0, support] = True
                 logits = logits.masked_fill(~keep, float("-inf"))
-            for i, bias in ((grammar[b].tilt(res) or {}) if grammar[b] is not None else {}).items():
+            tilt = None if grammar[b] is None else grammar[b].tilt(res)
+            for i, bias in (tilt or {}).items():
                 logits[0, i] += bias
             tok = int(sample_next(logits, temperature, generator, key, n)[0])
             res.append(tok)

@@ -103,9 +103,9 @@ class Data:
     """The processed dataset: numpy arrays as attributes, plus meta (dict) and titles (list).
 
     Per split s in ("train", "valid", "test"): s_user (N,), s_hist (N, history) right-padded with
-    -1, s_target (N,), s_cands (N, n_candidates), s_prior (N,), s_prior_lp (N, n_candidates) float32:
-    the log-softmax of SASRec's scores over the candidates, in s_cands' order (the SASRec that gave
-    the prior; --prior-weight, docs/method.md section 2). Also: seq_ptr / seq_items /
+    -1, s_target (N,), s_cands (N, n_candidates), s_prior (N,), s_prior_lp (N, n_candidates)
+    float32: the log-softmax of SASRec's scores over the candidates, in s_cands' order (the SASRec
+    that gave the prior; --prior-weight, docs/method.md section 2). Also: seq_ptr / seq_items /
     seq_rating (training parts of all users, CSR), peers / peer_w (U, k), item_vec (I, 64) SASRec
     item embeddings, item_pop (I,), f1_user / f1_hist / f1_item / f1_label."""
 
@@ -359,8 +359,8 @@ def build(parsed: Parsed, cfg: DataConfig, log=print):
                 _candidates(halves[f], [hs[r] for r in rows_f], ts_[rows_f], n_items, cfg, rng,
                             cands, prior, prior_lp, rows_f)
         else:
-            _candidates(full, hs, ts_, n_items, cfg, rng, cands, prior, prior_lp, np.arange(len(us)),
-                        fixed)
+            _candidates(full, hs, ts_, n_items, cfg, rng, cands, prior, prior_lp,
+                        np.arange(len(us)), fixed)
         hist = np.full((len(us), H), -1, np.int64)
         for r, h in enumerate(hs):
             hist[r, :len(h)] = h

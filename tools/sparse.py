@@ -33,7 +33,8 @@ from data.sources import SOURCES  # noqa: E402
 
 
 def chunk_users(seqs, rates, times, events):
-    """[(chunk's user index, k, items, ratings, timestamps)] of every full chunk of `events` items."""
+    """[(chunk's user index, k, items, ratings, timestamps)] of every full chunk of `events`
+    items."""
     out = []
     for u, (s, r, t) in enumerate(zip(seqs, rates, times)):
         for k in range(len(s) // events):
@@ -46,7 +47,7 @@ def write_sparse(parsed, name, out, events, log=print):
     """Write interactions.csv and items.csv of the sparse variant of `parsed` into folder `out`;
     returns (users, items, interactions) written."""
     seqs, rates, users_raw, items_raw, _ = sequences(parsed, name, log)
-    # the timestamps in the same order as sequences(): sort each user's events the same way
+    # each ordered event's timestamp (sequences() returns items and ratings only)
     ts = {}
     for u, i, t in zip(parsed.user, parsed.item, parsed.ts):
         ts[(u, i)] = min(t, ts.get((u, i), t))     # a repeated (user, item) keeps its first event
@@ -78,20 +79,23 @@ def write_sparse(parsed, name, out, events, log=print):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", required=True, help=f"the source: {', '.join(sorted(SOURCES))}")
     p.add_argument("--data-url", default="", help="address of its raw file ('' = official)")
     p.add_argument("--data-dir", default="", help="folder for its download (default: data/<name>)")
     p.add_argument("--data-sha256", default="", help="expected sha256 of the raw file ('' = the "
                    "official one where known, 'none' = do not check)")
     p.add_argument("--out", required=True, help="folder to write the custom-format dataset into")
-    p.add_argument("--events", type=int, default=8, help="events per new user (default: %(default)s)")
+    p.add_argument("--events", type=int, default=8,
+                   help="events per new user (default: %(default)s)")
     a = p.parse_args(argv)
     if a.events < 5:
         sys.exit("error: --events must be at least 5 (a test sample needs 3 history items, and "
                  "validation one more).")
     if a.dataset not in SOURCES:
-        sys.exit(f"error: unknown dataset {a.dataset!r}: choose one of {', '.join(sorted(SOURCES))}.")
+        sys.exit(f"error: unknown dataset {a.dataset!r}: choose one of "
+                 f"{', '.join(sorted(SOURCES))}.")
     try:
         src, raw, _, _ = locate(DataConfig(dataset=a.dataset, data_dir=a.data_dir,
                                            data_url=a.data_url, data_sha256=a.data_sha256),
