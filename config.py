@@ -142,12 +142,13 @@ class Config:
     message under its grammar, valid by construction), 'item' (only the RecAgent's item restricted
     to the candidates: invalid messages happen, the default before the grammar) or 'free' (nothing
     restricted). Sampling and every log-prob use the same support"""
-    prior_weight: float = 0.0
+    prior_weight: float = -1.0
     """[ours, docs/method.md section 2] w: the RecAgent's item is drawn from softmax(logit + w log
     p_SASRec) over its candidates, p_SASRec SASRec's softmax over the same candidates, at every turn
     (a product of the two opinions; the prompt still shows the prior). 0 = the paper's agent, which
-    sees SASRec's top candidate in its turn-1 prompt only. Built-in model, --decoding grammar or
-    item"""
+    sees SASRec's top candidate in its turn-1 prompt only. w > 0 needs the built-in model and
+    --decoding grammar or item; negative = the default: 1 there (chosen on validation), 0 for a
+    chat model or --decoding free"""
     use_filter: bool = True
     """leave out turns with a wrong item that the user met positively"""
     user_filter: bool = True
@@ -230,6 +231,14 @@ class Config:
                     user_filter=self.user_filter,
                     stage_gamma=self.stage_gamma if self.stage_gamma >= 0 else None)
 
+    def prior_tilt(self):
+        """The --prior-weight in force: the option, or where it is negative (the default) 1 for the
+        built-in model under --decoding grammar or item and 0 elsewhere (a chat model names its
+        item by a title, which the tilt does not reach)."""
+        if self.prior_weight >= 0:
+            return self.prior_weight
+        return 1.0 if not self.model and self.decoding != "free" else 0.0
+
     def run_dir(self):
         return Path(self.out_dir) / (self.run_name or Path(self.dataset).name)
 
@@ -278,8 +287,10 @@ def add_config_args(p: argparse.ArgumentParser, defaults=None):
 
 def saved_options(saved):
     """A saved config.json's options as today's Config fields: a run from before --decoding had
-    free_answer (True = 'free'; False = 'item', the RecAgent's item alone restricted)."""
+    free_answer (True = 'free'; False = 'item', the RecAgent's item alone restricted), and one from
+    before --prior-weight had none (the paper's agent, 0)."""
     saved = dict(saved)
+    saved.setdefault("prior_weight", 0.0)
     if "free_answer" in saved:
         saved["decoding"] = "free" if saved.pop("free_answer") else "item"
     return saved
@@ -375,8 +386,7 @@ def validate(cfg: Config):
         (cfg.lr > 0 and cfg.pretrain_lr > 0, "--lr and --pretrain-lr must be positive."),
         (cfg.grad_clip > 0, "--grad-clip must be positive."),
         (cfg.credit_clip > 0, "--credit-clip must be positive."),
-        (cfg.prior_weight >= 0, "--prior-weight must be >= 0 (0 = off)."),
-        (not cfg.prior_weight or (not cfg.model and cfg.decoding != "free"),
+        (cfg.prior_weight <= 0 or (not cfg.model and cfg.decoding != "free"),
          "--prior-weight needs the built-in model and --decoding grammar or item (it tilts the "
          "RecAgent's item token)."),
         (cfg.n_boot >= 1, "--n-boot must be at least 1."),

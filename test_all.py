@@ -1910,7 +1910,7 @@ import signal  # noqa: E402
 import time  # noqa: E402
 
 import train  # noqa: E402
-from config import QUICK, Config, UserError, validate  # noqa: E402
+from config import QUICK, Config, UserError, saved_options, validate  # noqa: E402
 from tools import viewer  # noqa: E402
 from support.checkpoint import (STOP, buffer_state, load_checkpoint, save_checkpoint,  # noqa: E402
                                 set_buffer_state)
@@ -2207,8 +2207,8 @@ VALIDATION_RULES = [
     (dict(lr=0), "--lr and --pretrain-lr must be positive"),
     (dict(grad_clip=0), "--grad-clip must be positive"),
     (dict(credit_clip=0), "--credit-clip must be positive"),
-    (dict(prior_weight=-1), "--prior-weight must be >= 0"),
     (dict(prior_weight=1, decoding="free"), "--prior-weight needs the built-in model"),
+    (dict(prior_weight=1, model="smollm2-135m"), "--prior-weight needs the built-in model"),
     (dict(n_boot=0), "--n-boot must be at least 1"),
     (dict(ckpt_every=-1), "--ckpt-every cannot be negative"),
     (dict(max_bad_steps=0), "--max-bad-steps must be at least 1"),
@@ -2222,6 +2222,21 @@ VALIDATION_RULES = [
     (dict(lora_targets="q_proj,,v_proj"), "--lora-targets must be comma-separated layer names"),
     (dict(compile=True, model="smollm2-135m"), r"--compile applies to the built-in model only"),
 ]
+
+
+def test_prior_weight_default_is_1_for_the_built_in_model_and_0_where_it_cannot_tilt():
+    """--prior-weight's default (negative): 1 where the tilt reaches the item token (the built-in
+    model, --decoding grammar or item), 0 for a chat model and --decoding free, and validate()
+    accepts it there; an explicit value is kept; a saved run from before the option is the paper's
+    agent (0)."""
+    assert Config().prior_tilt() == 1.0 and Config(decoding="item").prior_tilt() == 1.0
+    assert Config(decoding="free").prior_tilt() == 0.0
+    assert Config(model="smollm2-135m").prior_tilt() == 0.0
+    assert Config(prior_weight=0.0).prior_tilt() == 0.0
+    assert Config(prior_weight=2.5).prior_tilt() == 2.5
+    validate(Config(decoding="free"))
+    assert Config(**saved_options({"lam": 0.1})).prior_tilt() == 0.0
+    assert Config(**saved_options({"prior_weight": -1.0})).prior_tilt() == 1.0
 
 
 @pytest.mark.parametrize("kw,msg", VALIDATION_RULES)

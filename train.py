@@ -555,7 +555,7 @@ def backbone(cfg, data, device, run_dir, log, ck=None):
     """(frozen base model, tokenizer): the built-in GPT, pretrained or loaded by stage 1 (rank 0
     first, the others then load its base.pt), or a Hugging Face chat model (support/runs.py)."""
     if not cfg.model:
-        tok = Tokenizer(data.n_items, cfg.prior_weight)
+        tok = Tokenizer(data.n_items, cfg.prior_tilt())
         if dist_info()[0] == 0:
             model = stage1(cfg, data, tok, device, run_dir, log, ck)
         barrier()

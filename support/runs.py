@@ -60,7 +60,7 @@ def load_run(run_dir: Path, device="auto"):
     if cfg.model:
         model, tok = chat_backbone(cfg, data, device, lambda *a: None)
     else:
-        tok = Tokenizer(data.n_items, cfg.prior_weight)
+        tok = Tokenizer(data.n_items, cfg.prior_tilt())
         model = build_model(cfg, tok.vocab_size, device)
         model.load_state_dict(torch.load(Path(run_dir) / "base.pt", map_location=device,
                                          weights_only=True)["model"])
