@@ -2659,13 +2659,13 @@ def test_show_and_interactive_on_a_run(synth, tmp_path, capsys):
     # tools/prior_use.py on the same run (through load_run): shares and Hit@1s that fit together
     from tools import prior_use
     prior_use.main(["--run", str(tmp_path / "o" / "r"), "--split", "valid", "--out", str(tmp_path / "p.json"),
-                    "--weights", "0,1000"])
+                    "--weights", "0,1,1000"])
     for col in json.loads((tmp_path / "p.json").read_text()).values():
         assert col["prior right"] == pytest.approx(col["Hit@1 SASRec prior"][0])
-        # the sweep: weight 0 is the run's own first pick (it ran without a tilt), a huge one the prior
-        assert col["Hit@1 first pick, --prior-weight 0"] == col["Hit@1 first pick (with the prior)"]
+        # the sweep: weight 1 is the run's own first pick (the default tilt), a huge one the prior
+        assert col["Hit@1 first pick, --prior-weight 1"] == col["Hit@1 first pick (with the prior)"]
         assert col["Hit@1 first pick, --prior-weight 1000"][0] == pytest.approx(col["Hit@1 SASRec prior"][0])
-        assert col["  --prior-weight 0 minus own ranking (paired)"][0] == pytest.approx(
+        assert col["  --prior-weight 1 minus own ranking (paired)"][0] == pytest.approx(
             col["Hit@1 first pick (with the prior)"][0] - col["Hit@1 own ranking (no hint)"][0])
         bound = col["Hit@1 better of prior and own, per sample (bound)"][0]
         assert bound >= max(col["Hit@1 SASRec prior"][0], col["Hit@1 own ranking (no hint)"][0])
