@@ -231,13 +231,18 @@ class Config:
                     user_filter=self.user_filter,
                     stage_gamma=self.stage_gamma if self.stage_gamma >= 0 else None)
 
+    def can_tilt(self):
+        """Whether the RecAgent names its item by a restricted item token, which --prior-weight
+        tilts: the built-in model under --decoding grammar or item (a chat model names its item by
+        a title, and --decoding free restricts nothing)."""
+        return not self.model and self.decoding != "free"
+
     def prior_tilt(self):
-        """The --prior-weight in force: the option, or where it is negative (the default) 1 for the
-        built-in model under --decoding grammar or item and 0 elsewhere (a chat model names its
-        item by a title, which the tilt does not reach)."""
+        """The --prior-weight in force: the option, or where it is negative (the default) 1 where
+        the tilt can act (can_tilt) and 0 elsewhere."""
         if self.prior_weight >= 0:
             return self.prior_weight
-        return 1.0 if not self.model and self.decoding != "free" else 0.0
+        return 1.0 if self.can_tilt() else 0.0
 
     def run_dir(self):
         return Path(self.out_dir) / (self.run_name or Path(self.dataset).name)
@@ -386,7 +391,7 @@ def validate(cfg: Config):
         (cfg.lr > 0 and cfg.pretrain_lr > 0, "--lr and --pretrain-lr must be positive."),
         (cfg.grad_clip > 0, "--grad-clip must be positive."),
         (cfg.credit_clip > 0, "--credit-clip must be positive."),
-        (cfg.prior_weight <= 0 or (not cfg.model and cfg.decoding != "free"),
+        (cfg.prior_weight <= 0 or cfg.can_tilt(),
          "--prior-weight needs the built-in model and --decoding grammar or item (it tilts the "
          "RecAgent's item token)."),
         (cfg.n_boot >= 1, "--n-boot must be at least 1."),
