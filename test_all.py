@@ -3132,7 +3132,10 @@ def test_torchrun_two_processes_match_one(small_run, tmp_path):
     these tolerances on every machine."""
     args = small_run + ["--out-dir", str(tmp_path), "--steps", "3", "--batch", "6", "--eval-every", "0", "--skip-eval",
                         "--ckpt-every", "0", "--precision", "fp32", "--no-use-filter",   # both agents train every step
-                        "--prior-weight", "0"]   # at the default tilt (1) rec_loss differs by 6e-4: docs/not-done.md
+                        # at the default tilt one UserAgent score digit of this seed's step 1 is drawn
+                        # 1.3e-7 from a CDF boundary, so one process at 1 thread flips it (2 threads
+                        # and the ranks do not): round-off, not the split (docs/reproducibility.md)
+                        "--prior-weight", "0"]
     r = run(["train.py"] + args + ["--run-name", "one"])
     assert r.returncode == 0, r.stderr[-3000:]
     # the same pretrained base (stage 1 is not what is compared; its key holds --precision fp32)
