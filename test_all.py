@@ -2669,6 +2669,12 @@ def test_show_and_interactive_on_a_run(synth, tmp_path, capsys):
             col["Hit@1 first pick (with the prior)"][0] - col["Hit@1 own ranking (no hint)"][0])
         bound = col["Hit@1 better of prior and own, per sample (bound)"][0]
         assert bound >= max(col["Hit@1 SASRec prior"][0], col["Hit@1 own ranking (no hint)"][0])
+    prior_use.main(["--run", str(tmp_path / "o" / "r"), "--split", "test", "--gate", "--out", str(tmp_path / "g.json")])
+    g = json.loads((tmp_path / "g.json").read_text())
+    q = g["gate weight, 10/50/90% of samples"]
+    assert 0 < q[0] <= q[1] <= q[2] and g["samples"] == len(load_run(tmp_path / "o" / "r")[3].test_user)
+    assert g["gate minus SASRec (paired)"][0] == pytest.approx(
+        g["Hit@1 gate (fitted on valid)"][0] - g["Hit@1 SASRec prior"][0])
     # tools/headroom.py on the same run: 8 rows; with the oracle user a right first pick is always
     # kept (final Hit@1 >= turn-1 Hit@1), and with the exclusion no turned-down item is named again
     from tools import headroom
@@ -2684,6 +2690,31 @@ def test_show_and_interactive_on_a_run(synth, tmp_path, capsys):
     assert "| untrained pair (memory-based ARS) | oracle | exclude rejected |" in headroom.table(rows, peers, "valid", 6)
     # its AUC is the pairwise count
     assert headroom.auc([1, 2], [2, 0]) == pytest.approx((0.5 + 1 + 0 + 1) / 4)
+
+
+def test_prior_gate_learns_per_sample_which_opinion_to_trust():
+    """tools/prior_use.py --gate: where the agent is confidently right and SASRec confidently wrong
+    on half the samples, and the agent guesses while SASRec is right on the other half, no single
+    weight serves both; the gate, fitted on other samples, weighs SASRec less where the agent is
+    sure and beats every fixed weight."""
+    from tools.prior_use import fit_gate, gate_scores, log_softmax
+
+    def make(n, seed, K=20):
+        r = np.random.default_rng(seed)
+        y = r.integers(0, K, n)
+        wrong = (y + 1 + r.integers(0, K - 1, n)) % K
+        sure = (np.arange(n) < n // 2)[:, None]
+        z = np.where(sure, r.normal(size=(n, K)) + 4 * np.eye(K)[y], 2 * r.normal(size=(n, K)))
+        lp = log_softmax(np.where(sure, r.normal(size=(n, K)) + 3 * np.eye(K)[wrong],
+                                  r.normal(size=(n, K)) + 2 * np.eye(K)[y]))
+        return z, lp, y
+    gate = fit_gate(*make(4000, 0))
+    z, lp, y = make(4000, 1)
+    scores, w = gate_scores(gate, z, lp)
+    hit = (scores.argmax(1) == y).mean()
+    best_fixed = max(((z + c * lp).argmax(1) == y).mean() for c in (0, 0.5, 1, 2, 3, 5, 10))
+    assert hit > best_fixed + 0.03
+    assert w[:2000].mean() < w[2000:].mean()          # SASRec weighs less where the agent is sure
 
 
 def _rec_agent_and_episodes(data, n, seed):

@@ -12,7 +12,11 @@ of the first two per sample (an upper bound on what combining them could give). 
 used the prior would follow it more where it is right than where it is wrong, and more than its
 own ranking already agrees with it. The first pick is under the run's own --prior-weight;
 --weights 0,0.5,1,2 adds the first pick's Hit@1 under each weight (the validation sweep that chooses
---prior-weight, docs/results.md). Works on a finished run of the built-in model (support/runs
+--prior-weight, docs/results.md). --gate asks whether a per-sample weight could do better than one
+weight for all: a weight exp(theta . f) of the sample's confidences f (both opinions' entropies and
+top probabilities, whether their tops agree) and a temperature of the agent's own logits, fitted on
+the validation split by maximum likelihood of the target, then measured on --split (the untrained
+agent; fit_gate). Works on a finished run of the built-in model (support/runs
 .load_run): the untrained agent (the adapter-free base) and the trained RecAgent (after a run of
 --steps 0, the two are the same).
 """
@@ -89,6 +93,78 @@ def prior_use(model, tok, data, split, adapter, device, n_boot=1000, weights=())
     return out
 
 
+# --------------------------------------------------------------------------------------------------
+# A per-sample weight of the prior, fitted on validation (--gate)
+
+
+def log_softmax(x):
+    x = x - x.max(1, keepdims=True)
+    return x - np.log(np.exp(x).sum(1, keepdims=True))
+
+
+def gate_features(z, lp):
+    """(N,6) a constant and, per sample, the entropy and top probability of the agent's opinion
+    (log-softmax of its logits z) and of SASRec's (lp), and whether their tops agree."""
+    lz = log_softmax(z)
+    pz, pl = np.exp(lz), np.exp(lp)
+    return np.stack([np.ones(len(z)), -(pz * lz).sum(1), -(pl * lp).sum(1), pz.max(1), pl.max(1),
+                     (z.argmax(1) == lp.argmax(1)).astype(float)], 1)
+
+
+def fit_gate(z, lp, y, iters=200):
+    """The gate's parameters on samples of logits z (N,K), SASRec log-probs lp (N,K) and target
+    columns y (N,): theta (6,) and a, the scores being exp(a) z + exp(theta . f) lp with f the
+    standardised gate_features, fitted by L-BFGS on the cross-entropy of the target."""
+    import torch
+    f = gate_features(z, lp)
+    mu, sd = f[:, 1:].mean(0), f[:, 1:].std(0) + 1e-9
+    t = lambda a: torch.tensor(a, dtype=torch.float64)  # noqa: E731
+    fn, zt, lt, yt = t(np.concatenate([f[:, :1], (f[:, 1:] - mu) / sd], 1)), t(z), t(lp), torch.tensor(y)
+    theta = torch.zeros(f.shape[1], dtype=torch.float64, requires_grad=True)
+    a = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([theta, a], max_iter=iters, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(a.exp() * zt + (fn @ theta).exp()[:, None] * lt, yt)
+        loss.backward()
+        return loss
+    opt.step(closure)
+    return dict(theta=theta.detach().numpy(), a=float(a.detach()), mu=mu, sd=sd)
+
+
+def gate_scores(gate, z, lp):
+    """(scores (N,K), the per-sample weight of lp relative to the agent's logits (N,))."""
+    f = gate_features(z, lp)
+    w = np.exp(np.concatenate([f[:, :1], (f[:, 1:] - gate["mu"]) / gate["sd"]], 1) @ gate["theta"])
+    return np.exp(gate["a"]) * z + w[:, None] * lp, w / np.exp(gate["a"])
+
+
+def gate_table(model, tok, data, split, device, n_boot=1000):
+    """--gate: the untrained agent's first pick under a gate fitted on the validation split,
+    measured on `split`, beside SASRec and the run's one weight (paired, the same samples)."""
+    def arrays(sp):
+        rows = np.arange(len(getattr(data, f"{sp}_user")))
+        cands, target = getattr(data, f"{sp}_cands")[rows], getattr(data, f"{sp}_target")[rows]
+        if getattr(data, f"{sp}_prior_lp", None) is None:
+            raise UserError("this run's data carry no SASRec scores of the candidates (a cache from "
+                            "before --prior-weight): delete its processed.json to rebuild it.")
+        z = first_scores(model, tok, data, sp, rows, None, device, True)
+        return z, getattr(data, f"{sp}_prior_lp")[rows], (cands == target[:, None]).argmax(1)
+    gate = fit_gate(*arrays("valid"))
+    z, lp, y = arrays(split)
+    scores, w = gate_scores(gate, z, lp)
+    hit = (scores.argmax(1) == y).astype(float)
+    fixed = ((z + tok.prior_weight * lp).argmax(1) == y).astype(float)
+    prior = (lp.argmax(1) == y).astype(float)
+    ci = lambda x: mean_ci(x, n_boot)  # noqa: E731
+    return {"samples": int(len(y)), "gate weight, 10/50/90% of samples":
+            [float(q) for q in np.quantile(w, [0.1, 0.5, 0.9])],
+            "Hit@1 gate (fitted on valid)": ci(hit), f"Hit@1 --prior-weight {tok.prior_weight:g}": ci(fixed),
+            "Hit@1 SASRec prior": ci(prior), "gate minus SASRec (paired)": ci(hit - prior),
+            f"gate minus --prior-weight {tok.prior_weight:g} (paired)": ci(hit - fixed)}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_run_args(p, "valid", "the split measured")
@@ -96,6 +172,9 @@ def main(argv=None):
     p.add_argument("--weights", default="",
                    help="comma-separated --prior-weight values: the first pick's Hit@1 under each "
                         "(e.g. 0,0.5,1,2; the choice of --prior-weight on validation)")
+    p.add_argument("--gate", action="store_true",
+                   help="instead: a per-sample weight fitted on the validation split, measured on "
+                        "--split (the untrained agent)")
     a = p.parse_args(argv)
     run = Path(a.run)
     try:
@@ -106,6 +185,20 @@ def main(argv=None):
     except UserError as e:
         sys.exit(f"error: {e}")
     device = device_of(a.device)
+    if a.gate:
+        try:
+            g = gate_table(model, tok, data, a.split, device)
+        except UserError as e:
+            sys.exit(f"error: {e}")
+        print(f"| {run.name}, {a.split} split, untrained RecAgent | |\n|---|---|")
+        for k, c in g.items():
+            sign = "+" if "minus" in k else ""
+            cell = (f"{c[0]:{sign}.3f} [{c[1]:{sign}.3f}, {c[2]:{sign}.3f}]" if isinstance(c, tuple)
+                    else ", ".join(f"{x:.2f}" for x in c) if isinstance(c, list) else str(c))
+            print(f"| {k} | {cell} |")
+        if a.out:
+            Path(a.out).write_text(json.dumps(g, indent=1))
+        return
     agents = [("untrained RecAgent", None), ("CoARS RecAgent", "rec")]
     try:
         weights = [float(w) for w in a.weights.split(",") if w.strip()]
