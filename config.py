@@ -132,7 +132,8 @@ class Config:
     lam: float = 0.1
     """lambda, weight of the token credit (Eq. 11-12; 0 = no self-distillation)"""
     credit_clip: float = 1.0
-    """[ext] the token credit of Eq. 10 is clipped to [-credit_clip, credit_clip] (1 in the method)"""
+    """[ext] the token credit of Eq. 10 is clipped to [-credit_clip, credit_clip] (1 in the
+    method)"""
     alpha: float = 0.1
     """alpha, weight of the peer signal in Eq. 8"""
     stage_gamma: float = -1.0

@@ -174,7 +174,8 @@ class LossOptions:
     user_balance, distill.collect_messages); lam the credit's weight (Eq. 11, 12); baseline 'none'
     or 'mean' [ext]; decoding and temperature those of the rollout, so that every token is scored
     over the distribution it was drawn from; kl the --user-kl weight [ext]; micro > 0: messages
-    per teacher / student pass when back-propagating group by group; clip Eq. 10's (--credit-clip)."""
+    per teacher / student pass when back-propagating group by group; clip Eq. 10's
+    (--credit-clip)."""
     reward: dict = dataclasses.field(default_factory=dict)
     lam: float = 0.1
     baseline: str = "none"
@@ -188,7 +189,8 @@ class LossOptions:
 def loss_options(cfg, agent):
     """One agent's LossOptions under the run's options."""
     return LossOptions(reward=dict(cfg.reward_options(), user_balance=cfg.user_balance),
-                       lam=cfg.lam, clip=cfg.credit_clip, baseline=cfg.baseline, decoding=cfg.decoding,
+                       lam=cfg.lam, clip=cfg.credit_clip, baseline=cfg.baseline,
+                       decoding=cfg.decoding,
                        temperature=cfg.temperature, kl=cfg.user_kl if agent == "user" else 0.0,
                        micro=loss_group(cfg))
 

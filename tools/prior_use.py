@@ -119,14 +119,16 @@ def fit_gate(z, lp, y, iters=200):
     f = gate_features(z, lp)
     mu, sd = f[:, 1:].mean(0), f[:, 1:].std(0) + 1e-9
     t = lambda a: torch.tensor(a, dtype=torch.float64)  # noqa: E731
-    fn, zt, lt, yt = t(np.concatenate([f[:, :1], (f[:, 1:] - mu) / sd], 1)), t(z), t(lp), torch.tensor(y)
+    fn = t(np.concatenate([f[:, :1], (f[:, 1:] - mu) / sd], 1))       # (N,6) standardised
+    zt, lt, yt = t(z), t(lp), torch.tensor(y)
     theta = torch.zeros(f.shape[1], dtype=torch.float64, requires_grad=True)
     a = torch.zeros((), dtype=torch.float64, requires_grad=True)
     opt = torch.optim.LBFGS([theta, a], max_iter=iters, line_search_fn="strong_wolfe")
 
     def closure():
         opt.zero_grad()
-        loss = torch.nn.functional.cross_entropy(a.exp() * zt + (fn @ theta).exp()[:, None] * lt, yt)
+        scores = a.exp() * zt + (fn @ theta).exp()[:, None] * lt          # (N,K)
+        loss = torch.nn.functional.cross_entropy(scores, yt)
         loss.backward()
         return loss
     opt.step(closure)
@@ -147,8 +149,8 @@ def gate_table(model, tok, data, split, device, n_boot=1000):
         rows = np.arange(len(getattr(data, f"{sp}_user")))
         cands, target = getattr(data, f"{sp}_cands")[rows], getattr(data, f"{sp}_target")[rows]
         if getattr(data, f"{sp}_prior_lp", None) is None:
-            raise UserError("this run's data carry no SASRec scores of the candidates (a cache from "
-                            "before --prior-weight): delete its processed.json to rebuild it.")
+            raise UserError("this run's data carry no SASRec scores of the candidates (a cache "
+                            "from before --prior-weight): delete its processed.json to rebuild it.")
         z = first_scores(model, tok, data, sp, rows, None, device, True)
         return z, getattr(data, f"{sp}_prior_lp")[rows], (cands == target[:, None]).argmax(1)
     gate = fit_gate(*arrays("valid"))
@@ -160,7 +162,8 @@ def gate_table(model, tok, data, split, device, n_boot=1000):
     ci = lambda x: mean_ci(x, n_boot)  # noqa: E731
     return {"samples": int(len(y)), "gate weight, 10/50/90% of samples":
             [float(q) for q in np.quantile(w, [0.1, 0.5, 0.9])],
-            "Hit@1 gate (fitted on valid)": ci(hit), f"Hit@1 --prior-weight {tok.prior_weight:g}": ci(fixed),
+            "Hit@1 gate (fitted on valid)": ci(hit),
+            f"Hit@1 --prior-weight {tok.prior_weight:g}": ci(fixed),
             "Hit@1 SASRec prior": ci(prior), "gate minus SASRec (paired)": ci(hit - prior),
             f"gate minus --prior-weight {tok.prior_weight:g} (paired)": ci(hit - fixed)}
 
