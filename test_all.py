@@ -2715,6 +2715,11 @@ def test_prior_gate_learns_per_sample_which_opinion_to_trust():
     best_fixed = max(((z + c * lp).argmax(1) == y).mean() for c in (0, 0.5, 1, 2, 3, 5, 10))
     assert hit > best_fixed + 0.03
     assert w[:2000].mean() < w[2000:].mean()          # SASRec weighs less where the agent is sure
+    # a data cache from before --prior-weight has no SASRec scores: one sentence saying how to fix it
+    from types import SimpleNamespace
+    from tools.prior_use import split_prior_lp
+    with pytest.raises(UserError, match="delete its processed.json to rebuild it"):
+        split_prior_lp(SimpleNamespace(valid_user=np.arange(3)), "valid")
 
 
 def _rec_agent_and_episodes(data, n, seed):

@@ -55,6 +55,16 @@ def first_scores(model, tok, data, split, rows, adapter, device, hint, batch=256
     return np.concatenate(out)
 
 
+def split_prior_lp(data, split):
+    """(N,20) SASRec's log-softmax over each sample's candidates in `split`, or a UserError when
+    the run's data cache is from before --prior-weight and has none."""
+    lp = getattr(data, f"{split}_prior_lp", None)
+    if lp is None:
+        raise UserError("this run's data carry no SASRec scores of the candidates (a cache from "
+                        "before --prior-weight): delete its processed.json to rebuild it.")
+    return lp
+
+
 def prior_use(model, tok, data, split, adapter, device, n_boot=1000, weights=()):
     """The measurements of the module docstring, as a dict of (mean, lo, hi) or counts. The first
     pick is under the run's own --prior-weight (tok.prior_weight); weights: also the Hit@1 of the
@@ -62,11 +72,10 @@ def prior_use(model, tok, data, split, adapter, device, n_boot=1000, weights=())
     rows = np.arange(len(getattr(data, f"{split}_user")))
     target, prior = getattr(data, f"{split}_target")[rows], getattr(data, f"{split}_prior")[rows]
     cands = getattr(data, f"{split}_cands")[rows]
-    lp = getattr(data, f"{split}_prior_lp", None)
-    if lp is None and (weights or tok.prior_weight):
-        raise UserError("this run's data carry no SASRec scores of the candidates (a cache from "
-                        "before --prior-weight): delete its processed.json to rebuild it.")
-    lp = np.zeros(cands.shape) if lp is None else lp[rows]
+    # SASRec's scores: required by a tilt or a sweep; zeros for an old cache that needs neither
+    old_cache = getattr(data, f"{split}_prior_lp", None) is None
+    lp = (np.zeros(cands.shape) if old_cache and not (weights or tok.prior_weight)
+          else split_prior_lp(data, split)[rows])
     z = first_scores(model, tok, data, split, rows, adapter, device, True)
     pick = lambda w: cands[np.arange(len(rows)), (z + w * lp).argmax(1)]  # noqa: E731
     hinted = pick(tok.prior_weight)
@@ -111,6 +120,11 @@ def gate_features(z, lp):
                      (z.argmax(1) == lp.argmax(1)).astype(float)], 1)
 
 
+def standardised(f, mu, sd):
+    """gate_features f with every column but the constant standardised by (mu, sd)."""
+    return np.concatenate([f[:, :1], (f[:, 1:] - mu) / sd], 1)
+
+
 def fit_gate(z, lp, y, iters=200):
     """The gate's parameters on samples of logits z (N,K), SASRec log-probs lp (N,K) and target
     columns y (N,): theta (6,) and a, the scores being exp(a) z + exp(theta . f) lp with f the
@@ -119,7 +133,7 @@ def fit_gate(z, lp, y, iters=200):
     f = gate_features(z, lp)
     mu, sd = f[:, 1:].mean(0), f[:, 1:].std(0) + 1e-9
     t = lambda a: torch.tensor(a, dtype=torch.float64)  # noqa: E731
-    fn = t(np.concatenate([f[:, :1], (f[:, 1:] - mu) / sd], 1))       # (N,6) standardised
+    fn = t(standardised(f, mu, sd))                                     # (N,6)
     zt, lt, yt = t(z), t(lp), torch.tensor(y)
     theta = torch.zeros(f.shape[1], dtype=torch.float64, requires_grad=True)
     a = torch.zeros((), dtype=torch.float64, requires_grad=True)
@@ -137,8 +151,7 @@ def fit_gate(z, lp, y, iters=200):
 
 def gate_scores(gate, z, lp):
     """(scores (N,K), the per-sample weight of lp relative to the agent's logits (N,))."""
-    f = gate_features(z, lp)
-    w = np.exp(np.concatenate([f[:, :1], (f[:, 1:] - gate["mu"]) / gate["sd"]], 1) @ gate["theta"])
+    w = np.exp(standardised(gate_features(z, lp), gate["mu"], gate["sd"]) @ gate["theta"])
     return np.exp(gate["a"]) * z + w[:, None] * lp, w / np.exp(gate["a"])
 
 
@@ -148,11 +161,9 @@ def gate_table(model, tok, data, split, device, n_boot=1000):
     def arrays(sp):
         rows = np.arange(len(getattr(data, f"{sp}_user")))
         cands, target = getattr(data, f"{sp}_cands")[rows], getattr(data, f"{sp}_target")[rows]
-        if getattr(data, f"{sp}_prior_lp", None) is None:
-            raise UserError("this run's data carry no SASRec scores of the candidates (a cache "
-                            "from before --prior-weight): delete its processed.json to rebuild it.")
+        lp = split_prior_lp(data, sp)[rows]
         z = first_scores(model, tok, data, sp, rows, None, device, True)
-        return z, getattr(data, f"{sp}_prior_lp")[rows], (cands == target[:, None]).argmax(1)
+        return z, lp, (cands == target[:, None]).argmax(1)
     gate = fit_gate(*arrays("valid"))
     z, lp, y = arrays(split)
     scores, w = gate_scores(gate, z, lp)
