@@ -219,6 +219,11 @@ class Config:
     """stop after this many non-finite losses or gradients in a row (each one is skipped)"""
     rollout_batch: int = 0
     """rollout micro-batch (0 = the whole batch); halved on a GPU out-of-memory error"""
+    shared_prefix: str = "auto"
+    """how the loss passes run an agent's messages (the same log-probs either way, up to round-off;
+    train.loss_passes): 'on' one episode at a time, the prompts' shared prefix once and each
+    message's branch against it; 'off' --loss-batch messages at a time, each under its whole
+    prompt; 'auto' whichever is faster for the backbone (docs/benchmarks.md)"""
 
     def data_config(self):
         return DataConfig(dataset=self.dataset, data_dir=self.data_dir, data_url=self.data_url,
@@ -401,6 +406,8 @@ def validate(cfg: Config):
         (cfg.max_bad_steps >= 1, "--max-bad-steps must be at least 1."),
         (cfg.rollout_batch >= 0, "--rollout-batch cannot be negative (0 = the whole batch)."),
         (cfg.loss_batch >= 0, "--loss-batch cannot be negative (0 = the backbone's default)."),
+        (cfg.shared_prefix in ("auto", "on", "off"), "--shared-prefix must be 'auto', 'on' or "
+         "'off'."),
         (cfg.train_rec or cfg.train_user or cfg.steps == 0,
          "--no-train-rec with --no-train-user leaves nothing to train: drop one, or use --steps "
          "0."),
@@ -423,6 +430,13 @@ def validate(cfg: Config):
 def lora_targets(cfg):
     """The layer names of --lora-targets, or None for the backbone's default."""
     return [t.strip() for t in cfg.lora_targets.split(",")] if cfg.lora_targets else None
+
+
+def shared_prefix(cfg):
+    """Whether the loss passes share prompt prefixes (--shared-prefix; 'auto': for a Hugging Face
+    model, whose long prompts share most of their tokens, and not for the built-in GPT, whose short
+    prompts run faster as larger batches: docs/benchmarks.md)."""
+    return cfg.shared_prefix == "on" or (cfg.shared_prefix == "auto" and bool(cfg.model))
 
 
 def loss_group(cfg):

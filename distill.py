@@ -101,15 +101,17 @@ def kl_to_base(student_lp, base_lp, n_episodes=None):
     return total / (n_episodes or len(student_lp))
 
 
-def collect_messages(tok, trajs, buffer, agent, reward_cfg, decoding="grammar"):
+def collect_messages(tok, trajs, buffer, agent, reward_cfg, decoding="grammar", owner=None):
     """Gather one agent's trainable messages: (student prompt, teacher prompt, tokens, R_t,
     grammar), grammar = the grammar.Grammar the message was decoded under (env.message_grammar; None
     = the whole vocabulary), so that teacher and student score it over the policy's own support.
-    reward_cfg: turn_rewards' options, plus user_balance (see balance_user)."""
+    reward_cfg: turn_rewards' options, plus user_balance (see balance_user). owner: an optional list
+    that receives, per message, the index of its trajectory in trajs."""
     reward_cfg = dict(reward_cfg)
     user_balance = reward_cfg.pop("user_balance", False)
     out, hits = [], []
-    for traj in trajs:
+    for e, traj in enumerate(trajs):
+        n0 = len(out)
         rewards = turn_rewards(traj, **reward_cfg)
         ref = hindsight_reference(tok, buffer.reference_for(traj))
         for t, (tr, (r_rec, r_user)) in enumerate(zip(traj.turns, rewards)):
@@ -120,6 +122,8 @@ def collect_messages(tok, trajs, buffer, agent, reward_cfg, decoding="grammar"):
                 out.append((tr.user_prompt, tok.render_user(traj, t, ref), tr.user_out, r_user,
                             message_grammar(tok, traj, "user", decoding)))
                 hits.append(tr.hit)
+        if owner is not None:
+            owner += [e] * (len(out) - n0)
     if agent == "user" and user_balance:
         out = [m[:3] + (r,) + m[4:] for m, r in zip(out, balance_user([m[3] for m in out], hits))]
     return out

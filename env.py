@@ -48,7 +48,7 @@ import tiktoken
 import torch
 
 from grammar import FREE, Grammar, trie
-from sampling import generate, hash32
+from sampling import Kept, generate, hash32
 
 ACTION_RANGE = {"dislike": (0.0, 0.25), "skip": (0.25, 0.5), "star": (0.5, 0.75),
                 "click": (0.75, 1.0)}
@@ -375,19 +375,21 @@ def max_new_tokens(tok, agent, grammars):
 
 
 def write_messages(model, tok, trajs, agent, adapter, prompts, temperature=0.0, generator=None,
-                   device="cpu", batch=256, compile=False, decoding="grammar", items=None):
+                   device="cpu", batch=256, compile=False, decoding="grammar", items=None,
+                   kept=None):
     """The one place a message is decoded: `agent` ("rec" / "user") writes its next message in each
     trajectory from its prompt, under message_grammar, with the LoRA adapter `adapter` active (None:
     the bare base; no adapter is active afterwards). Keyed sampling by message_key unless a torch
     generator is given. items: per trajectory, the RecAgent's choices (None = the candidates).
-    Returns the messages (id lists)."""
+    kept: per trajectory, this agent's sampling.Kept (the keys and values of its last prompt and
+    message in the episode), or None. Returns the messages (id lists)."""
     model.set_adapter(adapter)
     keys = [message_key(tr, 0 if agent == "rec" else 1)
             for tr in trajs] if generator is None else None
     grammars = [message_grammar(tok, tr, agent, decoding, None if items is None else items[k])
                 for k, tr in enumerate(trajs)]
     outs = generate_all(model, prompts, max_new_tokens(tok, agent, grammars), tok, temperature,
-                        generator, device, batch, keys, compile, grammars)
+                        generator, device, batch, keys, compile, grammars, kept)
     model.set_adapter(None)
     return outs
 
@@ -395,17 +397,30 @@ def write_messages(model, tok, trajs, agent, adapter, prompts, temperature=0.0, 
 @torch.no_grad()
 def rollout(model, tok, data, trajs, t_max=5, temperature=1.0, generator=None, device="cpu",
             rec_adapter="rec", user_adapter="user", batch=256, compile=False, decoding="grammar",
-            user=None, rec_items=None):
+            user=None, rec_items=None, keep_cache=True):
     """Play every trajectory in trajs to its end. All live episodes take each turn together (one
     batched generate per agent per turn); finished ones drop out. Trajectories are filled in place
     and returned. Sampling is keyed by each trajectory's `key` (so an episode is the same in any
     batch); a torch `generator` instead draws for the whole batch at once. compile: generate's
     decode steps through torch.compile (sampling.decoder). decoding: "grammar", "item" or "free"
     (module docstring).
+    keep_cache: each episode keeps each agent's keys and values from turn to turn (sampling.Kept),
+    so a turn runs only what its prompt adds to the tokens it shares with the last one (the new
+    memory line and the prompt's tail); then the episodes are played `batch` at a time, each group
+    to its end, which bounds the kept caches' memory (with keyed sampling the episodes are the same;
+    with a generator all are played together). False: every prompt runs whole (the plain
+    reference; the tests compare the two).
     Two seams, never used in training: user, a function (traj, turn) -> (action, score) that plays
     the user instead of the UserAgent (eval.user_returns' constant users, tools/headroom.py's
     oracle); rec_items, a function traj -> the items the RecAgent's item is decoded among this turn
     (default the candidates; built-in format, grammar or item decoding only)."""
+    if keep_cache and generator is None and len(trajs) > batch:
+        for s in range(0, len(trajs), batch):
+            rollout(model, tok, data, trajs[s:s + batch], t_max, temperature, None, device,
+                    rec_adapter, user_adapter, batch, compile, decoding, user, rec_items, True)
+        return trajs
+    kept = {id(tr): (Kept(), Kept()) for tr in trajs} if keep_cache else None
+    which = (lambda group, a: None if kept is None else [kept[id(tr)][a] for tr in group])
     for _ in range(t_max):
         live = [tr for tr in trajs if not tr.done]
         if not live:
@@ -416,7 +431,7 @@ def rollout(model, tok, data, trajs, t_max=5, temperature=1.0, generator=None, d
         if rec_items is not None and decoding != "free" and not tok.chat:
             items = [rec_items(tr) for tr in live]
         outs = write_messages(model, tok, live, "rec", rec_adapter, prompts, temperature, generator,
-                              device, batch, compile, decoding, items)
+                              device, batch, compile, decoding, items, which(live, 0))
         for tr, p, o in zip(live, prompts, outs):
             item = tok.parse_rec(o, tr.cands)
             tr.turns.append(Turn(rec_out=o, item=item, rec_valid=item is not None, rec_prompt=p))
@@ -434,7 +449,8 @@ def rollout(model, tok, data, trajs, t_max=5, temperature=1.0, generator=None, d
             answer = []
         prompts = [tok.render_user(tr, len(tr.turns) - 1) for tr in answer]
         outs = write_messages(model, tok, answer, "user", user_adapter, prompts, temperature,
-                              generator, device, batch, compile, decoding) if prompts else []
+                              generator, device, batch, compile, decoding, None,
+                              which(answer, 1)) if prompts else []
         for tr, p, o in zip(answer, prompts, outs):
             turn = tr.turns[-1]
             turn.user_out, turn.user_prompt = o, p
@@ -455,15 +471,17 @@ def message_key(traj, agent):
 
 
 def generate_all(model, prompts, max_new, tok, temperature, generator, device, batch, keys=None,
-                 compile=False, grammars=None):
+                 compile=False, grammars=None, kept=None):
     """generate() over any number of prompts, `batch` at a time, stopping at the end-of-message
-    token; grammars: per prompt, the Grammar its message is decoded under (or None)."""
+    token; grammars: per prompt, the Grammar its message is decoded under (or None); kept: per
+    prompt, its sampling.Kept (or None)."""
     out = []
     for s in range(0, len(prompts), batch):
         out += generate(model, prompts[s:s + batch], max_new, tok.pad_id, stop_ids=tok.stop_ids,
                         temperature=temperature, generator=generator, device=device,
                         keys=None if keys is None else keys[s:s + batch], compile=compile,
-                        grammar=None if grammars is None else grammars[s:s + batch])
+                        grammar=None if grammars is None else grammars[s:s + batch],
+                        kept=None if kept is None else kept[s:s + batch])
     return out
 
 

@@ -21,6 +21,7 @@ Shapes in comments: B batch, T time, C channels, H heads, D head dim, V vocab, N
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -214,6 +215,20 @@ class GPT(Adapters, nn.Module):
                  torch.zeros(B, cfg.n_head, Tmax, D, device=device, dtype=dtype))
                 for _ in range(cfg.n_layer)]
 
+    def cache_kv(self, cache, n):
+        """The first n columns of a cache: per block (k, v), each (B,H,n,D)."""
+        return [(k[:, :, :n], v[:, :, :n]) for k, v in cache]
+
+    def prefixed_cache(self, kv, B, Tmax, device):
+        """A new static cache of B rows whose first columns hold kv (per block (k, v), each
+        (1 or B,H,P,D), broadcast over rows): a forward with start=P then attends to them. Under
+        autograd the copy is differentiable, so a gradient reaches whatever computed kv."""
+        cache = self.new_cache(B, Tmax, device)
+        for (K, V), (k, v) in zip(cache, kv):
+            K[:, :, :k.shape[2]] = k
+            V[:, :, :v.shape[2]] = v
+        return cache
+
     def forward(self, idx, pos, mask, cache=None, start=0):
         """Hidden states (B,T,C) for token ids idx (B,T) at positions pos (B,T).
         mask (B,1,T,Tk) bool: which keys each query may see (causal and padding, built by
@@ -402,10 +417,20 @@ def token_logprobs(model, prompts, completions, pad_id, device="cpu", chunk=1024
     idx, valid, score = (t.to(device) for t in pack(prompts, completions, pad_id))
     h = model(idx, positions(valid), causal_mask(valid))                 # (B,T,C)
     hs, tgt = h[score], idx[:, 1:][score[:, :-1]]  # (N,C), (N,) the y_n, row-major
+    return score_tokens(model, hs, tgt, completions, device, chunk, first, grammar, temperature)
+
+
+def score_tokens(model, hs, tgt, completions, device="cpu", chunk=1024, first=None, grammar=None,
+                 temperature=1.0):
+    """The log-probs of token_logprobs from the hidden states that predict the completions' tokens:
+    hs (N,C), tgt (N,) the tokens, row-major over the completions. The hidden states are taken to
+    float32 (float64 stays) before the temperature, as sampling.head_logits takes them, so the
+    distribution scored is the one sampled from in any dtype."""
+    hs = hs.to(_acc(hs.dtype))
     if temperature != 1.0:
         hs = hs / temperature  # logits / T, as sample_next
     lens = [len(c) for c in completions]
-    grammar = row_grammars(grammar, first, len(prompts))
+    grammar = row_grammars(grammar, first, len(completions))
     if grammar is None:
         return list(logprobs_of(hs, model.head_weight, tgt, chunk).split(lens))
     # each position over its own support: the whole vocabulary (chunked kernel) only where it is
@@ -429,6 +454,82 @@ def token_logprobs(model, prompts, completions, pad_id, device="cpu", chunk=1024
                           restricted_logprobs(hs[rows], model.head_weight, allowed, tgt[rows],
                                               keep, bias=bias).to(lp.dtype))
     return list(lp.split(lens))
+
+
+# --------------------------------------------------------------------------------------------------
+# Shared prompt prefixes: the prompts of one agent in one episode are a tree (docs/method.md
+# section 5). Turn t's prompt is the fixed part (system text, history, candidates), the memory
+# lines of turns 1..t-1, then a short tail; the teacher's is the student's with the hindsight
+# reference inserted before that tail. So one "trunk" (the longest prompt, cut where no other
+# prompt follows it any more) runs once, and each prompt's "branch" (what it adds after the tokens
+# it shares with the trunk, then its message) runs against the trunk's keys and values, attending
+# only to the trunk's first shared[i] tokens. Causal attention makes this exact: the trunk's keys
+# and values at a position depend only on the tokens up to it, which that prompt has too. Its
+# plain reference is token_logprobs (each prompt whole); the tests hold the two equal.
+
+
+def common_prefix(a, b):
+    """Length of the longest common prefix of two id lists."""
+    n = min(len(a), len(b))
+    diff = np.flatnonzero(np.asarray(a[:n]) != np.asarray(b[:n]))
+    return int(diff[0]) if len(diff) else n
+
+
+def trunk_of(prompts):
+    """(trunk ids, shared): the trunk is the prompt that shares the most tokens with the others, cut
+    after the last token any other prompt shares with it; shared[i] <= len(prompts[i]) - 1 is how
+    many of prompt i's first tokens are the trunk's (at least its last token stays in its branch,
+    whose hidden state predicts the first completion token)."""
+    lcp = [[common_prefix(p, q) for q in prompts] for p in prompts]
+    best = max(range(len(prompts)), key=lambda i: sum(lcp[i]) - lcp[i][i])
+    trunk = prompts[best]
+    cut = [min(lcp[best][i], len(p) - 1) for i, p in enumerate(prompts)]
+    K = max((c for i, c in enumerate(cut) if i != best), default=cut[best])
+    return list(trunk[:K]), [min(c, K) for c in cut]
+
+
+def run_trunk(model, trunk, device="cpu"):
+    """The trunk's keys and values: one (1,T) forward, per layer (k, v) (1,H,T,D), differentiable
+    when autograd is on (the student pass back-propagates into them)."""
+    ids = torch.tensor([trunk], device=device)
+    ones = torch.ones_like(ids, dtype=torch.bool)
+    cache = model.new_cache(1, len(trunk), device)
+    model(ids, positions(ones), causal_mask(ones), cache, 0)
+    return model.cache_kv(cache, len(trunk))
+
+
+def branch_logprobs(model, trunk_kv, prompts, shared, completions, pad_id, device="cpu", chunk=1024,
+                    grammar=None, temperature=1.0):
+    """token_logprobs of (prompt, completion) pairs whose prompts' first shared[i] tokens are the
+    trunk's (trunk_of, run_trunk): the branches prompts[i][shared[i]:] + completions[i] run as one
+    right-padded batch after the trunk's K columns (trunk_kv), each attending to the trunk's first
+    shared[i] columns and causally to itself, at positions shared[i], shared[i] + 1, ..."""
+    K = trunk_kv[0][0].shape[2] if trunk_kv else 0
+    branches = [list(p[s:]) + list(c) for p, s, c in zip(prompts, shared, completions)]
+    B, L = len(branches), max(len(b) for b in branches)
+    idx = torch.full((B, L), pad_id, dtype=torch.long)
+    valid = torch.zeros(B, L, dtype=torch.bool)
+    score = torch.zeros(B, L, dtype=torch.bool)
+    seen = torch.zeros(B, K + L, dtype=torch.bool)  # which trunk columns each branch sees
+    for b, (br, p, s) in enumerate(zip(branches, prompts, shared)):
+        idx[b, :len(br)] = torch.tensor(br)
+        valid[b, :len(br)] = True
+        score[b, len(p) - s - 1:len(br) - 1] = True
+        seen[b, :s] = True
+    idx, valid, score, seen = idx.to(device), valid.to(device), score.to(device), seen.to(device)
+    mask = seen[:, None, None, :].expand(B, 1, L, K + L).clone()             # (B,1,L,K+L)
+    mask[:, :, :, K:] = causal_mask(valid)
+    pos = torch.tensor(shared, device=device)[:, None] + torch.arange(L, device=device)  # (B,L)
+    cache = model.prefixed_cache(trunk_kv, B, K + L, device)
+    h = model(idx, pos, mask, cache, K)                                    # (B,L,C)
+    hs, tgt = h[score], idx[:, 1:][score[:, :-1]]                          # (N,C), (N,)
+    return score_tokens(model, hs, tgt, completions, device, chunk, None, grammar, temperature)
+
+
+def shares(prompts, trunk):
+    """How many first tokens of each prompt branch_logprobs may take from the trunk: the common
+    prefix, leaving at least the prompt's last token to its branch."""
+    return [min(common_prefix(p, trunk), len(p) - 1) for p in prompts]
 
 
 def token_logprobs_reference(model, prompts, completions, pad_id, device="cpu", first=None,

@@ -137,11 +137,30 @@ class CompileError(RuntimeError):
     """torch.compile failed (e.g. no C++ compiler on a CPU, no Triton on a GPU); one sentence."""
 
 
+def head_logits(h, head_t):
+    """(B,V) next-token logits of hidden states h (B,C) under the output head head_t (C,V), in
+    float32 whatever the weights' dtype (float64 stays): the precision model.score_tokens scores
+    the same tokens in, so that on a GPU's bf16 model the distribution sampled from is the one the
+    loss scores (bf16 products would be off by about 0.03 in a logit)."""
+    acc = torch.float64 if h.dtype == torch.float64 else torch.float32
+    with torch.autocast(h.device.type, enabled=False):
+        return h.to(acc) @ head_t.to(acc)
+
+
+class Kept:
+    """One row's keys and values kept from one generate() call to the next (an agent's cache in an
+    episode, env.rollout): ids, the tokens they are of; kv, per layer (k, v), each (H,len(ids),D).
+    The next call runs only the tokens of its prompt after the longest prefix it shares with ids."""
+
+    def __init__(self):
+        self.ids, self.kv = [], []
+
+
 @torch.no_grad()
 def generate(model, prompts, max_new, pad_id, stop_ids=(), temperature=1.0, generator=None,
-             device="cpu", keys=None, compile=False, grammar=None):
+             device="cpu", keys=None, compile=False, grammar=None, kept=None, logprobs=None):
     """Sample completions for a batch of prompts with a KV cache (the built-in GPT's is static,
-    model.new_cache; a Hugging Face model's is its own cache object).
+    model.new_cache; a Hugging Face model's is support/hf.KVCache).
 
     prompts: list of id lists (any lengths: they are left-padded so every row's next token is at
     the same column). temperature 0 = greedy. A row stops after emitting a stop id (kept in its
@@ -149,26 +168,43 @@ def generate(model, prompts, max_new, pad_id, stop_ids=(), temperature=1.0, gene
     sample_next). compile: run the decode steps through torch.compile (built-in GPT only; same
     tokens, see decoder()). grammar: optional list, per row, of a Grammar (None = unconstrained):
     each token is drawn from the softmax restricted to grammar.allowed(what the row wrote so far),
-    the support model.token_logprobs scores the same token over. Returns a list of id lists."""
+    the support model.token_logprobs scores the same token over. kept: optional list, per row, of a
+    Kept: the keys and values of the tokens the row's prompt shares with kept.ids are taken from it
+    instead of being computed again, and afterwards it holds this call's (its prompt and the
+    message tokens that went through the model). logprobs: an optional list that receives, per row,
+    the log-prob of each token written under the distribution it was drawn from (temperature,
+    grammar and tilt; 0 for greedy rows is not special: it is the softmax's at temperature 1).
+    Returns a list of id lists."""
     B = len(prompts)
-    P = max(len(p) for p in prompts)
+    kept = kept or [None] * B
+    # Columns: [0, C) the kept keys and values (row b's last c_b of them), [C, C + N) the prompt
+    # tokens still to run (row b's last len(new_b)), then the message; all left-padded.
+    reuse = [0 if k is None else min(_common(k.ids, p), len(p) - 1) for k, p in zip(kept, prompts)]
+    news = [p[c:] for p, c in zip(prompts, reuse)]
+    C, N = max(reuse), max(len(x) for x in news)
+    P = C + N
     Tmax = P + max_new
-    assert Tmax <= model.max_len, \
+    assert max(len(p) for p in prompts) + max_new <= model.max_len, \
         f"prompt+completion {Tmax} exceeds the model's length {model.max_len}"
     step = decoder(model, compile)
-    idx = torch.full((B, P), pad_id, dtype=torch.long, device=device)
+    idx = torch.full((B, N), pad_id, dtype=torch.long, device=device)
     valid = torch.zeros(B, Tmax, dtype=torch.bool, device=device)
-    for b, p in enumerate(prompts):
-        idx[b, P - len(p):] = torch.tensor(p, device=device)
-        valid[b, P - len(p):P] = True
+    pos_new = torch.zeros(B, N, dtype=torch.long, device=device)
+    for b, (x, c) in enumerate(zip(news, reuse)):
+        idx[b, N - len(x):] = torch.tensor(x, device=device)
+        valid[b, C - c:C] = True
+        valid[b, P - len(x):P] = True
+        pos_new[b, N - len(x):] = c + torch.arange(len(x), device=device)
     keys = None if keys is None else torch.tensor([int(k) for k in keys], dtype=torch.long,
                                                   device=device)
-    cache = model.new_cache(B, Tmax, device)
-    pos_all = positions(valid[:, :P])
-    # prefill: all prompt tokens at once
-    h = model(idx, pos_all, causal_mask(valid[:, :P]), cache, 0)        # (B,P,C)
+    if C:
+        cache = model.prefixed_cache(_left_padded(kept, reuse, C, device), B, Tmax, device)
+    else:
+        cache = model.new_cache(B, Tmax, device)
+    # prefill: every prompt token not kept, at once, attending to the kept columns
+    h = model(idx, pos_new, causal_mask(valid[:, :P])[:, :, C:], cache, C)   # (B,N,C)
     last = h[:, -1]                                                      # (B,C)
-    next_pos = pos_all[:, -1] + 1                                        # (B,)
+    next_pos = torch.tensor([len(p) for p in prompts], device=device)    # (B,)
     cols = torch.arange(Tmax, device=device)
     toks = torch.full((B, max_new), pad_id, dtype=torch.long, device=device)   # what each row wrote
     lens = torch.zeros(B, dtype=torch.long, device=device)  # how many of them are its output
@@ -177,8 +213,10 @@ def generate(model, prompts, max_new, pad_id, stop_ids=(), temperature=1.0, gene
     head_t = model.head_weight.t()  # normalised once, not per step
     grammar = row_grammars(grammar, None, B)
     written = [[] for _ in range(B)]  # each row's tokens so far (grammar)
+    lps = torch.zeros(B, max_new, dtype=torch.float64, device=device)
+    fed = 0                                  # message columns that went through the model
     for t in range(max_new):
-        logits = (last @ head_t).float()                                 # (B,V) head on last only
+        logits = head_logits(last, head_t)                               # (B,V) head on last only
         # (B,V) or None
         gmask = grammar_mask(grammar, written, logits.shape[1], device, done.tolist())
         if gmask is not None:
@@ -189,6 +227,9 @@ def generate(model, prompts, max_new, pad_id, stop_ids=(), temperature=1.0, gene
         tok = sample_next(logits, temperature, generator, keys, t)
         tok = torch.where(done, torch.full_like(tok, pad_id), tok)
         toks[:, t] = tok
+        if logprobs is not None:
+            lp = torch.log_softmax(logits / (temperature or 1.0), -1)     # (B,V)
+            lps[:, t] = lp.gather(1, tok[:, None])[:, 0].double()
         if grammar is not None:
             for b, v in enumerate(tok.tolist()):
                 written[b].append(v)
@@ -201,7 +242,52 @@ def generate(model, prompts, max_new, pad_id, stop_ids=(), temperature=1.0, gene
         valid[:, col] = True
         last = step(tok, next_pos, valid, cache, cols[col:col + 1])     # (B,C)
         next_pos = next_pos + 1
-    return [row[:n] for row, n in zip(toks.tolist(), lens.tolist())]
+        fed = t + 1
+    outs = [row[:n] for row, n in zip(toks.tolist(), lens.tolist())]
+    if logprobs is not None:
+        logprobs.extend(row[:n] for row, n in zip(lps.tolist(), lens.tolist()))
+    if any(k is not None for k in kept):
+        _keep(model, cache, kept, prompts, outs, valid, P, fed)
+    return outs
+
+
+def _common(a, b):
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _left_padded(kept, reuse, C, device):
+    """Per layer (k, v) of (B,H,C,D): row b's first reuse[b] kept columns at its right end."""
+    rows = [k for k in kept if k is not None and k.kv]
+    out = []
+    for layer in range(len(rows[0].kv)):
+        pair = []
+        for j in (0, 1):
+            ref = rows[0].kv[layer][j]                                   # (H,L,D)
+            x = ref.new_zeros(len(kept), ref.shape[0], C, ref.shape[2])  # (B,H,C,D)
+            for b, (k, c) in enumerate(zip(kept, reuse)):
+                if c:
+                    x[b, :, C - c:] = k.kv[layer][j][:, :c]
+            pair.append(x.to(device))
+        out.append(tuple(pair))
+    return out
+
+
+def _keep(model, cache, kept, prompts, outs, valid, P, fed):
+    """Store in each row's Kept the keys and values of its prompt and of the message tokens that
+    went through the model (the first `fed` of them)."""
+    kv = model.cache_kv(cache, P + fed)                                  # per layer (B,H,P+fed,D)
+    for b, k in enumerate(kept):
+        if k is None:
+            continue
+        n = min(len(outs[b]), fed)
+        cols = valid[b, :P + fed].nonzero()[:, 0][:len(prompts[b]) + n]  # its real columns
+        k.ids = list(prompts[b]) + list(outs[b][:n])
+        k.kv = [(kk[b][:, cols], vv[b][:, cols]) for kk, vv in kv]
 
 
 @torch.no_grad()

@@ -299,7 +299,7 @@ def _scripted_generate(rec_item_index, action, score):
     """A stand-in for sampling.generate that writes fixed valid messages (to test the loop alone):
     the RecAgent names its rec_item_index-th candidate (one of the ids it may choose among)."""
     def fake(model, prompts, max_new, pad_id, stop_ids=(), temperature=1.0, generator=None, device="cpu",
-             keys=None, compile=False, grammar=None):
+             keys=None, compile=False, grammar=None, kept=None):
         first = _first_ids(grammar) if grammar is not None else None
         tok = fake.tok
         outs = []
@@ -350,7 +350,7 @@ def test_rollout_seams_scripted_user_and_the_recagents_items(data, monkeypatch):
     seen = []
 
     def fake(model, prompts, max_new, pad_id, stop_ids=(), temperature=1.0, generator=None, device="cpu",
-             keys=None, compile=False, grammar=None):
+             keys=None, compile=False, grammar=None, kept=None):
         first = _first_ids(grammar) if grammar is not None else None
         outs = []
         for b, p in enumerate(prompts):
@@ -983,7 +983,7 @@ def test_hit_at_1_counts_an_invalid_final_answer_as_a_miss(data, monkeypatch):
     targets = {tuple(data.test_hist[r][data.test_hist[r] >= 0].tolist()): int(data.test_target[r]) for r in rows}
 
     def fake(model, prompts, max_new, pad_id, stop_ids=(), temperature=1.0, generator=None, device="cpu",
-             keys=None, compile=False, grammar=None):
+             keys=None, compile=False, grammar=None, kept=None):
 
         first = _first_ids(grammar) if grammar is not None else first
         outs = []
@@ -1233,7 +1233,7 @@ def test_evaluate_end_to_end_with_known_answers(data, monkeypatch):
     liked = set(data.test_target.tolist())
 
     def fake(model, prompts, max_new, pad_id, stop_ids=(), temperature=1.0, generator=None, device="cpu",
-             keys=None, compile=False, grammar=None):
+             keys=None, compile=False, grammar=None, kept=None):
 
         first = _first_ids(grammar) if grammar is not None else first
         outs = []

@@ -39,7 +39,7 @@ import torch
 from tqdm import tqdm
 
 from config import (QUICK, Config, UserError, add_config_args, config_defaults, config_from,
-                    lora_targets, loss_group, validate)
+                    lora_targets, loss_group, shared_prefix, validate)
 from data.prepare import DataError, prepare, probe_writable
 from distill import (ReferenceBuffer, coars_objective, collect_messages, credit_stats,
                      token_kinds)
@@ -56,7 +56,8 @@ from support import hf
 from support.runs import chat_backbone
 from support.watch import TrackerError, Trackers, plot_run
 from env import Tokenizer
-from model import token_logprobs
+from model import branch_logprobs, run_trunk, shares, token_logprobs
+from model import trunk_of
 from pretrain import autocast, check_stage1_rows, stage1, stage2_rows, warmup
 from sampling import CompileError
 
@@ -102,7 +103,7 @@ def check_run_dir(cfg):
 # options that may change between a run and its resumption (they do not change what is computed)
 RESUMABLE = {"resume", "ckpt_every", "skip_eval", "device", "n_boot", "eval_test_n",
              "max_bad_steps", "rollout_batch", "loss_batch", "grad_checkpointing", "compile",
-             "tensorboard", "wandb"}
+             "tensorboard", "wandb", "shared_prefix"}
 
 
 def check_resumable(ck, cfg, data=None):
@@ -175,7 +176,8 @@ class LossOptions:
     or 'mean' [ext]; decoding and temperature those of the rollout, so that every token is scored
     over the distribution it was drawn from; kl the --user-kl weight [ext]; micro > 0: messages
     per teacher / student pass when back-propagating group by group; clip Eq. 10's
-    (--credit-clip)."""
+    (--credit-clip); shared: the passes go episode by episode, sharing the prompts' prefix
+    (loss_passes; --shared-prefix)."""
     reward: dict = dataclasses.field(default_factory=dict)
     lam: float = 0.1
     baseline: str = "none"
@@ -184,6 +186,7 @@ class LossOptions:
     kl: float = 0.0
     micro: int = 0
     clip: float = 1.0
+    shared: bool = False
 
 
 def loss_options(cfg, agent):
@@ -192,7 +195,7 @@ def loss_options(cfg, agent):
                        lam=cfg.lam, clip=cfg.credit_clip, baseline=cfg.baseline,
                        decoding=cfg.decoding,
                        temperature=cfg.temperature, kl=cfg.user_kl if agent == "user" else 0.0,
-                       micro=loss_group(cfg))
+                       micro=loss_group(cfg), shared=shared_prefix(cfg))
 
 
 def agent_loss(model, tok, trajs, buffer, agent, opts=None, device="cpu", backward=False,
@@ -212,41 +215,36 @@ def agent_loss(model, tok, trajs, buffer, agent, opts=None, device="cpu", backwa
     teacher_s and student_s are added (with backward=True the student's includes the backward and
     the base's pass). opts: LossOptions (None = the paper's defaults)."""
     opts = opts or LossOptions()
-    msgs = collect_messages(tok, trajs, buffer, agent, opts.reward, opts.decoding)
+    owner = []                                # the episode of each message
+    msgs = collect_messages(tok, trajs, buffer, agent, opts.reward, opts.decoding, owner)
     if not msgs:
         return torch.zeros((), device=device), dict(messages=0)
     rs_all = [m[3] for m in msgs]
     b = sum(rs_all) / len(rs_all) if opts.baseline == "mean" else 0.0
     n = n_episodes or len(trajs)
-    step = opts.micro if (opts.micro and backward) else len(msgs)
+    if opts.shared:                           # one episode's messages per group
+        groups = [[i for i, o in enumerate(owner) if o == e] for e in dict.fromkeys(owner)]
+    else:
+        step = opts.micro if (opts.micro and backward) else len(msgs)
+        groups = [list(range(s, min(s + step, len(msgs)))) for s in range(0, len(msgs), step)]
     total, credits, t_teacher, t_student, kl_sum = 0.0, [], 0.0, 0.0, 0.0
     kinds = [token_kinds(tok, m[2], m[4]) for m in msgs]    # where the credit falls (statistics)
-    for s in range(0, len(msgs), step):
-        student_p, teacher_p, ys, rs, grammar = zip(*msgs[s:s + step])
-        lp = dict(grammar=grammar, temperature=opts.temperature)
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            t_lp = token_logprobs(model, teacher_p, ys, tok.pad_id, device,
-                                  **lp) if opts.lam else None
-        t1 = time.perf_counter()
-        s_lp = token_logprobs(model, student_p, ys, tok.pad_id, device, **lp)
-        b_lp = None
-        if opts.kl:
-            model.set_adapter(None)
-            with torch.no_grad():
-                b_lp = token_logprobs(model, student_p, ys, tok.pad_id, device, **lp)
-            model.set_adapter(agent)
+    for g in groups:
+        student_p, teacher_p, ys, rs, grammar = zip(*[msgs[i] for i in g])
+        t_lp, s_lp, b_lp, dt = loss_passes(model, tok, agent, student_p, teacher_p, ys, grammar,
+                                           opts, device)
         loss, cr, pen = coars_objective(s_lp, t_lp, rs, opts.lam, n_episodes=n, baseline=b,
                                         base_lp=b_lp, kl=opts.kl, clip=opts.clip)
         if opts.kl:
             kl_sum = kl_sum + float(pen.detach())
+        t1 = time.perf_counter()
         if backward:
             loss.backward()
             loss = loss.detach()
         total = total + loss
         credits += cr
-        t_teacher += t1 - t0
-        t_student += time.perf_counter() - t1
+        t_teacher += dt[0]
+        t_student += dt[1] + time.perf_counter() - t1
     if timing is not None:
         timing["teacher_s"] = timing.get("teacher_s", 0.0) + t_teacher
         timing["student_s"] = timing.get("student_s", 0.0) + t_student
@@ -257,6 +255,46 @@ def agent_loss(model, tok, trajs, buffer, agent, opts=None, device="cpu", backwa
     if opts.kl:
         stats["kl"] = kl_sum          # the penalty before its weight (per episode)
     return total, stats
+
+
+def loss_passes(model, tok, agent, student_p, teacher_p, ys, grammar, opts, device):
+    """The log-probs of one group of an agent's messages: (teacher's or None when lam = 0,
+    student's with gradient, the base's for --user-kl or None, (teacher seconds, student
+    seconds)).
+
+    opts.shared (--shared-prefix): the student prompts' trunk (model.trunk_of, e.g. the system
+    text, the history and the candidates, and the memory lines of the longest prompt) runs once
+    with gradient; the teacher's and the student's branches (what each prompt adds, then the
+    message) run against its keys and values, the teacher's without gradient: its prompt is the
+    student's with the hindsight reference inserted after the shared part, so it shares the same
+    trunk. The plain path, and the fallback where the prompts share no prefix: every message under
+    its own whole prompt (model.token_logprobs). The two agree to round-off (the tests)."""
+    lp = dict(grammar=grammar, temperature=opts.temperature)
+    trunk = trunk_of(student_p)[0] if opts.shared else []
+    t0 = time.perf_counter()
+    if trunk:
+        kv = run_trunk(model, trunk, device)  # (with gradient: the student back-propagates into it)
+        t1 = time.perf_counter()
+
+        def score(prompts, kv=kv):
+            return branch_logprobs(model, kv, prompts, shares(prompts, trunk), ys, tok.pad_id,
+                                   device, **lp)
+    else:
+        t1 = t0
+
+        def score(prompts, kv=None):
+            return token_logprobs(model, prompts, ys, tok.pad_id, device, **lp)
+    with torch.no_grad():
+        t_lp = score(teacher_p) if opts.lam else None
+    t2 = time.perf_counter()
+    s_lp = score(student_p)
+    b_lp = None
+    if opts.kl:                  # the untrained base: no adapter, its own trunk
+        model.set_adapter(None)
+        with torch.no_grad():
+            b_lp = score(student_p, run_trunk(model, trunk, device) if trunk else None)
+        model.set_adapter(agent)
+    return t_lp, s_lp, b_lp, (t2 - t1, (t1 - t0) + time.perf_counter() - t2)
 
 
 def clip_agent(params, max_norm, ok=True):

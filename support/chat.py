@@ -358,7 +358,7 @@ def chat_candidate_scores(model, tok, trajs, prompts, device):
         ones = torch.ones_like(ids, dtype=torch.bool)
         # (1,1,C) predicts y_0
         h0 = model(ids, positions(ones), causal_mask(ones), cache, 0)[:, -1:]
-        cache.batch_repeat_interleave(n)
+        cache = model.prefixed_cache(model.cache_kv(cache, P), n, P + L, device)   # n rows
         y = torch.full((n, L), tok.pad_id, dtype=torch.long, device=device)
         cv = torch.zeros(n, L, dtype=torch.bool, device=device)
         for k, c in enumerate(comps):

@@ -144,8 +144,17 @@ class HFBackbone(Adapters, nn.Module):
         return self.lm.get_output_embeddings().weight          # (V,C)
 
     def new_cache(self, B, Tmax, device):
-        from transformers import DynamicCache
-        return DynamicCache(config=self.lm.config)
+        return KVCache()
+
+    def cache_kv(self, cache, n):
+        """The first n columns of a cache: per layer (k, v), each (B,kv heads,n,D)."""
+        return [(k[:, :, :n], v[:, :, :n]) for k, v in cache.kv()]
+
+    def prefixed_cache(self, kv, B, Tmax, device):
+        """A new cache of B rows holding kv (per layer (k, v), (1 or B,kv heads,P,D), broadcast
+        over rows) as its first P columns: a forward with start=P then attends to them (and, under
+        autograd, back-propagates into whatever computed them)."""
+        return KVCache([(k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1)) for k, v in kv])
 
     def forward(self, idx, pos, mask, cache=None, start=0):
         """Hidden states (B,T,C) after the final norm. mask (B,1,T,Tk) bool, True = may attend;
@@ -158,6 +167,51 @@ class HFBackbone(Adapters, nn.Module):
         """One generation step, as GPT.decode: the dynamic cache holds the first col columns."""
         c = int(col)
         return self(tok[:, None], pos[:, None], valid[:, None, None, :c + 1], cache, c)[:, 0]
+
+
+class KVCache:
+    """The keys and values of a Hugging Face model's attention layers, (B,kv heads,T,D) per layer:
+    what transformers' attention calls update() on, which appends the new columns and returns all
+    of them. Every row holds the same columns (left padding and the attention mask handle rows of
+    different lengths). Without autograd the columns go into a buffer that doubles when full, so a
+    decode step writes one column instead of copying the whole cache (transformers' DynamicCache
+    concatenates at every step); with autograd (the loss's branches after a shared trunk,
+    model.branch_logprobs) update concatenates, which is differentiable."""
+
+    def __init__(self, kv=()):
+        self.k = [k for k, _ in kv]           # per layer: the states, or a buffer of capacity
+        self.v = [v for _, v in kv]
+        self.n = [k.shape[2] for k, _ in kv]  # per layer: columns filled
+        self.own = [False] * len(self.k)      # True once k / v are this cache's own buffers
+
+    def kv(self):
+        return [(k[:, :, :n], v[:, :, :n]) for k, v, n in zip(self.k, self.v, self.n)]
+
+    def update(self, k, v, layer_idx, *args, **kwargs):
+        i = layer_idx
+        if i == len(self.k):                  # a layer's first columns
+            self.k.append(k)
+            self.v.append(v)
+            self.n.append(k.shape[2])
+            self.own.append(False)
+            return k, v
+        n, T = self.n[i], k.shape[2]
+        if torch.is_grad_enabled() and (k.requires_grad or self.k[i].requires_grad):
+            self.k[i] = torch.cat([self.k[i][:, :, :n], k], 2)
+            self.v[i] = torch.cat([self.v[i][:, :, :n], v], 2)
+            self.n[i], self.own[i] = n + T, False
+            return self.k[i], self.v[i]
+        if not self.own[i] or n + T > self.k[i].shape[2]:     # a buffer of its own, with room
+            cap = max(2 * (n + T), 64)
+            for buf in (self.k, self.v):
+                new = buf[i].new_empty(k.shape[0], k.shape[1], cap, k.shape[3])
+                new[:, :, :n] = buf[i][:, :, :n]
+                buf[i] = new
+            self.own[i] = True
+        self.k[i][:, :, n:n + T] = k
+        self.v[i][:, :, n:n + T] = v
+        self.n[i] = n + T
+        return self.k[i][:, :, :n + T], self.v[i][:, :, :n + T]
 
 
 # --------------------------------------------------------------------------------------------------
