@@ -113,14 +113,37 @@ def baseline_hits(data, split, seed=0):
             "SASRec top-1": (getattr(data, f"{split}_prior") == target).astype(float)}
 
 
+def progress(log, what, total):
+    """A function n -> None that counts units done and, where stdout is not a terminal (a log file,
+    a cluster job), logs a plain line about every 5% of `total` with the time left, as stages 1
+    and 2 do (their tqdm bars show nothing there)."""
+    if sys.stdout.isatty() or not total:
+        return lambda n: None
+    state = dict(done=0, next=max(1, total // 20), t0=time.time())
+
+    def tick(n):
+        state["done"] += n
+        done = state["done"]
+        if done >= state["next"] or done >= total:
+            spent = time.time() - state["t0"]
+            log(f"{what}: {done}/{total}, {spent:.0f} s, about "
+                f"{spent / done * max(total - done, 0) / 60:.1f} min left")
+            state["next"] = done + max(1, total // 20)
+    return tick
+
+
 def run_ars(model, tok, data, split, rows, adapters, t_max, device, batch=256, decoding="grammar",
-            **hooks):
-    """Greedy episodes of the agent pair on the given samples -> per-sample metric arrays. hooks:
-    env.rollout's seams (user, rec_items; tools/headroom.py)."""
+            tick=None, **hooks):
+    """Greedy episodes of the agent pair on the given samples -> per-sample metric arrays. tick:
+    called with the number of episodes played, group by group (progress). hooks: env.rollout's
+    seams (user, rec_items; tools/headroom.py)."""
     trajs = [new_trajectory(data, split, r) for r in rows]
-    rollout(model, tok, data, trajs, t_max=t_max, temperature=0.0, device=device,
-            rec_adapter=adapters[0], user_adapter=adapters[1], batch=batch, decoding=decoding,
-            **hooks)
+    for s in range(0, len(trajs), batch):        # a group at a time, so that progress can be shown
+        rollout(model, tok, data, trajs[s:s + batch], t_max=t_max, temperature=0.0, device=device,
+                rec_adapter=adapters[0], user_adapter=adapters[1], batch=batch, decoding=decoding,
+                **hooks)
+        if tick:
+            tick(len(trajs[s:s + batch]))
     rec_n = np.array([len(tr.turns) for tr in trajs], float)
     rec_ok = np.array([sum(t.rec_valid for t in tr.turns) for tr in trajs], float)
     user_n = np.array([sum(t.user_out is not None for t in tr.turns) for tr in trajs], float)
@@ -145,7 +168,7 @@ def repeats_rejected(traj):
 
 
 def rank_metrics(model, tok, data, split, rows, adapter, device, ks=(1, 5, 10), batch=256,
-                 hint=True):
+                 hint=True, tick=None):
     """HR@k and NDCG@k of the candidates ranked by the RecAgent's turn-1 log-probability of naming
     each one (built-in model: the logit of each candidate's item token at the answer position, one
     forward pass per sample; a chat model: the log-prob of its title after "Recommendation:" under
@@ -154,7 +177,8 @@ def rank_metrics(model, tok, data, split, rows, adapter, device, ks=(1, 5, 10), 
     favour short titles the way a sum over the whole vocabulary would. Under --prior-weight the
     built-in model's logits carry the grammar's tilt (SASRec's opinion, Tokenizer.prior_bias).
     hint=False: the prompt without the SASRec prior (and without the tilt). A target that is not
-    among the candidates (--candidates sasrec) is a miss at every k."""
+    among the candidates (--candidates sasrec) is a miss at every k. tick: called with the samples
+    ranked, batch by batch (progress)."""
     model.set_adapter(adapter)
     out = {f"{m}@{k}": [] for k in ks for m in ("HR", "NDCG")}
     if tok.chat:
@@ -179,6 +203,8 @@ def rank_metrics(model, tok, data, split, rows, adapter, device, ks=(1, 5, 10), 
             out[f"HR@{k}"] += (rank < k).astype(float).tolist()
             out[f"NDCG@{k}"] += np.where(rank < k, 1 / np.log2(np.minimum(rank, 1e9) + 2),
                                          0.0).tolist()
+        if tick:
+            tick(len(trajs))
     model.set_adapter(None)
     return {k: np.array(v) for k, v in out.items()}
 
@@ -195,10 +221,11 @@ def target_rank(scores, trajs):
 
 
 @torch.no_grad()
-def user_judgements(model, tok, data, adapter, device, batch=256, f1_rows=None, decoding="grammar"):
+def user_judgements(model, tok, data, adapter, device, batch=256, f1_rows=None, decoding="grammar",
+                    tick=None):
     """The UserAgent judges each item of the F1 set (or its rows f1_rows) alone (empty memory, a
     templated RecAgent message naming the item), greedily under --decoding. Returns accept (bool
-    array), valid (bool array)."""
+    array), valid (bool array). tick: called with the items judged, batch by batch (progress)."""
     trajs = []
     for r in (range(len(data.f1_item)) if f1_rows is None else f1_rows):
         h = data.f1_hist[r]
@@ -211,8 +238,12 @@ def user_judgements(model, tok, data, adapter, device, batch=256, f1_rows=None, 
         record_user(data, tr, turn)
         trajs.append(tr)
     prompts = [tok.render_user(tr, 0) for tr in trajs]
-    outs = write_messages(model, tok, trajs, "user", adapter, prompts, 0.0, None, device, batch,
-                          decoding=decoding)
+    outs = []
+    for s in range(0, len(trajs), batch):
+        outs += write_messages(model, tok, trajs[s:s + batch], "user", adapter, prompts[s:s + batch],
+                               0.0, None, device, batch, decoding=decoding)
+        if tick:
+            tick(len(prompts[s:s + batch]))
     parsed = [tok.parse_user(o) for o in outs]
     return (np.array([p is not None and p[0] in POSITIVE for p in parsed]),
             np.array([p is not None for p in parsed]))
@@ -244,9 +275,12 @@ def user_returns(model, tok, data, rows, keys, reward_cfg, t_max, device, rec_ad
         trajs = [new_trajectory(data, "train", r) for r in rows]
         for tr, k in zip(trajs, keys):
             tr.key = int(k)
-        rollout(model, tok, data, trajs, t_max=t_max, temperature=temperature, device=device,
-                rec_adapter=rec_adapter, user_adapter=adapter, batch=batch, decoding=decoding,
-                user=script)
+        tick = progress(log, f"constant users' returns: {name}", len(trajs))
+        for s in range(0, len(trajs), batch):
+            rollout(model, tok, data, trajs[s:s + batch], t_max=t_max, temperature=temperature,
+                    device=device, rec_adapter=rec_adapter, user_adapter=adapter, batch=batch,
+                    decoding=decoding, user=script)
+            tick(len(trajs[s:s + batch]))
         ret = [sum(r for _, r in turn_rewards(tr, **reward_cfg) if r is not None) for tr in trajs]
         answered = [t for tr in trajs for t in tr.turns if t.user_valid]
         mu, lo, hi = mean_ci(ret, n_boot, seed)
@@ -291,19 +325,23 @@ def evaluate(model, tok, data, split="test", t_max=5, device="cpu", n_boot=1000,
     f1_preds = {}
     for name, adapters in agents:
         log(f"evaluating {name} on {len(rows)} {split} samples")
+        # plain progress lines where stdout is not a terminal: episodes, two rankings, judgements
+        tick = progress(log, f"evaluating {name} (episodes, rankings, F1 judgements)",
+                        3 * len(rows) + len(f1_rows))
         _, m = run_ars(model, tok, data, split, rows, adapters, t_max, device, batch=tok.eval_batch,
-                       decoding=decoding)
+                       decoding=decoding, tick=tick)
         m.update(rank_metrics(model, tok, data, split, rows, adapters[0], device,
-                              batch=tok.eval_batch))
+                              batch=tok.eval_batch, tick=tick))
         # what the RecAgent knows of the user by itself (one more pass per sample)
         nohint = rank_metrics(model, tok, data, split, rows, adapters[0], device, ks=(1,),
-                              batch=tok.eval_batch, hint=False)
+                              batch=tok.eval_batch, hint=False, tick=tick)
         m["HR@1 no hint"] = nohint["HR@1"]
         if tok.chat:
             m["HR@1 no hint (token mean)"] = nohint["HR@1 (token mean)"]
         per[name] = m
         f1_preds[name] = user_judgements(model, tok, data, adapters[1], device,
-                                         batch=tok.eval_batch, f1_rows=f1_rows, decoding=decoding)
+                                         batch=tok.eval_batch, f1_rows=f1_rows, decoding=decoding,
+                                         tick=tick)
     for name, m in per.items():
         r = {}
         for k, v in m.items():

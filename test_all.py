@@ -849,6 +849,53 @@ def test_each_agent_is_clipped_by_its_own_norm(small_run, small_base, tmp_path, 
     assert any(not torch.equal(ads[1][k], ads[1000][k]) for k in user)     # while the user's did change
 
 
+def test_every_option_of_the_run_reaches_where_it_acts(small_run, small_base, tmp_path, capsys, monkeypatch):
+    """A run's own options, followed from the command line to where each one acts (spied, not
+    replaced): the loss's temperature, lambda, credit clip, baseline, decoding, --user-kl (the
+    UserAgent's only), the reward's alpha and filters; the rollout's temperature and turn limit;
+    and --prior-weight, which tilts the RecAgent's item at every turn, not at the first only."""
+    seen_loss, seen_gen = [], []
+    real_loss, real_gen = train.agent_loss, env.generate
+
+    def spy_loss(model, tok, trajs, buffer, agent, opts, *a, **k):
+        seen_loss.append((agent, opts))
+        return real_loss(model, tok, trajs, buffer, agent, opts, *a, **k)
+
+    def spy_gen(model, prompts, *a, **k):
+        tok = spy_gen.tok
+        for p, g in zip(prompts, k["grammar"]):
+            if p[0] == tok.sp("rec"):
+                seen_gen.append((p.count(tok.sp("turn")), k["temperature"], g.bias))
+        return real_gen(model, prompts, *a, **k)
+    monkeypatch.setattr(train, "agent_loss", spy_loss)
+    monkeypatch.setattr(env, "generate", spy_gen)
+    real_tok = env.Tokenizer
+
+    def tok_spy(*a, **k):
+        spy_gen.tok = real_tok(*a, **k)
+        return spy_gen.tok
+    monkeypatch.setattr(train, "Tokenizer", tok_spy)
+    with_base(small_base, tmp_path, "opts")
+    code, _, err = in_process(small_run + ["--out-dir", str(tmp_path), "--run-name", "opts", "--steps", "2",
+                                           "--batch", "8", "--skip-eval", "--eval-every", "0",
+                                           "--temperature", "0.7", "--lam", "0.3", "--credit-clip", "0.5",
+                                           "--baseline", "mean", "--decoding", "item", "--user-kl", "0.05",
+                                           "--t-max", "3", "--alpha", "0.2", "--no-user-filter",
+                                           "--prior-weight", "2"], capsys)
+    assert code == 0, err
+    assert {a for a, _ in seen_loss} == {"rec", "user"}
+    for agent, o in seen_loss:
+        assert (o.temperature, o.lam, o.clip, o.baseline, o.decoding) == (0.7, 0.3, 0.5, "mean", "item")
+        assert o.kl == (0.05 if agent == "user" else 0.0)
+        assert o.reward["alpha"] == 0.2 and o.reward["user_filter"] is False and o.reward["use_filter"] is True
+    turns = {t for t, _, _ in seen_gen}
+    assert turns == {0, 1, 2}                                   # --t-max 3: three turns, no fourth
+    assert all(temp == 0.7 for _, temp, _ in seen_gen)
+    tok = spy_gen.tok
+    for _, _, bias in seen_gen:                                 # every turn tilted by 2 x SASRec's log-softmax
+        assert bias and all(v <= 0 for v in bias.values()) and tok.prior_weight == 2.0
+
+
 def test_prefixed_windows_follow_a_recagent_prompt_head(data):
     """--pretrain-prefixed: the window comes after `<|rec|><|cands|>` 20 items outside the window
     `<|mem|>`, exactly as the RecAgent prompt starts, and only the window's items are scored."""
@@ -1218,6 +1265,29 @@ def test_decode_steps_match_a_full_forward_hf(tiny_hf, arch):
     prompts = [rng.integers(3, len(t), n).tolist() for n in (4, 15, 9)]
     feeds = [rng.integers(3, len(t), 5).tolist() for _ in prompts]
     _decode_steps_match_full_forward(m, prompts, feeds, atol=1e-4)
+
+
+def test_a_long_evaluation_says_how_far_it_is_where_stdout_is_not_a_terminal(data, monkeypatch):
+    """Every phase of the final evaluation logs plain progress lines (as stages 1 and 2 do) where
+    stdout is not a terminal: the episodes, rankings and judgements of each agent pair, and each
+    user's returns, group by group with the time left."""
+    tok = Tokenizer(data.n_items)
+    m = tiny_model(tok.vocab_size)
+    m.add_lora()
+    monkeypatch.setattr(tok, "eval_batch", 8)
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: False)
+    lines = []
+    ev.evaluate(m, tok, data, "test", t_max=2, n_boot=5, log=lines.append)
+    n = len(data.test_user)
+    for name in ("Memory-based ARS", "CoARS"):
+        ours = [x for x in lines if x.startswith(f"evaluating {name} (episodes, rankings, F1 judgements): ")]
+        assert len(ours) >= 5 and "min left" in ours[0], lines                  # about every 5%
+        done = [int(x.split(": ")[1].split("/")[0]) for x in ours]
+        assert done == sorted(done) and done[-1] == 3 * n + len(data.f1_item)
+    rows, keys = np.arange(20), np.arange(20)
+    lines.clear()
+    ev.user_returns(m, tok, data, rows, keys, {}, 2, "cpu", batch=8, n_boot=5, log=lines.append)
+    assert any(x.startswith("constant users' returns: always click (1.00): 20/20") for x in lines), lines
 
 
 def test_evaluate_end_to_end_with_known_answers(data, monkeypatch):
@@ -3154,6 +3224,170 @@ def test_hf_model_that_will_not_load_is_one_sentence(synth, tmp_path, tiny_hf):
     r = run(["train.py"] + _hf_args(synth, tmp_path, "org/not-a-model-here") + ["--steps", "1"])
     assert r.returncode == 1 and "could not load --model org/not-a-model-here (HF_HUB_OFFLINE is set" in r.stderr
     assert "Traceback" not in r.stderr
+    # found before any data work: nothing downloaded or built (SASRec's models take minutes on real data)
+    assert not (tmp_path / "data").exists() and "SASRec" not in r.stdout
+
+
+# --------------------------------------------------------------------------------------------------
+# Doing each piece of work once: shared prompt prefixes in the loss passes, KV caches kept across
+# turns, sampling in the loss's precision (each fast path against its plain reference)
+
+
+def _backbones(data, tiny_hf):
+    """(name, model, tokenizer) of the built-in format and of the two tiny chat models, each with
+    random non-zero adapters so that the agents differ from the base."""
+    out = []
+    tok = Tokenizer(data.n_items)
+    out.append(("built-in", tiny_model(tok.vocab_size), tok))
+    for arch in ("qwen2", "llama"):
+        m, hft = hf.load(tiny_hf[arch])
+        out.append((arch, m, chat.ChatTokenizer(hft, data.titles)))
+    for _, m, _ in out:
+        m.add_lora(("rec", "user"), r=4, alpha=8)
+        torch.manual_seed(1)
+        with torch.no_grad():
+            for p in m.adapter_parameters("rec") + m.adapter_parameters("user"):
+                p.normal_(0, 0.05)
+    return out
+
+
+def _keyed_rollout(m, tok, data, rows, keep_cache, batch=256, temperature=1.0, t_max=3):
+    trajs = [env.new_trajectory(data, "train", r) for r in rows]
+    for k, tr in enumerate(trajs):
+        tr.key = 100 + k
+    env.rollout(m, tok, data, trajs, t_max=t_max, temperature=temperature, keep_cache=keep_cache,
+                batch=batch)
+    return trajs
+
+
+def _messages(trajs):
+    return [[(t.rec_out, t.user_out) for t in tr.turns] for tr in trajs]
+
+
+def test_rollouts_with_kept_caches_write_the_same_messages(data, tiny_hf):
+    """Each episode keeps each agent's keys and values across turns (sampling.Kept) and runs only
+    what a turn's prompt adds: the same messages as running every prompt whole, greedy and keyed,
+    with the episodes played whole or a few at a time."""
+    for name, m, tok in _backbones(data, tiny_hf):
+        for temperature in (0.0, 1.0):
+            plain = _keyed_rollout(m, tok, data, range(6), False, temperature=temperature)
+            if temperature:
+                assert max(len(tr.turns) for tr in plain) > 1, name            # memory lines grew
+            for batch in (256, 4):
+                kept = _keyed_rollout(m, tok, data, range(6), True, batch, temperature)
+                assert _messages(kept) == _messages(plain), (name, temperature, batch)
+
+
+def test_generate_with_a_kept_cache_equals_a_fresh_prompt(tiny_hf):
+    """generate(kept=...): a second prompt that shares a prefix with the first call's prompt and
+    message, then differs, reuses only the shared columns: the same tokens and sampled log-probs
+    as a fresh call, rows of different lengths (left padding), and the Kept then holds the new
+    prompt and message."""
+    m, t = hf.load(tiny_hf["qwen2"])
+    rng = np.random.default_rng(0)
+    first = [rng.integers(3, len(t), n).tolist() for n in (12, 30, 7)]
+    kept = [sampling.Kept() for _ in first]
+    outs = generate(m, first, 6, t.pad_token_id, keys=[1, 2, 3], kept=kept)
+    assert [len(k.ids) for k in kept] == [len(p) + min(len(o), 5) for p, o in zip(first, outs)]
+    # next prompts: a row's whole last text plus more, a row cut inside its prompt, an unrelated one
+    second = [first[0] + outs[0] + [5, 6, 7], first[1][:20] + [9, 9], rng.integers(3, len(t), 9).tolist()]
+    for keys in ([4, 5, 6], None):
+        kw = dict(keys=keys, temperature=1.0 if keys else 0.0)
+        lp_kept, lp_fresh = [], []
+        again = [sampling.Kept() for _ in first]
+        generate(m, first, 6, t.pad_token_id, keys=[1, 2, 3], kept=again)
+        a = generate(m, second, 6, t.pad_token_id, kept=again, logprobs=lp_kept, **kw)
+        b = generate(m, second, 6, t.pad_token_id, logprobs=lp_fresh, **kw)
+        assert a == b
+        assert np.allclose(np.concatenate(lp_kept), np.concatenate(lp_fresh), atol=1e-5)
+        assert again[0].ids[:len(second[0])] == second[0]
+
+
+def test_sampled_logprobs_are_the_scored_ones(data):
+    """generate(logprobs=...) returns the log-prob each token was drawn with; token_logprobs scores
+    the same tokens over the same restricted, tilted softmax at the same temperature: equal."""
+    tok = Tokenizer(data.n_items, prior_weight=1.0)
+    m = tiny_model(tok.vocab_size)
+    trajs = [env.new_trajectory(data, "train", r) for r in range(5)]
+    prompts = [tok.render_rec(tr, 0) for tr in trajs]
+    grammars = [env.message_grammar(tok, tr, "rec") for tr in trajs]
+    assert all(g.bias for g in grammars)                                      # tilted
+    for T in (1.0, 0.7):
+        sampled = []
+        ys = generate(m, prompts, 6, tok.pad_id, stop_ids=tok.stop_ids, temperature=T, keys=range(5),
+                      grammar=grammars, logprobs=sampled)
+        scored = token_logprobs(m, prompts, ys, tok.pad_id, grammar=grammars, temperature=T)
+        for s, c in zip(sampled, scored):
+            assert np.allclose(s, c.detach().double().numpy(), atol=1e-5)
+
+
+def test_head_logits_in_float32_for_a_bf16_model():
+    """On a GPU's bf16 model the sampler's logits are float32 products of the bf16 hidden states and
+    head, the precision the loss scores in (model.score_tokens): within 1e-4 of float64, where the
+    bf16 product (the sampler before) is off by far more."""
+    g = torch.Generator().manual_seed(0)
+    h = (torch.randn(8, 64, generator=g) * 2).bfloat16()
+    w = torch.randn(300, 64, generator=g).bfloat16()
+    exact = h.double() @ w.double().t()
+    assert (sampling.head_logits(h, w.t()).double() - exact).abs().max() < 1e-4
+    assert (((h @ w.t()).float()).double() - exact).abs().max() > 1e-2        # what it replaced
+    # the loss takes the same bf16 hidden states to float32 before the temperature
+    y = torch.randint(0, 300, (8,), generator=g)
+    lp = model_mod.score_tokens(type("M", (), {"head_weight": w})(), h, y, [[0] * 8], temperature=0.7)[0]
+    ref = torch.log_softmax(exact / 0.7, -1).gather(1, y[:, None])[:, 0]
+    assert lp.dtype == torch.float32 and (lp.double() - ref).abs().max() < 1e-4
+
+
+def test_trunk_and_branches_match_the_float64_reference(data, tiny_hf):
+    """model.branch_logprobs: prompts that share a trunk (the tree of one agent's prompts in an
+    episode: a fixed head, growing memory, a tail; a teacher's with a reference inserted) scored as
+    branches after the trunk, right-padded to the longest, equal token_logprobs_reference (each
+    pair alone, float64) to 1e-5; prompts with nothing in common have an empty trunk (the loss then
+    takes the per-message path)."""
+    for name, m, tok in _backbones(data, tiny_hf):
+        m.set_adapter("rec")
+        head, tail, ref = list(range(40, 60)), [70, 71, 72], [90, 91, 92, 93, 94]
+        mems = [list(range(100, 100 + 4 * k)) for k in range(4)]
+        prompts = [head + mem + tail for mem in mems] + [head + mems[2] + ref + tail]
+        comps = [[5, 6, 7], [8], [9, 10, 11, 12, 13], [14, 15], [5, 6, 7]]
+        trunk, shared = model_mod.trunk_of(prompts[:4])
+        assert trunk == head + mems[3][:8] and shared == [20, 24, 28, 28], name   # cut after the last one shared
+        kv = model_mod.run_trunk(m, trunk)
+        fast = model_mod.branch_logprobs(m, kv, prompts, model_mod.shares(prompts, trunk), comps, tok.pad_id)
+        slow = token_logprobs_reference(m, prompts, comps, tok.pad_id)
+        assert all(torch.allclose(f.double(), s, atol=1e-5) for f, s in zip(fast, slow)), name
+        assert model_mod.trunk_of([[1, 2, 3], [4, 5, 6]])[0] == []
+
+
+def test_shared_prefix_loss_equals_the_per_message_path(data, tiny_hf):
+    """train.agent_loss with --shared-prefix on (episode by episode: the trunk once with gradient,
+    the teacher's branches without, the student's with) equals the per-message path (every message
+    under its whole prompt, --loss-batch at a time): loss, credits and the adapters' gradients, on
+    the built-in model and two chat models, both agents, several turns, the teacher's reference,
+    temperature 0.8 and the --user-kl base pass."""
+    for name, m, tok in _backbones(data, tiny_hf):
+        trajs = _keyed_rollout(m, tok, data, range(5), True)
+        assert max(len(tr.turns) for tr in trajs) > 1, name
+        for agent in ("rec", "user"):
+            params = m.adapter_parameters(agent)
+            got = {}
+            for shared in (False, True):
+                for p in params:
+                    p.requires_grad_(True)
+                    p.grad = None
+                m.set_adapter(agent)
+                opts = train.LossOptions({}, lam=0.5, kl=0.1, micro=2, shared=shared, temperature=0.8)
+                loss, st = train.agent_loss(m, tok, trajs, distill.ReferenceBuffer(), agent, opts,
+                                            backward=True)
+                got[shared] = (float(loss), torch.cat([p.grad.flatten() for p in params]), st)
+            (l0, g0, s0), (l1, g1, s1) = got[False], got[True]
+            assert s0["messages"] == s1["messages"] > 0, (name, agent)
+            assert l1 == pytest.approx(l0, abs=1e-5) and s1["credit"] == pytest.approx(s0["credit"], abs=1e-5)
+            assert s1["kl"] == pytest.approx(s0["kl"], abs=1e-5)
+            assert g0.abs().max() > 0 and (g1 - g0).abs().max() <= 1e-5 * max(1.0, float(g0.abs().max()))
+            for p in params:
+                p.requires_grad_(False)
+    m.set_adapter(None)
 
 
 # --------------------------------------------------------------------------------------------------

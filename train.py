@@ -525,6 +525,7 @@ def sft_reference(cfg, model, tok, data, device, log=print):
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
+        plain_progress(log, "SFT reference", step, cfg.steps, t0)
     model.set_adapter(None)
     for p in params:
         p.requires_grad_(False)
@@ -612,7 +613,7 @@ def main(argv=None):
         if cfg.model:
             from support import hf
             try:
-                hf.check(cfg.model)
+                hf.check(cfg.model, config=True)      # before the data work
             except hf.ModelLoadError as e:
                 raise UserError(str(e))
         device = init_distributed(cfg)

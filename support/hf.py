@@ -75,15 +75,30 @@ def resolve(name):
     return name, None
 
 
-def check(name):
-    """Cheap checks before any work starts: the shortcut's package, a local file or folder exists.
-    (A hub id can only be checked by loading it.)"""
+def check(name, config=False):
+    """Cheap checks before any work starts: the shortcut's package, a local file or folder exists;
+    config=True also reads the model's configuration (config.json from the folder, the hub or its
+    local copy; a GGUF file's header), so a mistyped hub id is found in seconds, before the data
+    work, not after it."""
     where, gguf = resolve(name)
     looks_local = name.startswith(("/", ".", "~")) or name.count("/") > 1
     if gguf is None and looks_local and not Path(name).expanduser().is_dir():
         raise ModelLoadError(f"--model {name}: no such folder (give a hub id like "
                              "Qwen/Qwen2.5-0.5B-Instruct, a local folder or a .gguf file).")
+    if config:
+        from transformers import AutoConfig
+        try:
+            AutoConfig.from_pretrained(where, **(dict(gguf_file=gguf) if gguf else {}))
+        except Exception as e:  # noqa: BLE001 - hub, file and format errors all end here
+            raise ModelLoadError(_load_error(name, e))
     return where, gguf
+
+
+def _load_error(name, e):
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+    offline = (" (HF_HUB_OFFLINE is set: only local copies can load)"
+               if os.environ.get("HF_HUB_OFFLINE") else "")
+    return f"could not load --model {name}{offline}: {first}"
 
 
 def load(name, device="cpu", grad_checkpointing=False):
@@ -97,10 +112,7 @@ def load(name, device="cpu", grad_checkpointing=False):
         lm = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, attn_implementation="sdpa",
                                                   **kw)
     except Exception as e:  # noqa: BLE001 - hub, file and format errors all end here
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        offline = (" (HF_HUB_OFFLINE is set: only local copies can load)"
-                   if os.environ.get("HF_HUB_OFFLINE") else "")
-        raise ModelLoadError(f"could not load --model {name}{offline}: {first}")
+        raise ModelLoadError(_load_error(name, e))
     if tokenizer.chat_template is None:
         raise ModelLoadError(f"--model {name} has no chat template: use an instruction-tuned "
                              "(chat) model.")
@@ -158,7 +170,8 @@ class HFBackbone(Adapters, nn.Module):
 
     def forward(self, idx, pos, mask, cache=None, start=0):
         """Hidden states (B,T,C) after the final norm. mask (B,1,T,Tk) bool, True = may attend;
-        with a cache, Tk = start + T (the cache holds the first `start` positions)."""
+        with a cache, Tk = start + T (the cache holds the first `start` positions). mask None:
+        causal, no padding, start 0 (the attention kernel then skips the masked half itself)."""
         out = self.body(input_ids=idx, position_ids=pos, attention_mask=mask, cache=cache,
                         use_cache=cache is not None)
         return out.last_hidden_state
@@ -186,6 +199,15 @@ class KVCache:
 
     def kv(self):
         return [(k[:, :, :n], v[:, :, :n]) for k, v, n in zip(self.k, self.v, self.n)]
+
+    # what transformers asks of a cache to build its own causal mask (forward with mask=None)
+    is_compileable = False
+
+    def get_query_offset(self, layer_idx=0):
+        return self.n[layer_idx] if layer_idx < len(self.n) else 0
+
+    def get_mask_sizes(self, query_length, layer_idx=0):
+        return self.get_query_offset(layer_idx) + query_length, 0
 
     def update(self, k, v, layer_idx, *args, **kwargs):
         i = layer_idx

@@ -5,7 +5,8 @@ method: it measures model.py's fast paths against what people would use instead,
 and prints ratios.
 
     python tools/bench.py                    # everything (about 45 min on 2 CPU cores)
-    python tools/bench.py --only gen         # one part: gen, logprob, iter
+    python tools/bench.py --only gen         # one part: gen, logprob, iter, step
+    python tools/bench.py --only step --model smollm2-135m --data-url file:///path/ml-latest-small.zip
     python tools/bench.py --quick            # small sizes, for a smoke test
     python tools/bench.py --table f.json     # docs/benchmarks.md's tables from a run saved with --out f.json
 
@@ -26,6 +27,11 @@ and prints ratios.
    of both is taken against a float64 reference on the same (bf16) inputs.
 3. One CoARS iteration on the built-in model and synthetic data, split into rollout, teacher pass,
    student pass (forward and backward) and update.
+4. One CoARS step of a chat model (--model, SmolLM2-135M by default; '' = the built-in GPT) on a
+   real dataset: the plain per-message path (every prompt run whole, every message scored under its
+   own prompt) against the one that does each piece of work once (caches kept across turns, shared
+   prompt prefixes, adapters folded where no gradient flows), the same samples and keys, each phase
+   in seconds, tokens and against its floor.
 
 Every number is printed with the machine it came from.
 """
@@ -402,6 +408,131 @@ def bench_iteration(batch=48, steps=3, device="cpu"):
 
 
 # --------------------------------------------------------------------------------------------------
+# 4. One CoARS step of a chat model (or the built-in one): the plain per-message path against the
+#    one that does each piece of work once, in one process, the same samples and keys
+
+
+def matmul_rate(device, dtype=torch.float32, M=512, K=576, N=1536):
+    """FLOP/s of a (M,K) @ (K,N) product, best of several (a LLaMA-MLP-sized layer on a prompt)."""
+    a, b = torch.randn(M, K, device=device, dtype=dtype), torch.randn(K, N, device=device, dtype=dtype)
+    return 2 * M * K * N / timeit(lambda: a @ b, device, repeat=20, warmup=3)
+
+
+def read_bandwidth(device, mb=512):
+    """Bytes/s of reading a large tensor once (a sum): what a memory-bound decode step is held to."""
+    x = torch.ones(mb << 18, device=device)        # mb MB of float32
+    return x.numel() * 4 / timeit(lambda: x.sum(), device, repeat=5, warmup=1)
+
+
+class TokenCount:
+    """Counts the token positions (padding included) the model runs, split into forwards without
+    gradient, forwards with gradient, and one-token decode steps (with their rows)."""
+
+    def __init__(self, model):
+        self.reset()
+        forward = model.forward
+
+        def counted(idx, *args, **kw):
+            T = idx.shape[1]
+            if T == 1:
+                self.steps += 1
+                self.step_rows += idx.shape[0]
+            key = "grad" if torch.is_grad_enabled() else "nograd"
+            setattr(self, key, getattr(self, key) + idx.numel())
+            return forward(idx, *args, **kw)
+        model.forward = counted
+
+    def reset(self):
+        self.grad = self.nograd = self.steps = self.step_rows = 0
+
+
+def bench_step(model_name="smollm2-135m", dataset="ml-latest-small", data_url="", batch=8, seed=0,
+               device="cpu"):
+    """One CoARS step (rollout, then per agent the teacher and student passes with backward) twice in
+    one process on the same samples and keys: 'per-message' (every prompt run whole in the rollout,
+    each message scored under its whole prompt, adapters applied as separate products) and 'shared'
+    (kept caches across turns, shared prefixes, folded adapters where no gradient flows). Returns
+    per path the seconds and tokens of each phase and each phase's floor: its FLOPs (2 x the body's
+    parameters per token forward, twice that with the backward, plus the head on decode rows; the
+    attention left out) at the measured matrix-product rate, and for the rollout also its decode
+    steps' weight reads at the measured read bandwidth."""
+    from config import Config, loss_group
+    from data.prepare import prepare
+    from distill import ReferenceBuffer
+    from env import Tokenizer, new_trajectory, rollout
+    from model import LoRALinear, build_model, freeze
+    from pretrain import autocast
+    from support.runs import chat_backbone
+    from train import LossOptions, add_agents, agent_loss, stage2_draws
+
+    cfg = Config(model=model_name, dataset=dataset, data_url=data_url, batch=batch, seed=seed)
+    data = prepare(cfg.data_config(), log=print)
+    if model_name:
+        model, tok = chat_backbone(cfg, data, device, print)
+    else:                    # the built-in GPT at its default size, untrained: the same shapes
+        tok = Tokenizer(data.n_items, cfg.prior_tilt())
+        model = freeze(build_model(cfg, tok.vocab_size, device))
+    agents, params = add_agents(cfg, model)
+    rows, keys = stage2_draws(cfg, data)[0]
+    count = TokenCount(model)
+    body = sum(p.numel() for n, p in model.named_parameters()
+               if ".adapters." not in n and "embed" not in n and "wte" not in n)
+    head = model.head_weight.numel()
+    weight_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
+                       if ".adapters." not in n and "embed" not in n)
+    rate, bw = matmul_rate(device), read_bandwidth(device)
+    print(f"  {model_name or 'built-in'}: body {body / 1e6:.1f}M parameters, head {head / 1e6:.1f}M; "
+          f"matmul {rate / 1e9:.1f} GFLOP/s, read {bw / 1e9:.1f} GB/s")
+    out, msgs = {}, {}
+    for path in ("per-message", "shared"):
+        fast = path == "shared"
+        LoRALinear.fold = fast
+        trajs = [new_trajectory(data, "train", r) for r in rows]
+        for tr, k in zip(trajs, keys):
+            tr.key = int(k)
+        count.reset()
+        t0 = time.perf_counter()
+        rollout(model, tok, data, trajs, t_max=cfg.t_max, temperature=cfg.temperature, device=device,
+                keep_cache=fast)
+        r = dict(rollout_s=time.perf_counter() - t0, rollout_tokens=count.nograd,
+                 decode_steps=count.steps)
+        r["rollout_floor_s"] = (2 * body * count.nograd + 2 * head * count.step_rows) / rate
+        r["decode_read_floor_s"] = count.steps * weight_bytes / bw
+        timing, losses = {}, {}
+        count.reset()
+        for agent in agents:
+            model.set_adapter(agent)
+            opts = LossOptions(dict(cfg.reward_options(), user_balance=cfg.user_balance), cfg.lam,
+                               decoding=cfg.decoding, temperature=cfg.temperature,
+                               micro=loss_group(cfg), clip=cfg.credit_clip, shared=fast)
+            with autocast(device, cfg.precision):
+                loss, _ = agent_loss(model, tok, trajs, ReferenceBuffer(), agent, opts, device,
+                                     backward=True, n_episodes=len(trajs), timing=timing)
+            losses[agent] = float(loss)
+        model.set_adapter(None)
+        for p in params:
+            p.grad = None
+        r.update(teacher_s=timing["teacher_s"], student_s=timing["student_s"],
+                 teacher_tokens=count.nograd, student_tokens=count.grad,
+                 teacher_floor_s=2 * body * count.nograd / rate,
+                 student_floor_s=4 * body * count.grad / rate, losses=losses,
+                 turns=float(np.mean([len(tr.turns) for tr in trajs])))
+        r["step_s"] = r["rollout_s"] + r["teacher_s"] + r["student_s"]
+        out[path] = r
+        msgs[path] = [[(t.rec_out, t.user_out) for t in tr.turns] for tr in trajs]
+        print(f"  {path}: " + ", ".join(f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}"
+                                        for k, v in r.items() if k != "losses")
+              + f", losses {losses}", flush=True)
+    LoRALinear.fold = True
+    out["same_messages"] = msgs["per-message"] == msgs["shared"]
+    out["model"], out["batch"], out["rate_gflops"] = model_name or "built-in", batch, rate / 1e9
+    out["read_gbs"] = bw / 1e9
+    print(f"  same messages: {out['same_messages']}; step {out['per-message']['step_s']:.1f} s -> "
+          f"{out['shared']['step_s']:.1f} s ({out['per-message']['step_s'] / out['shared']['step_s']:.2f}x)")
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
 
 
 def markdown(res):
@@ -438,13 +569,30 @@ def markdown(res):
             out += ["", "| part | seconds (mean of %d) | share |" % len(steps), "|---|---|---|"]
             out += [f"| {k} | {v:.2f} | {v / mean['total']:.0%} |" for k, v in mean.items() if k != "total"]
             out.append(f"| whole step | {mean['total']:.2f} | |")
+    for st in res.get("step", []):
+        out += ["", f"One CoARS step of {st['model']}, batch {st['batch']} (matmul {st['rate_gflops']:.1f} "
+                f"GFLOP/s, read {st['read_gbs']:.1f} GB/s; same messages on both paths: {st['same_messages']}):",
+                "", "| phase | per-message s | tokens | shared s | tokens | speed-up | shared / its floor |",
+                "|---|---|---|---|---|---|---|"]
+        a, b = st["per-message"], st["shared"]
+        for ph in ("rollout", "teacher", "student"):
+            floor = b[f"{ph}_floor_s"] + (b["decode_read_floor_s"] if ph == "rollout" else 0.0)
+            out.append(f"| {ph} | {a[ph + '_s']:.1f} | {a[ph + '_tokens']} | {b[ph + '_s']:.1f} | "
+                       f"{b[ph + '_tokens']} | {a[ph + '_s'] / b[ph + '_s']:.2f}x | {b[ph + '_s'] / floor:.1f}x |")
+        out.append(f"| step | {a['step_s']:.1f} | | {b['step_s']:.1f} | | {a['step_s'] / b['step_s']:.2f}x | |")
     return "\n".join(out)
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="Benchmarks of generation, log-probs and one CoARS iteration.")
-    p.add_argument("--only", choices=["gen", "logprob", "iter"], action="append",
+    p.add_argument("--only", choices=["gen", "logprob", "iter", "step"], action="append",
                    help="run only these parts (repeatable)")
+    p.add_argument("--model", default="smollm2-135m",
+                   help="the backbone of part 4, the CoARS step ('' = the built-in GPT; default: "
+                        "%(default)s)")
+    p.add_argument("--dataset", default="ml-latest-small", help="part 4's dataset (default: %(default)s)")
+    p.add_argument("--data-url", default="", help="part 4's raw dataset file ('' = official)")
+    p.add_argument("--batch", type=int, default=8, help="part 4's episodes per step (default: %(default)s)")
     p.add_argument("--quick", action="store_true", help="small sizes (a smoke test)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="the device to benchmark on (default: cuda if a GPU is visible, else cpu)")
@@ -457,7 +605,7 @@ def main(argv=None):
         except (OSError, ValueError, KeyError) as e:
             sys.exit(f"error: {a.table} is not a file written by tools/bench.py --out ({type(e).__name__}: {e}).")
         return
-    parts = a.only or ["gen", "logprob", "iter"]
+    parts = a.only or ["gen", "logprob", "iter", "step"]
     dev = a.device
     print(f"machine: {machine()}; device {dev}")
     res = dict(machine=machine(), device=dev)
@@ -485,6 +633,16 @@ def main(argv=None):
     if "iter" in parts:
         print("3. one CoARS iteration on the built-in model (default size, batch 48, T_max 5)")
         res["iteration"] = bench_iteration(batch=8 if a.quick else 48, steps=1 if a.quick else 3, device=dev)
+    if "step" in parts:
+        print(f"4. one CoARS step of {a.model or 'the built-in GPT'}, per-message path vs shared prefixes "
+              "and kept caches")
+        from config import UserError
+        from data.prepare import DataError
+        try:
+            res["step"] = [bench_step(a.model, a.dataset, a.data_url, 2 if a.quick else a.batch,
+                                      device=dev)]
+        except (UserError, DataError) as e:
+            sys.exit(f"error: {e}")
     if a.out:
         Path(a.out).write_text(json.dumps(res, indent=1, default=str))
 
