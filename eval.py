@@ -275,7 +275,8 @@ def user_returns(model, tok, data, rows, keys, reward_cfg, t_max, device, rec_ad
         trajs = [new_trajectory(data, "train", r) for r in rows]
         for tr, k in zip(trajs, keys):
             tr.key = int(k)
-        tick = progress(log, f"constant users' returns: {name}", len(trajs))
+        tick = progress(log, f"returns of the {name}" if adapter or not script else
+                        f"returns of {name}", len(trajs))
         for s in range(0, len(trajs), batch):
             rollout(model, tok, data, trajs[s:s + batch], t_max=t_max, temperature=temperature,
                     device=device, rec_adapter=rec_adapter, user_adapter=adapter, batch=batch,

@@ -1287,7 +1287,8 @@ def test_a_long_evaluation_says_how_far_it_is_where_stdout_is_not_a_terminal(dat
     rows, keys = np.arange(20), np.arange(20)
     lines.clear()
     ev.user_returns(m, tok, data, rows, keys, {}, 2, "cpu", batch=8, n_boot=5, log=lines.append)
-    assert any(x.startswith("constant users' returns: always click (1.00): 20/20") for x in lines), lines
+    assert any(x.startswith("returns of always click (1.00): 20/20") for x in lines), lines
+    assert any(x.startswith("returns of the trained UserAgent: 20/20") for x in lines), lines
 
 
 def test_evaluate_end_to_end_with_known_answers(data, monkeypatch):
@@ -3305,9 +3306,16 @@ def test_generate_with_a_kept_cache_equals_a_fresh_prompt(tiny_hf):
 
 def test_sampled_logprobs_are_the_scored_ones(data):
     """generate(logprobs=...) returns the log-prob each token was drawn with; token_logprobs scores
-    the same tokens over the same restricted, tilted softmax at the same temperature: equal."""
+    the same tokens over the same restricted, tilted softmax at the same temperature: equal, with
+    a trained adapter active (folded into the weights while sampling, three products while scoring
+    with gradient)."""
     tok = Tokenizer(data.n_items, prior_weight=1.0)
     m = tiny_model(tok.vocab_size)
+    m.add_lora(("rec",), r=4, alpha=8)
+    with torch.no_grad():
+        for p in m.adapter_parameters("rec"):
+            p.normal_(0, 0.1)
+    m.set_adapter("rec")
     trajs = [env.new_trajectory(data, "train", r) for r in range(5)]
     prompts = [tok.render_rec(tr, 0) for tr in trajs]
     grammars = [env.message_grammar(tok, tr, "rec") for tr in trajs]
@@ -3317,8 +3325,14 @@ def test_sampled_logprobs_are_the_scored_ones(data):
         ys = generate(m, prompts, 6, tok.pad_id, stop_ids=tok.stop_ids, temperature=T, keys=range(5),
                       grammar=grammars, logprobs=sampled)
         scored = token_logprobs(m, prompts, ys, tok.pad_id, grammar=grammars, temperature=T)
+        assert scored[0].requires_grad
         for s, c in zip(sampled, scored):
             assert np.allclose(s, c.detach().double().numpy(), atol=1e-5)
+        m.set_adapter(None)
+        assert not np.allclose(np.concatenate(sampled), np.concatenate(                       # the adapter acts
+            [c.detach().numpy() for c in token_logprobs(m, prompts, ys, tok.pad_id, grammar=grammars, temperature=T)]),
+            atol=1e-3)
+        m.set_adapter("rec")
 
 
 def test_head_logits_in_float32_for_a_bf16_model():
