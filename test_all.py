@@ -2285,6 +2285,7 @@ VALIDATION_RULES = [
     (dict(max_bad_steps=0), "--max-bad-steps must be at least 1"),
     (dict(rollout_batch=-2), "--rollout-batch cannot be negative"),
     (dict(loss_batch=-1), "--loss-batch cannot be negative"),
+    (dict(shared_prefix="yes"), "--shared-prefix must be 'auto', 'on' or 'off'"),
     (dict(train_rec=False, train_user=False), "--no-train-rec with --no-train-user leaves nothing to train"),
     (dict(n_layer=0), "--n-layer, --n-head and --n-embd must be at least 1"),
     (dict(p_reference=2), r"--p-reference must be within \[0, 1\]"),
@@ -3182,7 +3183,7 @@ def test_hf_model_runs_the_whole_pipeline(synth, tmp_path, tiny_hf, capsys, monk
     real_generate = env.generate
 
     def scripted(model, prompts, max_new, pad_id, stop_ids=(), temperature=1.0, generator=None, device="cpu",
-                 keys=None, compile=False, grammar=None):
+                 keys=None, compile=False, grammar=None, kept=None):
 
         assert grammar is not None and all(g is not None for g in grammar)   # every message under its grammar
         tok = scripted.tok
