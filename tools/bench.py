@@ -447,7 +447,7 @@ class TokenCount:
 
 
 def bench_step(model_name="smollm2-135m", dataset="ml-latest-small", data_url="", batch=8, seed=0,
-               device="cpu"):
+               device="cpu", adapters=""):
     """One CoARS step (rollout, then per agent the teacher and student passes with backward) twice in
     one process on the same samples and keys: 'per-message' (every prompt run whole in the rollout,
     each message scored under its whole prompt, adapters applied as separate products) and 'shared'
@@ -455,7 +455,9 @@ def bench_step(model_name="smollm2-135m", dataset="ml-latest-small", data_url=""
     per path the seconds and tokens of each phase and each phase's floor: its FLOPs (2 x the body's
     parameters per token forward, twice that with the backward, plus the head on decode rows; the
     attention left out) at the measured matrix-product rate, and for the rollout also its decode
-    steps' weight reads at the measured read bandwidth."""
+    steps' weight reads at the measured read bandwidth. adapters: a checkpoint (ckpt.pt or coars.pt
+    of a run of the same model) whose adapters the agents take, e.g. a UserAgent that turns
+    everything down, whose episodes run to the turn limit ('' = fresh adapters)."""
     from config import Config, loss_group
     from data.prepare import prepare
     from distill import ReferenceBuffer
@@ -473,6 +475,12 @@ def bench_step(model_name="smollm2-135m", dataset="ml-latest-small", data_url=""
         tok = Tokenizer(data.n_items, cfg.prior_tilt())
         model = freeze(build_model(cfg, tok.vocab_size, device))
     agents, params = add_agents(cfg, model)
+    if adapters:
+        from support.checkpoint import load_checkpoint
+        path = Path(adapters)
+        ck = (load_checkpoint(path.parent, lambda *a: None) if path.name.startswith("ckpt")
+              else torch.load(path, map_location=device, weights_only=True))
+        model.load_state_dict(ck["adapters"], strict=False)
     rows, keys = stage2_draws(cfg, data)[0]
     count = TokenCount(model)
     body = sum(p.numel() for n, p in model.named_parameters()
@@ -528,6 +536,7 @@ def bench_step(model_name="smollm2-135m", dataset="ml-latest-small", data_url=""
     LoRALinear.fold = True
     out["same_messages"] = all(msgs[p] == msgs["per-message"] for p in paths)
     out["model"], out["batch"], out["rate_gflops"] = model_name or "built-in", batch, rate / 1e9
+    out["adapters"] = adapters
     out["read_gbs"] = bw / 1e9
     print(f"  same messages: {out['same_messages']}; step {out['per-message']['step_s']:.1f} s -> "
           f"{out['shared']['step_s']:.1f} s ({out['per-message']['step_s'] / out['shared']['step_s']:.2f}x)")
@@ -572,7 +581,9 @@ def markdown(res):
             out += [f"| {k} | {v:.2f} | {v / mean['total']:.0%} |" for k, v in mean.items() if k != "total"]
             out.append(f"| whole step | {mean['total']:.2f} | |")
     for st in res.get("step", []):
-        out += ["", f"One CoARS step of {st['model']}, batch {st['batch']} (matmul {st['rate_gflops']:.1f} "
+        out += ["", f"One CoARS step of {st['model']}, batch {st['batch']}"
+                + (f", adapters of {st['adapters']}" if st.get("adapters") else "")
+                + f", {st['shared']['turns']:.1f} turns an episode (matmul {st['rate_gflops']:.1f} "
                 f"GFLOP/s, read {st['read_gbs']:.1f} GB/s; same messages on both paths: {st['same_messages']}):",
                 "", "| phase | per-message s | tokens | shared s | tokens | speed-up | shared / its floor |",
                 "|---|---|---|---|---|---|---|"]
@@ -599,6 +610,8 @@ def main(argv=None):
     p.add_argument("--dataset", default="ml-latest-small", help="part 4's dataset (default: %(default)s)")
     p.add_argument("--data-url", default="", help="part 4's raw dataset file ('' = official)")
     p.add_argument("--batch", type=int, default=8, help="part 4's episodes per step (default: %(default)s)")
+    p.add_argument("--adapters", default="", help="part 4: the agents' adapters from this ckpt.pt or coars.pt of "
+                   "a run of the same model ('' = fresh adapters)")
     p.add_argument("--quick", action="store_true", help="small sizes (a smoke test)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="the device to benchmark on (default: cuda if a GPU is visible, else cpu)")
@@ -646,7 +659,7 @@ def main(argv=None):
         from data.prepare import DataError
         try:
             res["step"] = [bench_step(a.model, a.dataset, a.data_url, 2 if a.quick else a.batch,
-                                      device=dev)]
+                                      device=dev, adapters=a.adapters)]
         except (UserError, DataError) as e:
             sys.exit(f"error: {e}")
     if a.out:
