@@ -865,7 +865,7 @@ def test_every_option_of_the_run_reaches_where_it_acts(small_run, small_base, tm
         tok = spy_gen.tok
         for p, g in zip(prompts, k["grammar"]):
             if p[0] == tok.sp("rec"):
-                seen_gen.append((p.count(tok.sp("turn")), k["temperature"], g.bias))
+                seen_gen.append((p.count(tok.sp("turn")), k["temperature"], g))
         return real_gen(model, prompts, *a, **k)
     monkeypatch.setattr(train, "agent_loss", spy_loss)
     monkeypatch.setattr(env, "generate", spy_gen)
@@ -877,7 +877,7 @@ def test_every_option_of_the_run_reaches_where_it_acts(small_run, small_base, tm
     monkeypatch.setattr(train, "Tokenizer", tok_spy)
     with_base(small_base, tmp_path, "opts")
     code, _, err = in_process(small_run + ["--out-dir", str(tmp_path), "--run-name", "opts", "--steps", "2",
-                                           "--batch", "8", "--skip-eval", "--eval-every", "0",
+                                           "--batch", "8", "--skip-eval", "--eval-every", "2", "--eval-valid-n", "4",
                                            "--temperature", "0.7", "--lam", "0.3", "--credit-clip", "0.5",
                                            "--baseline", "mean", "--decoding", "item", "--user-kl", "0.05",
                                            "--t-max", "3", "--alpha", "0.2", "--no-user-filter",
@@ -888,12 +888,15 @@ def test_every_option_of_the_run_reaches_where_it_acts(small_run, small_base, tm
         assert (o.temperature, o.lam, o.clip, o.baseline, o.decoding) == (0.7, 0.3, 0.5, "mean", "item")
         assert o.kl == (0.05 if agent == "user" else 0.0)
         assert o.reward["alpha"] == 0.2 and o.reward["user_filter"] is False and o.reward["use_filter"] is True
-    turns = {t for t, _, _ in seen_gen}
-    assert turns == {0, 1, 2}                                   # --t-max 3: three turns, no fourth
-    assert all(temp == 0.7 for _, temp, _ in seen_gen)
+    training = [(t, g) for t, temp, g in seen_gen if temp == 0.7]
+    validation = [(t, g) for t, temp, g in seen_gen if temp == 0.0]    # the validation curve: greedy
+    assert len(training) + len(validation) == len(seen_gen) and validation
+    assert {t for t, _ in training} == {0, 1, 2}                # --t-max 3: three turns, no fourth
+    assert max(t for t, _ in validation) <= 2
     tok = spy_gen.tok
-    for _, _, bias in seen_gen:                                 # every turn tilted by 2 x SASRec's log-softmax
-        assert bias and all(v <= 0 for v in bias.values()) and tok.prior_weight == 2.0
+    for _, g in training + validation:     # --decoding item everywhere; every turn tilted by 2 x SASRec's log-softmax
+        assert g.parts[1] is grammar_mod.FREE
+        assert g.bias and all(v <= 0 for v in g.bias.values()) and tok.prior_weight == 2.0
 
 
 def test_prefixed_windows_follow_a_recagent_prompt_head(data):
