@@ -240,8 +240,8 @@ def user_judgements(model, tok, data, adapter, device, batch=256, f1_rows=None, 
     prompts = [tok.render_user(tr, 0) for tr in trajs]
     outs = []
     for s in range(0, len(trajs), batch):
-        outs += write_messages(model, tok, trajs[s:s + batch], "user", adapter, prompts[s:s + batch],
-                               0.0, None, device, batch, decoding=decoding)
+        outs += write_messages(model, tok, trajs[s:s + batch], "user", adapter,
+                               prompts[s:s + batch], 0.0, None, device, batch, decoding=decoding)
         if tick:
             tick(len(prompts[s:s + batch]))
     parsed = [tok.parse_user(o) for o in outs]
