@@ -103,7 +103,7 @@ def check_run_dir(cfg):
 # options that may change between a run and its resumption (they do not change what is computed)
 RESUMABLE = {"resume", "ckpt_every", "skip_eval", "device", "n_boot", "eval_test_n",
              "max_bad_steps", "rollout_batch", "loss_batch", "grad_checkpointing", "compile",
-             "tensorboard", "wandb", "shared_prefix"}
+             "tensorboard", "wandb", "shared_prefix", "out_dir"}   # out_dir: a run folder may move
 
 
 def check_resumable(ck, cfg, data=None):
