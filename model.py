@@ -39,6 +39,8 @@ class LoRALinear(nn.Module):
     adapter leaves the base unchanged (a test checks it).
     """
 
+    fold = True    # fold the active adapter into the weight where no gradient flows (forward)
+
     def __init__(self, base: nn.Linear):
         super().__init__()
         self.base = base
@@ -46,8 +48,6 @@ class LoRALinear(nn.Module):
         self.scale = {}
         self.active = None
         self._folded, self._folded_key = None, None
-
-    fold = True    # fold the active adapter into the weight where no gradient flows (below)
 
     def add_adapter(self, name, r, alpha):
         a = nn.Linear(self.base.in_features, r, bias=False)
@@ -61,7 +61,7 @@ class LoRALinear(nn.Module):
 
     def forward(self, x):
         if (self.active is not None and self.fold and not torch.is_grad_enabled()
-                and not _compiling()):
+                and not torch.compiler.is_compiling()):
             # No gradient flows (rollouts, evaluation, the teacher's pass): one product with the
             # folded weight W + scale B A instead of three. The same map up to float round-off;
             # at a decode step the three small products cost about a third of the layer's time.
@@ -87,10 +87,6 @@ class LoRALinear(nn.Module):
                 self._folded = torch.addmm(w, b, a, alpha=self.scale[self.active]).t().contiguous()
             self._folded_key = key
         return self._folded
-
-
-def _compiling():
-    return torch.compiler.is_compiling()
 
 
 # --------------------------------------------------------------------------------------------------

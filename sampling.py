@@ -25,7 +25,7 @@ import weakref
 import torch
 
 from grammar import row_grammars
-from model import GPT, causal_mask, positions
+from model import GPT, causal_mask, common_prefix, positions
 
 
 # Keyed sampling [ours]. An episode's random draws depend only on its own key and the token's step,
@@ -179,13 +179,15 @@ def generate(model, prompts, max_new, pad_id, stop_ids=(), temperature=1.0, gene
     kept = kept or [None] * B
     # Columns: [0, C) the kept keys and values (row b's last c_b of them), [C, C + N) the prompt
     # tokens still to run (row b's last len(new_b)), then the message; all left-padded.
-    reuse = [0 if k is None else min(_common(k.ids, p), len(p) - 1) for k, p in zip(kept, prompts)]
+    reuse = [0 if k is None else min(common_prefix(k.ids, p), len(p) - 1)
+             for k, p in zip(kept, prompts)]
     news = [p[c:] for p, c in zip(prompts, reuse)]
     C, N = max(reuse), max(len(x) for x in news)
     P = C + N
     Tmax = P + max_new
-    assert max(len(p) for p in prompts) + max_new <= model.max_len, \
-        f"prompt+completion {Tmax} exceeds the model's length {model.max_len}"
+    longest = max(len(p) for p in prompts) + max_new
+    assert longest <= model.max_len, \
+        f"prompt+completion {longest} exceeds the model's length {model.max_len}"
     step = decoder(model, compile)
     idx = torch.full((B, N), pad_id, dtype=torch.long, device=device)
     valid = torch.zeros(B, Tmax, dtype=torch.bool, device=device)
@@ -250,15 +252,6 @@ def generate(model, prompts, max_new, pad_id, stop_ids=(), temperature=1.0, gene
     if any(k is not None for k in kept):
         _keep(model, cache, kept, prompts, outs, valid, P, fed)
     return outs
-
-
-def _common(a, b):
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 def _left_padded(kept, reuse, C, device):

@@ -56,8 +56,7 @@ from support import hf
 from support.runs import chat_backbone
 from support.watch import TrackerError, Trackers, plot_run
 from env import Tokenizer
-from model import branch_logprobs, run_trunk, shares, token_logprobs
-from model import trunk_of
+from model import branch_logprobs, run_trunk, shares, token_logprobs, trunk_of
 from pretrain import autocast, check_stage1_rows, stage1, stage2_rows, warmup
 from sampling import CompileError
 
@@ -270,29 +269,26 @@ def loss_passes(model, tok, agent, student_p, teacher_p, ys, grammar, opts, devi
     trunk. The plain path, and the fallback where the prompts share no prefix: every message under
     its own whole prompt (model.token_logprobs). The two agree to round-off (the tests)."""
     lp = dict(grammar=grammar, temperature=opts.temperature)
-    trunk = trunk_of(student_p)[0] if opts.shared else []
+    trunk, shared = trunk_of(student_p) if opts.shared else ([], None)
     t0 = time.perf_counter()
-    if trunk:
-        kv = run_trunk(model, trunk, device)  # (with gradient: the student back-propagates into it)
-        t1 = time.perf_counter()
+    # the trunk with gradient: the student back-propagates into its keys and values
+    kv = run_trunk(model, trunk, device) if trunk else None
+    t1 = time.perf_counter()
 
-        def score(prompts, kv=kv):
-            return branch_logprobs(model, kv, prompts, shares(prompts, trunk), ys, tok.pad_id,
-                                   device, **lp)
-    else:
-        t1 = t0
-
-        def score(prompts, kv=None):
+    def score(prompts, kv, shared):
+        if not trunk:
             return token_logprobs(model, prompts, ys, tok.pad_id, device, **lp)
+        return branch_logprobs(model, kv, prompts, shared, ys, tok.pad_id, device, **lp)
     with torch.no_grad():
-        t_lp = score(teacher_p) if opts.lam else None
+        t_lp = (score(teacher_p, kv, shares(teacher_p, trunk) if trunk else None) if opts.lam
+                else None)
     t2 = time.perf_counter()
-    s_lp = score(student_p)
+    s_lp = score(student_p, kv, shared)
     b_lp = None
     if opts.kl:                  # the untrained base: no adapter, its own trunk
         model.set_adapter(None)
         with torch.no_grad():
-            b_lp = score(student_p, run_trunk(model, trunk, device) if trunk else None)
+            b_lp = score(student_p, run_trunk(model, trunk, device) if trunk else None, shared)
         model.set_adapter(agent)
     return t_lp, s_lp, b_lp, (t2 - t1, (t1 - t0) + time.perf_counter() - t2)
 
