@@ -3171,8 +3171,10 @@ def test_hf_model_runs_the_whole_pipeline(synth, tmp_path, tiny_hf, capsys, monk
     r = run(["train.py"] + args + ["--steps", "2", "--warmup-steps", "1", "--pretrain-batch", "2"])
     assert r.returncode == 0, r.stderr[-3000:]
     assert "stage 1 skipped" in r.stdout and "warm-up: 1 steps" in r.stdout and "| CoARS |" in r.stdout
+    # the reference row is trained on a chat model too (the table of issue 49 has it)
+    assert "SFT reference: 2 steps" in r.stdout and "| SFT on stage-2 samples |" in r.stdout
     run_dir = tmp_path / "out" / "ml-1m"
-    assert not (run_dir / "base.pt").exists()
+    assert not (run_dir / "base.pt").exists() and (run_dir / "peft" / "sft").is_dir()
     r = run(["tools/viewer.py", "--run", str(run_dir), "--show", "1", "--html", str(tmp_path / "chat.html")])
     assert r.returncode == 0 and "=== conversation 1" in r.stdout and "mean token credit" in r.stdout, r.stderr[-3000:]
     said = [line.split("RecAgent: ", 1)[1].split("  -> HIT")[0] for line in r.stdout.splitlines() if "RecAgent: " in line]
@@ -3657,7 +3659,7 @@ def test_suite_shares_a_hugging_face_backbone(synth, tmp_path, tiny_hf, monkeypa
                        eval_test_n=3, n_boot=20, ckpt_every=0, eval_returns_n=2)
     logs = []
     s = suite.run_suite(cfg, "tiny", 1, tmp_path / "s", logs.append)
-    assert list(s["methods"])[-2:] == ["No distill", "CoARS"] and s["n_samples"] == 3
+    assert list(s["methods"])[-3:] == ["SFT on stage-2 samples", "No distill", "CoARS"] and s["n_samples"] == 3
     assert any("stage 1 skipped" in m for m in logs) and not (tmp_path / "s" / "base.pt").exists()
     for d, lam in (("no-distill-seed0", 0.0), ("coars-seed0", 0.1)):   # each run: its own adapters and options
         ad = torch.load(tmp_path / "s" / d / "coars.pt", weights_only=True)

@@ -540,7 +540,7 @@ def final_evaluation(cfg, model, tok, data, device, log=print):
             raise Stopped("at the start of a phase")
         log(msg)
     t0 = time.time()
-    if cfg.sft_reference and cfg.steps and not cfg.model and not model.has_adapter("sft"):
+    if cfg.sft_reference and cfg.steps and not model.has_adapter("sft"):
         sft_reference(cfg, model, tok, data, device, log_or_stop)
     t_sft = round(time.time() - t0, 1)
     res = evaluate_run(cfg, model, tok, data, device, log_or_stop)

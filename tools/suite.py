@@ -151,8 +151,8 @@ UNTRAINED = BASELINES + ("Memory-based ARS", SFT)   # the rows beside a run's tr
 
 
 def has_sft(cfg):
-    """Whether the suite has the SFT reference row: built-in model, --sft-reference, stage-2 steps."""
-    return bool(not cfg.model and cfg.sft_reference and cfg.steps)
+    """Whether the suite has the SFT reference row: --sft-reference and stage-2 steps."""
+    return bool(cfg.sft_reference and cfg.steps)
 
 
 def run_suite(cfg, suite, seeds, suite_dir, log=print, full_seeds=False, methods=None):
