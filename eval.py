@@ -32,7 +32,7 @@ import torch
 from data.prepare import stage2_rows
 from env import (POSITIVE, Trajectory, Turn, candidate_bias, closest_history_item, new_trajectory,
                  record_user, rejected_items, rollout, write_messages)
-from model import next_token_scores
+from scoring import next_token_scores
 from reward import turn_rewards
 from support.chat import chat_candidate_scores
 from support.report import results_table, write_results

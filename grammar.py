@@ -1,9 +1,9 @@
 """
 Grammars of the agents' messages [ours, docs/method.md section 5]: which tokens a message may hold
-at each position. Sampling (sampling.generate) and every log-prob (model.token_logprobs: policy,
+at each position. Sampling (sampling.generate) and every log-prob (scoring.token_logprobs: policy,
 teacher, student, the --user-kl base) read the same Grammar.allowed, so a message is decoded from,
 and scored under, one restricted softmax. A file of its own because env.py (the built-in message
-format), support/chat.py (chat models' titles and replies), sampling.py and model.py all build or
+format), support/chat.py (chat models' titles and replies), sampling.py and scoring.py all build or
 read grammars; it is plain Python, no tensors.
 
 A message is a sequence of parts; each part is

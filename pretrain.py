@@ -52,7 +52,8 @@ from env import (ACTION_RANGE, Turn, closest_history_item, finish_turn, new_traj
 from support.checkpoint import (STOP, Stopped, check_bad_streak, data_fingerprint, finite,
                                 log_jsonl, metrics_lines,
                                plain_progress, rng_state, save_checkpoint, set_rng_state)
-from model import build_model, causal_mask, freeze, logprobs_of, next_token_scores, pack, positions
+from model import build_model, causal_mask, freeze, positions
+from scoring import logprobs_of, next_token_scores, pack
 
 
 # --------------------------------------------------------------------------------------------------

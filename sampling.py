@@ -12,10 +12,10 @@ What is here:
     tests check generate() against it token for token, compiled or not.
   - decoding under a grammar [ours, docs/method.md section 5] (grammar.Grammar: which tokens may
     come next in one message, given what it holds so far): generate() samples each token from the
-    softmax restricted to those tokens, and model.token_logprobs() scores every token over the same
-    restricted softmax (policy, teacher, student, base), so a message decoded under its grammar is
-    valid by construction and RL's gradient falls on the decisions (which item, which action and
-    score), not on the format.
+    softmax restricted to those tokens, and scoring.token_logprobs() scores every token over the
+    same restricted softmax (policy, teacher, student, base), so a message decoded under its
+    grammar is valid by construction and RL's gradient falls on the decisions (which item, which
+    action and score), not on the format.
 
 Shapes in comments: B batch, T time, C channels, V vocab.
 """
@@ -25,7 +25,8 @@ import weakref
 import torch
 
 from grammar import row_grammars
-from model import GPT, causal_mask, common_prefix, positions
+from model import GPT, causal_mask, positions
+from scoring import common_prefix
 
 
 # Keyed sampling [ours]. An episode's random draws depend only on its own key and the token's step,
@@ -139,7 +140,7 @@ class CompileError(RuntimeError):
 
 def head_logits(h, head_t):
     """(B,V) next-token logits of hidden states h (B,C) under the output head head_t (C,V), in
-    float32 whatever the weights' dtype (float64 stays): the precision model.score_tokens scores
+    float32 whatever the weights' dtype (float64 stays): the precision scoring.score_tokens scores
     the same tokens in, so that on a GPU's bf16 model the distribution sampled from is the one the
     loss scores (bf16 products would be off by about 0.03 in a logit)."""
     acc = torch.float64 if h.dtype == torch.float64 else torch.float32
@@ -168,9 +169,9 @@ def generate(model, prompts, max_new, pad_id, stop_ids=(), temperature=1.0, gene
     sample_next). compile: run the decode steps through torch.compile (built-in GPT only; same
     tokens, see decoder()). grammar: optional list, per row, of a Grammar (None = unconstrained):
     each token is drawn from the softmax restricted to grammar.allowed(what the row wrote so far),
-    the support model.token_logprobs scores the same token over. kept: optional list, per row, of a
-    Kept: the keys and values of the tokens the row's prompt shares with kept.ids are taken from it
-    instead of being computed again, and afterwards it holds this call's (its prompt and the
+    the support scoring.token_logprobs scores the same token over. kept: optional list, per row, of
+    a Kept: the keys and values of the tokens the row's prompt shares with kept.ids are taken from
+    it instead of being computed again, and afterwards it holds this call's (its prompt and the
     message tokens that went through the model). logprobs: an optional list that receives, per row,
     the log-prob of each token written under the distribution it was drawn from (temperature,
     grammar and tilt; 0 for greedy rows is not special: it is the softmax's at temperature 1).

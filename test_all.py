@@ -36,6 +36,7 @@ import distill  # noqa: E402
 import env  # noqa: E402
 from support import hf, report  # noqa: E402
 import model as model_mod  # noqa: E402
+import scoring  # noqa: E402
 import pretrain  # noqa: E402
 import sampling  # noqa: E402
 import eval as ev  # noqa: E402
@@ -45,8 +46,8 @@ from data.prepare import DataConfig, DataError, prepare  # noqa: E402
 from data.sasrec import SASRecConfig  # noqa: E402
 from data.synthetic import make_ml1m_zip  # noqa: E402
 from env import Tokenizer  # noqa: E402
-from model import (GPT, GPTConfig, causal_mask, logprobs_of, positions, token_logprobs,  # noqa: E402
-                   token_logprobs_reference)
+from model import GPT, GPTConfig, causal_mask, positions  # noqa: E402
+from scoring import logprobs_of, token_logprobs, token_logprobs_reference  # noqa: E402
 import grammar as grammar_mod  # noqa: E402
 from grammar import first_token_grammar  # noqa: E402
 from sampling import generate, generate_nocache  # noqa: E402
@@ -479,7 +480,7 @@ def test_restricted_decoding_names_only_candidates_and_matches_its_reference():
         assert torch.allclose(f.double(), r, atol=1e-5)
         assert f[0] > u[0] + 0.5 and torch.allclose(f[1:].double(), u[1:], atol=1e-5)
     # by hand: the restricted log-prob is log softmax over the 20 candidates' logits
-    z = model_mod.next_token_scores(m, prompts[:1], [first[0]], tok.pad_id)[0].double()
+    z = scoring.next_token_scores(m, prompts[:1], [first[0]], tok.pad_id)[0].double()
     assert float(fast[0][0].detach()) == pytest.approx(float(torch.log_softmax(z, 0)[3]), abs=1e-5)
 
 
@@ -518,7 +519,7 @@ def test_prior_weight_tilts_the_recagent_item_everywhere_it_is_drawn_or_scored(d
                                          temperature=temperature, keys=keys, grammar=gw)
             assert all(tok.parse_rec(o, tr.cands) is not None for o, tr in zip(a, trajs))
     ys = a
-    z = model_mod.next_token_scores(m, prompts, [[tok.item(c) for c in tr.cands] for tr in trajs],
+    z = scoring.next_token_scores(m, prompts, [[tok.item(c) for c in tr.cands] for tr in trajs],
                                     tok.pad_id).double()
     lpw = torch.tensor([tr.prior_lp for tr in trajs], dtype=torch.float64)
     for temperature in (1.0, 0.7):
@@ -535,7 +536,7 @@ def test_prior_weight_tilts_the_recagent_item_everywhere_it_is_drawn_or_scored(d
     # eval's ranking: logit + w lp with the hint, the untilted agent without it
     rows = np.arange(len(data.valid_user))
     vt = [env.new_trajectory(data, "valid", r) for r in rows]
-    zv = model_mod.next_token_scores(m, [tok.render_rec(tr, 0) for tr in vt],
+    zv = scoring.next_token_scores(m, [tok.render_rec(tr, 0) for tr in vt],
                                      [[tok.item(c) for c in tr.cands] for tr in vt], tok.pad_id).double()
     pick = (zv + w * torch.tensor(data.valid_prior_lp, dtype=torch.float64)).argmax(1).numpy()
     want = (data.valid_cands[rows, pick] == data.valid_target).astype(float)
@@ -1002,7 +1003,7 @@ def test_mean_baseline_is_subtracted(data):
         none, st = train.agent_loss(m, tok, trajs, distill.ReferenceBuffer(), "rec", train.LossOptions(rcfg, 0.0, baseline="none"))
         mean, _ = train.agent_loss(m, tok, trajs, distill.ReferenceBuffer(), "rec", train.LossOptions(rcfg, 0.0, baseline="mean"))
         msgs = distill.collect_messages(tok, trajs, distill.ReferenceBuffer(), "rec", rcfg)
-        lps = model_mod.token_logprobs(m, [x[0] for x in msgs], [x[2] for x in msgs], tok.pad_id,
+        lps = scoring.token_logprobs(m, [x[0] for x in msgs], [x[2] for x in msgs], tok.pad_id,
                                        grammar=[x[4] for x in msgs])
     b = st["reward"]
     assert abs(b) > 0.01
@@ -1343,7 +1344,7 @@ def test_evaluate_end_to_end_with_known_answers(data, monkeypatch):
 
 
 # --------------------------------------------------------------------------------------------------
-# model.py: fast paths against references, LoRA
+# model.py and scoring.py: fast paths against references, LoRA
 
 
 def test_tokenizer_roundtrip():
@@ -3343,7 +3344,7 @@ def test_sampled_logprobs_are_the_scored_ones(data):
 
 def test_head_logits_in_float32_for_a_bf16_model():
     """On a GPU's bf16 model the sampler's logits are float32 products of the bf16 hidden states and
-    head, the precision the loss scores in (model.score_tokens): within 1e-4 of float64, where the
+    head, the precision the loss scores in (scoring.score_tokens): within 1e-4 of float64, where the
     bf16 product (the sampler before) is off by far more."""
     g = torch.Generator().manual_seed(0)
     h = (torch.randn(8, 64, generator=g) * 2).bfloat16()
@@ -3353,13 +3354,13 @@ def test_head_logits_in_float32_for_a_bf16_model():
     assert (((h @ w.t()).float()).double() - exact).abs().max() > 1e-2        # what it replaced
     # the loss takes the same bf16 hidden states to float32 before the temperature
     y = torch.randint(0, 300, (8,), generator=g)
-    lp = model_mod.score_tokens(type("M", (), {"head_weight": w})(), h, y, [[0] * 8], temperature=0.7)[0]
+    lp = scoring.score_tokens(type("M", (), {"head_weight": w})(), h, y, [[0] * 8], temperature=0.7)[0]
     ref = torch.log_softmax(exact / 0.7, -1).gather(1, y[:, None])[:, 0]
     assert lp.dtype == torch.float32 and (lp.double() - ref).abs().max() < 1e-4
 
 
 def test_trunk_and_branches_match_the_float64_reference(data, tiny_hf):
-    """model.branch_logprobs: prompts that share a trunk (the tree of one agent's prompts in an
+    """scoring.branch_logprobs: prompts that share a trunk (the tree of one agent's prompts in an
     episode: a fixed head, growing memory, a tail; a teacher's with a reference inserted) scored as
     branches after the trunk, right-padded to the longest, equal token_logprobs_reference (each
     pair alone, float64) to 1e-5; prompts with nothing in common have an empty trunk (the loss then
@@ -3370,13 +3371,13 @@ def test_trunk_and_branches_match_the_float64_reference(data, tiny_hf):
         mems = [list(range(100, 100 + 4 * k)) for k in range(4)]
         prompts = [head + mem + tail for mem in mems] + [head + mems[2] + ref + tail]
         comps = [[5, 6, 7], [8], [9, 10, 11, 12, 13], [14, 15], [5, 6, 7]]
-        trunk, shared = model_mod.trunk_of(prompts[:4])
+        trunk, shared = scoring.trunk_of(prompts[:4])
         assert trunk == head + mems[3][:8] and shared == [20, 24, 28, 28], name   # cut after the last one shared
-        kv = model_mod.run_trunk(m, trunk)
-        fast = model_mod.branch_logprobs(m, kv, prompts, model_mod.shares(prompts, trunk), comps, tok.pad_id)
+        kv = scoring.run_trunk(m, trunk)
+        fast = scoring.branch_logprobs(m, kv, prompts, scoring.shares(prompts, trunk), comps, tok.pad_id)
         slow = token_logprobs_reference(m, prompts, comps, tok.pad_id)
         assert all(torch.allclose(f.double(), s, atol=1e-5) for f, s in zip(fast, slow)), name
-        assert model_mod.trunk_of([[1, 2, 3], [4, 5, 6]])[0] == []
+        assert scoring.trunk_of([[1, 2, 3], [4, 5, 6]])[0] == []
 
 
 def test_shared_prefix_loss_equals_the_per_message_path(data, tiny_hf):
@@ -3984,7 +3985,7 @@ def test_config_flag_repeats_a_run_and_names_a_wrong_key(small_run, tmp_path, ca
 # one, and the imports have no cycle. tools/ stands on the core; the core's loop (the run, the
 # objective, the metrics) leans on support/; support/ and the loop stand on the core's base.
 FLOORS = {"tools": 3, "train.py": 2, "eval.py": 2, "pretrain.py": 2, "distill.py": 2, "support": 1,
-          "model.py": 0, "grammar.py": 0, "sampling.py": 0, "env.py": 0, "reward.py": 0, "config.py": 0, "data": 0}
+          "model.py": 0, "scoring.py": 0, "grammar.py": 0, "sampling.py": 0, "env.py": 0, "reward.py": 0, "config.py": 0, "data": 0}
 
 
 def project_imports(root):

@@ -56,7 +56,7 @@ from support import hf
 from support.runs import chat_backbone
 from support.watch import TrackerError, Trackers, plot_run
 from env import Tokenizer
-from model import branch_logprobs, run_trunk, shares, token_logprobs, trunk_of
+from scoring import branch_logprobs, run_trunk, shares, token_logprobs, trunk_of
 from pretrain import autocast, check_stage1_rows, stage1, stage2_rows, warmup
 from sampling import CompileError
 
@@ -261,13 +261,13 @@ def loss_passes(model, tok, agent, student_p, teacher_p, ys, grammar, opts, devi
     student's with gradient, the base's for --user-kl or None, (teacher seconds, student
     seconds)).
 
-    opts.shared (--shared-prefix): the student prompts' trunk (model.trunk_of, e.g. the system
+    opts.shared (--shared-prefix): the student prompts' trunk (scoring.trunk_of, e.g. the system
     text, the history and the candidates, and the memory lines of the longest prompt) runs once
     with gradient; the teacher's and the student's branches (what each prompt adds, then the
     message) run against its keys and values, the teacher's without gradient: its prompt is the
     student's with the hindsight reference inserted after the shared part, so it shares the same
     trunk. The plain path, and the fallback where the prompts share no prefix: every message under
-    its own whole prompt (model.token_logprobs). The two agree to round-off (the tests)."""
+    its own whole prompt (scoring.token_logprobs). The two agree to round-off (the tests)."""
     lp = dict(grammar=grammar, temperature=opts.temperature)
     trunk, shared = trunk_of(student_p) if opts.shared else ([], None)
     t0 = time.perf_counter()

@@ -63,8 +63,8 @@ import torch
 
 from env import ACTION_RANGE, action_of_score, score_fits
 from grammar import Grammar, Text, trie
-from model import (causal_mask, padded_supports, positions, restricted_logprobs,
-                   token_logprobs_reference)
+from model import causal_mask, positions
+from scoring import padded_supports, restricted_logprobs, token_logprobs_reference
 
 REF_MARK = "@@REFERENCE@@"
 # the assistant's turn starts with the first field (module docstring)

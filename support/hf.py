@@ -14,7 +14,7 @@ What is here:
     is one sentence (ModelLoadError, which train.py reports as an error) naming the model and the
     fix.
   - HFBackbone: wraps the causal LM so that it has the built-in GPT's interface, which every fast
-    path uses (sampling.generate, model.token_logprobs): forward(idx, pos, mask, cache, start) ->
+    path uses (sampling.generate, scoring.token_logprobs): forward(idx, pos, mask, cache, start) ->
     the last hidden states (B,T,C), head_weight (V,C), new_cache(), max_len, and the project's own
     LoRA (model.LoRALinear) on chosen linear layers. Our (B,1,T,Tk) boolean mask (True = may attend)
     is passed to the model as a custom 4-D mask, which transformers uses as it is; the attention is
@@ -189,7 +189,7 @@ class KVCache:
     different lengths). Without autograd the columns go into a buffer that doubles when full, so a
     decode step writes one column instead of copying the whole cache (transformers' DynamicCache
     concatenates at every step); with autograd (the loss's branches after a shared trunk,
-    model.branch_logprobs) update concatenates, which is differentiable."""
+    scoring.branch_logprobs) update concatenates, which is differentiable."""
 
     def __init__(self, kv=()):
         self.k = [k for k, _ in kv]           # per layer: the states, or a buffer of capacity

@@ -1,8 +1,8 @@
 """
 Benchmarks of the two places where RL for language models spends its time: sampling rollouts and
 per-token log-probs (teacher and student passes). A file of its own because it is not part of the
-method: it measures model.py's fast paths against what people would use instead, in one process,
-and prints ratios.
+method: it measures the fast paths of model.py, scoring.py and sampling.py against what people
+would use instead, in one process, and prints ratios.
 
     python tools/bench.py                    # everything (about 45 min on 2 CPU cores)
     python tools/bench.py --only gen         # one part: gen, logprob, iter, step
@@ -19,7 +19,7 @@ and prints ratios.
    (sequential residual, full rotary, exact GELU, biases) whose output head is the normalised token
    embedding, so `to_gpt_neox` copies its weights into transformers' GPTNeoXForCausalLM; the test
    suite checks that both give the same logits. Greedy outputs must be identical.
-2. Per-token log-probs of given tokens, forward and backward: model.logprobs_of (head only on the
+2. Per-token log-probs of given tokens, forward and backward: scoring.logprobs_of (head only on the
    scored rows, chunked log-sum-exp, hand-written backward) against the plain
    `(h @ W.T).float().log_softmax(-1).gather(...)`, each in a fresh subprocess. Peak memory is
    what one forward + backward needs beyond its inputs: the rise of the resident set's high-water
@@ -51,7 +51,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent          # the repository: `python tools/bench.py` works from anywhere
 sys.path.insert(0, str(ROOT))
 
-from model import GPT, GPTConfig, logprobs_of  # noqa: E402
+from model import GPT, GPTConfig  # noqa: E402
+from scoring import logprobs_of  # noqa: E402
 from sampling import generate  # noqa: E402
 
 

@@ -33,7 +33,7 @@ import numpy as np  # noqa: E402
 from config import UserError  # noqa: E402
 from env import new_trajectory  # noqa: E402
 from eval import mean_ci  # noqa: E402
-from model import next_token_scores  # noqa: E402
+from scoring import next_token_scores  # noqa: E402
 from support.distributed import device_of  # noqa: E402
 from support.runs import add_run_args, load_run  # noqa: E402
 

@@ -83,7 +83,8 @@ def stage1_floor(train_args, repeat=3):
 
     from data.prepare import prepare
     from env import Tokenizer
-    from model import build_model, logprobs_of
+    from model import build_model
+    from scoring import logprobs_of
     from pretrain import dialogue_doc, lm_loss, sequence_doc, stage1_parts
     from train import parse_args
     cfg = parse_args(train_args)

@@ -29,7 +29,7 @@ from env import (ACTION_RANGE, Turn, finish_turn, message_grammar, new_trajector
                  score_fits, write_messages)
 from support.distributed import device_of  # noqa: E402
 from support.runs import add_run_args, load_run  # noqa: E402
-from model import token_logprobs  # noqa: E402
+from scoring import token_logprobs  # noqa: E402
 from reward import turn_rewards  # noqa: E402
 
 
