@@ -4,6 +4,7 @@ Evaluation of CoARS and its baselines (docs/method.md section 6).
     python eval.py --run out/ml-latest-small            # evaluate a finished training run
     python eval.py --run out/ml-latest-small --split valid
     python eval.py --run out/ml-latest-small --plot       # only its curves.png (support/watch.py)
+    python eval.py --run out/smol --max-samples 200 --returns-n 100   # a subset, fewer returns
 
 Metrics, each with a 95% bootstrap interval over test samples (one sample per user):
   - Hit@1: the final recommended item is the target, over ALL samples (invalid = miss).
@@ -18,9 +19,13 @@ split), SASRec top-1 (the prior), and the memory-based (Reflexion-style) ARS: th
 the agents before CoARS (the pretrained base, no adapters), learning only through in-episode
 memory. Evaluation decodes greedily (temperature 0), so a checkpoint always scores the same.
 Paired bootstrap intervals compare CoARS with each baseline on the same samples.
+Each agent pair's per-sample results, and each user's returns, are kept beside the run folder
+(out/eval-parts/, part_key) as they are finished: a stopped evaluation continues where it stopped.
 """
 
 import argparse
+import dataclasses
+import hashlib
 import json
 import sys
 import time
@@ -35,6 +40,7 @@ from env import (POSITIVE, Trajectory, Turn, candidate_bias, closest_history_ite
 from scoring import next_token_scores
 from reward import turn_rewards
 from support.chat import chat_candidate_scores
+from support.checkpoint import code_digest, kept_part, weights_digest
 from support.report import results_table, write_results
 
 # --------------------------------------------------------------------------------------------------
@@ -260,36 +266,55 @@ CONSTANT_USERS = {"always click (1.00)": lambda traj, turn: ("click", 1.0),
 def user_returns(model, tok, data, rows, keys, reward_cfg, t_max, device, rec_adapter="rec",
                  temperature=1.0, decoding="grammar", batch=256, n_boot=1000, seed=0,
                  users=(("trained UserAgent", "user"), ("untrained UserAgent", None)),
-                 log=lambda *a: None):
+                 log=lambda *a: None, keep=None):
     """The UserAgent's Eq. 8 return per episode (the sum of its turns' R_user; left-out turns 0, an
     invalid message -1) on stage-2 training samples, rolled out as in training (temperature,
     keyed sampling with the given keys) against the RecAgent `rec_adapter`, for each user in
     `users` (name, adapter) and for the two constant users of CONSTANT_USERS. A trained UserAgent
     whose return is no higher than a constant's is gaming the reward, not judging. Returns
     {name: {"mean", "lo", "hi"}} plus the share of turns each user accepted. log: a progress line
-    per user."""
+    per user. keep: a folder where each user's returns are kept (as evaluate's pairs are)."""
     out = {}
     players = [(n, a, None) for n, a in users] + [(n, None, f) for n, f in CONSTANT_USERS.items()]
     for k, (name, adapter, script) in enumerate(players, 1):
         log(f"constant users' returns: {name} ({k}/{len(players)}) on {len(rows)} stage-2 samples")
-        trajs = [new_trajectory(data, "train", r) for r in rows]
-        for tr, k in zip(trajs, keys):
-            tr.key = int(k)
-        tick = progress(log, f"returns of the {name}" if adapter or not script else
-                        f"returns of {name}", len(trajs))
-        for s in range(0, len(trajs), batch):
-            rollout(model, tok, data, trajs[s:s + batch], t_max=t_max, temperature=temperature,
-                    device=device, rec_adapter=rec_adapter, user_adapter=adapter, batch=batch,
-                    decoding=decoding, user=script)
-            tick(len(trajs[s:s + batch]))
-        ret = [sum(r for _, r in turn_rewards(tr, **reward_cfg) if r is not None) for tr in trajs]
-        answered = [t for tr in trajs for t in tr.turns if t.user_valid]
-        mu, lo, hi = mean_ci(ret, n_boot, seed)
-        out[name] = dict(mean=mu, lo=lo, hi=hi,
-                         accept=float(np.mean([t.action in POSITIVE for t in answered])) if answered
-                         else float("nan"), train_hit=float(np.mean([tr.hit for tr in trajs])))
+
+        def play():
+            trajs = [new_trajectory(data, "train", r) for r in rows]
+            for tr, key in zip(trajs, keys):
+                tr.key = int(key)
+            tick = progress(log, f"returns of the {name}" if adapter or not script else
+                            f"returns of {name}", len(trajs))
+            for s in range(0, len(trajs), batch):
+                rollout(model, tok, data, trajs[s:s + batch], t_max=t_max, temperature=temperature,
+                        device=device, rec_adapter=rec_adapter, user_adapter=adapter, batch=batch,
+                        decoding=decoding, user=script)
+                tick(len(trajs[s:s + batch]))
+            answered = [t for tr in trajs for t in tr.turns if t.user_valid]
+            return dict(ret=[sum(r for _, r in turn_rewards(tr, **reward_cfg) if r is not None)
+                             for tr in trajs],
+                        accept=float(np.mean([t.action in POSITIVE for t in answered]))
+                        if answered else float("nan"),
+                        train_hit=float(np.mean([tr.hit for tr in trajs])))
+        key = part_key(model, (rec_adapter, adapter), data, device, part=f"returns of {name}",
+                       rows=rows, keys=keys, user=script and name, reward=reward_cfg, t_max=t_max,
+                       temperature=temperature, decoding=decoding)
+        got = kept_part(keep, key, play, log)
+        mu, lo, hi = mean_ci(got["ret"], n_boot, seed)
+        out[name] = dict(mean=mu, lo=lo, hi=hi, accept=got["accept"], train_hit=got["train_hit"])
     model.set_adapter(None)
     return out
+
+
+def part_key(model, adapters, data, device, **what):
+    """The key of an evaluation part (support/checkpoint.kept_part): the agents' weights (the base
+    and the adapters in use), the code, the data, the device type and `what` (the samples, the
+    options); arrays enter by their sha1. A kept part is reused only where all of these match."""
+    plain = {k: hashlib.sha1(np.ascontiguousarray(v).tobytes()).hexdigest()
+             if isinstance(v, np.ndarray) else v for k, v in what.items()}
+    return dict(plain, weights=weights_digest(model, adapters), code=code_digest(),
+                data=[data.meta["raw_sha256"], data.meta["options"]],
+                device=torch.device(device).type)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -298,7 +323,7 @@ def user_returns(model, tok, data, rows, keys, reward_cfg, t_max, device, rec_ad
 
 def evaluate(model, tok, data, split="test", t_max=5, device="cpu", n_boot=1000, seed=0,
              agents=(("Memory-based ARS", (None, None)), ("CoARS", ("rec", "user"))), log=print,
-             max_samples=0, per_sample=False, decoding="grammar"):
+             max_samples=0, per_sample=False, decoding="grammar", keep=None):
     """Evaluate the baselines and each agent pair in `agents` on a split. Returns a results dict
     (JSON-ready) with per-method metrics and intervals, and paired comparisons to the last pair.
     max_samples > 0 evaluates a fixed random subset of the split (the same for every method).
@@ -307,7 +332,9 @@ def evaluate(model, tok, data, split="test", t_max=5, device="cpu", n_boot=1000,
     rows of every table (docs/method.md section 6): a random pick's Hit@1 is 1/K whatever the number
     of turns (the last of up to 5 distinct random picks is still uniform over the K candidates), and
     a UserAgent that accepts everything has the F1 of the "Accept everything" row (2/3 with one
-    negative per positive)."""
+    negative per positive). keep: a folder where each agent pair's per-sample results are kept
+    (part_key), so that a stopped evaluation continues at the next pair, and where a pair another
+    run already evaluated (the same base untrained) is read instead of played again."""
     t0 = time.time()
     rows = np.arange(len(getattr(data, f"{split}_user")))
     f1_rows = np.arange(len(data.f1_item))
@@ -326,23 +353,30 @@ def evaluate(model, tok, data, split="test", t_max=5, device="cpu", n_boot=1000,
     f1_preds = {}
     for name, adapters in agents:
         log(f"evaluating {name} on {len(rows)} {split} samples")
-        # plain progress lines where stdout is not a terminal: episodes, two rankings, judgements
-        tick = progress(log, f"evaluating {name} (episodes, rankings, F1 judgements)",
-                        3 * len(rows) + len(f1_rows))
-        _, m = run_ars(model, tok, data, split, rows, adapters, t_max, device, batch=tok.eval_batch,
-                       decoding=decoding, tick=tick)
-        m.update(rank_metrics(model, tok, data, split, rows, adapters[0], device,
-                              batch=tok.eval_batch, tick=tick))
-        # what the RecAgent knows of the user by itself (one more pass per sample)
-        nohint = rank_metrics(model, tok, data, split, rows, adapters[0], device, ks=(1,),
-                              batch=tok.eval_batch, hint=False, tick=tick)
-        m["HR@1 no hint"] = nohint["HR@1"]
-        if tok.chat:
-            m["HR@1 no hint (token mean)"] = nohint["HR@1 (token mean)"]
-        per[name] = m
-        f1_preds[name] = user_judgements(model, tok, data, adapters[1], device,
-                                         batch=tok.eval_batch, f1_rows=f1_rows, decoding=decoding,
-                                         tick=tick)
+
+        def one_pair():
+            # plain progress lines where stdout is not a terminal: episodes, rankings, judgements
+            tick = progress(log, f"evaluating {name} (episodes, rankings, F1 judgements)",
+                            3 * len(rows) + len(f1_rows))
+            _, m = run_ars(model, tok, data, split, rows, adapters, t_max, device,
+                           batch=tok.eval_batch, decoding=decoding, tick=tick)
+            m.update(rank_metrics(model, tok, data, split, rows, adapters[0], device,
+                                  batch=tok.eval_batch, tick=tick))
+            # what the RecAgent knows of the user by itself (one more pass per sample)
+            nohint = rank_metrics(model, tok, data, split, rows, adapters[0], device, ks=(1,),
+                                  batch=tok.eval_batch, hint=False, tick=tick)
+            m["HR@1 no hint"] = nohint["HR@1"]
+            if tok.chat:
+                m["HR@1 no hint (token mean)"] = nohint["HR@1 (token mean)"]
+            acc, ok = user_judgements(model, tok, data, adapters[1], device, batch=tok.eval_batch,
+                                      f1_rows=f1_rows, decoding=decoding, tick=tick)
+            return dict(m={k: np.asarray(v, float).tolist() for k, v in m.items()},
+                        accept=acc.tolist(), valid=ok.tolist())
+        key = part_key(model, adapters, data, device, part=f"evaluating {name}", split=split,
+                       rows=rows, f1_rows=f1_rows, t_max=t_max, decoding=decoding)
+        got = kept_part(keep, key, one_pair, log)
+        per[name] = {k: np.asarray(v, float) for k, v in got["m"].items()}
+        f1_preds[name] = (np.asarray(got["accept"], bool), np.asarray(got["valid"], bool))
     for name, m in per.items():
         r = {}
         for k, v in m.items():
@@ -388,19 +422,20 @@ def evaluate(model, tok, data, split="test", t_max=5, device="cpu", n_boot=1000,
     return res
 
 
-def evaluate_run(cfg, model, tok, data, device, log=print):
+def evaluate_run(cfg, model, tok, data, device, log=print, keep=None):
     """The test evaluation of a finished run (train.py's, and eval.py's again): Random, Pop, SASRec
     top-1, the memory-based ARS, the reference row 'SFT on stage-2 samples' when the model has
     that adapter (train.sft_reference), CoARS; then the UserAgent's Eq. 8 return beside the
     constant users' on --eval-returns-n stage-2 samples (user_returns). res["phase_s"]: the
-    seconds of each phase. Every phase starts with a log line (a caller may stop there)."""
+    seconds of each phase. Every phase starts with a log line (a caller may stop there). keep: the
+    folder of kept parts (evaluate), where a stopped evaluation continues."""
     res = evaluate(model, tok, data, "test", cfg.t_max, device, cfg.n_boot, cfg.seed,
                    agents=run_agents(model), max_samples=cfg.eval_test_n, decoding=cfg.decoding,
-                   log=log, per_sample=True)
+                   log=log, per_sample=True, keep=keep)
     res["phase_s"] = {"test_evaluation": res["seconds"]}
     if cfg.eval_returns_n:
         t0 = time.time()
-        res["user_returns"] = run_user_returns(cfg, model, tok, data, device, log)
+        res["user_returns"] = run_user_returns(cfg, model, tok, data, device, log, keep)
         res["phase_s"]["constant_users_returns"] = round(time.time() - t0, 1)
     return res
 
@@ -412,13 +447,19 @@ def run_agents(model):
     return (("Memory-based ARS", (None, None)),) + sft + (("CoARS", ("rec", "user")),)
 
 
-def run_user_returns(cfg, model, tok, data, device, log=lambda *a: None):
+def run_user_returns(cfg, model, tok, data, device, log=lambda *a: None, keep=None):
     """user_returns with a run's options, on its --eval-returns-n stage-2 samples
     (returns_sample)."""
     rows, keys = returns_sample(cfg, data)
     return user_returns(model, tok, data, rows, keys, cfg.reward_options(), cfg.t_max, device,
                         temperature=cfg.temperature, decoding=cfg.decoding, batch=tok.eval_batch,
-                        n_boot=cfg.n_boot, seed=cfg.seed, log=log)
+                        n_boot=cfg.n_boot, seed=cfg.seed, log=log, keep=keep)
+
+
+def parts_folder(run_dir):
+    """Where the evaluation parts of a run are kept: beside the run folder, shared by the runs of
+    one --out-dir (a part is keyed by what it depends on, not by the run)."""
+    return Path(run_dir).resolve().parent / "eval-parts"
 
 
 def returns_sample(cfg, data):
@@ -437,8 +478,12 @@ def main(argv=None):
                                             "docstring).")
     add_run_args(p, "test", "the split to evaluate; 'valid' writes results_valid.* beside the "
                             "run's test results")
-    p.add_argument("--max-samples", type=int, default=0,
-                   help="evaluate a fixed random subset of this size (0 = all)")
+    p.add_argument("--max-samples", type=int, default=-1,
+                   help="evaluate a fixed random subset of this size (0 = all; default: the "
+                        "run's --eval-test-n on test, all on valid)")
+    p.add_argument("--returns-n", type=int, default=-1,
+                   help="stage-2 samples for the constant users' Eq. 8 returns on test (0 = "
+                        "none; default: the run's --eval-returns-n)")
     p.add_argument("--plot", action="store_true",
                    help="only write the run's curves.png from its metrics.jsonl (needs "
                         "matplotlib), without evaluating")
@@ -458,16 +503,23 @@ def main(argv=None):
     except UserError as e:
         sys.exit(f"error: {e}")
     device = device_of(a.device)
-    if a.split == "test" and not a.max_samples:
-        res = evaluate_run(cfg, model, tok, data, device)
+    keep = parts_folder(a.run)          # a stopped evaluation continues where it stopped
+    default = a.max_samples < 0 and a.returns_n < 0
+    if a.split == "test":
+        cfg = dataclasses.replace(
+            cfg, eval_test_n=cfg.eval_test_n if a.max_samples < 0 else a.max_samples,
+            eval_returns_n=cfg.eval_returns_n if a.returns_n < 0 else a.returns_n)
+        res = evaluate_run(cfg, model, tok, data, device, keep=keep)
     else:
         res = evaluate(model, tok, data, a.split, cfg.t_max, device, cfg.n_boot, cfg.seed,
-                       agents=run_agents(model), max_samples=a.max_samples, decoding=cfg.decoding,
-                       per_sample=True)
-    # the full test evaluation is the run's results.json (as train.py writes it); any other goes
+                       agents=run_agents(model), max_samples=max(a.max_samples, 0),
+                       decoding=cfg.decoding, per_sample=True, keep=keep)
+    # the run's own test evaluation is its results.json (as train.py writes it); any other goes
     # beside it
-    name = "results" if a.split == "test" and not a.max_samples else \
-        f"results_{a.split}" + (f"_{a.max_samples}" if a.max_samples else "")
+    n = cfg.eval_test_n if a.split == "test" else max(a.max_samples, 0)
+    name = "results" if a.split == "test" and default else \
+        f"results_{a.split}" + (f"_{n}" if n else "") + \
+        (f"_returns{a.returns_n}" if a.returns_n >= 0 else "")
     write_results(res, a.run, name)
     print(results_table(res))
     print(f"\nwritten to {Path(a.run) / name}.md and .json")

@@ -18,6 +18,7 @@ import functools
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -1295,6 +1296,71 @@ def test_a_long_evaluation_says_how_far_it_is_where_stdout_is_not_a_terminal(dat
     assert any(x.startswith("returns of the trained UserAgent: 20/20") for x in lines), lines
 
 
+def test_a_stopped_evaluation_continues_with_its_kept_parts(data, tmp_path, monkeypatch):
+    """eval.evaluate / user_returns with keep= (support/checkpoint.kept_part): an evaluation
+    stopped in its second agent pair continues there (the first pair is read, not played again),
+    ends with the numbers of an evaluation without kept parts, and a part is reused only while
+    its key matches: another adapter, other samples or another turn limit play it again, while the
+    untrained pair (no adapter) is shared."""
+    tok = Tokenizer(data.n_items)
+    m = tiny_model(tok.vocab_size)
+    m.add_lora()
+    with torch.no_grad():                      # adapters that differ from the base
+        for n, p in m.named_parameters():
+            if ".adapters." in n:
+                p.normal_(0, 0.3)
+    monkeypatch.setattr(tok, "eval_batch", 8)
+    plain = ev.evaluate(m, tok, data, "test", t_max=2, n_boot=20, max_samples=12, per_sample=True,
+                        log=lambda *a: None)
+    played, real = [], ev.run_ars
+
+    def counted(*a, **kw):
+        played.append(a[5])                    # the agent pair's adapters
+        return real(*a, **kw)
+    monkeypatch.setattr(ev, "run_ars", counted)
+
+    def stop_in_coars(*a, **kw):               # a stop during the second pair's judgements
+        if a[3] == "user":
+            raise KeyboardInterrupt
+        return real_judge(*a, **kw)
+    real_judge = ev.user_judgements
+    monkeypatch.setattr(ev, "user_judgements", stop_in_coars)
+    keep = tmp_path / "parts"
+    with pytest.raises(KeyboardInterrupt):
+        ev.evaluate(m, tok, data, "test", t_max=2, n_boot=20, max_samples=12, keep=keep,
+                    log=lambda *a: None)
+    assert played == [(None, None), ("rec", "user")] and len(list(keep.glob("*.json"))) == 1
+    monkeypatch.setattr(ev, "user_judgements", real_judge)
+    played.clear()
+    lines = []
+    res = ev.evaluate(m, tok, data, "test", t_max=2, n_boot=20, max_samples=12, per_sample=True,
+                      keep=keep, log=lines.append)
+    assert played == [("rec", "user")]                           # continued at the second pair
+    assert any("evaluating Memory-based ARS: kept from an earlier evaluation" in x for x in lines)
+    for k in ("per_sample", "paired"):
+        assert res[k] == plain[k]
+    assert res["methods"] == plain["methods"]
+    played.clear()
+    ev.evaluate(m, tok, data, "test", t_max=2, n_boot=20, max_samples=12, keep=keep)
+    assert played == []                                          # everything kept
+    with torch.no_grad():                      # another RecAgent: its pair only is played again
+        next(p for n, p in m.named_parameters() if ".adapters.rec." in n).add_(0.01)
+    ev.evaluate(m, tok, data, "test", t_max=2, n_boot=20, max_samples=12, keep=keep)
+    assert played == [("rec", "user")]
+    played.clear()
+    ev.evaluate(m, tok, data, "test", t_max=1, n_boot=20, max_samples=12, keep=keep)
+    ev.evaluate(m, tok, data, "test", t_max=2, n_boot=20, max_samples=10, keep=keep)
+    assert played == [(None, None), ("rec", "user")] * 2
+    # the users' returns: each user's kept, the same numbers read back
+    rows, keys = np.arange(10), np.arange(10) + 5
+    rcfg = dict(mode="interaction", alpha=0.1, use_filter=True, user_filter=True, stage_gamma=None)
+    first = ev.user_returns(m, tok, data, rows, keys, rcfg, 2, "cpu", n_boot=20, keep=keep)
+    monkeypatch.setattr(ev, "rollout", lambda *a, **kw: pytest.fail("a kept user played again"))
+    assert ev.user_returns(m, tok, data, rows, keys, rcfg, 2, "cpu", n_boot=20, keep=keep) == first
+    with pytest.raises(pytest.fail.Exception):                   # other keys: played again
+        ev.user_returns(m, tok, data, rows, keys + 1, rcfg, 2, "cpu", n_boot=20, keep=keep)
+
+
 def test_evaluate_end_to_end_with_known_answers(data, monkeypatch):
     """evaluate() with scripted agents whose every answer is known: the RecAgent names the target on
     every third test sample and otherwise the same wrong candidate each turn; the UserAgent clicks
@@ -1845,10 +1911,17 @@ def test_train_and_eval_end_to_end_on_synthetic_ml1m(synth, tmp_path):
     ret = res["user_returns"]
     assert set(ret) == {"trained UserAgent", "untrained UserAgent", "always click (1.00)", "always dislike (0.00)"}
     assert ret["always click (1.00)"]["accept"] == 1.0 and ret["always dislike (0.00)"]["accept"] == 0.0
-    # eval.py on the finished run reproduces the stored numbers of every row, the trained adapters'
-    # (rec, user, sft) included (greedy decoding is deterministic)
+    # the evaluation's parts (3 agent pairs, 4 users' returns) are kept beside the run: eval.py on
+    # the finished run reads them instead of playing them again
+    parts = tmp_path / "out" / "eval-parts"
+    assert len(list(parts.glob("*.json"))) == 7
     r3 = run(["eval.py", "--run", str(run_dir)])
-    assert r3.returncode == 0, r3.stderr[-3000:]
+    assert r3.returncode == 0 and r3.stdout.count("kept from an earlier evaluation") == 7, r3.stdout
+    # without them eval.py reproduces the stored numbers of every row, the trained adapters'
+    # (rec, user, sft) included (greedy decoding is deterministic)
+    shutil.rmtree(parts)
+    r3 = run(["eval.py", "--run", str(run_dir)])
+    assert r3.returncode == 0 and "kept from" not in r3.stdout, r3.stderr[-3000:]
     res3 = json.loads((run_dir / "results.json").read_text())
     assert set(res3["methods"]) == set(res["methods"])
     for name in res["methods"]:
@@ -1867,6 +1940,11 @@ def test_train_and_eval_end_to_end_on_synthetic_ml1m(synth, tmp_path):
     assert r4.returncode == 0 and json.loads((run_dir / "results_valid.json").read_text())["split"] == "valid"
     assert "per_sample" in json.loads((run_dir / "results_valid.json").read_text())   # for tools/suite.py --against
     assert json.loads((run_dir / "results.json").read_text())["split"] == "test"
+    # a test subset with fewer returns (a chat model's evaluation on a CPU) goes beside them too
+    r5 = run(["eval.py", "--run", str(run_dir), "--max-samples", "10", "--returns-n", "5"])
+    sub = json.loads((run_dir / "results_test_10_returns5.json").read_text())
+    assert r5.returncode == 0 and sub["n_samples"] == 10 and len(sub["per_sample"]["CoARS"]["hit"]) == 10
+    assert set(sub["user_returns"]) == set(res["user_returns"]) and "SFT on stage-2 samples" in sub["methods"]
     # the base is reused on a second run with the same data and stage-1 options
     r2 = run(args + ["--steps", "1", "--skip-eval"])
     assert r2.returncode == 0 and "reusing the pretrained base" in r2.stdout

@@ -44,7 +44,7 @@ from data.prepare import DataError, prepare, probe_writable
 from distill import (ReferenceBuffer, coars_objective, collect_messages, credit_stats,
                      token_kinds)
 from env import closest_history_item, message_grammar, new_trajectory, rollout
-from eval import evaluate_run, run_ars
+from eval import evaluate_run, parts_folder, run_ars
 from support.report import results_table, write_results
 from support.checkpoint import (CKPT_NAMES, SINKS, STOP, BadSteps, Stopped, buffer_state,
                                 check_bad_streak, data_fingerprint, finite, load_checkpoint,
@@ -101,8 +101,9 @@ def check_run_dir(cfg):
 
 # options that may change between a run and its resumption (they do not change what is computed)
 RESUMABLE = {"resume", "ckpt_every", "skip_eval", "device", "n_boot", "eval_test_n",
-             "max_bad_steps", "rollout_batch", "loss_batch", "grad_checkpointing", "compile",
-             "tensorboard", "wandb", "shared_prefix", "out_dir"}   # out_dir: a run folder may move
+             "eval_returns_n", "max_bad_steps", "rollout_batch", "loss_batch",
+             "grad_checkpointing", "compile", "tensorboard", "wandb", "shared_prefix",
+             "out_dir"}   # out_dir: a run folder may move
 
 
 def check_resumable(ck, cfg, data=None):
@@ -531,10 +532,12 @@ def sft_reference(cfg, model, tok, data, device, log=print):
     return model
 
 
-def final_evaluation(cfg, model, tok, data, device, log=print):
+def final_evaluation(cfg, model, tok, data, device, run_dir, log=print):
     """The test evaluation of a finished run, with the reference rows (eval.evaluate_run): the SFT
-    reference is trained first (--sft-reference) and saved with the run's adapters. A stop
-    (SIGTERM, Ctrl-C) is acted on at the start of each phase and at each SFT step (Stopped)."""
+    reference is trained first (--sft-reference) and saved with the run's adapters at once. A
+    stop (SIGTERM, Ctrl-C) is acted on at the start of each phase, at each SFT step and at each
+    progress line (Stopped); the evaluation's finished parts are kept (eval.parts_folder), so
+    that eval.py --run continues it."""
     def log_or_stop(msg):
         if STOP.signum:
             raise Stopped("at the start of a phase")
@@ -542,8 +545,9 @@ def final_evaluation(cfg, model, tok, data, device, log=print):
     t0 = time.time()
     if cfg.sft_reference and cfg.steps and not model.has_adapter("sft"):
         sft_reference(cfg, model, tok, data, device, log_or_stop)
+        save_adapters(model, cfg, run_dir / "coars.pt")
     t_sft = round(time.time() - t0, 1)
-    res = evaluate_run(cfg, model, tok, data, device, log_or_stop)
+    res = evaluate_run(cfg, model, tok, data, device, log_or_stop, keep=parts_folder(run_dir))
     res["phase_s"] = {"SFT_reference": t_sft, **res["phase_s"]}
     return res
 
@@ -686,10 +690,11 @@ def run(cfg, data, device, run_dir, ck, t_start, t_data):
     if cfg.skip_eval or not lead:
         return
     try:
-        res = final_evaluation(cfg, model, tok, data, device)
+        res = final_evaluation(cfg, model, tok, data, device, run_dir)
     except Stopped as e:
         log(f"stopped by {STOP.name} during the final evaluation ({e}); the trained adapters are "
-            f"in {run_dir}/coars.pt: evaluate them with python eval.py --run {run_dir}")
+            f"in {run_dir}/coars.pt: continue the evaluation (its finished parts are kept) with "
+            f"python eval.py --run {run_dir}")
         sys.exit(128 + STOP.signum)
     save_adapters(model, cfg, run_dir / "coars.pt")          # with the SFT reference's adapter
     # data: this run's preparation (building the cache, or loading it); its phases, from the build

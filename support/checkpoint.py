@@ -8,9 +8,15 @@ base in stage 1, the adapters in stage 2, whose base is base.pt), the optimiser,
 random generator, the hindsight-reference buffer, the config, the data fingerprint and how many
 lines of metrics.jsonl belong to it. It is written to a temporary file and renamed; the one before
 it is kept as ckpt.prev.pt, used when ckpt.pt is damaged.
+
+An evaluation of hours (a chat model on a CPU) continues where it stopped the same way: each of
+its parts (kept_part: one agent pair's episodes, rankings and judgements; one user's returns) is
+written when done, under a key naming all its numbers depend on, and read again while the key
+matches.
 """
 
 import dataclasses
+import hashlib
 import json
 import os
 import signal
@@ -161,3 +167,60 @@ def plain_progress(log, name, done, total, t0, start=0, extra=""):
     rate = (time.time() - t0) / (done - start)
     log(f"{name}: step {done}/{total}, {rate:.2f} s/step, about {rate * (total - done) / 60:.1f} "
         "min left" + extra)
+
+
+# --------------------------------------------------------------------------------------------------
+# Evaluations that continue where they stopped (eval.evaluate, eval.user_returns)
+
+ROOT = Path(__file__).resolve().parent.parent
+# the files whose code decides what an evaluation part computes: prompts, decoding, scoring, rewards
+PART_CODE = ("env.py", "grammar.py", "sampling.py", "scoring.py", "model.py", "reward.py",
+             "eval.py", "support/chat.py", "support/hf.py")
+
+
+def code_digest():
+    """sha1 of the code an evaluation part depends on (PART_CODE): any change to it is a new key."""
+    h = hashlib.sha1()
+    for name in PART_CODE:
+        h.update((ROOT / name).read_bytes())
+    return h.hexdigest()
+
+
+def weights_digest(model, adapters):
+    """sha1 of the model's frozen weights and of the named adapters' (None entries: no adapter):
+    what a part computed with these agents depends on, whatever run folder they came from."""
+    h = hashlib.sha1()
+    names = {a for a in adapters if a}
+    for name, p in model.named_parameters():
+        if ".adapters." in name and name.split(".adapters.")[1].split(".")[0] not in names:
+            continue
+        h.update(name.encode())
+        h.update(p.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def kept_part(folder, key, compute, log=lambda *a: None):
+    """compute() -> a JSON-ready value, kept as folder/<sha1 of key>.json: a part whose key (a dict
+    naming everything its numbers depend on; key["part"] names it in the log) matches a kept one
+    is read instead of computed, so that a stopped evaluation continues at the next part, and a
+    part two runs share (the untrained pair of one base) is computed once. folder None: always
+    compute."""
+    if folder is None:
+        return compute()
+    folder = Path(folder)
+    path = folder / (hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+                     + ".json")
+    if path.exists():
+        try:
+            kept = json.loads(path.read_text())
+        except ValueError:
+            kept = None                                      # damaged: computed again
+        if kept and kept.get("key") == key:
+            log(f"{key['part']}: kept from an earlier evaluation ({path})")
+            return kept["value"]
+    value = compute()
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(dict(key=key, value=value)))
+    tmp.replace(path)
+    return value
