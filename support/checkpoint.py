@@ -220,7 +220,7 @@ def kept_part(folder, key, compute, log=lambda *a: None):
             return kept["value"]
     value = compute()
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")       # two processes may write the same part
     tmp.write_text(json.dumps(dict(key=key, value=value)))
     tmp.replace(path)
     return value
