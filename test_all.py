@@ -1900,6 +1900,7 @@ def test_train_and_eval_end_to_end_on_synthetic_ml1m(synth, tmp_path):
     steps = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [s["step"] for s in steps if s["stage"] == 2] == [1, 2, 3]
     assert "valid_hit" in steps[-1] and "rec_credit" in steps[-1]
+    assert 0 <= steps[-1]["valid_rank_hit"] <= steps[-1]["valid_ndcg10"] <= 1   # NDCG@10 >= HR@1
     assert {"rec_credit_item_mean", "rec_credit_rationale_std", "rec_credit_reward_corr", "rec_credit_share",
             "user_credit_action_mean", "user_credit_score_std"} <= set(steps[-1])
     assert {"rollout_s", "teacher_s", "student_s", "update_s", "tokens_per_s"} <= set(steps[-1])

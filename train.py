@@ -44,7 +44,7 @@ from data.prepare import DataError, prepare, probe_writable
 from distill import (ReferenceBuffer, coars_objective, collect_messages, credit_stats,
                      token_kinds)
 from env import closest_history_item, message_grammar, new_trajectory, rollout
-from eval import evaluate_run, parts_folder, run_ars
+from eval import evaluate_run, parts_folder, rank_metrics, run_ars
 from support.report import results_table, write_results
 from support.checkpoint import (CKPT_NAMES, SINKS, STOP, BadSteps, Stopped, buffer_state,
                                 check_bad_streak, data_fingerprint, finite, load_checkpoint,
@@ -445,16 +445,23 @@ class Stage2Run:
 
     def validate(self, step):
         """Greedy Hit@1 of the pair on validation samples and on as many stage-2 training
-        samples."""
+        samples; and on the validation samples the RecAgent's turn-1 ranking of its candidates
+        (eval.rank_metrics: HR@1 and NDCG@10), which moves before a whole episode's hit does."""
         m, tok, data, cfg, rec = self.model, self.tok, self.data, self.cfg, self.rec
         opts = dict(batch=tok.eval_batch, decoding=cfg.decoding)
         _, v = run_ars(m, tok, data, "valid", self.valid_rows, ("rec", "user"), cfg.t_max,
                        self.device, **opts)
         _, t = run_ars(m, tok, data, "train", self.train_check, ("rec", "user"), cfg.t_max,
                        self.device, **opts)
+        r = rank_metrics(m, tok, data, "valid", self.valid_rows, "rec", self.device, ks=(1, 10),
+                         batch=tok.eval_batch)
         rec["valid_hit"], rec["train_greedy_hit"] = float(v["hit"].mean()), float(t["hit"].mean())
+        rec["valid_rank_hit"], rec["valid_ndcg10"] = float(r["HR@1"].mean()), float(
+            r["NDCG@10"].mean())
         self.log(f"step {step}: greedy Hit@1 validation {rec['valid_hit']:.4f}, stage-2 training "
-                 f"samples {rec['train_greedy_hit']:.4f} ({len(self.valid_rows)} samples each)")
+                 f"samples {rec['train_greedy_hit']:.4f} ({len(self.valid_rows)} samples each); "
+                 f"validation ranking HR@1 {rec['valid_rank_hit']:.4f}, NDCG@10 "
+                 f"{rec['valid_ndcg10']:.4f}")
 
     def checkpoint(self, step):
         if self.lead:
