@@ -201,20 +201,26 @@ def credit_stats(kinds, credits, rewards, lam, baseline=0.0):
     """Statistics of the credit A_{t,n} of a batch of messages (kinds: token_kinds per message,
     credits: A per message, rewards: R_t per message):
       credit_<kind>_mean / _std   over the tokens of that kind
+      credit_<kind>_weight        that kind's part of the reward's weight in Eq. 11: the mean over
+                                  messages of the fraction of its tokens of that kind (R_t is
+                                  spread over a message's tokens by 1/|y_t|, so a long reason
+                                  takes the weight of the answer's few tokens)
       credit_reward_corr          Pearson correlation of a message's mean credit with its R_t
                                   (None, null in metrics.jsonl, with fewer than 2 messages
                                   or no spread: undefined, and no tracker can plot a nan)
       credit_share                the credit's share of the per-token weight of Eq. 11:
                                   sum |lam A_{t,n}| / sum (|R_t - b| + |lam A_{t,n}|)"""
-    by = {}
+    by, weight = {}, {}
     for ks, a in zip(kinds, credits):
         for k, x in zip(ks, a.tolist()):
             by.setdefault(k, []).append(x)
+            weight[k] = weight.get(k, 0.0) + 1 / len(ks) / len(kinds)
     out = {}
     for k, xs in sorted(by.items()):
         x = torch.tensor(xs, dtype=torch.float64)
         out[f"credit_{k}_mean"] = float(x.mean())
         out[f"credit_{k}_std"] = float(x.std(unbiased=False))
+        out[f"credit_{k}_weight"] = weight[k]
     means = torch.tensor([float(a.mean()) for a in credits], dtype=torch.float64)
     r = torch.tensor(list(rewards), dtype=torch.float64)
     if len(r) > 1 and float(means.std()) > 0 and float(r.std()) > 0:

@@ -1072,6 +1072,12 @@ def test_credit_statistics_of_a_batch_known_by_hand(data):
     assert st["credit_item_mean"] == 0.0 and st["credit_item_std"] == pytest.approx(0.5)
     assert st["credit_rationale_mean"] == 0.0 and st["credit_rationale_std"] == pytest.approx(0.25)
     assert st["credit_forced_mean"] == 0.0 and st["credit_forced_std"] == 0.0
+    assert st["credit_item_weight"] == st["credit_rationale_weight"] == pytest.approx(0.25)
+    assert st["credit_forced_weight"] == pytest.approx(0.5)
+    uneven = distill.credit_stats([["item", "rationale", "rationale", "rationale"], ["item", "forced"]],
+                                  [torch.zeros(4), torch.zeros(2)], [1.0, -1.0], lam=0.1)
+    assert uneven["credit_item_weight"] == pytest.approx((1 / 4 + 1 / 2) / 2)   # per message, then mean
+    assert uneven["credit_rationale_weight"] == pytest.approx(3 / 4 / 2)
     assert st["credit_reward_corr"] == pytest.approx(1.0)            # means +0.0625 / -0.0625
     assert st["credit_share"] == pytest.approx(0.15 / (0.15 + 8.0))   # sum |lam A| / (that + sum |R|)
     st = distill.credit_stats(kinds, credits, [1.0, -1.0], lam=0.1, baseline=1.0)
