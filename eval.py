@@ -26,7 +26,6 @@ Each agent pair's per-sample results, and each user's returns, are kept beside t
 import argparse
 import dataclasses
 import hashlib
-import json
 import sys
 import time
 from pathlib import Path

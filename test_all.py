@@ -1036,8 +1036,6 @@ def test_hit_at_1_counts_an_invalid_final_answer_as_a_miss(data, monkeypatch):
 
     def fake(model, prompts, max_new, pad_id, stop_ids=(), temperature=1.0, generator=None, device="cpu",
              keys=None, compile=False, grammar=None, kept=None):
-
-        first = _first_ids(grammar) if grammar is not None else first
         outs = []
         for p in prompts:
             if p[0] == tok.sp("rec"):
@@ -1381,8 +1379,6 @@ def test_evaluate_end_to_end_with_known_answers(data, monkeypatch):
 
     def fake(model, prompts, max_new, pad_id, stop_ids=(), temperature=1.0, generator=None, device="cpu",
              keys=None, compile=False, grammar=None, kept=None):
-
-        first = _first_ids(grammar) if grammar is not None else first
         outs = []
         for p in prompts:
             if p[0] == tok.sp("rec"):

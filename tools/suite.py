@@ -231,7 +231,7 @@ def load_results(run_dirs, split="test"):
     or results_valid.json (python eval.py --run RUN --split valid), with per-sample hits of every
     method, all on the same samples."""
     name = "results.json" if split == "test" else f"results_{split}.json"
-    again = f"python eval.py --run {{}}" + ("" if split == "test" else f" --split {split}")
+    again = "python eval.py --run {}" + ("" if split == "test" else f" --split {split}")
     res = []
     for d in run_dirs:
         path = Path(d) / name
@@ -338,9 +338,9 @@ def pool_table(p):
         h = m["hit"]
         f1 = ", ".join(f"{x:.3f}" for x in m["user_f1_per_seed"]) if "user_f1_per_seed" in m else "-"
         lines.append(f"| {n} | {h['mean']:.4f} [{h['lo']:.4f}, {h['hi']:.4f}] | "
-                     + ", ".join(f"{x:.3f}" for x in m["hit_per_seed"]) + f" | "
+                     + ", ".join(f"{x:.3f}" for x in m["hit_per_seed"]) + " | "
                      + (f"{m['turns']:.2f}" if "turns" in m else "-") + f" | {f1} |")
-    lines.append(f"| Accept everything (UserAgent) | | | | " + ", ".join(f"{x:.3f}" for x in p["accept_all_f1"]) + " |")
+    lines.append("| Accept everything (UserAgent) | | | | " + ", ".join(f"{x:.3f}" for x in p["accept_all_f1"]) + " |")
     lines += ["", f"{p.get('split', 'test')} split, {p['n_samples']} users; each seed its own data draws, SASRec, stage 1 and stage 2; "
               "interval: 95% bootstrap over users of the seed-averaged hit.", "",
               "| paired difference (Hit@1) | mean | 95% CI |", "|---|---|---|"]
