@@ -172,6 +172,7 @@ def repeats_rejected(traj):
     return n / len(later)
 
 
+@torch.no_grad()   # also where the adapters train (stage 2's validation): no graph is kept
 def rank_metrics(model, tok, data, split, rows, adapter, device, ks=(1, 5, 10), batch=256,
                  hint=True, tick=None):
     """HR@k and NDCG@k of the candidates ranked by the RecAgent's turn-1 log-probability of naming

@@ -3353,6 +3353,25 @@ def _messages(trajs):
     return [[(t.rec_out, t.user_out) for t in tr.turns] for tr in trajs]
 
 
+def test_ranking_builds_no_autograd_graph_while_adapters_train(data, tiny_hf, monkeypatch):
+    """eval.rank_metrics scores without autograd, also in stage 2's validation where the adapters
+    are trainable: otherwise each sample's graph (20 candidates' titles through the whole model) is
+    kept until the ranking ends, and a SmolLM2 pilot's validation of 48 samples grew to 24 GB and
+    was killed."""
+    seen = []
+    for name in ("chat_candidate_scores", "next_token_scores"):
+        def spy(*a, _real=getattr(ev, name), **k):
+            out = _real(*a, **k)
+            outs = out if isinstance(out, tuple) else (out,)
+            seen.append(torch.is_grad_enabled() or any(x.requires_grad for x in outs))
+            return out
+        monkeypatch.setattr(ev, name, spy)
+    for name, m, tok in _backbones(data, tiny_hf):
+        assert all(p.requires_grad for p in m.adapter_parameters("rec")), name
+        ev.rank_metrics(m, tok, data, "valid", np.arange(3), "rec", "cpu", ks=(1,))
+    assert len(seen) == 3 and not any(seen)
+
+
 def test_rollouts_with_kept_caches_write_the_same_messages(data, tiny_hf):
     """Each episode keeps each agent's keys and values across turns (sampling.Kept) and runs only
     what a turn's prompt adds: the same messages as running every prompt whole, greedy and keyed,
