@@ -3305,6 +3305,27 @@ def test_hf_model_runs_the_whole_pipeline(synth, tmp_path, tiny_hf, capsys, monk
         peft_dir = tmp_path / "out" / "scripted" / "peft" / agent
         assert (peft_dir / "adapter_model.safetensors").is_file()
         assert json.loads((peft_dir / "adapter_config.json").read_text())["base_model_name_or_path"] == tiny_hf["qwen2"]
+    # tools/prior_use.py on a chat model, from the run's newest checkpoint (a run in progress), on
+    # the first 4 samples of stage 2's validation order: its trained first pick is the ranking
+    # eval.rank_metrics measures in the validation curve, on the same samples
+    from tools import prior_use
+    scripted_dir = tmp_path / "out" / "scripted"
+    prior_use.main(["--run", str(scripted_dir), "--checkpoint", "--max-samples", "4", "--out", str(tmp_path / "pc.json")])
+    assert "newest checkpoint: stage 2, step 2" in capsys.readouterr().out
+    table = json.loads((tmp_path / "pc.json").read_text())
+    cfg, model, tok, data = load_run(scripted_dir, checkpoint=True)
+    final = torch.load(scripted_dir / "coars.pt", weights_only=True)["adapters"]
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in final.items() if ".adapters.rec." in k)
+    rows = prior_use.validated_rows(cfg, data, "valid", 4)
+    assert rows.tolist() == np.random.default_rng(cfg.seed).permutation(len(data.valid_user))[:4].tolist()
+    for name, adapter in (("untrained RecAgent", None), ("CoARS RecAgent", "rec")):
+        hr = ev.rank_metrics(model, tok, data, "valid", rows, adapter, "cpu", ks=(1,))["HR@1"]
+        assert table[name]["samples"] == 4
+        assert table[name]["Hit@1 first pick (with the prior)"][0] == pytest.approx(hr.mean())
+    with pytest.raises(SystemExit, match="a chat model has no tilt"):
+        prior_use.main(["--run", str(scripted_dir), "--gate"])
+    with pytest.raises(SystemExit, match="no stage-2 checkpoint yet"):
+        prior_use.main(["--run", str(tmp_path), "--checkpoint"])      # a folder with no checkpoint
 
 
 def test_hf_model_that_will_not_load_is_one_sentence(synth, tmp_path, tiny_hf):

@@ -16,9 +16,14 @@ own ranking already agrees with it. The first pick is under the run's own --prio
 weight for all: a weight exp(theta . f) of the sample's confidences f (both opinions' entropies and
 top probabilities, whether their tops agree) and a temperature of the agent's own logits, fitted on
 the validation split by maximum likelihood of the target, then measured on --split (the untrained
-agent; fit_gate). Works on a finished run of the built-in model (support/runs
-.load_run): the untrained agent (the adapter-free base) and the trained RecAgent (after a run of
---steps 0, the two are the same).
+agent; fit_gate). Works on a finished run (support/runs.load_run), or with --checkpoint on a run still training
+(its newest stage-2 checkpoint): the untrained agent (the adapter-free base) and the trained
+RecAgent (after a run of --steps 0, the two are the same). A chat model (--model) ranks by the
+log-prob of each candidate's title under its grammar (support/chat.chat_candidate_scores, what
+eval.rank_metrics ranks by); --max-samples N measures the first N samples stage 2 validates on
+(N = the run's --eval-valid-n: the very samples of its validation curve), e.g. a SmolLM2 pilot:
+
+    python tools/prior_use.py --run out/smol-pilot --checkpoint --max-samples 48
 """
 
 import argparse
@@ -34,6 +39,7 @@ from config import UserError  # noqa: E402
 from env import new_trajectory  # noqa: E402
 from eval import mean_ci  # noqa: E402
 from scoring import next_token_scores  # noqa: E402
+from support.chat import chat_candidate_scores  # noqa: E402
 from support.distributed import device_of  # noqa: E402
 from support.runs import add_run_args, load_run  # noqa: E402
 
@@ -41,16 +47,20 @@ from support.runs import add_run_args, load_run  # noqa: E402
 def first_scores(model, tok, data, split, rows, adapter, device, hint, batch=256):
     """(N,20) each sample's RecAgent logits of its candidates' item tokens at the answer position,
     untilted (the --prior-weight tilt is added by the caller), from the prompt with or without the
-    prior."""
+    prior; for a chat model the log-prob of each candidate's title (chat_candidate_scores)."""
     model.set_adapter(adapter)
     out = []
     for s in range(0, len(rows), batch):
         trajs = [new_trajectory(data, split, r) for r in rows[s:s + batch]]
         for tr in trajs:
             tr.prior = tr.prior if hint else None
-        out.append(next_token_scores(model, [tok.render_rec(tr, 0) for tr in trajs],
-                                     [[tok.item(c) for c in tr.cands] for tr in trajs], tok.pad_id,
-                                     device).double().cpu().numpy())
+        prompts = [tok.render_rec(tr, 0) for tr in trajs]
+        if tok.chat:
+            z = chat_candidate_scores(model, tok, trajs, prompts, device)[0]
+        else:
+            z = next_token_scores(model, prompts, [[tok.item(c) for c in tr.cands] for tr in trajs],
+                                  tok.pad_id, device)
+        out.append(z.double().cpu().numpy())
     model.set_adapter(None)
     return np.concatenate(out)
 
@@ -65,20 +75,29 @@ def split_prior_lp(data, split):
     return lp
 
 
-def prior_use(model, tok, data, split, adapter, device, n_boot=1000, weights=()):
+def validated_rows(cfg, data, split, n):
+    """The first n samples of the split in stage 2's validation order (train.Stage2Run: the run's
+    --eval-valid-n of them are its validation curve's); all, in order, for n = 0."""
+    total = len(getattr(data, f"{split}_user"))
+    return np.random.default_rng(cfg.seed).permutation(total)[:n] if n else np.arange(total)
+
+
+def prior_use(model, tok, data, split, adapter, device, n_boot=1000, weights=(), rows=None):
     """The measurements of the module docstring, as a dict of (mean, lo, hi) or counts. The first
     pick is under the run's own --prior-weight (tok.prior_weight); weights: also the Hit@1 of the
-    first pick under each of these weights instead (the validation sweep of --prior-weight)."""
-    rows = np.arange(len(getattr(data, f"{split}_user")))
+    first pick under each of these weights instead (the validation sweep of --prior-weight). rows:
+    the samples of the split (default all)."""
+    rows = np.arange(len(getattr(data, f"{split}_user"))) if rows is None else np.asarray(rows)
     target, prior = getattr(data, f"{split}_target")[rows], getattr(data, f"{split}_prior")[rows]
     cands = getattr(data, f"{split}_cands")[rows]
     # SASRec's scores: required by a tilt or a sweep; zeros for an old cache that needs neither
+    w0 = getattr(tok, "prior_weight", 0.0)   # the run's tilt; a chat model has none
     old_cache = getattr(data, f"{split}_prior_lp", None) is None
-    lp = (np.zeros(cands.shape) if old_cache and not (weights or tok.prior_weight)
+    lp = (np.zeros(cands.shape) if old_cache and not (weights or w0)
           else split_prior_lp(data, split)[rows])
     z = first_scores(model, tok, data, split, rows, adapter, device, True)
     pick = lambda w: cands[np.arange(len(rows)), (z + w * lp).argmax(1)]  # noqa: E731
-    hinted = pick(tok.prior_weight)
+    hinted = pick(w0)
     own = cands[np.arange(len(rows)),
                 first_scores(model, tok, data, split, rows, adapter, device, False).argmax(1)]
     right = prior == target
@@ -186,16 +205,22 @@ def main(argv=None):
     p.add_argument("--weights", default="",
                    help="comma-separated --prior-weight values: the first pick's Hit@1 under each "
                         "(e.g. 0,0.5,1,2; the choice of --prior-weight on validation)")
+    p.add_argument("--checkpoint", action="store_true",
+                   help="a run still training: the adapters of its newest stage-2 checkpoint")
+    p.add_argument("--max-samples", type=int, default=0,
+                   help="the first N samples in stage 2's validation order (0 = the whole split)")
     p.add_argument("--gate", action="store_true",
                    help="instead: a per-sample weight fitted on the validation split, measured on "
                         "--split (the untrained agent)")
     a = p.parse_args(argv)
     run = Path(a.run)
     try:
-        cfg, model, tok, data = load_run(run, a.device)
-        if tok.chat:
-            raise UserError("tools/prior_use.py measures the built-in model's item tokens; this run "
-                            "used --model.")
+        if a.max_samples < 0:
+            raise UserError(f"--max-samples must be 0 (all) or a count, not {a.max_samples}.")
+        cfg, model, tok, data = load_run(run, a.device, checkpoint=a.checkpoint, log=print)
+        if tok.chat and (a.gate or a.weights):
+            raise UserError("--gate and --weights weigh the built-in model's item logits against "
+                            "SASRec's; this run used --model (a chat model has no tilt).")
     except UserError as e:
         sys.exit(f"error: {e}")
     device = device_of(a.device)
@@ -216,7 +241,8 @@ def main(argv=None):
     agents = [("untrained RecAgent", None), ("CoARS RecAgent", "rec")]
     try:
         weights = [float(w) for w in a.weights.split(",") if w.strip()]
-        table = {name: prior_use(model, tok, data, a.split, ad, device, weights=weights)
+        rows = validated_rows(cfg, data, a.split, a.max_samples)
+        table = {name: prior_use(model, tok, data, a.split, ad, device, weights=weights, rows=rows)
                  for name, ad in agents}
     except ValueError:
         sys.exit(f"error: --weights must be comma-separated numbers, not {a.weights!r}.")
