@@ -4071,6 +4071,13 @@ def test_every_run_draws_its_curves_and_eval_plot_redraws_them(small_run, tmp_pa
     assert r.returncode == 0 and png.exists() and "training curves:" in r.stdout, r.stderr[-2000:]
     r = run(["eval.py", "--run", str(tmp_path / "nothing"), "--plot"])
     assert r.returncode != 0 and "metrics.jsonl does not exist" in r.stderr and "Traceback" not in r.stderr
+    # a run without stage 1 (a chat model) fills the stage-1 panels with stage 2's ranking and KL
+    from support import watch
+    recs = [json.loads(l) for l in (tmp_path / "c" / "metrics.jsonl").read_text().splitlines()]
+    assert watch.panels(recs) == watch.PANELS
+    chat_panels = watch.panels([r for r in recs if r["stage"] == 2])
+    assert len(chat_panels) == 6 and all(p[0] == 2 for p in chat_panels)
+    assert any("valid_rank_hit" in p[1] for p in chat_panels) and any("user_kl" in p[1] for p in chat_panels)
 
 
 def test_config_flag_repeats_a_run_and_names_a_wrong_key(small_run, tmp_path, capsys):

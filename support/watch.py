@@ -118,6 +118,17 @@ PANELS = [(1, ("loss",), "stage 1: next-token loss"),
           (2, ("rec_valid", "user_valid"), "stage 2: valid ratio"),
           (2, ("turns",), "stage 2: turns per episode"),
           (2, ("valid_hit", "train_greedy_hit"), "stage 2: greedy Hit@1")]
+# a run without stage 1 (a Hugging Face model) shows these in the stage-1 panels' place
+NO_STAGE1 = [(2, ("valid_rank_hit", "valid_ndcg10"), "stage 2: turn-1 ranking, validation"),
+             (2, ("user_kl",), "stage 2: UserAgent's KL to the base (--user-kl)")]
+SPARSE = ("valid_hr1", "valid_hit", "train_greedy_hit", "valid_rank_hit", "valid_ndcg10")
+
+
+def panels(recs):
+    """The six (stage, keys, title) panels of curves.png for these metrics.jsonl records."""
+    if any(r.get("stage") == 1 for r in recs):
+        return PANELS
+    return NO_STAGE1 + [p for p in PANELS if p[0] != 1]
 
 
 def plot_run(run_dir, log=print):
@@ -136,14 +147,14 @@ def plot_run(run_dir, log=print):
         log(f"curves.png skipped: {Path(run_dir) / 'metrics.jsonl'} holds no records yet")
         return None
     fig, axes = plt.subplots(2, 3, figsize=(12, 6))
-    for ax, (stage, keys, title) in zip(axes.flat, PANELS):
+    for ax, (stage, keys, title) in zip(axes.flat, panels(recs)):
         for key in keys:
             pts = [(r["step"], r[key]) for r in recs if r.get("stage") == stage
                    and isinstance(r.get(key), (int, float))]
             if not pts:
                 continue
             x, y = np.array(pts, float).T
-            dense = key not in ("valid_hr1", "valid_hit", "train_greedy_hit") and len(y) >= 5
+            dense = key not in SPARSE and len(y) >= 5
             color = None
             if dense:  # per-step values are noisy: a moving mean of 5, as the suite's plot
                 color = ax.plot(x, y, alpha=0.25, lw=0.8)[0].get_color()
