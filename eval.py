@@ -462,6 +462,14 @@ def parts_folder(run_dir):
     return Path(run_dir).resolve().parent / "eval-parts"
 
 
+def validation_samples(cfg, data, train_rows, n):
+    """(validation rows, training rows): stage 2's validation curve's samples (train.Stage2Run,
+    n = --eval-valid-n), the first n of the validation split and of train_rows in one seeded order,
+    the validation split's drawn first; tools/prior_use.py --max-samples measures the same ones."""
+    pick = np.random.default_rng(cfg.seed).permutation
+    return pick(len(data.valid_user))[:n], pick(train_rows)[:n]
+
+
 def returns_sample(cfg, data):
     """(rows, keys): a fixed random subset of --eval-returns-n stage-2 samples and their episode
     keys."""

@@ -44,7 +44,7 @@ from data.prepare import DataError, prepare, probe_writable
 from distill import (ReferenceBuffer, coars_objective, collect_messages, credit_stats,
                      token_kinds)
 from env import closest_history_item, message_grammar, new_trajectory, rollout
-from eval import evaluate_run, parts_folder, rank_metrics, run_ars
+from eval import evaluate_run, parts_folder, rank_metrics, run_ars, validation_samples
 from support.report import results_table, write_results
 from support.checkpoint import (CKPT_NAMES, SINKS, STOP, BadSteps, Stopped, buffer_state,
                                 check_bad_streak, data_fingerprint, finite, load_checkpoint,
@@ -339,11 +339,10 @@ class Stage2Run:
         self.lead = rank == 0
         self.share = slice(rank * cfg.batch // world, (rank + 1) * cfg.batch // world)
         self.micro = cfg.rollout_batch or cfg.batch
-        pick = np.random.default_rng(cfg.seed).permutation
-        self.valid_rows = pick(len(data.valid_user))[:cfg.eval_valid_n]
-        # as many stage-2 training samples, evaluated greedily beside validation: a gap between
-        # the two would show memorised answers
-        self.train_check = pick(train_rows)[:cfg.eval_valid_n]
+        # as many stage-2 training samples as validation ones, evaluated greedily beside them: a
+        # gap between the two would show memorised answers
+        self.valid_rows, self.train_check = validation_samples(cfg, data, train_rows,
+                                                               cfg.eval_valid_n)
         self.start, self.n_bad, self.streak = 0, 0, 0
         if ck and ck["stage"] == 2:
             model.load_state_dict(ck["adapters"], strict=False)

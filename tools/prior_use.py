@@ -16,9 +16,9 @@ own ranking already agrees with it. The first pick is under the run's own --prio
 weight for all: a weight exp(theta . f) of the sample's confidences f (both opinions' entropies and
 top probabilities, whether their tops agree) and a temperature of the agent's own logits, fitted on
 the validation split by maximum likelihood of the target, then measured on --split (the untrained
-agent; fit_gate). Works on a finished run (support/runs.load_run), or with --checkpoint on a run still training
-(its newest stage-2 checkpoint): the untrained agent (the adapter-free base) and the trained
-RecAgent (after a run of --steps 0, the two are the same). A chat model (--model) ranks by the
+agent; fit_gate). Works on a finished run (support/runs.load_run), or with --checkpoint on a run
+still training (its newest stage-2 checkpoint): the untrained agent (the adapter-free base) and the
+trained RecAgent (after a run of --steps 0, the two are the same). A chat model (--model) ranks by the
 log-prob of each candidate's title under its grammar (support/chat.chat_candidate_scores, what
 eval.rank_metrics ranks by); --max-samples N measures the first N samples stage 2 validates on
 (N = the run's --eval-valid-n: the very samples of its validation curve), e.g. a SmolLM2 pilot:
@@ -37,7 +37,7 @@ import numpy as np  # noqa: E402
 
 from config import UserError  # noqa: E402
 from env import new_trajectory  # noqa: E402
-from eval import mean_ci  # noqa: E402
+from eval import mean_ci, validation_samples  # noqa: E402
 from scoring import next_token_scores  # noqa: E402
 from support.chat import chat_candidate_scores  # noqa: E402
 from support.distributed import device_of  # noqa: E402
@@ -76,10 +76,15 @@ def split_prior_lp(data, split):
 
 
 def validated_rows(cfg, data, split, n):
-    """The first n samples of the split in stage 2's validation order (train.Stage2Run: the run's
-    --eval-valid-n of them are its validation curve's); all, in order, for n = 0."""
+    """The split's samples measured: on validation the first n in stage 2's validation order
+    (eval.validation_samples: the run's --eval-valid-n of them are its validation curve's); on
+    test the first n of the same seeded order of the test split; all, in order, for n = 0."""
     total = len(getattr(data, f"{split}_user"))
-    return np.random.default_rng(cfg.seed).permutation(total)[:n] if n else np.arange(total)
+    if not n:
+        return np.arange(total)
+    if split == "valid":
+        return validation_samples(cfg, data, [], n)[0]
+    return np.random.default_rng(cfg.seed).permutation(total)[:n]
 
 
 def prior_use(model, tok, data, split, adapter, device, n_boot=1000, weights=(), rows=None):
