@@ -2068,8 +2068,8 @@ import time  # noqa: E402
 import train  # noqa: E402
 from config import QUICK, Config, UserError, saved_options, validate  # noqa: E402
 from tools import viewer  # noqa: E402
-from support.checkpoint import (STOP, buffer_state, load_checkpoint, save_checkpoint,  # noqa: E402
-                                set_buffer_state)
+from support.checkpoint import (STOP, buffer_state, load_checkpoint, newest_checkpoint,  # noqa: E402
+                                save_checkpoint, set_buffer_state)
 from support.runs import load_run  # noqa: E402
 
 TIMING = {"seconds", "rollout_s", "loss_s", "step_s", "gen_tokens_per_s", "tokens_per_s", "teacher_s", "student_s",
@@ -2189,8 +2189,11 @@ def test_truncated_checkpoint_is_refused_and_the_previous_one_used(tmp_path):
     logs = []
     got = load_checkpoint(tmp_path, logs.append)
     assert got["step"] == 4 and "ckpt.pt is damaged or incomplete" in logs[0]
+    path, got = newest_checkpoint(tmp_path, logs.append)      # which file it came from
+    assert path == tmp_path / "ckpt.prev.pt" and got["step"] == 4
     (tmp_path / "ckpt.prev.pt").write_bytes(b"")
     assert load_checkpoint(tmp_path, logs.append) is None
+    assert newest_checkpoint(tmp_path, logs.append) == (None, None)
 
 
 def test_resume_refuses_other_options_or_data(small_run, small_base, tmp_path):
@@ -3311,7 +3314,7 @@ def test_hf_model_runs_the_whole_pipeline(synth, tmp_path, tiny_hf, capsys, monk
     from tools import prior_use
     scripted_dir = tmp_path / "out" / "scripted"
     prior_use.main(["--run", str(scripted_dir), "--checkpoint", "--max-samples", "4", "--out", str(tmp_path / "pc.json")])
-    assert "newest checkpoint: stage 2, step 2" in capsys.readouterr().out
+    assert "ckpt.pt (the newest checkpoint): stage 2, step 2" in capsys.readouterr().out
     table = json.loads((tmp_path / "pc.json").read_text())
     cfg, model, tok, data = load_run(scripted_dir, checkpoint=True)
     final = torch.load(scripted_dir / "coars.pt", weights_only=True)["adapters"]

@@ -73,6 +73,12 @@ def save_checkpoint(run_dir: Path, state: dict):
 
 def load_checkpoint(run_dir: Path, log=print):
     """The newest readable checkpoint, or None. A damaged one is reported and skipped."""
+    return newest_checkpoint(run_dir, log)[1]
+
+
+def newest_checkpoint(run_dir: Path, log=print):
+    """(path, checkpoint) of the newest readable checkpoint (ckpt.pt, else ckpt.prev.pt), or
+    (None, None). A damaged one is reported and skipped."""
     for name in CKPT_NAMES:
         path = run_dir / name
         if not path.exists():
@@ -81,12 +87,12 @@ def load_checkpoint(run_dir: Path, log=print):
             ck = torch.load(path, map_location="cpu", weights_only=True)
             if not isinstance(ck, dict) or ck.get("format") != CKPT_FORMAT:
                 raise ValueError("not a checkpoint of this version")
-            return ck
+            return path, ck
         except Exception as e:  # noqa: BLE001 - any failure to read means "damaged"
             why = (str(e).splitlines() or [type(e).__name__])[0][:120]
             log(f"warning: {path} is damaged or incomplete ({why}); "
                 f"trying the previous checkpoint")
-    return None
+    return None, None
 
 
 def data_fingerprint(data):

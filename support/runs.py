@@ -17,7 +17,7 @@ from config import Config, UserError, lora_targets, saved_options
 from data.prepare import DataError, prepare
 from support import hf
 from support.chat import ChatTokenizer
-from support.checkpoint import load_checkpoint
+from support.checkpoint import newest_checkpoint
 from support.distributed import device_of
 from env import Tokenizer
 from model import build_model, freeze
@@ -50,12 +50,11 @@ def load_run(run_dir: Path, device="auto", checkpoint=False, log=lambda *a: None
     built-in model, its base.pt). checkpoint=True: the adapters of a run still in progress, from its
     newest stage-2 checkpoint (support/checkpoint.load_checkpoint); log says which step."""
     if checkpoint:
-        ck = load_checkpoint(Path(run_dir), log=lambda *a: None)
+        path, ck = newest_checkpoint(Path(run_dir), log=lambda *a: None)
         if ck is None or ck.get("stage") != 2:
             raise UserError(f"{run_dir} has no stage-2 checkpoint yet (ckpt.pt): train it with "
                             "--ckpt-every, or drop --checkpoint for a finished run.")
-        path = Path(run_dir) / "ckpt.pt"
-        log(f"adapters of {run_dir}'s newest checkpoint: stage 2, step {ck['step']}")
+        log(f"adapters of {path} (the newest checkpoint): stage 2, step {ck['step']}")
     else:
         path = Path(run_dir) / "coars.pt"
         if not path.exists():
