@@ -1943,6 +1943,13 @@ def test_train_and_eval_end_to_end_on_synthetic_ml1m(synth, tmp_path):
     assert r4.returncode == 0 and json.loads((run_dir / "results_valid.json").read_text())["split"] == "valid"
     assert "per_sample" in json.loads((run_dir / "results_valid.json").read_text())   # for tools/suite.py --against
     assert json.loads((run_dir / "results.json").read_text())["split"] == "test"
+    # the run's real files make a row of tools/suite.py --rows (a table of one-row runs)
+    from tools import suite
+    t = suite.table_of_runs([("again", run_dir), ("CoARS", run_dir)], n_boot=20)
+    assert t["paired"]["CoARS - again"]["mean"] == 0 and t["methods"]["CoARS"]["steps"] == 3
+    assert t["methods"]["CoARS"]["episodes"] == 12 and set(t["methods"]["CoARS"]["credit_weight"]) >= {"item"}
+    assert {"user_f1", "user_f1_minus_accept_all", "user_returns", "turns"} <= set(t["methods"]["CoARS"])
+    assert "SFT on stage-2 samples" in t["methods"] and "again - Memory-based ARS" in t["paired"]
     # a test subset with fewer returns (a chat model's evaluation on a CPU) goes beside them too
     r5 = run(["eval.py", "--run", str(run_dir), "--max-samples", "10", "--returns-n", "5"])
     sub = json.loads((run_dir / "results_test_10_returns5.json").read_text())
@@ -2633,6 +2640,64 @@ def test_pool_runs_averages_each_user_over_the_seeds(tmp_path):
     (tmp_path / "r1" / "results.json").write_text(json.dumps(dict(rows=[0, 1], per_sample={})))
     with pytest.raises(UserError, match="no per-sample results"):
         suite.pool_runs(dirs)
+
+
+def test_table_of_runs_one_trained_row_per_run(tmp_path, capsys):
+    """tools/suite.py --rows: the paper's table from train.py runs that each train one row (long
+    chat-model runs): the untrained rows as the runs evaluated them, each run's trained pair under
+    its row name, paired intervals of the last row against every other and of each trained row
+    against the memory-based ARS, F1 beside accept-everything's, returns, credit from metrics.jsonl."""
+    from tools import suite
+    base = {"Random": [0, 0, 1, 0], "Pop": [1, 0, 0, 0], "SASRec top-1": [1, 1, 0, 0],
+            "Memory-based ARS": [1, 0, 0, 0]}
+    for name, mine, sft in (("o", [0, 1, 0, 0], False), ("c", [1, 1, 1, 0], True)):
+        d = tmp_path / name
+        d.mkdir()
+        ps = {n: {"hit": h} for n, h in base.items()}
+        ps["Memory-based ARS"].update(f1_accept=[1, 1, 1, 1], f1_label=[1, 1, 0, 0])
+        ps["CoARS"] = {"hit": mine, "f1_accept": [1, 0, 0, 0], "f1_label": [1, 1, 0, 0]}
+        if sft:
+            ps["SFT on stage-2 samples"] = {"hit": [1, 1, 0, 0]}
+        (d / "results.json").write_text(json.dumps(dict(
+            rows=[0, 1, 2, 3], per_sample=ps,
+            methods={"CoARS": {"turns": {"mean": 1.5}, "hit_turn1": {"mean": 0.25}}},
+            paired={"CoARS - Accept everything (UserAgent F1)": {"mean": 0.1, "lo": -0.2, "hi": 0.3}},
+            user_returns={"always click (1.00)": {"mean": -0.5}})))
+        (d / "config.json").write_text(json.dumps({"batch": 4}))
+        (d / "metrics.jsonl").write_text("\n".join(json.dumps(dict(
+            stage=2, step=k, step_s=10.0 * k, rec_credit_answer_weight=0.1 * k, rec_credit_reason_weight=0.5,
+            rec_credit_share=0.02, user_credit_share=0.03)) for k in (1, 2)))
+    t = suite.table_of_runs([("Outcome-reward RL", tmp_path / "o"), ("CoARS", tmp_path / "c")], n_boot=50)
+    assert list(t["methods"]) == ["Random", "Pop", "SASRec top-1", "Memory-based ARS", "SFT on stage-2 samples",
+                                  "Outcome-reward RL", "CoARS"]
+    m = t["methods"]
+    assert m["CoARS"]["hit"]["mean"] == 0.75 and m["Outcome-reward RL"]["hit"]["mean"] == 0.25
+    assert t["paired"]["CoARS - Outcome-reward RL"]["mean"] == pytest.approx(0.5)
+    assert t["paired"]["CoARS - SFT on stage-2 samples"]["mean"] == pytest.approx(0.25)
+    assert t["paired"]["Outcome-reward RL - Memory-based ARS"]["mean"] == pytest.approx(0.0)
+    assert m["CoARS"]["user_f1"] == pytest.approx(2 / 3) and m["CoARS"]["accept_all_f1"] == pytest.approx(2 / 3)
+    assert m["Memory-based ARS"]["user_f1"] == pytest.approx(2 / 3) and "steps" not in m["Memory-based ARS"]
+    assert m["CoARS"]["steps"] == 2 and m["CoARS"]["episodes"] == 8 and m["CoARS"]["train_seconds"] == 30.0
+    assert m["CoARS"]["credit_weight"] == pytest.approx({"answer": 0.15, "reason": 0.5})
+    assert m["CoARS"]["turns"] == 1.5 and m["CoARS"]["user_returns"] == {"always click (1.00)": -0.5}
+    assert t["notes"] == []
+    table = suite.runs_table(t)
+    assert "| CoARS | 0.7500 [" in table and "| 2 (8) | 30 |" in table
+    assert "| CoARS - accept everything (UserAgent F1) | +0.1000 | [-0.2000, +0.3000] |" in table
+    assert "| CoARS | 0.150 | 0.500 | 0.020 | 0.030 |" in table
+    # the untrained rows of one --out-dir are one evaluation; where two runs disagree it is said
+    r = json.loads((tmp_path / "o" / "results.json").read_text())
+    r["per_sample"]["Memory-based ARS"]["hit"] = [0, 0, 0, 0]
+    (tmp_path / "o" / "results.json").write_text(json.dumps(r))
+    t = suite.table_of_runs([("CoARS", tmp_path / "c"), ("Outcome-reward RL", tmp_path / "o")], n_boot=50)
+    assert t["methods"]["Memory-based ARS"]["hit"]["mean"] == 0.25 and "differs" in t["notes"][0]
+    with pytest.raises(UserError, match="row name 'SASRec top-1' is taken"):
+        suite.table_of_runs([("SASRec top-1", tmp_path / "c")])
+    suite.main(["--rows", f"A={tmp_path / 'o'}", f"CoARS={tmp_path / 'c'}", "--out", str(tmp_path / "t.json")])
+    assert "| A - Memory-based ARS (Hit@1) |" in capsys.readouterr().out
+    assert list(json.loads((tmp_path / "t.json").read_text())["methods"])[-2:] == ["A", "CoARS"]
+    with pytest.raises(SystemExit, match="--rows takes NAME=RUN"):
+        suite.main(["--rows", str(tmp_path / "c")])
 
 
 def test_suite_orchestration_on_tiny_data(synth, tmp_path, monkeypatch):

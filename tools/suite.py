@@ -10,6 +10,8 @@ The paper's experiment in one command: baselines, ablations, seeds, intervals, p
     python tools/suite.py --pool out/r-s0 out/r-s1 out/r-s2                  # pool train.py runs of 3 seeds
     python tools/suite.py --pool out/a-s0 out/a-s1 --against out/b-s0 out/b-s1 --split valid   # setting A - B
     python tools/suite.py --pool out/r-s1 S/seed0/coars-seed0 --against out/a-s1 S/seed0/outcome-reward-rl-seed0 --trained
+    python tools/suite.py --rows "Outcome-reward RL=out/o" "CoARS w/o self-distillation=out/l0" CoARS=out/c
+                                                                   # one row per train.py run (resumed runs)
 
 Seeds, two ways:
   --full-seeds (docs/method.md section 6: seeds cover the whole pipeline) each seed s (0 .. --seeds - 1)
@@ -354,6 +356,145 @@ def pool_table(p):
     return "\n".join(lines)
 
 
+def table_of_runs(named, n_boot=1000, seed=0):
+    """The paper's table from finished train.py runs that each train one row (named: [(row name,
+    run folder)], the main row last), for rows too long to train in one process (a chat model
+    resumed over days): the baselines, the memory-based ARS and the SFT reference as the runs
+    evaluated them (the untrained rows are the same in every run of one --out-dir: eval.py keeps
+    each agent pair's results), then each run's trained pair under its row name. Per row: Hit@1 with
+    a bootstrap interval over the test samples, turn-1 Hit@1, turns, the UserAgent's F1 (and the
+    run's own paired interval against a UserAgent that accepts everything); paired Hit@1 intervals
+    of the main row against every other row and of every trained row against the memory-based ARS;
+    the UserAgent's Eq. 8 returns beside the constant users' (each run's eval.user_returns); the
+    credit by token kind (each kind's part of Eq. 11's weight, self-distillation's share of the
+    per-token weight: means over the run's steps in metrics.jsonl); steps, episodes, seconds."""
+    if not named:
+        raise UserError("--rows needs at least one NAME=RUN.")
+    res = load_results([d for _, d in named])
+    first = res[0]
+    per = {n: np.asarray(first["per_sample"][n]["hit"], float) for n in BASELINES
+           if n in first["per_sample"]}
+    notes, rows = [], {}
+    for n in ("Memory-based ARS", SFT):
+        have = [(r, d) for r, (_, d) in zip(res, named) if n in r["per_sample"]]
+        if not have:
+            continue
+        rows[n] = have[0][0]
+        per[n] = np.asarray(have[0][0]["per_sample"][n]["hit"], float)
+        for r, d in have[1:]:
+            k = int((np.asarray(r["per_sample"][n]["hit"], float) != per[n]).sum())
+            if k:
+                notes.append(f"{n}: {d} differs from {have[0][1]} in {k} samples (the first is "
+                             "shown)")
+    for (name, d), r in zip(named, res):
+        if name in per:
+            raise UserError(f"--rows: the row name {name!r} is taken; name each run's row apart.")
+        m = trained_method(r, d)
+        per[name] = np.asarray(r["per_sample"][m]["hit"], float)
+        rows[name] = dict(r, trained=m)
+    out = {"n_samples": len(first["rows"]), "methods": {}, "paired": {}, "notes": notes}
+    for n, h in per.items():
+        mu, lo, hi = mean_ci(h, n_boot, seed)
+        row = {"hit": {"mean": mu, "lo": lo, "hi": hi}}
+        r = rows.get(n)
+        if r is not None:
+            m = r.get("trained", n)
+            for k in ("hit_turn1", "turns"):
+                if k in r["methods"].get(m, {}):
+                    row[k] = r["methods"][m][k]["mean"]
+            ps = r["per_sample"][m]
+            if "f1_accept" in ps:
+                label = np.asarray(ps["f1_label"])
+                row["user_f1"] = prf(np.asarray(ps["f1_accept"], bool), label)[2]
+                row["accept_all_f1"] = prf(np.ones(len(label), bool), label)[2]
+                f1 = r.get("paired", {}).get(f"{m} - Accept everything (UserAgent F1)")
+                if "trained" in r and f1:
+                    row["user_f1_minus_accept_all"] = f1
+            if "trained" in r:
+                d = Path(dict(named)[n])
+                row.update(run=str(d), **run_training(d))
+                if r.get("user_returns"):
+                    row["user_returns"] = {k: v["mean"] for k, v in r["user_returns"].items()}
+        out["methods"][n] = row
+    main = named[-1][0]
+    for n in per:
+        if n != main:
+            mu, lo, hi = paired_diff_ci(per[main], per[n], n_boot, seed)
+            out["paired"][f"{main} - {n}"] = {"mean": mu, "lo": lo, "hi": hi}
+    if "Memory-based ARS" in per:
+        for name, _ in named[:-1]:
+            mu, lo, hi = paired_diff_ci(per[name], per["Memory-based ARS"], n_boot, seed)
+            out["paired"][f"{name} - Memory-based ARS"] = {"mean": mu, "lo": lo, "hi": hi}
+    return out
+
+
+def run_training(run_dir):
+    """What a train.py run's metrics.jsonl says of its stage 2: steps, episodes, seconds (the
+    steps' own, validations left out) and, as means over its steps, each token kind's part of the
+    RecAgent's Eq. 11 weight (rec_credit_<kind>_weight: answer / forced / reason for a chat model,
+    item / rationale for the built-in one) and self-distillation's share of each agent's weight."""
+    path = Path(run_dir) / "metrics.jsonl"
+    lines = [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+    steps = [x for x in lines if x.get("stage") == 2 and "step_s" in x]
+    cfg = json.loads((Path(run_dir) / "config.json").read_text()) \
+        if (Path(run_dir) / "config.json").exists() else {}
+    out = {"steps": len(steps), "episodes": len(steps) * cfg.get("batch", 0),
+           "train_seconds": round(sum(x["step_s"] for x in steps), 1), "credit_weight": {}}
+    kinds = [k for k in (steps[0] if steps else {}) if k.startswith("rec_credit_") and
+             k.endswith("_weight")]
+    for k in kinds + ["rec_credit_share", "user_credit_share"]:
+        vals = [x[k] for x in steps if k in x]
+        if vals:
+            if k.endswith("_weight"):
+                out["credit_weight"][k[len("rec_credit_"):-len("_weight")]] = float(np.mean(vals))
+            else:
+                out[k] = float(np.mean(vals))
+    return out
+
+
+def runs_table(t):
+    """Markdown of table_of_runs' result."""
+    def f(m, k, fmt="{:.3f}"):
+        return fmt.format(m[k]) if k in m else "-"
+    lines = ["| row | Hit@1 [95% CI] | turn-1 Hit@1 | turns | UserAgent F1 (accept all) | steps "
+             "(episodes) | train s |", "|---|---|---|---|---|---|---|"]
+    for n, m in t["methods"].items():
+        h = m["hit"]
+        f1 = f"{m['user_f1']:.3f} ({m['accept_all_f1']:.3f})" if "user_f1" in m else "-"
+        steps = f"{m['steps']} ({m['episodes']})" if "steps" in m else "-"
+        lines.append(f"| {n} | {h['mean']:.4f} [{h['lo']:.4f}, {h['hi']:.4f}] | {f(m, 'hit_turn1')} "
+                     f"| {f(m, 'turns', '{:.2f}')} | {f1} | {steps} | {f(m, 'train_seconds', '{:.0f}')} |")
+    lines += ["", f"test split, {t['n_samples']} samples, one run per trained row; interval: 95% "
+              "bootstrap over samples.", "", "| paired difference | mean | 95% CI |", "|---|---|---|"]
+    for k, v in t["paired"].items():
+        lines.append(f"| {k} (Hit@1) | {v['mean']:+.4f} | [{v['lo']:+.4f}, {v['hi']:+.4f}] |")
+    for n, m in t["methods"].items():
+        if "user_f1_minus_accept_all" in m:
+            v = m["user_f1_minus_accept_all"]
+            lines.append(f"| {n} - accept everything (UserAgent F1) | {v['mean']:+.4f} | "
+                         f"[{v['lo']:+.4f}, {v['hi']:+.4f}] |")
+    rets = {n: m["user_returns"] for n, m in t["methods"].items() if "user_returns" in m}
+    if rets:
+        cols = list(next(iter(rets.values())))
+        lines += ["", "Eq. 8 return per episode on stage-2 samples, against the row's RecAgent:", "",
+                  "| row | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+        for n, r in rets.items():
+            lines.append(f"| {n} | " + " | ".join(f"{r[c]:+.3f}" if c in r else "-" for c in cols)
+                         + " |")
+    credit = {n: m for n, m in t["methods"].items() if m.get("credit_weight")}
+    if credit:
+        kinds = list(next(iter(credit.values()))["credit_weight"])
+        lines += ["", "Credit by token kind (means over the run's steps): each kind's part of the "
+                  "RecAgent's Eq. 11 weight, and self-distillation's share of the per-token weight:",
+                  "", "| row | " + " | ".join(kinds) + " | RecAgent credit share | UserAgent credit "
+                  "share |", "|---" * (len(kinds) + 3) + "|"]
+        for n, m in credit.items():
+            lines.append(f"| {n} | " + " | ".join(f(m["credit_weight"], k) for k in kinds) + " | "
+                         f"{f(m, 'rec_credit_share')} | {f(m, 'user_credit_share')} |")
+    lines += [f"\nnote: {x}" for x in t["notes"]]
+    return "\n".join(lines)
+
+
 def slug(name):
     return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-").replace("--", "-")
 
@@ -512,6 +653,10 @@ def main(argv=None):
                    "seeds; prints the paired differences (the --pool runs minus these) per method (compare_pools)")
     p.add_argument("--trained", action="store_true", help="with --against: compare only each run's trained pair "
                    "(CoARS of a train.py run, or the one method of a suite's method folder)")
+    p.add_argument("--rows", nargs="+", metavar="NAME=RUN", help="instead of a suite: the paper's table "
+                   "from finished train.py runs, one trained row each, the main row last (e.g. 'Outcome-reward "
+                   "RL=out/o' CoARS=out/c; table_of_runs); --out FILE also writes it as JSON")
+    p.add_argument("--out", default="", help="with --rows: write the table's numbers to this JSON file")
     p.add_argument("--split", default="test", choices=["test", "valid"], help="with --pool: the results to read "
                    "(valid: each run's results_valid.json from `eval.py --run RUN --split valid`)")
     p.add_argument("--seeds", type=int, default=3, help="seeds per trained method (stage 2's, or with --full-seeds "
@@ -527,6 +672,19 @@ def main(argv=None):
         p.error("--against compares with the runs of --pool RUN ...")
     if a.trained and not a.against:
         p.error("--trained goes with --pool RUN ... --against RUN ...")
+    if a.rows:
+        try:
+            named = [tuple(x.split("=", 1)) for x in a.rows]
+            bad = [x for x, n in zip(a.rows, named) if len(n) != 2 or not all(n)]
+            if bad:
+                raise UserError(f"--rows takes NAME=RUN, not {bad[0]!r}.")
+            t = table_of_runs(named)
+        except (UserError, OSError, json.JSONDecodeError) as e:
+            sys.exit(f"error: {e}")
+        print(runs_table(t))
+        if a.out:
+            Path(a.out).write_text(json.dumps(t, indent=1))
+        return
     if a.pool:
         try:
             if a.against:
@@ -538,7 +696,7 @@ def main(argv=None):
             sys.exit(f"error: {e}")
         return
     if not a.suite:
-        p.error("give --suite NAME (or --pool RUN ...)")
+        p.error("give --suite NAME (or --pool RUN ..., or --rows NAME=RUN ...)")
     cfg = config_from(a)
     suite_dir = Path(a.suite_dir or Path(cfg.out_dir) / f"{Path(cfg.dataset).name}-{a.suite}")
     t0 = time.time()
