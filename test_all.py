@@ -2697,7 +2697,19 @@ def test_table_of_runs_one_trained_row_per_run(tmp_path, capsys):
     assert "| A - Memory-based ARS (Hit@1) |" in capsys.readouterr().out
     assert list(json.loads((tmp_path / "t.json").read_text())["methods"])[-2:] == ["A", "CoARS"]
     with pytest.raises(SystemExit, match="--rows takes NAME=RUN"):
-        suite.main(["--rows", str(tmp_path / "c")])
+        suite.main(["--rows", f"={tmp_path / 'c'}"])
+    # a bare RUN: its untrained rows only (the memory-based ARS evaluated alone), never a trained row
+    ps = {n: {"hit": h} for n, h in base.items()}
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "results.json").write_text(json.dumps(dict(rows=[0, 1, 2, 3], per_sample=ps, methods={})))
+    (tmp_path / "l").mkdir()
+    r["per_sample"] = {n: v for n, v in r["per_sample"].items() if n != "Memory-based ARS"}
+    (tmp_path / "l" / "results.json").write_text(json.dumps(r))
+    t = suite.table_of_runs([(None, tmp_path / "m"), ("CoARS", tmp_path / "l")], n_boot=50)
+    assert list(t["methods"]) == ["Random", "Pop", "SASRec top-1", "Memory-based ARS", "CoARS"]
+    assert t["methods"]["Memory-based ARS"]["hit"]["mean"] == 0.25 and t["notes"] == []
+    with pytest.raises(SystemExit, match="at least one NAME=RUN"):
+        suite.main(["--rows", str(tmp_path / "m")])
 
 
 def test_suite_orchestration_on_tiny_data(synth, tmp_path, monkeypatch):

@@ -367,8 +367,10 @@ def table_of_runs(named, n_boot=1000, seed=0):
     of the main row against every other row and of every trained row against the memory-based ARS;
     the UserAgent's Eq. 8 returns beside the constant users' (each run's eval.user_returns); the
     credit by token kind (each kind's part of Eq. 11's weight, self-distillation's share of the
-    per-token weight: means over the run's steps in metrics.jsonl); steps, episodes, seconds."""
-    if not named:
+    per-token weight: means over the run's steps in metrics.jsonl); steps, episodes, seconds.
+    A name of None: a folder whose results give untrained rows only (an evaluation of the
+    memory-based ARS alone, kept where the run folders of other rows were not)."""
+    if not any(name for name, _ in named):
         raise UserError("--rows needs at least one NAME=RUN.")
     res = load_results([d for _, d in named])
     first = res[0]
@@ -387,6 +389,8 @@ def table_of_runs(named, n_boot=1000, seed=0):
                 notes.append(f"{n}: {d} differs from {have[0][1]} in {k} samples (the first is "
                              "shown)")
     for (name, d), r in zip(named, res):
+        if name is None:
+            continue
         if name in per:
             raise UserError(f"--rows: the row name {name!r} is taken; name each run's row apart.")
         m = trained_method(r, d)
@@ -416,13 +420,14 @@ def table_of_runs(named, n_boot=1000, seed=0):
                 if r.get("user_returns"):
                     row["user_returns"] = {k: v["mean"] for k, v in r["user_returns"].items()}
         out["methods"][n] = row
-    main = named[-1][0]
+    trained = [name for name, _ in named if name]
+    main = trained[-1]
     for n in per:
         if n != main:
             mu, lo, hi = paired_diff_ci(per[main], per[n], n_boot, seed)
             out["paired"][f"{main} - {n}"] = {"mean": mu, "lo": lo, "hi": hi}
     if "Memory-based ARS" in per:
-        for name, _ in named[:-1]:
+        for name in trained[:-1]:
             mu, lo, hi = paired_diff_ci(per[name], per["Memory-based ARS"], n_boot, seed)
             out["paired"][f"{name} - Memory-based ARS"] = {"mean": mu, "lo": lo, "hi": hi}
     return out
@@ -655,7 +660,8 @@ def main(argv=None):
                    "(CoARS of a train.py run, or the one method of a suite's method folder)")
     p.add_argument("--rows", nargs="+", metavar="NAME=RUN", help="instead of a suite: the paper's table "
                    "from finished train.py runs, one trained row each, the main row last (e.g. 'Outcome-reward "
-                   "RL=out/o' CoARS=out/c; table_of_runs); --out FILE also writes it as JSON")
+                   "RL=out/o' CoARS=out/c; table_of_runs); a bare RUN gives its untrained rows only; --out FILE "
+                   "also writes it as JSON")
     p.add_argument("--out", default="", help="with --rows: write the table's numbers to this JSON file")
     p.add_argument("--split", default="test", choices=["test", "valid"], help="with --pool: the results to read "
                    "(valid: each run's results_valid.json from `eval.py --run RUN --split valid`)")
@@ -674,10 +680,11 @@ def main(argv=None):
         p.error("--trained goes with --pool RUN ... --against RUN ...")
     if a.rows:
         try:
-            named = [tuple(x.split("=", 1)) for x in a.rows]
-            bad = [x for x, n in zip(a.rows, named) if len(n) != 2 or not all(n)]
+            named = [tuple(x.split("=", 1)) if "=" in x else (None, x) for x in a.rows]
+            bad = [x for x, (n, d) in zip(a.rows, named) if n == "" or not d]
             if bad:
-                raise UserError(f"--rows takes NAME=RUN, not {bad[0]!r}.")
+                raise UserError(f"--rows takes NAME=RUN (or RUN for its untrained rows only), not "
+                                f"{bad[0]!r}.")
             t = table_of_runs(named)
         except (UserError, OSError, json.JSONDecodeError) as e:
             sys.exit(f"error: {e}")
