@@ -187,6 +187,10 @@ class Config:
     """train and evaluate the reference row 'SFT on stage-2 samples': a RecAgent adapter trained by
     cross-entropy on the targets of the same samples with stage 2's budget (steps x batch, lr),
     paired with the untrained UserAgent"""
+    memory_row: bool = True
+    """evaluate the memory-based ARS (the base without adapters) beside the trained pair; off for
+    a run that trains one row of a table whose memory-based ARS another evaluation holds
+    (tools/suite.py --rows)"""
     n_boot: int = 1000
     """bootstrap resamples for the intervals"""
     skip_eval: bool = False

@@ -424,14 +424,14 @@ def evaluate(model, tok, data, split="test", t_max=5, device="cpu", n_boot=1000,
 
 def evaluate_run(cfg, model, tok, data, device, log=print, keep=None):
     """The test evaluation of a finished run (train.py's, and eval.py's again): Random, Pop, SASRec
-    top-1, the memory-based ARS, the reference row 'SFT on stage-2 samples' when the model has
-    that adapter (train.sft_reference), CoARS; then the UserAgent's Eq. 8 return beside the
+    top-1, the memory-based ARS (--memory-row), the reference row 'SFT on stage-2 samples' when the
+    model has that adapter (train.sft_reference), CoARS; then the UserAgent's Eq. 8 return beside the
     constant users' on --eval-returns-n stage-2 samples (user_returns). res["phase_s"]: the
     seconds of each phase. Every phase starts with a log line (a caller may stop there). keep: the
     folder of kept parts (evaluate), where a stopped evaluation continues."""
     res = evaluate(model, tok, data, "test", cfg.t_max, device, cfg.n_boot, cfg.seed,
-                   agents=run_agents(model), max_samples=cfg.eval_test_n, decoding=cfg.decoding,
-                   log=log, per_sample=True, keep=keep)
+                   agents=run_agents(model, cfg.memory_row), max_samples=cfg.eval_test_n,
+                   decoding=cfg.decoding, log=log, per_sample=True, keep=keep)
     res["phase_s"] = {"test_evaluation": res["seconds"]}
     if cfg.eval_returns_n:
         t0 = time.time()
@@ -440,11 +440,13 @@ def evaluate_run(cfg, model, tok, data, device, log=print, keep=None):
     return res
 
 
-def run_agents(model):
-    """The agent pairs a finished run is evaluated with: the memory-based ARS (no adapters), the
-    SFT reference where the model has its adapter, CoARS (last: the paired rows compare to it)."""
+def run_agents(model, memory=True):
+    """The agent pairs a finished run is evaluated with: the memory-based ARS (no adapters; not
+    with memory=False, --no-memory-row), the SFT reference where the model has its adapter, CoARS
+    (last: the paired rows compare to it)."""
     sft = (("SFT on stage-2 samples", ("sft", None)),) if model.has_adapter("sft") else ()
-    return (("Memory-based ARS", (None, None)),) + sft + (("CoARS", ("rec", "user")),)
+    mem = (("Memory-based ARS", (None, None)),) if memory else ()
+    return mem + sft + (("CoARS", ("rec", "user")),)
 
 
 def run_user_returns(cfg, model, tok, data, device, log=lambda *a: None, keep=None):
@@ -520,7 +522,7 @@ def main(argv=None):
         res = evaluate_run(cfg, model, tok, data, device, keep=keep)
     else:
         res = evaluate(model, tok, data, a.split, cfg.t_max, device, cfg.n_boot, cfg.seed,
-                       agents=run_agents(model), max_samples=max(a.max_samples, 0),
+                       agents=run_agents(model, cfg.memory_row), max_samples=max(a.max_samples, 0),
                        decoding=cfg.decoding, per_sample=True, keep=keep)
     # the run's own test evaluation is its results.json (as train.py writes it); any other goes
     # beside it

@@ -2220,6 +2220,14 @@ def test_resume_refuses_other_options_or_data(small_run, small_base, tmp_path):
     assert "--config " + str(out / "r" / "config.json") + " --resume" in r.stderr
     r = run(["train.py"] + small_run + ["--out-dir", str(out), "--run-name", "none", "--resume"])
     assert "error: --resume: there is no checkpoint in" in r.stderr
+    # --memory-row may change on resume (it changes no training): the finished run's evaluation
+    # without the memory-based ARS, a row of a table whose memory-based ARS is evaluated elsewhere
+    r = run(["train.py"] + small_run + ["--out-dir", str(out), "--run-name", "r", "--steps", "2", "--resume",
+                                        "--no-memory-row"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads((out / "r" / "results.json").read_text())
+    assert "Memory-based ARS" not in res["methods"] and "Memory-based ARS" not in res["per_sample"]
+    assert {"CoARS", "SASRec top-1"} <= set(res["per_sample"]) and "CoARS - SASRec top-1 (Hit@1)" in res["paired"]
     # the same options but other data: the fingerprint differs
     ck = load_checkpoint(out / "r")
     data = prepare(DataConfig(dataset="ml-1m", data_dir=small_run[small_run.index("--data-dir") + 1],

@@ -103,7 +103,7 @@ def check_run_dir(cfg):
 RESUMABLE = {"resume", "ckpt_every", "skip_eval", "device", "n_boot", "eval_test_n",
              "eval_returns_n", "max_bad_steps", "rollout_batch", "loss_batch",
              "grad_checkpointing", "compile", "tensorboard", "wandb", "shared_prefix",
-             "out_dir"}   # out_dir: a run folder may move
+             "out_dir", "memory_row"}   # out_dir: a run folder may move
 
 
 def check_resumable(ck, cfg, data=None):
