@@ -497,6 +497,11 @@ def main(argv=None):
     p.add_argument("--plot", action="store_true",
                    help="only write the run's curves.png from its metrics.jsonl (needs "
                         "matplotlib), without evaluating")
+    p.add_argument("--untrained-only", action="store_true",
+                   help="only the untrained rows (Random, Pop, SASRec top-1, the memory-based "
+                        "ARS: no adapter used) on the samples of the run's final evaluation; a "
+                        "run still training will do (its newest checkpoint); written to "
+                        "results_untrained[_N].json, which tools/suite.py --rows reads")
     a = p.parse_args(argv)
     if a.plot:
         from support.watch import plot_run
@@ -509,12 +514,24 @@ def main(argv=None):
         print(f"training curves: {path}")
         return
     try:
-        cfg, model, tok, data = load_run(Path(a.run), a.device)
+        in_progress = a.untrained_only and not (Path(a.run) / "coars.pt").exists()
+        cfg, model, tok, data = load_run(Path(a.run), a.device, checkpoint=in_progress)
     except UserError as e:
         sys.exit(f"error: {e}")
     device = device_of(a.device)
     keep = parts_folder(a.run)          # a stopped evaluation continues where it stopped
     default = a.max_samples < 0 and a.returns_n < 0
+    if a.untrained_only:
+        n = cfg.eval_test_n if a.split == "test" and a.max_samples < 0 else max(a.max_samples, 0)
+        res = evaluate(model, tok, data, a.split, cfg.t_max, device, cfg.n_boot, cfg.seed,
+                       agents=(("Memory-based ARS", (None, None)),), max_samples=n,
+                       decoding=cfg.decoding, per_sample=True, keep=keep)
+        name = "results_untrained" + (f"_{a.split}" if a.split != "test" else "") + \
+            (f"_{n}" if n else "")
+        write_results(res, a.run, name)
+        print(results_table(res))
+        print(f"\nwritten to {Path(a.run) / name}.md and .json")
+        return
     if a.split == "test":
         cfg = dataclasses.replace(
             cfg, eval_test_n=cfg.eval_test_n if a.max_samples < 0 else a.max_samples,

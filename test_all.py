@@ -1955,6 +1955,22 @@ def test_train_and_eval_end_to_end_on_synthetic_ml1m(synth, tmp_path):
     sub = json.loads((run_dir / "results_test_10_returns5.json").read_text())
     assert r5.returncode == 0 and sub["n_samples"] == 10 and len(sub["per_sample"]["CoARS"]["hit"]) == 10
     assert set(sub["user_returns"]) == set(res["user_returns"]) and "SFT on stage-2 samples" in sub["methods"]
+    # the untrained rows alone, from a run still training (no coars.pt: its newest checkpoint), on
+    # the same 10 samples: the memory-based ARS is the kept part of the evaluation above, and the
+    # file is a row source of tools/suite.py --rows beside a trained run's results
+    prog = tmp_path / "out" / "prog"
+    prog.mkdir()
+    for f in ("config.json", "ckpt.pt", "base.pt"):
+        shutil.copy(run_dir / f, prog / f)
+    r6 = run(["eval.py", "--run", str(prog), "--untrained-only", "--max-samples", "10"])
+    assert r6.returncode == 0 and r6.stdout.count("kept from an earlier evaluation") == 1, r6.stderr[-3000:]
+    unt = json.loads((prog / "results_untrained_10.json").read_text())
+    assert set(unt["per_sample"]) == {"Memory-based ARS", "Random", "Pop", "SASRec top-1"}
+    assert unt["per_sample"]["Memory-based ARS"] == sub["per_sample"]["Memory-based ARS"]
+    t = suite.table_of_runs([(None, prog / "results_untrained_10.json"),
+                             ("CoARS", run_dir / "results_test_10_returns5.json")], n_boot=20)
+    assert t["paired"]["CoARS - Memory-based ARS"]["mean"] == pytest.approx(
+        np.mean(sub["per_sample"]["CoARS"]["hit"]) - np.mean(sub["per_sample"]["Memory-based ARS"]["hit"]))
     # the base is reused on a second run with the same data and stage-1 options
     r2 = run(args + ["--steps", "1", "--skip-eval"])
     assert r2.returncode == 0 and "reusing the pretrained base" in r2.stdout

@@ -236,7 +236,7 @@ def load_results(run_dirs, split="test"):
     again = "python eval.py --run {}" + ("" if split == "test" else f" --split {split}")
     res = []
     for d in run_dirs:
-        path = Path(d) / name
+        path = Path(d) if str(d).endswith(".json") else Path(d) / name     # a results file itself
         if not path.exists():
             raise UserError(f"{path} does not exist: evaluate the run with `{again.format(d)}`.")
         r = json.loads(path.read_text())
@@ -660,7 +660,8 @@ def main(argv=None):
                    "(CoARS of a train.py run, or the one method of a suite's method folder)")
     p.add_argument("--rows", nargs="+", metavar="NAME=RUN", help="instead of a suite: the paper's table "
                    "from finished train.py runs, one trained row each, the main row last (e.g. 'Outcome-reward "
-                   "RL=out/o' CoARS=out/c; table_of_runs); a bare RUN gives its untrained rows only; --out FILE "
+                   "RL=out/o' CoARS=out/c; table_of_runs); a bare RUN (or a results file, e.g. eval.py --untrained-only's) "
+                   "gives its untrained rows only; --out FILE "
                    "also writes it as JSON")
     p.add_argument("--out", default="", help="with --rows: write the table's numbers to this JSON file")
     p.add_argument("--split", default="test", choices=["test", "valid"], help="with --pool: the results to read "
