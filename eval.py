@@ -5,6 +5,7 @@ Evaluation of CoARS and its baselines (docs/method.md section 6).
     python eval.py --run out/ml-latest-small --split valid
     python eval.py --run out/ml-latest-small --plot       # only its curves.png (support/watch.py)
     python eval.py --run out/smol --max-samples 200 --returns-n 100   # a subset, fewer returns
+    python eval.py --run out/smol --untrained-only --max-samples 200  # the untrained rows alone
 
 Metrics, each with a 95% bootstrap interval over test samples (one sample per user):
   - Hit@1: the final recommended item is the target, over ALL samples (invalid = miss).
