@@ -426,8 +426,8 @@ def evaluate(model, tok, data, split="test", t_max=5, device="cpu", n_boot=1000,
 def evaluate_run(cfg, model, tok, data, device, log=print, keep=None):
     """The test evaluation of a finished run (train.py's, and eval.py's again): Random, Pop, SASRec
     top-1, the memory-based ARS (--memory-row), the reference row 'SFT on stage-2 samples' when the
-    model has that adapter (train.sft_reference), CoARS; then the UserAgent's Eq. 8 return beside the
-    constant users' on --eval-returns-n stage-2 samples (user_returns). res["phase_s"]: the
+    model has that adapter (train.sft_reference), CoARS; then the UserAgent's Eq. 8 return beside
+    the constant users' on --eval-returns-n stage-2 samples (user_returns). res["phase_s"]: the
     seconds of each phase. Every phase starts with a log line (a caller may stop there). keep: the
     folder of kept parts (evaluate), where a stopped evaluation continues."""
     res = evaluate(model, tok, data, "test", cfg.t_max, device, cfg.n_boot, cfg.seed,
@@ -540,8 +540,9 @@ def main(argv=None):
         res = evaluate_run(cfg, model, tok, data, device, keep=keep)
     else:
         res = evaluate(model, tok, data, a.split, cfg.t_max, device, cfg.n_boot, cfg.seed,
-                       agents=run_agents(model, cfg.memory_row), max_samples=max(a.max_samples, 0),
-                       decoding=cfg.decoding, per_sample=True, keep=keep)
+                       agents=run_agents(model, cfg.memory_row),
+                       max_samples=max(a.max_samples, 0), decoding=cfg.decoding, per_sample=True,
+                       keep=keep)
     # the run's own test evaluation is its results.json (as train.py writes it); any other goes
     # beside it
     n = cfg.eval_test_n if a.split == "test" else max(a.max_samples, 0)

@@ -48,7 +48,8 @@ def chat_backbone(cfg, data, device, log):
 def load_run(run_dir: Path, device="auto", checkpoint=False, log=lambda *a: None):
     """(cfg, model with both adapters, tokenizer, data) of a finished run (its coars.pt and, for the
     built-in model, its base.pt). checkpoint=True: the adapters of a run still in progress, from its
-    newest stage-2 checkpoint (support/checkpoint.load_checkpoint); log says which step."""
+    newest stage-2 checkpoint (support/checkpoint.newest_checkpoint); log says which file and
+    step."""
     if checkpoint:
         path, ck = newest_checkpoint(Path(run_dir), log=lambda *a: None)
         if ck is None or ck.get("stage") != 2:

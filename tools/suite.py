@@ -395,7 +395,7 @@ def table_of_runs(named, n_boot=1000, seed=0):
             raise UserError(f"--rows: the row name {name!r} is taken; name each run's row apart.")
         m = trained_method(r, d)
         per[name] = np.asarray(r["per_sample"][m]["hit"], float)
-        rows[name] = dict(r, trained=m)
+        rows[name] = dict(r, trained=m, run=str(d))
     out = {"n_samples": len(first["rows"]), "methods": {}, "paired": {}, "notes": notes}
     for n, h in per.items():
         mu, lo, hi = mean_ci(h, n_boot, seed)
@@ -415,8 +415,7 @@ def table_of_runs(named, n_boot=1000, seed=0):
                 if "trained" in r and f1:
                     row["user_f1_minus_accept_all"] = f1
             if "trained" in r:
-                d = Path(dict(named)[n])
-                row.update(run=str(d), **run_training(d))
+                row.update(run=r["run"], **run_training(r["run"]))
                 if r.get("user_returns"):
                     row["user_returns"] = {k: v["mean"] for k, v in r["user_returns"].items()}
         out["methods"][n] = row
