@@ -2779,6 +2779,16 @@ def test_suite_orchestration_on_tiny_data(synth, tmp_path, monkeypatch):
     with pytest.raises(UserError, match="unknown method coars-typo in suite tiny: choose among sft-on-stage-2-samples, "
                        "no-distill, coars"):
         suite.run_suite(cfg, "tiny", 2, tmp_path / "s", logs.append, methods=["coars-typo"])
+    # --no-memory-row with --methods: one row of a table whose memory-based ARS another evaluation
+    # holds, so the base is not evaluated; without --methods the table would lack that row
+    logs.clear()
+    nomem = dataclasses.replace(cfg, memory_row=False)
+    assert suite.run_suite(nomem, "tiny", 1, tmp_path / "n", logs.append, methods=["coars"]) is None
+    assert (tmp_path / "n" / "coars-seed0" / "results.json").exists()
+    assert not (tmp_path / "n" / "memory_ars.json").exists()
+    assert not any("evaluating Memory-based ARS" in m for m in logs)
+    with pytest.raises(UserError, match="--no-memory-row goes with --methods"):
+        suite.run_suite(nomem, "tiny", 1, tmp_path / "n", logs.append)
     # --full-seeds: each seed its own data draws and base (stage 1), stage 2 seeded by --seed; the
     # same users in every seed, so the per-user hits average over the seeds
     f = suite.run_suite(dataclasses.replace(cfg, steps=1), "tiny", 2, tmp_path / "f", logs.append, full_seeds=True)

@@ -172,6 +172,9 @@ def run_suite(cfg, suite, seeds, suite_dir, log=print, full_seeds=False, methods
                             f"choose among {', '.join(known)}.")
     if seeds < 1:
         raise UserError("--seeds must be at least 1.")
+    if not cfg.memory_row and methods is None:
+        raise UserError("--no-memory-row goes with --methods: the suite's table needs the memory-based ARS "
+                        "(evaluate it with the table's run, without --no-memory-row).")
     validate(cfg)
     suite_dir.mkdir(parents=True, exist_ok=True)
     device = device_of(cfg.device)
@@ -185,8 +188,11 @@ def run_suite(cfg, suite, seeds, suite_dir, log=print, full_seeds=False, methods
         torch.manual_seed(bcfg.seed)
         base, tok = backbone(bcfg, data, device, bdir, log)      # built-in: cached in bdir/base.pt
         # the memory-based ARS (the base without adapters) is deterministic: evaluated once per base
+        # (not with --no-memory-row, which goes with --methods: another evaluation holds it)
         mem_file = bdir / "memory_ars.json"
-        if mem_file.exists() and json.loads(mem_file.read_text()).get("config") == dataclasses.asdict(bcfg):
+        if not bcfg.memory_row:
+            mem = None
+        elif mem_file.exists() and json.loads(mem_file.read_text()).get("config") == dataclasses.asdict(bcfg):
             mem = json.loads(mem_file.read_text())
         else:
             mem = evaluate(base, tok, data, "test", bcfg.t_max, device, bcfg.n_boot, bcfg.seed,
