@@ -119,9 +119,10 @@ class Config:
     lr: float = 5e-4
     """adapter learning rate (Adam)"""
     loss_batch: int = 0
-    """messages per teacher / student pass, back-propagated group by group to bound memory (0 = 32
-    for the built-in GPT, 4 for a Hugging Face model, whose activations are far larger); with
-    --shared-prefix a group is instead one episode's messages of one agent"""
+    """messages per teacher / student pass (and per pass of the SFT reference), back-propagated
+    group by group to bound memory (0 = 32 for the built-in GPT, 4 for a Hugging Face model, whose
+    activations are far larger); with --shared-prefix a group is instead one episode's messages of
+    one agent"""
     lora_r: int = 8
     """LoRA rank"""
     lora_alpha: float = 16.0

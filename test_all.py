@@ -10,6 +10,7 @@ Nothing here touches the network: datasets are generated, zipped and served thro
 HF_HUB_OFFLINE=1 is set for any Hugging Face code.
 """
 
+import copy
 import csv
 import dataclasses
 import datetime
@@ -2505,6 +2506,35 @@ def test_sft_reference_trains_on_the_stage2_samples_with_stage2s_budget(small_ru
     assert m2 is m and m.has_adapter("sft") and lp() > untrained + 0.05
     after = m.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before if ".sft." not in k)
+
+
+def test_sft_reference_in_groups_takes_the_whole_batchs_step(small_run, tmp_path, monkeypatch):
+    """--loss-batch splits an SFT step's messages into groups, each backward before the next: each
+    step's gradient equals the one of the whole batch at once (the plain reference), and so does
+    the trained adapter up to Adam's amplified round-off."""
+    cfg = train.parse_args(small_run + ["--out-dir", str(tmp_path), "--steps", "3", "--batch", "5",
+                                        "--eval-every", "0", "--lr", "1e-2"])
+    data = prepare(cfg.data_config(), log=lambda *a: None)
+    tok = Tokenizer(data.n_items)
+    base = tiny_model(tok.vocab_size)
+    real_clip = torch.nn.utils.clip_grad_norm_
+    grads, trained = [], []
+
+    def clip(params, *a, **kw):                # each step's gradient, before clipping
+        params = list(params)
+        grads[-1].append(torch.cat([p.grad.flatten() for p in params]).clone())
+        return real_clip(params, *a, **kw)
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip)
+    for group in (0, 2, 1):                    # 0: the built-in default (32), the whole batch
+        m = copy.deepcopy(base)
+        grads.append([])
+        train.sft_reference(dataclasses.replace(cfg, loss_batch=group), m, tok, data, "cpu",
+                            lambda *a: None)
+        trained.append({k: v for k, v in m.state_dict().items() if ".sft." in k})
+    assert len(grads[0]) == 3 and all(g.abs().sum() > 0 for g in grads[0])
+    for k in (1, 2):
+        assert torch.allclose(grads[k][0], grads[0][0], rtol=1e-5, atol=1e-7)
+        assert all(torch.allclose(trained[k][n], trained[0][n], atol=1e-4) for n in trained[0])
 
 
 def test_every_validation_rule_has_a_test():
