@@ -6,6 +6,7 @@ Evaluation of CoARS and its baselines (docs/method.md section 6).
     python eval.py --run out/ml-latest-small --plot       # only its curves.png (support/watch.py)
     python eval.py --run out/smol --max-samples 200 --returns-n 100   # a subset, fewer returns
     python eval.py --run out/smol --untrained-only --max-samples 200  # the untrained rows alone
+    python eval.py --run out/smol & python eval.py --run out/smol     # two processes share the work
 
 Metrics, each with a 95% bootstrap interval over test samples (one sample per user):
   - Hit@1: the final recommended item is the target, over ALL samples (invalid = miss).
@@ -20,8 +21,11 @@ split), SASRec top-1 (the prior), and the memory-based (Reflexion-style) ARS: th
 the agents before CoARS (the pretrained base, no adapters), learning only through in-episode
 memory. Evaluation decodes greedily (temperature 0), so a checkpoint always scores the same.
 Paired bootstrap intervals compare CoARS with each baseline on the same samples.
-Each agent pair's per-sample results, and each user's returns, are kept beside the run folder
-(out/eval-parts/, part_key) as they are finished: a stopped evaluation continues where it stopped.
+The parts of an evaluation (each agent pair's episodes, its two rankings, its UserAgent's
+judgements; each user's returns) are kept beside the run folder (out/eval-parts/, part_key) as
+they are finished: a stopped evaluation continues where it stopped, and the same command started
+in several processes (one per core) shares the parts out among them
+(support/checkpoint.kept_parts), each writing the same results file at the end.
 """
 
 import argparse
@@ -40,7 +44,7 @@ from env import (POSITIVE, Trajectory, Turn, candidate_bias, closest_history_ite
 from scoring import next_token_scores
 from reward import turn_rewards
 from support.chat import chat_candidate_scores
-from support.checkpoint import code_digest, kept_part, weights_digest
+from support.checkpoint import code_digest, kept_parts, weights_digest
 from support.report import results_table, write_results
 
 # --------------------------------------------------------------------------------------------------
@@ -274,13 +278,12 @@ def user_returns(model, tok, data, rows, keys, reward_cfg, t_max, device, rec_ad
     `users` (name, adapter) and for the two constant users of CONSTANT_USERS. A trained UserAgent
     whose return is no higher than a constant's is gaming the reward, not judging. Returns
     {name: {"mean", "lo", "hi"}} plus the share of turns each user accepted. log: a progress line
-    per user. keep: a folder where each user's returns are kept (as evaluate's pairs are)."""
-    out = {}
+    per user. keep: a folder where each user's returns are kept (as evaluate's parts are)."""
+    out, parts = {}, []
     players = [(n, a, None) for n, a in users] + [(n, None, f) for n, f in CONSTANT_USERS.items()]
-    for k, (name, adapter, script) in enumerate(players, 1):
-        log(f"constant users' returns: {name} ({k}/{len(players)}) on {len(rows)} stage-2 samples")
-
-        def play():
+    for name, adapter, script in players:
+        def play(name=name, adapter=adapter, script=script):
+            log(f"constant users' returns: {name} on {len(rows)} stage-2 samples")
             trajs = [new_trajectory(data, "train", r) for r in rows]
             for tr, key in zip(trajs, keys):
                 tr.key = int(key)
@@ -300,7 +303,8 @@ def user_returns(model, tok, data, rows, keys, reward_cfg, t_max, device, rec_ad
         key = part_key(model, (rec_adapter, adapter), data, device, part=f"returns of {name}",
                        rows=rows, keys=keys, user=script and name, reward=reward_cfg, t_max=t_max,
                        temperature=temperature, decoding=decoding)
-        got = kept_part(keep, key, play, log)
+        parts.append((key, play))
+    for (name, _, _), got in zip(players, kept_parts(keep, parts, log)):
         mu, lo, hi = mean_ci(got["ret"], n_boot, seed)
         out[name] = dict(mean=mu, lo=lo, hi=hi, accept=got["accept"], train_hit=got["train_hit"])
     model.set_adapter(None)
@@ -308,7 +312,7 @@ def user_returns(model, tok, data, rows, keys, reward_cfg, t_max, device, rec_ad
 
 
 def part_key(model, adapters, data, device, **what):
-    """The key of an evaluation part (support/checkpoint.kept_part): the agents' weights (the base
+    """The key of an evaluation part (support/checkpoint.kept_parts): the agents' weights (the base
     and the adapters in use), the code, the data, the device type and `what` (the samples, the
     options); arrays enter by their sha1. A kept part is reused only where all of these match."""
     plain = {k: hashlib.sha1(np.ascontiguousarray(v).tobytes()).hexdigest()
@@ -316,6 +320,51 @@ def part_key(model, adapters, data, device, **what):
     return dict(plain, weights=weights_digest(model, adapters), code=code_digest(),
                 data=[data.meta["raw_sha256"], data.meta["options"]],
                 device=torch.device(device).type)
+
+
+def pair_parts(model, tok, data, split, rows, f1_rows, name, adapters, t_max, device, decoding,
+               log):
+    """An agent pair's evaluation as four parts (support/checkpoint.kept_parts), each a
+    [(key, compute)] entry: its episodes (run_ars), the RecAgent's turn-1 ranking with the
+    suggestion and without it (what it knows of the user by itself), and the UserAgent's judgements
+    of the F1 set. A part's key holds only the adapters it uses, so pairs that share an agent (the
+    untrained UserAgent of the memory-based ARS and of the SFT reference) share its part.
+    Progress: one plain line per part where stdout is not a terminal."""
+    rec, user = adapters
+    lists = lambda m: {k: np.asarray(v, float).tolist() for k, v in m.items()}  # noqa: E731
+
+    def episodes():
+        log(f"evaluating {name} on {len(rows)} {split} samples: episodes")
+        tick = progress(log, f"evaluating {name}: episodes", len(rows))
+        return lists(run_ars(model, tok, data, split, rows, adapters, t_max, device,
+                             batch=tok.eval_batch, decoding=decoding, tick=tick)[1])
+
+    def ranking(hint):
+        def compute():
+            what = f"evaluating {name}: ranking" + ("" if hint else " without the suggestion")
+            log(f"{what}, {len(rows)} {split} samples")
+            tick = progress(log, what, len(rows))
+            return lists(rank_metrics(model, tok, data, split, rows, rec, device,
+                                      ks=(1, 5, 10) if hint else (1,), batch=tok.eval_batch,
+                                      hint=hint, tick=tick))
+        return compute
+
+    def judgements():
+        log(f"evaluating {name}: the UserAgent's judgements of {len(f1_rows)} F1 items")
+        tick = progress(log, f"evaluating {name}: the UserAgent's judgements", len(f1_rows))
+        acc, ok = user_judgements(model, tok, data, user, device, batch=tok.eval_batch,
+                                  f1_rows=f1_rows, decoding=decoding, tick=tick)
+        return dict(accept=acc.tolist(), valid=ok.tolist())
+
+    def key(part, used, **what):
+        return part_key(model, used, data, device, part=part, split=split, rows=rows,
+                        decoding=decoding, **what)
+    return [(key(f"evaluating {name}: episodes", adapters, t_max=t_max), episodes),
+            (key(f"the RecAgent's ranking ({rec or 'untrained'})", (rec, None)), ranking(True)),
+            (key(f"the RecAgent's ranking without the suggestion ({rec or 'untrained'})",
+                 (rec, None)), ranking(False)),
+            (key(f"the UserAgent's judgements ({user or 'untrained'})", (None, user),
+                 f1_rows=f1_rows), judgements)]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -333,9 +382,10 @@ def evaluate(model, tok, data, split="test", t_max=5, device="cpu", n_boot=1000,
     rows of every table (docs/method.md section 6): a random pick's Hit@1 is 1/K whatever the number
     of turns (the last of up to 5 distinct random picks is still uniform over the K candidates), and
     a UserAgent that accepts everything has the F1 of the "Accept everything" row (2/3 with one
-    negative per positive). keep: a folder where each agent pair's per-sample results are kept
-    (part_key), so that a stopped evaluation continues at the next pair, and where a pair another
-    run already evaluated (the same base untrained) is read instead of played again."""
+    negative per positive). keep: a folder where each part of a pair's evaluation (pair_parts) is
+    kept (part_key), so that a stopped evaluation continues at the next part, a part another run
+    already evaluated (the same base untrained) is read instead of played again, and processes
+    started on the same evaluation share its parts (support/checkpoint.kept_parts)."""
     t0 = time.time()
     rows = np.arange(len(getattr(data, f"{split}_user")))
     f1_rows = np.arange(len(data.f1_item))
@@ -352,32 +402,17 @@ def evaluate(model, tok, data, split="test", t_max=5, device="cpu", n_boot=1000,
     for name, hits in baseline_hits(data, split, seed).items():
         per[name] = {"hit": hits[rows]}
     f1_preds = {}
-    for name, adapters in agents:
-        log(f"evaluating {name} on {len(rows)} {split} samples")
-
-        def one_pair():
-            # plain progress lines where stdout is not a terminal: episodes, rankings, judgements
-            tick = progress(log, f"evaluating {name} (episodes, rankings, F1 judgements)",
-                            3 * len(rows) + len(f1_rows))
-            _, m = run_ars(model, tok, data, split, rows, adapters, t_max, device,
-                           batch=tok.eval_batch, decoding=decoding, tick=tick)
-            m.update(rank_metrics(model, tok, data, split, rows, adapters[0], device,
-                                  batch=tok.eval_batch, tick=tick))
-            # what the RecAgent knows of the user by itself (one more pass per sample)
-            nohint = rank_metrics(model, tok, data, split, rows, adapters[0], device, ks=(1,),
-                                  batch=tok.eval_batch, hint=False, tick=tick)
-            m["HR@1 no hint"] = nohint["HR@1"]
-            if tok.chat:
-                m["HR@1 no hint (token mean)"] = nohint["HR@1 (token mean)"]
-            acc, ok = user_judgements(model, tok, data, adapters[1], device, batch=tok.eval_batch,
-                                      f1_rows=f1_rows, decoding=decoding, tick=tick)
-            return dict(m={k: np.asarray(v, float).tolist() for k, v in m.items()},
-                        accept=acc.tolist(), valid=ok.tolist())
-        key = part_key(model, adapters, data, device, part=f"evaluating {name}", split=split,
-                       rows=rows, f1_rows=f1_rows, t_max=t_max, decoding=decoding)
-        got = kept_part(keep, key, one_pair, log)
-        per[name] = {k: np.asarray(v, float) for k, v in got["m"].items()}
-        f1_preds[name] = (np.asarray(got["accept"], bool), np.asarray(got["valid"], bool))
+    got = kept_parts(keep, [part for name, adapters in agents
+                            for part in pair_parts(model, tok, data, split, rows, f1_rows, name,
+                                                   adapters, t_max, device, decoding, log)], log)
+    for k, (name, _) in enumerate(agents):
+        episodes, ranking, nohint, judged = got[4 * k:4 * k + 4]
+        m = dict(episodes, **ranking)
+        m["HR@1 no hint"] = nohint["HR@1"]
+        if tok.chat:
+            m["HR@1 no hint (token mean)"] = nohint["HR@1 (token mean)"]
+        per[name] = {k_: np.asarray(v, float) for k_, v in m.items()}
+        f1_preds[name] = (np.asarray(judged["accept"], bool), np.asarray(judged["valid"], bool))
     for name, m in per.items():
         r = {}
         for k, v in m.items():

@@ -1279,8 +1279,8 @@ def test_decode_steps_match_a_full_forward_hf(tiny_hf, arch):
 
 def test_a_long_evaluation_says_how_far_it_is_where_stdout_is_not_a_terminal(data, monkeypatch):
     """Every phase of the final evaluation logs plain progress lines (as stages 1 and 2 do) where
-    stdout is not a terminal: the episodes, rankings and judgements of each agent pair, and each
-    user's returns, group by group with the time left."""
+    stdout is not a terminal: the episodes, the two rankings and the judgements of each agent pair
+    (each a part of its own), and each user's returns, group by group with the time left."""
     tok = Tokenizer(data.n_items)
     m = tiny_model(tok.vocab_size)
     m.add_lora()
@@ -1290,10 +1290,12 @@ def test_a_long_evaluation_says_how_far_it_is_where_stdout_is_not_a_terminal(dat
     ev.evaluate(m, tok, data, "test", t_max=2, n_boot=5, log=lines.append)
     n = len(data.test_user)
     for name in ("Memory-based ARS", "CoARS"):
-        ours = [x for x in lines if x.startswith(f"evaluating {name} (episodes, rankings, F1 judgements): ")]
-        assert len(ours) >= 5 and "min left" in ours[0], lines                  # about every 5%
-        done = [int(x.split(": ")[1].split("/")[0]) for x in ours]
-        assert done == sorted(done) and done[-1] == 3 * n + len(data.f1_item)
+        for part, total in (("episodes", n), ("ranking", n), ("ranking without the suggestion", n),
+                            ("the UserAgent's judgements", len(data.f1_item))):
+            ours = [x for x in lines if x.startswith(f"evaluating {name}: {part}: ")]
+            assert len(ours) >= 5 and "min left" in ours[0], (part, lines)        # about every 5%
+            done = [int(x.split(": ")[-1].split("/")[0]) for x in ours]
+            assert done == sorted(done) and done[-1] == total
     rows, keys = np.arange(20), np.arange(20)
     lines.clear()
     ev.user_returns(m, tok, data, rows, keys, {}, 2, "cpu", batch=8, n_boot=5, log=lines.append)
@@ -1334,14 +1336,18 @@ def test_a_stopped_evaluation_continues_with_its_kept_parts(data, tmp_path, monk
     with pytest.raises(KeyboardInterrupt):
         ev.evaluate(m, tok, data, "test", t_max=2, n_boot=20, max_samples=12, keep=keep,
                     log=lambda *a: None)
-    assert played == [(None, None), ("rec", "user")] and len(list(keep.glob("*.json"))) == 1
-    monkeypatch.setattr(ev, "user_judgements", real_judge)
+    # kept: the first pair's 4 parts, the second's episodes and 2 rankings (not its judgements)
+    assert played == [(None, None), ("rec", "user")] and len(list(keep.glob("*.json"))) == 7
+    judged = []
+    monkeypatch.setattr(ev, "user_judgements", lambda *a, **kw: (judged.append(a[3]),
+                                                                 real_judge(*a, **kw))[1])
     played.clear()
     lines = []
     res = ev.evaluate(m, tok, data, "test", t_max=2, n_boot=20, max_samples=12, per_sample=True,
                       keep=keep, log=lines.append)
-    assert played == [("rec", "user")]                           # continued at the second pair
-    assert any("evaluating Memory-based ARS: kept from an earlier evaluation" in x for x in lines)
+    assert played == [] and judged == ["user"]                   # continued at the stopped part
+    assert any("evaluating Memory-based ARS: episodes: kept from an earlier evaluation" in x
+               for x in lines)
     for k in ("per_sample", "paired"):
         assert res[k] == plain[k]
     assert res["methods"] == plain["methods"]
@@ -1364,6 +1370,63 @@ def test_a_stopped_evaluation_continues_with_its_kept_parts(data, tmp_path, monk
     assert ev.user_returns(m, tok, data, rows, keys, rcfg, 2, "cpu", n_boot=20, keep=keep) == first
     with pytest.raises(pytest.fail.Exception):                   # other keys: played again
         ev.user_returns(m, tok, data, rows, keys + 1, rcfg, 2, "cpu", n_boot=20, keep=keep)
+
+
+def test_two_processes_share_an_evaluations_parts(tmp_path):
+    """support/checkpoint.kept_parts in two processes on one folder (eval.py --run RUN started
+    twice): every part is computed once, by one of them, the two compute some each, and both
+    return every part's value."""
+    code = ("import json, os, sys, time\n"
+            f"sys.path.insert(0, {str(ROOT)!r})\n"
+            "from support.checkpoint import kept_parts\n"
+            f"base = {str(tmp_path)!r}\n"
+            "open(os.path.join(base, f'ready.{os.getpid()}'), 'w').close()\n"
+            "while len([f for f in os.listdir(base) if f.startswith('ready.')]) < 2:\n"
+            "    time.sleep(0.05)\n"
+            "def part(i):\n"
+            "    def compute():\n"
+            "        open(os.path.join(base, f'done{i}.{os.getpid()}'), 'w').close()\n"
+            "        time.sleep(0.5)\n"
+            "        return i * i\n"
+            "    return compute\n"
+            "parts = [(dict(part=f'part {i}', i=i), part(i)) for i in range(6)]\n"
+            "print(json.dumps(kept_parts(os.path.join(base, 'parts'), parts, poll_s=0.1)))\n")
+    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs)
+    assert all(json.loads(o.strip().splitlines()[-1]) == [i * i for i in range(6)] for o in outs)
+    done = [f.name for f in tmp_path.glob("done*")]
+    assert sorted(d.split(".")[0] for d in done) == [f"done{i}" for i in range(6)]   # once each
+    assert len({d.split(".")[1] for d in done}) == 2                                 # by both
+    assert not list((tmp_path / "parts").glob("*.claim"))
+
+
+def test_a_claim_whose_process_ended_is_taken_over(tmp_path):
+    """A part claimed by a process that ended (killed mid-part) is computed, not waited for; one
+    held by a live process is waited for and read once it is written."""
+    import socket
+    from support import checkpoint as ck
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True)
+    key = dict(part="the part", n=1)
+    path = tmp_path / (ck.hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+                       + ".json")
+    path.with_suffix(".claim").write_text(f"{socket.gethostname()} {int(gone.stdout)} 0")
+    assert ck.kept_parts(tmp_path, [(key, lambda: 7)], poll_s=0.05) == [7]
+    assert not path.with_suffix(".claim").exists()
+    key2 = dict(part="held", n=2)
+    path2 = tmp_path / (ck.hashlib.sha1(json.dumps(key2, sort_keys=True).encode()).hexdigest()[:20]
+                        + ".json")
+    path2.with_suffix(".claim").write_text(f"{socket.gethostname()} {os.getppid()} "
+                                           f"{ck._started(os.getppid())}")
+    lines = []
+    import threading
+    threading.Timer(0.5, lambda: path2.write_text(json.dumps(dict(key=key2, value=9)))).start()
+    assert ck.kept_parts(tmp_path, [(key2, lambda: pytest.fail("a held part computed"))],
+                         log=lines.append, poll_s=0.05) == [9]
+    assert any("waiting for 1 part(s)" in x for x in lines)
+    assert any("held: computed by another process" in x for x in lines)
 
 
 def test_evaluate_end_to_end_with_known_answers(data, monkeypatch):
@@ -1918,14 +1981,16 @@ def test_train_and_eval_end_to_end_on_synthetic_ml1m(synth, tmp_path):
     # the evaluation's parts (3 agent pairs, 4 users' returns) are kept beside the run: eval.py on
     # the finished run reads them instead of playing them again
     parts = tmp_path / "out" / "eval-parts"
-    assert len(list(parts.glob("*.json"))) == 7
+    # (3 pairs of 4 parts, the untrained UserAgent's judgements shared by two of them: 11 files)
+    assert len(list(parts.glob("*.json"))) == 15
     r3 = run(["eval.py", "--run", str(run_dir)])
-    assert r3.returncode == 0 and r3.stdout.count("kept from an earlier evaluation") == 7, r3.stdout
+    assert r3.returncode == 0 and r3.stdout.count("kept from an earlier evaluation") == 16, r3.stdout
     # without them eval.py reproduces the stored numbers of every row, the trained adapters'
     # (rec, user, sft) included (greedy decoding is deterministic)
     shutil.rmtree(parts)
     r3 = run(["eval.py", "--run", str(run_dir)])
-    assert r3.returncode == 0 and "kept from" not in r3.stdout, r3.stderr[-3000:]
+    assert r3.returncode == 0 and r3.stdout.count("kept from") == 1, r3.stderr[-3000:]
+    assert "the UserAgent's judgements (untrained): kept from" in r3.stdout   # shared by 2 pairs
     res3 = json.loads((run_dir / "results.json").read_text())
     assert set(res3["methods"]) == set(res["methods"])
     for name in res["methods"]:
@@ -1964,7 +2029,7 @@ def test_train_and_eval_end_to_end_on_synthetic_ml1m(synth, tmp_path):
     for f in ("config.json", "ckpt.pt", "base.pt"):
         shutil.copy(run_dir / f, prog / f)
     r6 = run(["eval.py", "--run", str(prog), "--untrained-only", "--max-samples", "10"])
-    assert r6.returncode == 0 and r6.stdout.count("kept from an earlier evaluation") == 1, r6.stderr[-3000:]
+    assert r6.returncode == 0 and r6.stdout.count("kept from an earlier evaluation") == 4, r6.stderr[-3000:]
     unt = json.loads((prog / "results_untrained_10.json").read_text())
     assert set(unt["per_sample"]) == {"Memory-based ARS", "Random", "Pop", "SASRec top-1"}
     assert unt["per_sample"]["Memory-based ARS"] == sub["per_sample"]["Memory-based ARS"]

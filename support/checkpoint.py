@@ -10,9 +10,9 @@ lines of metrics.jsonl belong to it. It is written to a temporary file and renam
 it is kept as ckpt.prev.pt, used when ckpt.pt is damaged.
 
 An evaluation of hours (a chat model on a CPU) continues where it stopped the same way: each of
-its parts (kept_part: one agent pair's episodes, rankings and judgements; one user's returns) is
-written when done, under a key naming all its numbers depend on, and read again while the key
-matches.
+its parts (kept_parts: an agent pair's episodes, its two rankings, a UserAgent's judgements;
+one user's returns) is written when done, under a key naming all its numbers depend on, and read
+again while the key matches; processes started on the same evaluation share its parts.
 """
 
 import dataclasses
@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import signal
+import socket
 import sys
 import time
 from pathlib import Path
@@ -211,22 +212,108 @@ def kept_part(folder, key, compute, log=lambda *a: None):
     is read instead of computed, so that a stopped evaluation continues at the next part, and a
     part two runs share (the untrained pair of one base) is computed once. folder None: always
     compute."""
+    return kept_parts(folder, [(key, compute)], log)[0]
+
+
+def kept_parts(folder, parts, log=lambda *a: None, poll_s=5.0):
+    """[(key, compute)] -> their values, in order, each kept as kept_part keeps it. Processes given
+    the same parts (`eval.py --run RUN` started twice, one per core) share them: each computes the
+    next part no live process has claimed (a file <part>.claim, created exclusively, naming the
+    claimer's host, pid and start time), then waits for the parts the others hold. A claim whose
+    process has ended on this host is taken over; one from another host waits for its file."""
     if folder is None:
-        return compute()
+        return [compute() for _, compute in parts]
     folder = Path(folder)
-    path = folder / (hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
-                     + ".json")
-    if path.exists():
-        try:
-            kept = json.loads(path.read_text())
-        except ValueError:
-            kept = None                                      # damaged: computed again
-        if kept and kept.get("key") == key:
-            log(f"{key['part']}: kept from an earlier evaluation ({path})")
-            return kept["value"]
-    value = compute()
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")       # two processes may write the same part
-    tmp.write_text(json.dumps(dict(key=key, value=value)))
-    tmp.replace(path)
-    return value
+    paths = [folder / (hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+                       + ".json") for key, _ in parts]
+    values, todo, held, waiting = {}, list(range(len(parts))), set(), None
+    while todo:
+        for i in todo:
+            key, compute = parts[i]
+            ok, value = _read_kept(paths[i], key)
+            if ok:
+                log(f"{key['part']}: " + ("computed by another process" if i in held else
+                                          "kept from an earlier evaluation") + f" ({paths[i]})")
+                break
+            claim = _claim(paths[i])
+            if claim is None:
+                held.add(i)
+                continue
+            try:
+                value = compute()
+                tmp = paths[i].with_suffix(f".{os.getpid()}.tmp")   # two may write the same part
+                tmp.write_text(json.dumps(dict(key=key, value=value)))
+                tmp.replace(paths[i])
+            finally:
+                claim.unlink(missing_ok=True)
+            break
+        else:                                   # every part left is another process's: wait
+            if todo != waiting:
+                log(f"waiting for {len(todo)} part(s) other processes are computing: "
+                    + "; ".join(parts[i][0]["part"] for i in todo))
+                waiting = list(todo)
+            time.sleep(poll_s)
+            continue
+        values[i] = value
+        todo.remove(i)
+    return [values[i] for i in range(len(parts))]
+
+
+def _read_kept(path, key):
+    """(True, value) when path holds the part with this key, else (False, None)."""
+    try:
+        kept = json.loads(path.read_text())
+    except (OSError, ValueError):              # absent, or damaged: computed again
+        return False, None
+    return (True, kept["value"]) if kept.get("key") == key else (False, None)
+
+
+def _started(pid):
+    """A process's start time (Linux /proc; '' elsewhere): with the pid it names one process, not
+    a later one that reuses the number."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return ""
+
+
+def _claim(path):
+    """The claim file of the part kept at path, created for this process, or None where a live
+    process holds it."""
+    claim = path.with_suffix(".claim")
+    me = f"{socket.gethostname()} {os.getpid()} {_started(os.getpid())}"
+    for _ in range(2):
+        try:
+            fd = os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            if not _claim_is_stale(claim):
+                return None
+            claim.unlink(missing_ok=True)
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(me)
+        return claim
+    return None
+
+
+def _claim_is_stale(claim):
+    """Whether a claim's process has ended: on this host, its pid gone or started at another time
+    (a reused number); an unreadable or empty claim older than a minute (its writer died)."""
+    try:
+        host, pid, *start = claim.read_text().split()
+        pid = int(pid)
+    except (OSError, ValueError):
+        try:
+            return time.time() - claim.stat().st_mtime > 60
+        except OSError:
+            return True                          # gone meanwhile
+    if host != socket.gethostname():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        pass
+    return bool(start) and _started(pid) != start[0]

@@ -5,6 +5,7 @@ Its own file because it is presentation, not a metric: eval.py computes, this wr
 """
 
 import json
+import os
 from pathlib import Path
 
 
@@ -54,9 +55,14 @@ def results_table(res):
 
 
 def write_results(res, folder, name="results"):
+    """<name>.json and <name>.md, each written whole and renamed (several eval.py processes sharing
+    one evaluation each write them)."""
     folder = Path(folder)
-    (folder / f"{name}.json").write_text(json.dumps(res, indent=1))
-    (folder / f"{name}.md").write_text(results_table(res) + "\n")
+    for path, text in ((folder / f"{name}.json", json.dumps(res, indent=1)),
+                       (folder / f"{name}.md", results_table(res) + "\n")):
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(text)
+        tmp.replace(path)
 
 
 def user_returns_table(ret):
