@@ -63,7 +63,7 @@ import torch
 
 from env import ACTION_RANGE, action_of_score, score_fits
 from grammar import Grammar, Text, trie
-from model import causal_mask, positions
+from model import positions
 from scoring import padded_supports, restricted_logprobs, token_logprobs_reference
 
 REF_MARK = "@@REFERENCE@@"
@@ -345,34 +345,34 @@ def chat_candidate_scores(model, tok, trajs, prompts, device):
     """(sums, means), each (B,20): the log-prob of the answer naming each candidate's title under
     title_grammar, the restricted softmax the RecAgent decodes its title from (tokens that no other
     candidate's title shares cost nothing, and the 20 probabilities sum to 1), summed over the
-    title's tokens and its per-token mean. Fast path: each prompt runs once and its KV cache is
-    repeated for the 20 answers (the plain reference, chat_candidate_scores_reference, scores each
-    whole sequence; the tests compare them)."""
+    title's tokens and its per-token mean. Fast path: each prompt runs once, then its 20 answers
+    run packed in one row after it, each attending to the prompt and to its own earlier tokens (a
+    block-diagonal causal mask) at the positions it would have alone, so the prompt's keys and
+    values are neither copied per answer nor repeated per attention head (the plain reference,
+    chat_candidate_scores_reference, scores each whole sequence; the tests compare them)."""
     sums, means = [], []
     for p, tr in zip(prompts, trajs):
         comps = [tok.answer_ids(i) for i in tr.cands]
         g = title_grammar(tok, tr)
-        n, P, L = len(comps), len(p), max(len(c) for c in comps)
-        cache = model.new_cache(1, P + L, device)
+        lens = [len(c) for c in comps]
+        P, S = len(p), sum(lens)
+        cache = model.new_cache(1, P + S, device)
         ids = torch.tensor([p], device=device)
         ones = torch.ones_like(ids, dtype=torch.bool)
-        # (1,1,C) predicts y_0
-        h0 = model(ids, positions(ones), causal_mask(ones), cache, 0)[:, -1:]
-        cache = model.prefixed_cache(model.cache_kv(cache, P), n, P + L, device)   # n rows
-        y = torch.full((n, L), tok.pad_id, dtype=torch.long, device=device)
-        cv = torch.zeros(n, L, dtype=torch.bool, device=device)
-        for k, c in enumerate(comps):
-            y[k, :len(c)] = torch.tensor(c, device=device)
-            cv[k, :len(c)] = True
-        # the prompt: all visible
-        mask = torch.ones(n, 1, L, P + L, dtype=torch.bool, device=device)
-        mask[:, :, :, P:] = causal_mask(cv)
-        h = model(y, (P + torch.arange(L, device=device)).expand(n, L), mask, cache, P)  # (n,L,C)
-        hs = torch.cat([h0.expand(n, 1, -1), h[:, :-1]], 1)  # row n predicts y_n
-        support = [g.allowed(c[:k]) for c in comps for k in range(len(c))]  # row-major, as hs[cv]
+        h0 = model(ids, positions(ones), None, cache, 0)[0, -1:]     # (1,C) predicts y_0; causal
+        y = torch.tensor([t for c in comps for t in c], device=device)           # (S,) the answers
+        block = torch.repeat_interleave(torch.arange(len(comps)), torch.tensor(lens)).to(device)
+        off = torch.cat([torch.arange(n) for n in lens]).to(device)   # (S,) place in its answer
+        mask = torch.ones(1, 1, S, P + S, dtype=torch.bool, device=device)   # the prompt: all seen
+        mask[0, 0, :, P:] = (block[:, None] == block[None, :]) & (off[:, None] >= off[None, :])
+        h = model(y[None], (P + off)[None], mask, cache, P)[0]                # (S,C)
+        # token k of an answer is predicted by its token k-1's state (the first by the prompt's)
+        starts = [sum(lens[:k]) for k in range(len(lens))]
+        hs = torch.cat([torch.cat([h0, h[s:s + n - 1]]) for s, n in zip(starts, lens)])  # (S,C)
+        support = [g.allowed(c[:k]) for c in comps for k in range(len(c))]  # in y's order
         allowed, keep = padded_supports(support, device)
-        lp = restricted_logprobs(hs[cv], model.head_weight, allowed, y[cv], keep)   # (N,)
-        per = lp.split([len(c) for c in comps])
+        lp = restricted_logprobs(hs, model.head_weight, allowed, y, keep)   # (S,)
+        per = lp.split(lens)
         sums.append(torch.stack([x.sum() for x in per]))
         means.append(torch.stack([x.mean() for x in per]))
     return torch.stack(sums).float(), torch.stack(means).float()
