@@ -322,49 +322,90 @@ def part_key(model, adapters, data, device, **what):
                 device=torch.device(device).type)
 
 
+# an evaluation part's chunk: this many evaluation batches of samples (4 x as many F1 items, which
+# are quicker); SmolLM2's batches of 16 give chunks of 64 samples, about 5 minutes on one core
+CHUNK_BATCHES = 4
+
+
 def pair_parts(model, tok, data, split, rows, f1_rows, name, adapters, t_max, device, decoding,
                log):
-    """An agent pair's evaluation as four parts (support/checkpoint.kept_parts), each a
-    [(key, compute)] entry: its episodes (run_ars), the RecAgent's turn-1 ranking with the
-    suggestion and without it (what it knows of the user by itself), and the UserAgent's judgements
-    of the F1 set. A part's key holds only the adapters it uses, so pairs that share an agent (the
-    untrained UserAgent of the memory-based ARS and of the SFT reference) share its part.
-    Progress: one plain line per part where stdout is not a terminal."""
+    """An agent pair's evaluation as parts (support/checkpoint.kept_parts), each a (key, compute)
+    entry: its episodes (run_ars), the RecAgent's turn-1 ranking with the suggestion and without it
+    (what it knows of the user by itself), and the UserAgent's judgements of the F1 set, each cut
+    into chunks of whole evaluation batches (the same batches as uncut, so the same numbers), so
+    that processes sharing an evaluation share its work evenly and a stop loses one chunk at most.
+    A part's key holds only the adapters it uses, so pairs that share an agent (the untrained
+    UserAgent of the memory-based ARS and of the SFT reference) share its parts. Progress: plain
+    lines per part where stdout is not a terminal. Returns (parts, join): join(values) -> the
+    pair's per-sample metrics and its judgements (accept, valid)."""
     rec, user = adapters
     lists = lambda m: {k: np.asarray(v, float).tolist() for k, v in m.items()}  # noqa: E731
+    cut = lambda xs, n: [xs[s:s + n] for s in range(0, len(xs), n)]  # noqa: E731
+    b = tok.eval_batch
 
-    def episodes():
-        log(f"evaluating {name} on {len(rows)} {split} samples: episodes")
-        tick = progress(log, f"evaluating {name}: episodes", len(rows))
-        return lists(run_ars(model, tok, data, split, rows, adapters, t_max, device,
-                             batch=tok.eval_batch, decoding=decoding, tick=tick)[1])
-
-    def ranking(hint):
+    def episodes(part, what):
         def compute():
-            what = f"evaluating {name}: ranking" + ("" if hint else " without the suggestion")
-            log(f"{what}, {len(rows)} {split} samples")
-            tick = progress(log, what, len(rows))
-            return lists(rank_metrics(model, tok, data, split, rows, rec, device,
-                                      ks=(1, 5, 10) if hint else (1,), batch=tok.eval_batch,
-                                      hint=hint, tick=tick))
+            log(f"{what}, {len(part)} {split} samples")
+            tick = progress(log, what, len(part))
+            return lists(run_ars(model, tok, data, split, part, adapters, t_max, device, batch=b,
+                                 decoding=decoding, tick=tick)[1])
         return compute
 
-    def judgements():
-        log(f"evaluating {name}: the UserAgent's judgements of {len(f1_rows)} F1 items")
-        tick = progress(log, f"evaluating {name}: the UserAgent's judgements", len(f1_rows))
-        acc, ok = user_judgements(model, tok, data, user, device, batch=tok.eval_batch,
-                                  f1_rows=f1_rows, decoding=decoding, tick=tick)
-        return dict(accept=acc.tolist(), valid=ok.tolist())
+    def ranking(part, what, hint):
+        def compute():
+            log(f"{what}, {len(part)} {split} samples")
+            tick = progress(log, what, len(part))
+            return lists(rank_metrics(model, tok, data, split, part, rec, device,
+                                      ks=(1, 5, 10) if hint else (1,), batch=b, hint=hint,
+                                      tick=tick))
+        return compute
+
+    def judgements(part, what):
+        def compute():
+            log(f"{what}, {len(part)} F1 items")
+            tick = progress(log, what, len(part))
+            acc, ok = user_judgements(model, tok, data, user, device, batch=b, f1_rows=part,
+                                      decoding=decoding, tick=tick)
+            return dict(accept=acc.tolist(), valid=ok.tolist())
+        return compute
 
     def key(part, used, **what):
-        return part_key(model, used, data, device, part=part, split=split, rows=rows,
-                        decoding=decoding, **what)
-    return [(key(f"evaluating {name}: episodes", adapters, t_max=t_max), episodes),
-            (key(f"the RecAgent's ranking ({rec or 'untrained'})", (rec, None)), ranking(True)),
-            (key(f"the RecAgent's ranking without the suggestion ({rec or 'untrained'})",
-                 (rec, None)), ranking(False)),
-            (key(f"the UserAgent's judgements ({user or 'untrained'})", (None, user),
-                 f1_rows=f1_rows), judgements)]
+        return part_key(model, used, data, device, part=part, split=split, decoding=decoding,
+                        **what)
+
+    def span(xs, whole):                       # a chunk's name: where it starts
+        return "" if len(xs) == len(whole) else \
+            f" (from {int(np.flatnonzero(whole == xs[0])[0]) + 1})"
+    parts, kinds = [], []
+    for xs in cut(rows, CHUNK_BATCHES * b):
+        what = f"evaluating {name}: episodes" + span(xs, rows)
+        parts.append((key(what, adapters, rows=xs, t_max=t_max), episodes(xs, what)))
+        kinds.append("episodes")
+    for hint, label in ((True, "ranking"), (False, "ranking without the suggestion")):
+        for xs in cut(rows, CHUNK_BATCHES * b):
+            what = f"evaluating {name}: {label}" + span(xs, rows)
+            parts.append((key(f"the RecAgent's {label} ({rec or 'untrained'})" + span(xs, rows),
+                              (rec, None), rows=xs), ranking(xs, what, hint)))
+            kinds.append(label)
+    for xs in cut(f1_rows, 4 * CHUNK_BATCHES * b):
+        what = f"evaluating {name}: the UserAgent's judgements" + span(xs, f1_rows)
+        parts.append((key(f"the UserAgent's judgements ({user or 'untrained'})" + span(xs, f1_rows),
+                          (None, user), rows=rows, f1_rows=xs), judgements(xs, what)))
+        kinds.append("judgements")
+
+    def join(values):
+        def cat(kind):
+            got = [v for v, k in zip(values, kinds) if k == kind]
+            return {f: sum((g[f] for g in got), []) for f in got[0]} if got else {}
+        m = dict(cat("episodes"), **cat("ranking"))
+        nohint = cat("ranking without the suggestion")
+        m["HR@1 no hint"] = nohint["HR@1"]
+        if tok.chat:
+            m["HR@1 no hint (token mean)"] = nohint["HR@1 (token mean)"]
+        judged = cat("judgements")
+        return m, (np.asarray(judged.get("accept", []), bool),
+                   np.asarray(judged.get("valid", []), bool))
+    return parts, join
 
 
 # --------------------------------------------------------------------------------------------------
@@ -401,18 +442,15 @@ def evaluate(model, tok, data, split="test", t_max=5, device="cpu", n_boot=1000,
     res["ceiling"] = float((cands == target[:, None]).any(1).mean())
     for name, hits in baseline_hits(data, split, seed).items():
         per[name] = {"hit": hits[rows]}
-    f1_preds = {}
-    got = kept_parts(keep, [part for name, adapters in agents
-                            for part in pair_parts(model, tok, data, split, rows, f1_rows, name,
-                                                   adapters, t_max, device, decoding, log)], log)
-    for k, (name, _) in enumerate(agents):
-        episodes, ranking, nohint, judged = got[4 * k:4 * k + 4]
-        m = dict(episodes, **ranking)
-        m["HR@1 no hint"] = nohint["HR@1"]
-        if tok.chat:
-            m["HR@1 no hint (token mean)"] = nohint["HR@1 (token mean)"]
-        per[name] = {k_: np.asarray(v, float) for k_, v in m.items()}
-        f1_preds[name] = (np.asarray(judged["accept"], bool), np.asarray(judged["valid"], bool))
+    f1_preds, pairs = {}, []
+    for name, adapters in agents:
+        pairs.append(pair_parts(model, tok, data, split, rows, f1_rows, name, adapters, t_max,
+                                device, decoding, log))
+    got = kept_parts(keep, [part for parts, _ in pairs for part in parts], log)
+    for (name, _), (parts, join) in zip(agents, pairs):
+        m, f1_preds[name] = join(got[:len(parts)])
+        got = got[len(parts):]
+        per[name] = {k: np.asarray(v, float) for k, v in m.items()}
     for name, m in per.items():
         r = {}
         for k, v in m.items():

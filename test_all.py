@@ -1292,10 +1292,17 @@ def test_a_long_evaluation_says_how_far_it_is_where_stdout_is_not_a_terminal(dat
     for name in ("Memory-based ARS", "CoARS"):
         for part, total in (("episodes", n), ("ranking", n), ("ranking without the suggestion", n),
                             ("the UserAgent's judgements", len(data.f1_item))):
-            ours = [x for x in lines if x.startswith(f"evaluating {name}: {part}: ")]
-            assert len(ours) >= 5 and "min left" in ours[0], (part, lines)        # about every 5%
-            done = [int(x.split(": ")[-1].split("/")[0]) for x in ours]
-            assert done == sorted(done) and done[-1] == total
+            # a part in chunks of whole evaluation batches, each its own progress lines
+            pat = re.compile(rf"evaluating {re.escape(name)}: {re.escape(part)}( \(from \d+\))?: "
+                             r"(\d+)/(\d+), ")
+            ours = [(m.group(1), int(m.group(2)), int(m.group(3))) for m in map(pat.match, lines) if m]
+            assert len(ours) >= 5 and "min left" in lines[lines.index(next(
+                x for x in lines if pat.match(x)))], (part, lines)              # about every 5%
+            last = {}
+            for chunk, done, size in ours:
+                assert done > last.get(chunk, (0, 0))[0]
+                last[chunk] = (done, size)
+            assert all(d == z for d, z in last.values()) and sum(z for _, z in last.values()) == total
     rows, keys = np.arange(20), np.arange(20)
     lines.clear()
     ev.user_returns(m, tok, data, rows, keys, {}, 2, "cpu", batch=8, n_boot=5, log=lines.append)
@@ -1370,6 +1377,27 @@ def test_a_stopped_evaluation_continues_with_its_kept_parts(data, tmp_path, monk
     assert ev.user_returns(m, tok, data, rows, keys, rcfg, 2, "cpu", n_boot=20, keep=keep) == first
     with pytest.raises(pytest.fail.Exception):                   # other keys: played again
         ev.user_returns(m, tok, data, rows, keys + 1, rcfg, 2, "cpu", n_boot=20, keep=keep)
+
+
+def test_an_evaluation_in_chunks_equals_it_whole(data, monkeypatch):
+    """eval.pair_parts cuts each part into chunks of whole evaluation batches: the numbers equal
+    those of the same evaluation in one chunk per part."""
+    tok = Tokenizer(data.n_items)
+    m = tiny_model(tok.vocab_size)
+    m.add_lora()
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if ".adapters." in n:
+                p.normal_(0, 0.3)
+    monkeypatch.setattr(tok, "eval_batch", 4)
+    monkeypatch.setattr(ev, "CHUNK_BATCHES", 1)
+    lines = []
+    cut = ev.evaluate(m, tok, data, "test", t_max=2, n_boot=20, per_sample=True, log=lines.append)
+    assert any("episodes (from 5)" in x for x in lines)            # several chunks
+    monkeypatch.setattr(ev, "CHUNK_BATCHES", 10 ** 6)
+    whole = ev.evaluate(m, tok, data, "test", t_max=2, n_boot=20, per_sample=True)
+    for k in ("per_sample", "paired", "methods"):
+        assert cut[k] == whole[k]
 
 
 def test_two_processes_share_an_evaluations_parts(tmp_path):
