@@ -340,7 +340,6 @@ def pair_parts(model, tok, data, split, rows, f1_rows, name, adapters, t_max, de
     pair's per-sample metrics and its judgements (accept, valid)."""
     rec, user = adapters
     lists = lambda m: {k: np.asarray(v, float).tolist() for k, v in m.items()}  # noqa: E731
-    cut = lambda xs, n: [xs[s:s + n] for s in range(0, len(xs), n)]  # noqa: E731
     b = tok.eval_batch
 
     def episodes(part, what):
@@ -373,23 +372,23 @@ def pair_parts(model, tok, data, split, rows, f1_rows, name, adapters, t_max, de
         return part_key(model, used, data, device, part=part, split=split, decoding=decoding,
                         **what)
 
-    def span(xs, whole):                       # a chunk's name: where it starts
-        return "" if len(xs) == len(whole) else \
-            f" (from {int(np.flatnonzero(whole == xs[0])[0]) + 1})"
+    def cut(xs, n):                            # (chunk, its name's tail: where it starts)
+        return [(xs[s:s + n], "" if n >= len(xs) else f" (from {s + 1})")
+                for s in range(0, len(xs), n)]
     parts, kinds = [], []
-    for xs in cut(rows, CHUNK_BATCHES * b):
-        what = f"evaluating {name}: episodes" + span(xs, rows)
+    for xs, at in cut(rows, CHUNK_BATCHES * b):
+        what = f"evaluating {name}: episodes" + at
         parts.append((key(what, adapters, rows=xs, t_max=t_max), episodes(xs, what)))
         kinds.append("episodes")
     for hint, label in ((True, "ranking"), (False, "ranking without the suggestion")):
-        for xs in cut(rows, CHUNK_BATCHES * b):
-            what = f"evaluating {name}: {label}" + span(xs, rows)
-            parts.append((key(f"the RecAgent's {label} ({rec or 'untrained'})" + span(xs, rows),
+        for xs, at in cut(rows, CHUNK_BATCHES * b):
+            what = f"evaluating {name}: {label}" + at
+            parts.append((key(f"the RecAgent's {label} ({rec or 'untrained'})" + at,
                               (rec, None), rows=xs), ranking(xs, what, hint)))
             kinds.append(label)
-    for xs in cut(f1_rows, 4 * CHUNK_BATCHES * b):
-        what = f"evaluating {name}: the UserAgent's judgements" + span(xs, f1_rows)
-        parts.append((key(f"the UserAgent's judgements ({user or 'untrained'})" + span(xs, f1_rows),
+    for xs, at in cut(f1_rows, 4 * CHUNK_BATCHES * b):
+        what = f"evaluating {name}: the UserAgent's judgements" + at
+        parts.append((key(f"the UserAgent's judgements ({user or 'untrained'})" + at,
                           (None, user), rows=rows, f1_rows=xs), judgements(xs, what)))
         kinds.append("judgements")
 

@@ -1311,7 +1311,7 @@ def test_a_long_evaluation_says_how_far_it_is_where_stdout_is_not_a_terminal(dat
 
 
 def test_a_stopped_evaluation_continues_with_its_kept_parts(data, tmp_path, monkeypatch):
-    """eval.evaluate / user_returns with keep= (support/checkpoint.kept_part): an evaluation
+    """eval.evaluate / user_returns with keep= (support/checkpoint.kept_parts): an evaluation
     stopped in its second agent pair continues there (the first pair is read, not played again),
     ends with the numbers of an evaluation without kept parts, and a part is reused only while
     its key matches: another adapter, other samples or another turn limit play it again, while the

@@ -206,17 +206,12 @@ def weights_digest(model, adapters):
     return h.hexdigest()
 
 
-def kept_part(folder, key, compute, log=lambda *a: None):
-    """compute() -> a JSON-ready value, kept as folder/<sha1 of key>.json: a part whose key (a dict
-    naming everything its numbers depend on; key["part"] names it in the log) matches a kept one
-    is read instead of computed, so that a stopped evaluation continues at the next part, and a
-    part two runs share (the untrained pair of one base) is computed once. folder None: always
-    compute."""
-    return kept_parts(folder, [(key, compute)], log)[0]
-
-
 def kept_parts(folder, parts, log=lambda *a: None, poll_s=5.0):
-    """[(key, compute)] -> their values, in order, each kept as kept_part keeps it. Processes given
+    """[(key, compute)] -> their values, in order. compute() gives a JSON-ready value, kept as
+    folder/<sha1 of key>.json: a part whose key (a dict naming everything its numbers depend on;
+    key["part"] names it in the log) matches a kept one is read instead of computed, so that a
+    stopped evaluation continues at the next part, and a part two runs share (the untrained pair
+    of one base) is computed once; folder None: always compute. Processes given
     the same parts (`eval.py --run RUN` started twice, one per core) share them: each computes the
     next part no live process has claimed (a file <part>.claim, created exclusively, naming the
     claimer's host, pid and start time), then waits for the parts the others hold. A claim whose
