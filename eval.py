@@ -31,6 +31,7 @@ in several processes (one per core) shares the parts out among them
 import argparse
 import dataclasses
 import hashlib
+import json
 import sys
 import time
 from pathlib import Path
@@ -44,7 +45,7 @@ from env import (POSITIVE, Trajectory, Turn, candidate_bias, closest_history_ite
 from scoring import next_token_scores
 from reward import turn_rewards
 from support.chat import chat_candidate_scores
-from support.checkpoint import code_digest, kept_parts, weights_digest
+from support.checkpoint import code_digest, kept_parts, prepared_digest, weights_digest
 from support.report import results_table, write_results
 
 # --------------------------------------------------------------------------------------------------
@@ -313,12 +314,15 @@ def user_returns(model, tok, data, rows, keys, reward_cfg, t_max, device, rec_ad
 
 def part_key(model, adapters, data, device, **what):
     """The key of an evaluation part (support/checkpoint.kept_parts): the agents' weights (the base
-    and the adapters in use), the code, the data, the device type and `what` (the samples, the
-    options); arrays enter by their sha1. A kept part is reused only where all of these match."""
+    and the adapters in use), the code, the data (its raw files, its options and the prepared
+    arrays, whose SASRec candidates and prior another machine may compute otherwise), the device
+    type and `what` (the samples, the options); arrays enter by their sha1. A kept part is reused
+    only where all of these match."""
     plain = {k: hashlib.sha1(np.ascontiguousarray(v).tobytes()).hexdigest()
              if isinstance(v, np.ndarray) else v for k, v in what.items()}
+    prepared = hashlib.sha1(json.dumps(prepared_digest(data), sort_keys=True).encode()).hexdigest()
     return dict(plain, weights=weights_digest(model, adapters), code=code_digest(),
-                data=[data.meta["raw_sha256"], data.meta["options"]],
+                data=[data.meta["raw_sha256"], data.meta["options"], prepared],
                 device=torch.device(device).type)
 
 

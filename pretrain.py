@@ -50,8 +50,8 @@ from data.prepare import stage2_rows  # noqa: F401  (train.py and the tests take
 from distill import hindsight_reference
 from env import (ACTION_RANGE, Turn, closest_history_item, finish_turn, new_trajectory, record_user)
 from support.checkpoint import (STOP, Stopped, check_bad_streak, data_fingerprint, finite,
-                                log_jsonl, metrics_lines,
-                               plain_progress, rng_state, save_checkpoint, set_rng_state)
+                                log_jsonl, metrics_lines, plain_progress, prepared_digest,
+                                rng_state, save_checkpoint, set_rng_state)
 from model import build_model, causal_mask, freeze, positions
 from scoring import logprobs_of, next_token_scores, pack
 
@@ -308,10 +308,10 @@ def stage1(cfg, data, tok, device, run_dir, log, ck=None):
     def checkpoint(step):
         save_checkpoint(run_dir,
                         dict(stage=1, step=step, model=model.state_dict(), opt=opt.state_dict(),
-                                      rng=rng_state(rng), torch_rng=torch.get_rng_state(),
+                             rng=rng_state(rng), torch_rng=torch.get_rng_state(),
                              n_bad=n_bad, best=best,
-                                      config=dataclasses.asdict(cfg), data=data_fingerprint(data),
-                                      metrics_lines=metrics_lines(run_dir)))
+                             config=dataclasses.asdict(cfg), data=data_fingerprint(data),
+                             data_arrays=prepared_digest(data), metrics_lines=metrics_lines(run_dir)))
 
     if ck and ck["stage"] == 1:
         model.load_state_dict(ck["model"])

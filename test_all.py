@@ -1369,6 +1369,17 @@ def test_a_stopped_evaluation_continues_with_its_kept_parts(data, tmp_path, monk
     ev.evaluate(m, tok, data, "test", t_max=1, n_boot=20, max_samples=12, keep=keep)
     ev.evaluate(m, tok, data, "test", t_max=2, n_boot=20, max_samples=10, keep=keep)
     assert played == [(None, None), ("rec", "user")] * 2
+    # the same raw data and options prepared otherwise (SASRec trained again on another CPU can
+    # suggest another item): every pair played again; the same arrays again: nothing played
+    other = copy.copy(data)
+    other.test_prior = data.test_prior.copy()
+    other.test_prior[0] = next(c for c in data.test_cands[0] if c != data.test_prior[0])
+    played.clear()
+    ev.evaluate(m, tok, other, "test", t_max=2, n_boot=20, max_samples=12, keep=keep)
+    assert played == [(None, None), ("rec", "user")]
+    played.clear()
+    ev.evaluate(m, tok, copy.copy(data), "test", t_max=2, n_boot=20, max_samples=12, keep=keep)
+    assert played == []
     # the users' returns: each user's kept, the same numbers read back
     rows, keys = np.arange(10), np.arange(10) + 5
     rcfg = dict(mode="interaction", alpha=0.1, use_filter=True, user_filter=True, stage_gamma=None)
@@ -2311,6 +2322,31 @@ def test_truncated_checkpoint_is_refused_and_the_previous_one_used(tmp_path):
     (tmp_path / "ckpt.prev.pt").write_bytes(b"")
     assert load_checkpoint(tmp_path, logs.append) is None
     assert newest_checkpoint(tmp_path, logs.append) == (None, None)
+
+
+def test_a_resume_on_otherwise_prepared_data_says_so_and_goes_on(small_run, small_base, tmp_path):
+    """A run moved to another machine prepares its data there again from the same raw files and
+    options, and SASRec's candidates and prior can come out otherwise (another CPU's round-off):
+    the resume names the arrays that differ from its checkpoint's and goes on; on the same data
+    it says nothing."""
+    dd = tmp_path / "data"
+    shutil.copytree(small_run[small_run.index("--data-dir") + 1], dd)
+    args = ["train.py"] + small_run + ["--data-dir", str(dd), "--out-dir", str(tmp_path / "out"),
+                                       "--run-name", "r", "--steps", "2", "--skip-eval"]
+    with_base(small_base, tmp_path / "out", "r")
+    r = run(args)
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = run(args + ["--resume"])
+    assert r.returncode == 0 and "resuming" in r.stdout and "prepared data differs" not in r.stdout
+    npz = next(dd.glob("*/processed.npz"))
+    with np.load(npz) as z:
+        arrays = {k: z[k] for k in z.files}
+    arrays["valid_prior"][0] = next(c for c in arrays["valid_cands"][0] if c != arrays["valid_prior"][0])
+    np.savez(npz, **arrays)                              # processed.json still vouches for it
+    r = run(args + ["--resume"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert ("warning: the prepared data differs from the data the checkpoint was written with "
+            "(valid_prior)") in r.stdout, r.stdout[-2000:]
 
 
 def test_resume_refuses_other_options_or_data(small_run, small_base, tmp_path):

@@ -48,7 +48,8 @@ from eval import evaluate_run, parts_folder, rank_metrics, run_ars, validation_s
 from support.report import results_table, write_results
 from support.checkpoint import (CKPT_NAMES, SINKS, STOP, BadSteps, Stopped, buffer_state,
                                 check_bad_streak, data_fingerprint, finite, load_checkpoint,
-                                log_jsonl, metrics_lines, plain_progress, rng_state,
+                                log_jsonl, metrics_lines, plain_progress, prepared_changes,
+                                prepared_digest, rng_state,
                                 save_checkpoint, set_buffer_state, set_rng_state, truncate_metrics)
 from support.distributed import (all_gather, all_reduce_grads, barrier, dist_info, init_distributed,
                                  merge_stats)
@@ -470,7 +471,7 @@ class Stage2Run:
                 opt=opt.state_dict() if opt else {}, rng=rng_state(self.rng),
                 torch_rng=torch.get_rng_state(), buffer=buffer_state(self.buffer), n_bad=self.n_bad,
                 config=dataclasses.asdict(cfg), data=data_fingerprint(self.data),
-                metrics_lines=metrics_lines(self.run_dir)))
+                data_arrays=prepared_digest(self.data), metrics_lines=metrics_lines(self.run_dir)))
 
 # --------------------------------------------------------------------------------------------------
 # Reference rows [ours, docs/method.md section 6]
@@ -658,6 +659,13 @@ def main(argv=None):
                 truncate_metrics(run_dir, ck["metrics_lines"])
                 print(f"resuming {run_dir} from its stage-{ck['stage']} checkpoint at step "
                       f"{ck['step']}")
+                changed = prepared_changes(ck, data)
+                if changed:     # the same raw files and options, SASRec trained again elsewhere
+                    print(f"warning: the prepared data differs from the data the checkpoint was "
+                          f"written with ({', '.join(changed)}): SASRec was trained again here, and "
+                          f"this CPU's round-off can change its candidates and suggestions; the run "
+                          f"goes on with this data (docs/long-runs.md, \"Moving a run to another "
+                          f"machine\")")
         if lead:
             (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
             if cfg.tensorboard or cfg.wandb:  # after the resume's truncation of metrics.jsonl

@@ -111,6 +111,7 @@ class Data:
 
     def __init__(self, arrays, meta):
         self.__dict__.update(arrays)
+        self.array_names = sorted(arrays)      # what support/checkpoint.prepared_digest covers
         self.meta = meta
         self.titles = list(arrays["titles"])
         self.n_items = int(meta["n_items"])

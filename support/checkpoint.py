@@ -5,8 +5,9 @@ resumed and end with exactly the numbers of an uninterrupted run (the test check
 
 A checkpoint holds everything a run needs to continue bit for bit: the trained weights (the whole
 base in stage 1, the adapters in stage 2, whose base is base.pt), the optimiser, the step, every
-random generator, the hindsight-reference buffer, the config, the data fingerprint and how many
-lines of metrics.jsonl belong to it. It is written to a temporary file and renamed; the one before
+random generator, the hindsight-reference buffer, the config, the data fingerprint (refused on
+resume where it differs), the prepared arrays' digests (a warning where they differ: the data
+prepared again on another machine) and how many lines of metrics.jsonl belong to it. It is written to a temporary file and renamed; the one before
 it is kept as ckpt.prev.pt, used when ckpt.pt is damaged.
 
 An evaluation of hours (a chat model on a CPU) continues where it stopped the same way: each of
@@ -25,6 +26,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from env import Trajectory, Turn
@@ -98,6 +100,23 @@ def newest_checkpoint(run_dir: Path, log=print):
 
 def data_fingerprint(data):
     return dict(raw_sha256=data.meta["raw_sha256"], options=data.meta["options"])
+
+
+def prepared_digest(data):
+    """{array name: sha1 (16 hex digits)} of the prepared dataset's arrays. data_fingerprint names
+    the raw files and the options; this names what was computed from them where the data was
+    prepared: SASRec's candidates and prior, trained again on each machine, where another CPU's
+    float round-off can change a suggestion (docs/long-runs.md, "Moving a run to another
+    machine")."""
+    return {k: hashlib.sha1(np.ascontiguousarray(getattr(data, k)).tobytes()).hexdigest()[:16]
+            for k in data.array_names}
+
+
+def prepared_changes(ck, data):
+    """The arrays of the prepared data that differ from those checkpoint ck was written with
+    (sorted names; [] for a checkpoint written before it kept their digest)."""
+    old = ck.get("data_arrays") or {}
+    return sorted(k for k, v in prepared_digest(data).items() if k in old and old[k] != v)
 
 
 def rng_state(rng):
