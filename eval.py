@@ -592,7 +592,7 @@ def main(argv=None):
         return
     try:
         in_progress = a.untrained_only and not (Path(a.run) / "coars.pt").exists()
-        cfg, model, tok, data = load_run(Path(a.run), a.device, checkpoint=in_progress)
+        cfg, model, tok, data = load_run(Path(a.run), a.device, checkpoint=in_progress, log=print)
     except UserError as e:
         sys.exit(f"error: {e}")
     device = device_of(a.device)

@@ -1842,6 +1842,19 @@ def test_unwritable_or_full_data_folder(synth, tmp_path, monkeypatch):
     assert left == ["ml-1m.zip", "ml-1m.zip.source"]          # the raw file and its address; no cache
 
 
+def test_runs_started_together_probe_one_data_folder_without_tripping_each_other(tmp_path):
+    """Two runs started at once on one --data-dir (one per core) both probe it for writing: each
+    probes with a file of its own, so neither deletes the other's (a shared name failed one of
+    the runs at its start, now and then)."""
+    code = ("import sys; from pathlib import Path; from data.fetch import probe_writable\n"
+            "for _ in range(300): probe_writable(Path(sys.argv[1]))\n")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], cwd=ROOT,
+                              stderr=subprocess.PIPE, text=True) for _ in range(6)]
+    errs = [p.communicate(timeout=120)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0] * 6, errs
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_stale_or_half_written_cache_is_rebuilt(synth, tmp_path):
     cfg = dcfg("ml-1m", tmp_path, data_url=synth["url"], data_sha256=synth["sha"])
     d = prepare(cfg, log=quiet)
@@ -2347,6 +2360,15 @@ def test_a_resume_on_otherwise_prepared_data_says_so_and_goes_on(small_run, smal
     assert r.returncode == 0, r.stderr[-2000:]
     assert ("warning: the prepared data differs from the data the checkpoint was written with "
             "(valid_prior)") in r.stdout, r.stdout[-2000:]
+    # the finished run's adapters (coars.pt) name their data too: loading them on other data says so
+    lines = []
+    load_run(tmp_path / "out" / "r", log=lines.append)
+    assert not any("differs" in x for x in lines)
+    arrays["test_cands"] = arrays["test_cands"][:, ::-1].copy()
+    np.savez(npz, **arrays)
+    load_run(tmp_path / "out" / "r", log=lines.append)
+    assert any(x.startswith("warning: the prepared data differs from the data coars.pt was trained "
+                            "on (test_cands)") for x in lines), lines
 
 
 def test_resume_refuses_other_options_or_data(small_run, small_base, tmp_path):

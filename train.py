@@ -166,7 +166,7 @@ def stage2(cfg, model, tok, data, device, run_dir, log, ck=None):
         # 6. log; validate every --eval-every steps; checkpoint; honour a stop
         run.end_step(step, trajs)
     if run.lead:
-        save_adapters(model, cfg, run_dir / "coars.pt")
+        save_adapters(model, cfg, data, run_dir / "coars.pt")
     return model
 
 
@@ -559,7 +559,7 @@ def final_evaluation(cfg, model, tok, data, device, run_dir, log=print):
     t0 = time.time()
     if cfg.sft_reference and cfg.steps and not model.has_adapter("sft"):
         sft_reference(cfg, model, tok, data, device, log_or_stop)
-        save_adapters(model, cfg, run_dir / "coars.pt")
+        save_adapters(model, cfg, data, run_dir / "coars.pt")
     t_sft = round(time.time() - t0, 1)
     res = evaluate_run(cfg, model, tok, data, device, log_or_stop, keep=parts_folder(run_dir))
     res["phase_s"] = {"SFT_reference": t_sft, **res["phase_s"]}
@@ -570,12 +570,13 @@ def adapter_state(model):
     return {k: v for k, v in model.state_dict().items() if ".adapters." in k}
 
 
-def save_adapters(model, cfg, path):
-    """coars.pt (every adapter and the config; what eval.py and the tools load); for a Hugging Face
-    backbone also each adapter as a PEFT folder, out/<run>/peft/<agent>/
-    (support/hf.export_peft)."""
+def save_adapters(model, cfg, data, path):
+    """coars.pt (every adapter, the config and the prepared data's digests, which
+    support/runs.load_run compares; what eval.py and the tools load); for a Hugging Face backbone
+    also each adapter as a PEFT folder, out/<run>/peft/<agent>/ (support/hf.export_peft)."""
     tmp = path.with_suffix(".tmp")
-    torch.save({"adapters": adapter_state(model), "config": dataclasses.asdict(cfg)}, tmp)
+    torch.save({"adapters": adapter_state(model), "config": dataclasses.asdict(cfg),
+                "data_arrays": prepared_digest(data)}, tmp)
     tmp.replace(path)
     if cfg.model:
         for name in ("rec", "user", "sft"):
@@ -717,7 +718,7 @@ def run(cfg, data, device, run_dir, ck, t_start, t_data):
             f"in {run_dir}/coars.pt: continue the evaluation (its finished parts are kept) with "
             f"python eval.py --run {run_dir}")
         sys.exit(128 + STOP.signum)
-    save_adapters(model, cfg, run_dir / "coars.pt")          # with the SFT reference's adapter
+    save_adapters(model, cfg, data, run_dir / "coars.pt")          # with the SFT reference's adapter
     # data: this run's preparation (building the cache, or loading it); its phases, from the build
     # that made the cache, are in the data folder's processed.json ("phase_s")
     res["timing_s"] = dict(data=round(t_data - t_start, 1), stage1=round(t_s1 - t_data, 1),

@@ -153,9 +153,10 @@ def locate(cfg, log=print):
 
 
 def probe_writable(folder: Path):
-    """Create folder and write and remove a small file in it; raises OSError if that fails."""
+    """Create folder and write and remove a small file in it; raises OSError if that fails. The
+    file is this process's own: runs started together on one data folder probe it at once."""
     folder.mkdir(parents=True, exist_ok=True)
-    probe = folder / ".write-test"
+    probe = folder / f".write-test.{os.getpid()}"
     probe.write_bytes(b"ok")
     probe.unlink()
 
