@@ -311,7 +311,8 @@ def stage1(cfg, data, tok, device, run_dir, log, ck=None):
                              rng=rng_state(rng), torch_rng=torch.get_rng_state(),
                              n_bad=n_bad, best=best,
                              config=dataclasses.asdict(cfg), data=data_fingerprint(data),
-                             data_arrays=prepared_digest(data), metrics_lines=metrics_lines(run_dir)))
+                             data_arrays=prepared_digest(data),
+                             metrics_lines=metrics_lines(run_dir)))
 
     if ck and ck["stage"] == 1:
         model.load_state_dict(ck["model"])

@@ -48,8 +48,8 @@ from eval import evaluate_run, parts_folder, rank_metrics, run_ars, validation_s
 from support.report import results_table, write_results
 from support.checkpoint import (CKPT_NAMES, SINKS, STOP, BadSteps, Stopped, buffer_state,
                                 check_bad_streak, data_fingerprint, finite, load_checkpoint,
-                                log_jsonl, metrics_lines, plain_progress, prepared_changes,
-                                prepared_digest, rng_state,
+                                log_jsonl, metrics_lines, plain_progress, prepared_digest,
+                                prepared_warning, rng_state,
                                 save_checkpoint, set_buffer_state, set_rng_state, truncate_metrics)
 from support.distributed import (all_gather, all_reduce_grads, barrier, dist_info, init_distributed,
                                  merge_stats)
@@ -660,13 +660,11 @@ def main(argv=None):
                 truncate_metrics(run_dir, ck["metrics_lines"])
                 print(f"resuming {run_dir} from its stage-{ck['stage']} checkpoint at step "
                       f"{ck['step']}")
-                changed = prepared_changes(ck, data)
-                if changed:     # the same raw files and options, SASRec trained again elsewhere
-                    print(f"warning: the prepared data differs from the data the checkpoint was "
-                          f"written with ({', '.join(changed)}): SASRec was trained again here, and "
-                          f"this CPU's round-off can change its candidates and suggestions; the run "
-                          f"goes on with this data (docs/long-runs.md, \"Moving a run to another "
-                          f"machine\")")
+                warning = prepared_warning(ck, data, "the checkpoint was written with",
+                                           "the run goes on with this data (docs/long-runs.md, "
+                                           "\"Moving a run to another machine\")")
+                if warning:
+                    print(warning)
         if lead:
             (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
             if cfg.tensorboard or cfg.wandb:  # after the resume's truncation of metrics.jsonl
@@ -718,7 +716,7 @@ def run(cfg, data, device, run_dir, ck, t_start, t_data):
             f"in {run_dir}/coars.pt: continue the evaluation (its finished parts are kept) with "
             f"python eval.py --run {run_dir}")
         sys.exit(128 + STOP.signum)
-    save_adapters(model, cfg, data, run_dir / "coars.pt")          # with the SFT reference's adapter
+    save_adapters(model, cfg, data, run_dir / "coars.pt")     # with the SFT reference's adapter
     # data: this run's preparation (building the cache, or loading it); its phases, from the build
     # that made the cache, are in the data folder's processed.json ("phase_s")
     res["timing_s"] = dict(data=round(t_data - t_start, 1), stage1=round(t_s1 - t_data, 1),

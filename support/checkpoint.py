@@ -7,8 +7,9 @@ A checkpoint holds everything a run needs to continue bit for bit: the trained w
 base in stage 1, the adapters in stage 2, whose base is base.pt), the optimiser, the step, every
 random generator, the hindsight-reference buffer, the config, the data fingerprint (refused on
 resume where it differs), the prepared arrays' digests (a warning where they differ: the data
-prepared again on another machine) and how many lines of metrics.jsonl belong to it. It is written to a temporary file and renamed; the one before
-it is kept as ckpt.prev.pt, used when ckpt.pt is damaged.
+prepared again on another machine) and how many lines of metrics.jsonl belong to it. It is
+written to a temporary file and renamed; the one before it is kept as ckpt.prev.pt, used when
+ckpt.pt is damaged.
 
 An evaluation of hours (a chat model on a CPU) continues where it stopped the same way: each of
 its parts (kept_parts: an agent pair's episodes, its two rankings, a UserAgent's judgements;
@@ -112,11 +113,17 @@ def prepared_digest(data):
             for k in data.array_names}
 
 
-def prepared_changes(ck, data):
-    """The arrays of the prepared data that differ from those checkpoint ck was written with
-    (sorted names; [] for a checkpoint written before it kept their digest)."""
+def prepared_warning(ck, data, whose, then):
+    """A warning naming the arrays of the prepared data that differ from those `ck` (a checkpoint
+    or coars.pt, as `whose` says) was written with, ending with `then` (what goes on); "" where
+    none differs or ck predates the digests."""
     old = ck.get("data_arrays") or {}
-    return sorted(k for k, v in prepared_digest(data).items() if k in old and old[k] != v)
+    changed = sorted(k for k, v in prepared_digest(data).items() if k in old and old[k] != v)
+    if not changed:
+        return ""
+    return (f"warning: the prepared data differs from the data {whose} ({', '.join(changed)}): "
+            "SASRec was trained again here, and this CPU's round-off can change its candidates "
+            f"and suggestions; {then}")
 
 
 def rng_state(rng):

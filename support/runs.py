@@ -17,7 +17,7 @@ from config import Config, UserError, lora_targets, saved_options
 from data.prepare import DataError, prepare
 from support import hf
 from support.chat import ChatTokenizer
-from support.checkpoint import newest_checkpoint, prepared_changes
+from support.checkpoint import newest_checkpoint, prepared_warning
 from support.distributed import device_of
 from env import Tokenizer
 from model import build_model, freeze
@@ -88,9 +88,8 @@ def load_run(run_dir: Path, device="auto", checkpoint=False, log=lambda *a: None
                         f"tensors missing, {len(got.unexpected_keys)} unexpected, e.g. {bad}): it "
                         "was written by another version of this code or is damaged; train the run "
                         "again.")
-    changed = prepared_changes(ck, data)
-    if changed:
-        log(f"warning: the prepared data differs from the data {path.name} was trained on "
-            f"({', '.join(changed)}): SASRec was trained again here, and this CPU's round-off can "
-            "change its candidates and suggestions; the evaluation uses this data")
+    warning = prepared_warning(ck, data, f"{path.name} was trained on",
+                               "the evaluation uses this data")
+    if warning:
+        log(warning)
     return cfg, freeze(model), tok, data
