@@ -2921,6 +2921,12 @@ def test_table_of_runs_one_trained_row_per_run(tmp_path, capsys):
     assert t["methods"]["Memory-based ARS"]["hit"]["mean"] == 0.25 and t["notes"] == []
     with pytest.raises(SystemExit, match="at least one NAME=RUN"):
         suite.main(["--rows", str(tmp_path / "m")])
+    # a run evaluated on data prepared otherwise (another SASRec top-1 in one sample): said
+    r["per_sample"]["SASRec top-1"]["hit"] = [1, 1, 1, 0]
+    (tmp_path / "l" / "results.json").write_text(json.dumps(r))
+    t = suite.table_of_runs([(None, tmp_path / "m"), ("CoARS", tmp_path / "l")], n_boot=50)
+    assert t["methods"]["SASRec top-1"]["hit"]["mean"] == 0.5
+    assert len(t["notes"]) == 1 and "SASRec top-1" in t["notes"][0] and "in 1 samples" in t["notes"][0]
 
 
 def test_suite_orchestration_on_tiny_data(synth, tmp_path, monkeypatch):

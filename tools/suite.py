@@ -383,6 +383,17 @@ def table_of_runs(named, n_boot=1000, seed=0):
     per = {n: np.asarray(first["per_sample"][n]["hit"], float) for n in BASELINES
            if n in first["per_sample"]}
     notes, rows = [], {}
+    # Random, Pop and SASRec top-1 are functions of the prepared data alone: where a run's differ
+    # from the first's, the two were evaluated on data prepared otherwise (SASRec trained again on
+    # another CPU can change a suggestion), so their paired intervals compare agents that were shown
+    # other suggestions in those samples at least
+    for (_, d), r in list(zip(named, res))[1:]:
+        for n in BASELINES:
+            k = int((np.asarray(r["per_sample"][n]["hit"], float) != per[n]).sum())
+            if k:
+                notes.append(f"{n}: {d} differs from {named[0][1]} in {k} samples: the two were "
+                             "evaluated on data prepared otherwise (the first is shown), so paired "
+                             "differences between their rows mix in other inputs there")
     for n in ("Memory-based ARS", SFT):
         have = [(r, d) for r, (_, d) in zip(res, named) if n in r["per_sample"]]
         if not have:
