@@ -380,31 +380,25 @@ def table_of_runs(named, n_boot=1000, seed=0):
         raise UserError("--rows needs at least one NAME=RUN.")
     res = load_results([d for _, d in named])
     first = res[0]
-    per = {n: np.asarray(first["per_sample"][n]["hit"], float) for n in BASELINES
-           if n in first["per_sample"]}
-    notes, rows = [], {}
-    # Random, Pop and SASRec top-1 are functions of the prepared data alone: where a run's differ
-    # from the first's, the two were evaluated on data prepared otherwise (SASRec trained again on
-    # another CPU can change a suggestion), so their paired intervals compare agents that were shown
-    # other suggestions in those samples at least
-    for (_, d), r in list(zip(named, res))[1:]:
-        for n in BASELINES:
-            k = int((np.asarray(r["per_sample"][n]["hit"], float) != per[n]).sum())
-            if k:
-                notes.append(f"{n}: {d} differs from {named[0][1]} in {k} samples: the two were "
-                             "evaluated on data prepared otherwise (the first is shown), so paired "
-                             "differences between their rows mix in other inputs there")
-    for n in ("Memory-based ARS", SFT):
+    notes, rows, per = [], {}, {}
+    # every untrained row as the first run that has it evaluated it, noted where another differs;
+    # Random, Pop and SASRec top-1 are functions of the prepared data alone, so where those differ
+    # the runs were evaluated on data prepared otherwise (SASRec trained again on another CPU can
+    # change a suggestion) and paired differences between their rows mix in other inputs there
+    for n in UNTRAINED:
         have = [(r, d) for r, (_, d) in zip(res, named) if n in r["per_sample"]]
         if not have:
             continue
-        rows[n] = have[0][0]
+        if n not in BASELINES:
+            rows[n] = have[0][0]
         per[n] = np.asarray(have[0][0]["per_sample"][n]["hit"], float)
         for r, d in have[1:]:
             k = int((np.asarray(r["per_sample"][n]["hit"], float) != per[n]).sum())
             if k:
                 notes.append(f"{n}: {d} differs from {have[0][1]} in {k} samples (the first is "
-                             "shown)")
+                             "shown)" + (": the two were evaluated on data prepared otherwise, so "
+                                         "paired differences between their rows mix in other "
+                                         "inputs there" if n in BASELINES else ""))
     for (name, d), r in zip(named, res):
         if name is None:
             continue
